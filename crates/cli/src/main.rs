@@ -1,0 +1,43 @@
+//! `qlora`: fine-tune Llama-family models with QLoRA on the hardware you have.
+//!
+//! Each subcommand lives in its own module under `commands/` with its clap
+//! `Args` struct and a `run` function; this file only dispatches.
+
+use clap::{Parser, Subcommand};
+
+mod commands;
+
+#[derive(Parser)]
+#[command(
+    name = "qlora",
+    version,
+    about = "QLoRA fine-tuning, 4-bit quantization and memory planning for Llama-family models"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Show a model's configuration as qlora understands it.
+    Inspect(commands::inspect::Args),
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("QLORA_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Inspect(a) => commands::inspect::run(a),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
