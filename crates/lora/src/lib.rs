@@ -1,0 +1,64 @@
+//! LoRA adapters on the frozen (usually 4-bit) base.
+//!
+//! An [`Adapter`] maps HF module paths (`model.layers.0.self_attn.q_proj`) to a
+//! pair of f32 matrices `A: [r, in]`, `B: [out, r]`, exactly PEFT's shapes, and
+//! the forward of an adapted linear is `y = W x + scaling · B (A dropout(x))`.
+
+use std::collections::BTreeMap;
+
+use candle_core::Tensor;
+
+/// The hyper-parameters of a LoRA adapter (the subset of PEFT's `LoraConfig` we honour).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraConfig {
+    pub r: usize,
+    pub lora_alpha: f64,
+    pub lora_dropout: f64,
+    /// Short module names (`q_proj`, …) or full paths, PEFT's matching rule.
+    pub target_modules: Vec<String>,
+    pub use_rslora: bool,
+}
+
+impl LoraConfig {
+    /// `alpha / r`, or `alpha / sqrt(r)` with rsLoRA.
+    pub fn scaling(&self) -> f64 {
+        if self.use_rslora {
+            self.lora_alpha / (self.r as f64).sqrt()
+        } else {
+            self.lora_alpha / self.r as f64
+        }
+    }
+}
+
+/// One adapted linear: `A: [r, in]`, `B: [out, r]` (f32).
+#[derive(Debug, Clone)]
+pub struct LoraWeights {
+    pub a: Tensor,
+    pub b: Tensor,
+}
+
+/// A whole adapter: configuration plus weights keyed by HF module path.
+#[derive(Debug, Clone)]
+pub struct Adapter {
+    pub config: LoraConfig,
+    pub layers: BTreeMap<String, LoraWeights>,
+}
+
+impl Adapter {
+    pub fn scaling(&self) -> f64 {
+        self.config.scaling()
+    }
+    pub fn get(&self, module_path: &str) -> Option<&LoraWeights> {
+        self.layers.get(module_path)
+    }
+    /// Number of trainable parameters.
+    pub fn num_params(&self) -> usize {
+        self.layers
+            .values()
+            .map(|w| w.a.elem_count() + w.b.elem_count())
+            .sum()
+    }
+}
+
+/// Gradients of an adapter, same keys and shapes as [`Adapter::layers`].
+pub type AdapterGrads = BTreeMap<String, LoraWeights>;
