@@ -1,0 +1,30 @@
+//! `qlora-formats`: checkpoint files without a tensor library.
+//!
+//! * [`SafetensorsFile`]: a memory-mapped safetensors file whose header is
+//!   fully validated at open (truncation, bad JSON, offsets out of range /
+//!   overlapping / with holes, unknown dtypes, byte counts, duplicate names),
+//!   so a bad file is an error naming the file, never a panic.
+//! * [`ModelFiles`]: a model folder, single-file or sharded via
+//!   `model.safetensors.index.json`, behind one name → tensor lookup.
+//! * [`SafetensorsWriter`]: streaming, atomic writing (`<file>.tmp-<pid>` +
+//!   rename) in the reference layout; [`shards`] splits large outputs and
+//!   writes the index.
+//!
+//! No candle here on purpose: the memory calculator and the CLI link this
+//! crate and must start instantly.
+
+pub mod error;
+pub mod header;
+pub mod model_files;
+pub mod reader;
+pub mod shards;
+pub mod writer;
+
+pub use error::{FormatError, Result};
+pub use header::TensorInfo;
+pub use model_files::ModelFiles;
+pub use reader::{SafetensorsFile, TensorView};
+/// The safetensors dtype enum (re-exported so users need not depend on `safetensors`).
+pub use safetensors::Dtype;
+pub use shards::{parse_size, DEFAULT_MAX_SHARD_SIZE};
+pub use writer::{write_safetensors, SafetensorsWriter, TensorData, TensorSpec};

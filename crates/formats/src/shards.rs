@@ -1,0 +1,123 @@
+//! Splitting a checkpoint into shards and writing `model.safetensors.index.json`
+//! the way transformers does (FORMATS.md §4.5).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use crate::error::{FormatError, Result};
+use crate::writer::{temp_path, TensorSpec};
+
+/// transformers' default `max_shard_size` ("5GB" = 5·10⁹ bytes).
+pub const DEFAULT_MAX_SHARD_SIZE: u64 = 5_000_000_000;
+
+/// Parse a size like transformers' `convert_file_size_to_int`: a plain byte
+/// count, or a number with KB/MB/GB/TB (powers of 10) or KiB/MiB/GiB/TiB
+/// (powers of 2); `b` suffixes are read as bytes too (5GB, 500MB, 2GiB).
+pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let x: f64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size (examples: 5GB, 500MB, 2GiB, 1000000)"))?;
+    let mult: f64 = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 1.0,
+        "KB" => 1e3,
+        "MB" => 1e6,
+        "GB" => 1e9,
+        "TB" => 1e12,
+        "KIB" => 1024.0,
+        "MIB" => 1024.0 * 1024.0,
+        "GIB" => 1024.0 * 1024.0 * 1024.0,
+        "TIB" => 1024.0f64.powi(4),
+        u => {
+            return Err(format!(
+                "`{s}`: unknown size unit `{u}` (use KB, MB, GB, KiB, MiB, GiB)"
+            ))
+        }
+    };
+    let v = (x * mult).round();
+    if v < 1.0 {
+        return Err(format!("`{s}`: size must be at least one byte"));
+    }
+    Ok(v as u64)
+}
+
+/// Group `units` (each a set of tensors that must stay together, e.g. the six
+/// keys of one quantized Linear) into shards of at most `max_bytes` data bytes,
+/// greedily in the given order like transformers: a new shard starts when the
+/// next unit would not fit; a unit larger than the limit gets a shard of its own.
+pub fn plan_shards(units: Vec<Vec<TensorSpec>>, max_bytes: u64) -> Vec<Vec<TensorSpec>> {
+    let mut shards: Vec<Vec<TensorSpec>> = Vec::new();
+    let mut cur: Vec<TensorSpec> = Vec::new();
+    let mut cur_bytes = 0u64;
+    for unit in units {
+        let b: u64 = unit.iter().map(|t| t.nbytes() as u64).sum();
+        if !cur.is_empty() && cur_bytes + b > max_bytes {
+            shards.push(std::mem::take(&mut cur));
+            cur_bytes = 0;
+        }
+        cur.extend(unit);
+        cur_bytes += b;
+    }
+    if !cur.is_empty() || shards.is_empty() {
+        shards.push(cur);
+    }
+    shards
+}
+
+/// `model-0000k-of-0000n.safetensors` (1-based), or `model.safetensors` when n = 1.
+pub fn shard_file_name(k: usize, n: usize) -> String {
+    if n == 1 {
+        crate::model_files::SINGLE_FILE.to_string()
+    } else {
+        format!("model-{:05}-of-{:05}.safetensors", k + 1, n)
+    }
+}
+
+/// Write `model.safetensors.index.json` into `dir` (atomically): `metadata`
+/// has `total_size` (sum of tensor data bytes) and `total_parameters` (sum of
+/// stored element counts), `weight_map` maps each tensor to its shard file.
+/// Formatted like transformers (`indent=2`, sorted keys, trailing newline).
+pub fn write_index(dir: &Path, shards: &[(String, Vec<TensorSpec>)]) -> Result<PathBuf> {
+    let mut weight_map = BTreeMap::new();
+    let mut total_size = 0u64;
+    let mut total_params = 0u64;
+    for (file, specs) in shards {
+        for s in specs {
+            weight_map.insert(s.name.clone(), serde_json::Value::String(file.clone()));
+            total_size += s.nbytes() as u64;
+            total_params += s.numel() as u64;
+        }
+    }
+    let mut metadata = serde_json::Map::new();
+    metadata.insert("total_parameters".into(), total_params.into());
+    metadata.insert("total_size".into(), total_size.into());
+    let mut root = serde_json::Map::new();
+    root.insert("metadata".into(), serde_json::Value::Object(metadata));
+    root.insert(
+        "weight_map".into(),
+        serde_json::Value::Object(weight_map.into_iter().collect()),
+    );
+    let mut text = serde_json::to_string_pretty(&serde_json::Value::Object(root))
+        .expect("JSON value serialises");
+    text.push('\n');
+    let path = dir.join(crate::model_files::INDEX_FILE);
+    write_atomic(&path, text.as_bytes())?;
+    Ok(path)
+}
+
+/// Write a small file via `<path>.tmp-<pid>` + rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = temp_path(path);
+    if let Err(e) = std::fs::write(&tmp, bytes) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(FormatError::io(&tmp, e));
+    }
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        FormatError::io(path, e)
+    })
+}
