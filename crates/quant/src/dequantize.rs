@@ -1,0 +1,272 @@
+//! Fast dequantization: per block a 16-entry table `map[k] * absmax` (in the output
+//! dtype) is built once and the packed nibbles are looked up in it; on x86-64 with AVX2 the
+//! lookup is done with in-register permutes/shuffles (see [`crate::simd`]). rayon splits
+//! large ranges into chunks. Output is bit-identical to [`crate::reference`].
+
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+use crate::quantize::CHUNK_ELEMS;
+use crate::simd::Backend;
+use crate::{Absmax, Quantized4};
+
+/// An output element type of dequantization: f32, bf16 or f16. The value of element `i`
+/// is `from_f32(map[nibble(i)] * absmax[i / blocksize])` (round-to-nearest-even).
+pub trait DequantElem: Copy + Send + Sync + Default + 'static {
+    fn from_f32(x: f32) -> Self;
+
+    /// Expands whole bytes of one block: `out.len() == 2 * bytes.len()`.
+    #[doc(hidden)]
+    fn expand(backend: Backend, bytes: &[u8], map: &[f32; 16], absmax: f32, out: &mut [Self]) {
+        let _ = backend;
+        expand_scalar(bytes, map, absmax, out)
+    }
+}
+
+/// Portable kernel: 16-entry table, then one lookup per nibble.
+#[inline]
+pub(crate) fn expand_scalar<T: DequantElem>(
+    bytes: &[u8],
+    map: &[f32; 16],
+    absmax: f32,
+    out: &mut [T],
+) {
+    let lut: [T; 16] = std::array::from_fn(|k| T::from_f32(map[k] * absmax));
+    for (pair, &b) in out.chunks_exact_mut(2).zip(bytes) {
+        pair[0] = lut[(b >> 4) as usize];
+        pair[1] = lut[(b & 0x0f) as usize];
+    }
+}
+
+impl DequantElem for f32 {
+    #[inline]
+    fn from_f32(x: f32) -> Self {
+        x
+    }
+
+    fn expand(backend: Backend, bytes: &[u8], map: &[f32; 16], absmax: f32, out: &mut [Self]) {
+        match backend {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `Backend::Avx2` is only constructed after run-time feature detection.
+            Backend::Avx2 => unsafe { crate::simd::x86::expand_f32_avx2(bytes, map, absmax, out) },
+            _ => expand_scalar(bytes, map, absmax, out),
+        }
+    }
+}
+
+impl DequantElem for bf16 {
+    #[inline]
+    fn from_f32(x: f32) -> Self {
+        bf16::from_f32(x)
+    }
+
+    fn expand(backend: Backend, bytes: &[u8], map: &[f32; 16], absmax: f32, out: &mut [Self]) {
+        match backend {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as above.
+            Backend::Avx2 => unsafe {
+                crate::simd::x86::expand_u16_avx2(
+                    bytes,
+                    crate::simd::x86::lut_bf16_avx2(map, absmax),
+                    out,
+                )
+            },
+            _ => expand_scalar(bytes, map, absmax, out),
+        }
+    }
+}
+
+impl DequantElem for f16 {
+    #[inline]
+    fn from_f32(x: f32) -> Self {
+        f16::from_f32(x)
+    }
+
+    fn expand(backend: Backend, bytes: &[u8], map: &[f32; 16], absmax: f32, out: &mut [Self]) {
+        match backend {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as above (the AVX2 backend also requires F16C).
+            Backend::Avx2 => unsafe {
+                crate::simd::x86::expand_u16_avx2(
+                    bytes,
+                    crate::simd::x86::lut_f16_avx2(map, absmax),
+                    out,
+                )
+            },
+            _ => expand_scalar(bytes, map, absmax, out),
+        }
+    }
+}
+
+impl Absmax {
+    /// Absmax of block `b` as f32 (reconstructed if double-quantized).
+    #[inline]
+    pub fn at(&self, b: usize) -> f32 {
+        match self {
+            Absmax::Plain(v) => v[b],
+            Absmax::Double(d) => d.absmax_at(b),
+        }
+    }
+}
+
+/// Dequantizes elements `start..start + out.len()` on the calling thread.
+fn range_serial<T: DequantElem>(
+    q: &Quantized4,
+    backend: Backend,
+    map: &[f32; 16],
+    start: usize,
+    out: &mut [T],
+) {
+    let bs = q.blocksize;
+    let packed = &q.packed;
+    let end = start + out.len();
+    let mut i = start;
+    let mut rest = out;
+    while i < end {
+        let b = i / bs;
+        let block_end = ((b + 1) * bs).min(end);
+        let a = q.absmax.at(b);
+        let (seg, tail) = std::mem::take(&mut rest).split_at_mut(block_end - i);
+        rest = tail;
+        let mut j = i;
+        let mut k = 0;
+        if j % 2 == 1 {
+            seg[0] = T::from_f32(map[(packed[j / 2] & 0x0f) as usize] * a);
+            j += 1;
+            k = 1;
+        }
+        let pairs = (block_end - j) / 2;
+        T::expand(
+            backend,
+            &packed[j / 2..j / 2 + pairs],
+            map,
+            a,
+            &mut seg[k..k + 2 * pairs],
+        );
+        j += 2 * pairs;
+        k += 2 * pairs;
+        if j < block_end {
+            seg[k] = T::from_f32(map[(packed[j / 2] >> 4) as usize] * a);
+        }
+        i = block_end;
+    }
+}
+
+/// Dequantizes elements `start..start + out.len()`, in parallel for large ranges.
+fn range_parallel<T: DequantElem>(q: &Quantized4, backend: Backend, start: usize, out: &mut [T]) {
+    let n = q.numel();
+    assert!(
+        start <= n && out.len() <= n - start,
+        "dequantize range {}..{} is outside the tensor's {} elements",
+        start,
+        start.saturating_add(out.len()),
+        n
+    );
+    let map = q.quant_map();
+    if out.len() <= 2 * CHUNK_ELEMS {
+        range_serial(q, backend, &map, start, out);
+        return;
+    }
+    // Cut at global multiples of CHUNK_ELEMS so every piece but the first starts a block.
+    let head = (start / CHUNK_ELEMS + 1) * CHUNK_ELEMS - start;
+    let (first, rest) = out.split_at_mut(head.min(out.len()));
+    let mut pieces: Vec<(usize, &mut [T])> = vec![(start, first)];
+    pieces.extend(
+        rest.chunks_mut(CHUNK_ELEMS)
+            .enumerate()
+            .map(|(k, c)| (start + head + k * CHUNK_ELEMS, c)),
+    );
+    pieces
+        .into_par_iter()
+        .for_each(|(s, o)| range_serial(q, backend, &map, s, o));
+}
+
+impl Quantized4 {
+    /// Dequantizes elements `start..start + out.len()` into `out` (any `start`; blocks span
+    /// rows). Generic over the output dtype (f32, bf16, f16).
+    ///
+    /// # Panics
+    /// If the range exceeds the tensor, or the struct is inconsistent (see [`Self::validate`]).
+    pub fn dequantize_range<T: DequantElem>(&self, start: usize, out: &mut [T]) {
+        range_parallel(self, Backend::detect(), start, out)
+    }
+
+    /// [`Self::dequantize_range`] with an explicit backend (for tests and benchmarks).
+    #[doc(hidden)]
+    pub fn dequantize_range_with<T: DequantElem>(
+        &self,
+        backend: Backend,
+        start: usize,
+        out: &mut [T],
+    ) {
+        range_parallel(self, backend, start, out)
+    }
+
+    /// Elements `start..start + out.len()` as f32 (used by tiled matmuls).
+    ///
+    /// # Panics
+    /// If the range exceeds the tensor, or the struct is inconsistent (see [`Self::validate`]).
+    pub fn dequantize_range_f32(&self, start: usize, out: &mut [f32]) {
+        self.dequantize_range(start, out)
+    }
+
+    /// The whole tensor as f32 into `out`.
+    ///
+    /// # Panics
+    /// If `out.len() != self.numel()`.
+    pub fn dequantize_into_f32(&self, out: &mut [f32]) {
+        assert_eq!(
+            out.len(),
+            self.numel(),
+            "dequantize_into_f32: output length"
+        );
+        self.dequantize_range(0, out)
+    }
+
+    /// The whole tensor as bf16 into `out`.
+    ///
+    /// # Panics
+    /// If `out.len() != self.numel()`.
+    pub fn dequantize_into_bf16(&self, out: &mut [bf16]) {
+        assert_eq!(
+            out.len(),
+            self.numel(),
+            "dequantize_into_bf16: output length"
+        );
+        self.dequantize_range(0, out)
+    }
+
+    /// The whole tensor as f16 into `out`.
+    ///
+    /// # Panics
+    /// If `out.len() != self.numel()`.
+    pub fn dequantize_into_f16(&self, out: &mut [f16]) {
+        assert_eq!(
+            out.len(),
+            self.numel(),
+            "dequantize_into_f16: output length"
+        );
+        self.dequantize_range(0, out)
+    }
+
+    /// The whole tensor as f32.
+    pub fn dequantize_f32(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.numel()];
+        self.dequantize_range(0, &mut out);
+        out
+    }
+
+    /// The whole tensor as bf16 (f32 product rounded to nearest even).
+    pub fn dequantize_bf16(&self) -> Vec<bf16> {
+        let mut out = vec![bf16::ZERO; self.numel()];
+        self.dequantize_range(0, &mut out);
+        out
+    }
+
+    /// The whole tensor as f16 (f32 product rounded to nearest even).
+    pub fn dequantize_f16(&self) -> Vec<f16> {
+        let mut out = vec![f16::ZERO; self.numel()];
+        self.dequantize_range(0, &mut out);
+        out
+    }
+}

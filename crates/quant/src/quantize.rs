@@ -1,0 +1,222 @@
+//! Fast `quantize_4bit`: rayon across chunks of blocks, a SIMD block kernel where the CPU
+//! has one (see [`crate::simd`]), and the scalar kernel elsewhere. Results are
+//! bit-identical to [`crate::reference::quantize_4bit`] (tested on random inputs).
+
+use rayon::prelude::*;
+
+use crate::reference::{block_scale, check_input, first_nonfinite, mean_offset, scaled, Scale};
+use crate::simd::Backend;
+use crate::tables::{order, thresholds, zero_code};
+use crate::{
+    dynamic_map, num_blocks, Absmax, DoubleQuant, Input, QuantError, QuantOptions, QuantType,
+    Quantized4, NESTED_BLOCKSIZE,
+};
+
+/// Elements per rayon task (a multiple of every blocksize, 256 KiB of f32 input).
+pub(crate) const CHUNK_ELEMS: usize = 1 << 16;
+
+/// Per quant-type constants the block kernels need.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct EncodeTables {
+    /// Sorted-table midpoints.
+    pub th: [f32; 15],
+    /// Sorted index → code.
+    pub ord: [u8; 16],
+    /// Code of 0.0 (odd-n padding).
+    pub pad: u8,
+}
+
+impl EncodeTables {
+    pub fn new(t: QuantType) -> Self {
+        EncodeTables {
+            th: thresholds(t),
+            ord: *order(t),
+            pad: zero_code(t),
+        }
+    }
+
+    #[inline]
+    pub fn code(&self, s: f32) -> u8 {
+        let idx = self.th.iter().filter(|&&t| t < s).count();
+        self.ord[idx]
+    }
+}
+
+/// Encodes `x` (starting at an even element index) into `out` (`ceil(len/2)` bytes) with
+/// the given scale; an odd length pads the last low nibble.
+#[inline]
+pub(crate) fn encode_scalar(x: &[f32], scale: Scale, t: &EncodeTables, out: &mut [u8]) {
+    let mut pairs = x.chunks_exact(2);
+    for (o, p) in out.iter_mut().zip(pairs.by_ref()) {
+        *o = (t.code(scaled(p[0], scale)) << 4) | t.code(scaled(p[1], scale));
+    }
+    if let [last] = pairs.remainder() {
+        out[x.len() / 2] = (t.code(scaled(*last, scale)) << 4) | t.pad;
+    }
+}
+
+/// Max |x| over finite elements, and whether all elements are finite.
+#[inline]
+pub(crate) fn absmax_scalar(x: &[f32]) -> (f32, bool) {
+    let mut am = 0f32;
+    let mut finite = true;
+    for &v in x {
+        if v.is_finite() {
+            am = am.max(v.abs());
+        } else {
+            finite = false;
+        }
+    }
+    (am, finite)
+}
+
+/// Scalar block kernel: returns (stored absmax, all finite).
+pub(crate) fn quantize_block_scalar(
+    x: &[f32],
+    partial: bool,
+    t: &EncodeTables,
+    out: &mut [u8],
+) -> (f32, bool) {
+    let (am, finite) = absmax_scalar(x);
+    let (stored, scale) = block_scale(am, partial);
+    encode_scalar(x, scale, t, out);
+    (stored, finite)
+}
+
+/// Quantizes one block with `backend`.
+#[inline]
+fn quantize_block(
+    backend: Backend,
+    x: &[f32],
+    partial: bool,
+    t: &EncodeTables,
+    out: &mut [u8],
+) -> (f32, bool) {
+    match backend {
+        #[cfg(target_arch = "x86_64")]
+        Backend::Avx2 => {
+            // SAFETY: `Backend::Avx2` is only constructed after run-time detection of AVX2.
+            unsafe { crate::simd::x86::quantize_block_avx2(x, partial, t, out) }
+        }
+        _ => quantize_block_scalar(x, partial, t, out),
+    }
+}
+
+/// What every chunk of one `quantize_4bit` call shares.
+struct Job<'a> {
+    backend: Backend,
+    input: Input<'a>,
+    n: usize,
+    bs: usize,
+    tables: EncodeTables,
+}
+
+impl Job<'_> {
+    /// Quantizes the blocks of one chunk (`first_elem` = global index of its first
+    /// element). Returns whether every element was finite.
+    fn chunk(
+        &self,
+        first_elem: usize,
+        packed: &mut [u8],
+        absmax: &mut [f32],
+        buf: &mut Vec<f32>,
+    ) -> bool {
+        let bs = self.bs;
+        let mut all_finite = true;
+        for (b, am) in absmax.iter_mut().enumerate() {
+            let start = first_elem + b * bs;
+            let end = (start + bs).min(self.n);
+            let len = end - start;
+            let x: &[f32] = match self.input {
+                Input::F32(v) => &v[start..end],
+                _ => {
+                    buf.resize(len, 0.0);
+                    self.input.copy_range_f32(start, buf);
+                    buf
+                }
+            };
+            let out = &mut packed[b * bs / 2..(b * bs + len).div_ceil(2)];
+            let (stored, finite) = quantize_block(self.backend, x, len < bs, &self.tables, out);
+            *am = stored;
+            all_finite &= finite;
+        }
+        all_finite
+    }
+}
+
+/// Quantizes `input` (with row-major `shape`) to 4 bits, bnb 0.50.2 CPU semantics (see
+/// the crate docs). Errors: blocksize not a power of two in 32..=4096, shape/length
+/// mismatch, or a non-finite element without `allow_nonfinite`.
+pub fn quantize_4bit(
+    input: Input<'_>,
+    shape: &[usize],
+    opts: &QuantOptions,
+) -> Result<Quantized4, QuantError> {
+    quantize_4bit_with(Backend::detect(), input, shape, opts)
+}
+
+/// [`quantize_4bit`] with an explicit backend (tests compare every available backend).
+#[doc(hidden)]
+pub fn quantize_4bit_with(
+    backend: Backend,
+    input: Input<'_>,
+    shape: &[usize],
+    opts: &QuantOptions,
+) -> Result<Quantized4, QuantError> {
+    let n = check_input(&input, shape, opts)?;
+    let bs = opts.blocksize;
+    let job = Job {
+        backend,
+        input,
+        n,
+        bs,
+        tables: EncodeTables::new(opts.quant_type),
+    };
+    let nb = num_blocks(n, bs);
+    let mut packed = vec![0u8; n.div_ceil(2)];
+    let mut absmax = vec![0f32; nb];
+    let blocks_per_chunk = (CHUNK_ELEMS / bs).max(1);
+    let bytes_per_chunk = blocks_per_chunk * bs / 2;
+    let all_finite = packed
+        .par_chunks_mut(bytes_per_chunk)
+        .zip(absmax.par_chunks_mut(blocks_per_chunk))
+        .enumerate()
+        .map_init(Vec::new, |buf, (c, (pk, am))| {
+            job.chunk(c * blocks_per_chunk * bs, pk, am, buf)
+        })
+        .reduce(|| true, |a, b| a && b);
+    if !all_finite && !opts.allow_nonfinite {
+        let (index, value) = first_nonfinite(&input).expect("a chunk reported a non-finite value");
+        return Err(QuantError::NonFinite { index, value });
+    }
+    let absmax = if opts.double_quant {
+        Absmax::Double(double_quant_fast(&absmax))
+    } else {
+        Absmax::Plain(absmax)
+    };
+    Ok(Quantized4 {
+        quant_type: opts.quant_type,
+        blocksize: bs,
+        shape: shape.to_vec(),
+        dtype: input.dtype(),
+        packed,
+        absmax,
+    })
+}
+
+/// Double quantization with the cached 8-bit LUT (same result as
+/// [`crate::reference::double_quant`]).
+pub(crate) fn double_quant_fast(absmax: &[f32]) -> DoubleQuant {
+    let offset = mean_offset(absmax);
+    let centred: Vec<f32> = absmax.iter().map(|&a| a - offset).collect();
+    let map = dynamic_map();
+    let (codes, nested_absmax) =
+        crate::blockwise8::quantize_blockwise8(&centred, &map, NESTED_BLOCKSIZE);
+    DoubleQuant {
+        codes,
+        nested_absmax,
+        nested_map: map.to_vec(),
+        offset,
+        nested_blocksize: NESTED_BLOCKSIZE,
+    }
+}
