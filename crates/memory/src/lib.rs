@@ -1,0 +1,50 @@
+//! Memory calculator for Llama-family models: exact weight sizes in every
+//! storage format (`qlora size`) and per-device training-memory plans that model
+//! this project's own trainer (`qlora plan`).
+//!
+//! No candle, no weight data: sizes come from a config.json, a built-in preset,
+//! safetensors headers or a GGUF header, so answers are instant.
+//!
+//! * [`inventory`]: the weight tensors of a model and their roles.
+//! * [`bnb`]: exact bitsandbytes 4-bit byte counts (FORMATS.md §2.1, §2.4).
+//! * [`st`]: safetensors header reading and exact header-length prediction.
+//! * [`gguf`]: ggml block sizes and a header-only GGUF reader.
+//! * [`size`]: the size report.
+//! * [`presets`]: config numbers of well-known models (offline).
+//! * [`source`]: resolving a model reference (path, preset, hub id).
+//! * [`plan`]: training memory per device.
+
+pub mod bnb;
+pub mod gguf;
+pub mod inventory;
+pub mod plan;
+pub mod presets;
+pub mod size;
+pub mod source;
+pub mod st;
+
+pub use inventory::{Inventory, Role, TensorSpec};
+pub use plan::{Method, Optimizer, Plan, PlanInput, Sharding};
+pub use size::{size_report, SizeOptions, SizeReport};
+pub use source::{resolve, Loaded};
+
+/// Errors of the calculator; each names the file or reference at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {msg}")]
+    BadFile { path: String, msg: String },
+    #[error(transparent)]
+    Config(#[from] qlora_config::ConfigError),
+    #[error("unknown model reference {reference:?}: not a file or folder, not a preset{hint}")]
+    UnknownReference { reference: String, hint: String },
+    #[error("hub id {id:?}: {msg}")]
+    Hub { id: String, msg: String },
+    #[error("{0}")]
+    Invalid(String),
+}

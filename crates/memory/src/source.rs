@@ -1,0 +1,455 @@
+//! Resolving a model reference (`config.json`, model folder, `.safetensors`
+//! file or folder, `.gguf`, preset name, hub id) into an [`Inventory`].
+
+use std::path::{Path, PathBuf};
+
+use qlora_config::ModelConfig;
+use serde_json::Value;
+
+use crate::inventory::{Inventory, KnownQuantState, Role, TensorSpec};
+use crate::presets;
+use crate::size::Stored;
+use crate::{gguf, st, MemoryError};
+
+/// A resolved model: its tensors, and its config when one is known (the
+/// training planner needs the attention dimensions).
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub label: String,
+    /// config | preset | hub | safetensors | gguf
+    pub kind: &'static str,
+    pub inventory: Inventory,
+    pub config: Option<ModelConfig>,
+    pub stored: Option<Stored>,
+    pub notes: Vec<String>,
+}
+
+/// Resolve `reference`: an existing path first, then a preset name, then (if it
+/// looks like `org/name`) a hub id, fetched config.json only, cache first.
+pub fn resolve(reference: &str) -> Result<Loaded, MemoryError> {
+    let path = Path::new(reference);
+    if path.exists() {
+        return from_path(path);
+    }
+    if let Some(p) = presets::find(reference) {
+        if !reference.contains('/') {
+            return Ok(from_preset(p));
+        }
+    }
+    if looks_like_hub_id(reference) {
+        return from_hub(reference);
+    }
+    Err(presets::unknown(reference))
+}
+
+fn looks_like_hub_id(s: &str) -> bool {
+    let parts: Vec<&str> = s.split('/').collect();
+    parts.len() == 2
+        && parts.iter().all(|p| {
+            !p.is_empty()
+                && p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        })
+}
+
+pub fn from_preset(p: &presets::Preset) -> Loaded {
+    let cfg = p.config();
+    Loaded {
+        label: p.name.to_string(),
+        kind: "preset",
+        inventory: Inventory::from_config(&cfg),
+        config: Some(cfg),
+        stored: None,
+        notes: vec![format!("built-in preset (config of {})", p.hub_id)],
+    }
+}
+
+fn from_config_file(path: &Path, kind: &'static str, label: &str) -> Result<Loaded, MemoryError> {
+    let cfg = ModelConfig::from_file(path)?;
+    Ok(Loaded {
+        label: label.to_string(),
+        kind,
+        inventory: Inventory::from_config(&cfg),
+        config: Some(cfg),
+        stored: None,
+        notes: Vec::new(),
+    })
+}
+
+/// Offline first: the local HF cache, then (unless `HF_HUB_OFFLINE=1`) the hub
+/// for `config.json` only; if both fail and the repo name is a preset, use it.
+fn from_hub(id: &str) -> Result<Loaded, MemoryError> {
+    let cached = hf_hub::Cache::from_env()
+        .model(id.to_string())
+        .get("config.json");
+    let fetched = match cached {
+        Some(p) => Ok(p),
+        None if std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1" || v == "true") => {
+            Err("not in the local cache and HF_HUB_OFFLINE is set".to_string())
+        }
+        None => hf_hub::api::sync::ApiBuilder::from_env()
+            .with_progress(false)
+            .build()
+            .map_err(|e| e.to_string())
+            .and_then(|api| {
+                api.model(id.to_string())
+                    .get("config.json")
+                    .map_err(|e| format!("not in the local cache, and fetching failed: {e}"))
+            }),
+    };
+    match fetched {
+        Ok(p) => {
+            let mut l = from_config_file(&p, "hub", id)?;
+            l.notes
+                .push(format!("config.json from the hub cache: {}", p.display()));
+            Ok(l)
+        }
+        Err(msg) => {
+            if let Some(p) = presets::find(id) {
+                let mut l = from_preset(p);
+                l.notes.push(format!(
+                    "hub id {id}: {msg}; using the built-in preset {}",
+                    p.name
+                ));
+                return Ok(l);
+            }
+            Err(MemoryError::Hub {
+                id: id.to_string(),
+                msg: format!(
+                    "{msg}. Pass a local folder or config.json, or a preset (closest: {})",
+                    presets::closest(id).join(", ")
+                ),
+            })
+        }
+    }
+}
+
+fn from_path(path: &Path) -> Result<Loaded, MemoryError> {
+    let label = path.display().to_string();
+    if path.is_dir() {
+        let cfg = path.join("config.json");
+        let weights = find_safetensors(path)?;
+        if cfg.exists() {
+            let mut l = from_config_file(&cfg, "config", &label)?;
+            if !weights.is_empty() {
+                // The headers tell what is actually on disk; the config gives the
+                // exact architecture. Use the checkpoint's known quant states.
+                let from_files = from_safetensors(&weights, &label)?;
+                l.stored = from_files.stored;
+                merge_known(&mut l.inventory, &from_files.inventory);
+            }
+            return Ok(l);
+        }
+        if !weights.is_empty() {
+            return from_safetensors(&weights, &label);
+        }
+        return Err(MemoryError::BadFile {
+            path: label,
+            msg: "folder has neither config.json nor *.safetensors".into(),
+        });
+    }
+    let name = path
+        .file_name()
+        .map(|s| s.to_string_lossy().to_lowercase())
+        .unwrap_or_default();
+    if name.ends_with(".gguf") {
+        return from_gguf(path);
+    }
+    if name.ends_with(".safetensors.index.json") {
+        let shards = st::index_shards(path)?;
+        return from_safetensors(&shards, &label);
+    }
+    if name.ends_with(".safetensors") {
+        return from_safetensors(&[path.to_path_buf()], &label);
+    }
+    if name.ends_with(".json") {
+        return from_config_file(path, "config", &label);
+    }
+    // Sniff: GGUF magic, else try safetensors.
+    let mut magic = [0u8; 4];
+    if let Ok(mut f) = std::fs::File::open(path) {
+        use std::io::Read;
+        if f.read_exact(&mut magic).is_ok() && &magic == b"GGUF" {
+            return from_gguf(path);
+        }
+    }
+    from_safetensors(&[path.to_path_buf()], &label)
+}
+
+fn find_safetensors(dir: &Path) -> Result<Vec<PathBuf>, MemoryError> {
+    let idx = dir.join("model.safetensors.index.json");
+    if idx.exists() {
+        return st::index_shards(&idx);
+    }
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| MemoryError::Io {
+            path: dir.display().to_string(),
+            source: e,
+        })?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .filter(|p| {
+            !p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("adapter"))
+        })
+        .collect();
+    v.sort();
+    Ok(v)
+}
+
+/// Copy quant states read from a checkpoint onto the config-built inventory.
+fn merge_known(inv: &mut Inventory, from: &Inventory) {
+    let known: std::collections::HashMap<&str, &KnownQuantState> = from
+        .tensors
+        .iter()
+        .filter_map(|t| t.known.as_ref().map(|k| (t.name.as_str(), k)))
+        .collect();
+    for t in &mut inv.tensors {
+        if let Some(k) = known.get(t.name.as_str()) {
+            t.known = Some((*k).clone());
+        }
+    }
+}
+
+/// Role of a tensor from its HF name.
+pub fn role_of(name: &str) -> Role {
+    if name.contains("embed_tokens") {
+        Role::Embeddings
+    } else if name.starts_with("lm_head") {
+        Role::LmHead
+    } else if name.contains("norm") {
+        Role::Norms
+    } else if name.contains(".mlp.") {
+        Role::Mlp
+    } else if name.contains("self_attn") {
+        Role::Attention
+    } else {
+        Role::Other
+    }
+}
+
+const QS_MARK: &str = ".weight.quant_state.bitsandbytes__";
+const BNB_AUX: [&str; 4] = [
+    ".weight.absmax",
+    ".weight.quant_map",
+    ".weight.nested_absmax",
+    ".weight.nested_quant_map",
+];
+
+/// Inventory from safetensors headers (all shards). bnb-4bit weights are
+/// recognised by their quant-state blob, whose JSON (a few hundred bytes) is
+/// the only data read: it holds the original shape and offset.
+pub fn from_safetensors(files: &[PathBuf], label: &str) -> Result<Loaded, MemoryError> {
+    let mut tensors = Vec::new();
+    let mut tensor_bytes = 0;
+    let mut file_bytes = 0;
+    let mut dtypes = std::collections::BTreeSet::new();
+    let mut bnb_formats = std::collections::BTreeSet::new();
+    for f in files {
+        let h = st::read_header(f)?;
+        file_bytes += h.file_len;
+        // `P.weight` of every bnb-quantized module (its packed data).
+        let packed: std::collections::HashSet<String> = h
+            .tensors
+            .iter()
+            .filter_map(|t| {
+                t.name
+                    .split_once(QS_MARK)
+                    .map(|(p, _)| format!("{p}.weight"))
+            })
+            .collect();
+        for t in &h.tensors {
+            tensor_bytes += t.end - t.begin;
+            if let Some((prefix, qt)) = t.name.split_once(QS_MARK) {
+                let blob = st::read_small_tensor(&h, t)?;
+                let (shape, known, nested, bs) = parse_quant_state(&blob, &h.path, &t.name)?;
+                bnb_formats.insert(format!(
+                    "{qt}{}{}",
+                    if bs == 64 {
+                        String::new()
+                    } else {
+                        format!("_bs{bs}")
+                    },
+                    if nested { "_dq" } else { "" }
+                ));
+                tensors.push(TensorSpec {
+                    name: format!("{prefix}.weight"),
+                    shape: shape.to_vec(),
+                    role: role_of(prefix),
+                    quantizable: true,
+                    known: Some(known),
+                });
+                continue;
+            }
+            let is_bnb_part =
+                BNB_AUX.iter().any(|s| t.name.ends_with(s)) || packed.contains(&t.name);
+            if is_bnb_part || t.name.ends_with("rotary_emb.inv_freq") {
+                continue;
+            }
+            dtypes.insert(t.dtype.clone());
+            let role = role_of(&t.name);
+            let quantizable = t.shape.len() == 2
+                && t.name.ends_with(".weight")
+                && matches!(role, Role::Attention | Role::Mlp);
+            tensors.push(TensorSpec {
+                name: t.name.clone(),
+                shape: t.shape.clone(),
+                role,
+                quantizable,
+                known: None,
+            });
+        }
+    }
+    let has_head = tensors.iter().any(|t| t.role == Role::LmHead);
+    let has_embed = tensors.iter().any(|t| t.role == Role::Embeddings);
+    let mut format = format!(
+        "safetensors {}",
+        dtypes.into_iter().collect::<Vec<_>>().join("+")
+    );
+    if !bnb_formats.is_empty() {
+        format.push_str(&format!(
+            " + bnb {}",
+            bnb_formats.into_iter().collect::<Vec<_>>().join("+")
+        ));
+    }
+    Ok(Loaded {
+        label: label.to_string(),
+        kind: "safetensors",
+        inventory: Inventory {
+            tensors,
+            tied: has_embed && !has_head,
+        },
+        config: None,
+        stored: Some(Stored {
+            format,
+            tensor_bytes,
+            file_bytes,
+            files: files.len(),
+        }),
+        notes: vec!["parameter count from the safetensors headers".into()],
+    })
+}
+
+/// `(shape, known, nested, blocksize)` from a quant-state JSON blob.
+fn parse_quant_state(
+    blob: &[u8],
+    path: &str,
+    name: &str,
+) -> Result<([u64; 2], KnownQuantState, bool, u64), MemoryError> {
+    let bad = |msg: &str| MemoryError::BadFile {
+        path: path.to_string(),
+        msg: format!("{name}: {msg}"),
+    };
+    let text = std::str::from_utf8(blob).map_err(|_| bad("quant state is not UTF-8"))?;
+    let v: Value = serde_json::from_str(text).map_err(|_| bad("quant state is not JSON"))?;
+    let shape = v
+        .get("shape")
+        .and_then(Value::as_array)
+        .and_then(|a| a.iter().map(Value::as_u64).collect::<Option<Vec<_>>>())
+        .filter(|s| s.len() == 2)
+        .ok_or_else(|| bad("quant state has no 2-D `shape`"))?;
+    let dtype = v
+        .get("dtype")
+        .and_then(Value::as_str)
+        .ok_or_else(|| bad("quant state has no `dtype`"))?
+        .to_string();
+    let blocksize = v
+        .get("blocksize")
+        .and_then(Value::as_u64)
+        .ok_or_else(|| bad("quant state has no `blocksize`"))?;
+    // The offset's text as written (not re-printed), so lengths stay exact.
+    let offset_repr = text
+        .split_once("\"nested_offset\": ")
+        .map(|(_, rest)| rest.trim_end_matches('}').trim().to_string());
+    let nested = offset_repr.is_some();
+    Ok((
+        [shape[0], shape[1]],
+        KnownQuantState { dtype, offset_repr },
+        nested,
+        blocksize,
+    ))
+}
+
+/// Map a GGUF tensor name (llama.cpp naming) to an HF-style role.
+fn gguf_role(name: &str) -> (Role, bool) {
+    if name.starts_with("token_embd") {
+        (Role::Embeddings, false)
+    } else if name.starts_with("output_norm") || name.contains("_norm") {
+        (Role::Norms, false)
+    } else if name.starts_with("output.") {
+        (Role::LmHead, false)
+    } else if name.contains(".attn_") {
+        (Role::Attention, name.ends_with(".weight"))
+    } else if name.contains(".ffn_") {
+        (Role::Mlp, name.ends_with(".weight"))
+    } else {
+        (Role::Other, false)
+    }
+}
+
+/// Inventory from a GGUF header; the config is rebuilt from the `<arch>.*`
+/// metadata when the architecture is llama-like.
+pub fn from_gguf(path: &Path) -> Result<Loaded, MemoryError> {
+    let h = gguf::read_header(path)?;
+    let mut tensors = Vec::new();
+    let mut data = 0;
+    let mut types = std::collections::BTreeMap::<&str, u64>::new();
+    for t in &h.tensors {
+        let ty = gguf::by_id(t.ggml_type).expect("validated by the reader");
+        let n = ty.bytes(t.numel());
+        data += n;
+        *types.entry(ty.name).or_default() += t.numel();
+        let (role, lin) = gguf_role(&t.name);
+        let shape = t.torch_shape();
+        tensors.push(TensorSpec {
+            name: t.name.clone(),
+            quantizable: lin && shape.len() == 2,
+            shape,
+            role,
+            known: None,
+        });
+    }
+    let has_head = tensors.iter().any(|t| t.role == Role::LmHead);
+    let mix: Vec<String> = types.iter().map(|(k, v)| format!("{k}:{v}")).collect();
+    let config = gguf_config(&h, &tensors);
+    Ok(Loaded {
+        label: path.display().to_string(),
+        kind: "gguf",
+        inventory: Inventory {
+            tensors,
+            tied: !has_head,
+        },
+        config,
+        stored: Some(Stored {
+            format: format!("gguf v{} ({})", h.version, mix.join(", ")),
+            tensor_bytes: data,
+            file_bytes: h.file_len,
+            files: 1,
+        }),
+        notes: vec!["parameter count from the GGUF header".into()],
+    })
+}
+
+fn gguf_config(h: &gguf::GgufHeader, tensors: &[TensorSpec]) -> Option<ModelConfig> {
+    let arch = h.meta_str("general.architecture")?.to_string();
+    let g = |k: &str| h.meta_u64(&format!("{arch}.{k}"));
+    let vocab = tensors
+        .iter()
+        .find(|t| t.role == Role::Embeddings)
+        .map(|t| t.shape[0])?;
+    let heads = g("attention.head_count")?;
+    let mut j = serde_json::json!({
+        "model_type": match arch.as_str() { "qwen2" => "qwen2", _ => "llama" },
+        "vocab_size": vocab,
+        "hidden_size": g("embedding_length")?,
+        "intermediate_size": g("feed_forward_length")?,
+        "num_hidden_layers": g("block_count")?,
+        "num_attention_heads": heads,
+        "num_key_value_heads": g("attention.head_count_kv").unwrap_or(heads),
+        "tie_word_embeddings": !tensors.iter().any(|t| t.role == Role::LmHead),
+    });
+    if let Some(d) = g("attention.key_length") {
+        j["head_dim"] = serde_json::json!(d);
+    }
+    ModelConfig::from_json(&j, &h.path).ok()
+}
