@@ -9,17 +9,25 @@
 //! * [`SafetensorsWriter`]: streaming, atomic writing (`<file>.tmp-<pid>` +
 //!   rename) in the reference layout; [`shards`] splits large outputs and
 //!   writes the index.
+//! * [`bnb`]: the bitsandbytes 4-bit checkpoint keys ([`read_bnb4`],
+//!   [`bnb4_tensors`], [`quantization_config`]); [`convert`]: the
+//!   `qlora quantize` / `qlora dequantize` pipelines.
 //!
 //! No candle here on purpose: the memory calculator and the CLI link this
 //! crate and must start instantly.
 
+pub mod bnb;
+pub mod convert;
 pub mod error;
 pub mod header;
 pub mod model_files;
 pub mod reader;
 pub mod shards;
+pub mod source;
+pub mod torch_mean;
 pub mod writer;
 
+pub use bnb::{bnb4_tensors, quantization_config, read_bnb4};
 pub use error::{FormatError, Result};
 pub use header::TensorInfo;
 pub use model_files::ModelFiles;
@@ -27,4 +35,5 @@ pub use reader::{SafetensorsFile, TensorView};
 /// The safetensors dtype enum (re-exported so users need not depend on `safetensors`).
 pub use safetensors::Dtype;
 pub use shards::{parse_size, DEFAULT_MAX_SHARD_SIZE};
+pub use source::TensorSource;
 pub use writer::{write_safetensors, SafetensorsWriter, TensorData, TensorSpec};

@@ -1,0 +1,765 @@
+//! The work behind `qlora quantize` and `qlora dequantize`: whole model
+//! folders (sharded or not) and bare safetensors files, streamed tensor by
+//! tensor from the memory-mapped input.
+//!
+//! Streaming with a header-first format needs every output tensor's size up
+//! front, and the quant-state JSON's length depends on the double-quant
+//! offset, which is only known after quantizing. So quantization runs twice:
+//! a planning pass (sizes, JSON, error statistics; results dropped tensor by
+//! tensor) and a writing pass. Quantizing is cheap next to reading and
+//! writing the data, and this keeps peak memory near one tensor.
+
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+
+use half::{bf16, f16};
+use qlora_quant::{Input, QuantOptions, Quantized4, SourceDType};
+use rayon::prelude::*;
+use safetensors::Dtype;
+use serde_json::Value;
+
+use crate::bnb::{self, bnb4_specs, bnb4_tensors, is_quantized_linear, quantize_bnb, read_bnb4};
+use crate::error::{FormatError, Result};
+use crate::model_files::{ModelFiles, INDEX_FILE, SINGLE_FILE};
+use crate::reader::{SafetensorsFile, TensorView};
+use crate::shards::{plan_shards, shard_file_name, write_atomic, write_index};
+use crate::source::TensorSource;
+use crate::writer::{SafetensorsWriter, TensorSpec};
+
+/// Options of `qlora quantize`.
+#[derive(Debug, Clone)]
+pub struct QuantizeOptions {
+    pub quant: QuantOptions,
+    /// torch name written as `bnb_4bit_compute_dtype` (`bfloat16`, `float16`, `float32`).
+    pub compute_dtype: String,
+    /// Split the output into shards of at most this many data bytes.
+    pub max_shard_size: u64,
+    /// Replace an existing output.
+    pub force: bool,
+}
+
+impl Default for QuantizeOptions {
+    fn default() -> Self {
+        QuantizeOptions {
+            quant: QuantOptions::default(),
+            compute_dtype: "bfloat16".into(),
+            max_shard_size: crate::shards::DEFAULT_MAX_SHARD_SIZE,
+            force: false,
+        }
+    }
+}
+
+/// Options of `qlora dequantize`.
+#[derive(Debug, Clone)]
+pub struct DequantizeOptions {
+    /// Output dtype of the dequantized weights (and of the other float
+    /// tensors); `None`: each weight's recorded dtype, others unchanged.
+    pub dtype: Option<SourceDType>,
+    pub max_shard_size: u64,
+    pub force: bool,
+}
+
+impl Default for DequantizeOptions {
+    fn default() -> Self {
+        DequantizeOptions {
+            dtype: None,
+            max_shard_size: crate::shards::DEFAULT_MAX_SHARD_SIZE,
+            force: false,
+        }
+    }
+}
+
+/// Error statistics of the quantized weights (against their input values).
+#[derive(Debug, Clone, Default)]
+pub struct ErrorStats {
+    /// Σ (w − deq(w))² over all quantized elements.
+    pub sum_sq_err: f64,
+    /// Σ w².
+    pub sum_sq_ref: f64,
+    /// max |w − deq(w)|.
+    pub max_abs_err: f32,
+    /// The tensor with the largest relative RMS error, and that error.
+    pub worst: Option<(String, f64)>,
+    /// Number of elements compared.
+    pub elements: u64,
+}
+
+impl ErrorStats {
+    /// sqrt(Σ err² / Σ w²) over everything.
+    pub fn rel_rms(&self) -> f64 {
+        if self.sum_sq_ref > 0.0 {
+            (self.sum_sq_err / self.sum_sq_ref).sqrt()
+        } else {
+            0.0
+        }
+    }
+    fn add(&mut self, name: &str, t: TensorErr) {
+        self.sum_sq_err += t.sq_err;
+        self.sum_sq_ref += t.sq_ref;
+        self.max_abs_err = self.max_abs_err.max(t.max_abs);
+        self.elements += t.n;
+        let rel = if t.sq_ref > 0.0 {
+            (t.sq_err / t.sq_ref).sqrt()
+        } else {
+            0.0
+        };
+        if self.worst.as_ref().is_none_or(|(_, w)| rel > *w) {
+            self.worst = Some((name.to_string(), rel));
+        }
+    }
+}
+
+/// What a conversion did.
+#[derive(Debug, Clone, Default)]
+pub struct ConvertReport {
+    /// Tensors quantized (quantize) or dequantized (dequantize).
+    pub converted: usize,
+    /// Tensors copied unchanged (or only cast).
+    pub copied: usize,
+    /// Input data bytes per dtype name.
+    pub input_bytes: BTreeMap<String, u64>,
+    /// Output data bytes per dtype name.
+    pub output_bytes: BTreeMap<String, u64>,
+    /// Weight files written (final paths).
+    pub files: Vec<PathBuf>,
+    /// Quantization error (quantize only).
+    pub error: ErrorStats,
+}
+
+impl ConvertReport {
+    pub fn input_total(&self) -> u64 {
+        self.input_bytes.values().sum()
+    }
+    pub fn output_total(&self) -> u64 {
+        self.output_bytes.values().sum()
+    }
+}
+
+/// One output unit: tensors that are produced together and stay in one shard.
+enum Unit {
+    /// Copy (or cast to `Dtype`) an input tensor.
+    Copy { name: String, out: TensorSpec },
+    /// Quantize an input tensor; `out_key` is the weight key in the output.
+    Quantize {
+        name: String,
+        specs: Vec<TensorSpec>,
+    },
+    /// Dequantize a bnb weight to `dtype`.
+    Dequantize { key: String, out: TensorSpec },
+}
+
+impl Unit {
+    fn specs(&self) -> Vec<TensorSpec> {
+        match self {
+            Unit::Copy { out, .. } | Unit::Dequantize { out, .. } => vec![out.clone()],
+            Unit::Quantize { specs, .. } => specs.clone(),
+        }
+    }
+}
+
+fn dtype_name(d: Dtype) -> String {
+    d.to_string()
+}
+
+/// Borrow the tensor as a quantizer input (zero-copy when aligned on a
+/// little-endian machine, converted otherwise), then run `f`.
+fn with_input<R>(t: &TensorView<'_>, f: impl FnOnce(Input<'_>) -> R) -> Result<R> {
+    let le = cfg!(target_endian = "little");
+    Ok(match t.dtype {
+        Dtype::F32 => match bytemuck::try_cast_slice::<u8, f32>(t.data) {
+            Ok(s) if le => f(Input::F32(s)),
+            _ => f(Input::F32(&t.to_f32()?)),
+        },
+        Dtype::BF16 => match bytemuck::try_cast_slice::<u8, bf16>(t.data) {
+            Ok(s) if le => f(Input::BF16(s)),
+            _ => f(Input::BF16(&t.to_bf16()?)),
+        },
+        Dtype::F16 => match bytemuck::try_cast_slice::<u8, f16>(t.data) {
+            Ok(s) if le => f(Input::F16(s)),
+            _ => f(Input::F16(&t.to_f16()?)),
+        },
+        Dtype::F64 => f(Input::F32(&t.to_f32()?)),
+        d => {
+            return Err(FormatError::tensor(
+                t.file,
+                t.name,
+                format!("dtype {d} cannot be quantized (only F32, F16, BF16, F64)"),
+            ))
+        }
+    })
+}
+
+fn quantize_view(t: &TensorView<'_>, opts: &QuantOptions) -> Result<Quantized4> {
+    let shape = t.shape.to_vec();
+    with_input(t, |inp| quantize_bnb(inp, &shape, opts))?
+        .map_err(|e| FormatError::tensor(t.file, t.name, format!("cannot quantize: {e}")))
+}
+
+#[derive(Clone, Copy, Default)]
+struct TensorErr {
+    sq_err: f64,
+    sq_ref: f64,
+    max_abs: f32,
+    n: u64,
+}
+
+/// Compare the dequantized `q` with its input, in chunks (bounded memory).
+fn quant_error(t: &TensorView<'_>, q: &Quantized4) -> Result<TensorErr> {
+    const CH: usize = 1 << 16;
+    with_input(t, |inp| {
+        let n = inp.len();
+        (0..n.div_ceil(CH))
+            .into_par_iter()
+            .map_init(
+                || (vec![0f32; CH], vec![0f32; CH]),
+                |(a, b), c| {
+                    let s = c * CH;
+                    let len = CH.min(n - s);
+                    inp.copy_range_f32(s, &mut a[..len]);
+                    q.dequantize_range_f32(s, &mut b[..len]);
+                    let mut e = TensorErr {
+                        n: len as u64,
+                        ..Default::default()
+                    };
+                    for (x, y) in a[..len].iter().zip(&b[..len]) {
+                        let d = x - y;
+                        e.sq_err += (d as f64) * (d as f64);
+                        e.sq_ref += (*x as f64) * (*x as f64);
+                        e.max_abs = e.max_abs.max(d.abs());
+                    }
+                    e
+                },
+            )
+            .reduce(TensorErr::default, |a, b| TensorErr {
+                sq_err: a.sq_err + b.sq_err,
+                sq_ref: a.sq_ref + b.sq_ref,
+                max_abs: a.max_abs.max(b.max_abs),
+                n: a.n + b.n,
+            })
+    })
+}
+
+/// Little-endian bytes of a slice of plain numbers (no copy on LE machines).
+fn le_bytes<T: bytemuck::Pod>(v: &[T], to_le: impl Fn(&T) -> Vec<u8>) -> Cow<'_, [u8]> {
+    if cfg!(target_endian = "little") {
+        Cow::Borrowed(bytemuck::cast_slice(v))
+    } else {
+        Cow::Owned(v.iter().flat_map(to_le).collect())
+    }
+}
+
+fn source_dtype(d: SourceDType) -> Dtype {
+    match d {
+        SourceDType::F32 => Dtype::F32,
+        SourceDType::F16 => Dtype::F16,
+        SourceDType::BF16 => Dtype::BF16,
+    }
+}
+
+/// Cast a float tensor to `to` (bytes), or borrow it unchanged.
+fn cast_bytes<'a>(t: &TensorView<'a>, to: Dtype) -> Result<Cow<'a, [u8]>> {
+    if t.dtype == to {
+        return Ok(Cow::Borrowed(t.data));
+    }
+    Ok(match to {
+        Dtype::F32 => Cow::Owned(le_bytes(&t.to_f32()?, |x| x.to_le_bytes().to_vec()).into_owned()),
+        Dtype::BF16 => {
+            Cow::Owned(le_bytes(&t.to_bf16()?, |x| x.to_le_bytes().to_vec()).into_owned())
+        }
+        Dtype::F16 => Cow::Owned(le_bytes(&t.to_f16()?, |x| x.to_le_bytes().to_vec()).into_owned()),
+        d => {
+            return Err(FormatError::tensor(
+                t.file,
+                t.name,
+                format!("cannot cast {} to {d}", t.dtype),
+            ))
+        }
+    })
+}
+
+fn is_float(d: Dtype) -> bool {
+    matches!(d, Dtype::F32 | Dtype::F16 | Dtype::BF16 | Dtype::F64)
+}
+
+/// Produce and write the tensors of one unit.
+fn write_unit<S: TensorSource + ?Sized>(
+    src: &S,
+    unit: &Unit,
+    opts: &QuantOptions,
+    w: &mut SafetensorsWriter,
+) -> Result<()> {
+    let view = |name: &str| {
+        src.get(name)
+            .ok_or_else(|| FormatError::not_found(src.origin_of(name), name))
+    };
+    match unit {
+        Unit::Copy { name, out } => {
+            let t = view(name)?;
+            w.write(&out.name, &cast_bytes(&t, out.dtype)?)?;
+        }
+        Unit::Quantize { name, specs } => {
+            let t = view(name)?;
+            let q = quantize_view(&t, opts)?;
+            let tensors = bnb4_tensors(name, &q);
+            for (td, spec) in tensors.iter().zip(specs) {
+                if td.spec != *spec {
+                    return Err(FormatError::tensor(
+                        t.file,
+                        name,
+                        format!(
+                            "quantizing twice gave different layouts ({:?} vs {:?}): is the input file changing?",
+                            td.spec, spec
+                        ),
+                    ));
+                }
+                w.write(&td.spec.name, &td.data)?;
+            }
+        }
+        Unit::Dequantize { key, out } => {
+            let q = read_bnb4(src, key)?.ok_or_else(|| {
+                FormatError::tensor(src.origin_of(key), key, "quant state disappeared")
+            })?;
+            match out.dtype {
+                Dtype::F32 => w.write(
+                    &out.name,
+                    &le_bytes(&q.dequantize_f32(), |x| x.to_le_bytes().to_vec()),
+                )?,
+                Dtype::BF16 => w.write(
+                    &out.name,
+                    &le_bytes(&q.dequantize_bf16(), |x| x.to_le_bytes().to_vec()),
+                )?,
+                Dtype::F16 => w.write(
+                    &out.name,
+                    &le_bytes(&q.dequantize_f16(), |x| x.to_le_bytes().to_vec()),
+                )?,
+                d => unreachable!("dequantize target {d} is always a float dtype"),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Release the input pages a unit used.
+fn release_unit<S: ReleasePages + ?Sized>(src: &S, unit: &Unit) {
+    match unit {
+        Unit::Copy { name, .. } | Unit::Quantize { name, .. } => src.release_pages(name),
+        Unit::Dequantize { key, .. } => {
+            src.release_pages(key);
+            for s in bnb::AUX_SUFFIXES {
+                src.release_pages(&format!("{key}.{s}"));
+            }
+        }
+    }
+}
+
+/// Dropping resident pages of a tensor after use.
+trait ReleasePages {
+    fn release_pages(&self, name: &str);
+}
+impl ReleasePages for SafetensorsFile {
+    fn release_pages(&self, name: &str) {
+        self.release(name)
+    }
+}
+impl ReleasePages for ModelFiles {
+    fn release_pages(&self, name: &str) {
+        self.release(name)
+    }
+}
+
+/// Write `units` into shards in `dir` (one `model.safetensors`, or
+/// `model-0000k-of-0000n.safetensors` + index when over `max_shard`).
+fn write_sharded<S: TensorSource + ReleasePages + ?Sized>(
+    src: &S,
+    units: Vec<Unit>,
+    dir: &Path,
+    max_shard: u64,
+    opts: &QuantOptions,
+) -> Result<Vec<PathBuf>> {
+    // Group units into shards by their specs; remember which unit each spec group came from.
+    let groups: Vec<Vec<TensorSpec>> = units.iter().map(Unit::specs).collect();
+    let sizes: Vec<usize> = groups.iter().map(Vec::len).collect();
+    let shards = plan_shards(groups, max_shard);
+    let n = shards.len();
+    let mut files = Vec::with_capacity(n);
+    let mut index = Vec::with_capacity(n);
+    let mut next_unit = 0usize;
+    for (k, specs) in shards.into_iter().enumerate() {
+        let name = shard_file_name(k, n);
+        let path = dir.join(&name);
+        let mut w = SafetensorsWriter::create(&path, &specs)?;
+        let mut covered = 0usize;
+        while covered < specs.len() {
+            let unit = &units[next_unit];
+            write_unit(src, unit, opts, &mut w)?;
+            release_unit(src, unit);
+            covered += sizes[next_unit];
+            next_unit += 1;
+        }
+        files.push(w.finish()?);
+        index.push((name, specs));
+    }
+    if n > 1 {
+        write_index(dir, &index)?;
+    }
+    Ok(files)
+}
+
+/// Refuse to replace a non-empty `out` unless `force`; refuse `out == input`.
+fn check_output(input: &Path, out: &Path, force: bool) -> Result<()> {
+    if let (Ok(a), Ok(b)) = (input.canonicalize(), out.canonicalize()) {
+        if a == b {
+            return Err(FormatError::invalid(
+                out,
+                "the output is the input; choose another --out",
+            ));
+        }
+    }
+    if out.is_dir() {
+        let non_empty = std::fs::read_dir(out)
+            .map_err(|e| FormatError::io(out, e))?
+            .next()
+            .is_some();
+        if non_empty && !force {
+            return Err(FormatError::invalid(
+                out,
+                "output folder exists and is not empty (use --force to replace it)",
+            ));
+        }
+    } else if out.exists() && !force {
+        return Err(FormatError::invalid(
+            out,
+            "output exists (use --force to replace it)",
+        ));
+    }
+    Ok(())
+}
+
+/// A folder built beside its final place and renamed there when complete;
+/// removed if dropped before [`TempDir::commit`].
+struct TempDir {
+    tmp: PathBuf,
+    done: bool,
+}
+
+impl TempDir {
+    fn new(out: &Path) -> Result<Self> {
+        let tmp = crate::writer::temp_path(out);
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).map_err(|e| FormatError::io(&tmp, e))?;
+        }
+        std::fs::create_dir_all(&tmp).map_err(|e| FormatError::io(&tmp, e))?;
+        Ok(TempDir { tmp, done: false })
+    }
+    fn commit(mut self, out: &Path) -> Result<()> {
+        if out.is_dir() {
+            std::fs::remove_dir_all(out).map_err(|e| FormatError::io(out, e))?;
+        } else if out.exists() {
+            std::fs::remove_file(out).map_err(|e| FormatError::io(out, e))?;
+        }
+        std::fs::rename(&self.tmp, out).map_err(|e| FormatError::io(out, e))?;
+        self.done = true;
+        Ok(())
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = std::fs::remove_dir_all(&self.tmp);
+        }
+    }
+}
+
+fn read_config(dir: &Path) -> Result<serde_json::Map<String, Value>> {
+    let p = dir.join("config.json");
+    let text = std::fs::read_to_string(&p).map_err(|e| FormatError::io(&p, e))?;
+    let v: Value = serde_json::from_str(&text)
+        .map_err(|e| FormatError::invalid(&p, format!("not valid JSON: {e}")))?;
+    match v {
+        Value::Object(m) => Ok(m),
+        _ => Err(FormatError::invalid(&p, "not a JSON object")),
+    }
+}
+
+/// transformers' `to_json_file`: 2-space indent, sorted keys, trailing newline.
+fn write_json(path: &Path, v: &serde_json::Map<String, Value>) -> Result<()> {
+    let sorted: BTreeMap<&String, &Value> = v.iter().collect();
+    let mut text = serde_json::to_string_pretty(&sorted).expect("JSON serialises");
+    text.push('\n');
+    write_atomic(path, text.as_bytes())
+}
+
+/// Copy every plain file of a model folder that is not weights or config.json
+/// (tokenizer files, generation_config.json, chat templates, README, …).
+fn copy_side_files(from: &Path, to: &Path) -> Result<Vec<String>> {
+    let mut copied = Vec::new();
+    let rd = std::fs::read_dir(from).map_err(|e| FormatError::io(from, e))?;
+    for e in rd {
+        let e = e.map_err(|e| FormatError::io(from, e))?;
+        let p = e.path();
+        if !p.is_file() {
+            continue;
+        }
+        let name = e.file_name().to_string_lossy().to_string();
+        let weights = [
+            ".safetensors",
+            ".bin",
+            ".pt",
+            ".pth",
+            ".ckpt",
+            ".gguf",
+            ".h5",
+            ".msgpack",
+            ".onnx",
+        ];
+        if name == "config.json"
+            || name == INDEX_FILE
+            || name.ends_with(".index.json")
+            || name.starts_with('.')
+            || name.contains(".tmp-")
+            || weights.iter().any(|s| name.ends_with(s))
+        {
+            continue;
+        }
+        std::fs::copy(&p, to.join(&name)).map_err(|e| FormatError::io(&p, e))?;
+        copied.push(name);
+    }
+    copied.sort();
+    Ok(copied)
+}
+
+fn add_bytes(m: &mut BTreeMap<String, u64>, specs: &[TensorSpec]) {
+    for s in specs {
+        *m.entry(dtype_name(s.dtype)).or_default() += s.nbytes() as u64;
+    }
+}
+
+/// Planning pass of quantization over `names`: decides per tensor, quantizes
+/// the chosen ones once for their exact layout and error statistics.
+fn plan_quantize<S: TensorSource + ReleasePages + ?Sized>(
+    src: &S,
+    names: &[&str],
+    choose: impl Fn(&TensorView<'_>) -> bool,
+    opts: &QuantOptions,
+    report: &mut ConvertReport,
+) -> Result<Vec<Unit>> {
+    let mut units = Vec::with_capacity(names.len());
+    for &name in names {
+        let t = src
+            .get(name)
+            .ok_or_else(|| FormatError::not_found(src.origin_of(name), name))?;
+        *report.input_bytes.entry(dtype_name(t.dtype)).or_default() += t.data.len() as u64;
+        let unit = if choose(&t) {
+            let q = quantize_view(&t, opts)?;
+            report.error.add(name, quant_error(&t, &q)?);
+            report.converted += 1;
+            Unit::Quantize {
+                name: name.to_string(),
+                specs: bnb4_specs(name, &q),
+            }
+        } else {
+            report.copied += 1;
+            Unit::Copy {
+                name: name.to_string(),
+                out: TensorSpec::new(name, t.dtype, t.shape.to_vec()),
+            }
+        };
+        add_bytes(&mut report.output_bytes, &unit.specs());
+        src.release_pages(name);
+        units.push(unit);
+    }
+    Ok(units)
+}
+
+/// Quantize a Hugging Face model folder into a bnb-4bit folder transformers
+/// can load (see the module docs for the two passes).
+pub fn quantize_model(input: &Path, out: &Path, opts: &QuantizeOptions) -> Result<ConvertReport> {
+    check_output(input, out, opts.force)?;
+    let mut config = read_config(input)?;
+    if config.contains_key("quantization_config") {
+        return Err(FormatError::invalid(
+            &input.join("config.json"),
+            "the model is already quantized (config.json has quantization_config)",
+        ));
+    }
+    let src = ModelFiles::open(input)?;
+    let skip = bnb::skip_modules(&Value::Object(config.clone()));
+    let names = src.names();
+    let mut report = ConvertReport::default();
+    let units = plan_quantize(
+        &src,
+        &names,
+        |t| is_quantized_linear(t.name, t.dtype, t.shape, &skip),
+        &opts.quant,
+        &mut report,
+    )?;
+    if report.converted == 0 {
+        return Err(FormatError::invalid(
+            input,
+            "no Linear weights to quantize (expected 2-D *_proj.weight tensors)",
+        ));
+    }
+    let tmp = TempDir::new(out)?;
+    let files = write_sharded(&src, units, &tmp.tmp, opts.max_shard_size, &opts.quant)?;
+    config.insert(
+        "quantization_config".into(),
+        bnb::quantization_config(
+            opts.quant.quant_type,
+            opts.quant.double_quant,
+            &opts.compute_dtype,
+        ),
+    );
+    write_json(&tmp.tmp.join("config.json"), &config)?;
+    copy_side_files(input, &tmp.tmp)?;
+    tmp.commit(out)?;
+    report.files = files
+        .iter()
+        .map(|f| out.join(f.file_name().expect("shard has a file name")))
+        .collect();
+    Ok(report)
+}
+
+/// Quantize every floating tensor (1-D or more) of a bare safetensors file,
+/// under bnb's per-tensor keys (`NAME`, `NAME.absmax`, …).
+pub fn quantize_file(input: &Path, out: &Path, opts: &QuantizeOptions) -> Result<ConvertReport> {
+    check_output(input, out, opts.force)?;
+    let src = SafetensorsFile::open(input)?;
+    let names: Vec<&str> = {
+        let mut v = src.names();
+        v.sort_unstable();
+        v
+    };
+    let mut report = ConvertReport::default();
+    let units = plan_quantize(
+        &src,
+        &names,
+        |t| is_float(t.dtype) && !t.shape.is_empty() && t.numel() > 0,
+        &opts.quant,
+        &mut report,
+    )?;
+    let specs: Vec<TensorSpec> = units.iter().flat_map(Unit::specs).collect();
+    let mut w = SafetensorsWriter::create(out, &specs)?;
+    for u in &units {
+        write_unit(&src, u, &opts.quant, &mut w)?;
+        release_unit(&src, u);
+    }
+    report.files = vec![w.finish()?];
+    Ok(report)
+}
+
+/// Planning pass of dequantization: one unit per bnb weight (its aux tensors
+/// are consumed), everything else copied (cast to `dtype` if given).
+fn plan_dequantize<S: TensorSource + ?Sized>(
+    src: &S,
+    dtype: Option<SourceDType>,
+    report: &mut ConvertReport,
+) -> Result<Vec<Unit>> {
+    let weights: HashSet<String> = bnb::bnb4_weight_keys(src).into_iter().collect();
+    let mut units = Vec::new();
+    for name in src.names() {
+        let t = src.get(name).expect("listed names exist");
+        *report.input_bytes.entry(dtype_name(t.dtype)).or_default() += t.data.len() as u64;
+        let unit = if weights.contains(name) {
+            let nf4 = bnb::quant_state_key(name, qlora_quant::QuantType::Nf4);
+            let fp4 = bnb::quant_state_key(name, qlora_quant::QuantType::Fp4);
+            let qs = src
+                .get(&nf4)
+                .or_else(|| src.get(&fp4))
+                .expect("weight has a quant state");
+            let state = bnb::parse_quant_state(&qs)
+                .map_err(|m| FormatError::tensor(qs.file, qs.name, m))?;
+            let d = source_dtype(dtype.unwrap_or(state.dtype));
+            report.converted += 1;
+            Unit::Dequantize {
+                key: name.to_string(),
+                out: TensorSpec::new(name, d, state.shape),
+            }
+        } else if bnb::is_bnb4_key(name, &weights) {
+            continue;
+        } else {
+            let d = match dtype {
+                Some(d) if is_float(t.dtype) => source_dtype(d),
+                _ => t.dtype,
+            };
+            report.copied += 1;
+            Unit::Copy {
+                name: name.to_string(),
+                out: TensorSpec::new(name, d, t.shape.to_vec()),
+            }
+        };
+        add_bytes(&mut report.output_bytes, &unit.specs());
+        units.push(unit);
+    }
+    if weights.is_empty() {
+        return Err(FormatError::invalid(
+            src.origin_of(""),
+            "no bitsandbytes 4-bit tensors found (no `*.quant_state.bitsandbytes__nf4|fp4` keys)",
+        ));
+    }
+    Ok(units)
+}
+
+/// Dequantize a bnb-4bit model folder into a plain Hugging Face folder
+/// (config.json without `quantization_config`).
+pub fn dequantize_model(
+    input: &Path,
+    out: &Path,
+    opts: &DequantizeOptions,
+) -> Result<ConvertReport> {
+    check_output(input, out, opts.force)?;
+    let mut config = read_config(input)?;
+    let src = ModelFiles::open(input)?;
+    let mut report = ConvertReport::default();
+    let units = plan_dequantize(&src, opts.dtype, &mut report)?;
+    let tmp = TempDir::new(out)?;
+    let files = write_sharded(
+        &src,
+        units,
+        &tmp.tmp,
+        opts.max_shard_size,
+        &QuantOptions::default(),
+    )?;
+    config.remove("quantization_config");
+    if let Some(d) = opts.dtype {
+        for k in ["dtype", "torch_dtype"] {
+            if config.contains_key(k) {
+                config.insert(k.into(), Value::String(d.torch_name().into()));
+            }
+        }
+    }
+    write_json(&tmp.tmp.join("config.json"), &config)?;
+    copy_side_files(input, &tmp.tmp)?;
+    tmp.commit(out)?;
+    report.files = files
+        .iter()
+        .map(|f| out.join(f.file_name().expect("file name")))
+        .collect();
+    Ok(report)
+}
+
+/// Dequantize every bnb weight of a bare safetensors file.
+pub fn dequantize_file(
+    input: &Path,
+    out: &Path,
+    opts: &DequantizeOptions,
+) -> Result<ConvertReport> {
+    check_output(input, out, opts.force)?;
+    let src = SafetensorsFile::open(input)?;
+    let mut report = ConvertReport::default();
+    let units = plan_dequantize(&src, opts.dtype, &mut report)?;
+    let specs: Vec<TensorSpec> = units.iter().flat_map(Unit::specs).collect();
+    let mut w = SafetensorsWriter::create(out, &specs)?;
+    for u in &units {
+        write_unit(&src, u, &QuantOptions::default(), &mut w)?;
+        release_unit(&src, u);
+    }
+    report.files = vec![w.finish()?];
+    Ok(report)
+}
+
+/// Whether `path` is a model folder (as opposed to a bare `.safetensors` file).
+pub fn is_model_dir(path: &Path) -> bool {
+    path.is_dir() && (path.join(SINGLE_FILE).is_file() || path.join(INDEX_FILE).is_file())
+}

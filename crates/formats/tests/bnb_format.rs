@@ -1,0 +1,634 @@
+//! The bnb-4bit checkpoint format against the tiny_llama_bnb4 and quant fixtures.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use qlora_formats::bnb::{
+    bnb4_weight_keys, is_quantized_linear, python_float_repr, DEFAULT_SKIP_MODULES,
+};
+use qlora_formats::convert::{self, DequantizeOptions, QuantizeOptions};
+use qlora_formats::{
+    bnb4_tensors, quantization_config, read_bnb4, write_safetensors, Dtype, ModelFiles,
+    SafetensorsFile, TensorData,
+};
+use qlora_quant::{QuantOptions, QuantType};
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../../shared/fixtures"
+    ))
+}
+
+fn bnb4_dir() -> PathBuf {
+    fixtures().join("tiny_llama_bnb4/model")
+}
+
+#[test]
+fn python_repr_of_floats() {
+    let cases: [(f64, &str); 15] = [
+        (1e-05, "1e-05"),
+        (2.5e-07, "2.5e-07"),
+        (1234.5, "1234.5"),
+        (1e16, "1e+16"),
+        (1.5e16, "1.5e+16"),
+        (1e15, "1000000000000000.0"),
+        (0.0001, "0.0001"),
+        (0.00012345, "0.00012345"),
+        (2.0, "2.0"),
+        (-3.25, "-3.25"),
+        (0.0, "0.0"),
+        (1e-300, "1e-300"),
+        (123456789012345680.0, "1.2345678901234568e+17"),
+        (0.2071342021226883, "0.2071342021226883"),
+        (5000.4755859375, "5000.4755859375"),
+    ];
+    for (x, want) in cases {
+        assert_eq!(python_float_repr(x), want, "repr of {x:e}");
+    }
+    // Every nested_offset bnb wrote into the fixtures prints back identically.
+    let r: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("tiny_llama_bnb4/reference.json")).unwrap(),
+    )
+    .unwrap();
+    for js in r["quant_state_json"].as_object().unwrap().values() {
+        let text = js.as_str().unwrap();
+        let raw = text
+            .split("\"nested_offset\": ")
+            .nth(1)
+            .unwrap()
+            .trim_end_matches('}');
+        let x: f64 = raw.parse().unwrap();
+        assert_eq!(python_float_repr(x as f32 as f64), raw);
+    }
+    // Round trip: the printed text parses back to the same f64.
+    for bits in [
+        0x3e54_3210u32,
+        0x3a83_126f,
+        0x4b18_9680,
+        0x0080_0000,
+        0x3f80_0001,
+    ] {
+        let x = f32::from_bits(bits) as f64;
+        assert_eq!(python_float_repr(x).parse::<f64>().unwrap(), x);
+    }
+}
+
+#[test]
+fn detects_exactly_the_fixture_quantized_modules() {
+    let m = ModelFiles::open(fixtures().join("tiny_llama/model")).unwrap();
+    let skip: Vec<String> = DEFAULT_SKIP_MODULES.iter().map(|s| s.to_string()).collect();
+    let chosen: Vec<String> = m
+        .names()
+        .into_iter()
+        .filter(|n| {
+            let t = m.tensor(n).unwrap();
+            is_quantized_linear(n, t.dtype, t.shape, &skip)
+        })
+        .map(|n| n.trim_end_matches(".weight").to_string())
+        .collect();
+    let r: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("tiny_llama_bnb4/reference.json")).unwrap(),
+    )
+    .unwrap();
+    let mut want: Vec<String> = r["quantized_modules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    want.sort();
+    assert_eq!(chosen, want);
+    assert_eq!(chosen.len(), 14);
+    // and the bnb4 file advertises the same set
+    let b = ModelFiles::open(bnb4_dir()).unwrap();
+    let keys: Vec<String> = bnb4_weight_keys(&b)
+        .into_iter()
+        .map(|k| k.trim_end_matches(".weight").to_string())
+        .collect();
+    assert_eq!(keys, want);
+    // skip patterns: prefix at a dot boundary and suffix
+    let t = m.tensor("model.layers.1.self_attn.q_proj.weight").unwrap();
+    assert!(!is_quantized_linear(
+        t.name,
+        t.dtype,
+        t.shape,
+        &["model.layers.1".into()]
+    ));
+    assert!(!is_quantized_linear(
+        t.name,
+        t.dtype,
+        t.shape,
+        &["self_attn.q_proj".into()]
+    ));
+    assert!(is_quantized_linear(
+        t.name,
+        t.dtype,
+        t.shape,
+        &["model.layers.10".into()]
+    ));
+}
+
+#[test]
+fn quantization_config_matches_fixture() {
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(bnb4_dir().join("config.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        cfg["quantization_config"],
+        quantization_config(QuantType::Nf4, true, "float32")
+    );
+}
+
+/// Reading every quantized module and writing its keys back gives the stored
+/// tensors byte for byte, including the JSON blobs.
+#[test]
+fn read_then_write_back_is_identical() {
+    let m = ModelFiles::open(bnb4_dir()).unwrap();
+    let keys = bnb4_weight_keys(&m);
+    assert_eq!(keys.len(), 14);
+    let mut covered = HashSet::new();
+    for k in &keys {
+        let q = read_bnb4(&m, k).unwrap().expect("quantized");
+        assert!(q.is_double_quant());
+        for t in bnb4_tensors(k, &q) {
+            let stored = m.tensor(&t.spec.name).unwrap();
+            assert_eq!(stored.dtype, t.spec.dtype, "{}", t.spec.name);
+            assert_eq!(stored.shape, t.spec.shape.as_slice(), "{}", t.spec.name);
+            assert!(stored.data == &t.data[..], "{} differs", t.spec.name);
+            covered.insert(t.spec.name.clone());
+        }
+    }
+    assert_eq!(covered.len(), 14 * 6);
+    // Plain tensors are not quantized.
+    assert!(read_bnb4(&m, "lm_head.weight").unwrap().is_none());
+    assert!(read_bnb4(&m, "model.norm.weight").unwrap().is_none());
+
+    // The whole file, re-assembled from the parsed structures, is byte-identical.
+    let mut tensors: Vec<TensorData> = Vec::new();
+    let qs: Vec<_> = keys
+        .iter()
+        .map(|k| read_bnb4(&m, k).unwrap().unwrap())
+        .collect();
+    for (k, q) in keys.iter().zip(&qs) {
+        tensors.extend(bnb4_tensors(k, q));
+    }
+    for n in m.names() {
+        if !covered.contains(n) {
+            let t = m.tensor(n).unwrap();
+            tensors.push(TensorData::new(n, t.dtype, t.shape.to_vec(), t.data));
+        }
+    }
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("model.safetensors");
+    write_safetensors(&out, &tensors).unwrap();
+    assert!(
+        std::fs::read(&out).unwrap()
+            == std::fs::read(bnb4_dir().join("model.safetensors")).unwrap()
+    );
+}
+
+#[test]
+fn dequantized_weights_match_reference() {
+    let m = ModelFiles::open(bnb4_dir()).unwrap();
+    let r =
+        SafetensorsFile::open(fixtures().join("tiny_llama_bnb4/reference.safetensors")).unwrap();
+    for k in [
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.0.mlp.down_proj.weight",
+    ] {
+        let q = read_bnb4(&m, k).unwrap().unwrap();
+        let want = r.tensor(&format!("dequantized.{k}")).unwrap();
+        assert_eq!(q.shape, want.shape);
+        let got = q.dequantize_f32();
+        let want = want.to_f32().unwrap();
+        assert!(
+            got.iter()
+                .zip(&want)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{k}"
+        );
+    }
+}
+
+/// Copy the tiny bnb4 model into `dir` with `edit` applied to the tensor list.
+fn edited_copy(dir: &Path, edit: impl Fn(&mut Vec<TensorData<'static>>)) -> PathBuf {
+    let f = SafetensorsFile::open(bnb4_dir().join("model.safetensors")).unwrap();
+    let mut tensors: Vec<TensorData<'static>> = f
+        .tensors()
+        .map(|t| TensorData::new(t.name, t.dtype, t.shape.to_vec(), t.data.to_vec()))
+        .collect();
+    edit(&mut tensors);
+    let p = dir.join("model.safetensors");
+    write_safetensors(&p, &tensors).unwrap();
+    p
+}
+
+const K: &str = "model.layers.0.self_attn.q_proj.weight";
+
+#[test]
+fn missing_or_bad_aux_tensors_are_errors_naming_file_and_key() {
+    let d = tempfile::tempdir().unwrap();
+    let p = edited_copy(d.path(), |t| {
+        t.retain(|x| x.spec.name != format!("{K}.nested_absmax"))
+    });
+    let f = SafetensorsFile::open(&p).unwrap();
+    let e = read_bnb4(&f, K).unwrap_err().to_string();
+    assert!(
+        e.contains(&p.display().to_string())
+            && e.contains(&format!("{K}.nested_absmax"))
+            && e.contains("missing"),
+        "{e}"
+    );
+
+    let p = edited_copy(d.path(), |t| {
+        let a = t
+            .iter_mut()
+            .find(|x| x.spec.name == format!("{K}.absmax"))
+            .unwrap();
+        a.spec.shape = vec![63];
+        a.data = a.data[..63].to_vec().into();
+    });
+    let f = SafetensorsFile::open(&p).unwrap();
+    let e = read_bnb4(&f, K).unwrap_err().to_string();
+    assert!(
+        e.contains(&format!("{K}.absmax")) && e.contains("U8 [64]"),
+        "{e}"
+    );
+
+    let p = edited_copy(d.path(), |t| {
+        let a = t.iter_mut().find(|x| x.spec.name == K).unwrap();
+        a.spec.shape = vec![2047, 1];
+        a.data = a.data[..2047].to_vec().into();
+    });
+    let f = SafetensorsFile::open(&p).unwrap();
+    let e = read_bnb4(&f, K).unwrap_err().to_string();
+    assert!(
+        e.contains("packed weight has 2047 bytes") && e.contains("needs 2048"),
+        "{e}"
+    );
+
+    let p = edited_copy(d.path(), |t| {
+        let a = t
+            .iter_mut()
+            .find(|x| x.spec.name.starts_with(&format!("{K}.quant_state")))
+            .unwrap();
+        let s = String::from_utf8(a.data.to_vec())
+            .unwrap()
+            .replace("\"blocksize\": 64", "\"blocksize\": 48");
+        a.spec.shape = vec![s.len()];
+        a.data = s.into_bytes().into();
+    });
+    let f = SafetensorsFile::open(&p).unwrap();
+    let e = read_bnb4(&f, K).unwrap_err().to_string();
+    assert!(
+        e.contains("quant_state.bitsandbytes__nf4") && e.contains("blocksize 48"),
+        "{e}"
+    );
+}
+
+/// FSDP-style checkpoints store the packed bytes as BF16 `[n/4, 1]`: the same
+/// bytes, reinterpreted.
+#[test]
+fn non_uint8_quant_storage_is_reinterpreted() {
+    let d = tempfile::tempdir().unwrap();
+    let p = edited_copy(d.path(), |t| {
+        let a = t.iter_mut().find(|x| x.spec.name == K).unwrap();
+        a.spec.dtype = Dtype::BF16;
+        a.spec.shape = vec![1024, 1];
+    });
+    let f = SafetensorsFile::open(&p).unwrap();
+    let m = ModelFiles::open(bnb4_dir()).unwrap();
+    assert_eq!(read_bnb4(&f, K).unwrap(), read_bnb4(&m, K).unwrap());
+}
+
+fn opts(qt: QuantType, dq: bool) -> QuantizeOptions {
+    QuantizeOptions {
+        quant: QuantOptions {
+            quant_type: qt,
+            blocksize: 64,
+            double_quant: dq,
+            allow_nonfinite: false,
+        },
+        compute_dtype: "float32".into(),
+        ..Default::default()
+    }
+}
+
+/// Acceptance: quantizing the fp32 tiny Llama reproduces transformers+bnb's checkpoint.
+#[test]
+fn quantize_model_reproduces_bnb4_fixture() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("q");
+    let rep = convert::quantize_model(
+        &fixtures().join("tiny_llama/model"),
+        &out,
+        &opts(QuantType::Nf4, true),
+    )
+    .unwrap();
+    assert_eq!(rep.converted, 14);
+    assert_eq!(rep.copied, 7);
+    let got = SafetensorsFile::open(out.join("model.safetensors")).unwrap();
+    let want = SafetensorsFile::open(bnb4_dir().join("model.safetensors")).unwrap();
+    let mut gn = got.names();
+    let mut wn = want.names();
+    gn.sort_unstable();
+    wn.sort_unstable();
+    assert_eq!(gn, wn);
+    let mut offset_diffs = Vec::new();
+    for n in wn {
+        let (g, w) = (got.tensor(n).unwrap(), want.tensor(n).unwrap());
+        assert_eq!((g.dtype, g.shape), (w.dtype, w.shape), "{n}");
+        if n.contains(".quant_state.") {
+            let gj: serde_json::Value = serde_json::from_slice(g.data).unwrap();
+            let wj: serde_json::Value = serde_json::from_slice(w.data).unwrap();
+            if gj != wj {
+                offset_diffs.push((
+                    n.to_string(),
+                    gj["nested_offset"].clone(),
+                    wj["nested_offset"].clone(),
+                ));
+            }
+        } else {
+            assert!(g.data == w.data, "{n} differs");
+        }
+    }
+    // With torch's summation order emulated, every nested_offset is exact
+    // (an f64 mean would differ by 1-2 ulp on 10 of the 14 modules).
+    assert!(
+        offset_diffs.is_empty(),
+        "nested_offset differs: {offset_diffs:?}"
+    );
+    // The whole file is byte-identical (same layout as the reference writer).
+    assert!(
+        std::fs::read(out.join("model.safetensors")).unwrap()
+            == std::fs::read(bnb4_dir().join("model.safetensors")).unwrap()
+    );
+    // config: quantization_config added, everything else preserved
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    let want_cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(bnb4_dir().join("config.json")).unwrap())
+            .unwrap();
+    assert_eq!(cfg, want_cfg);
+    assert_eq!(
+        std::fs::read(out.join("generation_config.json")).unwrap(),
+        std::fs::read(fixtures().join("tiny_llama/model/generation_config.json")).unwrap()
+    );
+    // the error statistics are those of NF4 on Gaussian weights (~10% relative RMS)
+    let e = rep.error.rel_rms();
+    assert!(e > 0.05 && e < 0.15, "relative RMS {e}");
+    assert_eq!(rep.error.elements, 86_016);
+    // sizes: fixtures README §7
+    assert_eq!(rep.output_total(), 227_099);
+    assert_eq!(rep.input_total(), 509_184);
+    // nothing else was left beside the output
+    assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 1);
+}
+
+#[test]
+fn sharded_quantize_then_dequantize_round_trip() {
+    let d = tempfile::tempdir().unwrap();
+    let q = d.path().join("q");
+    let mut o = opts(QuantType::Nf4, true);
+    o.max_shard_size = 60_000;
+    let rep = convert::quantize_model(&fixtures().join("tiny_llama/model"), &q, &o).unwrap();
+    assert!(rep.files.len() >= 3, "{:?}", rep.files);
+    assert!(q.join("model.safetensors.index.json").is_file());
+    // The sharded output holds the same tensors as the fixture.
+    let got = ModelFiles::open(&q).unwrap();
+    let want = ModelFiles::open(bnb4_dir()).unwrap();
+    assert_eq!(got.names(), want.names());
+    for n in want.names() {
+        assert!(
+            got.tensor(n).unwrap().data == want.tensor(n).unwrap().data,
+            "{n}"
+        );
+        // a module's keys stay in one shard
+        if let Some(w) = qlora_formats::bnb::weight_of_quant_state(n) {
+            assert_eq!(got.file_of(n), got.file_of(w));
+        }
+    }
+    // Dequantize back: a plain fp32 folder whose Linear weights equal bnb's dequantization.
+    let dq = d.path().join("dq");
+    let rep = convert::dequantize_model(&q, &dq, &DequantizeOptions::default()).unwrap();
+    assert_eq!(rep.converted, 14);
+    let plain = ModelFiles::open(&dq).unwrap();
+    assert_eq!(plain.len(), 21);
+    let r =
+        SafetensorsFile::open(fixtures().join("tiny_llama_bnb4/reference.safetensors")).unwrap();
+    let k = "model.layers.0.mlp.down_proj.weight";
+    assert_eq!(
+        plain.tensor(k).unwrap().data,
+        r.tensor(&format!("dequantized.{k}")).unwrap().data
+    );
+    let orig = ModelFiles::open(fixtures().join("tiny_llama/model")).unwrap();
+    assert_eq!(
+        plain.tensor("lm_head.weight").unwrap().data,
+        orig.tensor("lm_head.weight").unwrap().data
+    );
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dq.join("config.json")).unwrap()).unwrap();
+    let orig_cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("tiny_llama/model/config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(cfg, orig_cfg);
+}
+
+/// Bare files: every quant fixture's `input`, quantized and dequantized,
+/// reproduces bnb's packed codes, statistics and `dequantized` tensor.
+#[test]
+fn bare_file_quantize_dequantize_matches_quant_fixtures() {
+    let idx: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("quant/index.json")).unwrap(),
+    )
+    .unwrap();
+    let d = tempfile::tempdir().unwrap();
+    let mut checked = 0;
+    for case in idx["cases"].as_array().unwrap() {
+        let fx = SafetensorsFile::open(fixtures().join(case["file"].as_str().unwrap())).unwrap();
+        let qt: QuantType = case["quant_type"].as_str().unwrap().parse().unwrap();
+        let dq = case["compress_statistics"].as_bool().unwrap();
+        let input = fx.tensor("input").unwrap();
+        let inp = d.path().join(format!("in{checked}.safetensors"));
+        write_safetensors(
+            &inp,
+            &[TensorData::new(
+                "w",
+                input.dtype,
+                input.shape.to_vec(),
+                input.data,
+            )],
+        )
+        .unwrap();
+        let q = d.path().join(format!("q{checked}.safetensors"));
+        convert::quantize_file(&inp, &q, &opts(qt, dq)).unwrap();
+        let qf = SafetensorsFile::open(&q).unwrap();
+        let name = case["file"].as_str().unwrap();
+        let js: serde_json::Value = serde_json::from_slice(
+            qf.tensor(&format!("w.quant_state.bitsandbytes__{qt}"))
+                .unwrap()
+                .data,
+        )
+        .unwrap();
+        let want_js: serde_json::Value =
+            serde_json::from_str(case["quant_state_json"].as_str().unwrap()).unwrap();
+        assert_eq!(
+            qf.tensor("w").unwrap().data,
+            fx.tensor("packed").unwrap().data,
+            "{name}: packed"
+        );
+        // The quant state (incl. torch's mean as nested_offset) is exact.
+        assert_eq!(js, want_js, "{name}: quant state");
+        assert_eq!(
+            qf.tensor(&format!("w.quant_state.bitsandbytes__{qt}"))
+                .unwrap()
+                .data,
+            fx.tensor("quant_state_json").unwrap().data,
+            "{name}: quant state bytes"
+        );
+        assert_eq!(
+            qf.tensor("w.absmax").unwrap().data,
+            fx.tensor("absmax").unwrap().data,
+            "{name}: absmax"
+        );
+        if dq {
+            assert_eq!(
+                qf.tensor("w.nested_absmax").unwrap().data,
+                fx.tensor("nested_absmax").unwrap().data
+            );
+            assert_eq!(
+                qf.tensor("w.nested_quant_map").unwrap().data,
+                fx.tensor("nested_quant_map").unwrap().data
+            );
+        }
+        assert_eq!(
+            qf.tensor("w.quant_map").unwrap().data,
+            fx.tensor("quant_map").unwrap().data
+        );
+
+        let back = d.path().join(format!("dq{checked}.safetensors"));
+        convert::dequantize_file(&q, &back, &DequantizeOptions::default()).unwrap();
+        let bf = SafetensorsFile::open(&back).unwrap();
+        assert_eq!(bf.names(), vec!["w"]);
+        let (g, w) = (bf.tensor("w").unwrap(), fx.tensor("dequantized").unwrap());
+        assert_eq!((g.dtype, g.shape), (w.dtype, w.shape), "{name}");
+        let (g, w) = (g.to_f32().unwrap(), w.to_f32().unwrap());
+        for (i, (a, b)) in g.iter().zip(&w).enumerate() {
+            // FP4 may give -0.0 where bnb gives +0.0 (README §8): compare values.
+            assert!(a == b, "{name}: dequantized[{i}] {a} vs {b}");
+        }
+        checked += 1;
+    }
+    assert_eq!(checked, 24);
+}
+
+#[test]
+fn refuses_to_overwrite_without_force() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("q");
+    std::fs::create_dir(&out).unwrap();
+    std::fs::write(out.join("keep.txt"), b"x").unwrap();
+    let e = convert::quantize_model(
+        &fixtures().join("tiny_llama/model"),
+        &out,
+        &opts(QuantType::Nf4, true),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("not empty") && e.contains("--force"), "{e}");
+    assert_eq!(std::fs::read_dir(&out).unwrap().count(), 1);
+    assert_eq!(
+        std::fs::read_dir(d.path()).unwrap().count(),
+        1,
+        "nothing partial beside it"
+    );
+    let mut o = opts(QuantType::Nf4, true);
+    o.force = true;
+    convert::quantize_model(&fixtures().join("tiny_llama/model"), &out, &o).unwrap();
+    assert!(!out.join("keep.txt").exists());
+    assert!(out.join("model.safetensors").is_file());
+}
+
+#[test]
+fn failed_quantize_leaves_nothing_behind() {
+    // A model whose weights file is corrupt: error names the file, no output appears.
+    let d = tempfile::tempdir().unwrap();
+    let m = d.path().join("m");
+    std::fs::create_dir(&m).unwrap();
+    std::fs::copy(
+        fixtures().join("tiny_llama/model/config.json"),
+        m.join("config.json"),
+    )
+    .unwrap();
+    let bytes = std::fs::read(fixtures().join("tiny_llama/model/model.safetensors")).unwrap();
+    std::fs::write(m.join("model.safetensors"), &bytes[..bytes.len() - 10]).unwrap();
+    let out = d.path().join("q");
+    let e = convert::quantize_model(&m, &out, &opts(QuantType::Nf4, true))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("model.safetensors"), "{e}");
+    assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 1);
+}
+
+/// torch's CPU mean order reproduces every stored offset of the fixtures,
+/// where an f64 mean does not.
+#[test]
+fn torch_mean_matches_every_fixture_offset() {
+    use qlora_formats::torch_mean::torch_cpu_mean_f32;
+    use qlora_quant::{quantize_4bit, reference::mean_offset, Absmax, Input};
+    let plain_absmax = |x: &[f32], shape: &[usize], qt: QuantType| -> Vec<f32> {
+        let o = QuantOptions {
+            quant_type: qt,
+            blocksize: 64,
+            double_quant: false,
+            allow_nonfinite: false,
+        };
+        match quantize_4bit(Input::F32(x), shape, &o).unwrap().absmax {
+            Absmax::Plain(v) => v,
+            Absmax::Double(_) => unreachable!(),
+        }
+    };
+    let mut cases: Vec<(String, Vec<f32>, f32)> = Vec::new();
+    let fp32 = ModelFiles::open(fixtures().join("tiny_llama/model")).unwrap();
+    let b = ModelFiles::open(bnb4_dir()).unwrap();
+    for k in bnb4_weight_keys(&b) {
+        let q = read_bnb4(&b, &k).unwrap().unwrap();
+        let Absmax::Double(d) = &q.absmax else {
+            panic!("{k} is double-quantized")
+        };
+        let w = fp32.tensor(&k).unwrap().to_f32().unwrap();
+        cases.push((
+            k.clone(),
+            plain_absmax(&w, &q.shape, QuantType::Nf4),
+            d.offset,
+        ));
+    }
+    let idx: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("quant/index.json")).unwrap(),
+    )
+    .unwrap();
+    for c in idx["cases"].as_array().unwrap() {
+        if !c["compress_statistics"].as_bool().unwrap() {
+            continue;
+        }
+        let f = SafetensorsFile::open(fixtures().join(c["file"].as_str().unwrap())).unwrap();
+        let t = f.tensor("input").unwrap();
+        let qt: QuantType = c["quant_type"].as_str().unwrap().parse().unwrap();
+        let am = plain_absmax(&t.to_f32().unwrap(), t.shape, qt);
+        cases.push((
+            c["file"].as_str().unwrap().into(),
+            am,
+            f.tensor("offset").unwrap().to_f32().unwrap()[0],
+        ));
+    }
+    assert_eq!(cases.len(), 26);
+    let mut f64_mismatch = 0;
+    for (name, am, want) in &cases {
+        assert_eq!(torch_cpu_mean_f32(am).to_bits(), want.to_bits(), "{name}");
+        f64_mismatch += (mean_offset(am) != *want) as usize;
+    }
+    // The simpler f64 mean really is different here (this test is not vacuous).
+    assert_eq!(f64_mismatch, 12);
+}
