@@ -35,32 +35,78 @@ impl EncodeTables {
         }
     }
 
+    /// `order[#{k : th[k] < s}]` by a branchless binary search over the 15 sorted
+    /// thresholds (4 compares instead of 15).
     #[inline]
     pub fn code(&self, s: f32) -> u8 {
-        let idx = self.th.iter().filter(|&&t| t < s).count();
+        let th = &self.th;
+        let mut idx = 0usize;
+        for step in [8usize, 4, 2, 1] {
+            // Arithmetic, not a branch: random data would mispredict every step.
+            idx += step * usize::from(th[idx + step - 1] < s);
+        }
         self.ord[idx]
+    }
+}
+
+/// An input element type: f32, or bf16/f16 upcast exactly to f32.
+pub(crate) trait Elem: Copy + Send + Sync + 'static {
+    /// Which type (lets the SIMD loaders branch at compile time).
+    const KIND: ElemKind;
+    fn f32(self) -> f32;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ElemKind {
+    F32,
+    BF16,
+    F16,
+}
+
+impl Elem for f32 {
+    const KIND: ElemKind = ElemKind::F32;
+    #[inline]
+    fn f32(self) -> f32 {
+        self
+    }
+}
+
+impl Elem for half::bf16 {
+    const KIND: ElemKind = ElemKind::BF16;
+    #[inline]
+    fn f32(self) -> f32 {
+        self.to_f32()
+    }
+}
+
+impl Elem for half::f16 {
+    const KIND: ElemKind = ElemKind::F16;
+    #[inline]
+    fn f32(self) -> f32 {
+        self.to_f32()
     }
 }
 
 /// Encodes `x` (starting at an even element index) into `out` (`ceil(len/2)` bytes) with
 /// the given scale; an odd length pads the last low nibble.
 #[inline]
-pub(crate) fn encode_scalar(x: &[f32], scale: Scale, t: &EncodeTables, out: &mut [u8]) {
+pub(crate) fn encode_scalar<T: Elem>(x: &[T], scale: Scale, t: &EncodeTables, out: &mut [u8]) {
     let mut pairs = x.chunks_exact(2);
     for (o, p) in out.iter_mut().zip(pairs.by_ref()) {
-        *o = (t.code(scaled(p[0], scale)) << 4) | t.code(scaled(p[1], scale));
+        *o = (t.code(scaled(p[0].f32(), scale)) << 4) | t.code(scaled(p[1].f32(), scale));
     }
     if let [last] = pairs.remainder() {
-        out[x.len() / 2] = (t.code(scaled(*last, scale)) << 4) | t.pad;
+        out[x.len() / 2] = (t.code(scaled(last.f32(), scale)) << 4) | t.pad;
     }
 }
 
 /// Max |x| over finite elements, and whether all elements are finite.
 #[inline]
-pub(crate) fn absmax_scalar(x: &[f32]) -> (f32, bool) {
+pub(crate) fn absmax_scalar<T: Elem>(x: &[T]) -> (f32, bool) {
     let mut am = 0f32;
     let mut finite = true;
-    for &v in x {
+    for v in x {
+        let v = v.f32();
         if v.is_finite() {
             am = am.max(v.abs());
         } else {
@@ -71,8 +117,8 @@ pub(crate) fn absmax_scalar(x: &[f32]) -> (f32, bool) {
 }
 
 /// Scalar block kernel: returns (stored absmax, all finite).
-pub(crate) fn quantize_block_scalar(
-    x: &[f32],
+pub(crate) fn quantize_block_scalar<T: Elem>(
+    x: &[T],
     partial: bool,
     t: &EncodeTables,
     out: &mut [u8],
@@ -85,9 +131,9 @@ pub(crate) fn quantize_block_scalar(
 
 /// Quantizes one block with `backend`.
 #[inline]
-fn quantize_block(
+fn quantize_block<T: Elem>(
     backend: Backend,
-    x: &[f32],
+    x: &[T],
     partial: bool,
     t: &EncodeTables,
     out: &mut [u8],
@@ -95,7 +141,8 @@ fn quantize_block(
     match backend {
         #[cfg(target_arch = "x86_64")]
         Backend::Avx2 => {
-            // SAFETY: `Backend::Avx2` is only constructed after run-time detection of AVX2.
+            // SAFETY: `Backend::Avx2` is only constructed after run-time detection of AVX2
+            // and F16C.
             unsafe { crate::simd::x86::quantize_block_avx2(x, partial, t, out) }
         }
         _ => quantize_block_scalar(x, partial, t, out),
@@ -103,23 +150,22 @@ fn quantize_block(
 }
 
 /// What every chunk of one `quantize_4bit` call shares.
-struct Job<'a> {
+struct Job {
     backend: Backend,
-    input: Input<'a>,
     n: usize,
     bs: usize,
     tables: EncodeTables,
 }
 
-impl Job<'_> {
+impl Job {
     /// Quantizes the blocks of one chunk (`first_elem` = global index of its first
     /// element). Returns whether every element was finite.
-    fn chunk(
+    fn chunk<T: Elem>(
         &self,
+        x: &[T],
         first_elem: usize,
         packed: &mut [u8],
         absmax: &mut [f32],
-        buf: &mut Vec<f32>,
     ) -> bool {
         let bs = self.bs;
         let mut all_finite = true;
@@ -127,20 +173,25 @@ impl Job<'_> {
             let start = first_elem + b * bs;
             let end = (start + bs).min(self.n);
             let len = end - start;
-            let x: &[f32] = match self.input {
-                Input::F32(v) => &v[start..end],
-                _ => {
-                    buf.resize(len, 0.0);
-                    self.input.copy_range_f32(start, buf);
-                    buf
-                }
-            };
             let out = &mut packed[b * bs / 2..(b * bs + len).div_ceil(2)];
-            let (stored, finite) = quantize_block(self.backend, x, len < bs, &self.tables, out);
+            let (stored, finite) =
+                quantize_block(self.backend, &x[start..end], len < bs, &self.tables, out);
             *am = stored;
             all_finite &= finite;
         }
         all_finite
+    }
+
+    /// Quantizes all of `x` into `packed` / `absmax` in parallel; returns all-finite.
+    fn run<T: Elem>(&self, x: &[T], packed: &mut [u8], absmax: &mut [f32]) -> bool {
+        let blocks_per_chunk = (CHUNK_ELEMS / self.bs).max(1);
+        let bytes_per_chunk = blocks_per_chunk * self.bs / 2;
+        packed
+            .par_chunks_mut(bytes_per_chunk)
+            .zip(absmax.par_chunks_mut(blocks_per_chunk))
+            .enumerate()
+            .map(|(c, (pk, am))| self.chunk(x, c * blocks_per_chunk * self.bs, pk, am))
+            .reduce(|| true, |a, b| a && b)
     }
 }
 
@@ -167,24 +218,17 @@ pub fn quantize_4bit_with(
     let bs = opts.blocksize;
     let job = Job {
         backend,
-        input,
         n,
         bs,
         tables: EncodeTables::new(opts.quant_type),
     };
-    let nb = num_blocks(n, bs);
     let mut packed = vec![0u8; n.div_ceil(2)];
-    let mut absmax = vec![0f32; nb];
-    let blocks_per_chunk = (CHUNK_ELEMS / bs).max(1);
-    let bytes_per_chunk = blocks_per_chunk * bs / 2;
-    let all_finite = packed
-        .par_chunks_mut(bytes_per_chunk)
-        .zip(absmax.par_chunks_mut(blocks_per_chunk))
-        .enumerate()
-        .map_init(Vec::new, |buf, (c, (pk, am))| {
-            job.chunk(c * blocks_per_chunk * bs, pk, am, buf)
-        })
-        .reduce(|| true, |a, b| a && b);
+    let mut absmax = vec![0f32; num_blocks(n, bs)];
+    let all_finite = match input {
+        Input::F32(x) => job.run(x, &mut packed, &mut absmax),
+        Input::BF16(x) => job.run(x, &mut packed, &mut absmax),
+        Input::F16(x) => job.run(x, &mut packed, &mut absmax),
+    };
     if !all_finite && !opts.allow_nonfinite {
         let (index, value) = first_nonfinite(&input).expect("a chunk reported a non-finite value");
         return Err(QuantError::NonFinite { index, value });

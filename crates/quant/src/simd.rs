@@ -66,12 +66,28 @@ pub(crate) mod x86 {
 
     use std::arch::x86_64::*;
 
-    use crate::quantize::{absmax_scalar, encode_scalar, quantize_block_scalar, EncodeTables};
+    use crate::quantize::{
+        absmax_scalar, encode_scalar, quantize_block_scalar, Elem, ElemKind, EncodeTables,
+    };
     use crate::reference::{block_scale, Scale};
 
+    /// Loads 8 elements as f32 (bf16: widen and shift; f16: F16C, exact).
+    #[target_feature(enable = "avx2,f16c")]
+    #[inline]
+    unsafe fn load8<T: Elem>(p: *const T) -> __m256 {
+        match T::KIND {
+            ElemKind::F32 => _mm256_loadu_ps(p as *const f32),
+            ElemKind::BF16 => {
+                let h = _mm_loadu_si128(p as *const __m128i);
+                _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
+            }
+            ElemKind::F16 => _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)),
+        }
+    }
+
     /// Max |x| over the block and whether every element is finite.
-    #[target_feature(enable = "avx2")]
-    unsafe fn absmax_avx2(x: &[f32]) -> (f32, bool) {
+    #[target_feature(enable = "avx2,f16c")]
+    unsafe fn absmax_avx2<T: Elem>(x: &[T]) -> (f32, bool) {
         let sign = _mm256_set1_ps(-0.0);
         let inf = _mm256_set1_ps(f32::INFINITY);
         let mut m0 = _mm256_setzero_ps();
@@ -80,8 +96,8 @@ pub(crate) mod x86 {
         let chunks = x.chunks_exact(16);
         let rem = chunks.remainder();
         for c in chunks {
-            let a = _mm256_andnot_ps(sign, _mm256_loadu_ps(c.as_ptr()));
-            let b = _mm256_andnot_ps(sign, _mm256_loadu_ps(c.as_ptr().add(8)));
+            let a = _mm256_andnot_ps(sign, load8(c.as_ptr()));
+            let b = _mm256_andnot_ps(sign, load8(c.as_ptr().add(8)));
             // NLT_UQ: true for +inf and for NaN.
             bad = _mm256_or_ps(bad, _mm256_cmp_ps::<_CMP_NLT_UQ>(a, inf));
             bad = _mm256_or_ps(bad, _mm256_cmp_ps::<_CMP_NLT_UQ>(b, inf));
@@ -95,28 +111,54 @@ pub(crate) mod x86 {
         (am, tail_finite && _mm256_movemask_ps(bad) == 0)
     }
 
-    /// Sorted-table index (number of thresholds strictly below) of 8 scaled values.
+    /// Threshold tables of the 4-level binary search: level 1 compares with `th[7]`, level
+    /// 2 with `th[i + 3]` (i in {0, 8}), level 3 `th[i + 1]` (i in {0, 4, 8, 12}), level 4
+    /// `th[i]` (i even); each table is indexed by `i >> shift` with `permutevar8x32`.
+    pub(crate) struct SearchTables {
+        t1: __m256,
+        t2: __m256,
+        t3: __m256,
+        t4: __m256,
+    }
+
+    impl SearchTables {
+        #[target_feature(enable = "avx2")]
+        pub(crate) fn new(th: &[f32; 15]) -> SearchTables {
+            let z = 0.0;
+            SearchTables {
+                t1: _mm256_set1_ps(th[7]),
+                t2: _mm256_setr_ps(th[3], th[11], z, z, z, z, z, z),
+                t3: _mm256_setr_ps(th[1], th[5], th[9], th[13], z, z, z, z),
+                t4: _mm256_setr_ps(th[0], th[2], th[4], th[6], th[8], th[10], th[12], th[14]),
+            }
+        }
+    }
+
+    /// Sorted-table index of 8 scaled values: `#{k : th[k] < s}` by a branchless binary
+    /// search (the same steps as `EncodeTables::code`), strict `<` so ties go low.
     #[target_feature(enable = "avx2")]
     #[inline]
-    unsafe fn index8(x: __m256, scale: __m256, div: bool, th: &[__m256; 15]) -> __m256i {
+    fn index8(x: __m256, scale: __m256, div: bool, st: &SearchTables) -> __m256i {
         let s = if div {
             _mm256_div_ps(x, scale)
         } else {
             _mm256_mul_ps(x, scale)
         };
         let s = _mm256_min_ps(_mm256_max_ps(s, _mm256_set1_ps(-1.0)), _mm256_set1_ps(1.0));
-        let mut acc = _mm256_setzero_si256();
-        for t in th {
-            // -1 where t < s: subtracting counts it.
-            acc = _mm256_sub_epi32(acc, _mm256_castps_si256(_mm256_cmp_ps::<_CMP_LT_OQ>(*t, s)));
-        }
-        acc
+        let lt = |t: __m256| _mm256_castps_si256(_mm256_cmp_ps::<_CMP_LT_OQ>(t, s));
+        let mut i = _mm256_and_si256(lt(st.t1), _mm256_set1_epi32(8));
+        let t = _mm256_permutevar8x32_ps(st.t2, _mm256_srli_epi32::<3>(i));
+        i = _mm256_or_si256(i, _mm256_and_si256(lt(t), _mm256_set1_epi32(4)));
+        let t = _mm256_permutevar8x32_ps(st.t3, _mm256_srli_epi32::<2>(i));
+        i = _mm256_or_si256(i, _mm256_and_si256(lt(t), _mm256_set1_epi32(2)));
+        let t = _mm256_permutevar8x32_ps(st.t4, _mm256_srli_epi32::<1>(i));
+        _mm256_or_si256(i, _mm256_and_si256(lt(t), _mm256_set1_epi32(1)))
     }
 
     /// Quantizes one block (see `quantize_block_scalar` for the contract).
-    #[target_feature(enable = "avx2")]
-    pub(crate) unsafe fn quantize_block_avx2(
-        x: &[f32],
+    #[target_feature(enable = "avx2,f16c")]
+    pub(crate) unsafe fn quantize_block_avx2<T: Elem>(
+        x: &[T],
         partial: bool,
         t: &EncodeTables,
         out: &mut [u8],
@@ -131,7 +173,7 @@ pub(crate) mod x86 {
             Scale::Mul(r) => (_mm256_set1_ps(r), false),
             Scale::Div(a) => (_mm256_set1_ps(a), true),
         };
-        let th: [__m256; 15] = std::array::from_fn(|k| _mm256_set1_ps(t.th[k]));
+        let th = SearchTables::new(&t.th);
         let ord = _mm_loadu_si128(t.ord.as_ptr() as *const __m128i);
         let ord = _mm256_set_m128i(ord, ord);
         let perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
@@ -141,10 +183,10 @@ pub(crate) mod x86 {
         let mut o = out.as_mut_ptr();
         for c in chunks {
             let p = c.as_ptr();
-            let a = index8(_mm256_loadu_ps(p), sv, div, &th);
-            let b = index8(_mm256_loadu_ps(p.add(8)), sv, div, &th);
-            let cc = index8(_mm256_loadu_ps(p.add(16)), sv, div, &th);
-            let d = index8(_mm256_loadu_ps(p.add(24)), sv, div, &th);
+            let a = index8(load8(p), sv, div, &th);
+            let b = index8(load8(p.add(8)), sv, div, &th);
+            let cc = index8(load8(p.add(16)), sv, div, &th);
+            let d = index8(load8(p.add(24)), sv, div, &th);
             // 32 indices -> 32 bytes in element order.
             let ab = _mm256_packs_epi32(a, b);
             let cd = _mm256_packs_epi32(cc, d);
