@@ -68,9 +68,9 @@ mod tables;
 
 pub use blockwise8::{dequantize_blockwise8, quantize_blockwise8};
 pub use dequantize::DequantElem;
-pub use quantize::quantize_4bit;
 #[doc(hidden)]
 pub use quantize::quantize_4bit_with;
+pub use quantize::{double_quant, double_quant_with_offset, quantize_4bit};
 pub use simd::Backend;
 pub use tables::{code_table, dynamic_map, thresholds, zero_code};
 

@@ -234,7 +234,7 @@ pub fn quantize_4bit_with(
         return Err(QuantError::NonFinite { index, value });
     }
     let absmax = if opts.double_quant {
-        Absmax::Double(double_quant_fast(&absmax))
+        Absmax::Double(double_quant(&absmax))
     } else {
         Absmax::Plain(absmax)
     };
@@ -248,10 +248,18 @@ pub fn quantize_4bit_with(
     })
 }
 
-/// Double quantization with the cached 8-bit LUT (same result as
-/// [`crate::reference::double_quant`]).
-pub(crate) fn double_quant_fast(absmax: &[f32]) -> DoubleQuant {
-    let offset = mean_offset(absmax);
+/// Double quantization of a per-block absmax vector (crate docs, "Double quantization"):
+/// `offset` = f64-accumulated mean rounded to f32, then [`double_quant_with_offset`].
+pub fn double_quant(absmax: &[f32]) -> DoubleQuant {
+    double_quant_with_offset(absmax, mean_offset(absmax))
+}
+
+/// Double quantization with a caller-chosen `offset` (e.g. an exact emulation of torch's
+/// f32 `mean()`, with which the codes equal bnb's): `c = absmax - offset` (f32), then
+/// [`crate::quantize_blockwise8`] with the dynamic map and nested blocksize 256 (bnb CPU
+/// LUT semantics, cached LUT). Same result as
+/// [`crate::reference::double_quant_with_offset`], much faster.
+pub fn double_quant_with_offset(absmax: &[f32], offset: f32) -> DoubleQuant {
     let centred: Vec<f32> = absmax.iter().map(|&a| a - offset).collect();
     let map = dynamic_map();
     let (codes, nested_absmax) =

@@ -94,7 +94,8 @@ pub fn double_quant(absmax: &[f32]) -> DoubleQuant {
 }
 
 /// Double quantization with a given offset (e.g. the one stored in a file: with torch's
-/// offset this reproduces bnb's codes exactly).
+/// offset this reproduces bnb's codes exactly). Plain and slow (255 compares per value);
+/// use [`crate::double_quant_with_offset`] in production code.
 pub fn double_quant_with_offset(absmax: &[f32], offset: f32) -> DoubleQuant {
     let centred: Vec<f32> = absmax.iter().map(|&a| a - offset).collect();
     let map = dynamic_map();

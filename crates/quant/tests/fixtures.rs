@@ -211,6 +211,11 @@ fn check_double(st: &SafeTensors<'_>, d: &DoubleQuant, blocksize: usize, ctx: &s
     let absmax_true = reference_absmax_of_input(st, blocksize);
     let exact = reference::double_quant_with_offset(&absmax_true, want_offset);
     assert_eq!(
+        qlora_quant::double_quant_with_offset(&absmax_true, want_offset),
+        exact,
+        "{ctx}: fast vs reference double quant"
+    );
+    assert_eq!(
         exact.codes, want_codes,
         "{ctx}: codes with the stored offset"
     );

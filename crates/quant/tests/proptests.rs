@@ -181,6 +181,19 @@ proptest! {
     }
 
     #[test]
+    fn double_quant_fast_matches_reference(
+        absmax in prop::collection::vec(prop_oneof![0.0f32..10.0, Just(0.0f32), 1e-30f32..1e-20, 1e3f32..1e5], 0..3000),
+        shift in -1.0f32..1.0,
+    ) {
+        prop_assert_eq!(qlora_quant::double_quant(&absmax), reference::double_quant(&absmax));
+        let offset = reference::mean_offset(&absmax) + shift;
+        prop_assert_eq!(
+            qlora_quant::double_quant_with_offset(&absmax, offset),
+            reference::double_quant_with_offset(&absmax, offset)
+        );
+    }
+
+    #[test]
     fn blockwise8_lut_matches_reference(
         x in prop::collection::vec(element(), 0..2000),
         bs in prop::sample::select(vec![64usize, 256, 4096]),
