@@ -8,18 +8,37 @@ use rayon::prelude::*;
 
 use crate::quantize::CHUNK_ELEMS;
 use crate::simd::Backend;
-use crate::{Absmax, Quantized4};
+use crate::{Absmax, Quantized4, SourceDType};
 
 /// An output element type of dequantization: f32, bf16 or f16. The value of element `i`
 /// is `from_f32(map[nibble(i)] * absmax[i / blocksize])` (round-to-nearest-even).
 pub trait DequantElem: Copy + Send + Sync + Default + 'static {
     fn from_f32(x: f32) -> Self;
 
-    /// Expands whole bytes of one block: `out.len() == 2 * bytes.len()`.
+    /// Expands whole bytes of one block: `out.len() == 2 * bytes.len()`. Each value is
+    /// `from_f32(round_through(round, map[code] * absmax))`.
     #[doc(hidden)]
-    fn expand(backend: Backend, bytes: &[u8], map: &[f32; 16], absmax: f32, out: &mut [Self]) {
+    fn expand(
+        backend: Backend,
+        bytes: &[u8],
+        map: &[f32; 16],
+        absmax: f32,
+        round: SourceDType,
+        out: &mut [Self],
+    ) {
         let _ = backend;
-        expand_scalar(bytes, map, absmax, out)
+        expand_scalar(bytes, map, absmax, round, out)
+    }
+}
+
+/// Rounds `v` to `dtype` and back to f32 (identity for f32): what a bnb dequantize to
+/// the recorded dtype followed by a cast to f32 produces.
+#[inline]
+pub(crate) fn round_through(dtype: SourceDType, v: f32) -> f32 {
+    match dtype {
+        SourceDType::F32 => v,
+        SourceDType::BF16 => bf16::from_f32(v).to_f32(),
+        SourceDType::F16 => f16::from_f32(v).to_f32(),
     }
 }
 
@@ -29,9 +48,10 @@ pub(crate) fn expand_scalar<T: DequantElem>(
     bytes: &[u8],
     map: &[f32; 16],
     absmax: f32,
+    round: SourceDType,
     out: &mut [T],
 ) {
-    let lut: [T; 16] = std::array::from_fn(|k| T::from_f32(map[k] * absmax));
+    let lut: [T; 16] = std::array::from_fn(|k| T::from_f32(round_through(round, map[k] * absmax)));
     for (pair, &b) in out.chunks_exact_mut(2).zip(bytes) {
         pair[0] = lut[(b >> 4) as usize];
         pair[1] = lut[(b & 0x0f) as usize];
@@ -44,12 +64,21 @@ impl DequantElem for f32 {
         x
     }
 
-    fn expand(backend: Backend, bytes: &[u8], map: &[f32; 16], absmax: f32, out: &mut [Self]) {
+    fn expand(
+        backend: Backend,
+        bytes: &[u8],
+        map: &[f32; 16],
+        absmax: f32,
+        round: SourceDType,
+        out: &mut [Self],
+    ) {
         match backend {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `Backend::Avx2` is only constructed after run-time feature detection.
-            Backend::Avx2 => unsafe { crate::simd::x86::expand_f32_avx2(bytes, map, absmax, out) },
-            _ => expand_scalar(bytes, map, absmax, out),
+            Backend::Avx2 => unsafe {
+                crate::simd::x86::expand_f32_avx2(bytes, map, absmax, round, out)
+            },
+            _ => expand_scalar(bytes, map, absmax, round, out),
         }
     }
 }
@@ -60,18 +89,25 @@ impl DequantElem for bf16 {
         bf16::from_f32(x)
     }
 
-    fn expand(backend: Backend, bytes: &[u8], map: &[f32; 16], absmax: f32, out: &mut [Self]) {
+    fn expand(
+        backend: Backend,
+        bytes: &[u8],
+        map: &[f32; 16],
+        absmax: f32,
+        round: SourceDType,
+        out: &mut [Self],
+    ) {
         match backend {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: as above.
-            Backend::Avx2 => unsafe {
+            Backend::Avx2 if round == SourceDType::F32 => unsafe {
                 crate::simd::x86::expand_u16_avx2(
                     bytes,
                     crate::simd::x86::lut_bf16_avx2(map, absmax),
                     out,
                 )
             },
-            _ => expand_scalar(bytes, map, absmax, out),
+            _ => expand_scalar(bytes, map, absmax, round, out),
         }
     }
 }
@@ -82,18 +118,25 @@ impl DequantElem for f16 {
         f16::from_f32(x)
     }
 
-    fn expand(backend: Backend, bytes: &[u8], map: &[f32; 16], absmax: f32, out: &mut [Self]) {
+    fn expand(
+        backend: Backend,
+        bytes: &[u8],
+        map: &[f32; 16],
+        absmax: f32,
+        round: SourceDType,
+        out: &mut [Self],
+    ) {
         match backend {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: as above (the AVX2 backend also requires F16C).
-            Backend::Avx2 => unsafe {
+            Backend::Avx2 if round == SourceDType::F32 => unsafe {
                 crate::simd::x86::expand_u16_avx2(
                     bytes,
                     crate::simd::x86::lut_f16_avx2(map, absmax),
                     out,
                 )
             },
-            _ => expand_scalar(bytes, map, absmax, out),
+            _ => expand_scalar(bytes, map, absmax, round, out),
         }
     }
 }
@@ -114,9 +157,11 @@ fn range_serial<T: DequantElem>(
     q: &Quantized4,
     backend: Backend,
     map: &[f32; 16],
+    round: SourceDType,
     start: usize,
     out: &mut [T],
 ) {
+    let one = |code: u8, a: f32| T::from_f32(round_through(round, map[code as usize] * a));
     let bs = q.blocksize;
     let packed = &q.packed;
     let end = start + out.len();
@@ -131,7 +176,7 @@ fn range_serial<T: DequantElem>(
         let mut j = i;
         let mut k = 0;
         if j % 2 == 1 {
-            seg[0] = T::from_f32(map[(packed[j / 2] & 0x0f) as usize] * a);
+            seg[0] = one(packed[j / 2] & 0x0f, a);
             j += 1;
             k = 1;
         }
@@ -141,19 +186,26 @@ fn range_serial<T: DequantElem>(
             &packed[j / 2..j / 2 + pairs],
             map,
             a,
+            round,
             &mut seg[k..k + 2 * pairs],
         );
         j += 2 * pairs;
         k += 2 * pairs;
         if j < block_end {
-            seg[k] = T::from_f32(map[(packed[j / 2] >> 4) as usize] * a);
+            seg[k] = one(packed[j / 2] >> 4, a);
         }
         i = block_end;
     }
 }
 
 /// Dequantizes elements `start..start + out.len()`, in parallel for large ranges.
-fn range_parallel<T: DequantElem>(q: &Quantized4, backend: Backend, start: usize, out: &mut [T]) {
+fn range_parallel<T: DequantElem>(
+    q: &Quantized4,
+    backend: Backend,
+    round: SourceDType,
+    start: usize,
+    out: &mut [T],
+) {
     let n = q.numel();
     assert!(
         start <= n && out.len() <= n - start,
@@ -164,7 +216,7 @@ fn range_parallel<T: DequantElem>(q: &Quantized4, backend: Backend, start: usize
     );
     let map = q.quant_map();
     if out.len() <= 2 * CHUNK_ELEMS {
-        range_serial(q, backend, &map, start, out);
+        range_serial(q, backend, &map, round, start, out);
         return;
     }
     // Cut at global multiples of CHUNK_ELEMS so every piece but the first starts a block.
@@ -178,7 +230,7 @@ fn range_parallel<T: DequantElem>(q: &Quantized4, backend: Backend, start: usize
     );
     pieces
         .into_par_iter()
-        .for_each(|(s, o)| range_serial(q, backend, &map, s, o));
+        .for_each(|(s, o)| range_serial(q, backend, &map, round, s, o));
 }
 
 impl Quantized4 {
@@ -188,7 +240,7 @@ impl Quantized4 {
     /// # Panics
     /// If the range exceeds the tensor, or the struct is inconsistent (see [`Self::validate`]).
     pub fn dequantize_range<T: DequantElem>(&self, start: usize, out: &mut [T]) {
-        range_parallel(self, Backend::detect(), start, out)
+        range_parallel(self, Backend::detect(), SourceDType::F32, start, out)
     }
 
     /// [`Self::dequantize_range`] with an explicit backend (for tests and benchmarks).
@@ -199,7 +251,7 @@ impl Quantized4 {
         start: usize,
         out: &mut [T],
     ) {
-        range_parallel(self, backend, start, out)
+        range_parallel(self, backend, SourceDType::F32, start, out)
     }
 
     /// Elements `start..start + out.len()` as f32 (used by tiled matmuls).
@@ -208,6 +260,28 @@ impl Quantized4 {
     /// If the range exceeds the tensor, or the struct is inconsistent (see [`Self::validate`]).
     pub fn dequantize_range_f32(&self, start: usize, out: &mut [f32]) {
         self.dequantize_range(start, out)
+    }
+
+    /// Elements `start..start + out.len()` rounded to the recorded [`Self::dtype`] and
+    /// widened back to f32 — exactly what bnb feeds a matmul after `dequantize_4bit` (which
+    /// returns the recorded dtype) and a cast to f32. Equals [`Self::dequantize_range_f32`]
+    /// for f32 tensors.
+    ///
+    /// # Panics
+    /// If the range exceeds the tensor, or the struct is inconsistent (see [`Self::validate`]).
+    pub fn dequantize_range_f32_rounded(&self, start: usize, out: &mut [f32]) {
+        range_parallel(self, Backend::detect(), self.dtype, start, out)
+    }
+
+    /// [`Self::dequantize_range_f32_rounded`] with an explicit backend.
+    #[doc(hidden)]
+    pub fn dequantize_range_f32_rounded_with(
+        &self,
+        backend: Backend,
+        start: usize,
+        out: &mut [f32],
+    ) {
+        range_parallel(self, backend, self.dtype, start, out)
     }
 
     /// The whole tensor as f32 into `out`.

@@ -203,6 +203,22 @@ pub fn dequantize_range_f32(q: &Quantized4, start: usize, len: usize) -> Vec<f32
         .collect()
 }
 
+/// Reference dequantization to the recorded dtype, widened back to f32.
+pub fn dequantize_f32_rounded(q: &Quantized4) -> Vec<f32> {
+    let f = dequantize_f32(q);
+    match q.dtype {
+        crate::SourceDType::F32 => f,
+        crate::SourceDType::BF16 => f
+            .into_iter()
+            .map(|v| half::bf16::from_f32(v).to_f32())
+            .collect(),
+        crate::SourceDType::F16 => f
+            .into_iter()
+            .map(|v| half::f16::from_f32(v).to_f32())
+            .collect(),
+    }
+}
+
 /// Reference dequantization to bf16 (f32 result rounded to nearest even).
 pub fn dequantize_bf16(q: &Quantized4) -> Vec<half::bf16> {
     dequantize_f32(q)

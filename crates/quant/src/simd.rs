@@ -70,6 +70,7 @@ pub(crate) mod x86 {
         absmax_scalar, encode_scalar, quantize_block_scalar, Elem, ElemKind, EncodeTables,
     };
     use crate::reference::{block_scale, Scale};
+    use crate::SourceDType;
 
     /// Loads 8 elements as f32 (bf16: widen and shift; f16: F16C, exact).
     #[target_feature(enable = "avx2,f16c")]
@@ -215,18 +216,31 @@ pub(crate) mod x86 {
         (_mm_unpacklo_epi8(hi, lo), _mm_unpackhi_epi8(hi, lo))
     }
 
-    /// f32 dequantization of whole bytes of one block (`out.len() == 2 * bytes.len()`).
-    #[target_feature(enable = "avx2")]
+    /// f32 dequantization of whole bytes of one block (`out.len() == 2 * bytes.len()`),
+    /// the table optionally rounded through bf16/f16 first.
+    #[target_feature(enable = "avx2,f16c")]
     pub(crate) unsafe fn expand_f32_avx2(
         bytes: &[u8],
         map: &[f32; 16],
         absmax: f32,
+        round: SourceDType,
         out: &mut [f32],
     ) {
         debug_assert_eq!(out.len(), 2 * bytes.len());
         let a = _mm256_set1_ps(absmax);
-        let lo = _mm256_mul_ps(_mm256_loadu_ps(map.as_ptr()), a);
-        let hi = _mm256_mul_ps(_mm256_loadu_ps(map.as_ptr().add(8)), a);
+        let mut lo = _mm256_mul_ps(_mm256_loadu_ps(map.as_ptr()), a);
+        let mut hi = _mm256_mul_ps(_mm256_loadu_ps(map.as_ptr().add(8)), a);
+        match round {
+            SourceDType::F32 => {}
+            SourceDType::BF16 => {
+                lo = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(bf16_rne(lo)));
+                hi = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(bf16_rne(hi)));
+            }
+            SourceDType::F16 => {
+                lo = _mm256_cvtph_ps(_mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(lo));
+                hi = _mm256_cvtph_ps(_mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(hi));
+            }
+        }
         let chunks = bytes.chunks_exact(16);
         let rem = chunks.remainder();
         let mut o = out.as_mut_ptr();
@@ -248,7 +262,7 @@ pub(crate) mod x86 {
             }
         }
         let done = bytes.len() - rem.len();
-        crate::dequantize::expand_scalar(rem, map, absmax, &mut out[2 * done..]);
+        crate::dequantize::expand_scalar(rem, map, absmax, round, &mut out[2 * done..]);
     }
 
     /// Splits 16 u16 table entries (in element order) into byte planes broadcast to both

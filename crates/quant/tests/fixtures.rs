@@ -293,6 +293,15 @@ fn dequantize_stored_matches_bnb() {
                         "{ctx}: element {i}: {a} vs {b}"
                     );
                 }
+                // Rounded f32 (what a matmul sees) = the bf16 values widened.
+                let mut wide = vec![0f32; n];
+                q.dequantize_range_f32_rounded_with(backend, 0, &mut wide);
+                for (i, (a, b)) in wide.iter().zip(&want).enumerate() {
+                    assert!(
+                        same_f32(*a, b.to_f32(), fp4),
+                        "{ctx}: rounded f32 element {i}"
+                    );
+                }
                 let r = reference::dequantize_bf16(&q);
                 assert!(
                     r.iter()

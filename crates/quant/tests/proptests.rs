@@ -105,6 +105,14 @@ fn run_case(c: &Case) -> Result<(), TestCaseError> {
     let want_f32 = reference::dequantize_f32(&r);
     let want_bf16 = reference::dequantize_bf16(&r);
     let want_f16 = reference::dequantize_f16(&r);
+    let want_rounded = reference::dequantize_f32_rounded(&r);
+    // The rounded f32 is the recorded dtype's value, widened.
+    let widened: Vec<f32> = match c.dtype {
+        0 => want_f32.clone(),
+        1 => want_bf16.iter().map(|v| v.to_f32()).collect(),
+        _ => want_f16.iter().map(|v| v.to_f32()).collect(),
+    };
+    prop_assert!(same_bits(&want_rounded, &widened));
     for b in Backend::available() {
         let q = quantize_4bit_with(b, input, &shape, &opts).unwrap();
         prop_assert_eq!(&q, &r, "quantize, backend {}", b.name());
@@ -119,6 +127,18 @@ fn run_case(c: &Case) -> Result<(), TestCaseError> {
                 .all(|(a, b)| a.to_bits() == b.to_bits()),
             "bf16"
         );
+        let mut f = vec![0f32; n];
+        q.dequantize_range_f32_rounded_with(b, 0, &mut f);
+        prop_assert!(
+            same_bits(&f, &want_rounded),
+            "rounded f32, backend {}",
+            b.name()
+        );
+        if n > 3 {
+            let mut part = vec![0f32; n - 3];
+            q.dequantize_range_f32_rounded_with(b, 1, &mut part);
+            prop_assert!(same_bits(&part, &want_rounded[1..n - 2]), "rounded range");
+        }
         let mut h = vec![f16::ZERO; n];
         q.dequantize_range_with(b, 0, &mut h);
         prop_assert!(
