@@ -1,0 +1,150 @@
+//! Forward and forward+backward throughput on the SmolLM2-135M shape with
+//! random weights (h 576, I 1536, L 30, 9 heads, 3 kv heads, d 64, V 49152,
+//! tied), batch 2 x 256, LoRA r 16 on all 7 linears.
+//!
+//! `cargo run --release -p qlora-model --example bench_compute -- [nf4|none|bf16] [ckpt|nockpt] [layers]`
+//! Prints tokens/s and the process peak RSS (VmHWM), so run one mode per process.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use qlora_config::ModelConfig;
+use qlora_lora::{Adapter, LoraConfig, LoraWeights};
+use qlora_model::{Batch, LoadOptions, Model, QuantMode, StepOptions, LINEAR_NAMES};
+
+fn rss_peak_mib() -> f64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    s.lines()
+        .find(|l| l.starts_with("VmHWM"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+struct Lcg(u64);
+impl Lcg {
+    fn next(&mut self) -> f32 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+    fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| self.next() * scale).collect()
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let quant: QuantMode = args
+        .get(1)
+        .map(|s| s.parse())
+        .transpose()?
+        .unwrap_or(QuantMode::Nf4);
+    let ckpt = args.get(2).is_some_and(|s| s == "ckpt");
+    let layers: usize = args.get(3).map(|s| s.parse()).transpose()?.unwrap_or(30);
+    let cfg_json = format!(
+        r#"{{"model_type":"llama","hidden_size":576,"intermediate_size":1536,"num_hidden_layers":{layers},
+        "num_attention_heads":9,"num_key_value_heads":3,"head_dim":64,"vocab_size":49152,
+        "rms_norm_eps":1e-5,"rope_theta":100000.0,"tie_word_embeddings":true,"max_position_embeddings":8192}}"#
+    );
+    let config = ModelConfig::from_json_str(&cfg_json, "bench")?;
+    let mut rng = Lcg(42);
+    let (h, v) = (config.hidden_size, config.vocab_size);
+    let mut tensors = vec![(
+        "model.embed_tokens.weight".to_string(),
+        vec![v, h],
+        rng.vec(v * h, 0.05),
+    )];
+    tensors.push(("model.norm.weight".into(), vec![h], vec![1.0; h]));
+    for l in 0..layers {
+        for n in ["input_layernorm", "post_attention_layernorm"] {
+            tensors.push((
+                format!("model.layers.{l}.{n}.weight"),
+                vec![h],
+                vec![1.0; h],
+            ));
+        }
+        for (short, [o, i]) in config.linear_shapes() {
+            let path = ModelConfig::linear_path(l, short);
+            tensors.push((
+                format!("{path}.weight"),
+                vec![o, i],
+                rng.vec(o * i, 1.0 / (i as f32).sqrt()),
+            ));
+        }
+    }
+    let t0 = Instant::now();
+    let model = Model::from_tensors(config.clone(), tensors, "random", &LoadOptions { quant })?;
+    eprintln!(
+        "built {quant:?} model in {:.1}s, weights {:.1} MiB",
+        t0.elapsed().as_secs_f64(),
+        model.weight_bytes() as f64 / 1048576.0
+    );
+    let r = 16;
+    let mut lay = BTreeMap::new();
+    for l in 0..layers {
+        for (m, (short, [o, i])) in config.linear_shapes().into_iter().enumerate() {
+            assert_eq!(short, LINEAR_NAMES[m]);
+            lay.insert(
+                ModelConfig::linear_path(l, short),
+                LoraWeights {
+                    a: Tensor::from_vec(
+                        rng.vec(r * i, 1.0 / (i as f32).sqrt()),
+                        (r, i),
+                        &Device::Cpu,
+                    )?,
+                    b: Tensor::from_vec(rng.vec(o * r, 0.01), (o, r), &Device::Cpu)?,
+                },
+            );
+        }
+    }
+    let adapter = Adapter {
+        config: LoraConfig {
+            r,
+            lora_alpha: 32.0,
+            lora_dropout: 0.0,
+            target_modules: vec![],
+            use_rslora: false,
+        },
+        layers: lay,
+    };
+    let (b, s) = (2, 256);
+    let ids: Vec<Vec<u32>> = (0..b)
+        .map(|_| {
+            (0..s)
+                .map(|_| ((rng.next() + 1.0) * 24000.0) as u32)
+                .collect()
+        })
+        .collect();
+    let batch = Batch::from_ids(ids);
+    let tokens = (b * s) as f64;
+    // warm-up + forward
+    model.loss(&batch, Some(&adapter))?;
+    let iters = 3;
+    let t = Instant::now();
+    for _ in 0..iters {
+        model.loss(&batch, Some(&adapter))?;
+    }
+    let fwd = tokens * iters as f64 / t.elapsed().as_secs_f64();
+    let rss_fwd = rss_peak_mib();
+    let opts = StepOptions {
+        loss_denominator: 510.0,
+        checkpointing: ckpt,
+        lora_dropout_seed: 1,
+    };
+    model.forward_backward(&batch, &adapter, &opts)?;
+    let t = Instant::now();
+    for _ in 0..iters {
+        model.forward_backward(&batch, &adapter, &opts)?;
+    }
+    let fb = tokens * iters as f64 / t.elapsed().as_secs_f64();
+    println!(
+        "quant {quant:?} checkpointing {ckpt} layers {layers}: forward {fwd:.0} tok/s, forward+backward {fb:.0} tok/s, \
+         peak RSS after forward {rss_fwd:.0} MiB, after training steps {:.0} MiB, threads {}",
+        rss_peak_mib(),
+        rayon::current_num_threads()
+    );
+    Ok(())
+}

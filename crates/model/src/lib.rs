@@ -1,0 +1,20 @@
+//! `qlora-model`: the frozen Llama-family base model QLoRA trains against.
+//!
+//! * [`ops`]: the decoder's kernels, each with a hand-written backward.
+//! * [`Model`]: weights (4-bit / bf16 / f32 frozen linears), forward, loss,
+//!   [`Model::forward_backward`] into LoRA adapters, KV-cache generation steps.
+//! * Loading from HF folders (f32/f16/bf16, single or sharded safetensors),
+//!   pre-quantized bitsandbytes 4-bit folders, or any tensor iterator.
+
+pub mod ops;
+
+mod backward;
+mod cache;
+mod load;
+mod model;
+
+pub use backward::StepOptions;
+pub use cache::KvCache;
+pub use load::{LoadOptions, QuantMode, TensorSource};
+pub use model::{Batch, Layer, Model, LINEAR_NAMES};
+pub use qlora_lora::{Adapter, AdapterGrads};

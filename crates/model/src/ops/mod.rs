@@ -1,0 +1,269 @@
+//! Hand-written forward/backward kernels of the decoder, each over contiguous
+//! row-major `f32` slices, with a plain reference beside it in the tests.
+//!
+//! Why not candle's autograd: it would compute (and keep) gradients for the
+//! frozen weights, the masks and the RoPE tables, and keep every activation.
+//! Here each op's backward returns exactly what the LoRA gradients need.
+//! Big products go through [`matmul`], the `gemm` crate candle itself uses on
+//! CPU, called with explicit strides so that transposes cost nothing.
+
+pub mod attention;
+pub mod cross_entropy;
+pub mod linear;
+pub mod lora;
+pub mod rmsnorm;
+pub mod rope;
+pub mod swiglu;
+
+use gemm::Parallelism;
+
+/// Work below this many multiply-adds runs single-threaded (thread start-up
+/// costs more than it saves, and callers may already be inside a rayon task).
+const PAR_THRESHOLD: usize = 1 << 18;
+
+/// A read-only strided view into a row-major buffer: element `(i, j)` is
+/// `data[off + i*rs + j*cs]`.
+#[derive(Clone, Copy)]
+pub struct View<'a> {
+    pub data: &'a [f32],
+    pub off: usize,
+    pub rs: usize,
+    pub cs: usize,
+}
+
+impl<'a> View<'a> {
+    /// Row-major `[rows, cols]` matrix, or its transpose when `t` (stored `[cols, rows]`).
+    pub fn mat(data: &'a [f32], rows: usize, cols: usize, t: bool) -> Self {
+        if t {
+            View {
+                data,
+                off: 0,
+                rs: 1,
+                cs: rows,
+            }
+        } else {
+            View {
+                data,
+                off: 0,
+                rs: cols,
+                cs: 1,
+            }
+        }
+    }
+    fn check(&self, rows: usize, cols: usize, what: &str) {
+        if rows > 0 && cols > 0 {
+            let last = self.off + (rows - 1) * self.rs + (cols - 1) * self.cs;
+            assert!(last < self.data.len(), "gemm: {what} view out of bounds");
+        }
+    }
+}
+
+/// `C = beta·C + alpha · A[m,k] · B[k,n]` with `C` element `(i,j)` at
+/// `c[c_off + i*ldc + j]`; beta is 1 when `accumulate`, else 0.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_view(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: View,
+    b: View,
+    c: &mut [f32],
+    c_off: usize,
+    ldc: usize,
+    accumulate: bool,
+    alpha: f32,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(
+        c_off + (m - 1) * ldc + n <= c.len(),
+        "gemm: dst out of bounds"
+    );
+    if k == 0 {
+        if !accumulate {
+            for i in 0..m {
+                c[c_off + i * ldc..c_off + i * ldc + n].fill(0.0);
+            }
+        }
+        return;
+    }
+    a.check(m, k, "lhs");
+    b.check(k, n, "rhs");
+    let par = if m * n * k >= PAR_THRESHOLD && rayon::current_thread_index().is_none() {
+        Parallelism::Rayon(rayon::current_num_threads())
+    } else {
+        Parallelism::None
+    };
+    // SAFETY: the checks above keep every index the strides reach inside the
+    // slices; `c` is uniquely borrowed so it cannot alias `a` or `b`.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr().add(c_off),
+            1,
+            ldc as isize,
+            accumulate,
+            a.data.as_ptr().add(a.off),
+            a.cs as isize,
+            a.rs as isize,
+            b.data.as_ptr().add(b.off),
+            b.cs as isize,
+            b.rs as isize,
+            1.0,
+            alpha,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+}
+
+/// `C[m,n] = beta·C + alpha · op(A)[m,k] · op(B)[k,n]` on row-major slices.
+///
+/// `a` is stored `[m,k]`, or `[k,m]` when `a_t`; `b` is stored `[k,n]`, or
+/// `[n,k]` when `b_t`. With `accumulate == false` the old content of `c` is
+/// ignored (beta = 0).
+#[allow(clippy::too_many_arguments)]
+pub fn matmul(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    a_t: bool,
+    b: &[f32],
+    b_t: bool,
+    c: &mut [f32],
+    accumulate: bool,
+    alpha: f32,
+) {
+    assert!(a.len() >= m * k, "matmul: lhs has {} < {m}x{k}", a.len());
+    assert!(b.len() >= k * n, "matmul: rhs has {} < {k}x{n}", b.len());
+    assert!(c.len() >= m * n, "matmul: dst has {} < {m}x{n}", c.len());
+    gemm_view(
+        m,
+        n,
+        k,
+        View::mat(a, m, k, a_t),
+        View::mat(b, k, n, b_t),
+        c,
+        0,
+        n,
+        accumulate,
+        alpha,
+    );
+}
+
+/// Plain triple-loop reference of [`matmul`] (f64 accumulation), for tests.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_ref(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    a_t: bool,
+    b: &[f32],
+    b_t: bool,
+    c: &mut [f32],
+    accumulate: bool,
+    alpha: f32,
+) {
+    for i in 0..m {
+        for j in 0..n {
+            let mut s = 0f64;
+            for l in 0..k {
+                let av = if a_t { a[l * m + i] } else { a[i * k + l] };
+                let bv = if b_t { b[j * k + l] } else { b[l * n + j] };
+                s += av as f64 * bv as f64;
+            }
+            let v = alpha as f64 * s;
+            c[i * n + j] = if accumulate {
+                (c[i * n + j] as f64 + v) as f32
+            } else {
+                v as f32
+            };
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod testutil {
+    use rand::{Rng, SeedableRng};
+
+    pub fn rand_vec(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+        let mut r = rand::rngs::StdRng::seed_from_u64(seed);
+        (0..n).map(|_| r.gen_range(-1.0f32..1.0) * scale).collect()
+    }
+
+    pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+        assert_eq!(a.len(), b.len());
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
+    }
+
+    /// Central finite difference of `f` along a random direction `dir`
+    /// (f64 arithmetic in `f`), compared with `<grad, dir>`.
+    pub fn directional_fd(x: &[f32], dir: &[f32], eps: f64, f: impl Fn(&[f64]) -> f64) -> f64 {
+        let xp: Vec<f64> = x
+            .iter()
+            .zip(dir)
+            .map(|(a, d)| *a as f64 + eps * *d as f64)
+            .collect();
+        let xm: Vec<f64> = x
+            .iter()
+            .zip(dir)
+            .map(|(a, d)| *a as f64 - eps * *d as f64)
+            .collect();
+        (f(&xp) - f(&xm)) / (2.0 * eps)
+    }
+
+    pub fn dot(a: &[f32], b: &[f32]) -> f64 {
+        a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testutil::*;
+    use super::*;
+
+    #[test]
+    fn matmul_matches_reference_all_transposes() {
+        for &(m, n, k) in &[(3, 5, 7), (64, 48, 80), (130, 70, 90)] {
+            for a_t in [false, true] {
+                for b_t in [false, true] {
+                    let a = rand_vec(m * k, 1, 1.0);
+                    let b = rand_vec(k * n, 2, 1.0);
+                    let init = rand_vec(m * n, 3, 1.0);
+                    for acc in [false, true] {
+                        let mut c1 = init.clone();
+                        let mut c2 = init.clone();
+                        matmul(m, n, k, &a, a_t, &b, b_t, &mut c1, acc, 0.5);
+                        matmul_ref(m, n, k, &a, a_t, &b, b_t, &mut c2, acc, 0.5);
+                        assert!(max_abs_diff(&c1, &c2) < 1e-4, "{m}x{n}x{k} {a_t} {b_t}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn matmul_matches_candle() {
+        use candle_core::{Device, Tensor};
+        let (m, n, k) = (33, 17, 45);
+        let a = rand_vec(m * k, 4, 1.0);
+        let b = rand_vec(n * k, 5, 1.0);
+        let mut c = vec![0.0; m * n];
+        matmul(m, n, k, &a, false, &b, true, &mut c, false, 1.0);
+        let ta = Tensor::from_slice(&a, (m, k), &Device::Cpu).unwrap();
+        let tb = Tensor::from_slice(&b, (n, k), &Device::Cpu).unwrap();
+        let tc = ta.matmul(&tb.t().unwrap()).unwrap();
+        let tc: Vec<f32> = tc.flatten_all().unwrap().to_vec1().unwrap();
+        assert!(max_abs_diff(&c, &tc) < 1e-5);
+    }
+}

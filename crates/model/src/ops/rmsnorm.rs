@@ -1,0 +1,104 @@
+//! RMSNorm as transformers computes it (FORMATS §4.3): `var = mean(x²)` in
+//! f32, `x̂ = x · rsqrt(var + eps)`, then `weight · x̂` (input already f32, so
+//! the "cast back before multiplying" step is the identity here).
+
+use rayon::prelude::*;
+
+/// Returns `(y [t,h], rstd [t])`.
+pub fn forward(x: &[f32], w: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>) {
+    let h = w.len();
+    let t = x.len() / h;
+    let mut y = vec![0f32; x.len()];
+    let mut rstd = vec![0f32; t];
+    y.par_chunks_mut(h)
+        .zip(rstd.par_iter_mut())
+        .zip(x.par_chunks(h))
+        .for_each(|((yr, rs), xr)| {
+            let ss: f64 = xr.iter().map(|v| (*v as f64) * (*v as f64)).sum();
+            let var = (ss / h as f64) as f32;
+            let r = 1.0 / (var + eps).sqrt();
+            *rs = r;
+            for ((o, xv), wv) in yr.iter_mut().zip(xr).zip(w) {
+                *o = wv * (xv * r);
+            }
+        });
+    (y, rstd)
+}
+
+/// `dx = rstd · (g − x̂ · mean(g ⊙ x̂))` with `g = dy ⊙ w`, `x̂ = x · rstd`;
+/// added into `dx` (the residual stream's gradient).
+pub fn backward_add(dy: &[f32], x: &[f32], w: &[f32], rstd: &[f32], dx: &mut [f32]) {
+    let h = w.len();
+    dx.par_chunks_mut(h)
+        .zip(dy.par_chunks(h))
+        .zip(x.par_chunks(h))
+        .zip(rstd.par_iter())
+        .for_each(|(((dxr, dyr), xr), &r)| {
+            let mut m = 0f64;
+            for ((d, xv), wv) in dyr.iter().zip(xr).zip(w) {
+                m += (*d as f64) * (*wv as f64) * (*xv as f64) * r as f64;
+            }
+            let m = (m / h as f64) as f32;
+            for (((o, d), xv), wv) in dxr.iter_mut().zip(dyr).zip(xr).zip(w) {
+                *o += r * (d * wv - xv * r * m);
+            }
+        });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testutil::*;
+    use super::*;
+
+    fn loss_ref(x: &[f64], w: &[f32], g: &[f32], eps: f64) -> f64 {
+        let h = w.len();
+        let mut s = 0.0;
+        for (r, xr) in x.chunks(h).enumerate() {
+            let var = xr.iter().map(|v| v * v).sum::<f64>() / h as f64;
+            let rs = 1.0 / (var + eps).sqrt();
+            for k in 0..h {
+                s += w[k] as f64 * xr[k] * rs * g[r * h + k] as f64;
+            }
+        }
+        s
+    }
+
+    #[test]
+    fn rmsnorm_forward_and_backward_match_f64_reference() {
+        let (t, h) = (6, 20);
+        let x = rand_vec(t * h, 1, 2.0);
+        let w = rand_vec(h, 2, 1.0);
+        let g = rand_vec(t * h, 3, 1.0);
+        let (y, rstd) = forward(&x, &w, 1e-5);
+        let x64: Vec<f64> = x.iter().map(|v| *v as f64).collect();
+        assert!((dot(&y, &g) - loss_ref(&x64, &w, &g, 1e-5)).abs() < 1e-4);
+        let mut dx = vec![0f32; t * h];
+        backward_add(&g, &x, &w, &rstd, &mut dx);
+        let dir = rand_vec(t * h, 4, 1.0);
+        let fd = directional_fd(&x, &dir, 1e-4, |xx| loss_ref(xx, &w, &g, 1e-5));
+        assert!(
+            (fd - dot(&dx, &dir)).abs() < 1e-4,
+            "{fd} {}",
+            dot(&dx, &dir)
+        );
+    }
+
+    #[test]
+    fn rmsnorm_matches_candle_ops() {
+        use candle_core::{Device, Tensor, D};
+        let (t, h) = (4, 16);
+        let x = rand_vec(t * h, 5, 3.0);
+        let w = rand_vec(h, 6, 1.0);
+        let (y, _) = forward(&x, &w, 1e-6);
+        let tx = Tensor::from_slice(&x, (t, h), &Device::Cpu).unwrap();
+        let tw = Tensor::from_slice(&w, h, &Device::Cpu).unwrap();
+        let var = tx.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+        let ty = tx
+            .broadcast_div(&(var + 1e-6).unwrap().sqrt().unwrap())
+            .unwrap()
+            .broadcast_mul(&tw)
+            .unwrap();
+        let ty: Vec<f32> = ty.flatten_all().unwrap().to_vec1().unwrap();
+        assert!(max_abs_diff(&y, &ty) < 1e-5);
+    }
+}
