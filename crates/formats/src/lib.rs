@@ -19,6 +19,7 @@
 pub mod bnb;
 pub mod convert;
 pub mod error;
+pub mod folder;
 pub mod header;
 pub mod model_files;
 pub mod reader;
