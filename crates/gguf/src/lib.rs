@@ -1,0 +1,117 @@
+//! GGUF files: reading, validating and dequantizing, without candle.
+//!
+//! Entry points:
+//! - [`GgufFile::read_header`]: metadata and tensor infos (names, ggml types,
+//!   shapes, byte sizes) without reading the tensor data. This is what a size
+//!   calculator needs; [`GgmlType::block_size`] / [`GgmlType::type_size`] /
+//!   [`GgmlType::bytes_for`] give the byte tables for every ggml type.
+//! - [`GgufFile::open`]: the same plus a read-only memory map of the file, with
+//!   [`GgufFile::tensor_data`] (raw bytes) and [`GgufFile::dequantize`] (f32).
+//! - [`llama`]: the llama-architecture mapping to a `qlora_config::ModelConfig`
+//!   and Hugging Face tensor names/layout (including the inverse of llama.cpp's
+//!   Q/K row permutation), one tensor at a time.
+//!
+//! All errors name the file, and the tensor or metadata key involved.
+
+use std::path::Path;
+
+pub mod dequant;
+mod error;
+pub mod llama;
+mod metadata;
+mod reader;
+mod types;
+pub mod writer;
+
+pub use error::{GgufError, Result};
+pub use metadata::{value_type, MetaValue, Metadata};
+pub use reader::{GgufHeader, TensorInfo, DEFAULT_ALIGNMENT, MAX_DIMS};
+pub use types::{GgmlType, ALL_TYPES};
+
+/// An opened GGUF file: the parsed header and a memory map of the whole file.
+pub struct GgufFile {
+    header: GgufHeader,
+    mmap: memmap2::Mmap,
+}
+
+fn map(path: &Path) -> Result<memmap2::Mmap> {
+    let io = |source| GgufError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = std::fs::File::open(path).map_err(io)?;
+    // SAFETY: the map is read-only and private to this process; like every mmap-based
+    // model loader we rely on the file not being truncated while it is open.
+    unsafe { memmap2::Mmap::map(&file) }.map_err(io)
+}
+
+impl GgufFile {
+    /// Parse and validate the header of `path` (metadata + tensor infos) without reading
+    /// any tensor data. Tensor ranges are still checked against the file length, so a
+    /// truncated file is reported here.
+    pub fn read_header(path: impl AsRef<Path>) -> Result<GgufHeader> {
+        let path = path.as_ref();
+        // The map only pages in what the parser touches: the header, not the weights.
+        let mmap = map(path)?;
+        GgufHeader::parse(path, &mmap)
+    }
+
+    /// Open, validate and memory-map a GGUF file.
+    pub fn open(path: impl AsRef<Path>) -> Result<GgufFile> {
+        let path = path.as_ref();
+        let mmap = map(path)?;
+        let header = GgufHeader::parse(path, &mmap)?;
+        Ok(GgufFile { header, mmap })
+    }
+
+    pub fn header(&self) -> &GgufHeader {
+        &self.header
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.header.path
+    }
+
+    pub fn metadata(&self) -> &Metadata {
+        &self.header.metadata
+    }
+
+    pub fn tensors(&self) -> &[TensorInfo] {
+        &self.header.tensors
+    }
+
+    pub fn tensor_info(&self, name: &str) -> Result<&TensorInfo> {
+        self.header
+            .tensor(name)
+            .ok_or_else(|| GgufError::MissingTensor {
+                path: self.header.path.clone(),
+                tensor: name.to_string(),
+            })
+    }
+
+    /// The raw stored bytes of a tensor (ranges were validated when opening).
+    pub fn tensor_data(&self, name: &str) -> Result<&[u8]> {
+        let t = self.tensor_info(name)?;
+        let start = (self.header.data_offset + t.offset) as usize;
+        Ok(&self.mmap[start..start + t.n_bytes as usize])
+    }
+
+    /// The tensor as f32 in row-major order ([`TensorInfo::shape`]), exactly as the stored
+    /// type decodes (no layout changes; see [`llama`] for the HF mapping).
+    pub fn dequantize(&self, name: &str) -> Result<Vec<f32>> {
+        let t = self.tensor_info(name)?;
+        let data = self.tensor_data(name)?;
+        dequant::dequantize(t.ggml_type, data, t.n_elements() as usize).map_err(|e| match e {
+            dequant::DequantError::Unsupported(ty) => GgufError::UnsupportedType {
+                path: self.header.path.clone(),
+                tensor: name.to_string(),
+                ty,
+            },
+            dequant::DequantError::Size { .. } => GgufError::Tensor {
+                path: self.header.path.clone(),
+                tensor: name.to_string(),
+                msg: e.to_string(),
+            },
+        })
+    }
+}
