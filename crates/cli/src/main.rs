@@ -22,6 +22,10 @@ struct Cli {
 enum Command {
     /// Show a model's configuration as qlora understands it.
     Inspect(commands::inspect::Args),
+    /// Parameter count and exact weight bytes (f32, bf16, int8, bnb NF4/FP4, GGUF).
+    Size(commands::size::Args),
+    /// Training memory per device; with --budget: fits?, largest batch/sequence, fewest devices.
+    Plan(Box<commands::plan::Args>),
 }
 
 fn main() {
@@ -35,6 +39,8 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Inspect(a) => commands::inspect::run(a),
+        Command::Size(a) => commands::size::run(a),
+        Command::Plan(a) => commands::plan::run(*a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

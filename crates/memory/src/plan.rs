@@ -105,6 +105,9 @@ pub struct PlanInput {
     pub overhead: u64,
     /// GPU-style plan: adds FSDP communication buffers; CPU plans model RSS.
     pub gpu: bool,
+    /// Worker threads of the CPU trainer (each holds one attention head's
+    /// backward scratch); 1 for GPU plans.
+    pub threads: u64,
 }
 
 impl PlanInput {
@@ -127,6 +130,7 @@ impl PlanInput {
             cpu_offload: false,
             overhead: CPU_OVERHEAD,
             gpu: false,
+            threads: 1,
         }
     }
 }
@@ -166,16 +170,18 @@ pub struct Breakdown {
     pub optimizer_states: u64,
     /// Tensors saved for the backward (all layers), at peak.
     pub activations: u64,
-    /// Transient buffers of one layer's backward (and its recomputation).
+    /// Transient buffers of one layer's backward. The total counts only the
+    /// larger of this and `logits_and_loss` (they are never alive together).
     pub layer_workspace: u64,
-    /// Final norm, logits and the loss' softmax/gradient buffers.
+    /// Head phase: final norm, f32 logits (turned into their gradient in place).
     pub logits_and_loss: u64,
     /// f32 tile a frozen linear is expanded into before its matmul.
     pub dequant_workspace: u64,
     /// FSDP all-gather / reduce-scatter buffers (GPU plans, >1 device).
     pub communication: u64,
     pub overhead: u64,
-    /// Sum of the above.
+    /// Sum of the above, counting only the larger of `layer_workspace` and
+    /// `logits_and_loss`.
     pub total_bytes: u64,
     /// Held in host RAM instead (CPU offload).
     pub host_offloaded: u64,
@@ -306,27 +312,34 @@ pub fn saved_per_layer(c: &ModelConfig, p: &PlanInput) -> Vec<Saved> {
     v
 }
 
-/// Transient buffers alive at the peak of one layer's backward: the incoming
-/// and outgoing residual gradients (2·T·h), the gradient of the MLP hidden
-/// (3·T·I: d_act, d_gate, d_up) and of the attention probabilities (b·a·s²,
-/// f32). The larger of the attention and MLP phases counts.
+/// Transient buffers alive during one layer's backward
+/// (`qlora-model::backward::layer_backward`), at the worst moment: the final
+/// norm output (kept alive by the head until the end of the step, T·h), the
+/// incoming gradient (T·h), and the larger of the MLP phase (`dm`, `dg`, `du`:
+/// 3·T·I, then `dn2` + `dg` + `du`) and the attention phase (`datt`, `dq`,
+/// `dk`, `dv`: T·(2·a·d + 2·kv·d), plus per worker thread one head's `dp`
+/// s² and `dq, dk, dv` slices (n_rep + 2)·s·d, f32).
 pub fn layer_workspace(c: &ModelConfig, p: &PlanInput) -> u64 {
     let Dims { h, i, a, kv, d, .. } = dims(c);
     let (b, s) = (p.batch, p.seq);
     let t = b * s;
     let e = p.compute.bytes();
-    let resid = 2 * t * h * e;
-    let mlp = 3 * t * i * e;
-    let attn = b * a * s * s * 4 + t * (2 * a * d + 2 * kv * d) * e;
-    resid + mlp.max(attn)
+    let held = 2 * t * h * e;
+    let mlp = (3 * t * i * e).max(t * h * e + 2 * t * i * e);
+    let n_rep = a / kv.max(1);
+    let per_thread = s * s * 4 + (n_rep + 2) * s * d * 4;
+    let attn = t * (2 * a * d + 2 * kv * d) * e + p.threads.max(1).min(b * kv) * per_thread;
+    held + mlp.max(attn)
 }
 
-/// Logits path: final norm output (T·h), f32 logits (T·V) and the softmax /
-/// logits gradient (T·V f32) of the cross-entropy.
+/// Head phase (`qlora-model::backward`): the last layer's output (T·h), the
+/// final norm output and 1/rms (T·h + T), the f32 logits (T·V; the
+/// cross-entropy turns them into their gradient in place) and the gradient of
+/// the norm output (T·h).
 pub fn logits_and_loss(c: &ModelConfig, p: &PlanInput) -> u64 {
     let t = p.batch * p.seq;
     let (h, v) = (c.hidden_size as u64, c.vocab_size as u64);
-    t * h * p.compute.bytes() + t * 4 + 2 * t * v * 4
+    3 * t * h * p.compute.bytes() + t * 4 + t * v * 4
 }
 
 /// Bytes of the frozen base held by each device before sharding, and the part
@@ -342,8 +355,10 @@ fn frozen(inv: &Inventory, p: &PlanInput) -> (u64, u64) {
             for t in &inv.tensors {
                 if t.quantizable {
                     let parts = bnb::parts(t.numel(), &p.quant);
-                    total += parts.total();
-                    stats += parts.total() - parts.weight;
+                    // + the f32 offset qlora-model keeps beside the DQ statistics.
+                    let extra = if p.quant.double_quant { 4 } else { 0 };
+                    total += parts.total() + extra;
+                    stats += parts.total() - parts.weight + extra;
                 } else {
                     total += t.numel() * e;
                 }
@@ -387,7 +402,21 @@ pub fn plan(inv: &Inventory, c: &ModelConfig, p: &PlanInput) -> Result<Plan, Mem
         }
         _ => {
             let n_l = lora_params(c, p.rank, &p.targets)?;
-            (n_l, 4 * n_l, 4 * n_l, optimizer_bytes(p.optimizer, n_l))
+            if p.gpu {
+                (n_l, 4 * n_l, 4 * n_l, optimizer_bytes(p.optimizer, n_l))
+            } else {
+                // `qlora-train` keeps the adapter tensors and its flat f32
+                // parameter copies (2 copies); gradients come back as adapter
+                // tensors and are copied into flat vectors (2 copies), plus the
+                // accumulator when accumulating over several micro-batches.
+                let grad_copies = 2 + u64::from(p.grad_accum > 1);
+                (
+                    n_l,
+                    8 * n_l,
+                    4 * grad_copies * n_l,
+                    optimizer_bytes(p.optimizer, n_l),
+                )
+            }
         }
     };
     // Sharding: which of (frozen+trainable weights, grads, optimizer) divide by N.
@@ -423,8 +452,9 @@ pub fn plan(inv: &Inventory, c: &ModelConfig, p: &PlanInput) -> Result<Plan, Mem
     let saved: u64 = saved_per_layer(c, p).iter().map(|s| s.bytes).sum();
     let input_only = p.batch * p.seq * dm.h * p.compute.bytes();
     b.activations = if p.checkpointing {
-        // Layer inputs of all layers + one layer re-run in full during its backward.
-        dm.l * input_only + saved
+        // Layer inputs of all layers + the rest of one layer's saved tensors,
+        // re-created while that layer's backward runs.
+        dm.l * input_only + (saved - input_only)
     } else {
         dm.l * saved
     };
@@ -432,6 +462,9 @@ pub fn plan(inv: &Inventory, c: &ModelConfig, p: &PlanInput) -> Result<Plan, Mem
     b.logits_and_loss = logits_and_loss(c, p);
     let largest_linear = inv.quantizable().map(|t| t.numel()).max().unwrap_or(0);
     b.dequant_workspace = match p.method {
+        // A GPU kernel path (bnb MatMul4Bit) dequantizes the whole weight to
+        // the compute dtype before the matmul (FORMATS.md §6.2).
+        Method::Qlora if p.gpu => p.compute.bytes() * largest_linear,
         Method::Qlora => {
             4 * largest_linear.min(DEQUANT_TILE_ELEMS.max(
                 // a tile holds at least one whole row
@@ -440,26 +473,29 @@ pub fn plan(inv: &Inventory, c: &ModelConfig, p: &PlanInput) -> Result<Plan, Mem
         }
         _ => 0,
     };
-    if p.gpu && n > 1 {
-        b.communication = match p.sharding {
-            // all-gather of the running and the prefetched unit + reduce-scatter
-            // of one unit's gradients.
-            Sharding::Full => 2 * layer_unit + grad_bytes / dm.l.max(1),
-            Sharding::GradOp => grad_bytes / dm.l.max(1),
-            // DDP gradient buckets (2 × 25 MiB, torch default bucket size).
-            Sharding::None => 2 * (25 << 20).min(grad_bytes),
-        };
-    } else if p.cpu_offload {
-        // Offload without multi-device still gathers units onto the device.
-        b.communication = 2 * layer_unit;
-    }
+    // Communication buffers. FSDP (as fsdp_qlora runs it, also on one GPU)
+    // all-gathers the running and the prefetched unit and reduce-scatters one
+    // unit's gradients; DDP copies every gradient into its all-reduce buckets
+    // (`gradient_as_bucket_view=False`, the default) once there is a peer;
+    // CPU offload gathers units onto the device in any case.
+    let gather = 2 * layer_unit;
+    let grad_unit = grad_bytes / dm.l.max(1);
+    let offload_gather = if p.cpu_offload { gather } else { 0 };
+    b.communication = if p.gpu {
+        match p.sharding {
+            Sharding::Full => gather + grad_unit,
+            Sharding::GradOp => grad_unit + offload_gather,
+            Sharding::None => (if n > 1 { grad_bytes } else { 0 }) + offload_gather,
+        }
+    } else {
+        offload_gather
+    };
     b.total_bytes = b.frozen_weights
         + b.trainable_params
         + b.gradients
         + b.optimizer_states
         + b.activations
-        + b.layer_workspace
-        + b.logits_and_loss
+        + b.layer_workspace.max(b.logits_and_loss)
         + b.dequant_workspace
         + b.communication
         + b.overhead;

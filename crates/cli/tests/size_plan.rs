@@ -1,0 +1,200 @@
+//! `qlora size` / `qlora plan` end to end (the acceptance interface).
+
+use std::process::Command;
+
+use serde_json::Value;
+
+const FIX: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/fixtures");
+
+fn qlora(args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_qlora"));
+    c.args(args);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let o = c.output().expect("run qlora");
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+fn json(args: &[&str]) -> Value {
+    let (ok, out, err) = qlora(args, &[]);
+    assert!(ok, "qlora {args:?} failed: {err}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("not one JSON object ({e}): {out}"))
+}
+
+#[test]
+fn size_preset_json_has_the_interface_fields() {
+    let v = json(&["size", "smollm2-135m", "--json"]);
+    assert_eq!(v["total_params"].as_u64(), Some(134_515_008));
+    let b = &v["bytes"];
+    assert_eq!(b["f32"].as_u64(), Some(4 * 134_515_008));
+    assert_eq!(b["bf16"].as_u64(), Some(2 * 134_515_008));
+    for k in [
+        "int8",
+        "nf4",
+        "nf4_dq",
+        "fp4",
+        "fp4_dq",
+        "gguf_q4_0",
+        "gguf_q8_0",
+    ] {
+        assert!(b[k].as_u64().is_some(), "bytes.{k} missing");
+    }
+    // FORMATS.md §2.4 (tensor bytes without JSON) + 210 JSON blobs of ~180 B.
+    let dq = b["nf4_dq"].as_u64().unwrap();
+    assert!(dq > 111_691_056 && dq < 111_691_056 + 210 * 200, "{dq}");
+    assert!(b["nf4"].as_u64().unwrap() > dq, "double quant saves bytes");
+    assert_eq!(b["nf4"], b["fp4"]);
+}
+
+#[test]
+fn size_of_real_checkpoint_and_config() {
+    let bnb = format!("{FIX}/tiny_llama_bnb4/model/model.safetensors");
+    let v = json(&["size", &bnb, "--json", "--keep", "f32"]);
+    assert_eq!(v["total_params"].as_u64(), Some(127_296));
+    assert_eq!(v["stored"]["file_bytes"].as_u64(), Some(237_283));
+    assert_eq!(v["formats"]["nf4_dq"]["file_bytes"].as_u64(), Some(237_283));
+    assert_eq!(v["formats"]["nf4_dq"]["exact"].as_bool(), Some(true));
+    let cfg = format!("{FIX}/tiny_llama/model/config.json");
+    let v = json(&["size", &cfg, "--json"]);
+    assert_eq!(v["total_params"].as_u64(), Some(127_296));
+    assert_eq!(v["params"]["lm_head"].as_u64(), Some(20_480));
+    let (ok, out, _) = qlora(&["size", &cfg], &[]);
+    assert!(ok && out.contains("127,296"), "{out}");
+}
+
+#[test]
+fn size_of_gguf_header() {
+    use qlora_memory::gguf::{write_test_file, MetaValue};
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("m.gguf");
+    let (h, i, v) = (64u64, 160u64, 320u64);
+    let mut tensors = vec![
+        ("token_embd.weight".to_string(), vec![h, v], 8u32),
+        ("output_norm.weight".to_string(), vec![h], 0),
+    ];
+    for l in 0..2 {
+        for (n, dims, ty) in [
+            ("attn_norm", vec![h], 0u32),
+            ("ffn_norm", vec![h], 0),
+            ("attn_q", vec![h, h], 2),
+            ("attn_k", vec![h, 32], 2),
+            ("attn_v", vec![h, 32], 2),
+            ("attn_output", vec![h, h], 2),
+            ("ffn_gate", vec![h, i], 2),
+            ("ffn_up", vec![h, i], 2),
+            ("ffn_down", vec![i, h], 8),
+        ] {
+            tensors.push((format!("blk.{l}.{n}.weight"), dims, ty));
+        }
+    }
+    let t: Vec<(&str, Vec<u64>, u32)> = tensors
+        .iter()
+        .map(|(n, d, ty)| (n.as_str(), d.clone(), *ty))
+        .collect();
+    let meta = [
+        ("general.architecture", MetaValue::Str("llama".into())),
+        ("llama.block_count", MetaValue::Int(2)),
+        ("llama.embedding_length", MetaValue::Int(64)),
+        ("llama.feed_forward_length", MetaValue::Int(160)),
+        ("llama.attention.head_count", MetaValue::Int(4)),
+        ("llama.attention.head_count_kv", MetaValue::Int(2)),
+    ];
+    write_test_file(&p, &meta, &t).unwrap();
+    let v = json(&["size", p.to_str().unwrap(), "--json"]);
+    // The tiny Llama of the fixtures with a tied head: 127,296 − 20,480.
+    assert_eq!(v["total_params"].as_u64(), Some(106_816));
+    assert_eq!(v["tied_embeddings"].as_bool(), Some(true));
+    // q4_0: 18 B per 32; q8_0: 34 B per 32; f32 norms.
+    let q4 = 2 * (64 * 64 * 2 + 64 * 32 * 2 + 64 * 160 * 2) / 32 * 18;
+    let q8 = (64 * 320 + 2 * 160 * 64) / 32 * 34;
+    let f32b = 4 * (64 + 2 * 2 * 64);
+    assert_eq!(v["stored"]["tensor_bytes"].as_u64(), Some(q4 + q8 + f32b));
+    // The planner rebuilt the architecture from the GGUF metadata.
+    let p = json(&["plan", p.to_str().unwrap(), "--json"]);
+    assert!(p["total_bytes"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn unknown_preset_suggests_closest_names() {
+    let (ok, _, err) = qlora(&["size", "llama-2-7", "--json"], &[]);
+    assert!(!ok);
+    assert!(err.contains("llama-2-7b"), "{err}");
+    let (ok, _, err) = qlora(&["size", "mixtral-8x7b"], &[]);
+    assert!(!ok && err.contains("mixture-of-experts"), "{err}");
+}
+
+#[test]
+fn hub_id_offline_and_not_cached_is_a_clear_error() {
+    let home = tempfile::tempdir().unwrap();
+    let env = [
+        ("HF_HUB_OFFLINE", "1"),
+        ("HF_HOME", home.path().to_str().unwrap()),
+    ];
+    let (ok, _, err) = qlora(&["size", "someorg/not-a-model"], &env);
+    assert!(!ok);
+    assert!(
+        err.contains("someorg/not-a-model") && err.contains("cache"),
+        "{err}"
+    );
+    // A hub id of a known model falls back to its preset offline.
+    let (ok, out, err) = qlora(&["size", "meta-llama/Llama-2-7b-hf", "--json"], &env);
+    assert!(ok, "{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["total_params"].as_u64(), Some(6_738_415_616));
+}
+
+#[test]
+fn plan_json_and_budget_answers() {
+    let v = json(&[
+        "plan",
+        "llama-2-70b",
+        "--gpu",
+        "--devices",
+        "2",
+        "--batch",
+        "2",
+        "--seq",
+        "2048",
+        "--checkpointing",
+        "--cpu-offload",
+        "--json",
+    ]);
+    let t = v["total_bytes"].as_u64().unwrap();
+    assert_eq!(v["per_device"]["total_bytes"].as_u64(), Some(t));
+    // Everything but the quant statistics is offloaded: the device holds far
+    // less than the 35 GB 4-bit model.
+    assert!(t < 24 << 30, "{t}");
+    assert!(v["per_device"]["host_offloaded"].as_u64().unwrap() > 15 << 30);
+
+    let v = json(&["plan", "smollm2-135m", "--budget", "24GB", "--json"]);
+    let b = &v["budget"];
+    assert_eq!(b["fits"].as_bool(), Some(true));
+    assert!(b["margin_bytes"].as_i64().unwrap() > 0);
+    assert!(b["max_batch"].as_u64().unwrap() > 1);
+    assert!(b["max_seq"].as_u64().unwrap() > 512);
+    assert_eq!(b["min_devices"].as_u64(), Some(1));
+
+    let v = json(&[
+        "plan",
+        "llama-2-70b",
+        "--gpu",
+        "--budget",
+        "24GB",
+        "--seq",
+        "2048",
+        "--checkpointing",
+        "--json",
+    ]);
+    assert_eq!(v["budget"]["fits"].as_bool(), Some(false));
+    assert!(v["budget"]["min_devices"].as_u64().unwrap() >= 2);
+
+    let (ok, out, _) = qlora(&["plan", "tinyllama-1.1b", "--budget", "2GB"], &[]);
+    assert!(ok && out.contains("largest batch"), "{out}");
+    let (ok, _, err) = qlora(&["plan", "tinyllama-1.1b", "--targets", "q_proj,foo"], &[]);
+    assert!(!ok && err.contains("foo"), "{err}");
+}
