@@ -15,17 +15,34 @@ use rayon::prelude::*;
 const ROWS: usize = 4096;
 const COLS: usize = 11008;
 
-fn median_secs(reps: usize, mut f: impl FnMut()) -> f64 {
+/// CPU time of all threads of this process in ns (Linux `/proc`; None elsewhere). Under
+/// load from other processes, wall time overstates the cost; CPU time does not (much).
+fn process_cpu_ns() -> Option<u64> {
+    let mut total = 0u64;
+    for task in std::fs::read_dir("/proc/self/task").ok()? {
+        let stat = std::fs::read_to_string(task.ok()?.path().join("schedstat")).ok()?;
+        total += stat.split_whitespace().next()?.parse::<u64>().ok()?;
+    }
+    Some(total)
+}
+
+/// Median wall seconds and median CPU seconds (all threads) of `reps` runs.
+fn median_secs(reps: usize, mut f: impl FnMut()) -> (f64, Option<f64>) {
     f(); // warm-up (page faults, caches, thread start)
-    let mut t: Vec<f64> = (0..reps)
-        .map(|_| {
-            let s = Instant::now();
-            f();
-            s.elapsed().as_secs_f64()
-        })
-        .collect();
-    t.sort_by(f64::total_cmp);
-    t[t.len() / 2]
+    let mut wall = Vec::with_capacity(reps);
+    let mut cpu = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let c0 = process_cpu_ns();
+        let s = Instant::now();
+        f();
+        wall.push(s.elapsed().as_secs_f64());
+        if let (Some(a), Some(b)) = (c0, process_cpu_ns()) {
+            cpu.push(b.saturating_sub(a) as f64 * 1e-9);
+        }
+    }
+    wall.sort_by(f64::total_cmp);
+    cpu.sort_by(f64::total_cmp);
+    (wall[reps / 2], (cpu.len() == reps).then(|| cpu[reps / 2]))
 }
 
 /// Parallel memcpy of `src` into `dst` (same chunking as the kernels: 1 MiB pieces).
@@ -38,9 +55,10 @@ fn memcpy(dst: &mut [u8], src: &[u8]) {
 struct Row {
     op: String,
     threads: usize,
-    secs: f64,
+    /// (median wall seconds, median CPU seconds of all threads).
+    time: (f64, Option<f64>),
     bytes: usize,
-    /// Seconds of a memcpy of the output volume, same thread count.
+    /// Wall seconds of a memcpy of the output volume, same thread count.
     memcpy_secs: Option<f64>,
 }
 
@@ -79,6 +97,15 @@ fn main() {
     let mut dst = vec![0u8; 4 * n];
 
     let mut rows: Vec<Row> = Vec::new();
+    let mut row = |op: String, threads, time, bytes, memcpy_secs| {
+        rows.push(Row {
+            op,
+            threads,
+            time,
+            bytes,
+            memcpy_secs,
+        })
+    };
     for threads in [1usize, 2] {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
@@ -89,85 +116,91 @@ fn main() {
             let mc_bf16 = median_secs(reps, || memcpy(&mut dst[..2 * n], &src[..2 * n]));
             for backend in Backend::available() {
                 let b = backend.name();
-                let s = median_secs(reps, || {
-                    black_box(
-                        quantize_4bit_with(backend, Input::F32(&x), &[ROWS, COLS], &opts).unwrap(),
-                    );
+                let t = median_secs(reps, || {
+                    let q = quantize_4bit_with(backend, Input::F32(&x), &[ROWS, COLS], &opts);
+                    black_box(q.unwrap());
                 });
-                rows.push(Row {
-                    op: format!("quantize nf4+dq f32->4bit [{b}]"),
+                row(
+                    format!("quantize f32 -> nf4+dq [{b}]"),
                     threads,
-                    secs: s,
-                    bytes: 4 * n + packed_bytes,
-                    memcpy_secs: None,
+                    t,
+                    4 * n + packed_bytes,
+                    None,
+                );
+                let t = median_secs(reps, || {
+                    let q = quantize_4bit_with(backend, Input::BF16(&xb), &[ROWS, COLS], &opts);
+                    black_box(q.unwrap());
                 });
-                let s = median_secs(reps, || {
-                    black_box(
-                        quantize_4bit_with(backend, Input::BF16(&xb), &[ROWS, COLS], &opts)
-                            .unwrap(),
-                    );
-                });
-                rows.push(Row {
-                    op: format!("quantize nf4+dq bf16->4bit [{b}]"),
+                row(
+                    format!("quantize bf16 -> nf4+dq [{b}]"),
                     threads,
-                    secs: s,
-                    bytes: 2 * n + packed_bytes,
-                    memcpy_secs: None,
-                });
-                let s = median_secs(reps, || q.dequantize_range_with(backend, 0, &mut out_f32));
-                rows.push(Row {
-                    op: format!("dequantize ->f32 [{b}]"),
+                    t,
+                    2 * n + packed_bytes,
+                    None,
+                );
+                let t = median_secs(reps, || q.dequantize_range_with(backend, 0, &mut out_f32));
+                row(
+                    format!("dequantize -> f32 [{b}]"),
                     threads,
-                    secs: s,
-                    bytes: 4 * n,
-                    memcpy_secs: Some(mc_f32),
-                });
-                let s = median_secs(reps, || q.dequantize_range_with(backend, 0, &mut out_bf16));
-                rows.push(Row {
-                    op: format!("dequantize ->bf16 [{b}]"),
+                    t,
+                    4 * n,
+                    Some(mc_f32.0),
+                );
+                let t = median_secs(reps, || q.dequantize_range_with(backend, 0, &mut out_bf16));
+                row(
+                    format!("dequantize -> bf16 [{b}]"),
                     threads,
-                    secs: s,
-                    bytes: 2 * n,
-                    memcpy_secs: Some(mc_bf16),
-                });
+                    t,
+                    2 * n,
+                    Some(mc_bf16.0),
+                );
             }
-            rows.push(Row {
-                op: "memcpy (f32 output volume)".into(),
+            row(
+                "memcpy, f32 output volume".into(),
                 threads,
-                secs: mc_f32,
-                bytes: 4 * n,
-                memcpy_secs: None,
-            });
-            rows.push(Row {
-                op: "memcpy (bf16 output volume)".into(),
+                mc_f32,
+                4 * n,
+                None,
+            );
+            row(
+                "memcpy, bf16 output volume".into(),
                 threads,
-                secs: mc_bf16,
-                bytes: 2 * n,
-                memcpy_secs: None,
-            });
+                mc_bf16,
+                2 * n,
+                None,
+            );
         });
     }
     black_box((&out_f32, &out_bf16, &dst));
 
-    println!("tensor {ROWS}x{COLS} = {n} elements, nf4, blocksize 64, double quant; fast backend: {}; median of {reps} runs", fast.name());
     println!(
-        "bytes = output bytes for dequantize/memcpy, input bytes + packed output for quantize"
+        "tensor {ROWS}x{COLS} = {n} elements, nf4, blocksize 64, double quant; \
+         fast backend: {}; median of {reps} runs",
+        fast.name()
     );
+    println!("GB/s counts output bytes for dequantize/memcpy, input + packed bytes for quantize;");
+    println!(
+        "'vs memcpy' = memcpy time of the same output volume / dequantize time (same threads);"
+    );
+    println!("'CPU ms' = CPU time of all threads (robust to other load on the machine).");
     println!();
-    println!("| operation | threads | ms | G elem/s | GB/s | vs memcpy |");
-    println!("|---|---:|---:|---:|---:|---:|");
+    println!("| operation | threads | wall ms | CPU ms | G elem/s | GB/s | vs memcpy |");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
     for r in &rows {
+        let (wall, cpu) = r.time;
         let ratio = r
             .memcpy_secs
-            .map(|m| format!("{:.0}%", 100.0 * m / r.secs))
+            .map(|m| format!("{:.0}%", 100.0 * m / wall))
             .unwrap_or_default();
+        let cpu = cpu.map(|c| format!("{:.1}", c * 1e3)).unwrap_or_default();
         println!(
-            "| {} | {} | {:.1} | {:.2} | {:.2} | {} |",
+            "| {} | {} | {:.1} | {} | {:.2} | {:.2} | {} |",
             r.op,
             r.threads,
-            r.secs * 1e3,
-            n as f64 / r.secs / 1e9,
-            r.bytes as f64 / r.secs / 1e9,
+            wall * 1e3,
+            cpu,
+            n as f64 / wall / 1e9,
+            r.bytes as f64 / wall / 1e9,
             ratio
         );
     }

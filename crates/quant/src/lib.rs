@@ -69,6 +69,8 @@ mod tables;
 pub use blockwise8::{dequantize_blockwise8, quantize_blockwise8};
 pub use dequantize::DequantElem;
 #[doc(hidden)]
+pub use dequantize::Expand;
+#[doc(hidden)]
 pub use quantize::quantize_4bit_with;
 pub use quantize::{double_quant, double_quant_with_offset, quantize_4bit};
 pub use simd::Backend;

@@ -218,12 +218,15 @@ pub(crate) mod x86 {
 
     /// f32 dequantization of whole bytes of one block (`out.len() == 2 * bytes.len()`),
     /// the table optionally rounded through bf16/f16 first.
+    /// With `stream`, 16-byte aligned outputs are written with non-temporal stores (no
+    /// read-for-ownership; the caller issues the `sfence`).
     #[target_feature(enable = "avx2,f16c")]
     pub(crate) unsafe fn expand_f32_avx2(
         bytes: &[u8],
         map: &[f32; 16],
         absmax: f32,
         round: SourceDType,
+        stream: bool,
         out: &mut [f32],
     ) {
         debug_assert_eq!(out.len(), 2 * bytes.len());
@@ -241,6 +244,7 @@ pub(crate) mod x86 {
                 hi = _mm256_cvtph_ps(_mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(hi));
             }
         }
+        let nt = stream && (out.as_ptr() as usize).is_multiple_of(16);
         let chunks = bytes.chunks_exact(16);
         let rem = chunks.remainder();
         let mut o = out.as_mut_ptr();
@@ -257,12 +261,34 @@ pub(crate) mod x86 {
                 let vhi = _mm256_permutevar8x32_ps(hi, idx);
                 // Bit 3 of the index moved to the sign bit selects the upper half.
                 let sel = _mm256_castsi256_ps(_mm256_slli_epi32::<28>(idx));
-                _mm256_storeu_ps(o, _mm256_blendv_ps(vlo, vhi, sel));
+                store32(
+                    o as *mut u8,
+                    _mm256_castps_si256(_mm256_blendv_ps(vlo, vhi, sel)),
+                    nt,
+                );
                 o = o.add(8);
             }
         }
         let done = bytes.len() - rem.len();
         crate::dequantize::expand_scalar(rem, map, absmax, round, &mut out[2 * done..]);
+    }
+
+    /// Stores 32 bytes: unaligned, or as two 16-byte non-temporal stores (`p` 16-aligned).
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn store32(p: *mut u8, v: __m256i, nt: bool) {
+        if nt {
+            _mm_stream_si128(p as *mut __m128i, _mm256_castsi256_si128(v));
+            _mm_stream_si128(p.add(16) as *mut __m128i, _mm256_extracti128_si256::<1>(v));
+        } else {
+            _mm256_storeu_si256(p as *mut __m256i, v);
+        }
+    }
+
+    /// Orders earlier non-temporal stores before later stores (end of a streamed task).
+    pub(crate) fn store_fence() {
+        // SAFETY: SSE is part of the x86-64 baseline.
+        unsafe { _mm_sfence() }
     }
 
     /// Splits 16 u16 table entries (in element order) into byte planes broadcast to both
@@ -330,8 +356,10 @@ pub(crate) mod x86 {
     pub(crate) unsafe fn expand_u16_avx2<T: Copy>(
         bytes: &[u8],
         tab: (__m256i, __m256i),
+        stream: bool,
         out: &mut [T],
     ) {
+        let nt = stream && (out.as_ptr() as usize).is_multiple_of(16);
         debug_assert_eq!(std::mem::size_of::<T>(), 2);
         debug_assert_eq!(out.len(), 2 * bytes.len());
         let (lo_tab, hi_tab) = tab;
@@ -345,15 +373,12 @@ pub(crate) mod x86 {
             let h = _mm256_shuffle_epi8(hi_tab, idx);
             let u_lo = _mm256_unpacklo_epi8(l, h); // elements 0-7 | 16-23
             let u_hi = _mm256_unpackhi_epi8(l, h); // elements 8-15 | 24-31
-            _mm256_storeu_si256(
-                o as *mut __m256i,
-                _mm256_permute2x128_si256::<0x20>(u_lo, u_hi),
-            );
-            _mm256_storeu_si256(
-                o.add(32) as *mut __m256i,
-                _mm256_permute2x128_si256::<0x31>(u_lo, u_hi),
-            );
+            store32(o, _mm256_permute2x128_si256::<0x20>(u_lo, u_hi), nt);
+            store32(o.add(32), _mm256_permute2x128_si256::<0x31>(u_lo, u_hi), nt);
             o = o.add(64);
+        }
+        if rem.is_empty() {
+            return;
         }
         // Tail (< 16 bytes): look the codes up in the same table, read back from the planes.
         let mut lo_b = [0u8; 32];

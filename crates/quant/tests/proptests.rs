@@ -6,8 +6,8 @@
 use half::{bf16, f16};
 use proptest::prelude::*;
 use qlora_quant::{
-    quantize_4bit_with, quantize_blockwise8, reference, thresholds, Backend, Input, QuantOptions,
-    QuantType,
+    quantize_4bit_with, quantize_blockwise8, reference, thresholds, Backend, Expand, Input,
+    QuantOptions, QuantType, SourceDType,
 };
 
 /// One element: mostly ordinary values, plus the cases that break naive kernels.
@@ -127,6 +127,40 @@ fn run_case(c: &Case) -> Result<(), TestCaseError> {
                 .all(|(a, b)| a.to_bits() == b.to_bits()),
             "bf16"
         );
+        // Non-temporal stores (normally only for outputs > 16 MiB), aligned or not.
+        for start in [0, 1, 2, 3, 4, 5, 8] {
+            if start > n {
+                continue;
+            }
+            let cx = Expand {
+                backend: b,
+                round: SourceDType::F32,
+                stream: true,
+            };
+            let mut f = vec![0f32; n - start];
+            q.dequantize_range_expand(cx, start, &mut f);
+            prop_assert!(
+                same_bits(&f, &want_f32[start..]),
+                "streamed f32 at {}",
+                start
+            );
+            let mut h = vec![bf16::ZERO; n - start];
+            q.dequantize_range_expand(cx, start, &mut h);
+            prop_assert!(
+                h.iter()
+                    .zip(&want_bf16[start..])
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "streamed bf16"
+            );
+            let mut h = vec![f16::ZERO; n - start];
+            q.dequantize_range_expand(cx, start, &mut h);
+            prop_assert!(
+                h.iter()
+                    .zip(&want_f16[start..])
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "streamed f16"
+            );
+        }
         let mut f = vec![0f32; n];
         q.dequantize_range_f32_rounded_with(b, 0, &mut f);
         prop_assert!(
