@@ -5,7 +5,10 @@
 //! * [`Example`] is the unit every other module produces: token ids plus labels
 //!   where `-100` masks a position out of the loss (HF's convention).
 
+pub mod chatterbot;
+pub mod formats;
 pub mod pretokenized;
+pub mod rows;
 
 /// Label value that excludes a position from the loss (HF / PyTorch `ignore_index`).
 pub const IGNORE_INDEX: i64 = -100;

@@ -8,6 +8,33 @@ use std::collections::BTreeMap;
 
 use candle_core::Tensor;
 
+pub mod init;
+pub mod io;
+pub mod peft;
+#[cfg(test)]
+mod tests;
+
+pub use init::init_adapter;
+pub use io::{load_adapter, peft_key, save_adapter, write_atomic, Which};
+pub use peft::{InitKind, PeftConfig, TargetModules, LINEAR_NAMES};
+
+/// Sort key putting module paths in model order: layer index, then
+/// q,k,v,o,gate,up,down (PyTorch's parameter order, which the trainer uses for
+/// the global gradient norm); unknown paths sort after, by name.
+pub fn module_order_key(path: &str) -> (usize, usize, String) {
+    let layer = path
+        .strip_prefix("model.layers.")
+        .and_then(|r| r.split('.').next())
+        .and_then(|l| l.parse().ok())
+        .unwrap_or(usize::MAX);
+    let short = path.rsplit('.').next().unwrap_or("");
+    let idx = LINEAR_NAMES
+        .iter()
+        .position(|n| *n == short)
+        .unwrap_or(LINEAR_NAMES.len());
+    (layer, idx, path.to_string())
+}
+
 /// The hyper-parameters of a LoRA adapter (the subset of PEFT's `LoraConfig` we honour).
 #[derive(Debug, Clone, PartialEq)]
 pub struct LoraConfig {
@@ -50,6 +77,12 @@ impl Adapter {
     }
     pub fn get(&self, module_path: &str) -> Option<&LoraWeights> {
         self.layers.get(module_path)
+    }
+    /// Module paths in model order (see [`module_order_key`]).
+    pub fn ordered_modules(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.layers.keys().cloned().collect();
+        v.sort_by_key(|p| module_order_key(p));
+        v
     }
     /// Number of trainable parameters.
     pub fn num_params(&self) -> usize {

@@ -1,0 +1,72 @@
+//! Fresh adapters: PEFT's initialisation from a seeded, portable RNG (ChaCha8).
+//!
+//! `init_lora_weights=true`: A = kaiming_uniform(a=√5) on `[r, in]`, which is
+//! U(−1/√in, +1/√in) (gain √(2/6), bound √3·gain/√in), and B = 0, so a fresh
+//! adapter changes nothing until trained. "gaussian": A ~ N(0, (1/r)²), B = 0.
+
+use std::collections::BTreeMap;
+
+use anyhow::{bail, Result};
+use candle_core::{Device, Tensor};
+use qlora_config::ModelConfig;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::peft::{module_shape, InitKind, PeftConfig};
+use crate::{Adapter, LoraWeights};
+
+fn uniform(rng: &mut ChaCha8Rng, n: usize, bound: f32) -> Vec<f32> {
+    (0..n).map(|_| rng.gen_range(-bound..bound)).collect()
+}
+
+/// Standard normal samples by Box–Muller (keeps the dependency set small).
+fn normal(rng: &mut ChaCha8Rng, n: usize, std: f32) -> Vec<f32> {
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        let u1: f64 = 1.0 - rng.gen::<f64>(); // (0, 1]
+        let u2: f64 = rng.gen();
+        let rad = (-2.0 * u1.ln()).sqrt();
+        let th = std::f64::consts::TAU * u2;
+        out.push((rad * th.cos()) as f32 * std);
+        if out.len() < n {
+            out.push((rad * th.sin()) as f32 * std);
+        }
+    }
+    out
+}
+
+/// A new adapter for `model` as `peft` describes it; modules are initialised
+/// in model order from one RNG seeded with `seed`.
+pub fn init_adapter(peft: &PeftConfig, model: &ModelConfig, seed: u64) -> Result<Adapter> {
+    if peft.r == 0 {
+        bail!("LoRA rank r must be at least 1");
+    }
+    let targets = peft.resolve_targets(model)?;
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let r = peft.r;
+    let mut layers = BTreeMap::new();
+    for path in &targets {
+        let [out, inp] = module_shape(model, path).expect("resolved targets are projections");
+        let a = match peft.init_lora_weights {
+            InitKind::Default | InitKind::NoOpFalse => {
+                uniform(&mut rng, r * inp, 1.0 / (inp as f32).sqrt())
+            }
+            InitKind::Gaussian => normal(&mut rng, r * inp, 1.0 / r as f32),
+        };
+        let b = match peft.init_lora_weights {
+            InitKind::NoOpFalse => uniform(&mut rng, out * r, 1.0 / (r as f32).sqrt()),
+            _ => vec![0f32; out * r],
+        };
+        layers.insert(
+            path.clone(),
+            LoraWeights {
+                a: Tensor::from_vec(a, (r, inp), &Device::Cpu)?,
+                b: Tensor::from_vec(b, (out, r), &Device::Cpu)?,
+            },
+        );
+    }
+    Ok(Adapter {
+        config: peft.lora_config(targets),
+        layers,
+    })
+}

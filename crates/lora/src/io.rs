@@ -1,0 +1,223 @@
+//! PEFT adapter folders: `adapter_config.json` + `adapter_model.safetensors`
+//! with keys `base_model.model.<module>.lora_{A,B}.weight` (no adapter name),
+//! A `[r, in]`, B `[out, r]`, written as F32 with metadata `{"format": "pt"}`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use qlora_config::ModelConfig;
+use safetensors::{tensor::TensorView, Dtype, SafeTensors};
+
+use crate::peft::{module_shape, PeftConfig};
+use crate::{Adapter, LoraWeights};
+
+pub const CONFIG_FILE: &str = "adapter_config.json";
+pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+const PREFIX: &str = "base_model.model.";
+
+/// Which of the two LoRA matrices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Which {
+    A,
+    B,
+}
+
+/// The saved key of a module's matrix: `base_model.model.<module>.lora_A.weight`.
+pub fn peft_key(module: &str, which: Which) -> String {
+    let w = match which {
+        Which::A => "A",
+        Which::B => "B",
+    };
+    format!("{PREFIX}{module}.lora_{w}.weight")
+}
+
+/// Inverse of [`peft_key`]; also accepts the in-memory spelling with an
+/// adapter name (`.lora_A.default.weight`).
+pub fn parse_peft_key(key: &str) -> Option<(String, Which)> {
+    let rest = key.strip_prefix(PREFIX)?;
+    let rest = rest.strip_suffix(".weight")?;
+    for (tag, which) in [(".lora_A", Which::A), (".lora_B", Which::B)] {
+        if let Some(pos) = rest.rfind(tag) {
+            let after = &rest[pos + tag.len()..];
+            // "" or ".<adapter_name>" without further dots
+            if after.is_empty() || (after.starts_with('.') && !after[1..].contains('.')) {
+                return Some((rest[..pos].to_string(), which));
+            }
+        }
+    }
+    None
+}
+
+/// Write `bytes` to `path` via a temporary file in the same folder and a rename,
+/// so a reader never sees a half-written file.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty());
+    let dir = dir.unwrap_or_else(|| Path::new("."));
+    let name = path.file_name().context("path has no file name")?;
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let res = (|| -> Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        Ok(())
+    })();
+    if res.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    res.with_context(|| format!("writing {}", path.display()))
+}
+
+fn view_to_f32(v: &TensorView<'_>, key: &str) -> Result<Vec<f32>> {
+    let d = v.data();
+    Ok(match v.dtype() {
+        Dtype::F32 => d
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        Dtype::BF16 => d
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        Dtype::F16 => d
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        Dtype::F64 => d
+            .chunks_exact(8)
+            .map(|c| f64::from_le_bytes(c.try_into().unwrap()) as f32)
+            .collect(),
+        other => bail!("tensor {key} has dtype {other:?}; expected F32, BF16 or F16"),
+    })
+}
+
+/// Load a PEFT adapter folder. With `model`, every module must be a projection
+/// of that model with matching shapes, and every targeted module must be present.
+pub fn load_adapter(
+    dir: impl AsRef<Path>,
+    model: Option<&ModelConfig>,
+) -> Result<(PeftConfig, Adapter)> {
+    let dir = dir.as_ref();
+    let peft = PeftConfig::from_file(dir.join(CONFIG_FILE))?;
+    let wpath = dir.join(WEIGHTS_FILE);
+    if !wpath.exists() && dir.join("adapter_model.bin").exists() {
+        bail!(
+            "{}: only adapter_model.safetensors is supported (found the legacy adapter_model.bin)",
+            dir.display()
+        );
+    }
+    let bytes = std::fs::read(&wpath).with_context(|| format!("reading {}", wpath.display()))?;
+    let st = SafeTensors::deserialize(&bytes)
+        .with_context(|| format!("{}: not a valid safetensors file", wpath.display()))?;
+    let ctx = |m: String| format!("{}: {m}", wpath.display());
+    let mut parts: BTreeMap<String, (Option<Tensor>, Option<Tensor>)> = BTreeMap::new();
+    for (key, view) in st.tensors() {
+        let Some((module, which)) = parse_peft_key(&key) else {
+            bail!(ctx(format!(
+                "unsupported tensor {key:?} (only lora_A/lora_B weights of linear layers are supported)"
+            )));
+        };
+        let shape = view.shape().to_vec();
+        if shape.len() != 2 {
+            bail!(ctx(format!(
+                "{key} has shape {shape:?}, expected 2 dimensions"
+            )));
+        }
+        let data = view_to_f32(&view, &key).map_err(|e| anyhow::anyhow!(ctx(e.to_string())))?;
+        let t = Tensor::from_vec(data, (shape[0], shape[1]), &Device::Cpu)?;
+        let e = parts.entry(module).or_default();
+        match which {
+            Which::A => e.0 = Some(t),
+            Which::B => e.1 = Some(t),
+        }
+    }
+    let mut layers = BTreeMap::new();
+    for (module, (a, b)) in parts {
+        let (Some(a), Some(b)) = (a, b) else {
+            bail!(ctx(format!(
+                "module {module} has only one of lora_A / lora_B"
+            )));
+        };
+        let (r_a, inf) = a.dims2()?;
+        let (outf, r_b) = b.dims2()?;
+        if r_a != peft.r || r_b != peft.r {
+            bail!(ctx(format!(
+                "{module}: lora_A is [{r_a}, {inf}] and lora_B [{outf}, {r_b}] but r = {}",
+                peft.r
+            )));
+        }
+        if let Some(m) = model {
+            let Some([o, i]) = module_shape(m, &module) else {
+                bail!(ctx(format!(
+                    "{module} is not a projection layer of the base model"
+                )));
+            };
+            if (o, i) != (outf, inf) {
+                bail!(ctx(format!(
+                    "{module}: adapter is for a [{outf}, {inf}] weight but the base model's is [{o}, {i}] \
+                     (adapter made for a different model?)"
+                )));
+            }
+        }
+        layers.insert(module, LoraWeights { a, b });
+    }
+    if layers.is_empty() {
+        bail!(ctx("no LoRA tensors".into()));
+    }
+    if let Some(m) = model {
+        let want = peft
+            .resolve_targets(m)
+            .with_context(|| format!("{}", dir.display()))?;
+        if let Some(missing) = want.iter().find(|p| !layers.contains_key(*p)) {
+            bail!(ctx(format!(
+                "target_modules selects {missing} but the file has no weights for it"
+            )));
+        }
+    }
+    let mut modules: Vec<String> = layers.keys().cloned().collect();
+    modules.sort_by_key(|p| crate::module_order_key(p));
+    let config = peft.lora_config(modules);
+    Ok((peft, Adapter { config, layers }))
+}
+
+/// Serialize the adapter's weights (F32) to safetensors bytes.
+pub fn adapter_safetensors_bytes(adapter: &Adapter) -> Result<Vec<u8>> {
+    let mut bufs: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (module, w) in &adapter.layers {
+        for (which, t) in [(Which::A, &w.a), (Which::B, &w.b)] {
+            let t = t.to_dtype(DType::F32)?;
+            let shape = t.dims().to_vec();
+            let v: Vec<f32> = t.flatten_all()?.to_vec1()?;
+            let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+            bufs.push((peft_key(module, which), shape, bytes));
+        }
+    }
+    let views = bufs
+        .iter()
+        .map(|(k, s, b)| Ok((k.clone(), TensorView::new(Dtype::F32, s.clone(), b)?)))
+        .collect::<Result<Vec<_>>>()?;
+    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+    Ok(safetensors::serialize(views, Some(meta))?)
+}
+
+/// Save a PEFT adapter folder (created if needed; each file written atomically).
+pub fn save_adapter(dir: impl AsRef<Path>, adapter: &Adapter, peft: &PeftConfig) -> Result<()> {
+    let dir = dir.as_ref();
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut modules: Vec<String> = adapter.layers.keys().cloned().collect();
+    modules.sort_by_key(|p| crate::module_order_key(p));
+    let json = serde_json::to_string_pretty(&peft.to_json(&modules))?;
+    write_atomic(
+        &dir.join(WEIGHTS_FILE),
+        &adapter_safetensors_bytes(adapter)?,
+    )?;
+    write_atomic(&dir.join(CONFIG_FILE), json.as_bytes())?;
+    Ok(())
+}
