@@ -1,0 +1,184 @@
+//! Checkpoints: one folder written as `<name>.tmp-<pid>` and renamed into
+//! place, holding
+//!
+//! * `adapter/` — the PEFT adapter (loads in PEFT as is),
+//! * `optimizer.safetensors` — AdamW moments, `<peft key>.exp_avg` / `.exp_avg_sq` (F32),
+//! * `trainer_state.json` — step, data position (epoch + index; the epoch's
+//!   order is a function of seed and epoch), elapsed time, the training
+//!   config, and the identity of base model and data.
+//!
+//! There is no live RNG to save: shuffling and dropout masks are pure functions
+//! of (seed, epoch) and (seed, step, micro-batch). The base weights are never written.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, ensure, Context, Result};
+use qlora_data::rows::Row;
+use qlora_lora::{load_adapter, save_adapter, write_atomic};
+use qlora_model::Model;
+use safetensors::{tensor::TensorView, Dtype, SafeTensors};
+use serde::{Deserialize, Serialize};
+
+use crate::optim::Moments;
+use crate::params::params_of;
+use crate::trainer::{DataPosition, Identity, TrainConfig, Trainer};
+
+pub const STATE_FILE: &str = "trainer_state.json";
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+const FORMAT_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainerState {
+    pub format_version: u32,
+    pub step: u64,
+    pub data: DataPosition,
+    pub elapsed_s: f64,
+    pub tokens_seen: u64,
+    pub config: TrainConfig,
+    pub identity: Identity,
+}
+
+fn moments_bytes(t: &Trainer<'_>) -> Result<Vec<u8>> {
+    let mut bufs: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (p, m) in t.params.iter().zip(&t.moments) {
+        for (suffix, v) in [("exp_avg", &m.m), ("exp_avg_sq", &m.v)] {
+            let bytes = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+            bufs.push((format!("{}.{suffix}", p.key()), p.shape.to_vec(), bytes));
+        }
+    }
+    let views = bufs
+        .iter()
+        .map(|(k, s, b)| Ok((k.clone(), TensorView::new(Dtype::F32, s.clone(), b)?)))
+        .collect::<Result<Vec<_>>>()?;
+    let meta = HashMap::from([("step".to_string(), t.step.to_string())]);
+    Ok(safetensors::serialize(views, Some(meta))?)
+}
+
+impl Trainer<'_> {
+    /// Write a checkpoint folder at `dir` (replacing one that exists there).
+    pub fn save_checkpoint(&self, dir: &Path) -> Result<()> {
+        let parent = dir
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+        let name = dir
+            .file_name()
+            .context("checkpoint path has no name")?
+            .to_string_lossy();
+        let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp)?;
+        }
+        let res = (|| -> Result<()> {
+            std::fs::create_dir_all(&tmp)?;
+            save_adapter(tmp.join("adapter"), &self.adapter, &self.peft)?;
+            write_atomic(&tmp.join(OPTIMIZER_FILE), &moments_bytes(self)?)?;
+            let st = TrainerState {
+                format_version: FORMAT_VERSION,
+                step: self.step,
+                data: self.data_position(),
+                elapsed_s: self.elapsed_s(),
+                tokens_seen: self.tokens_seen,
+                config: self.cfg.clone(),
+                identity: self.identity.clone(),
+            };
+            write_atomic(
+                &tmp.join(STATE_FILE),
+                serde_json::to_string_pretty(&st)?.as_bytes(),
+            )?;
+            if dir.exists() {
+                std::fs::remove_dir_all(dir)?;
+            }
+            std::fs::rename(&tmp, dir)?;
+            Ok(())
+        })();
+        if res.is_err() {
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
+        res.with_context(|| format!("writing checkpoint {}", dir.display()))
+    }
+
+    /// Continue a run from checkpoint `dir`. `cfg`, `identity` and the rows must
+    /// describe the same run (only `max_steps`/`checkpointing` may change);
+    /// otherwise the checkpoint is refused with the reason.
+    pub fn resume<'m>(
+        model: &'m Model,
+        cfg: TrainConfig,
+        identity: Identity,
+        rows: Vec<Row>,
+        eval_rows: Vec<Row>,
+        dir: &Path,
+    ) -> Result<Trainer<'m>> {
+        let sp = dir.join(STATE_FILE);
+        let text = std::fs::read_to_string(&sp).with_context(|| {
+            format!(
+                "{} is not a qlora checkpoint (no {STATE_FILE})",
+                dir.display()
+            )
+        })?;
+        let st: TrainerState =
+            serde_json::from_str(&text).with_context(|| format!("{}: invalid", sp.display()))?;
+        if st.format_version != FORMAT_VERSION {
+            bail!(
+                "{}: checkpoint format {} is not supported",
+                sp.display(),
+                st.format_version
+            );
+        }
+        identity
+            .check(&st.identity)
+            .with_context(|| format!("refusing checkpoint {}", dir.display()))?;
+        cfg.check_resumable(&st.config)
+            .with_context(|| format!("refusing checkpoint {}", dir.display()))?;
+        ensure!(
+            st.step <= cfg.max_steps,
+            "the checkpoint is at step {} but --max-steps is {}",
+            st.step,
+            cfg.max_steps
+        );
+        let (peft, adapter) = load_adapter(dir.join("adapter"), Some(&model.config))?;
+        let mut t = Trainer::new(model, cfg, identity, peft, adapter, rows, eval_rows)?;
+        // moments
+        let op = dir.join(OPTIMIZER_FILE);
+        let bytes = std::fs::read(&op).with_context(|| format!("reading {}", op.display()))?;
+        let sf = SafeTensors::deserialize(&bytes)
+            .with_context(|| format!("{}: invalid", op.display()))?;
+        let params = params_of(&t.adapter)?;
+        let mut moments = Vec::with_capacity(params.len());
+        for p in &params {
+            let get = |suffix: &str| -> Result<Vec<f32>> {
+                let k = format!("{}.{suffix}", p.key());
+                let v = sf
+                    .tensor(&k)
+                    .with_context(|| format!("{}: missing {k}", op.display()))?;
+                ensure!(
+                    v.dtype() == Dtype::F32 && v.shape() == p.shape,
+                    "{}: {k} has the wrong dtype/shape",
+                    op.display()
+                );
+                Ok(v.data()
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect())
+            };
+            moments.push(Moments {
+                m: get("exp_avg")?,
+                v: get("exp_avg_sq")?,
+            });
+        }
+        t.moments = moments;
+        t.step = st.step;
+        t.set_position(st.data)?;
+        t.elapsed_before = st.elapsed_s;
+        t.tokens_seen = st.tokens_seen;
+        Ok(t)
+    }
+}
+
+/// `<out>/checkpoint-<step>`.
+pub fn checkpoint_dir(out: &Path, step: u64) -> PathBuf {
+    out.join(format!("checkpoint-{step}"))
+}

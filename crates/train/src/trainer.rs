@@ -1,0 +1,462 @@
+//! The optimizer-step loop: gradient accumulation normalised by the total
+//! number of target tokens of the step, global-norm clipping, AdamW, the LR
+//! schedule, deterministic data order, evaluation, and NaN/inf guards.
+
+use std::time::Instant;
+
+use anyhow::{bail, ensure, Context, Result};
+use qlora_data::rows::{epoch_order, Row};
+use qlora_lora::{Adapter, PeftConfig};
+use qlora_model::{Batch, Model, StepOptions};
+use serde::{Deserialize, Serialize};
+
+use crate::optim::{clip_coef, global_grad_norm, AdamW, Moments};
+use crate::params::{grads_in_order, params_of, store_params, Param};
+use crate::schedule::{Schedule, ScheduleKind};
+
+/// Everything that shapes the trajectory (plus a few run-control knobs).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    pub batch_size: usize,
+    pub grad_accum: usize,
+    /// Total optimizer steps (the schedule's horizon).
+    pub max_steps: u64,
+    pub lr: f64,
+    pub schedule: ScheduleKind,
+    pub warmup_steps: u64,
+    pub adamw: AdamW,
+    /// Global-norm clipping threshold; `None` = no clipping.
+    pub max_grad_norm: Option<f64>,
+    pub seed: u64,
+    pub shuffle: bool,
+    pub lora_dropout: f64,
+    /// Recompute each decoder layer in the backward (less memory, same numbers).
+    pub checkpointing: bool,
+    /// Token id used to right-pad rows (masked out of the loss).
+    pub pad_id: u32,
+}
+
+impl TrainConfig {
+    pub fn schedule(&self) -> Schedule {
+        Schedule {
+            kind: self.schedule,
+            lr: self.lr,
+            warmup_steps: self.warmup_steps,
+            total_steps: self.max_steps,
+        }
+    }
+
+    /// The fields a resumed run must share with the checkpoint for the
+    /// trajectory to continue unchanged (`max_steps` and `checkpointing` may differ).
+    pub fn check_resumable(&self, ck: &TrainConfig) -> Result<()> {
+        let mut a = self.clone();
+        a.max_steps = ck.max_steps;
+        a.checkpointing = ck.checkpointing;
+        if &a != ck {
+            let ours = serde_json::to_value(&a)?;
+            let theirs = serde_json::to_value(ck)?;
+            let diffs: Vec<String> = ours
+                .as_object()
+                .unwrap()
+                .iter()
+                .filter(|(k, v)| theirs.get(k.as_str()) != Some(v))
+                .map(|(k, v)| format!("{k}: checkpoint {} vs now {v}", theirs[k.as_str()]))
+                .collect();
+            bail!(
+                "the checkpoint was made with different training settings ({}); \
+                 resume with the same settings or start a new run",
+                diffs.join(", ")
+            );
+        }
+        Ok(())
+    }
+}
+
+/// What the run trains on; a checkpoint only resumes onto the same identity.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Identity {
+    /// How the user named the base model (informational).
+    pub model_ref: String,
+    /// Hash of the parsed model configuration (architecture and every shape).
+    pub model_config_hash: String,
+    /// Base weight format (`none`, `nf4`, …).
+    pub quant: String,
+    /// Hash of the tokenized training rows.
+    pub data_hash: String,
+}
+
+impl Identity {
+    pub fn check(&self, ck: &Identity) -> Result<()> {
+        if self.model_config_hash != ck.model_config_hash {
+            bail!(
+                "the checkpoint was trained on a different base model ({} , config hash {}) than {} (config hash {})",
+                ck.model_ref, ck.model_config_hash, self.model_ref, self.model_config_hash
+            );
+        }
+        if self.quant != ck.quant {
+            bail!(
+                "the checkpoint was trained on a {} base but this run uses {}",
+                ck.quant,
+                self.quant
+            );
+        }
+        if self.data_hash != ck.data_hash {
+            bail!("the checkpoint was trained on different data (after tokenization); resume with the same data and settings");
+        }
+        Ok(())
+    }
+}
+
+/// 64-bit FNV-1a, hex: stable across runs and platforms (unlike `DefaultHasher`).
+pub fn fnv_hex(bytes: &[u8]) -> String {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for &b in bytes {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    format!("{h:016x}")
+}
+
+/// Hash of tokenized rows (ids and labels).
+pub fn rows_hash(rows: &[Row]) -> String {
+    let mut buf = Vec::new();
+    for r in rows {
+        for p in &r.parts {
+            for &t in &p.input_ids {
+                buf.extend_from_slice(&t.to_le_bytes());
+            }
+            for &l in &p.labels {
+                buf.extend_from_slice(&l.to_le_bytes());
+            }
+            buf.push(0xFE);
+        }
+        buf.push(0xFF);
+    }
+    fnv_hex(&buf)
+}
+
+/// One line of `metrics.jsonl`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StepMetrics {
+    pub step: u64,
+    pub epoch: u64,
+    /// Mean loss of the batch this step used, before the update.
+    pub loss: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    pub clip_coef: f64,
+    pub lr: f64,
+    /// Non-pad input tokens processed by this step.
+    pub tokens: usize,
+    pub target_tokens: usize,
+    pub tokens_per_s: f64,
+    pub elapsed_s: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eval_loss: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eval_ppl: Option<f64>,
+}
+
+/// Where the data iterator stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataPosition {
+    pub epoch: u64,
+    /// Index into the epoch's order of the next row.
+    pub pos: usize,
+}
+
+/// Build a model batch from rows: right padding with labels −100; packed rows
+/// (several parts) get position ids restarting per part and segment ids
+/// (padding gets its own segment).
+pub fn collate(rows: &[&Row], pad_id: u32) -> Batch {
+    let s = rows.iter().map(|r| r.len()).max().unwrap_or(0);
+    let packed = rows.iter().any(|r| r.parts.len() > 1);
+    let mut b = Batch::default();
+    let (mut pos_rows, mut seg_rows) = (Vec::new(), Vec::new());
+    for r in rows {
+        let (mut ids, mut labels, mut pos, mut seg) = r.flatten();
+        let n = ids.len();
+        let pad_seg = r.parts.len() as u32;
+        ids.resize(s, pad_id);
+        labels.resize(s, qlora_data::IGNORE_INDEX);
+        pos.extend(0..(s - n) as u32);
+        seg.resize(s, pad_seg);
+        b.input_ids.push(ids);
+        b.labels.push(labels);
+        pos_rows.push(pos);
+        seg_rows.push(seg);
+    }
+    if packed {
+        b.position_ids = Some(pos_rows);
+        b.segment_ids = Some(seg_rows);
+    }
+    b
+}
+
+/// Loss targets of a batch after the shift (label ≠ −100 at t ≥ 1).
+pub fn batch_targets(b: &Batch) -> usize {
+    b.labels
+        .iter()
+        .map(|r| {
+            r.iter()
+                .skip(1)
+                .filter(|&&l| l != qlora_data::IGNORE_INDEX)
+                .count()
+        })
+        .sum()
+}
+
+fn splitmix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9E3779B97F4A7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D049BB133111EB);
+    x ^ (x >> 31)
+}
+
+/// The training state and loop.
+pub struct Trainer<'m> {
+    pub model: &'m Model,
+    pub cfg: TrainConfig,
+    pub identity: Identity,
+    pub peft: PeftConfig,
+    pub adapter: Adapter,
+    pub(crate) params: Vec<Param>,
+    pub(crate) moments: Vec<Moments>,
+    /// Optimizer steps done.
+    pub step: u64,
+    pub(crate) rows: Vec<Row>,
+    pub eval_rows: Vec<Row>,
+    pub(crate) data: DataPosition,
+    order: Vec<usize>,
+    /// Seconds of training before this process (from a checkpoint).
+    pub(crate) elapsed_before: f64,
+    started: Instant,
+    pub tokens_seen: u64,
+}
+
+impl<'m> Trainer<'m> {
+    /// Start a run from `adapter` (fresh or loaded). Its dropout is set from the config.
+    pub fn new(
+        model: &'m Model,
+        cfg: TrainConfig,
+        identity: Identity,
+        peft: PeftConfig,
+        mut adapter: Adapter,
+        rows: Vec<Row>,
+        eval_rows: Vec<Row>,
+    ) -> Result<Self> {
+        ensure!(!rows.is_empty(), "no training rows");
+        ensure!(
+            cfg.batch_size > 0 && cfg.grad_accum > 0,
+            "batch size and gradient accumulation must be at least 1"
+        );
+        ensure!(
+            cfg.lr.is_finite() && cfg.lr >= 0.0,
+            "invalid learning rate {}",
+            cfg.lr
+        );
+        adapter.config.lora_dropout = cfg.lora_dropout;
+        let mut peft = peft;
+        peft.lora_dropout = cfg.lora_dropout;
+        let params = params_of(&adapter)?;
+        let moments = params
+            .iter()
+            .map(|p| Moments::zeros(p.data.len()))
+            .collect();
+        let order = epoch_order(rows.len(), cfg.seed, 0, cfg.shuffle);
+        Ok(Trainer {
+            model,
+            cfg,
+            identity,
+            peft,
+            adapter,
+            params,
+            moments,
+            step: 0,
+            rows,
+            eval_rows,
+            data: DataPosition { epoch: 0, pos: 0 },
+            order,
+            elapsed_before: 0.0,
+            started: Instant::now(),
+            tokens_seen: 0,
+        })
+    }
+
+    pub(crate) fn set_position(&mut self, data: DataPosition) -> Result<()> {
+        ensure!(
+            data.pos <= self.rows.len(),
+            "checkpoint data position {} is past the {} rows",
+            data.pos,
+            self.rows.len()
+        );
+        self.data = data;
+        self.order = epoch_order(self.rows.len(), self.cfg.seed, data.epoch, self.cfg.shuffle);
+        Ok(())
+    }
+
+    pub fn data_position(&self) -> DataPosition {
+        self.data
+    }
+
+    pub fn num_rows(&self) -> usize {
+        self.rows.len()
+    }
+
+    pub fn done(&self) -> bool {
+        self.step >= self.cfg.max_steps
+    }
+
+    pub fn elapsed_s(&self) -> f64 {
+        self.elapsed_before + self.started.elapsed().as_secs_f64()
+    }
+
+    /// The next micro-batch: `batch_size` rows in epoch order; an epoch's
+    /// last batch may be short (PyTorch's `drop_last=False`).
+    fn next_batch(&mut self) -> (Batch, usize) {
+        if self.data.pos >= self.rows.len() {
+            self.data = DataPosition {
+                epoch: self.data.epoch + 1,
+                pos: 0,
+            };
+            self.order = epoch_order(
+                self.rows.len(),
+                self.cfg.seed,
+                self.data.epoch,
+                self.cfg.shuffle,
+            );
+        }
+        let end = (self.data.pos + self.cfg.batch_size).min(self.rows.len());
+        let rows: Vec<&Row> = self.order[self.data.pos..end]
+            .iter()
+            .map(|&i| &self.rows[i])
+            .collect();
+        self.data.pos = end;
+        let tokens = rows.iter().map(|r| r.len()).sum();
+        (collate(&rows, self.cfg.pad_id), tokens)
+    }
+
+    /// One optimizer step over `grad_accum` micro-batches.
+    pub fn train_step(&mut self) -> Result<StepMetrics> {
+        let t0 = Instant::now();
+        let micro: Vec<(Batch, usize)> = (0..self.cfg.grad_accum)
+            .map(|_| self.next_batch())
+            .collect();
+        let total: usize = micro.iter().map(|m| batch_targets(&m.0)).sum();
+        let step1 = self.step + 1;
+        ensure!(
+            total > 0,
+            "step {step1}: the batch has no target tokens (all labels masked)"
+        );
+        let tokens: usize = micro.iter().map(|m| m.1).sum();
+        let mut sum_ce = 0f64;
+        let mut acc: Option<Vec<Vec<f32>>> = None;
+        for (i, (b, _)) in micro.iter().enumerate() {
+            let opts = StepOptions {
+                loss_denominator: total as f32,
+                checkpointing: self.cfg.checkpointing,
+                lora_dropout_seed: splitmix(self.cfg.seed ^ splitmix(step1 * 1024 + i as u64)),
+            };
+            let (s, c, g) = self
+                .model
+                .forward_backward(b, &self.adapter, &opts)
+                .with_context(|| format!("step {step1}, micro-batch {i}"))?;
+            ensure!(
+                c == batch_targets(b),
+                "model counted {c} targets, trainer {}",
+                batch_targets(b)
+            );
+            sum_ce += s;
+            let g = grads_in_order(&g, &self.params)?;
+            match &mut acc {
+                None => acc = Some(g),
+                Some(a) => {
+                    for (x, y) in a.iter_mut().zip(&g) {
+                        x.iter_mut().zip(y).for_each(|(p, q)| *p += q);
+                    }
+                }
+            }
+        }
+        let mut grads = acc.expect("grad_accum >= 1");
+        let loss = sum_ce / total as f64;
+        if !loss.is_finite() {
+            bail!("non-finite loss ({loss}) at step {step1}");
+        }
+        let norm = global_grad_norm(grads.iter().map(|g| &g[..]));
+        if !norm.is_finite() {
+            bail!("non-finite gradient (global norm {norm}) at step {step1}");
+        }
+        let coef = match self.cfg.max_grad_norm {
+            Some(m) if m > 0.0 => {
+                let c = clip_coef(norm, m);
+                grads
+                    .iter_mut()
+                    .for_each(|g| g.iter_mut().for_each(|x| *x *= c));
+                c
+            }
+            _ => 1.0,
+        };
+        let lr = self.cfg.schedule().lr_at(self.step);
+        for ((p, g), m) in self.params.iter_mut().zip(&grads).zip(&mut self.moments) {
+            self.cfg.adamw.update(&mut p.data, g, m, lr, step1);
+        }
+        store_params(&mut self.adapter, &self.params)?;
+        self.step = step1;
+        self.tokens_seen += tokens as u64;
+        let dt = t0.elapsed().as_secs_f64();
+        Ok(StepMetrics {
+            step: step1,
+            epoch: self.data.epoch,
+            loss,
+            grad_norm: norm as f64,
+            clip_coef: coef as f64,
+            lr,
+            tokens,
+            target_tokens: total,
+            tokens_per_s: tokens as f64 / dt.max(1e-9),
+            elapsed_s: self.elapsed_s(),
+            eval_loss: None,
+            eval_ppl: None,
+        })
+    }
+
+    /// Mean loss over the held-out rows (no dropout): `(loss, perplexity)`.
+    pub fn evaluate(&self) -> Result<Option<(f64, f64)>> {
+        evaluate_rows(
+            self.model,
+            Some(&self.adapter),
+            &self.eval_rows,
+            self.cfg.batch_size,
+            self.cfg.pad_id,
+        )
+    }
+}
+
+/// Token-weighted mean loss of `rows` in batches, and its perplexity.
+pub fn evaluate_rows(
+    model: &Model,
+    adapter: Option<&Adapter>,
+    rows: &[Row],
+    batch_size: usize,
+    pad_id: u32,
+) -> Result<Option<(f64, f64)>> {
+    if rows.is_empty() {
+        return Ok(None);
+    }
+    let (mut sum, mut count) = (0f64, 0usize);
+    for chunk in rows.chunks(batch_size.max(1)) {
+        let refs: Vec<&Row> = chunk.iter().collect();
+        let b = collate(&refs, pad_id);
+        if batch_targets(&b) == 0 {
+            continue;
+        }
+        let (s, c) = model.loss(&b, adapter)?;
+        sum += s;
+        count += c;
+    }
+    if count == 0 {
+        return Ok(None);
+    }
+    let l = sum / count as f64;
+    Ok(Some((l, l.exp())))
+}
