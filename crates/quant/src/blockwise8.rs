@@ -104,14 +104,22 @@ fn quantize_block(x: &[f32], lut: &Lut8, out: &mut [u8]) -> f32 {
 /// # Panics
 /// If `blocksize == 0`.
 pub fn quantize_blockwise8(x: &[f32], code: &[f32; 256], blocksize: usize) -> (Vec<u8>, Vec<f32>) {
+    use rayon::prelude::*;
     assert!(blocksize > 0, "quantize_blockwise8: blocksize must be > 0");
     let lut = Lut8::for_code(code);
     let mut q = vec![0u8; x.len()];
-    let absmax = x
-        .chunks(blocksize)
-        .zip(q.chunks_mut(blocksize))
-        .map(|(xb, qb)| quantize_block(xb, &lut, qb))
-        .collect();
+    let mut absmax = vec![0f32; x.len().div_ceil(blocksize)];
+    // Whole blocks per rayon task (~64 K elements); results do not depend on the split.
+    let blocks_per_task = (crate::quantize::CHUNK_ELEMS / blocksize).max(1);
+    let elems_per_task = blocks_per_task * blocksize;
+    q.par_chunks_mut(elems_per_task)
+        .zip(x.par_chunks(elems_per_task))
+        .zip(absmax.par_chunks_mut(blocks_per_task))
+        .for_each(|((qt, xt), at)| {
+            for ((qb, xb), a) in qt.chunks_mut(blocksize).zip(xt.chunks(blocksize)).zip(at) {
+                *a = quantize_block(xb, &lut, qb);
+            }
+        });
     (q, absmax)
 }
 

@@ -284,3 +284,19 @@ fn large_tensor_crosses_parallel_chunks() {
         }
     }
 }
+
+#[test]
+fn large_blockwise8_crosses_parallel_tasks() {
+    // 200,000 values in blocks of 64: several rayon tasks of 1024 blocks, plus a partial one.
+    let n = 200_000;
+    let x: Vec<f32> = (0..n)
+        .map(|i| ((i * 48_271usize) % 65_521) as f32 / 30_000.0 - 1.1)
+        .collect();
+    let code = qlora_quant::dynamic_map();
+    for bs in [64, 256] {
+        assert_eq!(
+            quantize_blockwise8(&x, &code, bs),
+            reference::quantize_blockwise8(&x, &code, bs)
+        );
+    }
+}
