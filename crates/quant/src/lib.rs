@@ -52,9 +52,25 @@
 //! # Speed
 //!
 //! [`quantize_4bit`] and the `dequantize_*` methods are the fast paths: rayon across chunks
-//! of blocks and, on x86-64, AVX2 kernels selected at run time (`is_x86_feature_detected!`),
-//! with a portable scalar fallback everywhere else. [`reference`] holds the plain scalar
-//! specification they are tested against.
+//! of blocks (64 K elements per task) and, on x86-64, AVX2 (+F16C) kernels selected at run
+//! time (`is_x86_feature_detected!`): quantize by a 4-level branch-free binary search over
+//! the 15 thresholds, 8 lanes at a time; dequantize by a per-block 16-entry table looked up
+//! with in-register permutes (f32) or byte shuffles (bf16/f16), with non-temporal stores for
+//! outputs of 16 MiB or more. Elsewhere a portable, auto-vectorizable scalar path is used
+//! (also forced by `QLORA_QUANT_BACKEND=scalar`). [`mod@reference`] holds the plain scalar
+//! specification; every backend is tested bit-for-bit against it and the fixtures.
+//!
+//! # API overview
+//!
+//! * [`quantize_4bit`] → [`Quantized4`]; [`Quantized4::validate`] for data read from files.
+//! * Dequantize: [`Quantized4::dequantize_f32`] / `_bf16` / `_f16`, `dequantize_into_*`,
+//!   [`Quantized4::dequantize_range_f32`] (any element range, for tiled matmuls),
+//!   [`Quantized4::dequantize_range`] (generic over f32/bf16/f16) and
+//!   [`Quantized4::dequantize_range_f32_rounded`] (values rounded through the recorded dtype,
+//!   i.e. what bnb's matmul sees for bf16/f16 weights).
+//! * Tables: [`code_table`], [`thresholds`], [`zero_code`], [`dynamic_map`].
+//! * Double quant alone: [`double_quant`], [`double_quant_with_offset`] (e.g. with an exact
+//!   torch-mean offset); 8-bit: [`quantize_blockwise8`], [`dequantize_blockwise8`].
 
 use std::fmt;
 use std::str::FromStr;
