@@ -52,11 +52,13 @@ impl EncodeTables {
 /// An input element type: f32, or bf16/f16 upcast exactly to f32.
 pub(crate) trait Elem: Copy + Send + Sync + 'static {
     /// Which type (lets the SIMD loaders branch at compile time).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     const KIND: ElemKind;
     fn f32(self) -> f32;
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) enum ElemKind {
     F32,
     BF16,
