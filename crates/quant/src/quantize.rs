@@ -24,14 +24,30 @@ pub(crate) struct EncodeTables {
     pub ord: [u8; 16],
     /// Code of 0.0 (odd-n padding).
     pub pad: u8,
+    /// Thresholds of binary-search levels 2, 3, 4 laid out for 8-lane table lookups:
+    /// `th[3], th[11]`; `th[1], th[5], th[9], th[13]`; `th[0], th[2], .., th[14]`.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    pub levels: [[f32; 8]; 3],
 }
 
 impl EncodeTables {
     pub fn new(t: QuantType) -> Self {
+        let th = thresholds(t);
+        let mut levels = [[0f32; 8]; 3];
+        for (k, l) in levels[0].iter_mut().take(2).enumerate() {
+            *l = th[3 + 8 * k];
+        }
+        for (k, l) in levels[1].iter_mut().take(4).enumerate() {
+            *l = th[1 + 4 * k];
+        }
+        for (k, l) in levels[2].iter_mut().enumerate() {
+            *l = th[2 * k];
+        }
         EncodeTables {
-            th: thresholds(t),
+            th,
             ord: *order(t),
             pad: zero_code(t),
+            levels,
         }
     }
 

@@ -124,13 +124,16 @@ pub(crate) mod x86 {
 
     impl SearchTables {
         #[target_feature(enable = "avx2")]
-        pub(crate) fn new(th: &[f32; 15]) -> SearchTables {
-            let z = 0.0;
-            SearchTables {
-                t1: _mm256_set1_ps(th[7]),
-                t2: _mm256_setr_ps(th[3], th[11], z, z, z, z, z, z),
-                t3: _mm256_setr_ps(th[1], th[5], th[9], th[13], z, z, z, z),
-                t4: _mm256_setr_ps(th[0], th[2], th[4], th[6], th[8], th[10], th[12], th[14]),
+        #[inline]
+        pub(crate) fn new(t: &EncodeTables) -> SearchTables {
+            // SAFETY: each `levels` row is 8 f32 (unaligned loads).
+            unsafe {
+                SearchTables {
+                    t1: _mm256_set1_ps(t.th[7]),
+                    t2: _mm256_loadu_ps(t.levels[0].as_ptr()),
+                    t3: _mm256_loadu_ps(t.levels[1].as_ptr()),
+                    t4: _mm256_loadu_ps(t.levels[2].as_ptr()),
+                }
             }
         }
     }
@@ -174,7 +177,7 @@ pub(crate) mod x86 {
             Scale::Mul(r) => (_mm256_set1_ps(r), false),
             Scale::Div(a) => (_mm256_set1_ps(a), true),
         };
-        let th = SearchTables::new(&t.th);
+        let th = SearchTables::new(t);
         let ord = _mm_loadu_si128(t.ord.as_ptr() as *const __m128i);
         let ord = _mm256_set_m128i(ord, ord);
         let perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
