@@ -22,6 +22,10 @@ struct Cli {
 enum Command {
     /// Show a model's configuration as qlora understands it.
     Inspect(commands::inspect::Args),
+    /// Quantize a Hugging Face model (or a .safetensors file) to bitsandbytes NF4/FP4.
+    Quantize(commands::quantize::Args),
+    /// Turn a bitsandbytes 4-bit model (or file) back into plain float weights.
+    Dequantize(commands::dequantize::Args),
     /// Parameter count and exact weight bytes (f32, bf16, int8, bnb NF4/FP4, GGUF).
     Size(commands::size::Args),
     /// Training memory per device; with --budget: fits?, largest batch/sequence, fewest devices.
@@ -39,6 +43,8 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Inspect(a) => commands::inspect::run(a),
+        Command::Quantize(a) => commands::quantize::run(a),
+        Command::Dequantize(a) => commands::dequantize::run(a),
         Command::Size(a) => commands::size::run(a),
         Command::Plan(a) => commands::plan::run(*a),
     };

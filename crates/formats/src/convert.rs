@@ -21,9 +21,12 @@ use serde_json::Value;
 
 use crate::bnb::{self, bnb4_specs, bnb4_tensors, is_quantized_linear, quantize_bnb, read_bnb4};
 use crate::error::{FormatError, Result};
+use crate::folder::{
+    check_output, copy_side_files, read_config_map, write_config_json, write_model_shards,
+    OutputFolder,
+};
 use crate::model_files::{ModelFiles, INDEX_FILE, SINGLE_FILE};
 use crate::reader::{SafetensorsFile, TensorView};
-use crate::shards::{plan_shards, shard_file_name, write_atomic, write_index};
 use crate::source::TensorSource;
 use crate::writer::{SafetensorsWriter, TensorSpec};
 
@@ -377,157 +380,12 @@ fn write_sharded<S: TensorSource + ReleasePages + ?Sized>(
     max_shard: u64,
     opts: &QuantOptions,
 ) -> Result<Vec<PathBuf>> {
-    // Group units into shards by their specs; remember which unit each spec group came from.
     let groups: Vec<Vec<TensorSpec>> = units.iter().map(Unit::specs).collect();
-    let sizes: Vec<usize> = groups.iter().map(Vec::len).collect();
-    let shards = plan_shards(groups, max_shard);
-    let n = shards.len();
-    let mut files = Vec::with_capacity(n);
-    let mut index = Vec::with_capacity(n);
-    let mut next_unit = 0usize;
-    for (k, specs) in shards.into_iter().enumerate() {
-        let name = shard_file_name(k, n);
-        let path = dir.join(&name);
-        let mut w = SafetensorsWriter::create(&path, &specs)?;
-        let mut covered = 0usize;
-        while covered < specs.len() {
-            let unit = &units[next_unit];
-            write_unit(src, unit, opts, &mut w)?;
-            release_unit(src, unit);
-            covered += sizes[next_unit];
-            next_unit += 1;
-        }
-        files.push(w.finish()?);
-        index.push((name, specs));
-    }
-    if n > 1 {
-        write_index(dir, &index)?;
-    }
-    Ok(files)
-}
-
-/// Refuse to replace a non-empty `out` unless `force`; refuse `out == input`.
-fn check_output(input: &Path, out: &Path, force: bool) -> Result<()> {
-    if let (Ok(a), Ok(b)) = (input.canonicalize(), out.canonicalize()) {
-        if a == b {
-            return Err(FormatError::invalid(
-                out,
-                "the output is the input; choose another --out",
-            ));
-        }
-    }
-    if out.is_dir() {
-        let non_empty = std::fs::read_dir(out)
-            .map_err(|e| FormatError::io(out, e))?
-            .next()
-            .is_some();
-        if non_empty && !force {
-            return Err(FormatError::invalid(
-                out,
-                "output folder exists and is not empty (use --force to replace it)",
-            ));
-        }
-    } else if out.exists() && !force {
-        return Err(FormatError::invalid(
-            out,
-            "output exists (use --force to replace it)",
-        ));
-    }
-    Ok(())
-}
-
-/// A folder built beside its final place and renamed there when complete;
-/// removed if dropped before [`TempDir::commit`].
-struct TempDir {
-    tmp: PathBuf,
-    done: bool,
-}
-
-impl TempDir {
-    fn new(out: &Path) -> Result<Self> {
-        let tmp = crate::writer::temp_path(out);
-        if tmp.exists() {
-            std::fs::remove_dir_all(&tmp).map_err(|e| FormatError::io(&tmp, e))?;
-        }
-        std::fs::create_dir_all(&tmp).map_err(|e| FormatError::io(&tmp, e))?;
-        Ok(TempDir { tmp, done: false })
-    }
-    fn commit(mut self, out: &Path) -> Result<()> {
-        if out.is_dir() {
-            std::fs::remove_dir_all(out).map_err(|e| FormatError::io(out, e))?;
-        } else if out.exists() {
-            std::fs::remove_file(out).map_err(|e| FormatError::io(out, e))?;
-        }
-        std::fs::rename(&self.tmp, out).map_err(|e| FormatError::io(out, e))?;
-        self.done = true;
+    write_model_shards(dir, &groups, max_shard, |i, w| {
+        write_unit(src, &units[i], opts, w)?;
+        release_unit(src, &units[i]);
         Ok(())
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        if !self.done {
-            let _ = std::fs::remove_dir_all(&self.tmp);
-        }
-    }
-}
-
-fn read_config(dir: &Path) -> Result<serde_json::Map<String, Value>> {
-    let p = dir.join("config.json");
-    let text = std::fs::read_to_string(&p).map_err(|e| FormatError::io(&p, e))?;
-    let v: Value = serde_json::from_str(&text)
-        .map_err(|e| FormatError::invalid(&p, format!("not valid JSON: {e}")))?;
-    match v {
-        Value::Object(m) => Ok(m),
-        _ => Err(FormatError::invalid(&p, "not a JSON object")),
-    }
-}
-
-/// transformers' `to_json_file`: 2-space indent, sorted keys, trailing newline.
-fn write_json(path: &Path, v: &serde_json::Map<String, Value>) -> Result<()> {
-    let sorted: BTreeMap<&String, &Value> = v.iter().collect();
-    let mut text = serde_json::to_string_pretty(&sorted).expect("JSON serialises");
-    text.push('\n');
-    write_atomic(path, text.as_bytes())
-}
-
-/// Copy every plain file of a model folder that is not weights or config.json
-/// (tokenizer files, generation_config.json, chat templates, README, …).
-fn copy_side_files(from: &Path, to: &Path) -> Result<Vec<String>> {
-    let mut copied = Vec::new();
-    let rd = std::fs::read_dir(from).map_err(|e| FormatError::io(from, e))?;
-    for e in rd {
-        let e = e.map_err(|e| FormatError::io(from, e))?;
-        let p = e.path();
-        if !p.is_file() {
-            continue;
-        }
-        let name = e.file_name().to_string_lossy().to_string();
-        let weights = [
-            ".safetensors",
-            ".bin",
-            ".pt",
-            ".pth",
-            ".ckpt",
-            ".gguf",
-            ".h5",
-            ".msgpack",
-            ".onnx",
-        ];
-        if name == "config.json"
-            || name == INDEX_FILE
-            || name.ends_with(".index.json")
-            || name.starts_with('.')
-            || name.contains(".tmp-")
-            || weights.iter().any(|s| name.ends_with(s))
-        {
-            continue;
-        }
-        std::fs::copy(&p, to.join(&name)).map_err(|e| FormatError::io(&p, e))?;
-        copied.push(name);
-    }
-    copied.sort();
-    Ok(copied)
+    })
 }
 
 fn add_bytes(m: &mut BTreeMap<String, u64>, specs: &[TensorSpec]) {
@@ -577,7 +435,7 @@ fn plan_quantize<S: TensorSource + ReleasePages + ?Sized>(
 /// can load (see the module docs for the two passes).
 pub fn quantize_model(input: &Path, out: &Path, opts: &QuantizeOptions) -> Result<ConvertReport> {
     check_output(input, out, opts.force)?;
-    let mut config = read_config(input)?;
+    let mut config = read_config_map(input)?;
     if config.contains_key("quantization_config") {
         return Err(FormatError::invalid(
             &input.join("config.json"),
@@ -601,8 +459,8 @@ pub fn quantize_model(input: &Path, out: &Path, opts: &QuantizeOptions) -> Resul
             "no Linear weights to quantize (expected 2-D *_proj.weight tensors)",
         ));
     }
-    let tmp = TempDir::new(out)?;
-    let files = write_sharded(&src, units, &tmp.tmp, opts.max_shard_size, &opts.quant)?;
+    let tmp = OutputFolder::new(out)?;
+    let files = write_sharded(&src, units, tmp.path(), opts.max_shard_size, &opts.quant)?;
     config.insert(
         "quantization_config".into(),
         bnb::quantization_config(
@@ -611,8 +469,8 @@ pub fn quantize_model(input: &Path, out: &Path, opts: &QuantizeOptions) -> Resul
             &opts.compute_dtype,
         ),
     );
-    write_json(&tmp.tmp.join("config.json"), &config)?;
-    copy_side_files(input, &tmp.tmp)?;
+    write_config_json(&tmp.path().join("config.json"), &config)?;
+    copy_side_files(input, tmp.path())?;
     tmp.commit(out)?;
     report.files = files
         .iter()
@@ -709,15 +567,15 @@ pub fn dequantize_model(
     opts: &DequantizeOptions,
 ) -> Result<ConvertReport> {
     check_output(input, out, opts.force)?;
-    let mut config = read_config(input)?;
+    let mut config = read_config_map(input)?;
     let src = ModelFiles::open(input)?;
     let mut report = ConvertReport::default();
     let units = plan_dequantize(&src, opts.dtype, &mut report)?;
-    let tmp = TempDir::new(out)?;
+    let tmp = OutputFolder::new(out)?;
     let files = write_sharded(
         &src,
         units,
-        &tmp.tmp,
+        tmp.path(),
         opts.max_shard_size,
         &QuantOptions::default(),
     )?;
@@ -729,8 +587,8 @@ pub fn dequantize_model(
             }
         }
     }
-    write_json(&tmp.tmp.join("config.json"), &config)?;
-    copy_side_files(input, &tmp.tmp)?;
+    write_config_json(&tmp.path().join("config.json"), &config)?;
+    copy_side_files(input, tmp.path())?;
     tmp.commit(out)?;
     report.files = files
         .iter()

@@ -3,3 +3,5 @@
 pub mod inspect;
 pub mod plan;
 pub mod size;
+pub mod dequantize;
+pub mod quantize;

@@ -1,0 +1,149 @@
+//! `qlora quantize`: a Hugging Face model folder (or a bare safetensors file)
+//! to the bitsandbytes 4-bit format transformers loads directly.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use qlora_formats::convert::{self, ConvertReport, QuantizeOptions};
+use qlora_quant::{QuantOptions, QuantType};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// A Hugging Face model folder (config.json + model.safetensors or shards), or a bare .safetensors file.
+    pub input: PathBuf,
+    /// Output folder (for a model folder) or output .safetensors file (for a bare file).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// 4-bit data type.
+    #[arg(long, default_value = "nf4", value_parser = ["nf4", "fp4"])]
+    pub quant: String,
+    /// Elements per absmax block (power of two, 32..=4096).
+    #[arg(long, default_value_t = 64)]
+    pub blocksize: usize,
+    /// Quantize the absmax statistics too (default).
+    #[arg(long = "double-quant", overrides_with = "no_double_quant")]
+    pub double_quant: bool,
+    /// Keep the absmax statistics in f32.
+    #[arg(long = "no-double-quant", overrides_with = "double_quant")]
+    pub no_double_quant: bool,
+    /// Compute dtype recorded in config.json (bnb_4bit_compute_dtype).
+    #[arg(long, default_value = "bf16", value_parser = ["bf16", "f16", "f32"])]
+    pub compute_dtype: String,
+    /// Largest shard (data bytes), like transformers: 5GB, 500MB, 2GiB, or a byte count.
+    #[arg(long, default_value = "5GB")]
+    pub max_shard_size: String,
+    /// Replace an existing, non-empty output.
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// torch dtype name of a CLI dtype spelling.
+pub fn torch_dtype_name(s: &str) -> &'static str {
+    match s {
+        "f32" | "float32" => "float32",
+        "f16" | "float16" => "float16",
+        _ => "bfloat16",
+    }
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let quant_type: QuantType = a.quant.parse()?;
+    qlora_quant::check_blocksize(a.blocksize)?;
+    let opts = QuantizeOptions {
+        quant: QuantOptions {
+            quant_type,
+            blocksize: a.blocksize,
+            double_quant: !a.no_double_quant,
+            allow_nonfinite: false,
+        },
+        compute_dtype: torch_dtype_name(&a.compute_dtype).to_string(),
+        max_shard_size: qlora_formats::parse_size(&a.max_shard_size).map_err(anyhow::Error::msg)?,
+        force: a.force,
+    };
+    let t0 = Instant::now();
+    let report = if a.input.is_dir() {
+        convert::quantize_model(&a.input, &a.out, &opts)
+    } else if a.input.is_file() {
+        convert::quantize_file(&a.input, &a.out, &opts)
+    } else {
+        bail!("{}: no such file or folder", a.input.display());
+    }
+    .with_context(|| format!("quantizing {}", a.input.display()))?;
+    println!(
+        "quantized {} tensors to {} (blocksize {}, double quant {}), kept {} unchanged, in {:.2} s",
+        report.converted,
+        quant_type,
+        a.blocksize,
+        if opts.quant.double_quant { "on" } else { "off" },
+        report.copied,
+        t0.elapsed().as_secs_f64()
+    );
+    print_sizes(&report);
+    let e = &report.error;
+    println!(
+        "quantization error: relative RMS {:.4} over {} weights, max |w - deq(w)| {:.4e}",
+        e.rel_rms(),
+        e.elements,
+        e.max_abs_err
+    );
+    if let Some((name, rel)) = &e.worst {
+        println!("  worst tensor: {name} (relative RMS {rel:.4})");
+    }
+    print_files(&report);
+    Ok(())
+}
+
+fn by_dtype(m: &BTreeMap<String, u64>) -> String {
+    m.iter()
+        .map(|(d, b)| format!("{d} {}", human(*b)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Bytes with thousands separators and a decimal-unit hint.
+pub fn human(b: u64) -> String {
+    let s = b.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    let unit = if b >= 1_000_000_000 {
+        format!(" ({:.2} GB)", b as f64 / 1e9)
+    } else if b >= 1_000_000 {
+        format!(" ({:.1} MB)", b as f64 / 1e6)
+    } else {
+        String::new()
+    };
+    format!("{out} B{unit}")
+}
+
+/// Input/output bytes per dtype and the ratio.
+pub fn print_sizes(r: &ConvertReport) {
+    println!(
+        "input  tensor data: {} [{}]",
+        human(r.input_total()),
+        by_dtype(&r.input_bytes)
+    );
+    println!(
+        "output tensor data: {} [{}]",
+        human(r.output_total()),
+        by_dtype(&r.output_bytes)
+    );
+    if r.input_total() > 0 {
+        println!(
+            "output / input: {:.3}",
+            r.output_total() as f64 / r.input_total() as f64
+        );
+    }
+}
+
+pub fn print_files(r: &ConvertReport) {
+    for f in &r.files {
+        println!("wrote {}", f.display());
+    }
+}
