@@ -103,6 +103,10 @@ fn size_of_gguf_header() {
         ("llama.feed_forward_length", MetaValue::Int(160)),
         ("llama.attention.head_count", MetaValue::Int(4)),
         ("llama.attention.head_count_kv", MetaValue::Int(2)),
+        (
+            "llama.attention.layer_norm_rms_epsilon",
+            MetaValue::F32(1e-5),
+        ),
     ];
     write_test_file(&p, &meta, &t).unwrap();
     let v = json(&["size", p.to_str().unwrap(), "--json"]);

@@ -1,18 +1,18 @@
-//! GGUF: ggml tensor types (block sizes) and a header-only reader.
-//!
-//! The reader parses magic, version, the metadata key/values (keeping scalars
-//! and strings, skipping arrays) and the tensor infos, then stops: tensor data
-//! is never read. It is deliberately minimal (the full reader/dequantizer is
-//! `qlora-gguf`); this crate must not depend on candle.
+//! GGUF: ggml block layouts for "what would this model take as a pure Q4_K
+//! file" estimates. Existing files are read with `qlora-gguf`'s header-only
+//! reader (see `source::from_gguf`).
 
-use std::collections::BTreeMap;
-use std::fs::File;
-use std::io::{BufReader, Read};
 use std::path::Path;
 
 use serde::Serialize;
 
-use crate::MemoryError;
+/// A metadata value for [`write_test_file`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum MetaValue {
+    Int(i128),
+    F32(f32),
+    Str(String),
+}
 
 /// A ggml tensor type: id, name, elements per block, bytes per block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -112,190 +112,7 @@ impl GgmlType {
     }
 }
 
-/// One tensor info of a GGUF file (`dims` in ggml order: `ne0` = row length first).
-#[derive(Debug, Clone, Serialize)]
-pub struct GgufTensor {
-    pub name: String,
-    pub dims: Vec<u64>,
-    pub ggml_type: u32,
-    pub offset: u64,
-}
-
-impl GgufTensor {
-    pub fn numel(&self) -> u64 {
-        self.dims.iter().product()
-    }
-    /// Shape in PyTorch order (`[rows, ne0]`).
-    pub fn torch_shape(&self) -> Vec<u64> {
-        self.dims.iter().rev().copied().collect()
-    }
-}
-
-/// Metadata values kept by the header reader.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-#[serde(untagged)]
-pub enum MetaValue {
-    Int(i128),
-    Float(f64),
-    Bool(bool),
-    Str(String),
-    /// Arrays are skipped; only their length is kept.
-    Array(u64),
-}
-
-/// A parsed GGUF header.
-#[derive(Debug, Clone)]
-pub struct GgufHeader {
-    pub path: String,
-    pub version: u32,
-    pub metadata: BTreeMap<String, MetaValue>,
-    pub tensors: Vec<GgufTensor>,
-    pub file_len: u64,
-}
-
-impl GgufHeader {
-    pub fn meta_u64(&self, key: &str) -> Option<u64> {
-        match self.metadata.get(key)? {
-            MetaValue::Int(i) => u64::try_from(*i).ok(),
-            _ => None,
-        }
-    }
-    pub fn meta_str(&self, key: &str) -> Option<&str> {
-        match self.metadata.get(key)? {
-            MetaValue::Str(s) => Some(s),
-            _ => None,
-        }
-    }
-}
-
-struct R<'a> {
-    r: BufReader<File>,
-    path: &'a str,
-}
-
-impl R<'_> {
-    fn bad(&self, msg: impl Into<String>) -> MemoryError {
-        MemoryError::BadFile {
-            path: self.path.to_string(),
-            msg: msg.into(),
-        }
-    }
-    fn bytes<const N: usize>(&mut self) -> Result<[u8; N], MemoryError> {
-        let mut b = [0u8; N];
-        self.r
-            .read_exact(&mut b)
-            .map_err(|_| self.bad("truncated GGUF header"))?;
-        Ok(b)
-    }
-    fn u32(&mut self) -> Result<u32, MemoryError> {
-        Ok(u32::from_le_bytes(self.bytes()?))
-    }
-    fn u64(&mut self) -> Result<u64, MemoryError> {
-        Ok(u64::from_le_bytes(self.bytes()?))
-    }
-    fn string(&mut self) -> Result<String, MemoryError> {
-        let n = self.u64()?;
-        if n > 1 << 24 {
-            return Err(self.bad(format!("string of {n} bytes in the header")));
-        }
-        let mut b = vec![0u8; n as usize];
-        self.r
-            .read_exact(&mut b)
-            .map_err(|_| self.bad("truncated GGUF header"))?;
-        String::from_utf8(b).map_err(|_| self.bad("non-UTF-8 string in the header"))
-    }
-    fn value(&mut self, ty: u32) -> Result<MetaValue, MemoryError> {
-        Ok(match ty {
-            0 => MetaValue::Int(self.bytes::<1>()?[0] as i128),
-            1 => MetaValue::Int(self.bytes::<1>()?[0] as i8 as i128),
-            2 => MetaValue::Int(u16::from_le_bytes(self.bytes()?) as i128),
-            3 => MetaValue::Int(i16::from_le_bytes(self.bytes()?) as i128),
-            4 => MetaValue::Int(self.u32()? as i128),
-            5 => MetaValue::Int(i32::from_le_bytes(self.bytes()?) as i128),
-            6 => MetaValue::Float(f32::from_le_bytes(self.bytes()?) as f64),
-            7 => MetaValue::Bool(self.bytes::<1>()?[0] != 0),
-            8 => MetaValue::Str(self.string()?),
-            9 => {
-                let ety = self.u32()?;
-                let n = self.u64()?;
-                for _ in 0..n {
-                    if ety == 9 {
-                        return Err(self.bad("nested arrays are not supported"));
-                    }
-                    self.value(ety)?;
-                }
-                MetaValue::Array(n)
-            }
-            10 => MetaValue::Int(self.u64()? as i128),
-            11 => MetaValue::Int(i64::from_le_bytes(self.bytes()?) as i128),
-            12 => MetaValue::Float(f64::from_le_bytes(self.bytes()?)),
-            other => return Err(self.bad(format!("unknown metadata value type {other}"))),
-        })
-    }
-}
-
-/// Read a GGUF file's header (metadata and tensor infos), never its data.
-pub fn read_header(path: &Path) -> Result<GgufHeader, MemoryError> {
-    let p = path.display().to_string();
-    let f = File::open(path).map_err(|e| MemoryError::Io {
-        path: p.clone(),
-        source: e,
-    })?;
-    let file_len = f.metadata().map(|m| m.len()).unwrap_or(0);
-    let mut r = R {
-        r: BufReader::new(f),
-        path: &p,
-    };
-    let magic: [u8; 4] = r.bytes()?;
-    if &magic != b"GGUF" {
-        return Err(r.bad("not a GGUF file (magic is not \"GGUF\")"));
-    }
-    let version = r.u32()?;
-    if !(2..=3).contains(&version) {
-        return Err(r.bad(format!("GGUF version {version} (supported: 2, 3)")));
-    }
-    let n_tensors = r.u64()?;
-    let n_kv = r.u64()?;
-    if n_tensors > 1 << 24 || n_kv > 1 << 24 {
-        return Err(r.bad("implausible tensor or metadata count"));
-    }
-    let mut metadata = BTreeMap::new();
-    for _ in 0..n_kv {
-        let k = r.string()?;
-        let ty = r.u32()?;
-        let v = r.value(ty)?;
-        metadata.insert(k, v);
-    }
-    let mut tensors = Vec::with_capacity(n_tensors as usize);
-    for _ in 0..n_tensors {
-        let name = r.string()?;
-        let nd = r.u32()?;
-        if nd > 4 {
-            return Err(r.bad(format!("tensor {name}: {nd} dimensions")));
-        }
-        let dims = (0..nd).map(|_| r.u64()).collect::<Result<Vec<_>, _>>()?;
-        let ggml_type = r.u32()?;
-        if by_id(ggml_type).is_none() {
-            return Err(r.bad(format!("tensor {name}: unknown ggml type {ggml_type}")));
-        }
-        let offset = r.u64()?;
-        tensors.push(GgufTensor {
-            name,
-            dims,
-            ggml_type,
-            offset,
-        });
-    }
-    Ok(GgufHeader {
-        path: p,
-        version,
-        metadata,
-        tensors,
-        file_len,
-    })
-}
-
-/// Write a minimal GGUF header + zero data (for tests): metadata strings and u32s only.
+/// Write a minimal GGUF header + zero data (for tests): string, u32 and f32 metadata.
 #[doc(hidden)]
 pub fn write_test_file(
     path: &Path,
@@ -318,11 +135,14 @@ pub fn write_test_file(
                 b.extend(8u32.to_le_bytes());
                 s(&mut b, x);
             }
+            MetaValue::F32(x) => {
+                b.extend(6u32.to_le_bytes());
+                b.extend(x.to_le_bytes());
+            }
             MetaValue::Int(i) => {
                 b.extend(4u32.to_le_bytes());
                 b.extend((*i as u32).to_le_bytes());
             }
-            _ => unimplemented!("test writer supports strings and u32"),
         }
     }
     let mut off = 0u64;

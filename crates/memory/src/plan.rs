@@ -108,6 +108,10 @@ pub struct PlanInput {
     /// Worker threads of the CPU trainer (each holds one attention head's
     /// backward scratch); 1 for GPU plans.
     pub threads: u64,
+    /// Bytes of the checkpoint files the CPU trainer memory-maps while loading
+    /// (0 = unknown / not loading from files). Loading touches every page, so
+    /// they are resident until the map is dropped: see [`Breakdown::load_peak`].
+    pub load_file_bytes: u64,
 }
 
 impl PlanInput {
@@ -131,6 +135,7 @@ impl PlanInput {
             overhead: CPU_OVERHEAD,
             gpu: false,
             threads: 1,
+            load_file_bytes: 0,
         }
     }
 }
@@ -180,8 +185,14 @@ pub struct Breakdown {
     /// FSDP all-gather / reduce-scatter buffers (GPU plans, >1 device).
     pub communication: u64,
     pub overhead: u64,
-    /// Sum of the above, counting only the larger of `layer_workspace` and
-    /// `logits_and_loss`.
+    /// Peak while loading (CPU trainer): overhead + the memory-mapped
+    /// checkpoint (all pages touched) + the frozen model built so far + one
+    /// weight converted to f32. 0 when the files are unknown.
+    pub load_peak: u64,
+    /// Training peak: the sum of the components above, counting only the larger
+    /// of `layer_workspace` and `logits_and_loss`.
+    pub train_peak: u64,
+    /// `max(train_peak, load_peak)`: what the process needs at its peak.
     pub total_bytes: u64,
     /// Held in host RAM instead (CPU offload).
     pub host_offloaded: u64,
@@ -490,7 +501,7 @@ pub fn plan(inv: &Inventory, c: &ModelConfig, p: &PlanInput) -> Result<Plan, Mem
     } else {
         offload_gather
     };
-    b.total_bytes = b.frozen_weights
+    b.train_peak = b.frozen_weights
         + b.trainable_params
         + b.gradients
         + b.optimizer_states
@@ -499,6 +510,11 @@ pub fn plan(inv: &Inventory, c: &ModelConfig, p: &PlanInput) -> Result<Plan, Mem
         + b.dequant_workspace
         + b.communication
         + b.overhead;
+    if !p.gpu && p.load_file_bytes > 0 {
+        let largest = inv.tensors.iter().map(|t| t.numel()).max().unwrap_or(0);
+        b.load_peak = p.overhead + p.load_file_bytes + frozen_all + 4 * largest;
+    }
+    b.total_bytes = b.train_peak.max(b.load_peak);
     Ok(Plan {
         input: p.clone(),
         trainable_count: trainable,

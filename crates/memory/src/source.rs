@@ -9,7 +9,7 @@ use serde_json::Value;
 use crate::inventory::{Inventory, KnownQuantState, Role, TensorSpec};
 use crate::presets;
 use crate::size::Stored;
-use crate::{gguf, st, MemoryError};
+use crate::{st, MemoryError};
 
 /// A resolved model: its tensors, and its config when one is known (the
 /// training planner needs the attention dimensions).
@@ -387,20 +387,26 @@ fn gguf_role(name: &str) -> (Role, bool) {
     }
 }
 
-/// Inventory from a GGUF header; the config is rebuilt from the `<arch>.*`
-/// metadata when the architecture is llama-like.
+/// Inventory from a GGUF header (`qlora-gguf`'s header-only reader: no tensor
+/// data is read); the config comes from the llama metadata mapping.
 pub fn from_gguf(path: &Path) -> Result<Loaded, MemoryError> {
-    let h = gguf::read_header(path)?;
+    let bad = |e: qlora_gguf::GgufError| MemoryError::BadFile {
+        path: path.display().to_string(),
+        msg: e.to_string(),
+    };
+    let h = qlora_gguf::GgufFile::read_header(path).map_err(bad)?;
     let mut tensors = Vec::new();
     let mut data = 0;
     let mut types = std::collections::BTreeMap::<&str, u64>::new();
     for t in &h.tensors {
-        let ty = gguf::by_id(t.ggml_type).expect("validated by the reader");
-        let n = ty.bytes(t.numel());
-        data += n;
-        *types.entry(ty.name).or_default() += t.numel();
+        data += t.n_bytes;
+        if t.name.starts_with("rope_freqs") {
+            // llama.cpp's Llama-3.1 RoPE divisors: a buffer, not a parameter.
+            continue;
+        }
+        *types.entry(t.ggml_type.name()).or_default() += t.n_elements();
         let (role, lin) = gguf_role(&t.name);
-        let shape = t.torch_shape();
+        let shape: Vec<u64> = t.shape().iter().map(|&d| d as u64).collect();
         tensors.push(TensorSpec {
             name: t.name.clone(),
             quantizable: lin && shape.len() == 2,
@@ -411,7 +417,16 @@ pub fn from_gguf(path: &Path) -> Result<Loaded, MemoryError> {
     }
     let has_head = tensors.iter().any(|t| t.role == Role::LmHead);
     let mix: Vec<String> = types.iter().map(|(k, v)| format!("{k}:{v}")).collect();
-    let config = gguf_config(&h, &tensors);
+    let mut notes = vec!["parameter count from the GGUF header".to_string()];
+    let config = match qlora_gguf::llama::config_from_header(&h) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            notes.push(format!(
+                "no llama config from the GGUF metadata ({e}); `qlora plan` needs one"
+            ));
+            None
+        }
+    };
     Ok(Loaded {
         label: path.display().to_string(),
         kind: "gguf",
@@ -423,33 +438,9 @@ pub fn from_gguf(path: &Path) -> Result<Loaded, MemoryError> {
         stored: Some(Stored {
             format: format!("gguf v{} ({})", h.version, mix.join(", ")),
             tensor_bytes: data,
-            file_bytes: h.file_len,
+            file_bytes: h.file_size,
             files: 1,
         }),
-        notes: vec!["parameter count from the GGUF header".into()],
+        notes,
     })
-}
-
-fn gguf_config(h: &gguf::GgufHeader, tensors: &[TensorSpec]) -> Option<ModelConfig> {
-    let arch = h.meta_str("general.architecture")?.to_string();
-    let g = |k: &str| h.meta_u64(&format!("{arch}.{k}"));
-    let vocab = tensors
-        .iter()
-        .find(|t| t.role == Role::Embeddings)
-        .map(|t| t.shape[0])?;
-    let heads = g("attention.head_count")?;
-    let mut j = serde_json::json!({
-        "model_type": match arch.as_str() { "qwen2" => "qwen2", _ => "llama" },
-        "vocab_size": vocab,
-        "hidden_size": g("embedding_length")?,
-        "intermediate_size": g("feed_forward_length")?,
-        "num_hidden_layers": g("block_count")?,
-        "num_attention_heads": heads,
-        "num_key_value_heads": g("attention.head_count_kv").unwrap_or(heads),
-        "tie_word_embeddings": !tensors.iter().any(|t| t.role == Role::LmHead),
-    });
-    if let Some(d) = g("attention.key_length") {
-        j["head_dim"] = serde_json::json!(d);
-    }
-    ModelConfig::from_json(&j, &h.path).ok()
 }

@@ -55,6 +55,7 @@ fn input_strategy() -> impl Strategy<Value = PlanInput> {
                 overhead: 1 << 20,
                 gpu,
                 threads: 2,
+                load_file_bytes: 0,
             },
         )
 }

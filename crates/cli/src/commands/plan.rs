@@ -155,6 +155,7 @@ fn input(a: &Args) -> Result<PlanInput> {
         cpu_offload: a.cpu_offload,
         overhead,
         gpu: a.gpu,
+        load_file_bytes: 0,
         threads: if a.gpu {
             1
         } else {
@@ -166,12 +167,17 @@ fn input(a: &Args) -> Result<PlanInput> {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let p = input(&a)?;
+    let mut p = input(&a)?;
     let l = qlora_memory::resolve(&a.model)?;
+    // `qlora train` memory-maps safetensors checkpoints while loading.
+    if l.kind != "gguf" {
+        p.load_file_bytes = l.stored.as_ref().map_or(0, |s| s.file_bytes);
+    }
     let cfg = l.config.clone().with_context(|| {
         format!(
-            "{}: planning needs the architecture (heads, layers); put config.json next to the weights",
-            l.label
+            "{}: planning needs the architecture (heads, layers); put config.json next to the weights ({})",
+            l.label,
+            l.notes.join("; ")
         )
     })?;
     let inv = &l.inventory;
@@ -284,7 +290,9 @@ pub fn run(a: Args) -> Result<()> {
         ("dequantization workspace", b.dequant_workspace),
         ("communication buffers", b.communication),
         ("runtime overhead", b.overhead),
-        ("total", b.total_bytes),
+        ("training peak", b.train_peak),
+        ("loading peak", b.load_peak),
+        ("total (max of the two peaks)", b.total_bytes),
     ];
     for (k, v) in rows {
         println!(
