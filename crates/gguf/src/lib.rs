@@ -34,6 +34,17 @@ pub struct GgufFile {
     mmap: memmap2::Mmap,
 }
 
+impl std::fmt::Debug for GgufFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GgufFile")
+            .field("path", &self.header.path)
+            .field("version", &self.header.version)
+            .field("tensors", &self.header.tensors.len())
+            .field("metadata", &self.header.metadata.len())
+            .finish()
+    }
+}
+
 fn map(path: &Path) -> Result<memmap2::Mmap> {
     let io = |source| GgufError::Io {
         path: path.to_path_buf(),

@@ -311,6 +311,7 @@ fn llama3_from_factors(
 }
 
 /// A GGUF llama-family model viewed as an HF checkpoint, tensors decoded on demand.
+#[derive(Debug)]
 pub struct GgufModel {
     file: GgufFile,
     config: ModelConfig,
@@ -483,6 +484,7 @@ impl GgufModel {
 pub type HfTensor = (String, Vec<usize>, Vec<f32>);
 
 /// Iterator over a GGUF model's tensors in HF names and layout (see [`GgufModel::into_tensors`]).
+#[derive(Debug)]
 pub struct HfTensors {
     model: GgufModel,
     next: usize,

