@@ -202,3 +202,39 @@ fn plan_json_and_budget_answers() {
     let (ok, _, err) = qlora(&["plan", "tinyllama-1.1b", "--targets", "q_proj,foo"], &[]);
     assert!(!ok && err.contains("foo"), "{err}");
 }
+
+/// The checkpoint `qlora quantize` writes has exactly the size `qlora size`
+/// predicts from the config (its layout, JSON blobs and header), for several
+/// formats: with the offsets read back from the written file, to the byte.
+#[test]
+fn size_predicts_the_files_qlora_quantize_writes() {
+    let model = format!("{FIX}/tiny_llama/model");
+    for (opts, key) in [
+        (vec![], "nf4_dq"),
+        (vec!["--no-double-quant"], "nf4"),
+        (vec!["--quant", "fp4", "--blocksize", "128"], "fp4_bs128_dq"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("q");
+        let mut args = vec!["quantize", model.as_str(), "--out", out.to_str().unwrap()];
+        args.extend(opts.iter().copied());
+        let (ok, _, err) = qlora(&args, &[]);
+        assert!(ok, "quantize {opts:?}: {err}");
+        let written = std::fs::metadata(out.join("model.safetensors"))
+            .unwrap()
+            .len();
+        let v = json(&[
+            "size",
+            out.to_str().unwrap(),
+            "--json",
+            "--keep",
+            "f32",
+            "--blocksize",
+            "128",
+        ]);
+        assert_eq!(v["stored"]["file_bytes"].as_u64(), Some(written));
+        let f = &v["formats"][key];
+        assert_eq!(f["exact"].as_bool(), Some(true), "{key}");
+        assert_eq!(f["file_bytes"].as_u64(), Some(written), "{key} {opts:?}");
+    }
+}

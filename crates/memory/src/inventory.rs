@@ -60,6 +60,9 @@ pub struct TensorSpec {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct KnownQuantState {
     pub dtype: String,
+    /// The double-quant offset is the mean of this blocksize's absmax: it is
+    /// known only for formats with the same blocksize (NF4 and FP4 share it).
+    pub blocksize: u64,
     pub offset_repr: Option<String>,
 }
 

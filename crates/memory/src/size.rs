@@ -223,7 +223,12 @@ fn json_len(t: &TensorSpec, f: &Bnb4, keep: Keep, exact: &mut bool) -> u64 {
         .as_ref()
         .map(|k| k.dtype.as_str())
         .unwrap_or(keep.torch_name());
-    let offset = match t.known.as_ref().and_then(|k| k.offset_repr.as_deref()) {
+    let offset = match t
+        .known
+        .as_ref()
+        .filter(|k| k.blocksize == f.blocksize)
+        .and_then(|k| k.offset_repr.as_deref())
+    {
         Some(o) => o,
         None => {
             if f.double_quant {

@@ -364,7 +364,11 @@ fn parse_quant_state(
     let nested = offset_repr.is_some();
     Ok((
         [shape[0], shape[1]],
-        KnownQuantState { dtype, offset_repr },
+        KnownQuantState {
+            dtype,
+            blocksize,
+            offset_repr,
+        },
         nested,
         blocksize,
     ))

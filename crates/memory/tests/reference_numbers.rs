@@ -253,6 +253,7 @@ fn bnb4_checkpoint_predicted_to_the_byte() {
         assert_eq!(bnb::quant_state_json(&f, shape, "float32", &repr), blob);
         t.known = Some(qlora_memory::inventory::KnownQuantState {
             dtype: "float32".into(),
+            blocksize: 64,
             offset_repr: Some(repr),
         });
     }
@@ -295,6 +296,17 @@ fn sizes_from_real_checkpoint_headers() {
     let fs = size::bnb4(&l.inventory, &f, Keep::F32);
     assert!(fs.exact, "offsets come from the file");
     assert_eq!(fs.file_bytes, Some(237_283));
+    // The file's offsets are means of 64-blocks: a 128-block size is an estimate.
+    let f128 = Bnb4::new(QuantType::Fp4, 128, true);
+    assert!(!size::bnb4(&l.inventory, &f128, Keep::F32).exact);
+    assert!(
+        size::bnb4(
+            &l.inventory,
+            &Bnb4::new(QuantType::Fp4, 64, true),
+            Keep::F32
+        )
+        .exact
+    );
 
     let f32_file = format!("{FIX}/tiny_llama/model/model.safetensors");
     let l = qlora_memory::resolve(&f32_file).unwrap();
