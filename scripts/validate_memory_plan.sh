@@ -58,7 +58,7 @@ for model in "${MODELS[@]}"; do
                     out="$WORK/run"
                     rm -rf "$out"
                     "$TIME" -f '%M' -o "$WORK/maxrss" "$QLORA" train --model "$model" --data "$data" \
-                        --out "$out" --quant "$quant" --rank 8 --batch-size "$batch" \
+                        --out "$out" --quant "$quant" --rank 8 --target all-linear --lora-dropout 0 --batch-size "$batch" \
                         --max-seq-len "$seq" --max-steps "$STEPS" --gradient-checkpointing "$ckpt" \
                         --no-progress --force >"$WORK/log" 2>&1 \
                         || { echo "validate: train failed:" >&2; cat "$WORK/log" >&2; exit 2; }
