@@ -505,26 +505,14 @@ pub fn is_quantized_linear(name: &str, dtype: Dtype, shape: &[usize], skip: &[St
     !is_skipped(module, skip)
 }
 
-/// Quantize like bitsandbytes on CPU, including the double-quant offset:
-/// [`qlora_quant::quantize_4bit`] for the codes and per-block absmax, then
-/// the offset as torch's CPU `absmax.mean()` ([`crate::torch_mean`]) and
-/// the nested 8-bit quantization with that offset. This is what makes
-/// `qlora quantize` output byte-identical to a transformers + bnb save.
+/// Quantize like bitsandbytes on CPU, including the double-quant offset
+/// (torch's CPU `absmax.mean()`, see [`crate::torch_mean`]): this is what
+/// makes `qlora quantize` output byte-identical to a transformers + bnb save.
+/// (qlora-quant's [`qlora_quant::quantize_4bit`] implements exactly this.)
 pub fn quantize_bnb(
     input: qlora_quant::Input<'_>,
     shape: &[usize],
     opts: &qlora_quant::QuantOptions,
 ) -> std::result::Result<Quantized4, qlora_quant::QuantError> {
-    let plain = qlora_quant::QuantOptions {
-        double_quant: false,
-        ..*opts
-    };
-    let mut q = qlora_quant::quantize_4bit(input, shape, &plain)?;
-    if opts.double_quant {
-        if let Absmax::Plain(a) = &q.absmax {
-            let offset = crate::torch_mean::torch_cpu_mean_f32(a);
-            q.absmax = Absmax::Double(qlora_quant::reference::double_quant_with_offset(a, offset));
-        }
-    }
-    Ok(q)
+    qlora_quant::quantize_4bit(input, shape, opts)
 }

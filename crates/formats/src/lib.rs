@@ -25,7 +25,8 @@ pub mod model_files;
 pub mod reader;
 pub mod shards;
 pub mod source;
-pub mod torch_mean;
+/// torch's CPU `mean()` emulation (lives in qlora-quant, which uses it for the double-quant offset).
+pub use qlora_quant::torch_mean;
 pub mod writer;
 
 pub use bnb::{bnb4_tensors, quantization_config, read_bnb4};
