@@ -23,9 +23,10 @@
 //!   nibble with the code of 0.0 (NF4 7, FP4 0). The packed tensor is `[(n+1)/2, 1]` u8.
 //!
 //! **Double quantization** ([`QuantOptions::double_quant`]): `offset = mean(absmax)` is
-//! computed by summing the f32 absmax values in **f64** (sequentially, independent of the
-//! thread count) and rounding the f64 mean to f32. torch's f32 `mean()` can differ by 1–2
-//! ulp (the fixtures record one such case); readers always use the stored offset. Then
+//! computed exactly as torch's CPU `mean()` rounds it ([`torch_mean`]: its cascade sum in
+//! f32, single-threaded order, independent of our thread count), so the offset and every
+//! nested code equal bitsandbytes' (an f64 mean differs by an ulp on one fixture case);
+//! readers always use the stored offset. Then
 //! `c = absmax - offset` (f32) is quantized with [`quantize_blockwise8`] (blocksize 256,
 //! the dynamic map, bnb's CPU 65,536-entry LUT semantics, see [`blockwise8`]).
 //! For `n == 0` there are no blocks: the double-quant state has empty codes and nested
@@ -81,6 +82,7 @@ mod quantize;
 pub mod reference;
 mod simd;
 mod tables;
+pub mod torch_mean;
 
 pub use blockwise8::{dequantize_blockwise8, quantize_blockwise8};
 pub use dequantize::DequantElem;

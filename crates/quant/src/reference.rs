@@ -78,14 +78,15 @@ pub(crate) fn check_input(
     }
 }
 
-/// `mean(absmax)`: f64 sequential sum of the f32 values, divided in f64, rounded to f32.
+/// `mean(absmax)` exactly as torch computes it on CPU (see [`crate::torch_mean`]).
 /// 0.0 for no blocks.
 pub fn mean_offset(absmax: &[f32]) -> f32 {
     if absmax.is_empty() {
         return 0.0;
     }
-    let sum: f64 = absmax.iter().map(|&a| a as f64).sum();
-    (sum / absmax.len() as f64) as f32
+    // bitsandbytes stores torch's f32 `absmax.mean()`; its summation order
+    // decides the last bit, and the offset shifts every nested code.
+    crate::torch_mean::torch_cpu_mean_f32(absmax)
 }
 
 /// Double quantization of a per-block absmax vector (crate docs, "Double quantization").
