@@ -233,10 +233,14 @@ pub fn record_to_example(
     let segs = segments(v, fmt, tok)?;
     let mut ids = Vec::new();
     let mut labels = Vec::new();
-    if let Some(b) = tok.bos_id() {
-        ids.push(b);
-        labels.push(IGNORE_INDEX);
+    // A chat template writes its own BOS (if any) into the text.
+    if fmt != Format::Chat {
+        if let Some(b) = tok.bos_id() {
+            ids.push(b);
+            labels.push(IGNORE_INDEX);
+        }
     }
+    let mut last_response: Vec<u32> = Vec::new();
     for (text, resp) in &segs {
         let t = tok.encode(text)?;
         let train = *resp || train_on_inputs;
@@ -244,10 +248,15 @@ pub fn record_to_example(
             t.iter()
                 .map(|&x| if train { x as i64 } else { IGNORE_INDEX }),
         );
+        if *resp {
+            last_response = t.clone();
+        }
         ids.extend(t);
     }
+    // EOS so the model learns to stop, unless the reply already ends its turn
+    // with it (chat templates close turns with e.g. `<|im_end|>` + newline).
     if let Some(e) = tok.eos_id() {
-        if ids.last() != Some(&e) {
+        if ids.last() != Some(&e) && !last_response.contains(&e) {
             ids.push(e);
             labels.push(e as i64);
         }
@@ -382,7 +391,8 @@ pub(crate) mod tests {
         assert_eq!(Format::detect(&v), Some(Format::Chat));
         let e = record_to_example(&v, Format::Chat, &tok, false).unwrap();
         assert_eq!(decode_trained(&e), "yo</>z</>");
-        let all: String = e.input_ids[1..e.len() - 1]
+        assert_eq!(e.input_ids[0], b'<' as u32 + 3, "no BOS added to chat text");
+        let all: String = e.input_ids[..e.len() - 1]
             .iter()
             .map(|&t| (t - 3) as u8 as char)
             .collect();
