@@ -2,7 +2,7 @@
 //! random weights (h 576, I 1536, L 30, 9 heads, 3 kv heads, d 64, V 49152,
 //! tied), batch 2 x 256, LoRA r 16 on all 7 linears.
 //!
-//! `cargo run --release -p qlora-model --example bench_compute -- [nf4|none|bf16] [ckpt|nockpt] [layers]`
+//! `cargo run --release -p qlora-model --example bench_compute -- [nf4|none|bf16] [ckpt|nockpt] [layers] [iters]`
 //! Prints tokens/s and the process peak RSS (VmHWM), so run one mode per process.
 
 use std::collections::BTreeMap;
@@ -122,7 +122,7 @@ fn main() -> anyhow::Result<()> {
     let tokens = (b * s) as f64;
     // warm-up + forward
     model.loss(&batch, Some(&adapter))?;
-    let iters = 3;
+    let iters: usize = args.get(4).map(|s| s.parse()).transpose()?.unwrap_or(2);
     let t = Instant::now();
     for _ in 0..iters {
         model.loss(&batch, Some(&adapter))?;
@@ -134,7 +134,6 @@ fn main() -> anyhow::Result<()> {
         checkpointing: ckpt,
         lora_dropout_seed: 1,
     };
-    model.forward_backward(&batch, &adapter, &opts)?;
     let t = Instant::now();
     for _ in 0..iters {
         model.forward_backward(&batch, &adapter, &opts)?;

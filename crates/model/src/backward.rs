@@ -224,6 +224,7 @@ impl Model {
             heads: nh,
             kv_heads: nkv,
             d,
+            window: self.sliding_window(),
         };
         let (mut dq, mut dk, dv) = attention::backward(&sh, &a.q, &a.k, &a.v, &a.probs, &datt);
         drop(datt);

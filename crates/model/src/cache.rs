@@ -4,13 +4,15 @@
 use anyhow::{ensure, Result};
 use qlora_lora::Adapter;
 
-use crate::model::{Batch, LayerKv, Model};
+use crate::model::{AdapterView, Batch, LayerKv, Model};
 
 /// Keys/values of every layer for the positions fed so far.
 #[derive(Debug, Clone, Default)]
 pub struct KvCache {
     layers: Vec<LayerKv>,
     len: usize,
+    /// The adapter of this sequence, converted once (keyed by its address).
+    adapter: Option<(usize, AdapterView)>,
 }
 
 impl KvCache {
@@ -25,6 +27,7 @@ impl KvCache {
     pub fn clear(&mut self) {
         self.layers.iter_mut().for_each(|l| *l = LayerKv::default());
         self.len = 0;
+        self.adapter = None;
     }
 }
 
@@ -34,6 +37,7 @@ impl Model {
         KvCache {
             layers: vec![LayerKv::default(); self.layers.len()],
             len: 0,
+            adapter: None,
         }
     }
 
@@ -59,13 +63,18 @@ impl Model {
             position_ids: Some(vec![(start..start + tokens.len() as u32).collect()]),
             segment_ids: None,
         };
-        let ad = adapter.map(|a| self.adapter_view(a)).transpose()?;
+        let key = adapter.map(|a| a as *const Adapter as usize);
+        if cache.adapter.as_ref().map(|c| c.0) != key {
+            cache.adapter = match adapter {
+                Some(a) => Some((a as *const Adapter as usize, self.adapter_view(a)?)),
+                None => None,
+            };
+        }
+        let ad = cache.adapter.as_ref().map(|c| &c.1);
         let ctx = self.ctx(&batch, None)?;
         let mut x = self.embed(tokens.iter().copied());
         for (l, kv) in cache.layers.iter_mut().enumerate() {
-            x = self
-                .layer_forward(l, &x, &ctx, ad.as_ref(), false, Some(kv))
-                .0;
+            x = self.layer_forward(l, &x, &ctx, ad, false, Some(kv)).0;
         }
         cache.len += tokens.len();
         let h = self.hidden_size();

@@ -5,15 +5,15 @@
 //! Full-precision projection weights are converted one at a time while
 //! loading, so peak memory is the converted model plus one full weight.
 
-use std::collections::{BTreeSet, HashMap};
-use std::path::{Path, PathBuf};
+use std::collections::HashMap;
+use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use half::{bf16, f16};
-use memmap2::Mmap;
 use qlora_config::ModelConfig;
-use safetensors::{Dtype, SafeTensors};
+use qlora_formats::ModelFiles;
+use safetensors::Dtype;
 
 use crate::model::{Layer, Model, LINEAR_NAMES};
 use crate::ops::linear::{Absmax, FrozenLinear, FrozenWeight, OrigDType, Packed4};
@@ -95,70 +95,6 @@ impl TensorSource for MemTensors {
     }
 }
 
-/// Memory-mapped safetensors files of an HF folder.
-pub struct SafetensorsFolder {
-    files: Vec<(PathBuf, Mmap)>,
-    /// name -> (file index, dtype, shape)
-    index: HashMap<String, (usize, Dtype, Vec<usize>)>,
-}
-
-impl SafetensorsFolder {
-    /// Open `model.safetensors`, or every shard listed by `model.safetensors.index.json`.
-    pub fn open(dir: &Path) -> Result<Self> {
-        let index_path = dir.join("model.safetensors.index.json");
-        let paths: Vec<PathBuf> = if index_path.exists() {
-            let text = std::fs::read_to_string(&index_path)
-                .with_context(|| format!("reading {}", index_path.display()))?;
-            let v: serde_json::Value = serde_json::from_str(&text)
-                .with_context(|| format!("{}: not valid JSON", index_path.display()))?;
-            let map = v
-                .get("weight_map")
-                .and_then(|m| m.as_object())
-                .ok_or_else(|| anyhow!("{}: no `weight_map` object", index_path.display()))?;
-            let set: BTreeSet<&str> = map.values().filter_map(|f| f.as_str()).collect();
-            set.into_iter().map(|f| dir.join(f)).collect()
-        } else {
-            let single = dir.join("model.safetensors");
-            ensure!(
-                single.exists(),
-                "{}: no model.safetensors or model.safetensors.index.json",
-                dir.display()
-            );
-            vec![single]
-        };
-        let mut files = Vec::new();
-        let mut index = HashMap::new();
-        for (fi, p) in paths.into_iter().enumerate() {
-            let f = std::fs::File::open(&p).with_context(|| format!("opening {}", p.display()))?;
-            // SAFETY: the file is opened read-only; model files are not modified while loaded.
-            let mm =
-                unsafe { Mmap::map(&f) }.with_context(|| format!("mapping {}", p.display()))?;
-            let st = SafeTensors::deserialize(&mm)
-                .map_err(|e| anyhow!("{}: not a valid safetensors file: {e}", p.display()))?;
-            for (name, view) in st.tensors() {
-                index.insert(name, (fi, view.dtype(), view.shape().to_vec()));
-            }
-            files.push((p, mm));
-        }
-        Ok(SafetensorsFolder { files, index })
-    }
-
-    fn bytes(&self, name: &str) -> Result<(Dtype, &[u8])> {
-        let (fi, _, _) = self
-            .index
-            .get(name)
-            .ok_or_else(|| anyhow!("missing tensor `{name}`"))?;
-        let (p, mm) = &self.files[*fi];
-        let st = SafeTensors::deserialize(mm).map_err(|e| anyhow!("{}: {e}", p.display()))?;
-        let v = st
-            .tensor(name)
-            .map_err(|e| anyhow!("{}: tensor `{name}`: {e}", p.display()))?;
-        // Re-borrow the bytes from the mmap (the view borrows a temporary header parse).
-        let ptr = v.data().as_ptr() as usize - mm.as_ptr() as usize;
-        Ok((v.dtype(), &mm[ptr..ptr + v.data().len()]))
-    }
-}
-
 fn to_f32(dtype: Dtype, b: &[u8], what: &str) -> Result<Vec<f32>> {
     Ok(match dtype {
         Dtype::F32 => b
@@ -181,29 +117,34 @@ fn to_f32(dtype: Dtype, b: &[u8], what: &str) -> Result<Vec<f32>> {
     })
 }
 
-impl TensorSource for SafetensorsFolder {
+/// An HF folder's safetensors (single or sharded, memory-mapped by
+/// `qlora-formats`). Each tensor's pages are released right after it is read,
+/// so resident memory stays near the converted model plus one tensor.
+impl TensorSource for ModelFiles {
     fn names(&self) -> Vec<String> {
-        self.index.keys().cloned().collect()
+        ModelFiles::names(self)
+            .into_iter()
+            .map(str::to_string)
+            .collect()
     }
     fn shape(&self, name: &str) -> Option<Vec<usize>> {
-        self.index.get(name).map(|t| t.2.clone())
+        self.get(name).map(|t| t.shape.to_vec())
     }
     fn f32(&self, name: &str) -> Result<Vec<f32>> {
-        let (dt, b) = self.bytes(name)?;
-        to_f32(dt, b, &format!("{}: tensor `{name}`", self.origin(name)))
+        let v = self.tensor(name)?.to_f32()?;
+        self.release(name);
+        Ok(v)
     }
     fn raw(&self, name: &str) -> Result<(Dtype, Vec<u8>)> {
-        let (dt, b) = self.bytes(name)?;
-        Ok((dt, b.to_vec()))
+        let t = self.tensor(name)?;
+        let out = (t.dtype, t.data.to_vec());
+        self.release(name);
+        Ok(out)
     }
     fn origin(&self, name: &str) -> String {
-        match self.index.get(name) {
-            Some((fi, _, _)) => self.files[*fi].0.display().to_string(),
-            None => self
-                .files
-                .first()
-                .map(|f| f.0.display().to_string())
-                .unwrap_or_default(),
+        match self.file_of(name) {
+            Some(p) => p.display().to_string(),
+            None => self.dir().display().to_string(),
         }
     }
 }
@@ -360,7 +301,7 @@ impl Model {
     pub fn from_folder(dir: impl AsRef<Path>, opts: &LoadOptions) -> Result<Model> {
         let dir = dir.as_ref();
         let config = ModelConfig::from_file(dir.join("config.json"))?;
-        let src = SafetensorsFolder::open(dir)?;
+        let src = ModelFiles::open(dir)?;
         Model::from_source(config, &src, opts)
     }
 

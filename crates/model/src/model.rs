@@ -143,6 +143,7 @@ impl Ctx {
 pub(crate) type LoraMats = (Vec<f32>, Vec<f32>, usize);
 
 /// An adapter checked against the model: per layer, per linear, `(A, B, r)` as f32.
+#[derive(Debug, Clone)]
 pub(crate) struct AdapterView {
     pub scale: f32,
     pub dropout: f32,
@@ -209,6 +210,14 @@ impl Model {
             }
         }
         n
+    }
+
+    /// Mistral's sliding attention window (transformers applies it only there).
+    pub(crate) fn sliding_window(&self) -> Option<usize> {
+        match self.config.architecture {
+            qlora_config::Architecture::Mistral => self.config.sliding_window,
+            _ => None,
+        }
     }
 
     pub(crate) fn eps(&self) -> f32 {
@@ -375,6 +384,7 @@ impl Model {
                     heads: nh,
                     kv_heads: nkv,
                     d,
+                    window: self.sliding_window(),
                 };
                 attention::forward(&sh, &q, &k, &v, ctx.seg.as_deref())
             }
@@ -390,6 +400,7 @@ impl Model {
                     heads: nh,
                     kv_heads: nkv,
                     d,
+                    window: self.sliding_window(),
                 };
                 attention::forward(&sh, &q, &cache.k, &cache.v, None)
             }

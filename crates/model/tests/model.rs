@@ -251,3 +251,60 @@ fn untied_and_tied_heads_and_missing_folder() {
     });
     assert_ne!(tied.lm_head.dense_f32(), untied.lm_head.dense_f32());
 }
+
+#[test]
+fn kv_cache_with_adapter_equals_full_forward() {
+    use candle_core::{Device, Tensor};
+    use qlora_lora::{Adapter, LoraConfig, LoraWeights};
+    let model = tiny(QuantMode::Bf16);
+    let mut layers = std::collections::BTreeMap::new();
+    for l in 0..2 {
+        for (short, [o, i]) in model.config.linear_shapes() {
+            let a = Tensor::randn(0f32, 0.2, (3, i), &Device::Cpu).unwrap();
+            let b = Tensor::randn(0f32, 0.2, (o, 3), &Device::Cpu).unwrap();
+            layers.insert(ModelConfig::linear_path(l, short), LoraWeights { a, b });
+        }
+    }
+    let adapter = Adapter {
+        config: LoraConfig {
+            r: 3,
+            lora_alpha: 6.0,
+            lora_dropout: 0.1,
+            target_modules: vec![],
+            use_rslora: false,
+        },
+        layers,
+    };
+    let toks = ids(9, 7);
+    let full: Vec<f32> = model
+        .forward_logits(&Batch::from_ids(vec![toks.clone()]), Some(&adapter))
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let base: Vec<f32> = model
+        .forward_logits(&Batch::from_ids(vec![toks.clone()]), None)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    assert!(
+        max_abs(&full, &base) > 1e-3,
+        "the adapter changes the logits"
+    );
+    let mut cache = model.new_cache();
+    model
+        .forward_step(&mut cache, &toks[..4], Some(&adapter))
+        .unwrap();
+    for p in 4..9 {
+        let l = model
+            .forward_step(&mut cache, &toks[p..p + 1], Some(&adapter))
+            .unwrap();
+        assert!(
+            max_abs(&l, &full[p * 320..(p + 1) * 320]) < 1e-5,
+            "position {p}"
+        );
+    }
+}

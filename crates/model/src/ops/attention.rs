@@ -20,6 +20,8 @@ pub struct AttnShape {
     pub heads: usize,
     pub kv_heads: usize,
     pub d: usize,
+    /// Mistral sliding window: query `i` sees key `j` only if `i - j < window`.
+    pub window: Option<usize>,
 }
 
 impl AttnShape {
@@ -106,7 +108,9 @@ pub fn forward(
                 let row = &mut p[i * k_len..(i + 1) * k_len];
                 let qi = q_offset + i;
                 let visible = |j: usize| -> bool {
-                    j <= qi && seg.is_none_or(|s| s[bi * k_len + j] == s[bi * k_len + qi])
+                    j <= qi
+                        && sh.window.is_none_or(|w| qi - j < w)
+                        && seg.is_none_or(|s| s[bi * k_len + j] == s[bi * k_len + qi])
                 };
                 let mut mx = f32::NEG_INFINITY;
                 for (j, v) in row.iter().enumerate() {
@@ -290,6 +294,7 @@ mod tests {
             heads,
             kv_heads,
             d,
+            window,
         } = *sh;
         let scale = (d as f64).powf(-0.5);
         let mut total = 0.0;
@@ -301,8 +306,9 @@ mod tests {
                     let qrow = &q[(bi * q_len + i) * heads * d + hi * d..][..d];
                     let mut sc = vec![f64::NEG_INFINITY; k_len];
                     for j in 0..k_len {
-                        let ok =
-                            j <= qi && seg.is_none_or(|s| s[bi * k_len + j] == s[bi * k_len + qi]);
+                        let ok = j <= qi
+                            && window.is_none_or(|w| qi - j < w)
+                            && seg.is_none_or(|s| s[bi * k_len + j] == s[bi * k_len + qi]);
                         if ok {
                             let krow = &k[(bi * k_len + j) * kv_heads * d + kvh * d..][..d];
                             sc[j] = qrow.iter().zip(krow).map(|(a, b)| a * b).sum::<f64>() * scale;
@@ -358,6 +364,7 @@ mod tests {
             heads: 4,
             kv_heads: 2,
             d: 8,
+            window: None,
         };
         check(sh, None);
         check(sh, Some(vec![0, 0, 0, 1, 1, 2, 2, 5, 5, 5, 5, 5, 6, 6]));
@@ -367,6 +374,19 @@ mod tests {
             ..sh
         };
         check(mha, None);
+        let windowed = AttnShape {
+            window: Some(3),
+            ..sh
+        };
+        check(windowed, None);
+        // The window really masks: far keys no longer contribute.
+        let q = rand_vec(2 * 7 * 32, 1, 1.0);
+        let k = rand_vec(2 * 7 * 16, 2, 1.0);
+        let (o1, _) = forward(&sh, &q, &k, &k, None);
+        let (o2, p2) = forward(&windowed, &q, &k, &k, None);
+        assert!(max_abs_diff(&o1, &o2) > 1e-3);
+        assert_eq!(p2[6 * 7 + 3], 0.0); // query 6 cannot see key 3 with window 3
+        assert!(p2[6 * 7 + 4] > 0.0);
     }
 
     #[test]
@@ -379,6 +399,7 @@ mod tests {
             heads: 4,
             kv_heads: 1,
             d: 4,
+            window: None,
         };
         let q = rand_vec(6 * 16, 1, 1.0);
         let k = rand_vec(6 * 4, 2, 1.0);
