@@ -1,0 +1,93 @@
+//! `qlora eval --model <ref> [--adapter <dir>] --data <file> [--quant ...] [--batch-size N] [--json]`:
+//! mean shifted cross-entropy over every unmasked target of a pre-tokenized
+//! file (JSONL or JSON array of `{"input_ids": [...], "labels": [...]}`), as
+//! transformers computes it: sum over all targets of the file / their count.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use qlora_model::{Batch, LoadOptions, Model, QuantMode};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Model folder (HF safetensors, or a pre-quantized bnb-4bit folder).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// PEFT LoRA adapter folder.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// Pre-tokenized rows (JSONL or a JSON array); `labels` optional, -100 masks.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// How full-precision base weights are held: none (f32), bf16, nf4, fp4.
+    #[arg(long, default_value = "nf4")]
+    pub quant: QuantMode,
+    /// Rows per forward pass (rows are right-padded to the longest of the batch).
+    #[arg(long, default_value_t = 4)]
+    pub batch_size: usize,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    if a.batch_size == 0 {
+        bail!("--batch-size must be at least 1");
+    }
+    if a.adapter.is_some() {
+        bail!("--adapter: loading PEFT adapters is not wired into `qlora eval` yet");
+    }
+    let model = Model::from_folder(&a.model, &LoadOptions { quant: a.quant })
+        .with_context(|| format!("loading model {}", a.model.display()))?;
+    let examples = qlora_data::pretokenized::read(&a.data)?;
+    if examples.is_empty() {
+        bail!("{}: no rows", a.data.display());
+    }
+    let start = std::time::Instant::now();
+    let (mut sum, mut count, mut seen) = (0f64, 0usize, 0usize);
+    for chunk in examples.chunks(a.batch_size) {
+        let len = chunk.iter().map(|e| e.input_ids.len()).max().unwrap_or(0);
+        if len == 0 {
+            continue;
+        }
+        let mut batch = Batch::default();
+        for e in chunk {
+            let pad = len - e.input_ids.len();
+            let mut ids = e.input_ids.clone();
+            ids.extend(std::iter::repeat_n(0, pad));
+            let mut lab = e.labels.clone();
+            lab.extend(std::iter::repeat_n(-100, pad));
+            batch.input_ids.push(ids);
+            batch.labels.push(lab);
+            seen += e.input_ids.len();
+        }
+        let (s, c) = model
+            .loss(&batch, None)
+            .with_context(|| format!("evaluating {}", a.data.display()))?;
+        sum += s;
+        count += c;
+    }
+    if count == 0 {
+        bail!("{}: no unmasked target tokens (every label is -100 or rows have one token)", a.data.display());
+    }
+    let loss = sum / count as f64;
+    let secs = start.elapsed().as_secs_f64();
+    if a.json {
+        let v = serde_json::json!({
+            "loss": loss,
+            "perplexity": loss.exp(),
+            "tokens": count,
+            "input_tokens": seen,
+            "rows": examples.len(),
+            "seconds": secs,
+        });
+        println!("{v}");
+    } else {
+        println!(
+            "loss {loss:.6}  perplexity {:.4}  ({count} target tokens, {} rows, {secs:.2}s)",
+            loss.exp(),
+            examples.len()
+        );
+    }
+    Ok(())
+}
