@@ -22,6 +22,14 @@ struct Cli {
 enum Command {
     /// Show a model's configuration as qlora understands it.
     Inspect(commands::inspect::Args),
+    /// Mean next-token loss and perplexity of a model (+ adapter) on pre-tokenized rows.
+    Eval(commands::eval::Args),
+    /// Generate text from a model (+ adapter) with a KV cache; streams tokens, prints tokens/s.
+    Generate(commands::generate::Args),
+    /// QLoRA / LoRA fine-tuning; writes a PEFT adapter, metrics.jsonl, a loss curve, checkpoints.
+    Train(Box<commands::train::Args>),
+    /// Dataset utilities (e.g. convert the chatterbot corpus to chat JSONL).
+    Data(commands::data::Args),
     /// Quantize a Hugging Face model (or a .safetensors file) to bitsandbytes NF4/FP4.
     Quantize(commands::quantize::Args),
     /// Turn a bitsandbytes 4-bit model (or file) back into plain float weights.
@@ -30,6 +38,8 @@ enum Command {
     Size(commands::size::Args),
     /// Training memory per device; with --budget: fits?, largest batch/sequence, fewest devices.
     Plan(Box<commands::plan::Args>),
+    /// Merge a LoRA adapter into its base model (HF folder, or bnb-4bit with --requantize).
+    Merge(commands::merge::Args),
 }
 
 fn main() {
@@ -43,10 +53,15 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Inspect(a) => commands::inspect::run(a),
+        Command::Eval(a) => commands::eval::run(a),
+        Command::Generate(a) => commands::generate::run(a),
+        Command::Train(a) => commands::train::run(*a),
+        Command::Data(a) => commands::data::run(a),
         Command::Quantize(a) => commands::quantize::run(a),
         Command::Dequantize(a) => commands::dequantize::run(a),
         Command::Size(a) => commands::size::run(a),
         Command::Plan(a) => commands::plan::run(*a),
+        Command::Merge(a) => commands::merge::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

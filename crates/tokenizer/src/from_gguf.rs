@@ -37,12 +37,14 @@ fn pre_tokenizer(origin: &str, pre: &str) -> Result<Value> {
             "pretokenizers": [split_regex(LLAMA3_REGEX), byte_level(false)]}),
         "qwen2" => json!({"type": "Sequence",
             "pretokenizers": [split_regex(QWEN2_REGEX), byte_level(false)]}),
-        other => return Err(TokenizerError::Unsupported {
-            origin: origin.into(),
-            msg: format!(
+        other => {
+            return Err(TokenizerError::Unsupported {
+                origin: origin.into(),
+                msg: format!(
                 "tokenizer.ggml.pre `{other}` (supported: default, gpt2, smollm, llama-bpe, qwen2)"
             ),
-        }),
+            })
+        }
     })
 }
 

@@ -7,12 +7,14 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use qlora_model::{Batch, LoadOptions, Model, QuantMode};
+use qlora_tokenizer::{ModelRef, ModelSource};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Model folder (HF safetensors, or a pre-quantized bnb-4bit folder).
+    /// Model: an HF folder (safetensors, or a pre-quantized bnb-4bit folder), a .gguf file,
+    /// or a hub id already in the local Hugging Face cache.
     #[arg(long)]
-    pub model: PathBuf,
+    pub model: String,
     /// PEFT LoRA adapter folder.
     #[arg(long)]
     pub adapter: Option<PathBuf>,
@@ -34,11 +36,16 @@ pub fn run(a: Args) -> Result<()> {
     if a.batch_size == 0 {
         bail!("--batch-size must be at least 1");
     }
-    if a.adapter.is_some() {
-        bail!("--adapter: loading PEFT adapters is not wired into `qlora eval` yet");
-    }
-    let model = Model::from_folder(&a.model, &LoadOptions { quant: a.quant })
-        .with_context(|| format!("loading model {}", a.model.display()))?;
+    let opts = LoadOptions { quant: a.quant };
+    let model = match ModelRef::resolve(&a.model, false)?.source {
+        ModelSource::Folder(dir) => Model::from_folder(&dir, &opts)
+            .with_context(|| format!("loading model {}", dir.display()))?,
+        ModelSource::Gguf(path) => super::generate::load_gguf(&path, &opts)?,
+    };
+    let adapter = match &a.adapter {
+        Some(dir) => Some(qlora_lora::load_adapter(dir, Some(&model.config))?.1),
+        None => None,
+    };
     let examples = qlora_data::pretokenized::read(&a.data)?;
     if examples.is_empty() {
         bail!("{}: no rows", a.data.display());
@@ -62,13 +69,16 @@ pub fn run(a: Args) -> Result<()> {
             seen += e.input_ids.len();
         }
         let (s, c) = model
-            .loss(&batch, None)
+            .loss(&batch, adapter.as_ref())
             .with_context(|| format!("evaluating {}", a.data.display()))?;
         sum += s;
         count += c;
     }
     if count == 0 {
-        bail!("{}: no unmasked target tokens (every label is -100 or rows have one token)", a.data.display());
+        bail!(
+            "{}: no unmasked target tokens (every label is -100 or rows have one token)",
+            a.data.display()
+        );
     }
     let loss = sum / count as f64;
     let secs = start.elapsed().as_secs_f64();

@@ -1,7 +1,13 @@
 //! One module per subcommand.
 
-pub mod inspect;
-pub mod plan;
-pub mod size;
+pub mod data;
 pub mod dequantize;
+pub mod eval;
+pub mod generate;
+pub mod inspect;
+pub mod merge;
+pub mod plan;
 pub mod quantize;
+pub mod size;
+pub mod train;
+pub mod train_plot;

