@@ -6,7 +6,8 @@
 #   3. QLoRA-train an adapter (NF4 + double quant base, r 16 on all linears) with an eval split,
 #      printing the memory plan, a progress bar, eval loss, and generations before vs after;
 #   4. answer a question with the trained adapter.
-# Outputs land in runs/demo (metrics.jsonl, loss curve, PEFT adapter). Re-running replaces them.
+# Outputs land in runs/demo (metrics.jsonl, loss.svg, samples.md, PEFT adapter). Re-running replaces them.
+# About 6-7 minutes on 2 cores after the release build (measured: ~60 training tokens/s).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,10 +23,10 @@ mkdir -p runs
   --model "$GGUF" \
   --data runs/chatterbot.jsonl \
   --out runs/demo --force \
-  --max-steps "${DEMO_STEPS:-60}" \
+  --max-steps "${DEMO_STEPS:-40}" \
   --batch-size 4 --max-seq-len 128 \
-  --lr 1e-3 --warmup-steps 5 \
-  --eval-split 0.1 --eval-every 20
+  --lr 1e-3 --warmup-steps 4 \
+  --eval-split 0.03 --eval-every 10
 
 "$QLORA" generate --model "$GGUF" --adapter runs/demo/adapter --chat \
   --prompt "Do you like music?" --max-new-tokens 48 --temperature 0
