@@ -140,48 +140,9 @@ pub fn quant_state_json(f: &Bnb4, shape: [u64; 2], dtype: &str, offset_repr: &st
     s
 }
 
-/// Python's `repr(float(x))` for an f32 widened to f64: shortest round-trip
-/// digits, positional notation for decimal exponents in [-4, 16), otherwise
-/// `d.ddde±XX`.
-pub fn python_float_repr(x: f64) -> String {
-    if x.is_nan() {
-        return "NaN".into();
-    }
-    if x.is_infinite() {
-        return if x > 0.0 { "Infinity" } else { "-Infinity" }.into();
-    }
-    if x == 0.0 {
-        return if x.is_sign_negative() { "-0.0" } else { "0.0" }.into();
-    }
-    // Rust's `{:e}` prints the shortest round-trip digits: "d.ddde-N".
-    let e = format!("{:e}", x.abs());
-    let (mant, exp) = e.split_once('e').expect("LowerExp has an exponent");
-    let exp: i32 = exp.parse().expect("integer exponent");
-    let digits: String = mant.chars().filter(|c| *c != '.').collect();
-    let sign = if x < 0.0 { "-" } else { "" };
-    // decpt: position of the decimal point relative to the digit string.
-    let decpt = exp + 1;
-    if decpt > -4 && decpt <= 16 {
-        let nd = digits.len() as i32;
-        let body = if decpt <= 0 {
-            format!("0.{}{}", "0".repeat((-decpt) as usize), digits)
-        } else if decpt >= nd {
-            format!("{}{}.0", digits, "0".repeat((decpt - nd) as usize))
-        } else {
-            let (a, b) = digits.split_at(decpt as usize);
-            format!("{a}.{b}")
-        };
-        format!("{sign}{body}")
-    } else {
-        let m = if digits.len() == 1 {
-            digits.clone()
-        } else {
-            format!("{}.{}", &digits[..1], &digits[1..])
-        };
-        let es = if exp < 0 { '-' } else { '+' };
-        format!("{sign}{m}e{es}{:02}", exp.abs())
-    }
-}
+/// Python's `repr(float(x))` (the quant-state JSON's `nested_offset`): the
+/// one implementation, shared with the checkpoint writer.
+pub use qlora_formats::bnb::python_float_repr;
 
 /// The `__metadata__`-free name suffixes of the tensors of one quantized weight,
 /// with their safetensors dtype, in the order bnb's `as_dict(packed=True)` lists them.
