@@ -66,6 +66,18 @@ pub struct Args {
     /// Print the timing summary as one JSON object on stderr.
     #[arg(long)]
     pub json_stats: bool,
+    /// Keep generating past EOS / end-of-turn tokens until --max-new-tokens
+    /// (for benchmarks: a fixed number of decode steps).
+    #[arg(long)]
+    pub ignore_eos: bool,
+}
+
+/// When generation stops.
+#[derive(Debug, Clone, Copy)]
+pub struct GenLimits {
+    pub max_new_tokens: usize,
+    /// Do not stop at EOS / end-of-turn tokens.
+    pub ignore_eos: bool,
 }
 
 /// A GGUF llama model as a [`TensorSource`] (HF names and layout, decoded on demand).
@@ -240,7 +252,7 @@ pub fn generate(
     tok: &Tokenizer,
     adapter: Option<&Adapter>,
     prompt_ids: &[u32],
-    max_new_tokens: usize,
+    limits: GenLimits,
     sampler: &mut Sampler,
     mut on_text: impl FnMut(&str) -> Result<()>,
 ) -> Result<(Vec<u32>, GenStats)> {
@@ -251,7 +263,12 @@ pub fn generate(
     if let Some(&bad) = prompt_ids.iter().find(|&&i| i as usize >= vocab) {
         bail!("prompt token id {bad} is outside the model's vocabulary ({vocab})");
     }
-    let stops = tok.stop_ids();
+    let max_new_tokens = limits.max_new_tokens;
+    let stops = if limits.ignore_eos {
+        Vec::new()
+    } else {
+        tok.stop_ids()
+    };
     let mut stats = GenStats {
         prompt_tokens: prompt_ids.len(),
         ..Default::default()
@@ -334,7 +351,10 @@ pub fn run(a: Args) -> Result<()> {
         &tok,
         adapter.as_ref(),
         &ids,
-        a.max_new_tokens,
+        GenLimits {
+            max_new_tokens: a.max_new_tokens,
+            ignore_eos: a.ignore_eos,
+        },
         &mut sampler,
         |piece| {
             out.write_all(piece.as_bytes())?;

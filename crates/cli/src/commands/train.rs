@@ -529,12 +529,23 @@ fn samples(
     adapter: Option<&qlora_lora::Adapter>,
     prompts: &[Vec<u32>],
 ) -> Result<Vec<String>> {
-    use crate::commands::generate::{generate, Sampler};
+    use crate::commands::generate::{generate, GenLimits, Sampler};
     prompts
         .iter()
         .map(|p| {
             let mut s = Sampler::new(0.0, 1.0, 0)?;
-            let (ids, _) = generate(model, tok, adapter, p, 48, &mut s, |_| Ok(()))?;
+            let (ids, _) = generate(
+                model,
+                tok,
+                adapter,
+                p,
+                GenLimits {
+                    max_new_tokens: 48,
+                    ignore_eos: false,
+                },
+                &mut s,
+                |_| Ok(()),
+            )?;
             Ok(tok.decode(&ids, true)?.trim().replace('\n', " "))
         })
         .collect()
