@@ -308,3 +308,78 @@ fn kv_cache_with_adapter_equals_full_forward() {
         );
     }
 }
+
+/// A 4-bit model keeps a bf16 checkpoint's embedding in bf16 (lossless, half
+/// the bytes of f32); `--quant none` still holds f32; an f32 checkpoint's
+/// embedding stays f32.
+#[test]
+fn bf16_checkpoint_keeps_its_embedding_in_bf16_under_nf4() {
+    use half::bf16;
+    use qlora_model::ops::linear::FrozenWeight;
+    use safetensors::{serialize_to_file, Dtype, View};
+    struct T(Vec<usize>, Vec<u8>);
+    impl View for &T {
+        fn dtype(&self) -> Dtype {
+            Dtype::BF16
+        }
+        fn shape(&self) -> &[usize] {
+            &self.0
+        }
+        fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+            (&self.1[..]).into()
+        }
+        fn data_len(&self) -> usize {
+            self.1.len()
+        }
+    }
+    let dir = std::env::temp_dir().join(format!("qlora-bf16-emb-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(
+        fixtures().join("tiny_llama/model/config.json"),
+        dir.join("config.json"),
+    )
+    .unwrap();
+    let tensors: Vec<(String, T)> = fixture_tensors()
+        .into_iter()
+        .map(|(n, s, d)| {
+            let b = d
+                .iter()
+                .flat_map(|v| bf16::from_f32(*v).to_le_bytes())
+                .collect();
+            (n, T(s, b))
+        })
+        .collect();
+    let emb_src: Vec<f32> = tensors
+        .iter()
+        .find(|(n, _)| n == "model.embed_tokens.weight")
+        .map(|(_, t)| {
+            t.1.chunks_exact(2)
+                .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect()
+        })
+        .unwrap();
+    serialize_to_file(
+        tensors.iter().map(|(n, t)| (n.as_str(), t)),
+        None,
+        &dir.join("model.safetensors"),
+    )
+    .unwrap();
+    let load = |quant| Model::from_folder(&dir, &LoadOptions { quant }).unwrap();
+    let (nf4, f32m) = (load(QuantMode::Nf4), load(QuantMode::None));
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(matches!(nf4.embed_tokens, FrozenWeight::BF16(_)));
+    assert!(matches!(f32m.embed_tokens, FrozenWeight::F32(_)));
+    let (v, h) = (nf4.config.vocab_size, nf4.config.hidden_size);
+    let mut got = vec![0f32; v * h];
+    nf4.embed_tokens.rows_f32(0, v, h, &mut got);
+    assert_eq!(got, emb_src, "bf16 embedding held exactly");
+    assert!(
+        f32m.weight_bytes() - nf4.weight_bytes() >= v * h * 2,
+        "the bf16 embedding saves at least its f32 half"
+    );
+    // And an f32 checkpoint's embedding is not narrowed.
+    assert!(matches!(
+        tiny(QuantMode::Nf4).embed_tokens,
+        FrozenWeight::F32(_)
+    ));
+}
