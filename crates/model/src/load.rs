@@ -65,11 +65,12 @@ pub trait TensorSource {
     fn raw(&self, name: &str) -> Result<(Dtype, Vec<u8>)>;
     /// The file (or other origin) a tensor comes from, for error messages.
     fn origin(&self, name: &str) -> String;
-    /// Whether the tensor is stored as bfloat16, so that holding it as bf16
-    /// loses nothing (embeddings and lm_head of a 4-bit model stay in their
-    /// source precision, as transformers keeps them, instead of doubling in f32).
-    fn is_bf16(&self, _name: &str) -> bool {
-        false
+    /// The tensor as stored, if it is stored as bfloat16 (`None` otherwise).
+    /// Embeddings and lm_head of a 4-bit model stay in this precision, as
+    /// transformers keeps them, instead of doubling in f32; reading them
+    /// directly also avoids an f32 copy of the largest tensors while loading.
+    fn bf16(&self, _name: &str) -> Option<Result<Vec<half::bf16>>> {
+        None
     }
 }
 
@@ -147,8 +148,15 @@ impl TensorSource for ModelFiles {
         self.release(name);
         Ok(out)
     }
-    fn is_bf16(&self, name: &str) -> bool {
-        self.get(name).is_some_and(|t| t.dtype == Dtype::BF16)
+    fn bf16(&self, name: &str) -> Option<Result<Vec<half::bf16>>> {
+        let t = self.get(name).filter(|t| t.dtype == Dtype::BF16)?;
+        let v = t
+            .data
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]))
+            .collect();
+        self.release(name);
+        Some(Ok(v))
     }
     fn origin(&self, name: &str) -> String {
         match self.file_of(name) {
@@ -371,13 +379,19 @@ impl Model {
         // asked for (--quant bf16) or when a 4-bit model's checkpoint stores
         // them in bf16 (lossless, half the f32 bytes: 1 GiB saved on an 8B
         // Llama-3); `--quant none` keeps f32.
-        let keep = |name: &str| match opts.quant {
-            QuantMode::Bf16 => QuantMode::Bf16,
-            QuantMode::Nf4 | QuantMode::Fp4 if src.is_bf16(name) => QuantMode::Bf16,
-            _ => QuantMode::None,
+        let keep = |name: &str| -> Result<FrozenWeight> {
+            if opts.quant != QuantMode::None {
+                if let Some(w) = src.bf16(name) {
+                    return Ok(FrozenWeight::BF16(Arc::new(w?)));
+                }
+            }
+            let mode = match opts.quant {
+                QuantMode::Bf16 => QuantMode::Bf16,
+                _ => QuantMode::None,
+            };
+            dense(src.f32(name)?, mode, name)
         };
-        let emb_mode = keep(emb_name);
-        let embed_tokens = dense(src.f32(emb_name)?, emb_mode, emb_name)?;
+        let embed_tokens = keep(emb_name)?;
 
         let mut layers = Vec::with_capacity(nl);
         for l in 0..nl {
@@ -441,11 +455,7 @@ impl Model {
             embed_tokens.clone()
         } else if src.shape("lm_head.weight").is_some() {
             check_shape(src, "lm_head.weight", &[v, h], "vocab_size x hidden_size")?;
-            dense(
-                src.f32("lm_head.weight")?,
-                keep("lm_head.weight"),
-                "lm_head.weight",
-            )?
+            keep("lm_head.weight")?
         } else {
             bail!("{origin}: missing tensor `lm_head.weight` (config.json has tie_word_embeddings = false)")
         };
