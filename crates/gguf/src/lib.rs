@@ -11,6 +11,11 @@
 //!   and Hugging Face tensor names/layout (including the inverse of llama.cpp's
 //!   Q/K row permutation), one tensor at a time.
 //!
+//! - [`writer`]: GGUF output, in memory ([`writer::GgufWriter`]) or streamed tensor by
+//!   tensor to a temporary file renamed at the end ([`writer::StreamWriter`]).
+//! - `quantize` (feature `quantize`): f32 → ggml block types through candle's ports of
+//!   llama.cpp's reference quantizers.
+//!
 //! All errors name the file, and the tensor or metadata key involved.
 
 use std::path::Path;
@@ -19,6 +24,8 @@ pub mod dequant;
 mod error;
 pub mod llama;
 mod metadata;
+#[cfg(feature = "quantize")]
+pub mod quantize;
 mod reader;
 mod types;
 pub mod writer;

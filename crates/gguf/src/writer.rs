@@ -3,8 +3,9 @@
 //! Used by tests to build files, and for exporting. Tensors are laid out in the
 //! order given, each padded to the alignment, as llama.cpp writes them.
 
+use std::io::BufWriter;
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::error::{GgufError, Result};
 use crate::metadata::MetaValue;
@@ -58,6 +59,68 @@ fn put_value(out: &mut Vec<u8>, v: &MetaValue) {
     }
 }
 
+/// The header (magic, counts, metadata, tensor infos) padded to `align`: everything
+/// before the first tensor's data. Tensor offsets assume each tensor's data is padded to
+/// `align`, as llama.cpp's writer does.
+fn header_bytes(
+    metadata: &[(String, MetaValue)],
+    tensors: &[(&str, &[u64], GgmlType, u64)],
+    align: u64,
+) -> Vec<u8> {
+    let mut out = Vec::new();
+    out.extend_from_slice(b"GGUF");
+    out.extend_from_slice(&3u32.to_le_bytes());
+    out.extend_from_slice(&(tensors.len() as u64).to_le_bytes());
+    out.extend_from_slice(&(metadata.len() as u64).to_le_bytes());
+    for (k, v) in metadata {
+        put_str(&mut out, k);
+        out.extend_from_slice(&v.type_id().to_le_bytes());
+        put_value(&mut out, v);
+    }
+    let mut offset = 0u64;
+    for (name, dims, ty, len) in tensors {
+        put_str(&mut out, name);
+        out.extend_from_slice(&(dims.len() as u32).to_le_bytes());
+        for d in *dims {
+            out.extend_from_slice(&d.to_le_bytes());
+        }
+        out.extend_from_slice(&ty.id().to_le_bytes());
+        out.extend_from_slice(&offset.to_le_bytes());
+        offset = (offset + len).div_ceil(align) * align;
+    }
+    pad_to(&mut out, align);
+    out
+}
+
+fn pad_to(out: &mut Vec<u8>, align: u64) {
+    let n = (out.len() as u64).div_ceil(align) * align;
+    out.resize(n as usize, 0);
+}
+
+fn alignment_of(metadata: &[(String, MetaValue)]) -> u64 {
+    metadata
+        .iter()
+        .find(|(k, _)| k == "general.alignment")
+        .and_then(|(_, v)| match v {
+            MetaValue::U32(a) => Some(*a as u64),
+            _ => None,
+        })
+        .unwrap_or(DEFAULT_ALIGNMENT)
+        .max(1)
+}
+
+/// The temporary sibling a file is written to before the rename.
+fn temp_path(path: &Path) -> PathBuf {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty());
+    let dir = dir.unwrap_or(Path::new("."));
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+    dir.join(format!(
+        ".{}.{}.tmp",
+        name.unwrap_or_else(|| "gguf".into()),
+        std::process::id()
+    ))
+}
+
 impl GgufWriter {
     pub fn new() -> Self {
         Self::default()
@@ -79,53 +142,29 @@ impl GgufWriter {
     }
 
     fn alignment(&self) -> u64 {
-        self.metadata
-            .iter()
-            .find(|(k, _)| k == "general.alignment")
-            .and_then(|(_, v)| match v {
-                MetaValue::U32(a) => Some(*a as u64),
-                _ => None,
-            })
-            .unwrap_or(DEFAULT_ALIGNMENT)
+        alignment_of(&self.metadata)
     }
 
     /// Serialize. Panics never; sizes are not validated here (the reader does that),
     /// so tests can build deliberately broken files.
     pub fn to_bytes(&self) -> Vec<u8> {
         let align = self.alignment().max(1);
-        let mut out = Vec::new();
-        out.extend_from_slice(b"GGUF");
-        out.extend_from_slice(&3u32.to_le_bytes());
-        out.extend_from_slice(&(self.tensors.len() as u64).to_le_bytes());
-        out.extend_from_slice(&(self.metadata.len() as u64).to_le_bytes());
-        for (k, v) in &self.metadata {
-            put_str(&mut out, k);
-            out.extend_from_slice(&v.type_id().to_le_bytes());
-            put_value(&mut out, v);
-        }
-        let mut offset = 0u64;
-        let mut offsets = Vec::new();
+        let infos: Vec<(&str, &[u64], GgmlType, u64)> = self
+            .tensors
+            .iter()
+            .map(|t| {
+                (
+                    t.name.as_str(),
+                    t.dims.as_slice(),
+                    t.ggml_type,
+                    t.data.len() as u64,
+                )
+            })
+            .collect();
+        let mut out = header_bytes(&self.metadata, &infos, align);
         for t in &self.tensors {
-            put_str(&mut out, &t.name);
-            out.extend_from_slice(&(t.dims.len() as u32).to_le_bytes());
-            for d in &t.dims {
-                out.extend_from_slice(&d.to_le_bytes());
-            }
-            out.extend_from_slice(&t.ggml_type.id().to_le_bytes());
-            out.extend_from_slice(&offset.to_le_bytes());
-            offsets.push(offset);
-            offset = (offset + t.data.len() as u64).div_ceil(align) * align;
-        }
-        let pad = |out: &mut Vec<u8>| {
-            let n = (out.len() as u64).div_ceil(align) * align;
-            out.resize(n as usize, 0);
-        };
-        pad(&mut out);
-        let data_start = out.len() as u64;
-        for (t, off) in self.tensors.iter().zip(offsets) {
-            debug_assert_eq!(out.len() as u64, data_start + off);
             out.extend_from_slice(&t.data);
-            pad(&mut out);
+            pad_to(&mut out, align);
         }
         out
     }
@@ -136,14 +175,259 @@ impl GgufWriter {
             path: path.to_path_buf(),
             source,
         };
-        let dir = path.parent().filter(|p| !p.as_os_str().is_empty());
-        let dir = dir.unwrap_or(Path::new("."));
-        let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
-        let tmp = dir.join(format!(".{}.tmp", name.unwrap_or_else(|| "gguf".into())));
+        let tmp = temp_path(path);
         let mut f = std::fs::File::create(&tmp).map_err(io)?;
         f.write_all(&self.to_bytes()).map_err(io)?;
         f.sync_all().map_err(io)?;
         drop(f);
         std::fs::rename(&tmp, path).map_err(io)
+    }
+}
+
+/// One tensor of a [`StreamWriter`]: its header entry, data supplied later.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorPlan {
+    pub name: String,
+    /// ggml dims, innermost first.
+    pub dims: Vec<u64>,
+    pub ggml_type: GgmlType,
+}
+
+impl TensorPlan {
+    /// Exact byte size of the encoded data (`None`: not a whole number of blocks).
+    pub fn n_bytes(&self) -> Option<u64> {
+        self.ggml_type.bytes_for(self.dims.iter().product())
+    }
+}
+
+/// Writes a GGUF file tensor by tensor, so an exporter holds one tensor at a time.
+///
+/// The header is written first (every tensor's type and shape, hence its size, is
+/// known up front); tensors must then arrive in plan order with exactly their size.
+/// Everything goes to a temporary sibling file that [`StreamWriter::finish`] renames
+/// onto the target; if the writer is dropped unfinished (an error midway), the
+/// temporary file is removed, so nothing partial is ever left at the target path.
+#[derive(Debug)]
+pub struct StreamWriter {
+    path: PathBuf,
+    tmp: PathBuf,
+    file: Option<BufWriter<std::fs::File>>,
+    plans: Vec<TensorPlan>,
+    sizes: Vec<u64>,
+    next: usize,
+    align: u64,
+}
+
+impl StreamWriter {
+    /// Validate the plan and write the header to the temporary file.
+    pub fn create(
+        path: &Path,
+        metadata: &[(String, MetaValue)],
+        plans: Vec<TensorPlan>,
+    ) -> Result<StreamWriter> {
+        let malformed = |msg: String| GgufError::Malformed {
+            path: path.to_path_buf(),
+            msg,
+        };
+        let mut seen = std::collections::HashSet::new();
+        let mut sizes = Vec::with_capacity(plans.len());
+        for p in &plans {
+            if !seen.insert(p.name.as_str()) {
+                return Err(malformed(format!("duplicate tensor name `{}`", p.name)));
+            }
+            let n = p.n_bytes().ok_or_else(|| GgufError::Tensor {
+                path: path.to_path_buf(),
+                tensor: p.name.clone(),
+                msg: format!(
+                    "dims {:?} are not a whole number of {} blocks",
+                    p.dims, p.ggml_type
+                ),
+            })?;
+            sizes.push(n);
+        }
+        let align = alignment_of(metadata);
+        let infos: Vec<(&str, &[u64], GgmlType, u64)> = plans
+            .iter()
+            .zip(&sizes)
+            .map(|(p, &n)| (p.name.as_str(), p.dims.as_slice(), p.ggml_type, n))
+            .collect();
+        let header = header_bytes(metadata, &infos, align);
+        let tmp = temp_path(path);
+        let io = |source| GgufError::Io {
+            path: tmp.clone(),
+            source,
+        };
+        let file = std::fs::File::create(&tmp).map_err(io)?;
+        let mut w = StreamWriter {
+            path: path.to_path_buf(),
+            tmp: tmp.clone(),
+            file: Some(BufWriter::with_capacity(1 << 20, file)),
+            plans,
+            sizes,
+            next: 0,
+            align,
+        };
+        w.put(&header)?;
+        Ok(w)
+    }
+
+    fn put(&mut self, bytes: &[u8]) -> Result<()> {
+        let f = self.file.as_mut().expect("file is open until finish");
+        f.write_all(bytes).map_err(|source| GgufError::Io {
+            path: self.tmp.clone(),
+            source,
+        })
+    }
+
+    /// The plan entry the next [`StreamWriter::write_tensor`] call must supply.
+    pub fn next_plan(&self) -> Option<&TensorPlan> {
+        self.plans.get(self.next)
+    }
+
+    /// Append the next tensor's encoded bytes (name and exact size are checked).
+    pub fn write_tensor(&mut self, name: &str, data: &[u8]) -> Result<()> {
+        let tensor_err = |msg: String| GgufError::Tensor {
+            path: self.path.clone(),
+            tensor: name.to_string(),
+            msg,
+        };
+        let Some(plan) = self.plans.get(self.next) else {
+            return Err(tensor_err("more tensors than planned".into()));
+        };
+        if plan.name != name {
+            return Err(tensor_err(format!(
+                "written out of order: expected `{}` next",
+                plan.name
+            )));
+        }
+        let want = self.sizes[self.next];
+        if data.len() as u64 != want {
+            return Err(tensor_err(format!(
+                "{} bytes of data, {} {:?} needs {want}",
+                data.len(),
+                plan.ggml_type,
+                plan.dims
+            )));
+        }
+        self.put(data)?;
+        let pad = (want.div_ceil(self.align) * self.align - want) as usize;
+        self.put(&vec![0u8; pad])?;
+        self.next += 1;
+        Ok(())
+    }
+
+    /// Check every tensor was written, sync, and rename onto the target path.
+    pub fn finish(mut self) -> Result<()> {
+        if self.next != self.plans.len() {
+            return Err(GgufError::Tensor {
+                path: self.path.clone(),
+                tensor: self.plans[self.next].name.clone(),
+                msg: format!(
+                    "never written ({} of {} tensors written)",
+                    self.next,
+                    self.plans.len()
+                ),
+            });
+        }
+        let io = |p: &Path| {
+            let p = p.to_path_buf();
+            move |source| GgufError::Io { path: p, source }
+        };
+        let f = self.file.take().expect("file is open until finish");
+        let f = f.into_inner().map_err(|e| io(&self.tmp)(e.into_error()))?;
+        f.sync_all().map_err(io(&self.tmp))?;
+        drop(f);
+        std::fs::rename(&self.tmp, &self.path).map_err(io(&self.path))?;
+        // Renamed: nothing left for Drop to clean up.
+        self.tmp = PathBuf::new();
+        Ok(())
+    }
+}
+
+impl Drop for StreamWriter {
+    fn drop(&mut self) {
+        self.file.take();
+        if !self.tmp.as_os_str().is_empty() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::GgufFile;
+
+    fn plan(name: &str, dims: &[u64], ty: GgmlType) -> TensorPlan {
+        TensorPlan {
+            name: name.into(),
+            dims: dims.to_vec(),
+            ggml_type: ty,
+        }
+    }
+
+    #[test]
+    fn streamed_file_equals_the_in_memory_writer_and_reads_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let md = vec![
+            (
+                "general.architecture".to_string(),
+                MetaValue::String("llama".into()),
+            ),
+            ("general.alignment".to_string(), MetaValue::U32(64)),
+        ];
+        let a: Vec<u8> = (0..3 * 4).map(|i| i as u8).collect();
+        let b: Vec<u8> = (0..34).map(|i| 100 + i as u8).collect();
+        let mut mem = GgufWriter::new();
+        mem.metadata = md.clone();
+        mem.tensor("a", &[3], GgmlType::F32, a.clone());
+        mem.tensor("b", &[32], GgmlType::Q8_0, b.clone());
+        let path = dir.path().join("x.gguf");
+        let mut w = StreamWriter::create(
+            &path,
+            &md,
+            vec![
+                plan("a", &[3], GgmlType::F32),
+                plan("b", &[32], GgmlType::Q8_0),
+            ],
+        )
+        .unwrap();
+        assert!(!path.exists(), "nothing at the target before finish");
+        w.write_tensor("a", &a).unwrap();
+        w.write_tensor("b", &b).unwrap();
+        w.finish().unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), mem.to_bytes());
+        let f = GgufFile::open(&path).unwrap();
+        assert_eq!(f.tensor_data("b").unwrap(), b.as_slice());
+        // No temporary file left behind.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn wrong_order_size_or_missing_tensor_is_an_error_and_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("y.gguf");
+        let plans = vec![
+            plan("a", &[3], GgmlType::F32),
+            plan("b", &[4], GgmlType::F16),
+        ];
+        let mut w = StreamWriter::create(&path, &[], plans.clone()).unwrap();
+        let e = w.write_tensor("b", &[0; 8]).unwrap_err().to_string();
+        assert!(e.contains("out of order"), "{e}");
+        let e = w.write_tensor("a", &[0; 11]).unwrap_err().to_string();
+        assert!(e.contains("needs 12"), "{e}");
+        w.write_tensor("a", &[0; 12]).unwrap();
+        let e = w.finish().unwrap_err().to_string();
+        assert!(e.contains("`b`") && e.contains("never written"), "{e}");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        // Dropped midway: the temporary file is removed too.
+        let w = StreamWriter::create(&path, &[], plans).unwrap();
+        drop(w);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        // A plan that is not a whole number of blocks is refused up front.
+        let e = StreamWriter::create(&path, &[], vec![plan("q", &[33], GgmlType::Q8_0)])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("whole number of Q8_0 blocks"), "{e}");
     }
 }

@@ -435,3 +435,35 @@ fn demo_gguf_config_and_tensors() {
     }
     assert_eq!(n, 134_515_008);
 }
+
+#[test]
+fn gguf_name_inverts_hf_name_for_every_llama_tensor() {
+    let mut gguf = vec![
+        "token_embd.weight".to_string(),
+        "output_norm.weight".into(),
+        "output.weight".into(),
+    ];
+    for m in [
+        "attn_norm",
+        "ffn_norm",
+        "attn_q",
+        "attn_k",
+        "attn_v",
+        "attn_output",
+        "ffn_gate",
+        "ffn_up",
+        "ffn_down",
+    ] {
+        gguf.push(format!("blk.7.{m}.weight"));
+    }
+    gguf.push("blk.3.attn_q.bias".into());
+    for g in gguf {
+        let hf = hf_name(&g).unwrap();
+        assert_eq!(llama::gguf_name(&hf).as_deref(), Some(g.as_str()), "{hf}");
+    }
+    assert_eq!(
+        llama::gguf_name("model.layers.0.mlp.experts.0.weight"),
+        None
+    );
+    assert_eq!(llama::gguf_name("model.rotary_emb.inv_freq"), None);
+}
