@@ -17,6 +17,15 @@
 
 use std::path::{Path, PathBuf};
 
+pub mod gguf_check;
+pub mod gguf_export;
+mod gguf_meta;
+pub mod source;
+
+pub use gguf_check::{check_export, CheckReport};
+pub use gguf_export::{export_gguf, ExportOptions, ExportReport, ExportType};
+pub use source::SourceModel;
+
 use anyhow::{bail, Context, Result};
 use half::{bf16, f16};
 use qlora_formats::bnb::{self, bnb4_weight_keys, is_bnb4_key, read_bnb4};
