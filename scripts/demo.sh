@@ -12,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 cargo build --release -p qlora-cli
-QLORA=target/release/qlora
+QLORA="${CARGO_TARGET_DIR:-target}/release/qlora"
 
 GGUF="$(scripts/fetch-demo.sh model | tail -n 1)"
 CORPUS="$(scripts/fetch-demo.sh chatterbot | tail -n 1)"
