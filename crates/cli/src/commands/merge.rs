@@ -134,10 +134,85 @@ pub fn run(a: Args) -> Result<()> {
             qrep.converted,
             100.0 * qrep.error.rel_rms()
         );
+        report_requantization_error(&a, &staging)?;
         Ok(())
     })();
     let _ = std::fs::remove_dir_all(&staging);
     result.with_context(|| format!("merging {} into {}", a.adapter.display(), a.model.display()))
+}
+
+/// Fixed prompts for the logit comparison (tokenized when the base has a tokenizer).
+const CHECK_PROMPTS: [&str; 4] = [
+    "The capital of France is Paris. The capital of Germany is",
+    "def fibonacci(n):\n    if n < 2:\n        return n\n    return",
+    "Q: What is the boiling point of water at sea level?\nA: It boils at",
+    "Once upon a time, in a small village by the sea, there lived an old",
+];
+
+/// What requantizing the merged model costs, in logits: the 4-bit merged model vs
+/// the unmerged full-precision base + adapter (the reference), on a few prompts;
+/// and, for scale, the model as it was trained (4-bit base + adapter, unmerged)
+/// vs the same reference.
+fn report_requantization_error(a: &Args, merged_f32: &std::path::Path) -> Result<()> {
+    let base = qlora_merge::gguf_check::load_f32(&a.model)?;
+    let vocab = base.config.vocab_size;
+    let seqs = match qlora_tokenizer::Tokenizer::from_folder(&a.model) {
+        Ok(tok) => {
+            let ids = CHECK_PROMPTS
+                .iter()
+                .map(|p| tok.encode(p, false))
+                .collect::<std::result::Result<Vec<_>, _>>()?;
+            let len = ids.iter().map(Vec::len).min().unwrap_or(0);
+            ids.into_iter()
+                .map(|mut v| {
+                    v.truncate(len);
+                    v
+                })
+                .collect::<Vec<_>>()
+        }
+        Err(_) => Vec::new(),
+    };
+    let seqs = if seqs.first().is_some_and(|s| s.len() >= 4) {
+        seqs
+    } else {
+        qlora_merge::gguf_check::pseudo_random_ids(vocab, 4, 32, 0)
+    };
+    let (_, adapter) = qlora_lora::load_adapter(&a.adapter, Some(&base.config))?;
+    let reference = qlora_merge::gguf_check::logits(&base, Some(&adapter), &seqs)?;
+    drop(base);
+    let cmp = |m: &qlora_model::Model, ad: Option<&qlora_lora::Adapter>| -> Result<_> {
+        let got = qlora_merge::gguf_check::logits(m, ad, &seqs)?;
+        Ok(qlora_merge::gguf_check::compare(
+            &reference,
+            &got,
+            vocab,
+            seqs.len(),
+        ))
+    };
+    let requantized = qlora_merge::gguf_check::load_f32(&a.out)?;
+    let r = cmp(&requantized, None)?;
+    drop(requantized);
+    println!(
+        "logits of the requantized merged model vs base + adapter (unmerged, full precision): {r}"
+    );
+    let merged = qlora_merge::gguf_check::load_f32(merged_f32)?;
+    let m = cmp(&merged, None)?;
+    drop(merged);
+    println!(
+        "  merged before requantizing, same comparison: max |Δlogit| {:.3e}",
+        m.max_abs_diff
+    );
+    let quant = qlora_model::LoadOptions {
+        quant: a.quant.parse()?,
+    };
+    if let Ok(trained) = qlora_model::Model::from_folder(&a.model, &quant) {
+        let t = cmp(&trained, Some(&adapter))?;
+        println!(
+            "  for scale, the 4-bit base + adapter (as trained) vs the same: mean |Δlogit| {:.4e}, max {:.4e}",
+            t.mean_abs_diff, t.max_abs_diff
+        );
+    }
+    Ok(())
 }
 
 fn print_report(rep: &qlora_merge::MergeReport, t0: Instant) {
