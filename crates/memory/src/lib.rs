@@ -13,12 +13,14 @@
 //! * [`presets`]: config numbers of well-known models (offline).
 //! * [`source`]: resolving a model reference (path, preset, hub id).
 //! * [`plan`]: training memory per device.
+//! * [`rss`]: resident-memory probes of the running process (plan validation).
 
 pub mod bnb;
 pub mod gguf;
 pub mod inventory;
 pub mod plan;
 pub mod presets;
+pub mod rss;
 pub mod size;
 pub mod source;
 pub mod st;

@@ -108,10 +108,15 @@ pub struct PlanInput {
     /// Worker threads of the CPU trainer (each holds one attention head's
     /// backward scratch); 1 for GPU plans.
     pub threads: u64,
-    /// Bytes of the checkpoint files the CPU trainer memory-maps while loading
-    /// (0 = unknown / not loading from files). Loading touches every page, so
-    /// they are resident until the map is dropped: see [`Breakdown::load_peak`].
+    /// Bytes of the memory-mapped checkpoint still resident at the end of
+    /// loading (0 = unknown / not loading from files): the whole file for a
+    /// GGUF (`qlora-gguf` keeps every touched page until the map is dropped),
+    /// about one tensor for safetensors (`qlora-formats` releases each
+    /// tensor's pages once it is converted). See [`Breakdown::load_peak`].
     pub load_file_bytes: u64,
+    /// Bytes of the tokenizer the trainer keeps alive (0 = none: an HF
+    /// folder without tokenizer.json). See [`tokenizer_bytes`].
+    pub tokenizer_bytes: u64,
 }
 
 impl PlanInput {
@@ -136,6 +141,7 @@ impl PlanInput {
             gpu: false,
             threads: 1,
             load_file_bytes: 0,
+            tokenizer_bytes: 0,
         }
     }
 }
@@ -150,10 +156,27 @@ pub const ALL_TARGETS: [&str; 7] = [
     "down_proj",
 ];
 
-/// Fixed resident memory of the `qlora` process (binary, allocator arenas,
-/// rayon threads) before any model data. Measured with VmHWM; see
-/// BENCHMARKS.md "Memory planner".
-pub const CPU_OVERHEAD: u64 = 24 << 20;
+/// Fixed resident memory of a `qlora train` process apart from the model,
+/// adapter, optimizer and activations: the pages of the binary's code it
+/// touches (file-backed, ~8 MiB), thread stacks, rayon and gemm per-thread
+/// scratch and allocator arenas (anonymous, ~1.3 MiB). Calibrated from
+/// measurement (BENCHMARKS.md "Memory planner: validation against the
+/// trainer"): the smallest run (tiny fixture model, QLoRA r 8, batch 1 x 8
+/// tokens, 2 steps, `QLORA_MEM_TRACE=reset`) peaks at VmHWM 10,244 KiB =
+/// 10,489,856 B, of which the plan's other terms are 785,072 B:
+/// 10,489,856 − 785,072 = 9,704,784 B ≈ 9.26 MiB.
+pub const CPU_OVERHEAD: u64 = 9_704_784;
+
+/// Resident bytes per vocabulary entry of a loaded byte-level BPE tokenizer
+/// (`tokenizers`' vocab and reverse vocab maps, merges, added tokens).
+/// Measured: building SmolLM2's 49,152-token tokenizer from its GGUF metadata
+/// and dropping it again frees 8,356 KiB of anonymous memory → 174 B/token.
+pub const TOKENIZER_BYTES_PER_TOKEN: u64 = 174;
+
+/// Tokenizer memory for a vocabulary of `vocab` entries.
+pub fn tokenizer_bytes(vocab: u64) -> u64 {
+    vocab * TOKENIZER_BYTES_PER_TOKEN
+}
 
 /// Assumed CUDA context + allocator slack on a GPU (not measurable here;
 /// typical PyTorch CUDA 12 context ≈ 0.5 GiB).
@@ -173,24 +196,37 @@ pub struct Breakdown {
     pub trainable_params: u64,
     pub gradients: u64,
     pub optimizer_states: u64,
-    /// Tensors saved for the backward (all layers), at peak.
+    /// Tensors saved for the backward that persist through the whole
+    /// backward: every layer's set, or only the layer inputs with checkpointing.
     pub activations: u64,
-    /// Transient buffers of one layer's backward. The total counts only the
-    /// larger of this and `logits_and_loss` (they are never alive together).
+    /// Transient buffers of one layer's backward (with checkpointing also the
+    /// layer's re-created activations). The total counts only the larger of
+    /// this and `logits_and_loss` (they are never alive together).
     pub layer_workspace: u64,
     /// Head phase: final norm, f32 logits (turned into their gradient in place).
     pub logits_and_loss: u64,
+    /// CPU plans with checkpointing: one layer's forward tensors, freed by
+    /// the forward pass but kept in the heap by glibc's allocator (blocks are
+    /// reused, not returned to the system), resident in the head phase. The
+    /// total counts `logits_and_loss + heap_retention` against
+    /// `layer_workspace` (whose re-created layer reuses those blocks).
+    pub heap_retention: u64,
+    /// The tokenizer `qlora train` keeps (GGUF metadata or tokenizer.json).
+    pub tokenizer: u64,
+    /// CPU plans: attention-backward buffers retained in the worker threads'
+    /// allocator arenas (see [`worker_arenas`]).
+    pub worker_arenas: u64,
     /// f32 tile a frozen linear is expanded into before its matmul.
     pub dequant_workspace: u64,
     /// FSDP all-gather / reduce-scatter buffers (GPU plans, >1 device).
     pub communication: u64,
     pub overhead: u64,
-    /// Peak while loading (CPU trainer): overhead + the memory-mapped
-    /// checkpoint (all pages touched) + the frozen model built so far + one
-    /// weight converted to f32. 0 when the files are unknown.
+    /// Peak while loading (CPU trainer): overhead + the resident part of the
+    /// memory-mapped checkpoint + the frozen model + the f32 copy of the
+    /// largest projection being converted. 0 when the files are unknown.
     pub load_peak: u64,
     /// Training peak: the sum of the components above, counting only the larger
-    /// of `layer_workspace` and `logits_and_loss`.
+    /// of `layer_workspace` and `logits_and_loss + heap_retention`.
     pub train_peak: u64,
     /// `max(train_peak, load_peak)`: what the process needs at its peak.
     pub total_bytes: u64,
@@ -326,10 +362,17 @@ pub fn saved_per_layer(c: &ModelConfig, p: &PlanInput) -> Vec<Saved> {
 /// Transient buffers alive during one layer's backward
 /// (`qlora-model::backward::layer_backward`), at the worst moment: the final
 /// norm output (kept alive by the head until the end of the step, T·h), the
-/// incoming gradient (T·h), and the larger of the MLP phase (`dm`, `dg`, `du`:
-/// 3·T·I, then `dn2` + `dg` + `du`) and the attention phase (`datt`, `dq`,
-/// `dk`, `dv`: T·(2·a·d + 2·kv·d), plus per worker thread one head's `dp`
-/// s² and `dq, dk, dv` slices (n_rep + 2)·s·d, f32).
+/// incoming gradient (T·h), and the larger of
+/// * the MLP phase: `dm`, `dg`, `du` (3·T·I), then `dn2` + `dg` + `du`;
+/// * the attention phase: `datt` (T·a·d) and the final `dq, dk, dv`
+///   (T·(a·d + 2·kv·d)); the per-(sequence, kv head) gradients and `dp`
+///   scratch that `attention::backward`'s worker threads allocate are
+///   [`worker_arenas`] on CPU (GPU plans add them here: the group gradients
+///   T·(a·d + 2·kv·d) plus the larger of the final copies and the `dp`s).
+///
+/// With gradient checkpointing the layer's forward is recomputed right before
+/// its backward, so its saved tensors (all of [`saved_per_layer`] except the
+/// kept input) are alive here too and are added.
 pub fn layer_workspace(c: &ModelConfig, p: &PlanInput) -> u64 {
     let Dims { h, i, a, kv, d, .. } = dims(c);
     let (b, s) = (p.batch, p.seq);
@@ -337,10 +380,44 @@ pub fn layer_workspace(c: &ModelConfig, p: &PlanInput) -> u64 {
     let e = p.compute.bytes();
     let held = 2 * t * h * e;
     let mlp = (3 * t * i * e).max(t * h * e + 2 * t * i * e);
-    let n_rep = a / kv.max(1);
-    let per_thread = s * s * 4 + (n_rep + 2) * s * d * 4;
-    let attn = t * (2 * a * d + 2 * kv * d) * e + p.threads.max(1).min(b * kv) * per_thread;
-    held + mlp.max(attn)
+    let groups = t * (a * d + 2 * kv * d) * e;
+    let attn = if p.gpu {
+        let dp_in_flight = p.threads.max(1).min(b * kv) * s * s * 4;
+        t * a * d * e + groups + groups.max(dp_in_flight)
+    } else {
+        t * a * d * e + groups
+    };
+    let recomputed = if p.checkpointing {
+        let saved: u64 = saved_per_layer(c, p).iter().map(|x| x.bytes).sum();
+        saved - layer_input_bytes(c, p)
+    } else {
+        0
+    };
+    recomputed + held + mlp.max(attn)
+}
+
+/// Memory the CPU trainer's worker threads keep in their own glibc arenas:
+/// `attention::backward` runs one task per (sequence, kv head) on the rayon
+/// workers, each allocating its `n_rep` query heads' `dq`, its `dk`, `dv`
+/// (T·(a·d + 2·kv·d) f32 over all tasks, freed after being copied out) and one
+/// `dp` s² scratch per busy worker. glibc gives every thread its own arena and
+/// trims an arena only when its free top exceeds the (dynamic) trim threshold,
+/// so these pages stay resident from the first layer backward on, through
+/// every later phase and step (measured: `MALLOC_ARENA_MAX=1` removes them,
+/// BENCHMARKS.md).
+pub fn worker_arenas(c: &ModelConfig, p: &PlanInput) -> u64 {
+    if p.gpu {
+        return 0;
+    }
+    let Dims { a, kv, d, .. } = dims(c);
+    let (b, s) = (p.batch, p.seq);
+    let groups = b * s * (a * d + 2 * kv * d) * 4;
+    groups + p.threads.max(1).min(b * kv) * s * s * 4
+}
+
+/// One layer's input `x` (T·h): all that gradient checkpointing keeps per layer.
+fn layer_input_bytes(c: &ModelConfig, p: &PlanInput) -> u64 {
+    p.batch * p.seq * c.hidden_size as u64 * p.compute.bytes()
 }
 
 /// Head phase (`qlora-model::backward`): the last layer's output (T·h), the
@@ -461,16 +538,27 @@ pub fn plan(inv: &Inventory, c: &ModelConfig, p: &PlanInput) -> Result<Plan, Mem
     }
 
     let saved: u64 = saved_per_layer(c, p).iter().map(|s| s.bytes).sum();
-    let input_only = p.batch * p.seq * dm.h * p.compute.bytes();
     b.activations = if p.checkpointing {
-        // Layer inputs of all layers + the rest of one layer's saved tensors,
-        // re-created while that layer's backward runs.
-        dm.l * input_only + (saved - input_only)
+        // Only the layer inputs persist; one layer's other tensors are
+        // re-created inside its backward (counted in `layer_workspace`, so
+        // they are not added to the head phase, where none is alive).
+        dm.l * layer_input_bytes(c, p)
     } else {
         dm.l * saved
     };
     b.layer_workspace = layer_workspace(c, p);
     b.logits_and_loss = logits_and_loss(c, p);
+    if p.checkpointing && !p.gpu {
+        // With checkpointing the forward frees each layer's tensors as soon
+        // as the next layer's input exists. glibc serves blocks below its
+        // (dynamic, ≤ 32 MiB) mmap threshold from its heap and keeps freed
+        // ones there for reuse, so about one layer's set stays resident when
+        // the head allocates its logits (measured, BENCHMARKS.md). The layer
+        // backward re-creates a layer in those blocks, so it adds nothing there.
+        b.heap_retention = saved - layer_input_bytes(c, p);
+    }
+    b.tokenizer = if p.gpu { 0 } else { p.tokenizer_bytes };
+    b.worker_arenas = worker_arenas(c, p);
     let largest_linear = inv.quantizable().map(|t| t.numel()).max().unwrap_or(0);
     b.dequant_workspace = match p.method {
         // A GPU kernel path (bnb MatMul4Bit) dequantizes the whole weight to
@@ -506,13 +594,18 @@ pub fn plan(inv: &Inventory, c: &ModelConfig, p: &PlanInput) -> Result<Plan, Mem
         + b.gradients
         + b.optimizer_states
         + b.activations
-        + b.layer_workspace.max(b.logits_and_loss)
+        + b.layer_workspace.max(b.logits_and_loss + b.heap_retention)
         + b.dequant_workspace
         + b.communication
+        + b.tokenizer
+        + b.worker_arenas
         + b.overhead;
     if !p.gpu && p.load_file_bytes > 0 {
-        let largest = inv.tensors.iter().map(|t| t.numel()).max().unwrap_or(0);
-        b.load_peak = p.overhead + p.load_file_bytes + frozen_all + 4 * largest;
+        // The embedding is decoded straight into its frozen f32 copy; a
+        // projection exists as f32 once more while it is quantized (QLoRA) or
+        // un-permuted (GGUF q/k).
+        b.load_peak =
+            p.overhead + p.load_file_bytes + frozen_all + 4 * largest_linear + b.tokenizer;
     }
     b.total_bytes = b.train_peak.max(b.load_peak);
     Ok(Plan {
@@ -571,4 +664,168 @@ pub fn largest_fitting(
         }
     }
     Ok(lo)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The fixtures' tiny Llama: h 64, I 160, 4 heads / 2 kv heads of 16, 2 layers, V 320.
+    fn tiny() -> ModelConfig {
+        let j = serde_json::json!({
+            "vocab_size": 320, "hidden_size": 64, "intermediate_size": 160,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "head_dim": 16, "tie_word_embeddings": false,
+        });
+        ModelConfig::from_json(&j, "tiny").unwrap()
+    }
+
+    fn input(batch: u64, seq: u64, checkpointing: bool) -> PlanInput {
+        PlanInput {
+            batch,
+            seq,
+            checkpointing,
+            threads: 2,
+            ..PlanInput::cpu_default()
+        }
+    }
+
+    /// Batch 4 x 512 (T = 2048), f32, r 8 on all 7 targets, worked out by hand
+    /// from the shapes of `layer_forward` / `layer_backward`.
+    #[test]
+    fn tiny_terms_by_hand() {
+        let c = tiny();
+        let p = input(4, 512, false);
+        let saved: u64 = saved_per_layer(&c, &p).iter().map(|s| s.bytes).sum();
+        // 5 T·h tensors, 2 T rstd, q/k/v T·128, probs 4·4·512², 3 T·I, 7 T·r.
+        let expect = 5 * 2048 * 64 * 4
+            + 2 * 2048 * 4
+            + 2048 * 128 * 4
+            + 4 * 4 * 512 * 512 * 4
+            + 3 * 2048 * 160 * 4
+            + 7 * 2048 * 8 * 4;
+        assert_eq!(saved, expect);
+        assert_eq!(saved, 24_854_528);
+        // held 2·T·h; MLP 3·T·I = 3,932,160 beats attention (datt T·a·d +
+        // final dq/dk/dv T·(a·d + 2·kv·d) on the main thread).
+        assert_eq!(
+            layer_workspace(&c, &p),
+            2 * 2048 * 64 * 4 + 3 * 2048 * 160 * 4
+        );
+        // Worker arenas: the group gradients T·(a·d + 2·kv·d) + 2 threads' dp s².
+        assert_eq!(worker_arenas(&c, &p), 2048 * 128 * 4 + 2 * 512 * 512 * 4);
+        // A GPU plan has no arenas; there the attention phase (bf16) holds the
+        // group gradients and the larger of the copies and the dp scratch.
+        let long = PlanInput {
+            seq: 2048,
+            batch: 1,
+            threads: 1,
+            gpu: true,
+            compute: Dtype::Bf16,
+            ..p.clone()
+        };
+        let t = 2048u64;
+        assert_eq!(worker_arenas(&c, &long), 0);
+        assert_eq!(
+            layer_workspace(&c, &long),
+            (2 * t * 64 + t * 64 + t * 128) * 2 + 2048 * 2048 * 4
+        );
+        // Head phase: x, final norm output, its gradient (3·T·h), 1/rms, f32 logits.
+        assert_eq!(
+            logits_and_loss(&c, &p),
+            3 * 2048 * 64 * 4 + 2048 * 4 + 2048 * 320 * 4
+        );
+    }
+
+    /// Checkpointing keeps the L layer inputs through the whole backward; one
+    /// layer's other tensors exist only inside that layer's backward.
+    #[test]
+    fn checkpointing_recomputes_one_layer_inside_its_backward() {
+        let c = tiny();
+        let inv = Inventory::from_config(&c);
+        let off = plan(&inv, &c, &input(4, 512, false)).unwrap().per_device;
+        let on = plan(&inv, &c, &input(4, 512, true)).unwrap().per_device;
+        let input_bytes = 2048 * 64 * 4;
+        assert_eq!(off.activations, 2 * 24_854_528);
+        assert_eq!(on.activations, 2 * input_bytes);
+        assert_eq!(
+            on.layer_workspace,
+            off.layer_workspace + 24_854_528 - input_bytes
+        );
+        assert_eq!(on.logits_and_loss, off.logits_and_loss);
+        assert_eq!(off.heap_retention, 0);
+        assert_eq!(on.heap_retention, 24_854_528 - input_bytes);
+        // Same fixed parts; the transient phase differs.
+        let fixed = |b: &Breakdown| {
+            b.train_peak
+                - b.activations
+                - b.layer_workspace.max(b.logits_and_loss + b.heap_retention)
+        };
+        assert_eq!(fixed(&on), fixed(&off));
+    }
+
+    /// When the head phase is the larger one (big vocabulary, short layers),
+    /// checkpointing adds one layer's forward set there only as heap
+    /// retention, and the layer inputs.
+    #[test]
+    fn head_phase_under_checkpointing_counts_heap_retention() {
+        let j = serde_json::json!({
+            "vocab_size": 100_000, "hidden_size": 64, "intermediate_size": 160,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "head_dim": 16, "tie_word_embeddings": true,
+        });
+        let c = ModelConfig::from_json(&j, "big-vocab").unwrap();
+        let inv = Inventory::from_config(&c);
+        let b = plan(&inv, &c, &input(1, 128, true)).unwrap().per_device;
+        assert!(b.logits_and_loss > b.layer_workspace);
+        let one_layer: u64 = saved_per_layer(&c, &input(1, 128, true))
+            .iter()
+            .map(|s| s.bytes)
+            .sum();
+        assert_eq!(b.heap_retention, one_layer - 128 * 64 * 4);
+        assert_eq!(
+            b.train_peak,
+            b.frozen_weights
+                + b.trainable_params
+                + b.gradients
+                + b.optimizer_states
+                + 2 * 128 * 64 * 4
+                + b.logits_and_loss
+                + b.heap_retention
+                + b.dequant_workspace
+                + b.worker_arenas
+                + b.overhead
+        );
+        // A GPU plan models live bytes only.
+        let g = PlanInput {
+            gpu: true,
+            ..input(1, 128, true)
+        };
+        assert_eq!(plan(&inv, &c, &g).unwrap().per_device.heap_retention, 0);
+    }
+
+    /// Loading peak: overhead + the resident mapped bytes + the frozen model +
+    /// one projection in f32; nothing when the files are unknown.
+    #[test]
+    fn load_peak_counts_resident_file_pages() {
+        let c = tiny();
+        let inv = Inventory::from_config(&c);
+        let none = plan(&inv, &c, &input(1, 128, false)).unwrap().per_device;
+        assert_eq!(none.load_peak, 0);
+        let p = PlanInput {
+            load_file_bytes: 1_000_000,
+            tokenizer_bytes: tokenizer_bytes(320),
+            ..input(1, 128, false)
+        };
+        let b = plan(&inv, &c, &p).unwrap().per_device;
+        assert_eq!(b.tokenizer, 320 * 174);
+        // largest projection: gate/up/down 160·64
+        assert_eq!(
+            b.load_peak,
+            CPU_OVERHEAD + 1_000_000 + b.frozen_weights + 4 * 160 * 64 + 320 * 174
+        );
+        let without = plan(&inv, &c, &input(1, 128, false)).unwrap().per_device;
+        assert_eq!(b.train_peak, without.train_peak + 320 * 174);
+        assert_eq!(b.total_bytes, b.train_peak.max(b.load_peak));
+    }
 }

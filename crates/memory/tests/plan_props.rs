@@ -56,6 +56,7 @@ fn input_strategy() -> impl Strategy<Value = PlanInput> {
                 gpu,
                 threads: 2,
                 load_file_bytes: 0,
+                tokenizer_bytes: 0,
             },
         )
 }
