@@ -156,6 +156,7 @@ fn input(a: &Args) -> Result<PlanInput> {
         overhead,
         gpu: a.gpu,
         load_file_bytes: 0,
+        tokenizer_bytes: 0,
         threads: if a.gpu {
             1
         } else {
@@ -166,12 +167,45 @@ fn input(a: &Args) -> Result<PlanInput> {
     })
 }
 
+/// Bytes of the checkpoint `qlora train` keeps memory-mapped and resident at
+/// the end of loading: a GGUF file stays mapped, every page touched, until the
+/// model is built; safetensors pages are released tensor by tensor, so about
+/// the largest tensor (estimated at the file's average bytes per element).
+fn resident_while_loading(l: &qlora_memory::Loaded) -> u64 {
+    let Some(st) = &l.stored else { return 0 };
+    if l.kind == "gguf" {
+        return st.file_bytes;
+    }
+    let params = l.inventory.total_params().max(1);
+    let largest = l
+        .inventory
+        .tensors
+        .iter()
+        .map(|t| t.numel())
+        .max()
+        .unwrap_or(0);
+    (largest as u128 * st.tensor_bytes as u128 / params as u128) as u64
+}
+
+/// Whether `qlora train` would load a tokenizer with this model.
+fn has_tokenizer(reference: &str, l: &qlora_memory::Loaded) -> bool {
+    if l.kind == "gguf" {
+        return true;
+    }
+    let p = std::path::Path::new(reference);
+    let dir = if p.is_dir() { Some(p) } else { p.parent() };
+    dir.is_some_and(|d| d.join("tokenizer.json").is_file())
+}
+
 pub fn run(a: Args) -> Result<()> {
     let mut p = input(&a)?;
     let l = qlora_memory::resolve(&a.model)?;
-    // `qlora train` memory-maps safetensors checkpoints while loading.
-    if l.kind != "gguf" {
-        p.load_file_bytes = l.stored.as_ref().map_or(0, |s| s.file_bytes);
+    p.load_file_bytes = resident_while_loading(&l);
+    let cfg_for_tok = l.config.as_ref();
+    // `qlora train` keeps the tokenizer of a GGUF (always rebuilt from its
+    // metadata) or of a folder holding tokenizer.json.
+    if let (Some(c), true) = (cfg_for_tok, has_tokenizer(&a.model, &l)) {
+        p.tokenizer_bytes = plan::tokenizer_bytes(c.vocab_size as u64);
     }
     let cfg = l.config.clone().with_context(|| {
         format!(
@@ -235,6 +269,7 @@ pub fn run(a: Args) -> Result<()> {
     if a.json {
         let mut v = serde_json::to_value(&result)?;
         v["model"] = json!(l.label);
+        v["vocab_size"] = json!(cfg.vocab_size);
         v["total_bytes"] = json!(result.per_device.total_bytes);
         v["saved_per_layer"] = serde_json::to_value(plan::saved_per_layer(&cfg, &p))?;
         if let Some(ans) = answers {
@@ -272,7 +307,7 @@ pub fn run(a: Args) -> Result<()> {
         ("optimizer states", b.optimizer_states),
         ("activations", b.activations),
         (
-            if b.layer_workspace >= b.logits_and_loss {
+            if b.layer_workspace >= b.logits_and_loss + b.heap_retention {
                 "layer backward workspace *"
             } else {
                 "layer backward workspace"
@@ -280,14 +315,16 @@ pub fn run(a: Args) -> Result<()> {
             b.layer_workspace,
         ),
         (
-            if b.layer_workspace < b.logits_and_loss {
+            if b.layer_workspace < b.logits_and_loss + b.heap_retention {
                 "logits and loss *"
             } else {
                 "logits and loss"
             },
             b.logits_and_loss,
         ),
+        ("  + heap retention", b.heap_retention),
         ("dequantization workspace", b.dequant_workspace),
+        ("tokenizer", b.tokenizer),
         ("communication buffers", b.communication),
         ("runtime overhead", b.overhead),
         ("training peak", b.train_peak),

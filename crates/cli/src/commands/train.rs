@@ -334,7 +334,10 @@ pub fn run(args: Args) -> Result<()> {
 
     // ---- model (the tokenizer is needed to read text data)
     let t_load = std::time::Instant::now();
+    // QLORA_MEM_TRACE=1|reset: resident memory at phase boundaries (plan validation).
+    qlora_memory::rss::trace("start");
     let (model, tok) = load_model(&model_ref, quant)?;
+    qlora_memory::rss::trace("model-loaded");
     let load_s = t_load.elapsed().as_secs_f64();
 
     // ---- data
@@ -447,6 +450,8 @@ pub fn run(args: Args) -> Result<()> {
         Some(ck) => Trainer::resume(&model, cfg, identity, rows, eval_rows, ck)?,
         None => Trainer::new(&model, cfg, identity, peft, adapter, rows, eval_rows)?,
     };
+
+    qlora_memory::rss::trace("trainer-ready");
 
     // ---- summary
     let trainable = trainer.adapter.num_params();
@@ -624,6 +629,7 @@ fn train_loop(trainer: &mut Trainer<'_>, a: &Args, out: &Path) -> Result<()> {
             }
         };
         let step = m.step;
+        qlora_memory::rss::trace(&format!("step-{step}"));
         let is_last = step == stop;
         if (eval_every > 0 && step % eval_every == 0) || is_last {
             if let Some((l, p)) = trainer.evaluate()? {
@@ -653,6 +659,7 @@ fn train_loop(trainer: &mut Trainer<'_>, a: &Args, out: &Path) -> Result<()> {
         }
     }
     pb.finish_and_clear();
+    qlora_memory::rss::trace("trained");
     qlora_lora::save_adapter(out.join("adapter"), &trainer.adapter, &trainer.peft)?;
     let plot = out.join("loss.svg");
     if let Err(e) = crate::commands::train_plot::loss_curve(&history, &plot) {
