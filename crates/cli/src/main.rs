@@ -40,6 +40,8 @@ enum Command {
     Plan(Box<commands::plan::Args>),
     /// Merge a LoRA adapter into its base model (HF folder, or bnb-4bit with --requantize).
     Merge(commands::merge::Args),
+    /// Export a model (+ merged adapter) as a llama.cpp GGUF file (f16, q8_0, q4_0, q4_k), then check it.
+    ExportGguf(commands::export_gguf::Args),
 }
 
 fn main() {
@@ -62,6 +64,7 @@ fn main() {
         Command::Size(a) => commands::size::run(a),
         Command::Plan(a) => commands::plan::run(*a),
         Command::Merge(a) => commands::merge::run(a),
+        Command::ExportGguf(a) => commands::export_gguf::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -3,6 +3,7 @@
 pub mod data;
 pub mod dequantize;
 pub mod eval;
+pub mod export_gguf;
 pub mod generate;
 pub mod inspect;
 pub mod merge;
