@@ -309,21 +309,36 @@ impl SafetensorsWriter {
     /// Write an F32 tensor from f32 values.
     pub fn write_f32(&mut self, name: &str, v: &[f32]) -> Result<()> {
         self.check_dtype(name, Dtype::F32)?;
-        self.write(name, &f32_bytes(v))
+        // Little-endian hosts write the values in place: no second copy of
+        // what may be the largest tensor of the model (an f32 embedding).
+        #[cfg(target_endian = "little")]
+        return self.write(name, bytemuck::cast_slice(v));
+        #[cfg(not(target_endian = "little"))]
+        return self.write(name, &f32_bytes(v));
     }
 
     /// Write a BF16 tensor.
     pub fn write_bf16(&mut self, name: &str, v: &[bf16]) -> Result<()> {
         self.check_dtype(name, Dtype::BF16)?;
-        let b: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-        self.write(name, &b)
+        #[cfg(target_endian = "little")]
+        return self.write(name, bytemuck::cast_slice(v));
+        #[cfg(not(target_endian = "little"))]
+        return self.write(
+            name,
+            &v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>(),
+        );
     }
 
     /// Write an F16 tensor.
     pub fn write_f16(&mut self, name: &str, v: &[f16]) -> Result<()> {
         self.check_dtype(name, Dtype::F16)?;
-        let b: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-        self.write(name, &b)
+        #[cfg(target_endian = "little")]
+        return self.write(name, bytemuck::cast_slice(v));
+        #[cfg(not(target_endian = "little"))]
+        return self.write(
+            name,
+            &v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>(),
+        );
     }
 
     fn check_dtype(&self, name: &str, want: Dtype) -> Result<()> {
