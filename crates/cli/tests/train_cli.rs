@@ -231,3 +231,47 @@ fn toml_config_and_resume() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("different training settings"));
 }
+
+/// Without a terminal (logs, CI) the eval results are printed as plain lines,
+/// before training and every --eval-every steps, and land in metrics.jsonl.
+#[test]
+fn eval_split_is_reported_without_a_terminal() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("rows.jsonl");
+    write_rows(&fx().join("train_trajectory"), &data);
+    let out = tmp.path().join("run");
+    let o = qlora()
+        .args(["train", "--model"])
+        .arg(fx().join("tiny_llama/model"))
+        .arg("--data")
+        .arg(&data)
+        .arg("--out")
+        .arg(&out)
+        .args(["--quant", "none", "--batch-size", "2", "--max-steps", "4"])
+        .args(["--eval-split", "0.25", "--eval-every", "2", "--lr", "5e-3"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    let eval_line = |prefix: &str| -> f64 {
+        let l = stderr
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no `{prefix}` line in:\n{stderr}"));
+        l[prefix.len()..]
+            .trim_start_matches(|c: char| !c.is_ascii_digit())
+            .split(',')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let before = eval_line("eval before training: loss");
+    let at4 = eval_line("step 4: eval loss");
+    let m = metrics(&out);
+    assert_eq!(m.len(), 4);
+    assert!(m[0]["eval_loss"].is_null());
+    assert!((m[1]["eval_loss"].as_f64().unwrap() - eval_line("step 2: eval loss")).abs() < 1e-4);
+    assert!((m[3]["eval_loss"].as_f64().unwrap() - at4).abs() < 1e-4);
+    assert!(before.is_finite() && at4.is_finite() && before > 0.0);
+}

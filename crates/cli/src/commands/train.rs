@@ -609,9 +609,18 @@ fn train_loop(trainer: &mut Trainer<'_>, a: &Args, out: &Path) -> Result<()> {
     } else {
         pb.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
+    // Above the bar on a terminal; plain lines on stderr otherwise (a hidden
+    // bar would swallow them, and the eval loss is what a log reader wants).
+    let say = |msg: String| {
+        if show {
+            pb.println(msg);
+        } else {
+            eprintln!("{msg}");
+        }
+    };
     if trainer.step == 0 {
         if let Some((l, p)) = trainer.evaluate()? {
-            pb.println(format!(
+            say(format!(
                 "eval before training: loss {l:.4}, perplexity {p:.2}"
             ));
         }
@@ -635,7 +644,7 @@ fn train_loop(trainer: &mut Trainer<'_>, a: &Args, out: &Path) -> Result<()> {
             if let Some((l, p)) = trainer.evaluate()? {
                 m.eval_loss = Some(l);
                 m.eval_ppl = Some(p);
-                pb.println(format!("step {step}: eval loss {l:.4}, perplexity {p:.2}"));
+                say(format!("step {step}: eval loss {l:.4}, perplexity {p:.2}"));
             }
         }
         writeln!(mf, "{}", serde_json::to_string(&m)?)?;
