@@ -261,6 +261,13 @@ pub fn export_gguf(
     out: &Path,
     opts: &ExportOptions,
 ) -> Result<ExportReport> {
+    let same = |a: &Path, b: &Path| matches!((std::fs::canonicalize(a), std::fs::canonicalize(b)), (Ok(x), Ok(y)) if x == y);
+    if out.exists() && same(out, model) {
+        bail!(
+            "{}: the output is the source model itself; write to another file",
+            out.display()
+        );
+    }
     if out.exists() && !opts.force {
         bail!(
             "{}: output exists (use --force to replace it)",

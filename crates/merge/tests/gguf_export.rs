@@ -653,6 +653,11 @@ fn bad_inputs_are_clear_errors_and_leave_nothing_behind() {
     export_gguf(&model, None, &out, &forced).unwrap();
     assert!(GgufFile::open(&out).is_ok());
 
+    // The source itself as the output, even with --force.
+    let e = err(&out, None, &out, &forced);
+    assert!(e.contains("the source model itself"), "{e}");
+    assert!(GgufFile::open(&out).is_ok());
+
     // A failure midway (a NaN in the last layer) leaves the old file and no temporary.
     let bad = tmp.path().join("bad");
     copy_dir(&model, &bad);
