@@ -119,8 +119,17 @@ fn size_of_gguf_header() {
     let f32b = 4 * (64 + 2 * 2 * 64);
     assert_eq!(v["stored"]["tensor_bytes"].as_u64(), Some(q4 + q8 + f32b));
     // The planner rebuilt the architecture from the GGUF metadata.
+    let file_bytes = std::fs::metadata(&p).unwrap().len();
     let p = json(&["plan", p.to_str().unwrap(), "--json"]);
     assert!(p["total_bytes"].as_u64().unwrap() > 0);
+    assert_eq!(p["vocab_size"].as_u64(), Some(320));
+    // `qlora train` keeps the whole GGUF mapped while loading and rebuilds the
+    // tokenizer from its metadata (174 B per vocabulary entry).
+    let d = &p["per_device"];
+    assert_eq!(p["input"]["load_file_bytes"].as_u64(), Some(file_bytes));
+    assert_eq!(d["tokenizer"].as_u64(), Some(320 * 174));
+    let frozen = d["frozen_weights"].as_u64().unwrap();
+    assert!(d["load_peak"].as_u64().unwrap() > file_bytes + frozen + 320 * 174);
 }
 
 #[test]
@@ -237,4 +246,89 @@ fn size_predicts_the_files_qlora_quantize_writes() {
         assert_eq!(f["exact"].as_bool(), Some(true), "{key}");
         assert_eq!(f["file_bytes"].as_u64(), Some(written), "{key} {opts:?}");
     }
+}
+
+/// A config.json without a required field: the error names the file and the
+/// field, for `size` and `plan` alike.
+#[test]
+fn config_missing_a_field_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = std::fs::read_to_string(format!("{FIX}/tiny_llama/model/config.json")).unwrap();
+    let mut cfg: Value = serde_json::from_str(&src).unwrap();
+    cfg.as_object_mut().unwrap().remove("num_attention_heads");
+    let path = dir.path().join("config.json");
+    std::fs::write(&path, cfg.to_string()).unwrap();
+    for cmd in ["size", "plan"] {
+        let (ok, _, err) = qlora(&[cmd, path.to_str().unwrap()], &[]);
+        assert!(!ok, "{cmd} accepted a config without num_attention_heads");
+        assert!(
+            err.contains("config.json") && err.contains("num_attention_heads"),
+            "{cmd}: {err}"
+        );
+    }
+}
+
+/// The budget answers are the boundaries of the plan itself: the largest
+/// batch fits and one more does not; likewise the longest sequence; the
+/// fewest devices fit and one fewer does not.
+#[test]
+fn budget_answers_are_boundaries() {
+    let total = |extra: &[&str]| -> u64 {
+        let mut args = vec!["plan", "tinyllama-1.1b", "--seq", "1024", "--json"];
+        args.extend_from_slice(extra);
+        json(&args)["total_bytes"].as_u64().unwrap()
+    };
+    let budget = 16u64 << 30;
+    let v = json(&[
+        "plan",
+        "tinyllama-1.1b",
+        "--seq",
+        "1024",
+        "--budget",
+        "16GiB",
+        "--json",
+    ]);
+    let b = &v["budget"];
+    assert_eq!(
+        b["margin_bytes"].as_i64().unwrap(),
+        budget as i64 - v["total_bytes"].as_i64().unwrap()
+    );
+    let mb = b["max_batch"].as_u64().unwrap();
+    assert!(mb >= 1);
+    assert!(total(&["--batch", &mb.to_string()]) <= budget);
+    assert!(total(&["--batch", &(mb + 1).to_string()]) > budget);
+    let ms = b["max_seq"].as_u64().unwrap();
+    assert!(ms >= 1);
+    let at = |s: u64| {
+        let s = s.to_string();
+        let mut args = vec!["plan", "tinyllama-1.1b", "--seq", s.as_str(), "--json"];
+        args.push("--batch");
+        args.push("1");
+        json(&args)["total_bytes"].as_u64().unwrap()
+    };
+    assert!(at(ms) <= budget && at(ms + 1) > budget, "max_seq {ms}");
+
+    // Fewest devices: Llama-2-70B QLoRA under FSDP on 16 GiB GPUs.
+    let g = [
+        "plan",
+        "llama-2-70b",
+        "--gpu",
+        "--seq",
+        "2048",
+        "--checkpointing",
+        "--json",
+    ];
+    let v = json(&[&g[..], &["--budget", "16GiB"]].concat());
+    let n = v["budget"]["min_devices"].as_u64().unwrap();
+    assert!(n >= 2, "{n}");
+    let at_n = |k: u64| {
+        let k = k.to_string();
+        json(&[&g[..], &["--devices", k.as_str()]].concat())["total_bytes"]
+            .as_u64()
+            .unwrap()
+    };
+    assert!(
+        at_n(n) <= 16 << 30 && at_n(n - 1) > 16 << 30,
+        "min_devices {n}"
+    );
 }

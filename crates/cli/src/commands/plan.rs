@@ -325,6 +325,7 @@ pub fn run(a: Args) -> Result<()> {
         ("  + heap retention", b.heap_retention),
         ("dequantization workspace", b.dequant_workspace),
         ("tokenizer", b.tokenizer),
+        ("worker-thread arenas", b.worker_arenas),
         ("communication buffers", b.communication),
         ("runtime overhead", b.overhead),
         ("training peak", b.train_peak),
