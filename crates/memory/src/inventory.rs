@@ -54,6 +54,11 @@ pub struct TensorSpec {
     /// quant-state JSON): lets the sizes of other 4-bit formats be exact too.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub known: Option<KnownQuantState>,
+    /// Stored as bfloat16 in a safetensors checkpoint. A 4-bit model in
+    /// `qlora-model` keeps such an embedding / lm_head in bf16 as stored
+    /// (unknown, so false, when sizing from a config or a GGUF).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub stored_bf16: bool,
 }
 
 /// Source dtype name and `nested_offset` repr read from a quant-state blob.
@@ -101,6 +106,7 @@ impl Inventory {
                 role,
                 quantizable,
                 known: None,
+                stored_bf16: false,
             })
         };
         push(

@@ -10,7 +10,7 @@
 use serde::Serialize;
 
 use crate::bnb::{self, Bnb4, QuantType};
-use crate::inventory::Inventory;
+use crate::inventory::{Inventory, Role};
 use crate::MemoryError;
 use qlora_config::ModelConfig;
 
@@ -447,6 +447,13 @@ fn frozen(inv: &Inventory, p: &PlanInput) -> (u64, u64) {
                     let extra = if p.quant.double_quant { 4 } else { 0 };
                     total += parts.total() + extra;
                     stats += parts.total() - parts.weight + extra;
+                } else if !p.gpu
+                    && t.stored_bf16
+                    && matches!(t.role, Role::Embeddings | Role::LmHead)
+                {
+                    // qlora-model keeps a bf16 checkpoint's embedding / lm_head
+                    // in bf16 under 4-bit (lossless; see its loader).
+                    total += t.numel() * 2;
                 } else {
                     total += t.numel() * e;
                 }
@@ -688,6 +695,35 @@ mod tests {
             threads: 2,
             ..PlanInput::cpu_default()
         }
+    }
+
+    /// A bf16 safetensors checkpoint's embedding and lm_head stay bf16 under a
+    /// 4-bit CPU plan (qlora-model keeps them as stored); norms stay f32, LoRA
+    /// (f32 base) and GPU plans are unchanged.
+    #[test]
+    fn bf16_stored_embedding_and_head_count_two_bytes_under_qlora() {
+        let c = tiny();
+        let plain = Inventory::from_config(&c);
+        let mut bf16 = plain.clone();
+        for t in &mut bf16.tensors {
+            t.stored_bf16 = true;
+        }
+        let q = PlanInput {
+            method: Method::Qlora,
+            ..input(1, 128, false)
+        };
+        let frozen_of =
+            |inv: &Inventory, p: &PlanInput| plan(inv, &c, p).unwrap().per_device.frozen_weights;
+        // embed_tokens + lm_head, 320 x 64 each, 4 -> 2 bytes.
+        assert_eq!(
+            frozen_of(&plain, &q) - frozen_of(&bf16, &q),
+            2 * 320 * 64 * 2
+        );
+        let lora = PlanInput {
+            method: Method::Lora,
+            ..q.clone()
+        };
+        assert_eq!(frozen_of(&plain, &lora), frozen_of(&bf16, &lora));
     }
 
     /// Batch 4 x 512 (T = 2048), f32, r 8 on all 7 targets, worked out by hand

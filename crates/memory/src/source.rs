@@ -278,6 +278,7 @@ pub fn from_safetensors(files: &[PathBuf], label: &str) -> Result<Loaded, Memory
                     role: role_of(prefix),
                     quantizable: true,
                     known: Some(known),
+                    stored_bf16: false,
                 });
                 continue;
             }
@@ -297,6 +298,7 @@ pub fn from_safetensors(files: &[PathBuf], label: &str) -> Result<Loaded, Memory
                 role,
                 quantizable,
                 known: None,
+                stored_bf16: t.dtype == "BF16",
             });
         }
     }
@@ -417,6 +419,7 @@ pub fn from_gguf(path: &Path) -> Result<Loaded, MemoryError> {
             shape,
             role,
             known: None,
+            stored_bf16: false,
         });
     }
     let has_head = tensors.iter().any(|t| t.role == Role::LmHead);
