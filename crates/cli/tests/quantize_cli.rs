@@ -1,26 +1,7 @@
 //! `qlora quantize` / `qlora dequantize` end to end, running the built binary.
 
-use std::path::PathBuf;
-use std::process::Command;
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../../shared/fixtures"
-    ))
-}
-
-fn qlora(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_qlora"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+mod common;
+use common::{fixtures, qlora_run as qlora};
 
 /// Acceptance: the CLI output equals the transformers + bitsandbytes checkpoint byte for byte.
 #[test]
