@@ -11,16 +11,9 @@ use crate::ops::linear::{FrozenLinear, FrozenWeight};
 use crate::ops::lora::{splitmix64, LoraRef};
 use crate::ops::{cross_entropy, rmsnorm, rope, swiglu};
 
-/// The seven projection linears of a layer, in this index order everywhere.
-pub const LINEAR_NAMES: [&str; 7] = [
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
+/// The seven projection linears of a layer, in this index order everywhere
+/// (the order `qlora-lora` and PEFT use; the indices below follow it).
+pub use qlora_lora::LINEAR_NAMES;
 pub(crate) const Q: usize = 0;
 pub(crate) const K: usize = 1;
 pub(crate) const V: usize = 2;
