@@ -87,7 +87,7 @@ pub fn run(a: Args) -> Result<()> {
         let rep = merge_model(&a.model, &a.adapter, &a.out, &opts).with_context(|| {
             format!("merging {} into {}", a.adapter.display(), a.model.display())
         })?;
-        print_report(&rep, t0);
+        print_report(&rep, t0, true);
         return Ok(());
     };
     // Requantize: merge into a sibling temporary folder, quantize it into --out.
@@ -118,7 +118,8 @@ pub fn run(a: Args) -> Result<()> {
     }
     let result = (|| -> Result<()> {
         let rep = merge_model(&a.model, &a.adapter, &staging, &staged)?;
-        print_report(&rep, t0);
+        // The staging folder is removed below: its files are not the output.
+        print_report(&rep, t0, false);
         let qopts = QuantizeOptions {
             quant: qlora_quant::QuantOptions {
                 quant_type: rq.parse::<QuantType>()?,
@@ -134,6 +135,7 @@ pub fn run(a: Args) -> Result<()> {
             qrep.converted,
             100.0 * qrep.error.rel_rms()
         );
+        println!("  wrote {}", a.out.display());
         report_requantization_error(&a, &staging)?;
         Ok(())
     })();
@@ -215,7 +217,7 @@ fn report_requantization_error(a: &Args, merged_f32: &std::path::Path) -> Result
     Ok(())
 }
 
-fn print_report(rep: &qlora_merge::MergeReport, t0: Instant) {
+fn print_report(rep: &qlora_merge::MergeReport, t0: Instant, list_files: bool) {
     println!("merge source: {} — {}", rep.from.as_str(), rep.reason);
     println!(
         "merged {} adapted modules (max |scaling·B·A| = {:.3e}), copied {} other tensors, output dtype {} in {:.2} s",
@@ -225,7 +227,9 @@ fn print_report(rep: &qlora_merge::MergeReport, t0: Instant) {
         rep.dtype.torch_name(),
         t0.elapsed().as_secs_f64()
     );
-    for f in &rep.files {
-        println!("  wrote {}", f.display());
+    if list_files {
+        for f in &rep.files {
+            println!("  wrote {}", f.display());
+        }
     }
 }
