@@ -96,6 +96,23 @@ pub fn f32_bytes(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
+/// Little-endian bytes of plain numbers. On little-endian hosts this is the
+/// values' own memory (no copy of what may be the largest tensor of a model);
+/// elsewhere each element's bytes are reversed into a new buffer.
+fn le_bytes<T: bytemuck::Pod>(v: &[T]) -> std::borrow::Cow<'_, [u8]> {
+    let b: &[u8] = bytemuck::cast_slice(v);
+    if cfg!(target_endian = "little") {
+        std::borrow::Cow::Borrowed(b)
+    } else {
+        let n = std::mem::size_of::<T>();
+        std::borrow::Cow::Owned(
+            b.chunks_exact(n)
+                .flat_map(|c| c.iter().rev().copied())
+                .collect(),
+        )
+    }
+}
+
 /// The metadata transformers and PEFT write: `{"format": "pt"}`.
 pub fn pt_metadata() -> BTreeMap<String, String> {
     BTreeMap::from([("format".to_string(), "pt".to_string())])
@@ -309,36 +326,19 @@ impl SafetensorsWriter {
     /// Write an F32 tensor from f32 values.
     pub fn write_f32(&mut self, name: &str, v: &[f32]) -> Result<()> {
         self.check_dtype(name, Dtype::F32)?;
-        // Little-endian hosts write the values in place: no second copy of
-        // what may be the largest tensor of the model (an f32 embedding).
-        #[cfg(target_endian = "little")]
-        return self.write(name, bytemuck::cast_slice(v));
-        #[cfg(not(target_endian = "little"))]
-        return self.write(name, &f32_bytes(v));
+        self.write(name, &le_bytes(v))
     }
 
     /// Write a BF16 tensor.
     pub fn write_bf16(&mut self, name: &str, v: &[bf16]) -> Result<()> {
         self.check_dtype(name, Dtype::BF16)?;
-        #[cfg(target_endian = "little")]
-        return self.write(name, bytemuck::cast_slice(v));
-        #[cfg(not(target_endian = "little"))]
-        return self.write(
-            name,
-            &v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>(),
-        );
+        self.write(name, &le_bytes(v))
     }
 
     /// Write an F16 tensor.
     pub fn write_f16(&mut self, name: &str, v: &[f16]) -> Result<()> {
         self.check_dtype(name, Dtype::F16)?;
-        #[cfg(target_endian = "little")]
-        return self.write(name, bytemuck::cast_slice(v));
-        #[cfg(not(target_endian = "little"))]
-        return self.write(
-            name,
-            &v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>(),
-        );
+        self.write(name, &le_bytes(v))
     }
 
     fn check_dtype(&self, name: &str, want: Dtype) -> Result<()> {
@@ -399,4 +399,21 @@ pub fn write_safetensors(path: impl AsRef<Path>, tensors: &[TensorData<'_>]) -> 
         w.write(&t.spec.name, &t.data)?;
     }
     w.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn le_bytes_equal_each_elements_to_le_bytes() {
+        let f = [1.5f32, -0.0, f32::MIN_POSITIVE, 3.0e38];
+        assert_eq!(&*le_bytes(&f), &f32_bytes(&f)[..]);
+        let b = f.map(bf16::from_f32);
+        let want: Vec<u8> = b.iter().flat_map(|x| x.to_le_bytes()).collect();
+        assert_eq!(&*le_bytes(&b), &want[..]);
+        let h = f.map(f16::from_f32);
+        let want: Vec<u8> = h.iter().flat_map(|x| x.to_le_bytes()).collect();
+        assert_eq!(&*le_bytes(&h), &want[..]);
+    }
 }
