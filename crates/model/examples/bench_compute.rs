@@ -133,6 +133,7 @@ fn main() -> anyhow::Result<()> {
         loss_denominator: 510.0,
         checkpointing: ckpt,
         lora_dropout_seed: 1,
+        ..Default::default()
     };
     let t = Instant::now();
     for _ in 0..iters {

@@ -23,6 +23,17 @@ pub struct StepOptions {
     pub checkpointing: bool,
     /// Seed of the LoRA dropout masks (vary it per micro-step).
     pub lora_dropout_seed: u64,
+    /// Where this batch's rows sit in a larger batch whose dropout masks they
+    /// must reproduce (a data-parallel rank's share of the global batch);
+    /// `None` = the batch is the whole batch.
+    pub dropout_rows: Option<DropoutRows>,
+}
+
+/// Row `j` of the batch is row `rows[j]` of a batch of rows `row_len` tokens long.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DropoutRows {
+    pub rows: Vec<usize>,
+    pub row_len: usize,
 }
 
 impl Default for StepOptions {
@@ -31,6 +42,7 @@ impl Default for StepOptions {
             loss_denominator: 1.0,
             checkpointing: false,
             lora_dropout_seed: 0,
+            dropout_rows: None,
         }
     }
 }
@@ -56,7 +68,23 @@ impl Model {
         let labels = batch.flat_labels();
         cross_entropy::check_labels(&labels, self.vocab_size())?;
         let ad = self.adapter_view(adapter)?;
-        let ctx = self.ctx(batch, Some(opts.lora_dropout_seed))?;
+        let mut ctx = self.ctx(batch, Some(opts.lora_dropout_seed))?;
+        if let Some(dr) = &opts.dropout_rows {
+            ensure!(
+                dr.rows.len() == ctx.b && ctx.s <= dr.row_len,
+                "dropout_rows: {} rows of {} for a batch of {} rows of {}",
+                dr.rows.len(),
+                dr.row_len,
+                ctx.b,
+                ctx.s
+            );
+            ctx.mask_rows = Some(
+                dr.rows
+                    .iter()
+                    .flat_map(|&g| (0..ctx.s).map(move |p| g * dr.row_len + p))
+                    .collect(),
+            );
+        }
         let t = ctx.t();
         let nl = self.layers.len();
         let lowest = ad.lowest_layer();
@@ -139,7 +167,8 @@ impl Model {
         if need_dx {
             self.layers[l].linears[m].backward_input(dy, t, dx);
         }
-        if let Some(lr) = self.lora_ref(Some(ad), ctx.dropout_seed, l, m) {
+        if let Some(lr) = self.lora_ref(Some(ad), ctx.dropout_seed, ctx.mask_rows.as_deref(), l, m)
+        {
             let xa = xa.as_ref().expect("LoRA forward saved x·Aᵀ");
             // The LoRA input gradient is cheap; always add it (dx is discarded when unused).
             let (da, db) = lr.backward(x, xa, dy, t, dx);

@@ -13,7 +13,7 @@ mod cache;
 mod load;
 mod model;
 
-pub use backward::StepOptions;
+pub use backward::{DropoutRows, StepOptions};
 pub use cache::KvCache;
 pub use load::{LoadOptions, QuantMode, TensorSource};
 pub use model::{Batch, Layer, Model, LINEAR_NAMES};

@@ -124,6 +124,8 @@ pub(crate) struct Ctx {
     pub seg: Option<Vec<u32>>,
     /// Dropout mask seed; `None` = no dropout (evaluation).
     pub dropout_seed: Option<u64>,
+    /// Mask position of each token (see `StepOptions::dropout_rows`).
+    pub mask_rows: Option<Vec<usize>>,
 }
 
 impl Ctx {
@@ -280,6 +282,7 @@ impl Model {
                 .as_ref()
                 .map(|r| r.iter().flatten().copied().collect()),
             dropout_seed,
+            mask_rows: None,
         })
     }
 
@@ -299,6 +302,7 @@ impl Model {
         &self,
         ad: Option<&'a AdapterView>,
         ctx_seed: Option<u64>,
+        mask_rows: Option<&'a [usize]>,
         l: usize,
         m: usize,
     ) -> Option<LoraRef<'a>> {
@@ -321,6 +325,7 @@ impl Model {
             scale: ad.scale,
             dropout,
             dropout_key: key,
+            mask_rows,
         })
     }
 
@@ -332,11 +337,11 @@ impl Model {
         x: &[f32],
         t: usize,
         ad: Option<&AdapterView>,
-        seed: Option<u64>,
+        seed: (Option<u64>, Option<&[usize]>),
     ) -> (Vec<f32>, Option<Vec<f32>>) {
         let mut y = self.layers[l].linears[m].forward(x, t);
         let xa = self
-            .lora_ref(ad, seed, l, m)
+            .lora_ref(ad, seed.0, seed.1, l, m)
             .map(|lr| lr.forward(x, t, &mut y));
         (y, xa)
     }
@@ -360,7 +365,7 @@ impl Model {
             cfg.head_dim,
         );
         let layer = &self.layers[l];
-        let seed = ctx.dropout_seed;
+        let seed = (ctx.dropout_seed, ctx.mask_rows.as_deref());
         let (n1, rstd1) = rmsnorm::forward(x, &layer.input_layernorm, self.eps());
         let (mut q, xa_q) = self.linear(l, Q, &n1, t, ad, seed);
         let (mut k, xa_k) = self.linear(l, K, &n1, t, ad, seed);

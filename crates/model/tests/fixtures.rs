@@ -192,6 +192,7 @@ fn check_trajectory(dir: &str, base: &str, checkpointing: bool) {
         loss_denominator: n as f32,
         checkpointing,
         lora_dropout_seed: 0,
+        ..Default::default()
     };
     let (sum, count, grads) = model.forward_backward(&b, &adapter, &opts).unwrap();
     assert_eq!(count, 24);
@@ -240,6 +241,7 @@ fn checkpointing_gives_identical_gradients() {
             loss_denominator: 24.0,
             checkpointing: ck,
             lora_dropout_seed: 9,
+            ..Default::default()
         };
         model.forward_backward(&b, &adapter, &opts).unwrap()
     };

@@ -37,6 +37,13 @@ pub struct TrainerState {
     pub tokens_seen: u64,
     pub config: TrainConfig,
     pub identity: Identity,
+    /// Data-parallel processes of the run (absent in older checkpoints: 1).
+    #[serde(default = "one")]
+    pub world_size: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 fn moments_bytes(t: &Trainer<'_>) -> Result<Vec<u8>> {
@@ -57,7 +64,11 @@ fn moments_bytes(t: &Trainer<'_>) -> Result<Vec<u8>> {
 
 impl Trainer<'_> {
     /// Write a checkpoint folder at `dir` (replacing one that exists there).
+    /// Under data parallelism only rank 0 writes (every rank holds the same state).
     pub fn save_checkpoint(&self, dir: &Path) -> Result<()> {
+        if !self.is_main() {
+            return Ok(());
+        }
         let parent = dir
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
@@ -84,6 +95,7 @@ impl Trainer<'_> {
                 tokens_seen: self.tokens_seen,
                 config: self.cfg.clone(),
                 identity: self.identity.clone(),
+                world_size: self.world_size(),
             };
             write_atomic(
                 &tmp.join(STATE_FILE),
@@ -174,6 +186,7 @@ impl Trainer<'_> {
         t.set_position(st.data)?;
         t.elapsed_before = st.elapsed_s;
         t.tokens_seen = st.tokens_seen;
+        t.resumed_world = Some(st.world_size);
         Ok(t)
     }
 }

@@ -6,8 +6,9 @@ use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
 use qlora_data::rows::{epoch_order, Row};
+use qlora_dist::{Collectives, Communicator, SingleProcess};
 use qlora_lora::{Adapter, PeftConfig};
-use qlora_model::{Batch, Model, StepOptions};
+use qlora_model::{Batch, DropoutRows, Model, StepOptions};
 use serde::{Deserialize, Serialize};
 
 use crate::optim::{clip_coef, global_grad_norm, AdamW, Moments};
@@ -117,6 +118,10 @@ pub fn fnv_hex(bytes: &[u8]) -> String {
     format!("{h:016x}")
 }
 
+fn fnv_u64(bytes: &[u8]) -> u64 {
+    u64::from_str_radix(&fnv_hex(bytes), 16).expect("hex")
+}
+
 /// Hash of tokenized rows (ids and labels).
 pub fn rows_hash(rows: &[Row]) -> String {
     let mut buf = Vec::new();
@@ -193,6 +198,16 @@ pub fn collate(rows: &[&Row], pad_id: u32) -> Batch {
     b
 }
 
+/// Loss targets of one row after the shift (label ≠ −100 at t ≥ 1).
+pub fn row_targets(r: &Row) -> usize {
+    let (_, labels, _, _) = r.flatten();
+    labels
+        .iter()
+        .skip(1)
+        .filter(|&&l| l != qlora_data::IGNORE_INDEX)
+        .count()
+}
+
 /// Loss targets of a batch after the shift (label ≠ −100 at t ≥ 1).
 pub fn batch_targets(b: &Batch) -> usize {
     b.labels
@@ -232,6 +247,25 @@ pub struct Trainer<'m> {
     pub(crate) elapsed_before: f64,
     started: Instant,
     pub tokens_seen: u64,
+    /// The data-parallel group (one rank unless [`Trainer::with_communicator`]).
+    pub(crate) comm: &'m dyn Communicator,
+    /// Data-parallel ranks of the run this one resumes (its data order depends on it).
+    pub(crate) resumed_world: Option<usize>,
+}
+
+/// The communicator of a one-process run.
+static SINGLE: SingleProcess = SingleProcess;
+
+/// One rank's share of a micro-batch of the global batch.
+struct Micro {
+    /// `None` when the global batch is too short to give this rank a row.
+    batch: Option<Batch>,
+    /// Where this rank's rows sit in the global batch (for the dropout masks).
+    dropout_rows: DropoutRows,
+    /// Loss targets of the whole global micro-batch.
+    global_targets: usize,
+    /// Non-pad tokens of the whole global micro-batch.
+    global_tokens: usize,
 }
 
 impl<'m> Trainer<'m> {
@@ -280,7 +314,61 @@ impl<'m> Trainer<'m> {
             elapsed_before: 0.0,
             started: Instant::now(),
             tokens_seen: 0,
+            comm: &SINGLE,
+            resumed_world: None,
         })
+    }
+
+    /// Train as one rank of a data-parallel group: `cfg.batch_size` is per
+    /// rank; each optimizer step consumes `size · batch_size · grad_accum` rows,
+    /// rank r taking rows r, r+size, … of every global micro-batch, and the
+    /// loss, gradient norm, clipping and update are those of the global batch
+    /// (gradients summed over ranks, token-normalized by the global target
+    /// count), identical on every rank. Every rank must call this with the same
+    /// settings, data and starting state (checked here).
+    pub fn with_communicator(mut self, comm: &'m dyn Communicator) -> Result<Self> {
+        let state = serde_json::to_vec(&(&self.cfg, &self.identity, self.step, self.data))?;
+        comm.check_same("the training settings, identity and step", fnv_u64(&state))?;
+        comm.check_same(
+            "the training data",
+            fnv_u64(rows_hash(&self.rows).as_bytes()),
+        )?;
+        let mut ps = Vec::new();
+        for p in &self.params {
+            ps.extend(p.data.iter().flat_map(|x| x.to_le_bytes()));
+        }
+        comm.check_same("the initial adapter weights", fnv_u64(&ps))?;
+        self.comm = comm;
+        self.check_world()?;
+        Ok(self)
+    }
+
+    /// A checkpoint resumes only with the number of ranks it was made with
+    /// (the rows of a step, and so the trajectory, depend on it).
+    fn check_world(&self) -> Result<()> {
+        if let Some(w) = self.resumed_world {
+            let n = self.comm.size();
+            ensure!(
+                w == n,
+                "the checkpoint was written by a run of {w} data-parallel process{} but this run has {n}; \
+                 resume with `mpirun -n {w}` (the rows of each step depend on the number of processes){}",
+                if w == 1 { "" } else { "es" },
+                if w == 1 { " or without mpirun" } else { "" }
+            );
+        }
+        Ok(())
+    }
+
+    /// This process's rank and the number of data-parallel ranks.
+    pub fn rank(&self) -> usize {
+        self.comm.rank()
+    }
+    pub fn world_size(&self) -> usize {
+        self.comm.size()
+    }
+    /// Whether this process writes files (metrics, checkpoints, the adapter).
+    pub fn is_main(&self) -> bool {
+        self.comm.rank() == 0
     }
 
     pub(crate) fn set_position(&mut self, data: DataPosition) -> Result<()> {
@@ -311,9 +399,10 @@ impl<'m> Trainer<'m> {
         self.elapsed_before + self.started.elapsed().as_secs_f64()
     }
 
-    /// The next micro-batch: `batch_size` rows in epoch order; an epoch's
-    /// last batch may be short (PyTorch's `drop_last=False`).
-    fn next_batch(&mut self) -> (Batch, usize) {
+    /// The next micro-batch: `world · batch_size` rows in epoch order (an
+    /// epoch's last batch may be short, PyTorch's `drop_last=False`), of which
+    /// this rank takes rows `rank, rank + world, …`.
+    fn next_micro(&mut self) -> Micro {
         if self.data.pos >= self.rows.len() {
             self.data = DataPosition {
                 epoch: self.data.epoch + 1,
@@ -326,36 +415,64 @@ impl<'m> Trainer<'m> {
                 self.cfg.shuffle,
             );
         }
-        let end = (self.data.pos + self.cfg.batch_size).min(self.rows.len());
-        let rows: Vec<&Row> = self.order[self.data.pos..end]
+        let (rank, world) = (self.comm.rank(), self.comm.size());
+        let end = (self.data.pos + self.cfg.batch_size * world).min(self.rows.len());
+        let global: Vec<&Row> = self.order[self.data.pos..end]
             .iter()
             .map(|&i| &self.rows[i])
             .collect();
         self.data.pos = end;
-        let tokens = rows.iter().map(|r| r.len()).sum();
-        (collate(&rows, self.cfg.pad_id), tokens)
+        let local_idx: Vec<usize> = (rank..global.len()).step_by(world).collect();
+        let local: Vec<&Row> = local_idx.iter().map(|&j| global[j]).collect();
+        Micro {
+            batch: (!local.is_empty()).then(|| collate(&local, self.cfg.pad_id)),
+            dropout_rows: DropoutRows {
+                rows: local_idx,
+                row_len: global.iter().map(|r| r.len()).max().unwrap_or(0),
+            },
+            global_targets: global.iter().map(|r| row_targets(r)).sum(),
+            global_tokens: global.iter().map(|r| r.len()).sum(),
+        }
     }
 
     /// One optimizer step over `grad_accum` micro-batches.
     pub fn train_step(&mut self) -> Result<StepMetrics> {
         let t0 = Instant::now();
-        let micro: Vec<(Batch, usize)> = (0..self.cfg.grad_accum)
-            .map(|_| self.next_batch())
+        self.check_world()?;
+        let micro: Vec<Micro> = (0..self.cfg.grad_accum)
+            .map(|_| self.next_micro())
             .collect();
-        let total: usize = micro.iter().map(|m| batch_targets(&m.0)).sum();
+        let world = self.comm.size();
         let step1 = self.step + 1;
+        // The step's target count, summed over ranks first: every rank's loss
+        // is normalized by the global batch's count.
+        let local_targets: usize = micro
+            .iter()
+            .filter_map(|m| m.batch.as_ref())
+            .map(batch_targets)
+            .sum();
+        let mut counts = [local_targets as u64];
+        self.comm.all_reduce_sum(&mut counts)?;
+        let total = counts[0] as usize;
+        let expected: usize = micro.iter().map(|m| m.global_targets).sum();
+        ensure!(
+            total == expected,
+            "step {step1}: the ranks counted {total} target tokens, the global batch has {expected}"
+        );
         ensure!(
             total > 0,
             "step {step1}: the batch has no target tokens (all labels masked)"
         );
-        let tokens: usize = micro.iter().map(|m| m.1).sum();
+        let tokens: usize = micro.iter().map(|m| m.global_tokens).sum();
         let mut sum_ce = 0f64;
         let mut acc: Option<Vec<Vec<f32>>> = None;
-        for (i, (b, _)) in micro.iter().enumerate() {
+        for (i, m) in micro.iter().enumerate() {
+            let Some(b) = &m.batch else { continue };
             let opts = StepOptions {
                 loss_denominator: total as f32,
                 checkpointing: self.cfg.checkpointing,
                 lora_dropout_seed: splitmix(self.cfg.seed ^ splitmix(step1 * 1024 + i as u64)),
+                dropout_rows: (world > 1).then(|| m.dropout_rows.clone()),
             };
             let (s, c, g) = self
                 .model
@@ -377,7 +494,30 @@ impl<'m> Trainer<'m> {
                 }
             }
         }
-        let mut grads = acc.expect("grad_accum >= 1");
+        let mut grads = match acc {
+            Some(g) => g,
+            // a rank without rows this step (short last batch) adds zeros
+            None => self
+                .params
+                .iter()
+                .map(|p| vec![0f32; p.data.len()])
+                .collect(),
+        };
+        if world > 1 {
+            let mut ce = [sum_ce];
+            self.comm.all_reduce_sum(&mut ce)?;
+            sum_ce = ce[0];
+            // one flat buffer: one deterministic all-reduce per step
+            let mut flat: Vec<f32> = Vec::with_capacity(grads.iter().map(Vec::len).sum());
+            grads.iter().for_each(|g| flat.extend_from_slice(g));
+            self.comm.all_reduce_sum(&mut flat)?;
+            let mut off = 0;
+            for g in grads.iter_mut() {
+                let n = g.len();
+                g.copy_from_slice(&flat[off..off + n]);
+                off += n;
+            }
+        }
         let loss = sum_ce / total as f64;
         if !loss.is_finite() {
             bail!("non-finite loss ({loss}) at step {step1}");
@@ -421,14 +561,46 @@ impl<'m> Trainer<'m> {
     }
 
     /// Mean loss over the held-out rows (no dropout): `(loss, perplexity)`.
+    /// Under data parallelism the eval batches are dealt round-robin to the
+    /// ranks and the sums added up (every rank gets the same answer).
     pub fn evaluate(&self) -> Result<Option<(f64, f64)>> {
-        evaluate_rows(
-            self.model,
-            Some(&self.adapter),
-            &self.eval_rows,
-            self.cfg.batch_size,
-            self.cfg.pad_id,
-        )
+        if self.comm.size() == 1 {
+            return evaluate_rows(
+                self.model,
+                Some(&self.adapter),
+                &self.eval_rows,
+                self.cfg.batch_size,
+                self.cfg.pad_id,
+            );
+        }
+        if self.eval_rows.is_empty() {
+            return Ok(None);
+        }
+        let (rank, world) = (self.comm.rank(), self.comm.size());
+        let mut sums = [0f64, 0f64];
+        for (k, chunk) in self
+            .eval_rows
+            .chunks(self.cfg.batch_size.max(1))
+            .enumerate()
+        {
+            if k % world != rank {
+                continue;
+            }
+            let refs: Vec<&Row> = chunk.iter().collect();
+            let b = collate(&refs, self.cfg.pad_id);
+            if batch_targets(&b) == 0 {
+                continue;
+            }
+            let (s, c) = self.model.loss(&b, Some(&self.adapter))?;
+            sums[0] += s;
+            sums[1] += c as f64;
+        }
+        self.comm.all_reduce_sum(&mut sums)?;
+        if sums[1] == 0.0 {
+            return Ok(None);
+        }
+        let l = sums[0] / sums[1];
+        Ok(Some((l, l.exp())))
     }
 }
 

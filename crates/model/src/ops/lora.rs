@@ -20,6 +20,10 @@ pub struct LoraRef<'a> {
     pub dropout: f32,
     /// Mask key (unique per step, layer and module).
     pub dropout_key: u64,
+    /// Mask position of each of the `t` input rows (`None` = its own index):
+    /// a data-parallel rank passes the rows' places in the global batch so
+    /// that its masks are those of the one-process run.
+    pub mask_rows: Option<&'a [usize]>,
 }
 
 #[inline]
@@ -43,6 +47,18 @@ pub fn dropout_factor(key: u64, i: usize, p: f32) -> f32 {
 }
 
 impl LoraRef<'_> {
+    /// Mask index of element `k` of the flattened `[t, in]` input.
+    #[inline]
+    fn mask_index(&self, k: usize) -> usize {
+        match self.mask_rows {
+            None => k,
+            Some(m) => {
+                let i = self.in_features;
+                m[k / i] * i + k % i
+            }
+        }
+    }
+
     /// `dropout(x)`, or `None` when dropout is off (use `x` itself).
     pub fn dropped_input(&self, x: &[f32]) -> Option<Vec<f32>> {
         if self.dropout <= 0.0 {
@@ -51,7 +67,9 @@ impl LoraRef<'_> {
         Some(
             x.iter()
                 .enumerate()
-                .map(|(i, v)| v * dropout_factor(self.dropout_key, i, self.dropout))
+                .map(|(i, v)| {
+                    v * dropout_factor(self.dropout_key, self.mask_index(i), self.dropout)
+                })
                 .collect(),
         )
     }
@@ -95,7 +113,7 @@ impl LoraRef<'_> {
             let mut tmp = vec![0f32; t * i];
             matmul(t, i, r, &dxa, false, self.a, false, &mut tmp, false, 1.0);
             for (k, (d, v)) in dx.iter_mut().zip(&tmp).enumerate() {
-                *d += v * dropout_factor(self.dropout_key, k, self.dropout);
+                *d += v * dropout_factor(self.dropout_key, self.mask_index(k), self.dropout);
             }
         }
         (da, db)
@@ -146,6 +164,7 @@ mod tests {
                 scale: 2.0,
                 dropout: p,
                 dropout_key: 77,
+                mask_rows: None,
             };
             let x = rand_vec(t * i, 3, 1.0);
             let g = rand_vec(t * o, 4, 1.0);

@@ -1,0 +1,432 @@
+//! Data parallelism: N ranks at `--batch-size b` must reproduce one process
+//! at `--batch-size N·b` (loss trajectory within 1e-5 relative, final adapter
+//! within 1e-5 absolute). The ranks here are threads of one process talking
+//! through `qlora_dist::ThreadGroup`; the same trainer code runs over MPI in
+//! the CLI's `mpirun` tests.
+
+use std::path::PathBuf;
+
+use qlora_data::rows::Row;
+use qlora_data::Example;
+use qlora_dist::{Communicator, ThreadGroup};
+use qlora_lora::{load_adapter, Adapter, PeftConfig};
+use qlora_model::{LoadOptions, Model, QuantMode};
+use qlora_train::params::params_of;
+use qlora_train::{AdamW, Identity, ScheduleKind, StepMetrics, TrainConfig, Trainer};
+
+fn fx() -> PathBuf {
+    PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../../shared/fixtures"
+    ))
+}
+
+fn load_model(dir: &str, quant: QuantMode) -> Model {
+    Model::from_folder(fx().join(dir), &LoadOptions { quant }).unwrap()
+}
+
+fn ident() -> Identity {
+    Identity {
+        model_ref: "tiny".into(),
+        model_config_hash: "h".into(),
+        quant: "none".into(),
+        data_hash: "d".into(),
+    }
+}
+
+fn start_adapter(model: &Model) -> (PeftConfig, Adapter) {
+    load_adapter(fx().join("tiny_lora_adapter/adapter"), Some(&model.config)).unwrap()
+}
+
+/// Rows of unequal lengths with masked prefixes.
+fn uneven_rows(n: usize) -> Vec<Row> {
+    (0..n)
+        .map(|i| {
+            let len = 5 + (i * 7) % 13;
+            let ids: Vec<u32> = (0..len).map(|j| ((i * 31 + j * 17) % 320) as u32).collect();
+            let mut labels: Vec<i64> = ids.iter().map(|&x| x as i64).collect();
+            for l in labels.iter_mut().take(i % 4) {
+                *l = -100;
+            }
+            Row::single(Example {
+                input_ids: ids,
+                labels,
+            })
+        })
+        .collect()
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Case {
+    world: usize,
+    batch: usize,
+    accum: usize,
+    checkpointing: bool,
+    dropout: f64,
+    rows: usize,
+    steps: u64,
+}
+
+fn cfg(c: &Case, batch: usize) -> TrainConfig {
+    TrainConfig {
+        batch_size: batch,
+        grad_accum: c.accum,
+        max_steps: c.steps,
+        lr: 1e-3,
+        schedule: ScheduleKind::Cosine,
+        warmup_steps: 1,
+        adamw: AdamW {
+            weight_decay: 0.01,
+            ..AdamW::default()
+        },
+        max_grad_norm: Some(0.5),
+        seed: 3,
+        shuffle: true,
+        lora_dropout: c.dropout,
+        checkpointing: c.checkpointing,
+        pad_id: 0,
+    }
+}
+
+type Run = (Vec<StepMetrics>, Vec<Vec<f32>>);
+
+fn run_to_end(t: &mut Trainer<'_>) -> Run {
+    let mut v = Vec::new();
+    while !t.done() {
+        v.push(t.train_step().unwrap());
+    }
+    let p = params_of(&t.adapter).unwrap();
+    (v, p.into_iter().map(|p| p.data).collect())
+}
+
+fn single(model: &Model, c: &Case) -> Run {
+    let (peft, ad) = start_adapter(model);
+    let rows = uneven_rows(c.rows);
+    let mut t = Trainer::new(
+        model,
+        cfg(c, c.batch * c.world),
+        ident(),
+        peft,
+        ad,
+        rows,
+        vec![],
+    )
+    .unwrap();
+    run_to_end(&mut t)
+}
+
+fn parallel(model: &Model, c: &Case) -> Vec<Run> {
+    std::thread::scope(|s| {
+        let hs: Vec<_> = ThreadGroup::new(c.world)
+            .into_iter()
+            .map(|comm| {
+                s.spawn(move || {
+                    let (peft, ad) = start_adapter(model);
+                    let rows = uneven_rows(c.rows);
+                    let t = Trainer::new(model, cfg(c, c.batch), ident(), peft, ad, rows, vec![])
+                        .unwrap();
+                    let mut t = t.with_communicator(&comm).unwrap();
+                    assert_eq!((t.rank(), t.world_size()), (comm.rank(), c.world));
+                    run_to_end(&mut t)
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+fn check(model: &Model, c: Case) {
+    let (m1, p1) = single(model, &c);
+    let ranks = parallel(model, &c);
+    // every rank ends bit-identical
+    for (r, (m, p)) in ranks.iter().enumerate().skip(1) {
+        assert_eq!(
+            p, &ranks[0].1,
+            "{c:?}: rank {r} adapter differs from rank 0"
+        );
+        for (a, b) in m.iter().zip(&ranks[0].0) {
+            assert_eq!(a.loss.to_bits(), b.loss.to_bits(), "{c:?}: rank {r} loss");
+        }
+    }
+    let (mn, pn) = &ranks[0];
+    assert_eq!(m1.len(), mn.len());
+    for (a, b) in m1.iter().zip(mn) {
+        assert_eq!(a.target_tokens, b.target_tokens, "{c:?} step {}", a.step);
+        assert_eq!(a.tokens, b.tokens, "{c:?} step {}", a.step);
+        assert_eq!(a.epoch, b.epoch);
+        let rl = (a.loss - b.loss).abs() / a.loss.abs();
+        assert!(
+            rl < 1e-5,
+            "{c:?} step {}: loss {} vs {} (rel {rl})",
+            a.step,
+            a.loss,
+            b.loss
+        );
+        let rn = (a.grad_norm - b.grad_norm).abs() / a.grad_norm.abs();
+        assert!(
+            rn < 1e-5,
+            "{c:?} step {}: grad norm {} vs {}",
+            a.step,
+            a.grad_norm,
+            b.grad_norm
+        );
+    }
+    let mut max = 0f32;
+    for (x, y) in p1.iter().zip(pn) {
+        for (a, b) in x.iter().zip(y) {
+            max = max.max((a - b).abs());
+        }
+    }
+    assert!(max < 1e-5, "{c:?}: final adapter max abs diff {max}");
+    // the run moved: the comparison is not vacuous
+    assert!(m1[0].loss != m1.last().unwrap().loss);
+}
+
+const BASE: Case = Case {
+    world: 2,
+    batch: 1,
+    accum: 1,
+    checkpointing: false,
+    dropout: 0.0,
+    rows: 12,
+    steps: 4,
+};
+
+#[test]
+fn two_ranks_reproduce_one_process_f32() {
+    let model = load_model("tiny_llama/model", QuantMode::None);
+    check(&model, BASE);
+    check(
+        &model,
+        Case {
+            checkpointing: true,
+            accum: 2,
+            ..BASE
+        },
+    );
+}
+
+#[test]
+fn two_ranks_reproduce_one_process_nf4() {
+    for model in [
+        load_model("tiny_llama/model", QuantMode::Nf4),
+        load_model("tiny_llama_bnb4/model", QuantMode::None),
+    ] {
+        check(&model, BASE);
+        check(
+            &model,
+            Case {
+                checkpointing: true,
+                accum: 3,
+                ..BASE
+            },
+        );
+    }
+}
+
+/// LoRA dropout masks follow the rows' places in the global batch.
+#[test]
+fn dropout_masks_follow_the_global_batch() {
+    let model = load_model("tiny_llama/model", QuantMode::None);
+    check(
+        &model,
+        Case {
+            dropout: 0.2,
+            batch: 2,
+            ..BASE
+        },
+    );
+}
+
+/// Epoch ends with a short global batch: some ranks get no row (zeros).
+#[test]
+fn short_last_batch_and_more_ranks() {
+    let model = load_model("tiny_llama/model", QuantMode::None);
+    check(
+        &model,
+        Case {
+            world: 2,
+            batch: 2,
+            rows: 5,
+            steps: 4,
+            ..BASE
+        },
+    );
+    check(
+        &model,
+        Case {
+            world: 3,
+            batch: 1,
+            accum: 2,
+            rows: 7,
+            steps: 3,
+            ..BASE
+        },
+    );
+}
+
+/// Distributed eval gives the one-process eval loss.
+#[test]
+fn evaluation_is_split_and_summed() {
+    let model = load_model("tiny_llama/model", QuantMode::None);
+    let c = BASE;
+    let (peft, ad) = start_adapter(&model);
+    let t = Trainer::new(
+        &model,
+        cfg(&c, 1),
+        ident(),
+        peft,
+        ad,
+        uneven_rows(4),
+        uneven_rows(9),
+    )
+    .unwrap();
+    let want = t.evaluate().unwrap().unwrap().0;
+    let got: Vec<f64> = std::thread::scope(|s| {
+        let hs: Vec<_> = ThreadGroup::new(2)
+            .into_iter()
+            .map(|comm| {
+                let model = &model;
+                s.spawn(move || {
+                    let (peft, ad) = start_adapter(model);
+                    let t = Trainer::new(
+                        model,
+                        cfg(&c, 1),
+                        ident(),
+                        peft,
+                        ad,
+                        uneven_rows(4),
+                        uneven_rows(9),
+                    )
+                    .unwrap()
+                    .with_communicator(&comm)
+                    .unwrap();
+                    t.evaluate().unwrap().unwrap().0
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for g in got {
+        assert!((g - want).abs() < 1e-9 * want, "{g} vs {want}");
+    }
+}
+
+/// A 2-rank checkpoint resumes with 2 ranks onto the uninterrupted
+/// trajectory, and is refused by a single process (and vice versa).
+#[test]
+fn resume_needs_the_same_number_of_ranks() {
+    let model = load_model("tiny_llama/model", QuantMode::None);
+    let dir = tempfile::tempdir().unwrap();
+    let ck = dir.path().join("checkpoint-2");
+    let c = BASE;
+    let full = parallel(&model, &c);
+    // first two steps, checkpoint (rank 0 writes; the others must not)
+    std::thread::scope(|s| {
+        for comm in ThreadGroup::new(2) {
+            let (model, ck) = (&model, &ck);
+            s.spawn(move || {
+                let (peft, ad) = start_adapter(model);
+                let mut t = Trainer::new(
+                    model,
+                    cfg(&c, 1),
+                    ident(),
+                    peft,
+                    ad,
+                    uneven_rows(12),
+                    vec![],
+                )
+                .unwrap()
+                .with_communicator(&comm)
+                .unwrap();
+                t.train_step().unwrap();
+                t.train_step().unwrap();
+                comm.barrier().unwrap();
+                t.save_checkpoint(ck).unwrap();
+            });
+        }
+    });
+    let state = std::fs::read_to_string(ck.join("trainer_state.json")).unwrap();
+    assert!(state.contains("\"world_size\": 2"), "{state}");
+    // a single process refuses it, naming both counts
+    let mut t1 =
+        Trainer::resume(&model, cfg(&c, 1), ident(), uneven_rows(12), vec![], &ck).unwrap();
+    let e = t1.train_step().unwrap_err().to_string();
+    assert!(
+        e.contains("2 data-parallel processes") && e.contains("this run has 1"),
+        "{e}"
+    );
+    // two ranks continue exactly
+    let resumed: Vec<Run> = std::thread::scope(|s| {
+        let hs: Vec<_> = ThreadGroup::new(2)
+            .into_iter()
+            .map(|comm| {
+                let (model, ck) = (&model, &ck);
+                s.spawn(move || {
+                    let mut t =
+                        Trainer::resume(model, cfg(&c, 1), ident(), uneven_rows(12), vec![], ck)
+                            .unwrap()
+                            .with_communicator(&comm)
+                            .unwrap();
+                    run_to_end(&mut t)
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(resumed[0].1, full[0].1);
+    assert_eq!(resumed[0].0.len(), 2);
+    assert_eq!(resumed[0].0[1].loss, full[0].0[3].loss);
+    // three ranks are refused when attaching the communicator
+    let errs: Vec<String> = std::thread::scope(|s| {
+        let hs: Vec<_> = ThreadGroup::new(3)
+            .into_iter()
+            .map(|comm| {
+                let (model, ck) = (&model, &ck);
+                s.spawn(move || {
+                    match Trainer::resume(model, cfg(&c, 1), ident(), uneven_rows(12), vec![], ck)
+                        .unwrap()
+                        .with_communicator(&comm)
+                    {
+                        Ok(_) => String::new(),
+                        Err(e) => e.to_string(),
+                    }
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for e in errs {
+        assert!(e.contains("mpirun -n 2"), "{e}");
+    }
+}
+
+/// Ranks started with different settings are stopped before training.
+#[test]
+fn ranks_must_agree_on_settings() {
+    let model = load_model("tiny_llama/model", QuantMode::None);
+    let errs: Vec<String> = std::thread::scope(|s| {
+        let hs: Vec<_> = ThreadGroup::new(2)
+            .into_iter()
+            .map(|comm| {
+                let model = &model;
+                s.spawn(move || {
+                    let (peft, ad) = start_adapter(model);
+                    let mut c = cfg(&BASE, 1);
+                    c.lr = if comm.rank() == 0 { 1e-3 } else { 2e-3 };
+                    match Trainer::new(model, c, ident(), peft, ad, uneven_rows(6), vec![])
+                        .unwrap()
+                        .with_communicator(&comm)
+                    {
+                        Ok(_) => String::new(),
+                        Err(e) => e.to_string(),
+                    }
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for e in errs {
+        assert!(e.contains("ranks disagree on the training settings"), "{e}");
+    }
+}
