@@ -108,6 +108,13 @@ impl DType {
     }
 }
 
+/// Largest accepted layer count (see [`ModelConfig::validate`]).
+pub const MAX_LAYERS: usize = 1 << 14;
+/// Largest accepted value of any other size (vocabulary, widths, heads, context).
+pub const MAX_DIM: usize = 1 << 31;
+/// Largest accepted parameter count: products of sizes stay far below 2^64.
+pub const MAX_PARAMS: u128 = 1 << 50;
+
 /// A validated Llama-family configuration. Field names follow transformers.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelConfig {
@@ -225,15 +232,26 @@ impl ModelConfig {
                 .iter()
                 .map(|x| {
                     x.as_u64()
-                        .map(|x| x as u32)
-                        .ok_or_else(|| f.invalid("eos_token_id", "expected integers".into()))
+                        .and_then(|x| u32::try_from(x).ok())
+                        .ok_or_else(|| {
+                            f.invalid("eos_token_id", format!("expected token ids, got {x}"))
+                        })
                 })
                 .collect::<Result<_, _>>()?,
             Some(x) => vec![x
                 .as_u64()
-                .ok_or_else(|| f.invalid("eos_token_id", "expected an integer".into()))?
-                as u32],
+                .and_then(|x| u32::try_from(x).ok())
+                .ok_or_else(|| {
+                    f.invalid("eos_token_id", format!("expected a token id, got {x}"))
+                })?],
         };
+        let bos_token_id =
+            match f.opt_usize("bos_token_id")? {
+                None => None,
+                Some(x) => Some(u32::try_from(x).map_err(|_| {
+                    f.invalid("bos_token_id", format!("{x} is not a valid token id"))
+                })?),
+            };
         let dtype_str = match f.opt_str("dtype")? {
             Some(s) => Some(s),
             None => f.opt_str("torch_dtype")?,
@@ -266,7 +284,7 @@ impl ModelConfig {
             tie_word_embeddings: f.opt_bool("tie_word_embeddings")?.unwrap_or(false),
             qkv_bias,
             o_bias,
-            bos_token_id: f.opt_usize("bos_token_id")?.map(|x| x as u32),
+            bos_token_id,
             eos_token_ids,
             torch_dtype,
             sliding_window,
@@ -295,6 +313,40 @@ impl ModelConfig {
             if val == 0 {
                 return Err(inv(name, "must be positive".into()));
             }
+        }
+        // Sizes read from a downloaded file are used to allocate and are
+        // multiplied together (parameter and byte counts): bound them so no
+        // product wraps and no allocation is sized by a typo. The bounds are
+        // far beyond every published model (largest: ~2e12 parameters, ~200
+        // layers, 256k vocabulary).
+        for (name, val) in [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_key_value_heads", self.num_key_value_heads),
+            ("head_dim", self.head_dim),
+            ("max_position_embeddings", self.max_position_embeddings),
+        ] {
+            if val > MAX_DIM {
+                return Err(inv(name, format!("{val} exceeds the supported {MAX_DIM}")));
+            }
+        }
+        if self.num_hidden_layers > MAX_LAYERS {
+            return Err(inv(
+                "num_hidden_layers",
+                format!(
+                    "{} exceeds the supported {MAX_LAYERS}",
+                    self.num_hidden_layers
+                ),
+            ));
+        }
+        let params = self.param_count_u128();
+        if params > MAX_PARAMS {
+            return Err(inv(
+                "num_hidden_layers",
+                format!("the sizes give {params} parameters, more than the supported {MAX_PARAMS}"),
+            ));
         }
         if !self
             .num_attention_heads
@@ -327,6 +379,31 @@ impl ModelConfig {
             ));
         }
         Ok(())
+    }
+
+    /// The parameter count in u128 (cannot overflow for any usize sizes):
+    /// embeddings (twice when untied), every layer's linears, norms and biases.
+    pub fn param_count_u128(&self) -> u128 {
+        let (v, h, i) = (
+            self.vocab_size as u128,
+            self.hidden_size as u128,
+            self.intermediate_size as u128,
+        );
+        let (l, a, kv, d) = (
+            self.num_hidden_layers as u128,
+            self.num_attention_heads as u128,
+            self.num_key_value_heads as u128,
+            self.head_dim as u128,
+        );
+        let untied = u128::from(!self.tie_word_embeddings);
+        let mut per_layer = 2 * h * a * d + 2 * h * kv * d + 3 * h * i + 2 * h;
+        if self.qkv_bias {
+            per_layer += a * d + 2 * kv * d;
+        }
+        if self.o_bias {
+            per_layer += h;
+        }
+        v * h * (1 + untied) + l * per_layer + h
     }
 
     /// Number of query-head groups sharing one KV head.

@@ -158,6 +158,21 @@ pub(crate) fn parse(f: &Fields) -> Result<(f64, RopeScaling), ConfigError> {
             })
         }
     };
+    // Positions are divided by the factor: 0 gives inf/NaN angles, a negative
+    // one reversed positions; neither is a model anyone trained.
+    let factor = match scaling {
+        RopeScaling::Linear { factor } | RopeScaling::Llama3 { factor, .. } => Some(factor),
+        _ => None,
+    };
+    if let Some(factor) = factor {
+        // (computed in f32: the factor must be a positive normal f32 too)
+        if !(factor > 0.0 && (factor as f32).is_normal()) {
+            return Err(f.invalid(
+                "rope scaling `factor`",
+                format!("{factor} must be a positive number (within f32 range)"),
+            ));
+        }
+    }
     if let RopeScaling::Llama3 {
         low_freq_factor,
         high_freq_factor,

@@ -113,6 +113,62 @@ pub struct LoadOptions {
     pub format: Format,
     pub train_on_inputs: bool,
     pub on_bad_line: OnBadLine,
+    /// The model's vocabulary size: a record with an id at or above it is a
+    /// bad record (found at load time, not when its batch is reached).
+    pub vocab_size: Option<usize>,
+    /// Rows are truncated to this many tokens: a record with no loss target
+    /// left in its first `max_len` tokens (after the one-token shift) is a bad record.
+    pub max_len: Option<usize>,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            format: Format::Auto,
+            train_on_inputs: false,
+            on_bad_line: OnBadLine::Error,
+            vocab_size: None,
+            max_len: None,
+        }
+    }
+}
+
+/// The checks of [`LoadOptions::vocab_size`] and [`LoadOptions::max_len`] on one example.
+pub fn check_example(e: &Example, vocab_size: Option<usize>, max_len: Option<usize>) -> Result<()> {
+    if let Some(v) = vocab_size {
+        if let Some((i, &t)) = e
+            .input_ids
+            .iter()
+            .enumerate()
+            .find(|(_, &t)| t as usize >= v)
+        {
+            bail!("token id {t} at position {i} is not below the model's vocabulary size {v}");
+        }
+        if let Some((i, &l)) = e
+            .labels
+            .iter()
+            .enumerate()
+            .find(|(_, &l)| l != IGNORE_INDEX && (l < 0 || l as u64 >= v as u64))
+        {
+            bail!("label {l} at position {i} is not below the model's vocabulary size {v}");
+        }
+    }
+    let n = max_len.unwrap_or(usize::MAX).min(e.labels.len());
+    if !e.labels[..n].iter().skip(1).any(|&l| l != IGNORE_INDEX) {
+        bail!(
+            "no loss target{} (every label after the first token is -100{})",
+            match max_len {
+                Some(m) if m < e.labels.len() => format!(" in the first {m} tokens"),
+                _ => String::new(),
+            },
+            if e.len() < 2 {
+                ", or the row has one token"
+            } else {
+                ""
+            }
+        );
+    }
+    Ok(())
 }
 
 /// The result of loading a dataset file.
@@ -271,9 +327,15 @@ pub fn record_to_example(
 }
 
 /// Records of a JSONL file or JSON array with their line numbers (for a JSON
-/// array: the element index + 1). Unparseable JSONL lines come back as `Err`.
-fn records(text: &str) -> Result<Vec<(usize, Result<Value>)>> {
-    if text.trim_start().starts_with('[') {
+/// array: the element index + 1). Unparseable JSONL lines (bad JSON or
+/// invalid UTF-8) come back as `Err`, so `--on-bad-line skip` can skip them.
+fn records(bytes: &[u8]) -> Result<Vec<(usize, Result<Value>)>> {
+    if bytes.trim_ascii_start().starts_with(b"[") {
+        let text = std::str::from_utf8(bytes).map_err(|e| {
+            let at = e.valid_up_to();
+            let line = 1 + bytes[..at].iter().filter(|&&b| b == b'\n').count();
+            anyhow::anyhow!("line {line}: invalid UTF-8 (byte offset {at})")
+        })?;
         let arr: Vec<Value> = serde_json::from_str(text).context("invalid JSON array")?;
         return Ok(arr
             .into_iter()
@@ -281,25 +343,29 @@ fn records(text: &str) -> Result<Vec<(usize, Result<Value>)>> {
             .map(|(i, v)| (i + 1, Ok(v)))
             .collect());
     }
-    Ok(text
-        .lines()
+    Ok(bytes
+        .split(|&b| b == b'\n')
         .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
+        .filter(|(_, l)| !l.trim_ascii().is_empty())
         .map(|(i, l)| {
-            (
-                i + 1,
-                serde_json::from_str::<Value>(l).map_err(|e| anyhow::anyhow!("invalid JSON: {e}")),
-            )
+            let v = std::str::from_utf8(l)
+                .map_err(|e| {
+                    anyhow::anyhow!("invalid UTF-8 at byte {} of the line", e.valid_up_to())
+                })
+                .and_then(|l| {
+                    serde_json::from_str::<Value>(l)
+                        .map_err(|e| anyhow::anyhow!("invalid JSON: {e}"))
+                });
+            (i + 1, v)
         })
         .collect())
 }
 
 /// Load and tokenize a dataset file. `tok` may be `None` only for pre-tokenized data.
 pub fn load(path: &Path, opts: &LoadOptions, tok: Option<&dyn TextTokenizer>) -> Result<Loaded> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     let name = path.display().to_string();
-    let recs = records(&text).with_context(|| name.clone())?;
+    let recs = records(&bytes).with_context(|| name.clone())?;
     let mut fmt = opts.format;
     let mut out = Loaded::default();
     for (line, rec) in recs {
@@ -316,7 +382,8 @@ pub fn load(path: &Path, opts: &LoadOptions, tok: Option<&dyn TextTokenizer>) ->
             }
             let t = tok.context("this data format needs a tokenizer")?;
             record_to_example(&v, fmt, t, opts.train_on_inputs)
-        });
+        })
+        .and_then(|e| check_example(&e, opts.vocab_size, opts.max_len).map(|()| e));
         match res {
             Ok(e) => out.examples.push(e),
             Err(e) => {
@@ -452,9 +519,8 @@ pub(crate) mod tests {
         .unwrap();
         let tok = ByteTok { bos: false };
         let mut o = LoadOptions {
-            format: Format::Auto,
-            train_on_inputs: false,
             on_bad_line: OnBadLine::Skip,
+            ..Default::default()
         };
         let l = load(&p, &o, Some(&tok)).unwrap();
         assert_eq!(l.examples.len(), 2);

@@ -45,3 +45,41 @@ impl Example {
             .count()
     }
 }
+
+/// Refuse rows longer than the model's context (`max_position_embeddings`):
+/// positions past it were never trained, and attention memory grows with the
+/// square of the row length. The error names the row (1-based, the line of a
+/// JSONL file without blank lines).
+pub fn check_context_length(
+    examples: &[Example],
+    context: usize,
+    name: &str,
+) -> anyhow::Result<()> {
+    if let Some((i, e)) = examples.iter().enumerate().find(|(_, e)| e.len() > context) {
+        anyhow::bail!(
+            "{name}: row {} has {} tokens, more than the model's context of {context} tokens \
+             (max_position_embeddings); split or truncate it",
+            i + 1,
+            e.len()
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod context_tests {
+    use super::*;
+
+    #[test]
+    fn rows_longer_than_the_context_are_refused_by_row() {
+        let rows = vec![Example::unmasked(vec![1; 4]), Example::unmasked(vec![1; 9])];
+        check_context_length(&rows, 9, "d.jsonl").unwrap();
+        let e = check_context_length(&rows, 8, "d.jsonl")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("d.jsonl: row 2 has 9 tokens") && e.contains("context of 8"),
+            "{e}"
+        );
+    }
+}

@@ -104,9 +104,13 @@ pub fn read_json_array(path: impl AsRef<Path>) -> Result<Vec<Example>> {
 /// array, anything else JSONL.
 pub fn read(path: impl AsRef<Path>) -> Result<Vec<Example>> {
     let path = path.as_ref();
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     let name = path.display().to_string();
+    let text = String::from_utf8(bytes).map_err(|e| {
+        let at = e.utf8_error().valid_up_to();
+        let line = 1 + e.as_bytes()[..at].iter().filter(|&&b| b == b'\n').count();
+        anyhow::anyhow!("{name}:{line}: invalid UTF-8 (byte offset {at})")
+    })?;
     if text.trim_start().starts_with('[') {
         parse_json_array(&text, &name)
     } else {

@@ -57,6 +57,10 @@ pub struct OutputFolder {
 impl OutputFolder {
     /// Start building the folder that will become `out`.
     pub fn new(out: &Path) -> Result<Self> {
+        if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+            // what killed runs left beside the output
+            crate::durable::remove_stale_temps(parent);
+        }
         let tmp = crate::writer::temp_path(out);
         if tmp.exists() {
             std::fs::remove_dir_all(&tmp).map_err(|e| FormatError::io(&tmp, e))?;
@@ -70,14 +74,11 @@ impl OutputFolder {
         &self.tmp
     }
 
-    /// Replace `out` (if any) with the finished folder.
+    /// Replace `out` (if any) with the finished folder, in one step where the
+    /// platform allows ([`crate::durable::replace_dir`]).
     pub fn commit(mut self, out: &Path) -> Result<()> {
-        if out.is_dir() {
-            std::fs::remove_dir_all(out).map_err(|e| FormatError::io(out, e))?;
-        } else if out.exists() {
-            std::fs::remove_file(out).map_err(|e| FormatError::io(out, e))?;
-        }
-        std::fs::rename(&self.tmp, out).map_err(|e| FormatError::io(out, e))?;
+        crate::durable::fsync_dir(&self.tmp).map_err(|e| FormatError::io(&self.tmp, e))?;
+        crate::durable::replace_dir(&self.tmp, out).map_err(|e| FormatError::io(out, e))?;
         self.done = true;
         Ok(())
     }

@@ -18,6 +18,7 @@
 
 pub mod bnb;
 pub mod convert;
+pub mod durable;
 pub mod error;
 pub mod folder;
 pub mod header;

@@ -32,7 +32,9 @@ pub mod writer;
 
 pub use error::{GgufError, Result};
 pub use metadata::{value_type, MetaValue, Metadata};
-pub use reader::{GgufHeader, TensorInfo, DEFAULT_ALIGNMENT, MAX_DIMS};
+pub use reader::{
+    GgufHeader, TensorInfo, DEFAULT_ALIGNMENT, MAX_DIMS, META_ALLOC_BASE, META_ALLOC_PER_FILE_BYTE,
+};
 pub use types::{GgmlType, ALL_TYPES};
 
 /// An opened GGUF file: the parsed header and a memory map of the whole file.

@@ -167,6 +167,19 @@ fn config_with_rope_freqs(h: &GgufHeader, rope_freqs: Option<&[f32]>) -> Result<
     let req = |s: &str| md.req_usize(path, &k(s));
     let hidden_size = req("embedding_length")?;
     let num_hidden_layers = req("block_count")?;
+    // Every block has tensors of its own: a count the file cannot hold is
+    // refused before anything is sized from it (the per-tensor checks then
+    // name the first missing one).
+    if num_hidden_layers > h.tensors.len() {
+        return Err(meta_err(
+            path,
+            &k("block_count"),
+            format!(
+                "{num_hidden_layers} blocks, but the file has only {} tensors",
+                h.tensors.len()
+            ),
+        ));
+    }
     let intermediate_size = req("feed_forward_length")?;
     let num_attention_heads = req("attention.head_count")?;
     let num_key_value_heads = md

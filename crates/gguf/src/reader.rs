@@ -21,6 +21,29 @@ pub const DEFAULT_ALIGNMENT: u64 = 32;
 /// ggml's maximum tensor rank.
 pub const MAX_DIMS: usize = 4;
 const MAX_ARRAY_DEPTH: usize = 4;
+/// Metadata is held as [`MetaValue`]s (32 bytes each however small in the
+/// file): what the parser may allocate for it is bounded by this fixed
+/// allowance plus [`META_ALLOC_PER_FILE_BYTE`] bytes per byte of the file, so
+/// memory stays proportional to the file whatever its arrays claim. Real
+/// files use a small fraction (a 150k-token vocabulary takes ~15 MB).
+pub const META_ALLOC_BASE: u64 = 64 << 20;
+/// See [`META_ALLOC_BASE`].
+pub const META_ALLOC_PER_FILE_BYTE: u64 = 4;
+
+/// The fewest bytes one value of GGUF type `ty` takes in a file.
+fn min_value_bytes(ty: u32) -> u64 {
+    use value_type as t;
+    match ty {
+        t::U8 | t::I8 | t::BOOL => 1,
+        t::U16 | t::I16 => 2,
+        t::U32 | t::I32 | t::F32 => 4,
+        t::U64 | t::I64 | t::F64 | t::STRING => 8,
+        // element type + count
+        t::ARRAY => 12,
+        // unknown types are refused when the first element is read
+        _ => 1,
+    }
+}
 
 /// One tensor's description from the header.
 #[derive(Debug, Clone, PartialEq)]
@@ -86,6 +109,8 @@ impl GgufHeader {
             path,
             bytes,
             pos: 0,
+            alloc_left: META_ALLOC_BASE
+                .saturating_add(META_ALLOC_PER_FILE_BYTE.saturating_mul(bytes.len() as u64)),
         }
         .header()
     }
@@ -95,6 +120,8 @@ struct Parser<'a> {
     path: &'a Path,
     bytes: &'a [u8],
     pos: usize,
+    /// Bytes the metadata may still allocate (see [`META_ALLOC_BASE`]).
+    alloc_left: u64,
 }
 
 impl<'a> Parser<'a> {
@@ -134,9 +161,25 @@ impl<'a> Parser<'a> {
         Ok(u64::from_le_bytes(self.arr(what)?))
     }
 
+    /// Account for `n` bytes of metadata held in memory.
+    fn charge(&mut self, n: u64, what: &dyn Fn() -> String) -> Result<()> {
+        if n > self.alloc_left {
+            return Err(self.malformed(format!(
+                "{}: the metadata would take more than {} MiB of memory for a {}-byte file \
+                 (arrays too large for the file)",
+                what(),
+                (META_ALLOC_BASE + META_ALLOC_PER_FILE_BYTE * self.bytes.len() as u64) >> 20,
+                self.bytes.len()
+            )));
+        }
+        self.alloc_left -= n;
+        Ok(())
+    }
+
     fn string(&mut self, what: &dyn Fn() -> String) -> Result<String> {
         let len = self.u64(what)?;
         let raw = self.take(len, what)?;
+        self.charge(len, what)?;
         String::from_utf8(raw.to_vec())
             .map_err(|_| self.malformed(format!("{}: string is not valid UTF-8", what())))
     }
@@ -166,18 +209,24 @@ impl<'a> Parser<'a> {
                 }
                 let elem = self.u32(what)?;
                 let n = self.u64(what)?;
-                // Every element takes at least one byte: refuse counts the file cannot hold
-                // before allocating anything.
+                // Refuse counts the rest of the file cannot hold (each element
+                // takes at least `min_value_bytes`), and counts whose values would
+                // exceed the allocation allowance, before allocating anything.
                 let remaining = (self.bytes.len() - self.pos) as u64;
-                if n > remaining {
+                let needed = n.saturating_mul(min_value_bytes(elem));
+                if needed > remaining {
                     return Err(GgufError::Truncated {
                         path: self.path.to_path_buf(),
                         what: format!("{} ({n} array elements)", what()),
                         offset: self.pos as u64,
-                        needed: n,
+                        needed,
                         len: self.bytes.len() as u64,
                     });
                 }
+                self.charge(
+                    n.saturating_mul(std::mem::size_of::<MetaValue>() as u64),
+                    what,
+                )?;
                 let mut out = Vec::with_capacity(n as usize);
                 for _ in 0..n {
                     out.push(self.value(elem, what, depth + 1)?);
@@ -220,6 +269,10 @@ impl<'a> Parser<'a> {
             });
         }
 
+        self.charge(
+            n_kv.saturating_mul(std::mem::size_of::<(String, MetaValue)>() as u64),
+            &|| "the metadata entries".into(),
+        )?;
         let mut entries = Vec::with_capacity(n_kv as usize);
         let mut keys = HashSet::new();
         for i in 0..n_kv {
@@ -246,6 +299,10 @@ impl<'a> Parser<'a> {
             }
         };
 
+        self.charge(
+            n_tensors.saturating_mul(std::mem::size_of::<TensorInfo>() as u64),
+            &|| "the tensor infos".into(),
+        )?;
         let mut tensors = Vec::with_capacity(n_tensors as usize);
         let mut names = HashSet::new();
         for i in 0..n_tensors {

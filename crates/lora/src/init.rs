@@ -42,6 +42,18 @@ pub fn init_adapter(peft: &PeftConfig, model: &ModelConfig, seed: u64) -> Result
         bail!("LoRA rank r must be at least 1");
     }
     let targets = peft.resolve_targets(model)?;
+    // A rank above a layer's dimensions adds nothing (the update B·A has rank
+    // <= min(out, in)) and a huge one would only exhaust memory.
+    for path in &targets {
+        let [out, inp] = module_shape(model, path).expect("resolved targets are projections");
+        if peft.r > out.max(inp) {
+            bail!(
+                "LoRA rank {} exceeds the dimensions of {path} ([{out}, {inp}]); use a rank <= {}",
+                peft.r,
+                out.min(inp)
+            );
+        }
+    }
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let r = peft.r;
     let mut layers = BTreeMap::new();

@@ -118,12 +118,22 @@ pub fn load_adapter(
         .with_context(|| format!("{}: not a valid safetensors file", wpath.display()))?;
     let ctx = |m: String| format!("{}: {m}", wpath.display());
     let mut parts: BTreeMap<String, (Option<Tensor>, Option<Tensor>)> = BTreeMap::new();
+    let mut ignored: Vec<String> = Vec::new();
     for (key, view) in st.tensors() {
         let Some((module, which)) = parse_peft_key(&key) else {
             bail!(ctx(format!(
                 "unsupported tensor {key:?} (only lora_A/lora_B weights of linear layers are supported)"
             )));
         };
+        // PEFT injects LoRA layers only into the modules `target_modules`
+        // (minus `exclude_modules`) selects — with `target_modules` absent,
+        // its per-architecture default, q_proj and v_proj for llama — and then
+        // loads the state dict with `strict=False`: weights of any other module
+        // are unexpected keys, reported and never applied. Do the same.
+        if !peft.targets_module(&module)? {
+            ignored.push(key);
+            continue;
+        }
         let shape = view.shape().to_vec();
         if shape.len() != 2 {
             bail!(ctx(format!(
@@ -131,6 +141,12 @@ pub fn load_adapter(
             )));
         }
         let data = view_to_f32(&view, &key).map_err(|e| anyhow::anyhow!(ctx(e.to_string())))?;
+        if let Some(i) = data.iter().position(|x| !x.is_finite()) {
+            bail!(ctx(format!(
+                "{key}[{i}] is {}: the adapter holds non-finite weights",
+                data[i]
+            )));
+        }
         let t = Tensor::from_vec(data, (shape[0], shape[1]), &Device::Cpu)?;
         let e = parts.entry(module).or_default();
         match which {
@@ -168,8 +184,26 @@ pub fn load_adapter(
         }
         layers.insert(module, LoraWeights { a, b });
     }
+    if !ignored.is_empty() {
+        ignored.sort();
+        eprintln!(
+            "warning: {}: {} tensor(s) of modules outside target_modules {:?} are ignored, as PEFT ignores them: {}{}",
+            wpath.display(),
+            ignored.len(),
+            peft.target_modules,
+            ignored.iter().take(4).cloned().collect::<Vec<_>>().join(", "),
+            if ignored.len() > 4 { ", …" } else { "" }
+        );
+    }
     if layers.is_empty() {
-        bail!(ctx("no LoRA tensors".into()));
+        bail!(ctx(if ignored.is_empty() {
+            "no LoRA tensors".into()
+        } else {
+            format!(
+                "no LoRA tensors of the modules target_modules {:?} selects",
+                peft.target_modules
+            )
+        }));
     }
     if let Some(m) = model {
         let want = peft
@@ -195,6 +229,13 @@ pub fn adapter_safetensors_bytes(adapter: &Adapter) -> Result<Vec<u8>> {
             let t = t.to_dtype(DType::F32)?;
             let shape = t.dims().to_vec();
             let v: Vec<f32> = t.flatten_all()?.to_vec1()?;
+            if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+                bail!(
+                    "refusing to write a non-finite adapter: {}[{i}] is {}",
+                    peft_key(module, which),
+                    v[i]
+                );
+            }
             let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
             bufs.push((peft_key(module, which), shape, bytes));
         }
@@ -207,17 +248,41 @@ pub fn adapter_safetensors_bytes(adapter: &Adapter) -> Result<Vec<u8>> {
     Ok(safetensors::serialize(views, Some(meta))?)
 }
 
-/// Save a PEFT adapter folder (created if needed; each file written atomically).
+/// Save a PEFT adapter folder. Weights and config are written into a
+/// temporary folder beside `dir` which then replaces `dir` in one step
+/// ([`qlora_formats::durable::replace_dir`]), so a crash never leaves the
+/// weights of one adapter beside the config of another. Non-finite weights
+/// are refused.
 pub fn save_adapter(dir: impl AsRef<Path>, adapter: &Adapter, peft: &PeftConfig) -> Result<()> {
     let dir = dir.as_ref();
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let parent = dir
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = dir
+        .file_name()
+        .context("adapter path has no folder name")?
+        .to_string_lossy()
+        .to_string();
+    std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
     let mut modules: Vec<String> = adapter.layers.keys().cloned().collect();
     modules.sort_by_key(|p| crate::module_order_key(p));
     let json = serde_json::to_string_pretty(&peft.to_json(&modules))?;
-    write_atomic(
-        &dir.join(WEIGHTS_FILE),
-        &adapter_safetensors_bytes(adapter)?,
-    )?;
-    write_atomic(&dir.join(CONFIG_FILE), json.as_bytes())?;
-    Ok(())
+    let weights = adapter_safetensors_bytes(adapter)?;
+    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).with_context(|| format!("removing {}", tmp.display()))?;
+    }
+    let res = (|| -> Result<()> {
+        std::fs::create_dir(&tmp)?;
+        write_atomic(&tmp.join(WEIGHTS_FILE), &weights)?;
+        write_atomic(&tmp.join(CONFIG_FILE), json.as_bytes())?;
+        qlora_formats::durable::fsync_dir(&tmp)?;
+        qlora_formats::durable::replace_dir(&tmp, dir)?;
+        Ok(())
+    })();
+    if res.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    res.with_context(|| format!("writing adapter {}", dir.display()))
 }

@@ -348,6 +348,26 @@ impl PeftConfig {
         Ok(out)
     }
 
+    /// Whether PEFT would put a LoRA layer on the module at `path`
+    /// (`target_modules` matches and `exclude_modules` does not). `lm_head`
+    /// is never adapted here.
+    pub fn targets_module(&self, path: &str) -> Result<bool> {
+        let re = |t: &TargetModules| -> Result<Option<regex::Regex>> {
+            match t {
+                TargetModules::Regex(r) => Ok(Some(full_regex(r)?)),
+                _ => Ok(None),
+            }
+        };
+        let tre = re(&self.target_modules)?;
+        if !self.target_modules.matches(path, &tre) {
+            return Ok(false);
+        }
+        Ok(match &self.exclude_modules {
+            Some(e) => !e.matches(path, &re(e)?),
+            None => true,
+        })
+    }
+
     /// The [`LoraConfig`] for a set of resolved module paths.
     pub fn lora_config(&self, resolved: Vec<String>) -> LoraConfig {
         LoraConfig {

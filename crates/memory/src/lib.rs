@@ -49,4 +49,7 @@ pub enum MemoryError {
     Hub { id: String, msg: String },
     #[error("{0}")]
     Invalid(String),
+    /// The sizes are too large to count in 64 bits (see [`plan::check_magnitude`]).
+    #[error("{0}")]
+    TooLarge(String),
 }

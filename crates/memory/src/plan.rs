@@ -472,6 +472,53 @@ pub fn optimizer_bytes(o: Optimizer, n: u64) -> u64 {
     }
 }
 
+/// Refuse inputs whose byte counts could exceed 2^63 before any of the u64
+/// arithmetic of [`plan`] runs (so no count wraps, and none panics under
+/// `overflow-checks`). Every term of a plan is a sum of at most a few dozen
+/// products, per layer, of the bounded quantities below; their largest
+/// product, times a margin of 64 per layer, is computed in f64 (which cannot
+/// overflow) and must stay below 2^63. Such a plan would need more than
+/// ~2^63 / (64·(layers+1)) bytes (a petabyte for 126 layers): it fits nothing.
+pub fn check_magnitude(inv: &Inventory, c: &ModelConfig, p: &PlanInput) -> Result<(), MemoryError> {
+    let f = |x: u64| x as f64;
+    let (b, s) = (f(p.batch), f(p.seq));
+    let t = b * s;
+    let (h, i, v) = (
+        c.hidden_size as f64,
+        c.intermediate_size as f64,
+        c.vocab_size as f64,
+    );
+    let (l, a, kv, d) = (
+        c.num_hidden_layers as f64,
+        c.num_attention_heads as f64,
+        c.num_key_value_heads as f64,
+        c.head_dim as f64,
+    );
+    let n_targets = p.targets.len() as f64;
+    let width = [h, i, a * d + 2.0 * kv * d, v, n_targets * f(p.rank)]
+        .into_iter()
+        .fold(0.0, f64::max);
+    let params: f64 = inv.tensors.iter().map(|t| t.numel() as f64).sum();
+    let lora = f(p.rank) * (h + i + a * d + kv * d) * 7.0 * l.max(1.0);
+    let per_layer = [
+        t * width * 8.0,
+        b * a * s * s * 4.0,
+        f(p.threads).max(1.0) * s * s * 4.0,
+        (params + lora) * 16.0 * f(p.grad_accum).max(1.0).min(4.0),
+    ]
+    .into_iter()
+    .fold(0.0, f64::max);
+    let bound =
+        64.0 * (l + 1.0) * per_layer + f(p.overhead) + f(p.load_file_bytes) + f(p.tokenizer_bytes);
+    if !(bound < 9.2e18) {
+        return Err(MemoryError::TooLarge(format!(
+            "the plan's byte counts would exceed 2^63 (batch {}, sequence {}, {} layers, {} parameters): too large to plan",
+            p.batch, p.seq, c.num_hidden_layers, params
+        )));
+    }
+    Ok(())
+}
+
 /// Compute the per-device plan.
 pub fn plan(inv: &Inventory, c: &ModelConfig, p: &PlanInput) -> Result<Plan, MemoryError> {
     if p.batch == 0 || p.seq == 0 || p.devices == 0 {
@@ -479,6 +526,7 @@ pub fn plan(inv: &Inventory, c: &ModelConfig, p: &PlanInput) -> Result<Plan, Mem
             "batch, sequence length and devices must be at least 1".into(),
         ));
     }
+    check_magnitude(inv, c, p)?;
     let dm = dims(c);
     let n = p.devices;
     let (frozen_all, stats) = frozen(inv, p);
@@ -650,11 +698,16 @@ pub fn parse_bytes(s: &str) -> Result<u64, MemoryError> {
 }
 
 /// Largest value in `1..=hi` for which `fits` holds (monotone: true then
-/// false), or 0 if even 1 does not fit.
+/// false), or 0 if even 1 does not fit. A value whose plan is too large to
+/// count ([`MemoryError::TooLarge`]) does not fit.
 pub fn largest_fitting(
     hi: u64,
-    mut fits: impl FnMut(u64) -> Result<bool, MemoryError>,
+    mut fits_or_err: impl FnMut(u64) -> Result<bool, MemoryError>,
 ) -> Result<u64, MemoryError> {
+    let mut fits = |x: u64| match fits_or_err(x) {
+        Err(MemoryError::TooLarge(_)) => Ok(false),
+        r => r,
+    };
     if !fits(1)? {
         return Ok(0);
     }

@@ -338,6 +338,7 @@ pub fn add_delta(w: &mut [f32], lora: &LoraWeights, scaling: f32) -> Result<f32>
         .flatten_all()?
         .to_dtype(candle_core::DType::F32)?
         .to_vec1()?;
+    // (|x| of NaN is not > m, so a NaN entry is reported through `NAN` here.)
     let max = w
         .par_chunks_mut(inf)
         .enumerate()
@@ -352,15 +353,33 @@ pub fn add_delta(w: &mut [f32], lora: &LoraWeights, scaling: f32) -> Result<f32>
                     }
                 }
                 let mut m = 0f32;
+                let mut finite = true;
                 for (x, d) in row.iter_mut().zip(acc.iter()) {
                     let d = d * scaling;
                     m = m.max(d.abs());
                     *x += d;
+                    finite &= x.is_finite();
                 }
-                m
+                if finite {
+                    m
+                } else {
+                    f32::NAN
+                }
             },
         )
-        .reduce(|| 0f32, f32::max);
+        .reduce(
+            || 0f32,
+            |a, b| {
+                if a.is_nan() || b.is_nan() {
+                    f32::NAN
+                } else {
+                    a.max(b)
+                }
+            },
+        );
+    if max.is_nan() {
+        bail!("the merged weight has non-finite values (inf/NaN in the base weight or the adapter); refusing to write it");
+    }
     Ok(max)
 }
 

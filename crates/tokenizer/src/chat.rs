@@ -36,6 +36,40 @@ impl ChatMessage {
     }
 }
 
+/// Bounds for rendering a template from a downloaded file: a template with
+/// nested loops must fail with a clear error, never hang or fill memory.
+/// Real chat templates use a few thousand units of fuel per turn and render a
+/// few KB; these limits are far above that and far below harm.
+pub const TEMPLATE_FUEL_PER_MESSAGE: u64 = 200_000;
+/// Base fuel (for the template's own code outside the message loop).
+pub const TEMPLATE_FUEL_BASE: u64 = 2_000_000;
+/// Nesting depth of macros, includes and blocks.
+pub const TEMPLATE_RECURSION_LIMIT: usize = 64;
+/// Rendered output beyond the messages' own text.
+pub const TEMPLATE_OUTPUT_BASE: usize = 1 << 20;
+
+/// An `io::Write` that refuses to grow past a limit.
+struct Bounded {
+    out: String,
+    limit: usize,
+    exceeded: bool,
+}
+
+impl std::io::Write for Bounded {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.out.len() + buf.len() > self.limit {
+            self.exceeded = true;
+            return Err(std::io::Error::other("output limit"));
+        }
+        // minijinja writes whole UTF-8 pieces of str
+        self.out.push_str(&String::from_utf8_lossy(buf));
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// A chat template source and where it came from.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ChatTemplate {
@@ -146,6 +180,14 @@ impl ChatTemplate {
         eos_token: &str,
     ) -> Result<String> {
         let mut env = Environment::new();
+        let text: usize = messages
+            .iter()
+            .map(|m| m.content.len() + m.role.len())
+            .sum();
+        env.set_fuel(Some(TEMPLATE_FUEL_BASE.saturating_add(
+            TEMPLATE_FUEL_PER_MESSAGE.saturating_mul(messages.len() as u64 + 1),
+        )));
+        env.set_recursion_limit(TEMPLATE_RECURSION_LIMIT);
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
@@ -154,19 +196,88 @@ impl ChatTemplate {
         env.add_template("chat", &self.source)
             .map_err(|e| self.err(e))?;
         let tpl = env.get_template("chat").map_err(|e| self.err(e))?;
-        tpl.render(minijinja::context! {
-            messages => messages,
-            add_generation_prompt => add_generation_prompt,
-            bos_token => bos_token,
-            eos_token => eos_token,
-        })
-        .map_err(|e| self.err(e))
+        let limit = TEMPLATE_OUTPUT_BASE.saturating_add(text.saturating_mul(4));
+        let mut w = Bounded {
+            out: String::new(),
+            limit,
+            exceeded: false,
+        };
+        let res = tpl.render_captured_to(
+            minijinja::context! {
+                messages => messages,
+                add_generation_prompt => add_generation_prompt,
+                bos_token => bos_token,
+                eos_token => eos_token,
+            },
+            &mut w,
+        );
+        if w.exceeded {
+            return Err(TokenizerError::Template {
+                origin: self.origin.clone(),
+                msg: format!(
+                    "the rendered chat exceeds {limit} bytes (four times the messages' text plus 1 MiB); \
+                     the template is not a usable chat template"
+                ),
+            });
+        }
+        match res {
+            Ok(_) => Ok(w.out),
+            Err(e) if e.kind() == ErrorKind::OutOfFuel => Err(TokenizerError::Template {
+                origin: self.origin.clone(),
+                msg: "rendering the chat template ran out of its step budget (runaway loops?); \
+                      the template is not a usable chat template"
+                    .into(),
+            }),
+            Err(e) => Err(self.err(e)),
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn render(src: &str, msgs: &[ChatMessage]) -> Result<String> {
+        ChatTemplate::new(src.into(), "t.jinja".into()).render(msgs, true, "<s>", "</s>")
+    }
+
+    #[test]
+    fn runaway_templates_fail_fast_with_a_clear_error() {
+        let msgs = [ChatMessage::user("hi")];
+        let t = std::time::Instant::now();
+        // nested loops: 10^12 iterations if unbounded
+        let e = render(
+            "{% for a in range(10000) %}{% for b in range(10000) %}{% for c in range(10000) %}{% endfor %}{% endfor %}{% endfor %}",
+            &msgs,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("t.jinja") && e.contains("step budget"), "{e}");
+        // huge output
+        let e = render(
+            "{% for a in range(10000) %}{% for b in range(10000) %}xxxxxxxxxxxxxxxxxxxxxxxxxxxxxx{% endfor %}{% endfor %}",
+            &msgs,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("exceeds") || e.contains("step budget"), "{e}");
+        // unbounded recursion through a macro
+        let e = render(
+            "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
+            &msgs,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("t.jinja"), "{e}");
+        assert!(t.elapsed().as_secs() < 30, "took {:?}", t.elapsed());
+        // an ordinary template still renders
+        let ok = render(
+            "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}",
+            &msgs,
+        )
+        .unwrap();
+        assert_eq!(ok, "<|user|>hi<|assistant|>");
+    }
 
     #[test]
     fn strftime_known_dates() {

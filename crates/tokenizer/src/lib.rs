@@ -106,10 +106,15 @@ fn token_string(v: Option<&serde_json::Value>) -> Option<String> {
 
 fn id_list(v: Option<&serde_json::Value>) -> Vec<u32> {
     match v {
-        Some(serde_json::Value::Number(n)) => n.as_u64().map(|x| x as u32).into_iter().collect(),
+        // ids beyond u32 name no token: dropped, never truncated onto another token
+        Some(serde_json::Value::Number(n)) => n
+            .as_u64()
+            .and_then(|x| u32::try_from(x).ok())
+            .into_iter()
+            .collect(),
         Some(serde_json::Value::Array(a)) => a
             .iter()
-            .filter_map(|x| x.as_u64().map(|x| x as u32))
+            .filter_map(|x| x.as_u64().and_then(|x| u32::try_from(x).ok()))
             .collect(),
         _ => Vec::new(),
     }

@@ -69,6 +69,13 @@ impl Trainer<'_> {
         if !self.is_main() {
             return Ok(());
         }
+        // A checkpoint is a promise that training can continue from it.
+        self.check_finite().with_context(|| {
+            format!(
+                "refusing to write checkpoint {}: non-finite state",
+                dir.display()
+            )
+        })?;
         let parent = dir
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
@@ -101,10 +108,8 @@ impl Trainer<'_> {
                 &tmp.join(STATE_FILE),
                 serde_json::to_string_pretty(&st)?.as_bytes(),
             )?;
-            if dir.exists() {
-                std::fs::remove_dir_all(dir)?;
-            }
-            std::fs::rename(&tmp, dir)?;
+            qlora_formats::durable::fsync_dir(&tmp)?;
+            qlora_formats::durable::replace_dir(&tmp, dir)?;
             Ok(())
         })();
         if res.is_err() {
@@ -182,6 +187,12 @@ impl Trainer<'_> {
             });
         }
         t.moments = moments;
+        t.check_finite().with_context(|| {
+            format!(
+                "{}: refusing a checkpoint with non-finite values",
+                op.display()
+            )
+        })?;
         t.step = st.step;
         t.set_position(st.data)?;
         t.elapsed_before = st.elapsed_s;

@@ -8,13 +8,16 @@
 
 pub mod checkpoint;
 pub mod optim;
+pub mod outdir;
 pub mod params;
 pub mod schedule;
 pub mod trainer;
 
 pub use checkpoint::{checkpoint_dir, TrainerState};
 pub use optim::AdamW;
+pub use outdir::prepare_output_dir;
 pub use schedule::{Schedule, ScheduleKind};
 pub use trainer::{
-    collate, evaluate_rows, fnv_hex, rows_hash, Identity, StepMetrics, TrainConfig, Trainer,
+    check_lora_dropout, collate, evaluate_rows, fnv_hex, rows_hash, Identity, RunSettings,
+    StepMetrics, TrainConfig, Trainer,
 };

@@ -59,6 +59,34 @@ fn lerp(a: f32, b: f32, w: f32) -> f32 {
 }
 
 impl AdamW {
+    /// Refuse settings that make every update NaN or inf (`eps = 0` with a zero
+    /// gradient, `beta1 = 1` zeroes the bias correction) or silently wrong.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let AdamW {
+            beta1,
+            beta2,
+            eps,
+            weight_decay,
+        } = *self;
+        anyhow::ensure!(
+            (0.0..1.0).contains(&beta1),
+            "AdamW beta1 must be in [0, 1), got {beta1}"
+        );
+        anyhow::ensure!(
+            (0.0..1.0).contains(&beta2),
+            "AdamW beta2 must be in [0, 1), got {beta2}"
+        );
+        anyhow::ensure!(
+            eps.is_finite() && eps > 0.0 && (eps as f32) > 0.0,
+            "AdamW eps must be a positive finite number (at least ~1e-45 in f32), got {eps}"
+        );
+        anyhow::ensure!(
+            weight_decay.is_finite() && weight_decay >= 0.0,
+            "weight decay must be a finite number >= 0, got {weight_decay}"
+        );
+        Ok(())
+    }
+
     /// One update of `p` with gradient `g`; `step` is the 1-based step count
     /// after this update (torch increments it before using it).
     pub fn update(&self, p: &mut [f32], g: &[f32], st: &mut Moments, lr: f64, step: u64) {

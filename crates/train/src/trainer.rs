@@ -47,6 +47,30 @@ impl TrainConfig {
         }
     }
 
+    /// Refuse settings that would train on NaN/inf or nothing at all: every
+    /// number finite, betas in [0, 1), eps > 0, dropout in [0, 1), at least one step.
+    pub fn validate(&self) -> Result<()> {
+        ensure!(
+            self.batch_size > 0 && self.grad_accum > 0,
+            "batch size and gradient accumulation must be at least 1"
+        );
+        ensure!(self.max_steps > 0, "the number of steps must be at least 1");
+        ensure!(
+            self.lr.is_finite() && self.lr >= 0.0 && (self.lr as f32).is_finite(),
+            "invalid learning rate {} (a finite number >= 0 is needed)",
+            self.lr
+        );
+        self.adamw.validate()?;
+        if let Some(m) = self.max_grad_norm {
+            ensure!(
+                m.is_finite() && m > 0.0,
+                "max grad norm must be a positive finite number (or off), got {m}"
+            );
+        }
+        check_lora_dropout(self.lora_dropout)?;
+        Ok(())
+    }
+
     /// The fields a resumed run must share with the checkpoint for the
     /// trajectory to continue unchanged (`max_steps` and `checkpointing` may differ).
     pub fn check_resumable(&self, ck: &TrainConfig) -> Result<()> {
@@ -221,6 +245,76 @@ pub fn batch_targets(b: &Batch) -> usize {
         .sum()
 }
 
+/// A few module names of a list, for messages.
+fn summarize(v: &[String]) -> String {
+    let mut s: Vec<&str> = v.iter().take(3).map(String::as_str).collect();
+    if v.len() > 3 {
+        s.push("…");
+    }
+    s.join(", ")
+}
+
+/// LoRA dropout must be in [0, 1): at 1 every LoRA input is zeroed and nothing trains.
+pub fn check_lora_dropout(p: f64) -> Result<()> {
+    ensure!(
+        (0.0..1.0).contains(&p),
+        "LoRA dropout must be in [0, 1), got {p} (at 1 nothing would train)"
+    );
+    Ok(())
+}
+
+/// Settings of `qlora train` outside [`TrainConfig`], checked before anything
+/// is loaded so that a typo fails in a second with a clear message.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RunSettings {
+    pub epochs: Option<f64>,
+    pub eval_split: Option<f64>,
+    pub max_seq_len: Option<usize>,
+    pub max_grad_norm: Option<f64>,
+    pub lora_dropout: Option<f64>,
+    pub rank: Option<usize>,
+    pub alpha: Option<f64>,
+}
+
+impl RunSettings {
+    pub fn validate(&self) -> Result<()> {
+        if let Some(e) = self.epochs {
+            ensure!(
+                e.is_finite() && e > 0.0,
+                "--epochs must be a positive number, got {e}"
+            );
+        }
+        if let Some(f) = self.eval_split {
+            ensure!(
+                (0.0..1.0).contains(&f),
+                "--eval-split must be in [0, 1), got {f}"
+            );
+        }
+        if let Some(n) = self.max_seq_len {
+            ensure!(
+                n >= 2,
+                "--max-seq-len must be at least 2 (a row needs an input and a next-token target), got {n}"
+            );
+        }
+        if let Some(m) = self.max_grad_norm {
+            ensure!(
+                m.is_finite() && m >= 0.0,
+                "--max-grad-norm must be a finite number >= 0 (0 = off), got {m}"
+            );
+        }
+        if let Some(p) = self.lora_dropout {
+            check_lora_dropout(p)?;
+        }
+        if let Some(r) = self.rank {
+            ensure!(r >= 1, "--rank must be at least 1");
+        }
+        if let Some(a) = self.alpha {
+            ensure!(a.is_finite(), "--alpha must be a finite number, got {a}");
+        }
+        Ok(())
+    }
+}
+
 fn splitmix(mut x: u64) -> u64 {
     x = x.wrapping_add(0x9E3779B97F4A7C15);
     x = (x ^ (x >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
@@ -280,15 +374,7 @@ impl<'m> Trainer<'m> {
         eval_rows: Vec<Row>,
     ) -> Result<Self> {
         ensure!(!rows.is_empty(), "no training rows");
-        ensure!(
-            cfg.batch_size > 0 && cfg.grad_accum > 0,
-            "batch size and gradient accumulation must be at least 1"
-        );
-        ensure!(
-            cfg.lr.is_finite() && cfg.lr >= 0.0,
-            "invalid learning rate {}",
-            cfg.lr
-        );
+        cfg.validate()?;
         adapter.config.lora_dropout = cfg.lora_dropout;
         let mut peft = peft;
         peft.lora_dropout = cfg.lora_dropout;
@@ -540,6 +626,10 @@ impl<'m> Trainer<'m> {
         for ((p, g), m) in self.params.iter_mut().zip(&grads).zip(&mut self.moments) {
             self.cfg.adamw.update(&mut p.data, g, m, lr, step1);
         }
+        // A finite loss and gradient can still give an inf/NaN update (a huge
+        // learning rate): stop here, before the adapter or any checkpoint sees it.
+        self.check_finite()
+            .with_context(|| format!("non-finite update at step {step1} (lr {lr:e})"))?;
         store_params(&mut self.adapter, &self.params)?;
         self.step = step1;
         self.tokens_seen += tokens as u64;
@@ -558,6 +648,60 @@ impl<'m> Trainer<'m> {
             eval_loss: None,
             eval_ppl: None,
         })
+    }
+
+    /// Every parameter and AdamW moment is finite; the error names the first
+    /// tensor that is not. Checked after every update and before any write.
+    pub fn check_finite(&self) -> Result<()> {
+        for (p, m) in self.params.iter().zip(&self.moments) {
+            for (what, v) in [("", &p.data), (" exp_avg", &m.m), (" exp_avg_sq", &m.v)] {
+                if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+                    bail!("{}{what}[{i}] is {}", p.key(), v[i]);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A resumed run must train the adapter the checkpoint holds: the same
+    /// rank, alpha, rsLoRA and adapted modules as `requested` (what the
+    /// command line or `--init-adapter` asks for), like every other setting.
+    pub fn check_same_adapter(&self, requested: &PeftConfig) -> Result<()> {
+        let ck = &self.peft;
+        let mut diffs = Vec::new();
+        if ck.r != requested.r {
+            diffs.push(format!("rank: checkpoint {} vs now {}", ck.r, requested.r));
+        }
+        if ck.lora_alpha != requested.lora_alpha {
+            diffs.push(format!(
+                "alpha: checkpoint {} vs now {}",
+                ck.lora_alpha, requested.lora_alpha
+            ));
+        }
+        if ck.use_rslora != requested.use_rslora {
+            diffs.push(format!(
+                "rslora: checkpoint {} vs now {}",
+                ck.use_rslora, requested.use_rslora
+            ));
+        }
+        let want = requested.resolve_targets(&self.model.config)?;
+        let have = self.adapter.ordered_modules();
+        if want != have {
+            diffs.push(format!(
+                "target modules: checkpoint {} modules ({}) vs now {} ({})",
+                have.len(),
+                summarize(&have),
+                want.len(),
+                summarize(&want)
+            ));
+        }
+        ensure!(
+            diffs.is_empty(),
+            "the checkpoint was made with a different adapter ({}); \
+             resume with the same settings or start a new run",
+            diffs.join(", ")
+        );
+        Ok(())
     }
 
     /// Mean loss over the held-out rows (no dropout): `(loss, perplexity)`.
@@ -630,5 +774,9 @@ pub fn evaluate_rows(
         return Ok(None);
     }
     let l = sum / count as f64;
+    ensure!(
+        l.is_finite(),
+        "the evaluation loss is not finite ({l}): the model or adapter holds inf/NaN weights"
+    );
     Ok(Some((l, l.exp())))
 }

@@ -50,6 +50,11 @@ pub fn run(a: Args) -> Result<()> {
     if examples.is_empty() {
         bail!("{}: no rows", a.data.display());
     }
+    qlora_data::check_context_length(
+        &examples,
+        model.config.max_position_embeddings,
+        &a.data.display().to_string(),
+    )?;
     let start = std::time::Instant::now();
     let (mut sum, mut count, mut seen) = (0f64, 0usize, 0usize);
     for chunk in examples.chunks(a.batch_size) {
@@ -81,6 +86,16 @@ pub fn run(a: Args) -> Result<()> {
         );
     }
     let loss = sum / count as f64;
+    if !loss.is_finite() {
+        bail!(
+            "the loss is not finite ({loss}): the model{} holds inf/NaN weights",
+            if adapter.is_some() {
+                " or the adapter"
+            } else {
+                ""
+            }
+        );
+    }
     let secs = start.elapsed().as_secs_f64();
     if a.json {
         let v = serde_json::json!({

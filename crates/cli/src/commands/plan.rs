@@ -259,7 +259,9 @@ pub fn run(a: Args) -> Result<()> {
             Some(json!({
                 "budget_bytes": budget,
                 "fits": total <= budget,
-                "margin_bytes": budget as i128 - total as i128,
+                // i64 (JSON's integer range), saturating: a u64 budget minus a u64 total
+                "margin_bytes": (budget as i128 - total as i128)
+                    .clamp(i64::MIN as i128, i64::MAX as i128) as i64,
                 "max_batch": max_batch,
                 "max_seq": max_seq,
                 "min_devices": min_devices,

@@ -320,17 +320,17 @@ pub fn run(args: Args) -> Result<()> {
         "--on-bad-line must be skip or error"
     );
 
-    if out.exists() && a.resume.is_none() && !a.force {
-        let non_empty = std::fs::read_dir(&out)
-            .map(|mut d| d.next().is_some())
-            .unwrap_or(true);
-        if non_empty {
-            bail!(
-                "{} exists and is not empty (use --force to overwrite, or --resume <checkpoint>)",
-                out.display()
-            );
-        }
+    qlora_train::RunSettings {
+        epochs: a.epochs,
+        eval_split: a.eval_split,
+        max_seq_len: a.max_seq_len,
+        max_grad_norm: a.max_grad_norm,
+        lora_dropout: a.lora_dropout,
+        rank: a.rank,
+        alpha: a.alpha,
     }
+    .validate()?;
+    qlora_train::outdir::check_output_dir(&out, a.resume.as_deref(), a.force)?;
 
     // ---- model (the tokenizer is needed to read text data)
     let t_load = std::time::Instant::now();
@@ -346,15 +346,33 @@ pub fn run(args: Args) -> Result<()> {
         format: format.parse::<Format>()?,
         train_on_inputs: a.train_on_inputs,
         on_bad_line: on_bad.parse::<OnBadLine>()?,
+        // every row checked against the model now, not when its batch comes
+        vocab_size: Some(model.config.vocab_size),
+        max_len: Some(max_len),
     };
-    let loaded = load_examples(&data_path, &dopts, tok.as_ref())?;
+    // Pre-tokenized data needs no tokenizer; for text data a tokenizer that
+    // failed to load is the real cause, so say why.
+    let tok_error = |e: anyhow::Error| -> anyhow::Error {
+        let dir = Path::new(&model_ref);
+        if tok.is_none() && dir.join("tokenizer.json").exists() {
+            if let Err(te) = Tokenizer::from_folder(dir) {
+                return e.context(format!(
+                    "the tokenizer of {model_ref} could not be loaded: {te}"
+                ));
+            }
+        }
+        e
+    };
+    let loaded = load_examples(&data_path, &dopts, tok.as_ref()).map_err(tok_error)?;
     let n_skipped = loaded.skipped.len();
     let mut examples = loaded.examples;
     let n_trunc = truncate(&mut examples, max_len);
     let seed = a.seed.unwrap_or(0);
     let (train_ex, eval_ex) = match &a.eval_data {
         Some(p) => {
-            let mut e = load_examples(p, &dopts, tok.as_ref())?.examples;
+            let mut e = load_examples(p, &dopts, tok.as_ref())
+                .map_err(tok_error)?
+                .examples;
             truncate(&mut e, max_len);
             (examples, e)
         }
@@ -444,10 +462,16 @@ pub fn run(args: Args) -> Result<()> {
         pad_id: 0,
     };
     let identity = model_identity(&model_ref, &model, &quant_s, &rows);
-    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    cfg.validate()?;
+    qlora_train::prepare_output_dir(&out, a.resume.as_deref(), a.force)?;
 
     let mut trainer = match &a.resume {
-        Some(ck) => Trainer::resume(&model, cfg, identity, rows, eval_rows, ck)?,
+        Some(ck) => {
+            let t = Trainer::resume(&model, cfg, identity, rows, eval_rows, ck)?;
+            t.check_same_adapter(&peft)
+                .with_context(|| format!("refusing checkpoint {}", ck.display()))?;
+            t
+        }
         None => Trainer::new(&model, cfg, identity, peft, adapter, rows, eval_rows)?,
     };
 
@@ -585,11 +609,17 @@ fn train_loop(trainer: &mut Trainer<'_>, a: &Args, out: &Path) -> Result<()> {
             }
         }
     }
-    let mut mf = std::fs::File::create(&metrics_path)
-        .with_context(|| format!("creating {}", metrics_path.display()))?;
+    // The kept lines replace the file in one step (a crash here keeps the old file).
+    let mut kept = String::new();
     for m in &history {
-        writeln!(mf, "{}", serde_json::to_string(m)?)?;
+        kept += &serde_json::to_string(m)?;
+        kept.push('\n');
     }
+    qlora_lora::write_atomic(&metrics_path, kept.as_bytes())?;
+    let mut mf = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&metrics_path)
+        .with_context(|| format!("opening {}", metrics_path.display()))?;
     let stop = a
         .stop_at_step
         .unwrap_or(u64::MAX)
@@ -685,3 +715,7 @@ fn train_loop(trainer: &mut Trainer<'_>, a: &Args, out: &Path) -> Result<()> {
     );
     Ok(())
 }
+
+#[cfg(test)]
+#[path = "train_toml_fuzz.rs"]
+mod toml_fuzz;

@@ -31,7 +31,7 @@ pub fn check_labels(labels: &[i64], vocab: usize) -> anyhow::Result<()> {
 /// `(sum of −log softmax(logits[p])[target], count)`; `logits [b·s, V]`,
 /// `labels [b·s]` (rows of length `s`).
 pub fn forward(logits: &[f32], labels: &[i64], s: usize, vocab: usize) -> (f64, usize) {
-    logits
+    let per_row = logits
         .par_chunks(vocab)
         .enumerate()
         .map(|(p, row)| {
@@ -41,7 +41,15 @@ pub fn forward(logits: &[f32], labels: &[i64], s: usize, vocab: usize) -> (f64, 
             }
             (lse(row) - row[t as usize] as f64, 1)
         })
-        .reduce(|| (0.0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
+        .collect::<Vec<_>>();
+    ordered_sum(&per_row)
+}
+
+/// Sum of per-row `(loss, count)` in row order: a rayon `reduce` would add
+/// in an order that depends on thread scheduling, and the reported loss
+/// would differ in the last bit between identical runs.
+fn ordered_sum(per_row: &[(f64, usize)]) -> (f64, usize) {
+    per_row.iter().fold((0.0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
 }
 
 fn lse(row: &[f32]) -> f64 {
@@ -60,7 +68,7 @@ pub fn forward_backward_inplace(
     denominator: f32,
 ) -> (f64, usize) {
     let inv = 1.0 / denominator as f64;
-    logits
+    let per_row = logits
         .par_chunks_mut(vocab)
         .enumerate()
         .map(|(p, row)| {
@@ -77,13 +85,44 @@ pub fn forward_backward_inplace(
             row[t as usize] -= inv as f32;
             (loss, 1)
         })
-        .reduce(|| (0.0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
+        .collect::<Vec<_>>();
+    ordered_sum(&per_row)
 }
 
 #[cfg(test)]
 mod tests {
     use super::super::testutil::*;
     use super::*;
+
+    #[test]
+    fn loss_sum_is_bit_identical_whatever_the_thread_count() {
+        let (rows, v) = (257, 33);
+        let logits = rand_vec(rows * v, 7, 4.0);
+        let labels: Vec<i64> = (0..rows as i64).map(|i| (i * 7) % v as i64).collect();
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| {
+                let f = forward(&logits, &labels, rows, v);
+                let mut g = logits.clone();
+                let fb = forward_backward_inplace(&mut g, &labels, rows, v, 100.0);
+                (f.0.to_bits(), f.1, fb.0.to_bits(), fb.1)
+            })
+        };
+        let one = run(1);
+        for t in [2, 3, 8] {
+            assert_eq!(run(t), one, "{t} threads");
+        }
+        // and the order is the plain row order
+        let mut seq = 0f64;
+        for p in 0..rows - 1 {
+            let row = &logits[p * v..(p + 1) * v];
+            seq += lse(row) - row[labels[p + 1] as usize] as f64;
+        }
+        assert_eq!(seq.to_bits(), one.0);
+    }
 
     #[test]
     fn cross_entropy_matches_candle_and_finite_differences() {

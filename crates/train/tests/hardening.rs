@@ -1,0 +1,271 @@
+//! The trainer never trains on, or writes, non-finite numbers: settings are
+//! validated up front, an update that makes a parameter or moment inf/NaN
+//! stops the run naming the step, a checkpoint with non-finite state is never
+//! written, and evaluation refuses a non-finite loss.
+
+use std::path::PathBuf;
+
+use qlora_data::rows::Row;
+use qlora_data::Example;
+use qlora_lora::load_adapter;
+use qlora_model::{LoadOptions, Model, QuantMode};
+use qlora_train::{AdamW, Identity, ScheduleKind, TrainConfig, Trainer};
+
+fn fx() -> PathBuf {
+    PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../../shared/fixtures"
+    ))
+}
+
+fn ident() -> Identity {
+    Identity {
+        model_ref: "tiny".into(),
+        model_config_hash: "h".into(),
+        quant: "none".into(),
+        data_hash: "d".into(),
+    }
+}
+
+fn cfg() -> TrainConfig {
+    TrainConfig {
+        batch_size: 2,
+        grad_accum: 1,
+        max_steps: 3,
+        lr: 1e-3,
+        schedule: ScheduleKind::Constant,
+        warmup_steps: 0,
+        adamw: AdamW::default(),
+        max_grad_norm: Some(1.0),
+        seed: 0,
+        shuffle: false,
+        lora_dropout: 0.0,
+        checkpointing: false,
+        pad_id: 0,
+    }
+}
+
+fn rows() -> Vec<Row> {
+    (0..4u32)
+        .map(|r| {
+            Row::single(Example::unmasked(
+                (0..8).map(|i| (r * 31 + i * 7) % 300 + 3).collect(),
+            ))
+        })
+        .collect()
+}
+
+#[test]
+fn settings_are_validated() {
+    let ok = cfg();
+    ok.validate().unwrap();
+    let bad: Vec<(TrainConfig, &str)> = vec![
+        (
+            TrainConfig {
+                adamw: AdamW {
+                    eps: 0.0,
+                    ..AdamW::default()
+                },
+                ..cfg()
+            },
+            "eps",
+        ),
+        (
+            TrainConfig {
+                adamw: AdamW {
+                    beta1: 1.0,
+                    ..AdamW::default()
+                },
+                ..cfg()
+            },
+            "beta1",
+        ),
+        (
+            TrainConfig {
+                adamw: AdamW {
+                    beta2: f64::NAN,
+                    ..AdamW::default()
+                },
+                ..cfg()
+            },
+            "beta2",
+        ),
+        (
+            TrainConfig {
+                adamw: AdamW {
+                    weight_decay: -1.0,
+                    ..AdamW::default()
+                },
+                ..cfg()
+            },
+            "weight decay",
+        ),
+        (TrainConfig { lr: 1e300, ..cfg() }, "learning rate"),
+        (
+            TrainConfig {
+                lr: f64::INFINITY,
+                ..cfg()
+            },
+            "learning rate",
+        ),
+        (
+            TrainConfig {
+                max_grad_norm: Some(f64::NAN),
+                ..cfg()
+            },
+            "grad norm",
+        ),
+        (
+            TrainConfig {
+                lora_dropout: 1.0,
+                ..cfg()
+            },
+            "dropout",
+        ),
+        (
+            TrainConfig {
+                max_steps: 0,
+                ..cfg()
+            },
+            "steps",
+        ),
+        (
+            TrainConfig {
+                batch_size: 0,
+                ..cfg()
+            },
+            "batch size",
+        ),
+    ];
+    for (c, want) in bad {
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains(want), "{want}: {e}");
+    }
+    let s = qlora_train::RunSettings {
+        max_seq_len: Some(1),
+        ..Default::default()
+    };
+    assert!(s
+        .validate()
+        .unwrap_err()
+        .to_string()
+        .contains("--max-seq-len"));
+    for s in [
+        qlora_train::RunSettings {
+            epochs: Some(0.0),
+            ..Default::default()
+        },
+        qlora_train::RunSettings {
+            eval_split: Some(1.0),
+            ..Default::default()
+        },
+        qlora_train::RunSettings {
+            rank: Some(0),
+            ..Default::default()
+        },
+        qlora_train::RunSettings {
+            lora_dropout: Some(1.0),
+            ..Default::default()
+        },
+    ] {
+        assert!(s.validate().is_err(), "{s:?}");
+    }
+}
+
+#[test]
+fn a_non_finite_update_stops_the_run_and_is_never_checkpointed() {
+    let model = Model::from_folder(
+        fx().join("tiny_llama/model"),
+        &LoadOptions {
+            quant: QuantMode::None,
+        },
+    )
+    .unwrap();
+    let (peft, ad) =
+        load_adapter(fx().join("tiny_lora_adapter/adapter"), Some(&model.config)).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    // a good step and checkpoint first
+    let mut t = Trainer::new(
+        &model,
+        cfg(),
+        ident(),
+        peft.clone(),
+        ad.clone(),
+        rows(),
+        rows(),
+    )
+    .unwrap();
+    t.train_step().unwrap();
+    t.check_finite().unwrap();
+    t.save_checkpoint(&tmp.path().join("checkpoint-1")).unwrap();
+    // 1 - lr·wd overflows f32: every parameter becomes inf/NaN in step 1
+    let c = TrainConfig {
+        lr: 1e38,
+        adamw: AdamW {
+            weight_decay: 10.0,
+            ..AdamW::default()
+        },
+        ..cfg()
+    };
+    let mut t = Trainer::new(&model, c, ident(), peft.clone(), ad.clone(), rows(), rows()).unwrap();
+    let before = t.adapter.layers["model.layers.0.self_attn.q_proj"]
+        .a
+        .to_vec2::<f32>()
+        .unwrap();
+    let e = format!("{:#}", t.train_step().unwrap_err());
+    assert!(e.contains("non-finite update at step 1"), "{e}");
+    assert_eq!(t.step, 0);
+    // the adapter the run would write is untouched; a checkpoint is refused
+    assert_eq!(
+        t.adapter.layers["model.layers.0.self_attn.q_proj"]
+            .a
+            .to_vec2::<f32>()
+            .unwrap(),
+        before
+    );
+    let e = format!(
+        "{:#}",
+        t.save_checkpoint(&tmp.path().join("checkpoint-x"))
+            .unwrap_err()
+    );
+    assert!(
+        e.contains("refusing to write checkpoint") && e.contains("is "),
+        "{e}"
+    );
+    assert!(!tmp.path().join("checkpoint-x").exists());
+    // evaluation with a NaN adapter: an error, not a NaN loss
+    let mut bad = ad.clone();
+    let w = bad.layers.get_mut("model.layers.1.mlp.down_proj").unwrap();
+    w.b = (w.b.clone() * f64::NAN).unwrap();
+    let e = qlora_train::evaluate_rows(&model, Some(&bad), &rows(), 2, 0).unwrap_err();
+    assert!(e.to_string().contains("not finite"), "{e}");
+}
+
+#[test]
+fn resume_refuses_a_different_adapter() {
+    let model = Model::from_folder(
+        fx().join("tiny_llama/model"),
+        &LoadOptions {
+            quant: QuantMode::None,
+        },
+    )
+    .unwrap();
+    let (peft, ad) =
+        load_adapter(fx().join("tiny_lora_adapter/adapter"), Some(&model.config)).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut t = Trainer::new(&model, cfg(), ident(), peft.clone(), ad, rows(), vec![]).unwrap();
+    t.train_step().unwrap();
+    let ck = tmp.path().join("checkpoint-1");
+    t.save_checkpoint(&ck).unwrap();
+    let r = Trainer::resume(&model, cfg(), ident(), rows(), vec![], &ck).unwrap();
+    r.check_same_adapter(&peft).unwrap();
+    let mut other = peft.clone();
+    other.r += 1;
+    other.lora_alpha *= 2.0;
+    let e = r.check_same_adapter(&other).unwrap_err().to_string();
+    assert!(e.contains("rank: checkpoint") && e.contains("alpha"), "{e}");
+    let mut other = peft.clone();
+    other.target_modules = qlora_lora::TargetModules::List(vec!["q_proj".into()]);
+    let e = r.check_same_adapter(&other).unwrap_err().to_string();
+    assert!(e.contains("target modules"), "{e}");
+}
