@@ -30,9 +30,22 @@ fn train(data: &Path, out: &Path, extra: &[&str]) -> Command {
         .arg(data)
         .arg("--out")
         .arg(out)
-        .args(["--quant", "none", "--batch-size", "2", "--max-steps", "6"])
-        .args(["--rank", "4", "--lr", "5e-3", "--lora-dropout", "0"])
-        .args(extra);
+        .args(["--quant", "none", "--batch-size", "2"]);
+    // defaults unless `extra` sets them
+    for (k, v) in [
+        ("--max-steps", "6"),
+        ("--rank", "4"),
+        ("--lr", "5e-3"),
+        ("--lora-dropout", "0"),
+    ] {
+        if !extra
+            .iter()
+            .any(|e| *e == k || e.starts_with(&format!("{k}=")))
+        {
+            c.args([k, v]);
+        }
+    }
+    c.args(extra);
     c
 }
 
@@ -241,7 +254,7 @@ impl Lcg {
 fn assert_no_partial_output(dir: &Path) {
     for n in names(dir) {
         let p = dir.join(&n);
-        if n.starts_with("checkpoint-") {
+        if let Some(step) = n.strip_prefix("checkpoint-") {
             assert_eq!(
                 names(&p),
                 ["adapter", "optimizer.safetensors", "trainer_state.json"],
@@ -251,10 +264,7 @@ fn assert_no_partial_output(dir: &Path) {
                 &std::fs::read_to_string(p.join("trainer_state.json")).unwrap(),
             )
             .unwrap();
-            assert_eq!(
-                st["step"].as_u64().unwrap().to_string(),
-                n["checkpoint-".len()..]
-            );
+            assert_eq!(st["step"].as_u64().unwrap().to_string(), step);
             safetensors::SafeTensors::deserialize(
                 &std::fs::read(p.join("optimizer.safetensors")).unwrap(),
             )

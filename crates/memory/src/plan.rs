@@ -504,13 +504,14 @@ pub fn check_magnitude(inv: &Inventory, c: &ModelConfig, p: &PlanInput) -> Resul
         t * width * 8.0,
         b * a * s * s * 4.0,
         f(p.threads).max(1.0) * s * s * 4.0,
-        (params + lora) * 16.0 * f(p.grad_accum).max(1.0).min(4.0),
+        (params + lora) * 16.0 * f(p.grad_accum).clamp(1.0, 4.0),
     ]
     .into_iter()
     .fold(0.0, f64::max);
     let bound =
         64.0 * (l + 1.0) * per_layer + f(p.overhead) + f(p.load_file_bytes) + f(p.tokenizer_bytes);
-    if !(bound < 9.2e18) {
+    // (NaN cannot occur: every term is a finite or infinite product of non-negatives)
+    if bound.is_nan() || bound >= 9.2e18 {
         return Err(MemoryError::TooLarge(format!(
             "the plan's byte counts would exceed 2^63 (batch {}, sequence {}, {} layers, {} parameters): too large to plan",
             p.batch, p.seq, c.num_hidden_layers, params

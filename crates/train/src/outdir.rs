@@ -59,8 +59,7 @@ pub fn check_output_dir(out: &Path, resume: Option<&Path>, force: bool) -> Resul
         .filter_map(|e| e.ok())
         .any(|e| {
             let n = e.file_name().to_string_lossy().to_string();
-            !qlora_formats::durable::temp_owner(&n)
-                .is_some_and(|pid| !qlora_formats::durable::process_alive(pid))
+            qlora_formats::durable::temp_owner(&n).is_none_or(qlora_formats::durable::process_alive)
         });
     if live && !force {
         bail!(
