@@ -744,6 +744,10 @@ impl<'m> Trainer<'m> {
             return Ok(None);
         }
         let l = sums[0] / sums[1];
+        ensure!(
+            l.is_finite(),
+            "the evaluation loss is not finite ({l}): the model or adapter holds inf/NaN weights"
+        );
         Ok(Some((l, l.exp())))
     }
 }
