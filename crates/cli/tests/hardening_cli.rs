@@ -308,15 +308,18 @@ fn temp_names(dir: &Path) -> Vec<String> {
         .collect()
 }
 
-fn kill_at(mut c: Command, after: Duration) {
+/// Start `c`, SIGKILL it after `after`; whether it was still running then.
+fn kill_at(mut c: Command, after: Duration) -> bool {
     let mut child = c
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
     std::thread::sleep(after);
+    let running = child.try_wait().unwrap().is_none();
     let _ = child.kill(); // SIGKILL on unix
     let _ = child.wait();
+    running
 }
 
 #[test]
@@ -333,6 +336,7 @@ fn kill_9_during_training_and_quantize_leaves_no_partial_output() {
     let dur = t.elapsed().as_millis() as u64;
     let want = std::fs::read(reference.join("adapter/adapter_model.safetensors")).unwrap();
     let mut rng = Lcg(13);
+    let mut interrupted = 0;
     let deadline = Instant::now() + Duration::from_secs(60);
     for i in 0..3 {
         if Instant::now() > deadline {
@@ -349,10 +353,10 @@ fn kill_9_during_training_and_quantize_leaves_no_partial_output() {
                 None => {}
             }
             let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
-            kill_at(
+            interrupted += usize::from(kill_at(
                 train(&data, &out, &extra),
                 Duration::from_millis(rng.below(dur + 50)),
-            );
+            ));
             if out.exists() {
                 assert_no_partial_output(&out);
             }
@@ -386,6 +390,9 @@ fn kill_9_during_training_and_quantize_leaves_no_partial_output() {
         }
     }
 
+    assert!(interrupted > 0, "no kill hit a running training");
+    eprintln!("{interrupted} training runs killed while running ({dur} ms per run)");
+
     // quantize: the output folder is absent or complete, never partial
     let model = fx().join("tiny_llama/model");
     let q = |out: &Path, force: bool| {
@@ -405,8 +412,12 @@ fn kill_9_during_training_and_quantize_leaves_no_partial_output() {
     let qroot = tmp.path().join("q");
     std::fs::create_dir_all(&qroot).unwrap();
     let qout = qroot.join("out");
+    let mut interrupted = 0;
     for _ in 0..4 {
-        kill_at(q(&qout, true), Duration::from_millis(rng.below(qdur + 20)));
+        interrupted += usize::from(kill_at(
+            q(&qout, true),
+            Duration::from_millis(rng.below(qdur + 20)),
+        ));
         if qout.exists() {
             assert_eq!(names(&qout), names(&qref));
             assert_eq!(
@@ -415,6 +426,7 @@ fn kill_9_during_training_and_quantize_leaves_no_partial_output() {
             );
         }
     }
+    assert!(interrupted > 0, "no kill hit a running quantize");
     let (ok, err) = run(q(&qout, true));
     assert!(ok, "{err}");
     assert_eq!(
@@ -422,4 +434,57 @@ fn kill_9_during_training_and_quantize_leaves_no_partial_output() {
         qwant
     );
     assert_eq!(names(&qroot), ["out"], "temporary files left");
+}
+
+#[test]
+fn a_broken_tokenizer_is_reported_and_huge_sizes_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = tmp.path().join("model");
+    std::fs::create_dir_all(&m).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(fx().join("tiny_llama/model").join(f), m.join(f)).unwrap();
+    }
+    std::fs::write(m.join("tokenizer.json"), "{ not a tokenizer").unwrap();
+    let data = tmp.path().join("t.jsonl");
+    std::fs::write(&data, "{\"text\": \"hello\"}\n").unwrap();
+    let (ok, err) = run({
+        let mut c = qlora();
+        c.args(["train", "--model"])
+            .arg(&m)
+            .arg("--data")
+            .arg(&data)
+            .arg("--out")
+            .arg(tmp.path().join("run"))
+            .args(["--quant", "none"]);
+        c
+    });
+    assert!(!ok);
+    assert!(
+        err.contains("tokenizer") && err.contains("could not be loaded"),
+        "{err}"
+    );
+    // config.json sizes far beyond any model: a clear error, no abort
+    let big = tmp.path().join("big");
+    std::fs::create_dir_all(&big).unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(m.join("config.json")).unwrap()).unwrap();
+    cfg["num_hidden_layers"] = serde_json::json!(100_000_000u64);
+    std::fs::write(big.join("config.json"), cfg.to_string()).unwrap();
+    for cmd in ["size", "plan"] {
+        let (ok, err) = run({
+            let mut c = qlora();
+            c.arg(cmd).arg(big.join("config.json"));
+            c
+        });
+        assert!(!ok && err.contains("num_hidden_layers"), "{cmd}: {err}");
+    }
+    // a budget beyond 2^64 bytes: an answer, not a panic
+    let (ok, err) = run({
+        let mut c = qlora();
+        c.arg("plan")
+            .arg(m.join("config.json"))
+            .args(["--budget", "99999999999999T", "--json"]);
+        c
+    });
+    assert!(ok, "{err}");
 }

@@ -219,3 +219,34 @@ fn big_arrays_are_bounded_by_the_file() {
     let (_, peak) = peak_of(|| GgufHeader::parse(Path::new("nested.gguf"), &b).map(|_| ()));
     assert!(peak <= allowance(b.len()), "allocated {peak} bytes");
 }
+
+/// `llama.block_count` 1e9 in a small file: refused before anything is sized
+/// from it (it used to grow a list of expected tensors to GBs).
+#[test]
+fn block_count_is_bounded_by_the_tensors_in_the_file() {
+    let mut w = GgufWriter::new();
+    w.meta("general.architecture", MetaValue::String("llama".into()))
+        .meta("llama.block_count", MetaValue::U32(1_000_000_000))
+        .meta("llama.embedding_length", MetaValue::U32(64))
+        .meta("llama.feed_forward_length", MetaValue::U32(160))
+        .meta("llama.attention.head_count", MetaValue::U32(4))
+        .meta(
+            "llama.attention.layer_norm_rms_epsilon",
+            MetaValue::F32(1e-5),
+        );
+    w.tensor(
+        "token_embd.weight",
+        &[64, 8],
+        GgmlType::F32,
+        vec![0; 64 * 8 * 4],
+    );
+    let bytes = w.to_bytes();
+    let h = GgufHeader::parse(Path::new("blocks.gguf"), &bytes).unwrap();
+    let (r, peak) = peak_of(|| qlora_gguf::llama::config_from_header(&h).map(|_| ()));
+    let e = r.unwrap_err().to_string();
+    assert!(
+        e.contains("blocks.gguf") && e.contains("block_count") && e.contains("1000000000"),
+        "{e}"
+    );
+    assert!(peak < 1 << 20, "{peak}");
+}
