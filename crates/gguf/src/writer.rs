@@ -114,8 +114,10 @@ fn temp_path(path: &Path) -> PathBuf {
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty());
     let dir = dir.unwrap_or(Path::new("."));
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+    // `<name>.tmp-<pid>`: the spelling qlora_formats::durable recognizes, so a
+    // killed export's partial file is removed by the next run
     dir.join(format!(
-        ".{}.{}.tmp",
+        ".{}.tmp-{}",
         name.unwrap_or_else(|| "gguf".into()),
         std::process::id()
     ))

@@ -369,6 +369,10 @@ pub fn export_gguf(
         types.push((hf.clone(), shape, t, why));
     }
 
+    if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        // partial files of killed exports (`.<name>.tmp-<pid>`)
+        qlora_formats::durable::remove_stale_temps(parent);
+    }
     let mut w = StreamWriter::create(out, &md, plans)?;
     let mut reports = Vec::new();
     if let Some(f) = &rope {
