@@ -20,3 +20,11 @@ fi
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo test --workspace
+
+# The CUDA backend, without a GPU or a CUDA toolkit: clippy with the feature, then NVRTC
+# (PyPI wheel, cached) compiles every kernel to PTX for compute_90; the GPU tests of the same
+# executable skip with a printed reason.
+cargo clippy --workspace --all-targets --features qlora-cli/cuda,qlora-train/cuda -- -D warnings
+NVRTC_LIB="$(scripts/fetch-nvrtc.sh | tail -n 1)"
+LD_LIBRARY_PATH="$NVRTC_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" QLORA_REQUIRE_NVRTC=1 \
+  cargo test -p qlora-model --features cuda --test cuda

@@ -9,9 +9,12 @@ use candle_core::{Device, Tensor};
 use qlora_config::ModelConfig;
 use qlora_lora::{Adapter, AdapterGrads, LoraWeights};
 
-use crate::model::{AdapterView, Ctx, LayerActs, Model, DOWN, GATE, K, LINEAR_NAMES, O, Q, UP, V};
-use crate::ops::attention::{self, AttnShape};
-use crate::ops::{cross_entropy, rmsnorm, rope, swiglu};
+use crate::backend::{Backend, LayerW};
+use crate::model::{
+    with_net, AdapterView, Ctx, LayerActs, Model, Net, DOWN, GATE, K, LINEAR_NAMES, O, Q, UP, V,
+};
+use crate::ops::attention::AttnShape;
+use crate::ops::cross_entropy;
 
 /// Options of one forward+backward call.
 #[derive(Debug, Clone)]
@@ -48,12 +51,13 @@ impl Default for StepOptions {
 }
 
 /// Gradient accumulators of one layer: `(dA, dB)` per linear.
-type LayerGrads = [Option<(Vec<f32>, Vec<f32>)>; 7];
+type LayerGrads<B> = [Option<(<B as Backend>::Buf, <B as Backend>::Buf)>; 7];
 
 impl Model {
     /// Forward + backward of `sum_CE / opts.loss_denominator`. Returns the
     /// summed cross-entropy, the number of counted targets, and the gradient of
-    /// every LoRA `A` and `B` of `adapter` (same keys and shapes).
+    /// every LoRA `A` and `B` of `adapter` (same keys and shapes), on the host
+    /// whatever device computed them.
     pub fn forward_backward(
         &self,
         batch: &Batch,
@@ -67,7 +71,21 @@ impl Model {
         );
         let labels = batch.flat_labels();
         cross_entropy::check_labels(&labels, self.vocab_size())?;
-        let ad = self.adapter_view(adapter)?;
+        with_net!(self, |net| net
+            .forward_backward(batch, &labels, adapter, opts))
+    }
+}
+
+impl<B: Backend> Net<'_, B> {
+    fn forward_backward(
+        &self,
+        batch: &Batch,
+        labels: &[i64],
+        adapter: &Adapter,
+        opts: &StepOptions,
+    ) -> Result<(f64, usize, AdapterGrads)> {
+        let be = self.be;
+        let ad = self.m.adapter_view(be, adapter)?;
         let mut ctx = self.ctx(batch, Some(opts.lora_dropout_seed))?;
         if let Some(dr) = &opts.dropout_rows {
             ensure!(
@@ -78,55 +96,62 @@ impl Model {
                 ctx.b,
                 ctx.s
             );
-            ctx.mask_rows = Some(
-                dr.rows
-                    .iter()
-                    .flat_map(|&g| (0..ctx.s).map(move |p| g * dr.row_len + p))
-                    .collect(),
-            );
+            let rows: Vec<usize> = dr
+                .rows
+                .iter()
+                .flat_map(|&g| (0..ctx.s).map(move |p| g * dr.row_len + p))
+                .collect();
+            let ids: Vec<u32> = rows
+                .iter()
+                .map(|&r| u32::try_from(r))
+                .collect::<Result<_, _>>()
+                .map_err(|_| anyhow::anyhow!("dropout_rows: a row position above 2^32"))?;
+            ctx.mask_ids = Some(be.upload_ids(&ids)?);
+            ctx.mask_rows = Some(rows);
         }
         let t = ctx.t();
-        let nl = self.layers.len();
+        let nl = self.m.layers.len();
         let lowest = ad.lowest_layer();
 
         // Forward, keeping layer inputs (+ activations unless checkpointing).
-        let mut inputs: Vec<Vec<f32>> = Vec::with_capacity(nl);
-        let mut acts: Vec<Option<LayerActs>> = Vec::with_capacity(nl);
-        let mut x = self.embed(batch.input_ids.iter().flatten().copied());
+        let mut inputs: Vec<B::Buf> = Vec::with_capacity(nl);
+        let mut acts: Vec<Option<LayerActs<B>>> = Vec::with_capacity(nl);
+        let ids: Vec<u32> = batch.input_ids.iter().flatten().copied().collect();
+        let mut x = self.embed(&ids)?;
         for l in 0..nl {
             let keep = l >= lowest && !opts.checkpointing;
-            let (y, a) = self.layer_forward(l, &x, &ctx, Some(&ad), keep, None);
+            let (y, a) = self.layer_forward(l, &x, &ctx, Some(&ad), keep, None)?;
             inputs.push(std::mem::replace(&mut x, y));
             acts.push(a);
         }
 
-        // Head + loss.
-        let (mut logits, _nf, rstd) = self.head(&x, t);
-        let (sum, count) = cross_entropy::forward_backward_inplace(
-            &mut logits,
-            &labels,
+        // Head + loss (chunked over rows where the backend can).
+        let (nf, rstd) = self.final_norm(&x)?;
+        let ce = be.cross_entropy(
+            self.w.lm_head,
+            &nf,
+            labels,
             ctx.s,
-            self.vocab_size(),
-            opts.loss_denominator,
-        );
-        let mut dnf = vec![0f32; t * self.hidden_size()];
-        self.lm_head.backward_input(&logits, t, &mut dnf);
-        drop(logits);
-        let mut dx = vec![0f32; t * self.hidden_size()];
-        rmsnorm::backward_add(&dnf, &x, &self.norm, &rstd, &mut dx);
+            Some(opts.loss_denominator),
+        )?;
+        drop(nf);
+        let dnf = ce.dx.expect("gradient requested");
+        let mut dx = be.zeros(t * self.m.hidden_size())?;
+        be.rmsnorm_backward_add(&dnf, &x, self.w.norm, &rstd, &mut dx)?;
         drop(dnf);
 
         // Layers, top down.
-        let mut grads: Vec<LayerGrads> = (0..nl).map(|_| Default::default()).collect();
+        let mut grads: Vec<LayerGrads<B>> = (0..nl).map(|_| Default::default()).collect();
         for l in (lowest..nl).rev() {
             let a = match acts[l].take() {
                 Some(a) => a,
                 None => self
-                    .layer_forward(l, &inputs[l], &ctx, Some(&ad), true, None)
+                    .layer_forward(l, &inputs[l], &ctx, Some(&ad), true, None)?
                     .1
                     .expect("keep=true returns activations"),
             };
-            dx = self.layer_backward(l, &inputs[l], &a, dx, &ctx, &ad, &mut grads[l], l > lowest);
+            dx =
+                self.layer_backward(l, &inputs[l], &a, dx, &ctx, &ad, &mut grads[l], l > lowest)?;
         }
 
         let mut out = AdapterGrads::new();
@@ -134,46 +159,54 @@ impl Model {
             for (m, g) in lg.into_iter().enumerate() {
                 if let Some((da, db)) = g {
                     let (_, _, r) = ad.layers[l][m].as_ref().expect("grad of an adapted module");
-                    let lin = &self.layers[l].linears[m];
+                    let lin = &self.m.layers[l].linears[m];
                     out.insert(
                         ModelConfig::linear_path(l, LINEAR_NAMES[m]),
                         LoraWeights {
-                            a: Tensor::from_vec(da, (*r, lin.in_features), &Device::Cpu)?,
-                            b: Tensor::from_vec(db, (lin.out_features, *r), &Device::Cpu)?,
+                            a: Tensor::from_vec(
+                                be.download(&da)?,
+                                (*r, lin.in_features),
+                                &Device::Cpu,
+                            )?,
+                            b: Tensor::from_vec(
+                                be.download(&db)?,
+                                (lin.out_features, *r),
+                                &Device::Cpu,
+                            )?,
                         },
                     );
                 }
             }
         }
-        Ok((sum, count, out))
+        Ok((ce.sum, ce.count, out))
     }
 
     /// Input gradient of the frozen linear `m` plus its LoRA's (recording dA, dB).
     #[allow(clippy::too_many_arguments)]
     fn linear_backward(
         &self,
+        w: &LayerW<B>,
         l: usize,
         m: usize,
-        x: &[f32],
-        xa: &Option<Vec<f32>>,
-        dy: &[f32],
-        dx: &mut [f32],
-        ctx: &Ctx,
-        ad: &AdapterView,
-        grads: &mut LayerGrads,
+        x: &B::Buf,
+        xa: &Option<B::Buf>,
+        dy: &B::Buf,
+        dx: &mut B::Buf,
+        ctx: &Ctx<B>,
+        ad: &AdapterView<B>,
+        grads: &mut LayerGrads<B>,
         need_dx: bool,
-    ) {
+    ) -> Result<()> {
         let t = ctx.t();
         if need_dx {
-            self.layers[l].linears[m].backward_input(dy, t, dx);
+            self.be.linear_backward_input(&w.linears[m], dy, t, dx)?;
         }
-        if let Some(lr) = self.lora_ref(Some(ad), ctx.dropout_seed, ctx.mask_rows.as_deref(), l, m)
-        {
+        if let Some(op) = self.lora_op(Some(ad), ctx, l, m) {
             let xa = xa.as_ref().expect("LoRA forward saved x·Aᵀ");
             // The LoRA input gradient is cheap; always add it (dx is discarded when unused).
-            let (da, db) = lr.backward(x, xa, dy, t, dx);
-            grads[m] = Some((da, db));
+            grads[m] = Some(self.be.lora_backward(&op, x, xa, dy, t, dx)?);
         }
+        Ok(())
     }
 
     /// Backward of layer `l`: given `d loss / d output`, returns `d loss / d input`.
@@ -181,15 +214,16 @@ impl Model {
     fn layer_backward(
         &self,
         l: usize,
-        x_in: &[f32],
-        a: &LayerActs,
-        dout: Vec<f32>,
-        ctx: &Ctx,
-        ad: &AdapterView,
-        grads: &mut LayerGrads,
+        x_in: &B::Buf,
+        a: &LayerActs<B>,
+        dout: B::Buf,
+        ctx: &Ctx<B>,
+        ad: &AdapterView<B>,
+        grads: &mut LayerGrads<B>,
         need_dx: bool,
-    ) -> Vec<f32> {
-        let cfg = &self.config;
+    ) -> Result<B::Buf> {
+        let be = self.be;
+        let cfg = &self.m.config;
         let t = ctx.t();
         let (h, inter) = (cfg.hidden_size, cfg.intermediate_size);
         let (nh, nkv, d) = (
@@ -197,11 +231,13 @@ impl Model {
             cfg.num_key_value_heads,
             cfg.head_dim,
         );
-        let layer = &self.layers[l];
+        let layer = be.fetch_layer(l, &self.w.layers[l])?;
+        let w = &*layer;
 
         // MLP block: out = x_mid + down(silu(gate(n2)) ⊙ up(n2)).
-        let mut dm = vec![0f32; t * inter];
+        let mut dm = be.zeros(t * inter)?;
         self.linear_backward(
+            w,
             l,
             DOWN,
             &a.m,
@@ -212,11 +248,12 @@ impl Model {
             ad,
             grads,
             true,
-        );
-        let (dg, du) = swiglu::backward(&dm, &a.g, &a.u);
+        )?;
+        let (dg, du) = be.swiglu_backward(&dm, &a.g, &a.u)?;
         drop(dm);
-        let mut dn2 = vec![0f32; t * h];
+        let mut dn2 = be.zeros(t * h)?;
         self.linear_backward(
+            w,
             l,
             GATE,
             &a.n2,
@@ -227,24 +264,26 @@ impl Model {
             ad,
             grads,
             true,
-        );
-        self.linear_backward(l, UP, &a.n2, &a.xa[UP], &du, &mut dn2, ctx, ad, grads, true);
+        )?;
+        self.linear_backward(
+            w, l, UP, &a.n2, &a.xa[UP], &du, &mut dn2, ctx, ad, grads, true,
+        )?;
         drop((dg, du));
         let mut dx_mid = dout;
-        rmsnorm::backward_add(
+        be.rmsnorm_backward_add(
             &dn2,
             &a.x_mid,
-            &layer.post_attention_layernorm,
+            &w.post_attention_layernorm,
             &a.rstd2,
             &mut dx_mid,
-        );
+        )?;
         drop(dn2);
 
         // Attention block: x_mid = x_in + o(attn(rope(q(n1)), rope(k(n1)), v(n1))).
-        let mut datt = vec![0f32; t * nh * d];
+        let mut datt = be.zeros(t * nh * d)?;
         self.linear_backward(
-            l, O, &a.att, &a.xa[O], &dx_mid, &mut datt, ctx, ad, grads, true,
-        );
+            w, l, O, &a.att, &a.xa[O], &dx_mid, &mut datt, ctx, ad, grads, true,
+        )?;
         let sh = AttnShape {
             b: ctx.b,
             q_len: ctx.s,
@@ -253,27 +292,36 @@ impl Model {
             heads: nh,
             kv_heads: nkv,
             d,
-            window: self.sliding_window(),
+            window: self.m.sliding_window(),
         };
-        let (mut dq, mut dk, dv) = attention::backward(&sh, &a.q, &a.k, &a.v, &a.probs, &datt);
+        let (mut dq, mut dk, dv) = be.attention_backward(
+            &sh,
+            &a.q,
+            &a.k,
+            &a.v,
+            &a.att,
+            &a.attn_saved,
+            ctx.seg.as_ref(),
+            &datt,
+        )?;
         drop(datt);
-        rope::apply(&mut dq, nh, d, &ctx.cos, &ctx.sin, true);
-        rope::apply(&mut dk, nkv, d, &ctx.cos, &ctx.sin, true);
-        let mut dn1 = vec![0f32; t * h];
+        be.rope(&mut dq, nh, d, &ctx.cos, &ctx.sin, true)?;
+        be.rope(&mut dk, nkv, d, &ctx.cos, &ctx.sin, true)?;
+        let mut dn1 = be.zeros(t * h)?;
         self.linear_backward(
-            l, Q, &a.n1, &a.xa[Q], &dq, &mut dn1, ctx, ad, grads, need_dx,
-        );
+            w, l, Q, &a.n1, &a.xa[Q], &dq, &mut dn1, ctx, ad, grads, need_dx,
+        )?;
         self.linear_backward(
-            l, K, &a.n1, &a.xa[K], &dk, &mut dn1, ctx, ad, grads, need_dx,
-        );
+            w, l, K, &a.n1, &a.xa[K], &dk, &mut dn1, ctx, ad, grads, need_dx,
+        )?;
         self.linear_backward(
-            l, V, &a.n1, &a.xa[V], &dv, &mut dn1, ctx, ad, grads, need_dx,
-        );
+            w, l, V, &a.n1, &a.xa[V], &dv, &mut dn1, ctx, ad, grads, need_dx,
+        )?;
         let mut dx = dx_mid;
         if need_dx {
-            rmsnorm::backward_add(&dn1, x_in, &layer.input_layernorm, &a.rstd1, &mut dx);
+            be.rmsnorm_backward_add(&dn1, x_in, &w.input_layernorm, &a.rstd1, &mut dx)?;
         }
-        dx
+        Ok(dx)
     }
 }
 

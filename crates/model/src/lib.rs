@@ -1,11 +1,14 @@
 //! `qlora-model`: the frozen Llama-family base model QLoRA trains against.
 //!
 //! * [`ops`]: the decoder's kernels, each with a hand-written backward.
+//! * [`backend`]: the seam the forward/backward is written over (CPU = [`ops`];
+//!   CUDA behind the `cuda` feature); [`Model::to_device`] picks one.
 //! * [`Model`]: weights (4-bit / bf16 / f32 frozen linears), forward, loss,
 //!   [`Model::forward_backward`] into LoRA adapters, KV-cache generation steps.
 //! * Loading from HF folders (f32/f16/bf16, single or sharded safetensors),
 //!   pre-quantized bitsandbytes 4-bit folders, or any tensor iterator.
 
+pub mod backend;
 pub mod ops;
 
 mod backward;
@@ -13,6 +16,7 @@ mod cache;
 mod load;
 mod model;
 
+pub use backend::Device;
 pub use backward::{DropoutRows, StepOptions};
 pub use cache::KvCache;
 pub use load::{LoadOptions, QuantMode, TensorSource};

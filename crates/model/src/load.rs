@@ -474,6 +474,7 @@ impl Model {
             layers,
             norm,
             inv_freq,
+            exec: Default::default(),
         })
     }
 }

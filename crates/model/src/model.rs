@@ -2,14 +2,16 @@
 //! backward needs), logits and loss.
 
 use anyhow::{bail, ensure, Context, Result};
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use qlora_config::ModelConfig;
 use qlora_lora::Adapter;
 
-use crate::ops::attention::{self, AttnShape};
+use crate::backend::cpu::CpuBackend;
+use crate::backend::{Backend, Device, LayerW, LoraOp, Weights};
+use crate::ops::attention::AttnShape;
 use crate::ops::linear::{FrozenLinear, FrozenWeight};
-use crate::ops::lora::{splitmix64, LoraRef};
-use crate::ops::{cross_entropy, rmsnorm, rope, swiglu};
+use crate::ops::lora::splitmix64;
+use crate::ops::{cross_entropy, rope};
 
 /// The seven projection linears of a layer, in this index order everywhere
 /// (the order `qlora-lora` and PEFT use; the indices below follow it).
@@ -22,14 +24,9 @@ pub(crate) const GATE: usize = 4;
 pub(crate) const UP: usize = 5;
 pub(crate) const DOWN: usize = 6;
 
-/// One decoder layer's frozen weights.
-#[derive(Debug, Clone)]
-pub struct Layer {
-    pub input_layernorm: Vec<f32>,
-    pub post_attention_layernorm: Vec<f32>,
-    /// Indexed like [`LINEAR_NAMES`].
-    pub linears: [FrozenLinear; 7],
-}
+/// One decoder layer's frozen weights on the host (the CPU backend's layer:
+/// norm weights `Vec<f32>`, projections [`FrozenLinear`]).
+pub type Layer = LayerW<CpuBackend>;
 
 /// A Llama-family causal LM with frozen (usually 4-bit) weights.
 #[derive(Debug, Clone)]
@@ -42,6 +39,8 @@ pub struct Model {
     /// `[vocab, hidden]`; shares the embedding's storage when tied.
     pub lm_head: FrozenLinear,
     pub(crate) inv_freq: Vec<f32>,
+    /// Where forward/backward run (default: these host weights on the CPU).
+    pub(crate) exec: Exec,
 }
 
 /// A batch of equal-length rows (pad shorter examples; pad labels −100).
@@ -115,37 +114,39 @@ impl Batch {
     }
 }
 
-/// Per-call context shared by every layer.
-pub(crate) struct Ctx {
+/// Per-call context shared by every layer, on backend `B`.
+pub(crate) struct Ctx<B: Backend> {
     pub b: usize,
     pub s: usize,
-    pub cos: Vec<f32>,
-    pub sin: Vec<f32>,
-    pub seg: Option<Vec<u32>>,
+    pub cos: B::Buf,
+    pub sin: B::Buf,
+    pub seg: Option<B::Ids>,
     /// Dropout mask seed; `None` = no dropout (evaluation).
     pub dropout_seed: Option<u64>,
-    /// Mask position of each token (see `StepOptions::dropout_rows`).
+    /// Mask position of each token (see `StepOptions::dropout_rows`), on the
+    /// host and on the device.
     pub mask_rows: Option<Vec<usize>>,
+    pub mask_ids: Option<B::Ids>,
 }
 
-impl Ctx {
+impl<B: Backend> Ctx<B> {
     pub fn t(&self) -> usize {
         self.b * self.s
     }
 }
 
-/// `(A [r, in], B [out, r], r)` of one adapted linear, as f32.
-pub(crate) type LoraMats = (Vec<f32>, Vec<f32>, usize);
+/// `(A [r, in], B [out, r], r)` of one adapted linear, on backend `B`.
+pub(crate) type LoraMats<B> = (<B as Backend>::Buf, <B as Backend>::Buf, usize);
 
-/// An adapter checked against the model: per layer, per linear, `(A, B, r)` as f32.
-#[derive(Debug, Clone)]
-pub(crate) struct AdapterView {
+/// An adapter checked against the model: per layer, per linear, `(A, B, r)` as
+/// f32 buffers of backend `B`.
+pub(crate) struct AdapterView<B: Backend> {
     pub scale: f32,
     pub dropout: f32,
-    pub layers: Vec<[Option<LoraMats>; 7]>,
+    pub layers: Vec<[Option<LoraMats<B>>; 7]>,
 }
 
-impl AdapterView {
+impl<B: Backend> AdapterView<B> {
     /// Lowest layer holding any LoRA module (backward stops there).
     pub fn lowest_layer(&self) -> usize {
         self.layers
@@ -156,29 +157,83 @@ impl AdapterView {
 }
 
 /// What a layer's backward needs from its forward (besides the layer input).
-pub(crate) struct LayerActs {
-    pub n1: Vec<f32>,
-    pub rstd1: Vec<f32>,
-    pub q: Vec<f32>,
-    pub k: Vec<f32>,
-    pub v: Vec<f32>,
-    pub probs: Vec<f32>,
-    pub att: Vec<f32>,
-    pub xa: [Option<Vec<f32>>; 7],
-    pub x_mid: Vec<f32>,
-    pub n2: Vec<f32>,
-    pub rstd2: Vec<f32>,
-    pub g: Vec<f32>,
-    pub u: Vec<f32>,
-    pub m: Vec<f32>,
+pub(crate) struct LayerActs<B: Backend> {
+    pub n1: B::Buf,
+    pub rstd1: B::Buf,
+    pub q: B::Buf,
+    pub k: B::Buf,
+    pub v: B::Buf,
+    /// What the attention backward needs besides q, k, v, att (CPU: the
+    /// probabilities; CUDA: the row log-sum-exp).
+    pub attn_saved: B::Buf,
+    pub att: B::Buf,
+    pub xa: [Option<B::Buf>; 7],
+    pub x_mid: B::Buf,
+    pub n2: B::Buf,
+    pub rstd2: B::Buf,
+    pub g: B::Buf,
+    pub u: B::Buf,
+    pub m: B::Buf,
 }
 
 /// Past keys/values of one layer for incremental decoding (batch 1).
-#[derive(Debug, Clone, Default)]
-pub(crate) struct LayerKv {
-    pub k: Vec<f32>,
-    pub v: Vec<f32>,
+pub(crate) struct LayerKv<B: Backend> {
+    pub k: Option<B::Buf>,
+    pub v: Option<B::Buf>,
 }
+
+impl<B: Backend> Default for LayerKv<B> {
+    fn default() -> Self {
+        LayerKv { k: None, v: None }
+    }
+}
+
+/// Where a [`Model`] computes: the host weights themselves (CPU), or copies of
+/// them on a CUDA device.
+#[derive(Clone, Default)]
+pub(crate) enum Exec {
+    #[default]
+    Cpu,
+    #[cfg(feature = "cuda")]
+    Cuda(std::sync::Arc<crate::backend::cuda_model::CudaModel>),
+}
+
+impl std::fmt::Debug for Exec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Exec::Cpu => write!(f, "cpu"),
+            #[cfg(feature = "cuda")]
+            Exec::Cuda(c) => write!(f, "{}", c.be.describe()),
+        }
+    }
+}
+
+/// The model's computation on one backend: the config and host parts of
+/// [`Model`], the backend, and the weights as that backend holds them.
+pub(crate) struct Net<'a, B: Backend> {
+    pub m: &'a Model,
+    pub be: &'a B,
+    pub w: Weights<'a, B>,
+}
+
+/// Run `$body` with `$net` bound to the model's [`Net`] on its device.
+macro_rules! with_net {
+    ($model:expr, |$net:ident| $body:expr) => {{
+        let model: &Model = $model;
+        match &model.exec {
+            crate::model::Exec::Cpu => {
+                let $net = model.cpu_net();
+                $body
+            }
+            #[cfg(feature = "cuda")]
+            crate::model::Exec::Cuda(c) => {
+                let $net = c.net(model);
+                $body
+            }
+        }
+    }};
+}
+pub(crate) use with_net;
 
 impl Model {
     pub fn hidden_size(&self) -> usize {
@@ -186,6 +241,62 @@ impl Model {
     }
     pub fn vocab_size(&self) -> usize {
         self.config.vocab_size
+    }
+
+    /// Where this model computes.
+    pub fn device(&self) -> Device {
+        match &self.exec {
+            Exec::Cpu => Device::Cpu,
+            #[cfg(feature = "cuda")]
+            Exec::Cuda(c) => Device::Cuda(c.ordinal()),
+        }
+    }
+
+    /// A description of the compute device (`cpu (4 threads)`, `cuda:0 (NVIDIA H200, sm_90)`).
+    pub fn device_description(&self) -> String {
+        with_net!(self, |net| net.be.describe())
+    }
+
+    /// Compute on `device` from now on: `cuda[:N]` copies the frozen weights to
+    /// that GPU (kept in their storage format); `cpu` drops any GPU copy. The
+    /// host weights stay, so the trainer, checkpoints and PEFT I/O are unchanged.
+    ///
+    /// Errors (never panics) when this build lacks the `cuda` feature, when
+    /// there is no GPU or driver, or when the CUDA libraries are missing.
+    pub fn to_device(&mut self, device: Device) -> Result<()> {
+        match device {
+            Device::Cpu => {
+                self.exec = Exec::Cpu;
+                Ok(())
+            }
+            #[cfg(feature = "cuda")]
+            Device::Cuda(n) => {
+                let c = crate::backend::cuda_model::CudaModel::new(self, n)?;
+                self.exec = Exec::Cuda(std::sync::Arc::new(c));
+                Ok(())
+            }
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda(_) => bail!(
+                "--device {device}: this qlora binary was built without the `cuda` feature; \
+                 rebuild it with `cargo build --release --features cuda` ({})",
+                crate::backend::CUDA_HELP
+            ),
+        }
+    }
+
+    /// The CPU computation over the host weights.
+    pub(crate) fn cpu_net(&self) -> Net<'_, CpuBackend> {
+        static CPU: CpuBackend = CpuBackend;
+        Net {
+            m: self,
+            be: &CPU,
+            w: Weights {
+                embed: &self.embed_tokens,
+                layers: &self.layers,
+                norm: &self.norm,
+                lm_head: &self.lm_head,
+            },
+        }
     }
 
     /// Bytes held by the frozen weights.
@@ -219,10 +330,15 @@ impl Model {
         self.config.rms_norm_eps as f32
     }
 
-    /// Check an adapter against this model and copy its matrices out as f32.
-    pub(crate) fn adapter_view(&self, adapter: &Adapter) -> Result<AdapterView> {
+    /// Check an adapter against this model and put its matrices on backend `be` as f32.
+    pub(crate) fn adapter_view<B: Backend>(
+        &self,
+        be: &B,
+        adapter: &Adapter,
+    ) -> Result<AdapterView<B>> {
         let nl = self.layers.len();
-        let mut layers: Vec<[Option<LoraMats>; 7]> = (0..nl).map(|_| Default::default()).collect();
+        let mut layers: Vec<[Option<LoraMats<B>>; 7]> =
+            (0..nl).map(|_| Default::default()).collect();
         for (path, w) in &adapter.layers {
             let found = (0..nl).find_map(|l| {
                 LINEAR_NAMES
@@ -250,13 +366,15 @@ impl Model {
                 lin.out_features,
                 lin.in_features
             );
-            let to_vec = |t: &Tensor| -> Result<Vec<f32>> {
-                t.to_dtype(candle_core::DType::F32)?
+            let to_buf = |t: &Tensor| -> Result<B::Buf> {
+                let v = t
+                    .to_dtype(candle_core::DType::F32)?
                     .flatten_all()?
                     .to_vec1::<f32>()
-                    .with_context(|| format!("adapter module `{path}`"))
+                    .with_context(|| format!("adapter module `{path}`"))?;
+                be.upload_owned(v)
             };
-            layers[l][m] = Some((to_vec(&w.a)?, to_vec(&w.b)?, r));
+            layers[l][m] = Some((to_buf(&w.a)?, to_buf(&w.b)?, r));
         }
         Ok(AdapterView {
             scale: adapter.scaling() as f32,
@@ -265,50 +383,68 @@ impl Model {
         })
     }
 
-    pub(crate) fn ctx(&self, batch: &Batch, dropout_seed: Option<u64>) -> Result<Ctx> {
+    /// Logits `[b, s, vocab]` (f32), no dropout.
+    pub fn forward_logits(&self, batch: &Batch, adapter: Option<&Adapter>) -> Result<Tensor> {
         let (b, s) = batch.dims(self.vocab_size())?;
+        let logits = with_net!(self, |net| net.forward_logits(batch, adapter))?;
+        Ok(Tensor::from_vec(
+            logits,
+            (b, s, self.vocab_size()),
+            &candle_core::Device::Cpu,
+        )?)
+    }
+
+    /// Shifted cross-entropy: `(sum over counted targets, count)`; mean = sum / count.
+    pub fn loss(&self, batch: &Batch, adapter: Option<&Adapter>) -> Result<(f64, usize)> {
+        let labels = batch.flat_labels();
+        cross_entropy::check_labels(&labels, self.vocab_size())?;
+        with_net!(self, |net| net.loss(batch, &labels, adapter))
+    }
+}
+
+impl<B: Backend> Net<'_, B> {
+    pub(crate) fn ctx(&self, batch: &Batch, dropout_seed: Option<u64>) -> Result<Ctx<B>> {
+        let (b, s) = batch.dims(self.m.vocab_size())?;
         let positions: Vec<u32> = match &batch.position_ids {
             Some(p) => p.iter().flatten().copied().collect(),
             None => (0..b).flat_map(|_| 0..s as u32).collect(),
         };
-        let (cos, sin) = rope::tables(&self.inv_freq, &positions);
+        let (cos, sin) = rope::tables(&self.m.inv_freq, &positions);
+        let seg = match &batch.segment_ids {
+            Some(r) => {
+                let flat: Vec<u32> = r.iter().flatten().copied().collect();
+                Some(self.be.upload_ids(&flat)?)
+            }
+            None => None,
+        };
         Ok(Ctx {
             b,
             s,
-            cos,
-            sin,
-            seg: batch
-                .segment_ids
-                .as_ref()
-                .map(|r| r.iter().flatten().copied().collect()),
+            cos: self.be.upload_owned(cos)?,
+            sin: self.be.upload_owned(sin)?,
+            seg,
             dropout_seed,
             mask_rows: None,
+            mask_ids: None,
         })
     }
 
-    pub(crate) fn embed(&self, ids: impl Iterator<Item = u32>) -> Vec<f32> {
-        let h = self.hidden_size();
-        let ids: Vec<u32> = ids.collect();
-        let mut x = vec![0f32; ids.len() * h];
-        for (row, &id) in x.chunks_mut(h).zip(&ids) {
-            self.embed_tokens
-                .rows_f32(id as usize, id as usize + 1, h, row);
-        }
-        x
+    pub(crate) fn embed(&self, ids: &[u32]) -> Result<B::Buf> {
+        self.be.embed(self.w.embed, ids, self.m.hidden_size())
     }
 
     /// LoRA handle of module `m` of layer `l`, if adapted.
-    pub(crate) fn lora_ref<'a>(
+    pub(crate) fn lora_op<'v>(
         &self,
-        ad: Option<&'a AdapterView>,
-        ctx_seed: Option<u64>,
-        mask_rows: Option<&'a [usize]>,
+        ad: Option<&'v AdapterView<B>>,
+        ctx: &'v Ctx<B>,
         l: usize,
         m: usize,
-    ) -> Option<LoraRef<'a>> {
+    ) -> Option<LoraOp<'v, B>> {
+        let ctx_seed = ctx.dropout_seed;
         let ad = ad?;
         let (a, b, r) = ad.layers[l][m].as_ref()?;
-        let lin = &self.layers[l].linears[m];
+        let lin = &self.m.layers[l].linears[m];
         let (dropout, key) = match ctx_seed {
             Some(seed) if ad.dropout > 0.0 => (
                 ad.dropout,
@@ -316,7 +452,7 @@ impl Model {
             ),
             _ => (0.0, 0),
         };
-        Some(LoraRef {
+        Some(LoraOp {
             a,
             b,
             r: *r,
@@ -325,25 +461,29 @@ impl Model {
             scale: ad.scale,
             dropout,
             dropout_key: key,
-            mask_rows,
+            mask_rows: ctx.mask_rows.as_deref(),
+            mask_ids: ctx.mask_ids.as_ref(),
         })
     }
 
     /// Base linear plus LoRA: returns `y` and the LoRA's saved `x Aᵀ`.
+    #[allow(clippy::too_many_arguments)]
     fn linear(
         &self,
+        w: &LayerW<B>,
         l: usize,
         m: usize,
-        x: &[f32],
+        x: &B::Buf,
         t: usize,
-        ad: Option<&AdapterView>,
-        seed: (Option<u64>, Option<&[usize]>),
-    ) -> (Vec<f32>, Option<Vec<f32>>) {
-        let mut y = self.layers[l].linears[m].forward(x, t);
-        let xa = self
-            .lora_ref(ad, seed.0, seed.1, l, m)
-            .map(|lr| lr.forward(x, t, &mut y));
-        (y, xa)
+        ad: Option<&AdapterView<B>>,
+        ctx: &Ctx<B>,
+    ) -> Result<(B::Buf, Option<B::Buf>)> {
+        let mut y = self.be.linear_forward(&w.linears[m], x, t)?;
+        let xa = match self.lora_op(ad, ctx, l, m) {
+            Some(op) => Some(self.be.lora_forward(&op, x, t, &mut y)?),
+            None => None,
+        };
+        Ok((y, xa))
     }
 
     /// One decoder layer. With `kv` (batch 1), the new keys/values are appended
@@ -351,28 +491,30 @@ impl Model {
     pub(crate) fn layer_forward(
         &self,
         l: usize,
-        x: &[f32],
-        ctx: &Ctx,
-        ad: Option<&AdapterView>,
+        x: &B::Buf,
+        ctx: &Ctx<B>,
+        ad: Option<&AdapterView<B>>,
         keep: bool,
-        kv: Option<&mut LayerKv>,
-    ) -> (Vec<f32>, Option<LayerActs>) {
-        let cfg = &self.config;
+        kv: Option<&mut LayerKv<B>>,
+    ) -> Result<(B::Buf, Option<LayerActs<B>>)> {
+        let be = self.be;
+        let cfg = &self.m.config;
         let t = ctx.t();
         let (nh, nkv, d) = (
             cfg.num_attention_heads,
             cfg.num_key_value_heads,
             cfg.head_dim,
         );
-        let layer = &self.layers[l];
-        let seed = (ctx.dropout_seed, ctx.mask_rows.as_deref());
-        let (n1, rstd1) = rmsnorm::forward(x, &layer.input_layernorm, self.eps());
-        let (mut q, xa_q) = self.linear(l, Q, &n1, t, ad, seed);
-        let (mut k, xa_k) = self.linear(l, K, &n1, t, ad, seed);
-        let (v, xa_v) = self.linear(l, V, &n1, t, ad, seed);
-        rope::apply(&mut q, nh, d, &ctx.cos, &ctx.sin, false);
-        rope::apply(&mut k, nkv, d, &ctx.cos, &ctx.sin, false);
-        let (att, probs) = match kv {
+        let layer = be.fetch_layer(l, &self.w.layers[l])?;
+        let w = &*layer;
+        let eps = self.m.eps();
+        let (n1, rstd1) = be.rmsnorm_forward(x, &w.input_layernorm, eps)?;
+        let (mut q, xa_q) = self.linear(w, l, Q, &n1, t, ad, ctx)?;
+        let (mut k, xa_k) = self.linear(w, l, K, &n1, t, ad, ctx)?;
+        let (v, xa_v) = self.linear(w, l, V, &n1, t, ad, ctx)?;
+        be.rope(&mut q, nh, d, &ctx.cos, &ctx.sin, false)?;
+        be.rope(&mut k, nkv, d, &ctx.cos, &ctx.sin, false)?;
+        let (att, attn_saved) = match kv {
             None => {
                 let sh = AttnShape {
                     b: ctx.b,
@@ -382,14 +524,22 @@ impl Model {
                     heads: nh,
                     kv_heads: nkv,
                     d,
-                    window: self.sliding_window(),
+                    window: self.m.sliding_window(),
                 };
-                attention::forward(&sh, &q, &k, &v, ctx.seg.as_deref())
+                be.attention_forward(&sh, &q, &k, &v, ctx.seg.as_ref())?
             }
             Some(cache) => {
-                let past = cache.k.len() / (nkv * d);
-                cache.k.extend_from_slice(&k);
-                cache.v.extend_from_slice(&v);
+                let past = cache.k.as_ref().map_or(0, |c| be.len(c) / (nkv * d));
+                match (&mut cache.k, &mut cache.v) {
+                    (Some(ck), Some(cv)) => {
+                        be.append(ck, &k)?;
+                        be.append(cv, &v)?;
+                    }
+                    _ => {
+                        cache.k = Some(be.rows(&k, nkv * d, 0, ctx.s)?);
+                        cache.v = Some(be.rows(&v, nkv * d, 0, ctx.s)?);
+                    }
+                }
                 let sh = AttnShape {
                     b: 1,
                     q_len: ctx.s,
@@ -398,28 +548,35 @@ impl Model {
                     heads: nh,
                     kv_heads: nkv,
                     d,
-                    window: self.sliding_window(),
+                    window: self.m.sliding_window(),
                 };
-                attention::forward(&sh, &q, &cache.k, &cache.v, None)
+                let (ck, cv) = (cache.k.as_ref(), cache.v.as_ref());
+                be.attention_forward(
+                    &sh,
+                    &q,
+                    ck.expect("set above"),
+                    cv.expect("set above"),
+                    None,
+                )?
             }
         };
-        let (o, xa_o) = self.linear(l, O, &att, t, ad, seed);
+        let (o, xa_o) = self.linear(w, l, O, &att, t, ad, ctx)?;
         let mut x_mid = o;
-        x_mid.iter_mut().zip(x).for_each(|(a, b)| *a += b);
-        let (n2, rstd2) = rmsnorm::forward(&x_mid, &layer.post_attention_layernorm, self.eps());
-        let (g, xa_g) = self.linear(l, GATE, &n2, t, ad, seed);
-        let (u, xa_u) = self.linear(l, UP, &n2, t, ad, seed);
-        let m = swiglu::forward(&g, &u);
-        let (dn, xa_d) = self.linear(l, DOWN, &m, t, ad, seed);
+        be.add_assign(&mut x_mid, x)?;
+        let (n2, rstd2) = be.rmsnorm_forward(&x_mid, &w.post_attention_layernorm, eps)?;
+        let (g, xa_g) = self.linear(w, l, GATE, &n2, t, ad, ctx)?;
+        let (u, xa_u) = self.linear(w, l, UP, &n2, t, ad, ctx)?;
+        let m = be.swiglu_forward(&g, &u)?;
+        let (dn, xa_d) = self.linear(w, l, DOWN, &m, t, ad, ctx)?;
         let mut out = dn;
-        out.iter_mut().zip(&x_mid).for_each(|(a, b)| *a += b);
+        be.add_assign(&mut out, &x_mid)?;
         let acts = keep.then_some(LayerActs {
             n1,
             rstd1,
             q,
             k,
             v,
-            probs,
+            attn_saved,
             att,
             xa: [xa_q, xa_k, xa_v, xa_o, xa_g, xa_u, xa_d],
             x_mid,
@@ -429,47 +586,52 @@ impl Model {
             u,
             m,
         });
-        (out, acts)
+        Ok((out, acts))
     }
 
-    /// Final norm + lm_head: `[t, vocab]` logits.
-    pub(crate) fn head(&self, x: &[f32], t: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-        let (nf, rstd) = rmsnorm::forward(x, &self.norm, self.eps());
-        let logits = self.lm_head.forward(&nf, t);
-        (logits, nf, rstd)
+    /// Final norm: `(normed, rstd)`.
+    pub(crate) fn final_norm(&self, x: &B::Buf) -> Result<(B::Buf, B::Buf)> {
+        self.be.rmsnorm_forward(x, self.w.norm, self.m.eps())
     }
 
-    fn forward_flat(&self, batch: &Batch, adapter: Option<&Adapter>) -> Result<(Vec<f32>, Ctx)> {
-        let ad = adapter.map(|a| self.adapter_view(a)).transpose()?;
+    fn forward_hidden(
+        &self,
+        batch: &Batch,
+        ad: Option<&AdapterView<B>>,
+    ) -> Result<(B::Buf, Ctx<B>)> {
         let ctx = self.ctx(batch, None)?;
-        let mut x = self.embed(batch.input_ids.iter().flatten().copied());
-        for l in 0..self.layers.len() {
-            x = self.layer_forward(l, &x, &ctx, ad.as_ref(), false, None).0;
+        let ids: Vec<u32> = batch.input_ids.iter().flatten().copied().collect();
+        let mut x = self.embed(&ids)?;
+        for l in 0..self.m.layers.len() {
+            x = self.layer_forward(l, &x, &ctx, ad, false, None)?.0;
         }
-        let (logits, _, _) = self.head(&x, ctx.t());
-        Ok((logits, ctx))
+        Ok((x, ctx))
     }
 
-    /// Logits `[b, s, vocab]` (f32), no dropout.
-    pub fn forward_logits(&self, batch: &Batch, adapter: Option<&Adapter>) -> Result<Tensor> {
-        let (logits, ctx) = self.forward_flat(batch, adapter)?;
-        Ok(Tensor::from_vec(
-            logits,
-            (ctx.b, ctx.s, self.vocab_size()),
-            &Device::Cpu,
-        )?)
+    fn forward_logits(&self, batch: &Batch, adapter: Option<&Adapter>) -> Result<Vec<f32>> {
+        let ad = adapter
+            .map(|a| self.m.adapter_view(self.be, a))
+            .transpose()?;
+        let (x, ctx) = self.forward_hidden(batch, ad.as_ref())?;
+        let (nf, _) = self.final_norm(&x)?;
+        let logits = self.be.linear_forward(self.w.lm_head, &nf, ctx.t())?;
+        self.be.download(&logits)
     }
 
-    /// Shifted cross-entropy: `(sum over counted targets, count)`; mean = sum / count.
-    pub fn loss(&self, batch: &Batch, adapter: Option<&Adapter>) -> Result<(f64, usize)> {
-        let labels = batch.flat_labels();
-        cross_entropy::check_labels(&labels, self.vocab_size())?;
-        let (logits, ctx) = self.forward_flat(batch, adapter)?;
-        Ok(cross_entropy::forward(
-            &logits,
-            &labels,
-            ctx.s,
-            self.vocab_size(),
-        ))
+    fn loss(
+        &self,
+        batch: &Batch,
+        labels: &[i64],
+        adapter: Option<&Adapter>,
+    ) -> Result<(f64, usize)> {
+        let ad = adapter
+            .map(|a| self.m.adapter_view(self.be, a))
+            .transpose()?;
+        let (x, ctx) = self.forward_hidden(batch, ad.as_ref())?;
+        let (nf, _) = self.final_norm(&x)?;
+        let ce = self
+            .be
+            .cross_entropy(self.w.lm_head, &nf, labels, ctx.s, None)?;
+        Ok((ce.sum, ce.count))
     }
 }

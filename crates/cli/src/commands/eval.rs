@@ -24,6 +24,11 @@ pub struct Args {
     /// How full-precision base weights are held: none (f32), bf16, nf4, fp4.
     #[arg(long, default_value = "nf4")]
     pub quant: QuantMode,
+    /// Where to compute: cpu or cuda[:N] [default: cpu]. cuda needs a qlora built with
+    /// `--features cuda`, the NVIDIA driver and the CUDA 13 cuBLAS + NVRTC libraries on the
+    /// loader path (LD_LIBRARY_PATH; the PyPI wheels' nvidia/cu13/lib works); see the README.
+    #[arg(long, default_value = "cpu")]
+    pub device: qlora_model::Device,
     /// Rows per forward pass (rows are right-padded to the longest of the batch).
     #[arg(long, default_value_t = 4)]
     pub batch_size: usize,
@@ -37,11 +42,12 @@ pub fn run(a: Args) -> Result<()> {
         bail!("--batch-size must be at least 1");
     }
     let opts = LoadOptions { quant: a.quant };
-    let model = match ModelRef::resolve(&a.model, false)?.source {
+    let mut model = match ModelRef::resolve(&a.model, false)?.source {
         ModelSource::Folder(dir) => Model::from_folder(&dir, &opts)
             .with_context(|| format!("loading model {}", dir.display()))?,
         ModelSource::Gguf(path) => super::generate::load_gguf(&path, &opts)?,
     };
+    model.to_device(a.device)?;
     let adapter = match &a.adapter {
         Some(dir) => Some(qlora_lora::load_adapter(dir, Some(&model.config))?.1),
         None => None,

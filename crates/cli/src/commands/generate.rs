@@ -60,6 +60,11 @@ pub struct Args {
     /// How full-precision base weights are held: none (f32), bf16, nf4, fp4.
     #[arg(long, default_value = "nf4")]
     pub quant: QuantMode,
+    /// Where to compute: cpu or cuda[:N] [default: cpu]. cuda needs a qlora built with
+    /// `--features cuda`, the NVIDIA driver and the CUDA 13 cuBLAS + NVRTC libraries on the
+    /// loader path (LD_LIBRARY_PATH; the PyPI wheels' nvidia/cu13/lib works); see the README.
+    #[arg(long, default_value = "cpu")]
+    pub device: qlora_model::Device,
     /// Allow downloading a hub model that is not in the local cache.
     #[arg(long)]
     pub allow_network: bool,
@@ -333,7 +338,8 @@ pub fn prompt_ids(
 pub fn run(a: Args) -> Result<()> {
     let mut sampler = Sampler::new(a.temperature, a.top_p, a.seed)?;
     let t_load = Instant::now();
-    let (model, tok, r) = load_model(&a.model, a.quant, a.allow_network)?;
+    let (mut model, tok, r) = load_model(&a.model, a.quant, a.allow_network)?;
+    model.to_device(a.device)?;
     let adapter = match &a.adapter {
         Some(dir) => Some(
             qlora_lora::io::load_adapter(dir, Some(&model.config))

@@ -67,6 +67,11 @@ pub struct Args {
     /// Base weights: none (f32), bf16, nf4, fp4 [default: nf4].
     #[arg(long)]
     pub quant: Option<String>,
+    /// Where to compute: cpu or cuda[:N] [default: cpu]. cuda needs a qlora built with
+    /// `--features cuda`, the NVIDIA driver and the CUDA 13 cuBLAS + NVRTC libraries on the
+    /// loader path (LD_LIBRARY_PATH; the PyPI wheels' nvidia/cu13/lib works); see the README.
+    #[arg(long)]
+    pub device: Option<String>,
     /// LoRA rank [default: 16].
     #[arg(long, short = 'r')]
     pub rank: Option<usize>,
@@ -207,6 +212,7 @@ fn with_config_file(mut a: Args) -> Result<Args> {
         init_adapter,
         resume,
         quant,
+        device,
         rank,
         alpha,
         target,
@@ -336,7 +342,9 @@ pub fn run(args: Args) -> Result<()> {
     let t_load = std::time::Instant::now();
     // QLORA_MEM_TRACE=1|reset: resident memory at phase boundaries (plan validation).
     qlora_memory::rss::trace("start");
-    let (model, tok) = load_model(&model_ref, quant)?;
+    let device: qlora_model::Device = a.device.as_deref().unwrap_or("cpu").parse()?;
+    let (mut model, tok) = load_model(&model_ref, quant)?;
+    model.to_device(device)?;
     qlora_memory::rss::trace("model-loaded");
     let load_s = t_load.elapsed().as_secs_f64();
 
@@ -481,6 +489,7 @@ pub fn run(args: Args) -> Result<()> {
     let trainable = trainer.adapter.num_params();
     let base_params: usize = base_param_count(&model);
     println!("model      {model_ref} (loaded in {load_s:.1}s, base weights {quant_s}, {:.1} MiB in memory)", model.weight_bytes() as f64 / (1 << 20) as f64);
+    println!("device     {}", model.device_description());
     println!(
         "adapter    r={} alpha={} scaling={} dropout={} on {} modules: {} trainable params ({:.3}% of {})",
         trainer.adapter.config.r,

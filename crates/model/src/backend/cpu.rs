@@ -1,0 +1,263 @@
+//! The CPU backend: the kernels of [`crate::ops`] on host `Vec<f32>` buffers.
+//! Every method is a direct call (no copies beyond what the ops return), so
+//! the generic model code runs exactly today's CPU path.
+
+use anyhow::Result;
+
+use super::{AdamWStep, Backend, CeOut, LoraOp};
+use crate::ops::attention::{self, AttnShape};
+use crate::ops::linear::{FrozenLinear, FrozenWeight};
+use crate::ops::lora::LoraRef;
+use crate::ops::{cross_entropy, rmsnorm, rope, swiglu};
+
+/// The host CPU (rayon threads, the `gemm` crate, the hand-written kernels).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CpuBackend;
+
+fn lora_ref<'a>(op: &LoraOp<'a, CpuBackend>) -> LoraRef<'a> {
+    LoraRef {
+        a: op.a,
+        b: op.b,
+        r: op.r,
+        in_features: op.in_features,
+        out_features: op.out_features,
+        scale: op.scale,
+        dropout: op.dropout,
+        dropout_key: op.dropout_key,
+        mask_rows: op.mask_rows,
+    }
+}
+
+/// torch's `lerp` for a scalar weight (two branches for accuracy near 1).
+#[inline]
+fn lerp(a: f32, b: f32, w: f32) -> f32 {
+    if w.abs() < 0.5 {
+        a + w * (b - a)
+    } else {
+        b - (b - a) * (1.0 - w)
+    }
+}
+
+/// One AdamW update on host slices (`torch.optim.AdamW`, single tensor).
+pub fn adamw_update(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], st: &AdamWStep) {
+    assert!(p.len() == g.len() && p.len() == m.len() && p.len() == v.len());
+    if st.decay != 1.0 {
+        p.iter_mut().for_each(|x| *x *= st.decay);
+    }
+    for i in 0..p.len() {
+        let gi = g[i];
+        let mi = lerp(m[i], gi, st.w1);
+        let vi = v[i] * st.beta2 + st.w2 * gi * gi;
+        m[i] = mi;
+        v[i] = vi;
+        let denom = vi.sqrt() / st.bc2_sqrt + st.eps;
+        p[i] += st.step_size * mi / denom;
+    }
+}
+
+impl Backend for CpuBackend {
+    type Buf = Vec<f32>;
+    type Ids = Vec<u32>;
+    type Linear = FrozenLinear;
+    type Embed = FrozenWeight;
+
+    fn describe(&self) -> String {
+        format!("cpu ({} threads)", rayon::current_num_threads())
+    }
+
+    fn upload(&self, x: &[f32]) -> Result<Vec<f32>> {
+        Ok(x.to_vec())
+    }
+    fn upload_owned(&self, x: Vec<f32>) -> Result<Vec<f32>> {
+        Ok(x)
+    }
+    fn upload_ids(&self, ids: &[u32]) -> Result<Vec<u32>> {
+        Ok(ids.to_vec())
+    }
+    fn download(&self, x: &Vec<f32>) -> Result<Vec<f32>> {
+        Ok(x.clone())
+    }
+    fn zeros(&self, n: usize) -> Result<Vec<f32>> {
+        Ok(vec![0.0; n])
+    }
+    fn len(&self, x: &Vec<f32>) -> usize {
+        x.len()
+    }
+    fn add_assign(&self, acc: &mut Vec<f32>, x: &Vec<f32>) -> Result<()> {
+        assert_eq!(acc.len(), x.len(), "add_assign: sizes");
+        acc.iter_mut().zip(x).for_each(|(a, b)| *a += b);
+        Ok(())
+    }
+    fn scale(&self, x: &mut Vec<f32>, s: f32) -> Result<()> {
+        x.iter_mut().for_each(|v| *v *= s);
+        Ok(())
+    }
+    fn rows(&self, x: &Vec<f32>, cols: usize, r0: usize, r1: usize) -> Result<Vec<f32>> {
+        Ok(x[r0 * cols..r1 * cols].to_vec())
+    }
+    fn append(&self, cache: &mut Vec<f32>, x: &Vec<f32>) -> Result<()> {
+        cache.extend_from_slice(x);
+        Ok(())
+    }
+
+    fn prepare_linear(&self, w: &FrozenLinear) -> Result<FrozenLinear> {
+        Ok(w.clone())
+    }
+    fn prepare_embed(&self, w: &FrozenWeight, _rows: usize, _cols: usize) -> Result<FrozenWeight> {
+        Ok(w.clone())
+    }
+
+    fn embed(&self, e: &FrozenWeight, ids: &[u32], h: usize) -> Result<Vec<f32>> {
+        let mut x = vec![0f32; ids.len() * h];
+        for (row, &id) in x.chunks_mut(h).zip(ids) {
+            e.rows_f32(id as usize, id as usize + 1, h, row);
+        }
+        Ok(x)
+    }
+    fn linear_forward(&self, w: &FrozenLinear, x: &Vec<f32>, t: usize) -> Result<Vec<f32>> {
+        Ok(w.forward(x, t))
+    }
+    fn linear_backward_input(
+        &self,
+        w: &FrozenLinear,
+        dy: &Vec<f32>,
+        t: usize,
+        dx: &mut Vec<f32>,
+    ) -> Result<()> {
+        w.backward_input(dy, t, dx);
+        Ok(())
+    }
+    fn lora_forward(
+        &self,
+        op: &LoraOp<Self>,
+        x: &Vec<f32>,
+        t: usize,
+        y: &mut Vec<f32>,
+    ) -> Result<Vec<f32>> {
+        Ok(lora_ref(op).forward(x, t, y))
+    }
+    fn lora_backward(
+        &self,
+        op: &LoraOp<Self>,
+        x: &Vec<f32>,
+        xa: &Vec<f32>,
+        dy: &Vec<f32>,
+        t: usize,
+        dx: &mut Vec<f32>,
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        Ok(lora_ref(op).backward(x, xa, dy, t, dx))
+    }
+    fn rmsnorm_forward(
+        &self,
+        x: &Vec<f32>,
+        w: &Vec<f32>,
+        eps: f32,
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        Ok(rmsnorm::forward(x, w, eps))
+    }
+    fn rmsnorm_backward_add(
+        &self,
+        dy: &Vec<f32>,
+        x: &Vec<f32>,
+        w: &Vec<f32>,
+        rstd: &Vec<f32>,
+        dx: &mut Vec<f32>,
+    ) -> Result<()> {
+        rmsnorm::backward_add(dy, x, w, rstd, dx);
+        Ok(())
+    }
+    fn rope(
+        &self,
+        x: &mut Vec<f32>,
+        heads: usize,
+        d: usize,
+        cos: &Vec<f32>,
+        sin: &Vec<f32>,
+        inverse: bool,
+    ) -> Result<()> {
+        rope::apply(x, heads, d, cos, sin, inverse);
+        Ok(())
+    }
+    fn attention_forward(
+        &self,
+        sh: &AttnShape,
+        q: &Vec<f32>,
+        k: &Vec<f32>,
+        v: &Vec<f32>,
+        seg: Option<&Vec<u32>>,
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        Ok(attention::forward(sh, q, k, v, seg.map(|s| &s[..])))
+    }
+    fn attention_backward(
+        &self,
+        sh: &AttnShape,
+        q: &Vec<f32>,
+        k: &Vec<f32>,
+        v: &Vec<f32>,
+        _out: &Vec<f32>,
+        saved: &Vec<f32>,
+        _seg: Option<&Vec<u32>>,
+        dout: &Vec<f32>,
+    ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+        Ok(attention::backward(sh, q, k, v, saved, dout))
+    }
+    fn swiglu_forward(&self, g: &Vec<f32>, u: &Vec<f32>) -> Result<Vec<f32>> {
+        Ok(swiglu::forward(g, u))
+    }
+    fn swiglu_backward(
+        &self,
+        dm: &Vec<f32>,
+        g: &Vec<f32>,
+        u: &Vec<f32>,
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        Ok(swiglu::backward(dm, g, u))
+    }
+    fn cross_entropy(
+        &self,
+        lm_head: &FrozenLinear,
+        x: &Vec<f32>,
+        labels: &[i64],
+        s: usize,
+        grad_denominator: Option<f32>,
+    ) -> Result<CeOut<Self>> {
+        let t = labels.len();
+        let vocab = lm_head.out_features;
+        let mut logits = lm_head.forward(x, t);
+        Ok(match grad_denominator {
+            None => {
+                let (sum, count) = cross_entropy::forward(&logits, labels, s, vocab);
+                CeOut {
+                    sum,
+                    count,
+                    dx: None,
+                }
+            }
+            Some(den) => {
+                let (sum, count) =
+                    cross_entropy::forward_backward_inplace(&mut logits, labels, s, vocab, den);
+                let mut dx = vec![0f32; t * lm_head.in_features];
+                lm_head.backward_input(&logits, t, &mut dx);
+                CeOut {
+                    sum,
+                    count,
+                    dx: Some(dx),
+                }
+            }
+        })
+    }
+
+    fn adamw(
+        &self,
+        p: &mut Vec<f32>,
+        g: &Vec<f32>,
+        m: &mut Vec<f32>,
+        v: &mut Vec<f32>,
+        st: &AdamWStep,
+    ) -> Result<()> {
+        adamw_update(p, g, m, v, st);
+        Ok(())
+    }
+    fn sq_norm(&self, x: &Vec<f32>) -> Result<f64> {
+        Ok(x.iter().map(|&v| v as f64 * v as f64).sum())
+    }
+}
