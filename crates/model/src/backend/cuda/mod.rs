@@ -384,6 +384,11 @@ impl CudaBackend {
         if m == 0 || n == 0 {
             return Ok(());
         }
+        // cuBLAS uses the calling thread's current context.
+        self.stream
+            .context()
+            .bind_to_thread()
+            .map_err(|e| anyhow!("{e:?}"))?;
         let op = |t: bool| {
             if t {
                 blas_sys::cublasOperation_t::CUBLAS_OP_T
@@ -432,6 +437,11 @@ impl CudaBackend {
         if m == 0 || n == 0 {
             return Ok(());
         }
+        // cuBLAS uses the calling thread's current context.
+        self.stream
+            .context()
+            .bind_to_thread()
+            .map_err(|e| anyhow!("{e:?}"))?;
         let op = |t: bool| {
             if t {
                 blas_sys::cublasOperation_t::CUBLAS_OP_T
