@@ -106,3 +106,35 @@ fn eval_matches_transformers_loss_on_tiny_llama() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("5000"));
 }
+
+/// `--device`: an unknown device is a usage error; `cuda` says what is missing (this build
+/// lacks the `cuda` feature, or with it: no GPU here) instead of panicking.
+#[test]
+fn device_cuda_without_support_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("d.jsonl");
+    std::fs::write(&data, "{\"input_ids\": [1, 2, 3]}\n").unwrap();
+    let model = fixtures().join("tiny_llama/model");
+    let run = |device: &str| {
+        Command::new(env!("CARGO_BIN_EXE_qlora"))
+            .args(["eval", "--model", model.to_str().unwrap(), "--data"])
+            .arg(&data)
+            .args(["--quant", "none", "--device", device])
+            .output()
+            .unwrap()
+    };
+    let out = run("tpu");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown device `tpu`"));
+    let out = run("cuda:0");
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    if cfg!(feature = "cuda") {
+        // A machine with a GPU succeeds; without one the error says so.
+        assert!(out.status.success() || err.contains("no CUDA GPU found"), "{err}");
+    } else {
+        assert!(!out.status.success());
+        assert!(err.contains("built without the `cuda` feature"), "{err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    assert!(run("cpu").status.success());
+}

@@ -587,7 +587,10 @@ impl CudaBackend {
         let n = x.len();
         let y = self.alloc_raw::<f32>(n)?;
         let (xp, yp, nn, acc) = (self.ptr(x), self.ptr(&y), n as i64, 0i32);
-        let (mp, inf) = (op.mask_ids.map_or(0, |m| self.ptr(m)), op.in_features as i32);
+        let (mp, inf) = (
+            op.mask_ids.map_or(0, |m| self.ptr(m)),
+            op.in_features as i32,
+        );
         self.launch(
             "dropout",
             grid_for(n, 256),
