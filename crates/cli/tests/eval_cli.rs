@@ -130,7 +130,10 @@ fn device_cuda_without_support_is_a_clear_error() {
     let err = String::from_utf8_lossy(&out.stderr).to_string();
     if cfg!(feature = "cuda") {
         // A machine with a GPU succeeds; without one the error says so.
-        assert!(out.status.success() || err.contains("no CUDA GPU found"), "{err}");
+        assert!(
+            out.status.success() || err.contains("no CUDA GPU found"),
+            "{err}"
+        );
     } else {
         assert!(!out.status.success());
         assert!(err.contains("built without the `cuda` feature"), "{err}");
