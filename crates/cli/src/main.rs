@@ -42,6 +42,8 @@ enum Command {
     Merge(commands::merge::Args),
     /// Export a model (+ merged adapter) as a llama.cpp GGUF file (f16, q8_0, q4_0, q4_k), then check it.
     ExportGguf(commands::export_gguf::Args),
+    /// Token ids of a text (or a chat with --chat) under a model's tokenizer.
+    Tokenize(commands::tokenize::Args),
 }
 
 fn main() {
@@ -65,6 +67,7 @@ fn main() {
         Command::Plan(a) => commands::plan::run(*a),
         Command::Merge(a) => commands::merge::run(a),
         Command::ExportGguf(a) => commands::export_gguf::run(a),
+        Command::Tokenize(a) => commands::tokenize::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -10,5 +10,6 @@ pub mod merge;
 pub mod plan;
 pub mod quantize;
 pub mod size;
+pub mod tokenize;
 pub mod train;
 pub mod train_plot;
