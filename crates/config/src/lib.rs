@@ -55,6 +55,10 @@ pub enum Architecture {
     Mistral,
     /// Qwen2/2.5: bias on q/k/v projections (no config flag), none on o_proj.
     Qwen2,
+    /// Qwen3: per-head RMSNorm on q and k (`q_norm`, `k_norm`, weight `[head_dim]`) after
+    /// the projections and before RoPE; no q/k/v bias unless `attention_bias`; `head_dim`
+    /// given explicitly (often != hidden/heads).
+    Qwen3,
 }
 
 impl Architecture {
@@ -63,6 +67,7 @@ impl Architecture {
             Architecture::Llama => "llama",
             Architecture::Mistral => "mistral",
             Architecture::Qwen2 => "qwen2",
+            Architecture::Qwen3 => "qwen3",
         }
     }
     /// The `architectures[0]` string transformers writes for a causal LM of this family.
@@ -71,7 +76,12 @@ impl Architecture {
             Architecture::Llama => "LlamaForCausalLM",
             Architecture::Mistral => "MistralForCausalLM",
             Architecture::Qwen2 => "Qwen2ForCausalLM",
+            Architecture::Qwen3 => "Qwen3ForCausalLM",
         }
+    }
+    /// Per-head RMSNorm on queries and keys before RoPE (Qwen3's `q_norm` / `k_norm`).
+    pub fn qk_norm(self) -> bool {
+        self == Architecture::Qwen3
     }
 }
 
@@ -174,12 +184,13 @@ impl ModelConfig {
             "llama" => Architecture::Llama,
             "mistral" => Architecture::Mistral,
             "qwen2" => Architecture::Qwen2,
+            "qwen3" => Architecture::Qwen3,
             other => {
                 return Err(ConfigError::Unsupported {
                     path: origin.into(),
                     what: "model_type",
                     value: other.into(),
-                    supported: "llama, mistral, qwen2",
+                    supported: "llama, mistral, qwen2, qwen3",
                 })
             }
         };
@@ -265,7 +276,7 @@ impl ModelConfig {
         };
         let use_sliding = f.opt_bool("use_sliding_window")?;
         let sliding_window = match (architecture, use_sliding) {
-            (Architecture::Qwen2, Some(false)) | (Architecture::Qwen2, None) => None,
+            (Architecture::Qwen2 | Architecture::Qwen3, Some(false) | None) => None,
             _ => f.opt_usize("sliding_window")?,
         };
         let cfg = ModelConfig {

@@ -64,6 +64,8 @@ pub fn hf_name(gguf: &str) -> Option<String> {
         "attn_k" => "self_attn.k_proj",
         "attn_v" => "self_attn.v_proj",
         "attn_output" => "self_attn.o_proj",
+        "attn_q_norm" => "self_attn.q_norm",
+        "attn_k_norm" => "self_attn.k_norm",
         "ffn_gate" => "mlp.gate_proj",
         "ffn_up" => "mlp.up_proj",
         "ffn_down" => "mlp.down_proj",
@@ -98,6 +100,8 @@ pub fn gguf_name(hf: &str) -> Option<String> {
         "self_attn.k_proj" => "attn_k",
         "self_attn.v_proj" => "attn_v",
         "self_attn.o_proj" => "attn_output",
+        "self_attn.q_norm" => "attn_q_norm",
+        "self_attn.k_norm" => "attn_k_norm",
         "mlp.gate_proj" => "ffn_gate",
         "mlp.up_proj" => "ffn_up",
         "mlp.down_proj" => "ffn_down",
@@ -146,9 +150,12 @@ fn arch_of(path: &Path, arch: &str) -> Result<(Architecture, bool)> {
     match arch {
         "llama" => Ok((Architecture::Llama, true)),
         "qwen2" => Ok((Architecture::Qwen2, false)),
+        // llama.cpp's Qwen3 converter keeps HF's q/k row order (like qwen2) and writes the
+        // per-head norms as blk.N.attn_q_norm / attn_k_norm.
+        "qwen3" => Ok((Architecture::Qwen3, false)),
         other => Err(unsupported(
             path,
-            format!("GGUF architecture `{other}` (supported: llama, qwen2)"),
+            format!("GGUF architecture `{other}` (supported: llama, qwen2, qwen3)"),
         )),
     }
 }
@@ -410,6 +417,10 @@ impl GgufModel {
             expected.push((b("attn_v.weight"), vec![kv * d, hs], None));
             if c.qkv_bias {
                 expected.push((b("attn_v.bias"), vec![kv * d], None));
+            }
+            if c.architecture.qk_norm() {
+                expected.push((b("attn_q_norm.weight"), vec![d], None));
+                expected.push((b("attn_k_norm.weight"), vec![d], None));
             }
             expected.push((b("attn_output.weight"), vec![hs, a * d], None));
             if c.o_bias {

@@ -199,22 +199,19 @@ impl ExportReport {
     }
 }
 
-/// Refuse what llama.cpp's llama architecture (as we write it) cannot represent.
+/// Refuse what llama.cpp's architectures (as we write them) cannot represent: attention
+/// biases outside Qwen2 (llama.cpp's `qwen2` has q/k/v biases; `llama` as we write it none).
 fn check_supported(c: &ModelConfig, origin: &Path) -> Result<()> {
-    let why = if c.architecture == Architecture::Qwen2 {
-        Some(
-            "qwen2 (q/k/v biases; llama.cpp's qwen2 architecture is not written by this exporter)"
-                .to_string(),
-        )
-    } else if c.qkv_bias || c.o_bias {
-        Some("attention biases (attention_bias: true)".into())
-    } else {
-        None
+    let biases_ok = match c.architecture {
+        Architecture::Qwen2 => !c.o_bias,
+        _ => !c.qkv_bias && !c.o_bias,
     };
-    if let Some(w) = why {
+    if !biases_ok {
         bail!(
-            "{}: cannot export {w} as a llama GGUF; supported: Llama / Mistral-style models without biases",
-            origin.display()
+            "{}: cannot export attention biases (attention_bias: true) of a {} model as a GGUF; \
+             supported: Llama / Mistral / Qwen3 without biases, Qwen2 with q/k/v biases",
+            origin.display(),
+            c.architecture.as_str()
         );
     }
     Ok(())
@@ -225,8 +222,20 @@ fn expected_shape(c: &ModelConfig, name: &str) -> Vec<usize> {
     if name == "model.embed_tokens.weight" || name == "lm_head.weight" {
         return vec![c.vocab_size, c.hidden_size];
     }
+    if name.ends_with("q_norm.weight") || name.ends_with("k_norm.weight") {
+        return vec![c.head_dim];
+    }
     if name.ends_with("norm.weight") {
         return vec![c.hidden_size];
+    }
+    if let Some(w) = name.strip_suffix(".bias") {
+        let short = w.rsplit('.').next().unwrap_or_default();
+        return c
+            .linear_shapes()
+            .iter()
+            .find(|(s, _)| *s == short)
+            .map(|(_, s)| vec![s[0]])
+            .unwrap_or_default();
     }
     let short = name
         .trim_end_matches(".weight")
@@ -321,7 +330,7 @@ pub fn export_gguf(
     };
     let mut md: Vec<(String, MetaValue)> = vec![(
         "general.architecture".into(),
-        MetaValue::String("llama".into()),
+        MetaValue::String(gguf_meta::gguf_arch(&c).into()),
     )];
     let name = opts.name.clone().or_else(|| {
         general
@@ -408,7 +417,9 @@ pub fn export_gguf(
             merged = true;
         }
         let g = gguf_name(&hf).expect("planned names are mapped");
-        if !opts.skip_qk_permutation {
+        // llama.cpp's llama architecture wants interleaved-RoPE q/k rows; its qwen2/qwen3
+        // converters keep HF's order.
+        if !opts.skip_qk_permutation && gguf_meta::gguf_arch(&c) == "llama" {
             if hf.ends_with("self_attn.q_proj.weight") {
                 data = permute_rows(&data, c.num_attention_heads, c.head_dim, c.hidden_size);
             } else if hf.ends_with("self_attn.k_proj.weight") {

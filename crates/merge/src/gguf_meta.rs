@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use qlora_config::{ModelConfig, RopeScaling};
+use qlora_config::{Architecture, ModelConfig, RopeScaling};
 use qlora_gguf::{GgufHeader, MetaValue};
 use serde_json::Value;
 
@@ -27,51 +27,62 @@ fn u32v(x: usize) -> MetaValue {
     MetaValue::U32(x as u32)
 }
 
-/// `llama.*` hyper-parameters. Llama-3.1 scaling is not a key: llama.cpp reads it from a
+/// `general.architecture` of an export: llama.cpp's `qwen2` / `qwen3` for those families
+/// (HF q/k row order, q/k/v biases, q/k norms), `llama` for Llama and Mistral.
+pub fn gguf_arch(c: &ModelConfig) -> &'static str {
+    match c.architecture {
+        Architecture::Qwen2 | Architecture::Qwen3 => c.architecture.as_str(),
+        Architecture::Llama | Architecture::Mistral => "llama",
+    }
+}
+
+/// `{arch}.*` hyper-parameters. Llama-3.1 scaling is not a key: llama.cpp reads it from a
 /// `rope_freqs` tensor, see [`rope_freqs`].
 pub fn hyper_params(c: &ModelConfig) -> Meta {
+    let a = gguf_arch(c);
+    let k = |s: &str| format!("{a}.{s}");
     let mut m: Meta = vec![
-        ("llama.block_count".into(), u32v(c.num_hidden_layers)),
+        (k("block_count"), u32v(c.num_hidden_layers)),
         (
-            "llama.context_length".into(),
+            k("context_length"),
             u32v(c.max_position_embeddings),
         ),
-        ("llama.embedding_length".into(), u32v(c.hidden_size)),
+        (k("embedding_length"), u32v(c.hidden_size)),
         (
-            "llama.feed_forward_length".into(),
+            k("feed_forward_length"),
             u32v(c.intermediate_size),
         ),
         (
-            "llama.attention.head_count".into(),
+            k("attention.head_count"),
             u32v(c.num_attention_heads),
         ),
         (
-            "llama.attention.head_count_kv".into(),
+            k("attention.head_count_kv"),
             u32v(c.num_key_value_heads),
         ),
         (
-            "llama.rope.freq_base".into(),
+            k("rope.freq_base"),
             MetaValue::F32(c.rope_theta as f32),
         ),
         (
-            "llama.attention.layer_norm_rms_epsilon".into(),
+            k("attention.layer_norm_rms_epsilon"),
             MetaValue::F32(c.rms_norm_eps as f32),
         ),
     ];
     if c.head_dim * c.num_attention_heads != c.hidden_size {
         // llama.cpp derives head_dim = embedding_length / head_count unless told.
-        m.push(("llama.attention.key_length".into(), u32v(c.head_dim)));
-        m.push(("llama.attention.value_length".into(), u32v(c.head_dim)));
+        m.push((k("attention.key_length"), u32v(c.head_dim)));
+        m.push((k("attention.value_length"), u32v(c.head_dim)));
     }
-    m.push(("llama.vocab_size".into(), u32v(c.vocab_size)));
-    m.push(("llama.rope.dimension_count".into(), u32v(c.head_dim)));
+    m.push((k("vocab_size"), u32v(c.vocab_size)));
+    m.push((k("rope.dimension_count"), u32v(c.head_dim)));
     if let RopeScaling::Linear { factor } = c.rope_scaling {
         m.push((
-            "llama.rope.scaling.type".into(),
+            k("rope.scaling.type"),
             MetaValue::String("linear".into()),
         ));
         m.push((
-            "llama.rope.scaling.factor".into(),
+            k("rope.scaling.factor"),
             MetaValue::F32(factor as f32),
         ));
     }

@@ -38,7 +38,20 @@ pub fn expected_names(c: &ModelConfig) -> Vec<String> {
             if short == "gate_proj" {
                 v.push(format!("{p}.post_attention_layernorm.weight"));
             }
-            v.push(format!("{}.weight", ModelConfig::linear_path(l, short)));
+            if short == "o_proj" && c.architecture.qk_norm() {
+                v.push(format!("{p}.self_attn.q_norm.weight"));
+                v.push(format!("{p}.self_attn.k_norm.weight"));
+            }
+            let path = ModelConfig::linear_path(l, short);
+            v.push(format!("{path}.weight"));
+            let bias = match short {
+                "q_proj" | "k_proj" | "v_proj" => c.qkv_bias,
+                "o_proj" => c.o_bias,
+                _ => false,
+            };
+            if bias {
+                v.push(format!("{path}.bias"));
+            }
         }
     }
     v.push("model.norm.weight".into());
@@ -82,10 +95,11 @@ impl SourceModel {
                 || (config.tie_word_embeddings && name == "lm_head.weight");
             if !known {
                 bail!(
-                    "{}: tensor `{name}` is not part of a {}-layer llama model without biases \
+                    "{}: tensor `{name}` is not part of a {}-layer {} model \
                      (unsupported architecture or a config.json that does not match the weights)",
                     files.file_of(name).unwrap_or(path).display(),
-                    config.num_hidden_layers
+                    config.num_hidden_layers,
+                    config.architecture.as_str()
                 );
             }
         }

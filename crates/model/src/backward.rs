@@ -307,6 +307,16 @@ impl<B: Backend> Net<'_, B> {
         drop(datt);
         be.rope(&mut dq, nh, d, &ctx.cos, &ctx.sin, true)?;
         be.rope(&mut dk, nkv, d, &ctx.cos, &ctx.sin, true)?;
+        // Qwen3: back through the per-head RMSNorm of q and k (weights frozen).
+        if let Some((wq, wk)) = &w.qk_norm {
+            let p = a.qk_pre.as_ref().expect("q/k norm inputs kept for backward");
+            let mut dq_pre = be.zeros(be.len(&dq))?;
+            be.rmsnorm_backward_add(&dq, &p.q, wq, &p.rstd_q, &mut dq_pre)?;
+            let mut dk_pre = be.zeros(be.len(&dk))?;
+            be.rmsnorm_backward_add(&dk, &p.k, wk, &p.rstd_k, &mut dk_pre)?;
+            dq = dq_pre;
+            dk = dk_pre;
+        }
         let mut dn1 = be.zeros(t * h)?;
         self.linear_backward(
             w, l, Q, &a.n1, &a.xa[Q], &dq, &mut dn1, ctx, ad, grads, need_dx,

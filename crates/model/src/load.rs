@@ -402,6 +402,17 @@ impl Model {
             };
             let input_layernorm = norm("input_layernorm")?;
             let post_attention_layernorm = norm("post_attention_layernorm")?;
+            // Qwen3: per-head RMSNorm weights of q and k, `[head_dim]` each.
+            let qk_norm = if config.architecture.qk_norm() {
+                let hn = |n: &str| -> Result<Vec<f32>> {
+                    let name = format!("model.layers.{l}.self_attn.{n}.weight");
+                    check_shape(src, &name, &[config.head_dim], "head_dim")?;
+                    src.f32(&name)
+                };
+                Some((hn("q_norm")?, hn("k_norm")?))
+            } else {
+                None
+            };
             let shapes = config.linear_shapes();
             let mut lins = Vec::with_capacity(7);
             for (m, short) in LINEAR_NAMES.iter().enumerate() {
@@ -446,6 +457,7 @@ impl Model {
             layers.push(Layer {
                 input_layernorm,
                 post_attention_layernorm,
+                qk_norm,
                 linears,
             });
         }

@@ -162,6 +162,8 @@ pub(crate) struct LayerActs<B: Backend> {
     pub rstd1: B::Buf,
     pub q: B::Buf,
     pub k: B::Buf,
+    /// Qwen3: q and k before their per-head RMSNorm, with the norms' 1/rms per head.
+    pub qk_pre: Option<QkPre<B>>,
     pub v: B::Buf,
     /// What the attention backward needs besides q, k, v, att (CPU: the
     /// probabilities; CUDA: the row log-sum-exp).
@@ -174,6 +176,14 @@ pub(crate) struct LayerActs<B: Backend> {
     pub g: B::Buf,
     pub u: B::Buf,
     pub m: B::Buf,
+}
+
+/// What the backward of Qwen3's q/k RMSNorm needs.
+pub(crate) struct QkPre<B: Backend> {
+    pub q: B::Buf,
+    pub rstd_q: B::Buf,
+    pub k: B::Buf,
+    pub rstd_k: B::Buf,
 }
 
 /// Past keys/values of one layer for incremental decoding (batch 1).
@@ -512,6 +522,21 @@ impl<B: Backend> Net<'_, B> {
         let (mut q, xa_q) = self.linear(w, l, Q, &n1, t, ad, ctx)?;
         let (mut k, xa_k) = self.linear(w, l, K, &n1, t, ad, ctx)?;
         let (v, xa_v) = self.linear(w, l, V, &n1, t, ad, ctx)?;
+        // Qwen3: RMSNorm over each head's `head_dim` values (rows of `d`) before RoPE.
+        let qk_pre = match &w.qk_norm {
+            Some((wq, wk)) => {
+                let (qn, rstd_q) = be.rmsnorm_forward(&q, wq, eps)?;
+                let (kn, rstd_k) = be.rmsnorm_forward(&k, wk, eps)?;
+                let pre = QkPre {
+                    q: std::mem::replace(&mut q, qn),
+                    rstd_q,
+                    k: std::mem::replace(&mut k, kn),
+                    rstd_k,
+                };
+                keep.then_some(pre)
+            }
+            None => None,
+        };
         be.rope(&mut q, nh, d, &ctx.cos, &ctx.sin, false)?;
         be.rope(&mut k, nkv, d, &ctx.cos, &ctx.sin, false)?;
         let (att, attn_saved) = match kv {
@@ -575,6 +600,7 @@ impl<B: Backend> Net<'_, B> {
             rstd1,
             q,
             k,
+            qk_pre,
             v,
             attn_saved,
             att,

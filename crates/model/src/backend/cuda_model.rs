@@ -31,6 +31,10 @@ impl CudaModel {
             layers.push(LayerW {
                 input_layernorm: be.upload(&l.input_layernorm)?,
                 post_attention_layernorm: be.upload(&l.post_attention_layernorm)?,
+                qk_norm: match &l.qk_norm {
+                    Some((q, k)) => Some((be.upload(q)?, be.upload(k)?)),
+                    None => None,
+                },
                 linears: lin
                     .try_into()
                     .map_err(|_| anyhow::anyhow!("seven linears"))?,

@@ -83,6 +83,9 @@ nvidia-cuda-nvrtc in LD_LIBRARY_PATH); no CUDA toolkit is needed";
 pub struct LayerW<B: Backend> {
     pub input_layernorm: B::Buf,
     pub post_attention_layernorm: B::Buf,
+    /// Qwen3's per-head RMSNorm weights `(q_norm, k_norm)`, `[head_dim]` each, applied to
+    /// every head of the projected queries / keys before RoPE.
+    pub qk_norm: Option<(B::Buf, B::Buf)>,
     /// Indexed like [`crate::LINEAR_NAMES`].
     pub linears: [B::Linear; 7],
 }
@@ -95,6 +98,7 @@ where
         LayerW {
             input_layernorm: self.input_layernorm.clone(),
             post_attention_layernorm: self.post_attention_layernorm.clone(),
+            qk_norm: self.qk_norm.clone(),
             linears: self.linears.clone(),
         }
     }
@@ -109,6 +113,7 @@ where
         f.debug_struct("LayerW")
             .field("input_layernorm", &self.input_layernorm)
             .field("post_attention_layernorm", &self.post_attention_layernorm)
+            .field("qk_norm", &self.qk_norm)
             .field("linears", &self.linears)
             .finish()
     }
