@@ -53,7 +53,10 @@ fn qwen3_eval_folder_and_gguf_match_transformers() {
         ("mha_untied", true),
     ] {
         let e = &exp[name];
-        for (mask, key) in [(0, "loss"), (e["mask_prefix"].as_u64().unwrap() as usize, "loss_masked")] {
+        for (mask, key) in [
+            (0, "loss"),
+            (e["mask_prefix"].as_u64().unwrap() as usize, "loss_masked"),
+        ] {
             let data = tmp.path().join(format!("{name}-{key}.jsonl"));
             write_rows(&data, e, mask);
             let mut models = vec![q3().join(name)];
@@ -75,7 +78,10 @@ fn qwen3_eval_folder_and_gguf_match_transformers() {
                 let v: Value = serde_json::from_str(out.trim()).unwrap();
                 let (got, want) = (v["loss"].as_f64().unwrap(), e[key].as_f64().unwrap());
                 let rel = ((got - want) / want).abs();
-                eprintln!("{} {key}: {got} vs transformers {want} (rel {rel:e})", m.display());
+                eprintln!(
+                    "{} {key}: {got} vs transformers {want} (rel {rel:e})",
+                    m.display()
+                );
                 assert!(rel < 1e-5, "{} {key}: {got} vs {want}", m.display());
             }
         }
@@ -117,7 +123,10 @@ fn qwen3_trains() {
     assert_eq!(losses.len(), 4, "{m}");
     // step 1 is the base model's loss (LoRA B starts at zero); training lowers it
     let want = e["loss"].as_f64().unwrap();
-    assert!((losses[0] - want).abs() / want < 1e-4, "{losses:?} vs {want}");
+    assert!(
+        (losses[0] - want).abs() / want < 1e-4,
+        "{losses:?} vs {want}"
+    );
     assert!(losses[3] < losses[0], "{losses:?}");
     assert!(out.join("adapter/adapter_model.safetensors").exists());
 }
@@ -145,7 +154,11 @@ fn write_tokenizer(dir: &std::path::Path) {
 fn export_gguf_of_qwen2_and_qwen3_reads_back_with_the_same_loss() {
     let exp = expected();
     let tmp = tempfile::tempdir().unwrap();
-    for (name, arch) in [("gqa_tied", "qwen3"), ("mha_untied", "qwen3"), ("qwen2_bias", "qwen2")] {
+    for (name, arch) in [
+        ("gqa_tied", "qwen3"),
+        ("mha_untied", "qwen3"),
+        ("qwen2_bias", "qwen2"),
+    ] {
         let src = tmp.path().join(name);
         std::fs::create_dir(&src).unwrap();
         for f in ["config.json", "model.safetensors"] {
@@ -165,7 +178,10 @@ fn export_gguf_of_qwen2_and_qwen3_reads_back_with_the_same_loss() {
         assert!(ok, "{name}: {err}\n{stdout}");
         let bytes = std::fs::read(&out).unwrap();
         let has = |s: &str| bytes.windows(s.len()).any(|w| w == s.as_bytes());
-        assert!(has(&format!("{arch}.block_count")), "{name}: no {arch} metadata");
+        assert!(
+            has(&format!("{arch}.block_count")),
+            "{name}: no {arch} metadata"
+        );
         if arch == "qwen3" {
             assert!(has("blk.0.attn_q_norm.weight") && has("blk.0.attn_k_norm.weight"));
         } else {
@@ -189,6 +205,9 @@ fn export_gguf_of_qwen2_and_qwen3_reads_back_with_the_same_loss() {
         let v: Value = serde_json::from_str(out_s.trim()).unwrap();
         let (got, want) = (v["loss"].as_f64().unwrap(), e["loss"].as_f64().unwrap());
         eprintln!("{name} export: {got} vs transformers {want}");
-        assert!(((got - want) / want).abs() < 5e-3, "{name}: {got} vs {want}");
+        assert!(
+            ((got - want) / want).abs() < 5e-3,
+            "{name}: {got} vs {want}"
+        );
     }
 }

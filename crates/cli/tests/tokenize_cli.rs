@@ -43,8 +43,7 @@ fn tokenize_text_file_and_chat_match_transformers() {
         // --file: the text as it is (newlines included); plain output is space-separated ids.
         let f = dir.path().join("t.txt");
         std::fs::write(&f, text).unwrap();
-        let (ok, out, err) =
-            qlora_run(&["tokenize", "--model", g, "--file", f.to_str().unwrap()]);
+        let (ok, out, err) = qlora_run(&["tokenize", "--model", g, "--file", f.to_str().unwrap()]);
         assert!(ok, "{err}");
         let want: Vec<String> = c["ids"]
             .as_array()
@@ -56,8 +55,9 @@ fn tokenize_text_file_and_chat_match_transformers() {
     }
     for c in exp["chats"].as_array().unwrap() {
         let msgs = c["messages"].to_string();
-        let (ok, out, err) =
-            qlora_run(&["tokenize", "--model", g, "--text", &msgs, "--chat", "--json"]);
+        let (ok, out, err) = qlora_run(&[
+            "tokenize", "--model", g, "--text", &msgs, "--chat", "--json",
+        ]);
         assert!(ok, "{err}");
         assert_eq!(json_ids(&out), c["ids"], "{msgs}");
     }

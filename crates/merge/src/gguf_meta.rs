@@ -43,27 +43,12 @@ pub fn hyper_params(c: &ModelConfig) -> Meta {
     let k = |s: &str| format!("{a}.{s}");
     let mut m: Meta = vec![
         (k("block_count"), u32v(c.num_hidden_layers)),
-        (
-            k("context_length"),
-            u32v(c.max_position_embeddings),
-        ),
+        (k("context_length"), u32v(c.max_position_embeddings)),
         (k("embedding_length"), u32v(c.hidden_size)),
-        (
-            k("feed_forward_length"),
-            u32v(c.intermediate_size),
-        ),
-        (
-            k("attention.head_count"),
-            u32v(c.num_attention_heads),
-        ),
-        (
-            k("attention.head_count_kv"),
-            u32v(c.num_key_value_heads),
-        ),
-        (
-            k("rope.freq_base"),
-            MetaValue::F32(c.rope_theta as f32),
-        ),
+        (k("feed_forward_length"), u32v(c.intermediate_size)),
+        (k("attention.head_count"), u32v(c.num_attention_heads)),
+        (k("attention.head_count_kv"), u32v(c.num_key_value_heads)),
+        (k("rope.freq_base"), MetaValue::F32(c.rope_theta as f32)),
         (
             k("attention.layer_norm_rms_epsilon"),
             MetaValue::F32(c.rms_norm_eps as f32),
@@ -77,14 +62,8 @@ pub fn hyper_params(c: &ModelConfig) -> Meta {
     m.push((k("vocab_size"), u32v(c.vocab_size)));
     m.push((k("rope.dimension_count"), u32v(c.head_dim)));
     if let RopeScaling::Linear { factor } = c.rope_scaling {
-        m.push((
-            k("rope.scaling.type"),
-            MetaValue::String("linear".into()),
-        ));
-        m.push((
-            k("rope.scaling.factor"),
-            MetaValue::F32(factor as f32),
-        ));
+        m.push((k("rope.scaling.type"), MetaValue::String("linear".into())));
+        m.push((k("rope.scaling.factor"), MetaValue::F32(factor as f32)));
     }
     m
 }

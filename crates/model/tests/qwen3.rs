@@ -66,7 +66,10 @@ fn qwen3_eval_loss_matches_transformers() {
         .unwrap();
         assert_eq!(m.config.architecture.as_str(), "qwen3");
         let ids = rows(&e["input_ids"]);
-        for (prefix, key) in [(0, "loss"), (e["mask_prefix"].as_u64().unwrap() as usize, "loss_masked")] {
+        for (prefix, key) in [
+            (0, "loss"),
+            (e["mask_prefix"].as_u64().unwrap() as usize, "loss_masked"),
+        ] {
             let (sum, n) = m.loss(&batch(&ids, prefix), None).unwrap();
             let got = sum / n as f64;
             let want = e[key].as_f64().unwrap();
@@ -128,7 +131,10 @@ fn qwen3_qk_norm_backward_matches_finite_differences() {
             ("q_proj", c.num_attention_heads * c.head_dim),
             ("k_proj", c.num_key_value_heads * c.head_dim),
         ] {
-            shapes.insert(format!("model.layers.{l}.self_attn.{p}"), (out, c.hidden_size));
+            shapes.insert(
+                format!("model.layers.{l}.self_attn.{p}"),
+                (out, c.hidden_size),
+            );
         }
     }
     let make = |vals: &BTreeMap<String, (Vec<f32>, Vec<f32>)>| Adapter {
@@ -155,8 +161,14 @@ fn qwen3_qk_norm_backward_matches_finite_differences() {
     };
     let mut vals = BTreeMap::new();
     for (i, (k, (out, inp))) in shapes.iter().enumerate() {
-        let a: Vec<f32> = rand_vec(r * inp, 10 + i as u64).iter().map(|x| 0.3 * x).collect();
-        let b: Vec<f32> = rand_vec(out * r, 50 + i as u64).iter().map(|x| 0.3 * x).collect();
+        let a: Vec<f32> = rand_vec(r * inp, 10 + i as u64)
+            .iter()
+            .map(|x| 0.3 * x)
+            .collect();
+        let b: Vec<f32> = rand_vec(out * r, 50 + i as u64)
+            .iter()
+            .map(|x| 0.3 * x)
+            .collect();
         vals.insert(k.clone(), (a, b));
     }
     let ids = rows(&expected()[name]["input_ids"]);
@@ -173,8 +185,16 @@ fn qwen3_qk_norm_backward_matches_finite_differences() {
         let g = &grads[k];
         let ga: Vec<f32> = g.a.flatten_all().unwrap().to_vec1().unwrap();
         let gb: Vec<f32> = g.b.flatten_all().unwrap().to_vec1().unwrap();
-        predicted += ga.iter().zip(&da).map(|(x, y)| *x as f64 * *y as f64).sum::<f64>();
-        predicted += gb.iter().zip(&db).map(|(x, y)| *x as f64 * *y as f64).sum::<f64>();
+        predicted += ga
+            .iter()
+            .zip(&da)
+            .map(|(x, y)| *x as f64 * *y as f64)
+            .sum::<f64>();
+        predicted += gb
+            .iter()
+            .zip(&db)
+            .map(|(x, y)| *x as f64 * *y as f64)
+            .sum::<f64>();
         dir_vals.insert(k.clone(), (da, db));
     }
     let eps = 1e-3f32;
