@@ -233,6 +233,36 @@ impl ChatTemplate {
     }
 }
 
+impl crate::Tokenizer {
+    /// Token ids of `input` as `qlora tokenize` shows them. Plain text is encoded with the
+    /// tokenizer's own special tokens (BOS where the model adds one), as a prompt is.
+    /// With `chat`, the input is a JSON list of `{"role", "content"}` messages (or an object
+    /// with such a `messages` list), otherwise the whole text is one user message; it is
+    /// rendered with the chat template (with the generation prompt unless the last message
+    /// is the assistant's) and encoded as it stands, since the template writes its own
+    /// special tokens.
+    pub fn tokenize_input(&self, input: &str, chat: bool) -> Result<Vec<u32>> {
+        if !chat {
+            return self.encode(input, true);
+        }
+        let messages = parse_messages(input).unwrap_or_else(|| vec![ChatMessage::user(input)]);
+        let gen = messages.last().is_none_or(|m| m.role != "assistant");
+        let text = self.apply_chat_template(&messages, gen)?;
+        self.encode(&text, false)
+    }
+}
+
+/// `[{"role", "content"}, …]` or `{"messages": [...]}`; `None` if `s` is neither.
+fn parse_messages(s: &str) -> Option<Vec<ChatMessage>> {
+    let v: serde_json::Value = serde_json::from_str(s.trim()).ok()?;
+    let list = match &v {
+        serde_json::Value::Array(_) => v,
+        serde_json::Value::Object(o) => o.get("messages")?.clone(),
+        _ => return None,
+    };
+    serde_json::from_value(list).ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -290,34 +320,4 @@ mod tests {
         // Leap day.
         assert_eq!(strftime("%Y-%m-%d", 951782400), "2000-02-29");
     }
-}
-
-impl crate::Tokenizer {
-    /// Token ids of `input` as `qlora tokenize` shows them. Plain text is encoded with the
-    /// tokenizer's own special tokens (BOS where the model adds one), as a prompt is.
-    /// With `chat`, the input is a JSON list of `{"role", "content"}` messages (or an object
-    /// with such a `messages` list), otherwise the whole text is one user message; it is
-    /// rendered with the chat template (with the generation prompt unless the last message
-    /// is the assistant's) and encoded as it stands, since the template writes its own
-    /// special tokens.
-    pub fn tokenize_input(&self, input: &str, chat: bool) -> Result<Vec<u32>> {
-        if !chat {
-            return self.encode(input, true);
-        }
-        let messages = parse_messages(input).unwrap_or_else(|| vec![ChatMessage::user(input)]);
-        let gen = messages.last().is_none_or(|m| m.role != "assistant");
-        let text = self.apply_chat_template(&messages, gen)?;
-        self.encode(&text, false)
-    }
-}
-
-/// `[{"role", "content"}, …]` or `{"messages": [...]}`; `None` if `s` is neither.
-fn parse_messages(s: &str) -> Option<Vec<ChatMessage>> {
-    let v: serde_json::Value = serde_json::from_str(s.trim()).ok()?;
-    let list = match &v {
-        serde_json::Value::Array(_) => v,
-        serde_json::Value::Object(o) => o.get("messages")?.clone(),
-        _ => return None,
-    };
-    serde_json::from_value(list).ok()
 }
