@@ -309,7 +309,10 @@ impl<B: Backend> Net<'_, B> {
         be.rope(&mut dk, nkv, d, &ctx.cos, &ctx.sin, true)?;
         // Qwen3: back through the per-head RMSNorm of q and k (weights frozen).
         if let Some((wq, wk)) = &w.qk_norm {
-            let p = a.qk_pre.as_ref().expect("q/k norm inputs kept for backward");
+            let p = a
+                .qk_pre
+                .as_ref()
+                .expect("q/k norm inputs kept for backward");
             let mut dq_pre = be.zeros(be.len(&dq))?;
             be.rmsnorm_backward_add(&dq, &p.q, wq, &p.rstd_q, &mut dq_pre)?;
             let mut dk_pre = be.zeros(be.len(&dk))?;
