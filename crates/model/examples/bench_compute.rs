@@ -2,7 +2,8 @@
 //! random weights (h 576, I 1536, L 30, 9 heads, 3 kv heads, d 64, V 49152,
 //! tied), batch 2 x 256, LoRA r 16 on all 7 linears.
 //!
-//! `cargo run --release -p qlora-model --example bench_compute -- [nf4|none|bf16] [ckpt|nockpt] [layers] [iters]`
+//! `cargo run --release -p qlora-model --example bench_compute -- [nf4|none|bf16] [ckpt|nockpt] [layers] [iters] [f32|bf16 compute] [smollm|tinyllama]`
+//! `... --example bench_compute -- peak [n]`: the f32 (gemm) and bf16 (AMX) matmul peak reached here.
 //! Prints tokens/s and the process peak RSS (VmHWM), so run one mode per process.
 
 use std::collections::BTreeMap;
@@ -35,8 +36,42 @@ impl Lcg {
     }
 }
 
+/// The machine's matmul peak as this crate reaches it: f32 through gemm and
+/// bf16 through the AMX kernels, `n×n×n` products (best of 5).
+fn peak(n: usize) {
+    use qlora_model::ops;
+    let mut rng = Lcg(7);
+    let (a, b) = (rng.vec(n * n, 1.0), rng.vec(n * n, 1.0));
+    let mut c = vec![0f32; n * n];
+    let flop = 2.0 * (n * n * n) as f64;
+    let mut best = f64::MAX;
+    for _ in 0..5 {
+        let t = Instant::now();
+        ops::matmul(n, n, n, &a, false, &b, true, &mut c, false, 1.0);
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    println!("f32 gemm {n}^3: {:.0} GFLOP/s", flop / best / 1e9);
+    if ops::amx::available() {
+        let w = |s: usize, out: &mut [u16]| ops::fastmath::to_bf16(&b[s..s + out.len()], out);
+        let mut best = f64::MAX;
+        for _ in 0..5 {
+            let t = Instant::now();
+            ops::amx::linear_forward(n, n, n, &a, &mut c, &w);
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        println!(
+            "bf16 AMX {n}^3 (incl. rounding the operands): {:.0} GFLOP/s",
+            flop / best / 1e9
+        );
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
+    if args.get(1).is_some_and(|s| s == "peak") {
+        peak(args.get(2).and_then(|s| s.parse().ok()).unwrap_or(2048));
+        return Ok(());
+    }
     let quant: QuantMode = args
         .get(1)
         .map(|s| s.parse())
@@ -44,11 +79,24 @@ fn main() -> anyhow::Result<()> {
         .unwrap_or(QuantMode::Nf4);
     let ckpt = args.get(2).is_some_and(|s| s == "ckpt");
     let layers: usize = args.get(3).map(|s| s.parse()).transpose()?.unwrap_or(30);
-    let cfg_json = format!(
-        r#"{{"model_type":"llama","hidden_size":576,"intermediate_size":1536,"num_hidden_layers":{layers},
+    let compute: qlora_model::BaseCompute = args
+        .get(5)
+        .map(|s| s.parse())
+        .transpose()?
+        .unwrap_or_default();
+    let cfg_json = if args.get(6).is_some_and(|s| s == "tinyllama") {
+        format!(
+            r#"{{"model_type":"llama","hidden_size":2048,"intermediate_size":5632,"num_hidden_layers":{layers},
+        "num_attention_heads":32,"num_key_value_heads":4,"head_dim":64,"vocab_size":32000,
+        "rms_norm_eps":1e-5,"rope_theta":10000.0,"tie_word_embeddings":false,"max_position_embeddings":2048}}"#
+        )
+    } else {
+        format!(
+            r#"{{"model_type":"llama","hidden_size":576,"intermediate_size":1536,"num_hidden_layers":{layers},
         "num_attention_heads":9,"num_key_value_heads":3,"head_dim":64,"vocab_size":49152,
         "rms_norm_eps":1e-5,"rope_theta":100000.0,"tie_word_embeddings":true,"max_position_embeddings":8192}}"#
-    );
+        )
+    };
     let config = ModelConfig::from_json_str(&cfg_json, "bench")?;
     let mut rng = Lcg(42);
     let (h, v) = (config.hidden_size, config.vocab_size);
@@ -58,6 +106,9 @@ fn main() -> anyhow::Result<()> {
         rng.vec(v * h, 0.05),
     )];
     tensors.push(("model.norm.weight".into(), vec![h], vec![1.0; h]));
+    if !config.tie_word_embeddings {
+        tensors.push(("lm_head.weight".into(), vec![v, h], rng.vec(v * h, 0.05)));
+    }
     for l in 0..layers {
         for n in ["input_layernorm", "post_attention_layernorm"] {
             tensors.push((
@@ -76,7 +127,8 @@ fn main() -> anyhow::Result<()> {
         }
     }
     let t0 = Instant::now();
-    let model = Model::from_tensors(config.clone(), tensors, "random", &LoadOptions { quant })?;
+    let mut model = Model::from_tensors(config.clone(), tensors, "random", &LoadOptions { quant })?;
+    model.set_base_compute(compute);
     eprintln!(
         "built {quant:?} model in {:.1}s, weights {:.1} MiB",
         t0.elapsed().as_secs_f64(),
@@ -141,8 +193,9 @@ fn main() -> anyhow::Result<()> {
     }
     let fb = tokens * iters as f64 / t.elapsed().as_secs_f64();
     println!(
-        "quant {quant:?} checkpointing {ckpt} layers {layers}: forward {fwd:.0} tok/s, forward+backward {fb:.0} tok/s, \
+        "quant {quant:?} compute {compute:?} (amx {}) checkpointing {ckpt} layers {layers}: forward {fwd:.0} tok/s, forward+backward {fb:.0} tok/s, \
          peak RSS after forward {rss_fwd:.0} MiB, after training steps {:.0} MiB, threads {}",
+        qlora_model::ops::amx::available(),
         rss_peak_mib(),
         rayon::current_num_threads()
     );

@@ -13,6 +13,7 @@ pub mod ops;
 
 mod backward;
 mod cache;
+mod compute;
 mod load;
 mod model;
 
@@ -21,4 +22,5 @@ pub use backward::{DropoutRows, StepOptions};
 pub use cache::KvCache;
 pub use load::{LoadOptions, QuantMode, TensorSource};
 pub use model::{Batch, Layer, Model, LINEAR_NAMES};
+pub use ops::linear::BaseCompute;
 pub use qlora_lora::{Adapter, AdapterGrads};

@@ -451,6 +451,7 @@ impl Model {
                     in_features: inp,
                     weight,
                     bias,
+                    compute: Default::default(),
                 });
             }
             let linears: [FrozenLinear; 7] = lins.try_into().expect("seven linears");
@@ -480,6 +481,7 @@ impl Model {
                 in_features: h,
                 weight: lm_weight,
                 bias: None,
+                compute: Default::default(),
             },
             config,
             embed_tokens,

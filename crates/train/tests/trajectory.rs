@@ -340,7 +340,23 @@ fn eval_loss_is_token_weighted_mean() {
 /// by up to lr·steps; the update as a whole must agree to 5% (relative norm).
 #[test]
 fn bf16_base_follows_the_f32_trajectory_within_bf16_precision() {
-    let model = load_model("tiny_llama/model", QuantMode::Bf16);
+    follows_within_bf16_precision(load_model("tiny_llama/model", QuantMode::Bf16));
+}
+
+/// bf16 compute (weights and activations of every frozen linear rounded to
+/// bf16, f32 accumulation; AMX tiles where the CPU has them) follows the f32
+/// trajectory within the same bf16 bounds.
+#[test]
+fn bf16_compute_follows_the_f32_trajectory_within_bf16_precision() {
+    let mut model = load_model("tiny_llama/model", QuantMode::None);
+    model.set_base_compute(qlora_model::BaseCompute::Bf16);
+    if !qlora_model::ops::amx::available() {
+        eprintln!("NOTE: no AMX-BF16 here: bf16 compute ran the f32 fallback");
+    }
+    follows_within_bf16_precision(model);
+}
+
+fn follows_within_bf16_precision(model: Model) {
     let bytes = std::fs::read(fx().join("train_trajectory/trajectory.safetensors")).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
     let (peft, ad) = start_adapter(&model);

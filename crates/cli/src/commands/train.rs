@@ -72,6 +72,11 @@ pub struct Args {
     /// loader path (LD_LIBRARY_PATH; the PyPI wheels' nvidia/cu13/lib works); see the README.
     #[arg(long)]
     pub device: Option<String>,
+    /// Arithmetic of the frozen base products: f32, or bf16 (weights and activations rounded
+    /// to bf16, f32 accumulation; AMX tiles where the CPU has them) [default: f32].
+    #[arg(long)]
+    #[serde(alias = "compute_dtype")]
+    pub compute_dtype: Option<String>,
     /// LoRA rank [default: 16].
     #[arg(long, short = 'r')]
     pub rank: Option<usize>,
@@ -213,6 +218,7 @@ fn with_config_file(mut a: Args) -> Result<Args> {
         resume,
         quant,
         device,
+        compute_dtype,
         rank,
         alpha,
         target,
@@ -343,7 +349,14 @@ pub fn run(args: Args) -> Result<()> {
     // QLORA_MEM_TRACE=1|reset: resident memory at phase boundaries (plan validation).
     qlora_memory::rss::trace("start");
     let device: qlora_model::Device = a.device.as_deref().unwrap_or("cpu").parse()?;
+    let compute: qlora_model::BaseCompute = a
+        .compute_dtype
+        .as_deref()
+        .unwrap_or("f32")
+        .parse()
+        .context("--compute-dtype")?;
     let (mut model, tok) = load_model(&model_ref, quant)?;
+    model.set_base_compute(compute);
     model.to_device(device)?;
     qlora_memory::rss::trace("model-loaded");
     let load_s = t_load.elapsed().as_secs_f64();

@@ -194,12 +194,21 @@ impl Backend for CpuBackend {
         q: &Vec<f32>,
         k: &Vec<f32>,
         v: &Vec<f32>,
-        _out: &Vec<f32>,
+        out: &Vec<f32>,
         saved: &Vec<f32>,
-        _seg: Option<&Vec<u32>>,
+        seg: Option<&Vec<u32>>,
         dout: &Vec<f32>,
     ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
-        Ok(attention::backward(sh, q, k, v, saved, dout))
+        Ok(attention::backward(
+            sh,
+            q,
+            k,
+            v,
+            out,
+            saved,
+            dout,
+            seg.map(|s| &s[..]),
+        ))
     }
     fn swiglu_forward(&self, g: &Vec<f32>, u: &Vec<f32>) -> Result<Vec<f32>> {
         Ok(swiglu::forward(g, u))
@@ -222,9 +231,9 @@ impl Backend for CpuBackend {
     ) -> Result<CeOut<Self>> {
         let t = labels.len();
         let vocab = lm_head.out_features;
-        let mut logits = lm_head.forward(x, t);
         Ok(match grad_denominator {
             None => {
+                let logits = lm_head.forward(x, t);
                 let (sum, count) = cross_entropy::forward(&logits, labels, s, vocab);
                 CeOut {
                     sum,
@@ -233,10 +242,9 @@ impl Backend for CpuBackend {
                 }
             }
             Some(den) => {
-                let (sum, count) =
-                    cross_entropy::forward_backward_inplace(&mut logits, labels, s, vocab, den);
-                let mut dx = vec![0f32; t * lm_head.in_features];
-                lm_head.backward_input(&logits, t, &mut dx);
+                // A chunk of positions at a time: never all [t, vocab] logits.
+                let (sum, count, dx) =
+                    cross_entropy::head_forward_backward(lm_head, x, labels, s, den);
                 CeOut {
                     sum,
                     count,

@@ -322,7 +322,7 @@ pub trait Backend: Sized + Send + Sync {
         inverse: bool,
     ) -> Result<()>;
     /// `(out like q, saved)`: `saved` is whatever the backward needs besides
-    /// q, k, v and out (CPU: the probabilities; CUDA: the row log-sum-exp).
+    /// q, k, v and out (the row log-sum-exp `[b, heads, q_len]`, CPU and CUDA).
     fn attention_forward(
         &self,
         sh: &AttnShape,

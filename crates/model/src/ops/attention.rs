@@ -9,7 +9,7 @@
 
 use rayon::prelude::*;
 
-use super::{gemm_view, View};
+use super::{fastmath, gemm_view, View};
 
 #[derive(Debug, Clone, Copy)]
 pub struct AttnShape {
@@ -61,7 +61,52 @@ impl AttnShape {
     }
 }
 
-/// Forward. Returns `(out [b·q_len, heads·d], probs [b, heads, q_len, k_len])`.
+/// Queries per block: the scores of one block (`Q_BLOCK × keys`) are the only
+/// `s × s`-like buffer, per thread, never kept.
+const Q_BLOCK: usize = 64;
+
+impl AttnShape {
+    /// Whether query `qi` (absolute position) sees key `j` of row `bi`.
+    #[inline]
+    fn visible(&self, seg: Option<&[u32]>, bi: usize, qi: usize, j: usize) -> bool {
+        j <= qi
+            && self.window.is_none_or(|w| qi - j < w)
+            && seg.is_none_or(|s| s[bi * self.k_len + j] == s[bi * self.k_len + qi])
+    }
+    /// Keys `kstart..kend` that queries `i0..i1` can see at most.
+    fn key_range(&self, i0: usize, i1: usize) -> (usize, usize) {
+        let kend = (self.q_offset + i1).min(self.k_len);
+        let kstart = match self.window {
+            Some(w) => (self.q_offset + i0 + 1).saturating_sub(w),
+            None => 0,
+        };
+        (kstart.min(kend), kend)
+    }
+}
+
+/// Masked softmax of one score row in place (keys `kstart + j`); returns its
+/// log-sum-exp (−∞ for a row that sees nothing; the row is then all zero).
+fn softmax_row(row: &mut [f32], visible: impl Fn(usize) -> bool) -> f32 {
+    for (j, v) in row.iter_mut().enumerate() {
+        if !visible(j) {
+            *v = f32::NEG_INFINITY;
+        }
+    }
+    let mx = fastmath::max(row);
+    if mx == f32::NEG_INFINITY {
+        row.fill(0.0);
+        return f32::NEG_INFINITY;
+    }
+    let z = fastmath::exp_shift_sum(row, mx);
+    fastmath::scale(row, (1.0 / z) as f32);
+    mx + (z as f32).ln()
+}
+
+/// Forward, flash-style: per (row, head, block of queries) the scores are
+/// computed only for the keys the block can see, soft-maxed and multiplied
+/// into `V`, then dropped. Returns `(out [b·q_len, heads·d], lse [b, heads,
+/// q_len])`: the log-sum-exp of each query's scaled scores, which is all the
+/// backward needs (besides `out`) to recompute the probabilities.
 /// `seg`, if given, is `[b·k_len]`.
 pub fn forward(
     sh: &AttnShape,
@@ -83,99 +128,92 @@ pub fn forward(
     assert_eq!(k.len(), b * k_len * sh.kv_heads * d);
     assert!(q_offset + q_len <= k_len);
     let scale = sh.scale();
-    let mut probs = vec![0f32; b * heads * q_len * k_len];
-    let mut heads_out = vec![0f32; b * heads * q_len * d];
-    probs
-        .par_chunks_mut(q_len * k_len)
-        .zip(heads_out.par_chunks_mut(q_len * d))
-        .enumerate()
-        .for_each(|(idx, (p, o))| {
-            let (bi, hi) = (idx / heads, idx % heads);
+    let nqb = q_len.div_ceil(Q_BLOCK);
+    let mut lse = vec![0f32; b * heads * q_len];
+    // Per (bi, hi, query block): its output rows [rows, d] and lse.
+    let blocks: Vec<(Vec<f32>, Vec<f32>)> = (0..b * heads * nqb)
+        .into_par_iter()
+        .map(|task| {
+            let (bh, qb) = (task / nqb, task % nqb);
+            let (bi, hi) = (bh / heads, bh % heads);
             let kvh = hi / sh.n_rep();
-            gemm_view(
-                q_len,
-                k_len,
-                d,
-                sh.q_view(q, bi, hi),
-                sh.kv_view(k, bi, kvh, true),
-                p,
-                0,
-                k_len,
-                false,
-                scale,
-            );
-            for i in 0..q_len {
-                let row = &mut p[i * k_len..(i + 1) * k_len];
-                let qi = q_offset + i;
-                let visible = |j: usize| -> bool {
-                    j <= qi
-                        && sh.window.is_none_or(|w| qi - j < w)
-                        && seg.is_none_or(|s| s[bi * k_len + j] == s[bi * k_len + qi])
-                };
-                let mut mx = f32::NEG_INFINITY;
-                for (j, v) in row.iter().enumerate() {
-                    if visible(j) && *v > mx {
-                        mx = *v;
-                    }
-                }
-                let mut sum = 0f32;
-                for (j, v) in row.iter_mut().enumerate() {
-                    if visible(j) {
-                        *v = (*v - mx).exp();
-                        sum += *v;
-                    } else {
-                        *v = 0.0;
-                    }
-                }
-                let inv = 1.0 / sum;
-                row.iter_mut().for_each(|v| *v *= inv);
+            let (i0, i1) = (qb * Q_BLOCK, ((qb + 1) * Q_BLOCK).min(q_len));
+            let rows = i1 - i0;
+            let (ks, ke) = sh.key_range(i0, i1);
+            let kl = ke - ks;
+            let mut o = vec![0f32; rows * d];
+            let mut l = vec![f32::NEG_INFINITY; rows];
+            if kl == 0 {
+                return (o, l);
             }
+            let mut p = vec![0f32; rows * kl];
+            let mut qv = sh.q_view(q, bi, hi);
+            qv.off += i0 * qv.rs;
+            let mut kv = sh.kv_view(k, bi, kvh, true);
+            kv.off += ks * kv.cs;
+            gemm_view(rows, kl, d, qv, kv, &mut p, 0, kl, false, scale);
+            for (r, row) in p.chunks_mut(kl).enumerate() {
+                let qi = q_offset + i0 + r;
+                l[r] = softmax_row(row, |j| sh.visible(seg, bi, qi, ks + j));
+            }
+            let mut vv = sh.kv_view(v, bi, kvh, false);
+            vv.off += ks * vv.rs;
             gemm_view(
-                q_len,
+                rows,
                 d,
-                k_len,
-                View::mat(p, q_len, k_len, false),
-                sh.kv_view(v, bi, kvh, false),
-                o,
+                kl,
+                View::mat(&p, rows, kl, false),
+                vv,
+                &mut o,
                 0,
                 d,
                 false,
                 1.0,
             );
-        });
+            (o, l)
+        })
+        .collect();
     let mut out = vec![0f32; b * q_len * heads * d];
-    for bi in 0..b {
-        for hi in 0..heads {
-            let src = &heads_out[(bi * heads + hi) * q_len * d..][..q_len * d];
-            for i in 0..q_len {
-                out[(bi * q_len + i) * heads * d + hi * d..][..d]
-                    .copy_from_slice(&src[i * d..(i + 1) * d]);
-            }
+    for (task, (o, l)) in blocks.iter().enumerate() {
+        let (bh, qb) = (task / nqb, task % nqb);
+        let (bi, hi) = (bh / heads, bh % heads);
+        let i0 = qb * Q_BLOCK;
+        for (r, orow) in o.chunks(d).enumerate() {
+            out[(bi * q_len + i0 + r) * heads * d + hi * d..][..d].copy_from_slice(orow);
         }
+        lse[bh * q_len + i0..][..l.len()].copy_from_slice(l);
     }
-    (out, probs)
+    (out, lse)
 }
 
-/// Backward. Returns `(dq, dk, dv)` in the layouts of `q, k, v`.
+/// Backward from the forward's `out` and `lse`: the probabilities of each
+/// block of queries are recomputed (`exp(scale·q·k − lse)`), never kept.
+/// Returns `(dq, dk, dv)` in the layouts of `q, k, v`.
 pub fn backward(
     sh: &AttnShape,
     q: &[f32],
     k: &[f32],
     v: &[f32],
-    probs: &[f32],
+    out: &[f32],
+    lse: &[f32],
     dout: &[f32],
+    seg: Option<&[u32]>,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let AttnShape {
         b,
         q_len,
         k_len,
+        q_offset,
         heads,
         kv_heads,
         d,
         ..
     } = *sh;
+    assert_eq!(out.len(), dout.len());
+    assert_eq!(lse.len(), b * heads * q_len);
     let n_rep = sh.n_rep();
     let scale = sh.scale();
+    let hd = heads * d;
     // Per (batch, kv head) group: dq of its n_rep query heads, dk, dv.
     let groups: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = (0..b * kv_heads)
         .into_par_iter()
@@ -184,69 +222,101 @@ pub fn backward(
             let mut dq = vec![0f32; n_rep * q_len * d];
             let mut dk = vec![0f32; k_len * d];
             let mut dv = vec![0f32; k_len * d];
-            let mut dp = vec![0f32; q_len * k_len];
+            let mut p: Vec<f32> = Vec::new();
+            let mut dp: Vec<f32> = Vec::new();
             for r in 0..n_rep {
                 let hi = kvh * n_rep + r;
-                let p = &probs[(bi * heads + hi) * q_len * k_len..][..q_len * k_len];
-                let dov = sh.q_view(dout, bi, hi);
-                // dP = dO Vᵀ
-                gemm_view(
-                    q_len,
-                    k_len,
-                    d,
-                    dov,
-                    sh.kv_view(v, bi, kvh, true),
-                    &mut dp,
-                    0,
-                    k_len,
-                    false,
-                    1.0,
-                );
-                // dV += Pᵀ dO
-                gemm_view(
-                    k_len,
-                    d,
-                    q_len,
-                    View::mat(p, k_len, q_len, true),
-                    dov,
-                    &mut dv,
-                    0,
-                    d,
-                    true,
-                    1.0,
-                );
-                // dS = P ⊙ (dP − rowsum(dP ⊙ P))
-                for i in 0..q_len {
-                    let pr = &p[i * k_len..(i + 1) * k_len];
-                    let dr = &mut dp[i * k_len..(i + 1) * k_len];
-                    let s: f32 = pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
-                    dr.iter_mut().zip(pr).for_each(|(x, pv)| *x = pv * (*x - s));
+                for i0 in (0..q_len).step_by(Q_BLOCK) {
+                    let i1 = (i0 + Q_BLOCK).min(q_len);
+                    let rows = i1 - i0;
+                    let (ks, ke) = sh.key_range(i0, i1);
+                    let kl = ke - ks;
+                    if kl == 0 {
+                        continue;
+                    }
+                    p.resize(rows * kl, 0.0);
+                    dp.resize(rows * kl, 0.0);
+                    let mut qv = sh.q_view(q, bi, hi);
+                    qv.off += i0 * qv.rs;
+                    let mut dov = sh.q_view(dout, bi, hi);
+                    dov.off += i0 * dov.rs;
+                    let mut kt = sh.kv_view(k, bi, kvh, true);
+                    kt.off += ks * kt.cs;
+                    let mut vt = sh.kv_view(v, bi, kvh, true);
+                    vt.off += ks * vt.cs;
+                    // P = exp(scale · Q Kᵀ − lse) on visible keys.
+                    gemm_view(rows, kl, d, qv, kt, &mut p, 0, kl, false, scale);
+                    for (rr, row) in p.chunks_mut(kl).enumerate() {
+                        let qi = q_offset + i0 + rr;
+                        let l = lse[(bi * heads + hi) * q_len + i0 + rr];
+                        if l == f32::NEG_INFINITY {
+                            row.fill(0.0);
+                            continue;
+                        }
+                        for (j, x) in row.iter_mut().enumerate() {
+                            if !sh.visible(seg, bi, qi, ks + j) {
+                                *x = f32::NEG_INFINITY;
+                            }
+                        }
+                        fastmath::exp_shift_sum(row, l);
+                    }
+                    // dP = dO Vᵀ
+                    gemm_view(rows, kl, d, dov, vt, &mut dp, 0, kl, false, 1.0);
+                    // dV += Pᵀ dO
+                    gemm_view(
+                        kl,
+                        d,
+                        rows,
+                        View::mat(&p, kl, rows, true),
+                        dov,
+                        &mut dv,
+                        ks * d,
+                        d,
+                        true,
+                        1.0,
+                    );
+                    // dS = P ⊙ (dP − rowsum(dO ⊙ O))
+                    for rr in 0..rows {
+                        let at = (bi * q_len + i0 + rr) * hd + hi * d;
+                        let dsum: f32 = dout[at..at + d]
+                            .iter()
+                            .zip(&out[at..at + d])
+                            .map(|(a, b)| a * b)
+                            .sum();
+                        let pr = &p[rr * kl..(rr + 1) * kl];
+                        let dr = &mut dp[rr * kl..(rr + 1) * kl];
+                        dr.iter_mut()
+                            .zip(pr)
+                            .for_each(|(x, pv)| *x = pv * (*x - dsum));
+                    }
+                    // dQ = scale · dS K ; dK += scale · dSᵀ Q
+                    let mut kn = sh.kv_view(k, bi, kvh, false);
+                    kn.off += ks * kn.rs;
+                    gemm_view(
+                        rows,
+                        d,
+                        kl,
+                        View::mat(&dp, rows, kl, false),
+                        kn,
+                        &mut dq,
+                        (r * q_len + i0) * d,
+                        d,
+                        false,
+                        scale,
+                    );
+                    gemm_view(
+                        kl,
+                        d,
+                        rows,
+                        View::mat(&dp, kl, rows, true),
+                        qv,
+                        &mut dk,
+                        ks * d,
+                        d,
+                        true,
+                        scale,
+                    );
                 }
-                // dQ = scale · dS K ; dK += scale · dSᵀ Q
-                gemm_view(
-                    q_len,
-                    d,
-                    k_len,
-                    View::mat(&dp, q_len, k_len, false),
-                    sh.kv_view(k, bi, kvh, false),
-                    &mut dq[r * q_len * d..(r + 1) * q_len * d],
-                    0,
-                    d,
-                    false,
-                    scale,
-                );
-                gemm_view(
-                    k_len,
-                    d,
-                    q_len,
-                    View::mat(&dp, k_len, q_len, true),
-                    sh.q_view(q, bi, hi),
-                    &mut dk,
-                    0,
-                    d,
-                    true,
-                    scale,
-                );
             }
             (dq, dk, dv)
         })
@@ -335,11 +405,11 @@ mod tests {
         let v = rand_vec(sh.b * sh.k_len * sh.kv_heads * sh.d, 3, 1.0);
         let g = rand_vec(q.len(), 4, 1.0);
         let seg = seg.as_deref();
-        let (out, probs) = forward(&sh, &q, &k, &v, seg);
+        let (out, lse) = forward(&sh, &q, &k, &v, seg);
         let f64v = |x: &[f32]| x.iter().map(|v| *v as f64).collect::<Vec<_>>();
         let (q64, k64, v64) = (f64v(&q), f64v(&k), f64v(&v));
         assert!((dot(&out, &g) - loss_ref(&sh, &q64, &k64, &v64, seg, &g)).abs() < 1e-4);
-        let (dq, dk, dv) = backward(&sh, &q, &k, &v, &probs, &g);
+        let (dq, dk, dv) = backward(&sh, &q, &k, &v, &out, &lse, &g, seg);
         let dir = rand_vec(q.len(), 5, 1.0);
         let fd = directional_fd(&q, &dir, 1e-4, |x| loss_ref(&sh, x, &k64, &v64, seg, &g));
         assert!(
@@ -383,10 +453,41 @@ mod tests {
         let q = rand_vec(2 * 7 * 32, 1, 1.0);
         let k = rand_vec(2 * 7 * 16, 2, 1.0);
         let (o1, _) = forward(&sh, &q, &k, &k, None);
-        let (o2, p2) = forward(&windowed, &q, &k, &k, None);
+        let (o2, _) = forward(&windowed, &q, &k, &k, None);
         assert!(max_abs_diff(&o1, &o2) > 1e-3);
-        assert_eq!(p2[6 * 7 + 3], 0.0); // query 6 cannot see key 3 with window 3
-        assert!(p2[6 * 7 + 4] > 0.0);
+        // Query 6 cannot see key 3 with window 3: changing key 3 changes
+        // nothing at query 6 (but does at query 5).
+        let mut k2 = k.clone();
+        k2[(3 * 2) * 8..(3 * 2 + 2) * 8]
+            .iter_mut()
+            .for_each(|x| *x += 1.0);
+        let (o3, _) = forward(&windowed, &q, &k2, &k2, None);
+        assert_eq!(&o3[6 * 32..7 * 32], &o2[6 * 32..7 * 32]);
+        assert!(max_abs_diff(&o3[5 * 32..6 * 32], &o2[5 * 32..6 * 32]) > 1e-4);
+    }
+
+    #[test]
+    fn blocked_attention_with_many_queries_matches_reference_and_gradients() {
+        // More queries than one block, GQA, a window that cuts inside blocks, segments.
+        let sh = AttnShape {
+            b: 1,
+            q_len: 150,
+            k_len: 150,
+            q_offset: 0,
+            heads: 2,
+            kv_heads: 1,
+            d: 4,
+            window: None,
+        };
+        check(sh, None);
+        check(
+            AttnShape {
+                window: Some(70),
+                ..sh
+            },
+            None,
+        );
+        check(sh, Some((0..150).map(|i| (i / 40) as u32).collect()));
     }
 
     #[test]

@@ -5,6 +5,9 @@
 
 use rayon::prelude::*;
 
+use super::fastmath;
+use super::linear::FrozenLinear;
+
 pub const IGNORE_INDEX: i64 = -100;
 
 /// Target of flattened position `p` (row length `s`), if counted.
@@ -29,33 +32,43 @@ pub fn check_labels(labels: &[i64], vocab: usize) -> anyhow::Result<()> {
 }
 
 /// `(sum of −log softmax(logits[p])[target], count)`; `logits [b·s, V]`,
-/// `labels [b·s]` (rows of length `s`).
+/// `labels [b·s]` (rows of length `s`). The sum is taken in position order
+/// (bit-identical whatever the thread count).
 pub fn forward(logits: &[f32], labels: &[i64], s: usize, vocab: usize) -> (f64, usize) {
-    let per_row = logits
+    let per: Vec<Option<f64>> = logits
         .par_chunks(vocab)
         .enumerate()
         .map(|(p, row)| {
             let t = target(labels, s, p);
-            if t == IGNORE_INDEX {
-                return (0.0, 0);
-            }
-            (lse(row) - row[t as usize] as f64, 1)
+            (t != IGNORE_INDEX).then(|| lse(row) - row[t as usize] as f64)
         })
-        .collect::<Vec<_>>();
-    ordered_sum(&per_row)
+        .collect();
+    sum_in_order(&per)
 }
 
-/// Sum of per-row `(loss, count)` in row order: a rayon `reduce` would add
-/// in an order that depends on thread scheduling, and the reported loss
-/// would differ in the last bit between identical runs.
-fn ordered_sum(per_row: &[(f64, usize)]) -> (f64, usize) {
-    per_row.iter().fold((0.0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
+fn sum_in_order(per: &[Option<f64>]) -> (f64, usize) {
+    per.iter()
+        .flatten()
+        .fold((0.0, 0), |(s, c), l| (s + l, c + 1))
 }
 
+/// `log Σ exp(row)` (f32 exponentials summed in a fixed order in f64).
 fn lse(row: &[f32]) -> f64 {
-    let mx = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let s: f64 = row.iter().map(|v| (*v as f64 - mx).exp()).sum();
-    mx + s.ln()
+    let mx = fastmath::max(row);
+    let mut tmp = row.to_vec();
+    mx as f64 + fastmath::exp_shift_sum(&mut tmp, mx).ln()
+}
+
+/// One counted row: the loss, and `row` overwritten with
+/// `(softmax(row) − onehot(t)) · inv`.
+fn row_forward_backward(row: &mut [f32], t: usize, inv: f32) -> f64 {
+    let mx = fastmath::max(row);
+    let target_logit = row[t];
+    let z = fastmath::exp_shift_sum(row, mx);
+    let loss = mx as f64 + z.ln() - target_logit as f64;
+    fastmath::scale(row, (inv as f64 / z) as f32);
+    row[t] -= inv;
+    loss
 }
 
 /// Forward and backward in one pass: returns `(sum, count)` and overwrites
@@ -67,26 +80,73 @@ pub fn forward_backward_inplace(
     vocab: usize,
     denominator: f32,
 ) -> (f64, usize) {
-    let inv = 1.0 / denominator as f64;
-    let per_row = logits
+    let per = rows_forward_backward(logits, labels, s, vocab, 0, 1.0 / denominator);
+    sum_in_order(&per)
+}
+
+/// [`forward_backward_inplace`] on the rows of flat positions `p0..`; per-row losses.
+fn rows_forward_backward(
+    logits: &mut [f32],
+    labels: &[i64],
+    s: usize,
+    vocab: usize,
+    p0: usize,
+    inv: f32,
+) -> Vec<Option<f64>> {
+    logits
         .par_chunks_mut(vocab)
         .enumerate()
         .map(|(p, row)| {
-            let t = target(labels, s, p);
+            let t = target(labels, s, p0 + p);
             if t == IGNORE_INDEX {
                 row.fill(0.0);
-                return (0.0, 0);
+                return None;
             }
-            let l = lse(row);
-            let loss = l - row[t as usize] as f64;
-            for v in row.iter_mut() {
-                *v = ((*v as f64 - l).exp() * inv) as f32;
-            }
-            row[t as usize] -= inv as f32;
-            (loss, 1)
+            Some(row_forward_backward(row, t as usize, inv))
         })
-        .collect::<Vec<_>>();
-    ordered_sum(&per_row)
+        .collect()
+}
+
+/// At most this many f32 logits exist at once in [`head_forward_backward`].
+const HEAD_CHUNK_LOGITS: usize = 1 << 23;
+
+/// The lm_head, the loss and their backward, a chunk of positions at a time:
+/// never all `[b·s, vocab]` logits at once. `nf [b·s, hidden]` is the final
+/// norm's output. Returns `(sum, count, d(sum / denominator)/d nf)`; chunks
+/// without a counted target are skipped. The sum is taken in position order.
+pub fn head_forward_backward(
+    head: &FrozenLinear,
+    nf: &[f32],
+    labels: &[i64],
+    s: usize,
+    denominator: f32,
+) -> (f64, usize, Vec<f32>) {
+    super::keep_freed_memory();
+    let (vocab, h) = (head.out_features, head.in_features);
+    let t = labels.len();
+    assert_eq!(nf.len(), t * h, "head: input size");
+    let rows = (HEAD_CHUNK_LOGITS / vocab.max(1)).clamp(1, t.max(1));
+    let rows = if rows >= 32 { rows / 32 * 32 } else { rows };
+    let mut dnf = vec![0f32; t * h];
+    let mut per: Vec<Option<f64>> = vec![None; t];
+    let mut logits: Vec<f32> = Vec::new();
+    let inv = 1.0 / denominator;
+    let mut r0 = 0;
+    while r0 < t {
+        let r1 = (r0 + rows).min(t);
+        if (r0..r1).all(|p| target(labels, s, p) == IGNORE_INDEX) {
+            r0 = r1;
+            continue;
+        }
+        logits.resize((r1 - r0) * vocab, 0.0);
+        head.forward_into(&nf[r0 * h..r1 * h], r1 - r0, &mut logits);
+        let p = rows_forward_backward(&mut logits, labels, s, vocab, r0, inv);
+        per[r0..r1].copy_from_slice(&p);
+        head.backward_input(&logits, r1 - r0, &mut dnf[r0 * h..r1 * h]);
+        r0 = r1;
+    }
+    let (sum, count) = sum_in_order(&per);
+    (sum, count, dnf)
 }
 
 #[cfg(test)]

@@ -205,6 +205,34 @@ impl FrozenWeight {
             }
         }
     }
+    /// Elements `start .. start + out.len()` of the row-major flattening as
+    /// bf16 bits (round to nearest even; 4-bit weights dequantize straight to
+    /// bf16 as bitsandbytes does for a bf16 compute dtype).
+    pub fn elems_bf16(&self, start: usize, out: &mut [u16]) {
+        use super::amx::bf16_bits;
+        let n = out.len();
+        match self {
+            FrozenWeight::F32(w) => super::fastmath::to_bf16(&w[start..start + n], out),
+            FrozenWeight::BF16(w) => out
+                .iter_mut()
+                .zip(&w[start..start + n])
+                .for_each(|(o, v)| *o = v.to_bits()),
+            FrozenWeight::Q4(p) => {
+                let cols = p.cols.max(1);
+                let (r0, r1) = (start / cols, (start + n).div_ceil(cols));
+                let mut tmp = vec![0f32; (r1 - r0) * cols];
+                p.dequantize_rows(r0, r1, &mut tmp);
+                let off = start - r0 * cols;
+                out.iter_mut()
+                    .zip(&tmp[off..off + n])
+                    .for_each(|(o, v)| *o = bf16_bits(*v));
+            }
+            FrozenWeight::Quant(q) => {
+                q.dequantize_range::<bf16>(start, bytemuck::cast_slice_mut(out))
+            }
+        }
+    }
+
     /// Rows `r0..r1` as f32 (`cols` per row) into `out`.
     pub fn rows_f32(&self, r0: usize, r1: usize, cols: usize, out: &mut [f32]) {
         match self {
@@ -219,6 +247,29 @@ impl FrozenWeight {
     }
 }
 
+/// The arithmetic of the frozen base products (like torch's
+/// `set_float32_matmul_precision`: `Bf16` trades precision for speed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BaseCompute {
+    /// f32 operands, f32 accumulation: follows the f32 reference exactly.
+    #[default]
+    F32,
+    /// Weight and activations rounded to bf16, products accumulated in f32, on
+    /// AMX tiles when the CPU has them (the f32 path otherwise).
+    Bf16,
+}
+
+impl std::str::FromStr for BaseCompute {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> anyhow::Result<Self> {
+        match s {
+            "f32" | "fp32" => Ok(BaseCompute::F32),
+            "bf16" => Ok(BaseCompute::Bf16),
+            _ => anyhow::bail!("unknown compute dtype `{s}` (expected f32 or bf16)"),
+        }
+    }
+}
+
 /// A frozen linear layer: `weight` is `[out, in]` (PyTorch layout).
 #[derive(Debug, Clone)]
 pub struct FrozenLinear {
@@ -226,32 +277,54 @@ pub struct FrozenLinear {
     pub in_features: usize,
     pub weight: FrozenWeight,
     pub bias: Option<Vec<f32>>,
+    /// How the products with `weight` are computed.
+    pub compute: BaseCompute,
 }
 
 impl FrozenLinear {
+    /// Whether this call goes through the AMX bf16 kernels.
+    fn use_amx(&self, t: usize) -> bool {
+        self.compute == BaseCompute::Bf16
+            && t > 0
+            && self.in_features > 0
+            && self.out_features > 0
+            && super::amx::available()
+    }
+
     fn tile_rows(&self) -> usize {
         (TILE_ELEMS / self.in_features.max(1)).clamp(1, self.out_features.max(1))
     }
 
     /// `y[t, out] = x[t, in] Wᵀ + bias`.
     pub fn forward(&self, x: &[f32], t: usize) -> Vec<f32> {
+        let mut y = vec![0f32; t * self.out_features];
+        self.forward_into(x, t, &mut y);
+        y
+    }
+
+    /// [`Self::forward`] into `y` (`t·out` values, overwritten).
+    pub fn forward_into(&self, x: &[f32], t: usize, y: &mut [f32]) {
         let (o, i) = (self.out_features, self.in_features);
         assert_eq!(x.len(), t * i, "linear forward: input size");
-        let mut y = vec![0f32; t * o];
+        assert_eq!(y.len(), t * o, "linear forward: output size");
         let xv = View::mat(x, t, i, false);
+        if self.use_amx(t) {
+            super::amx::linear_forward(o, i, t, x, y, &|s, out| self.weight.elems_bf16(s, out));
+        } else {
+            self.forward_f32(xv, t, y);
+        }
+        if let Some(b) = &self.bias {
+            y.par_chunks_mut(o)
+                .for_each(|row| row.iter_mut().zip(b).for_each(|(v, b)| *v += b));
+        }
+    }
+
+    fn forward_f32(&self, xv: View, t: usize, y: &mut [f32]) {
+        let (o, i) = (self.out_features, self.in_features);
         match &self.weight {
-            FrozenWeight::F32(w) => gemm_view(
-                t,
-                o,
-                i,
-                xv,
-                View::mat(w, i, o, true),
-                &mut y,
-                0,
-                o,
-                false,
-                1.0,
-            ),
+            FrozenWeight::F32(w) => {
+                gemm_view(t, o, i, xv, View::mat(w, i, o, true), y, 0, o, false, 1.0)
+            }
             w => {
                 let tr = self.tile_rows();
                 let mut tile = vec![0f32; tr * i];
@@ -261,16 +334,11 @@ impl FrozenLinear {
                     let buf = &mut tile[..(r1 - r0) * i];
                     w.rows_f32(r0, r1, i, buf);
                     let wv = View::mat(buf, i, r1 - r0, true);
-                    gemm_view(t, r1 - r0, i, xv, wv, &mut y, r0, o, false, 1.0);
+                    gemm_view(t, r1 - r0, i, xv, wv, y, r0, o, false, 1.0);
                     r0 = r1;
                 }
             }
         }
-        if let Some(b) = &self.bias {
-            y.par_chunks_mut(o)
-                .for_each(|row| row.iter_mut().zip(b).for_each(|(v, b)| *v += b));
-        }
-        y
     }
 
     /// `dx[t, in] += dy[t, out] W`: the input gradient only.
@@ -278,6 +346,10 @@ impl FrozenLinear {
         let (o, i) = (self.out_features, self.in_features);
         assert_eq!(dy.len(), t * o, "linear backward: dy size");
         assert_eq!(dx.len(), t * i, "linear backward: dx size");
+        if self.use_amx(t) {
+            super::amx::linear_backward(o, i, t, dy, dx, &|s, out| self.weight.elems_bf16(s, out));
+            return;
+        }
         match &self.weight {
             FrozenWeight::F32(w) => gemm_view(
                 t,
@@ -437,6 +509,7 @@ mod tests {
             in_features: i,
             weight: FrozenWeight::Q4(Arc::new(p)),
             bias: Some(bias.clone()),
+            compute: BaseCompute::F32,
         };
         let x = rand_vec(t * i, 5, 1.0);
         let y = q.forward(&x, t);
@@ -471,6 +544,7 @@ mod tests {
             in_features: i,
             weight: FrozenWeight::F32(Arc::new(w.clone())),
             bias: None,
+            compute: BaseCompute::F32,
         };
         let x = rand_vec(t * i, 12, 1.0);
         let g = rand_vec(t * o, 13, 1.0); // loss = <g, y>

@@ -7,8 +7,10 @@
 //! Big products go through [`matmul`], the `gemm` crate candle itself uses on
 //! CPU, called with explicit strides so that transposes cost nothing.
 
+pub mod amx;
 pub mod attention;
 pub mod cross_entropy;
+pub mod fastmath;
 pub mod linear;
 pub mod lora;
 pub mod rmsnorm;
@@ -16,6 +18,32 @@ pub mod rope;
 pub mod swiglu;
 
 use gemm::Parallelism;
+
+/// Keep freed memory in the process for the next step instead of returning
+/// it to the kernel: glibc serves allocations above its (adaptive, at most 32
+/// MiB) mmap threshold with fresh mappings, so every step's large activation
+/// buffers were page-faulted and zeroed by the kernel again (~10% of a step
+/// in a profile). Raising the mmap and trim thresholds makes them come from,
+/// and go back to, the heap. The peak resident size is unchanged (the same
+/// buffers exist at the peak either way). Called once by the training step.
+pub fn keep_freed_memory() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        {
+            extern "C" {
+                fn mallopt(param: i32, value: i32) -> i32;
+            }
+            const M_TRIM_THRESHOLD: i32 = -1;
+            const M_MMAP_THRESHOLD: i32 = -3;
+            // SAFETY: mallopt only changes glibc's allocation policy.
+            unsafe {
+                mallopt(M_MMAP_THRESHOLD, 256 << 20);
+                mallopt(M_TRIM_THRESHOLD, 512 << 20);
+            }
+        }
+    });
+}
 
 /// Work below this many multiply-adds runs single-threaded (thread start-up
 /// costs more than it saves, and callers may already be inside a rayon task).

@@ -1,0 +1,594 @@
+//! bf16 products of the frozen base linears on Intel AMX (`TDPBF16PS`), f32
+//! accumulation.
+//!
+//! The weight is dequantized (or converted) straight into bf16 tiles in the
+//! pair-interleaved ("VNNI") layout the instruction wants, 32 rows at a time,
+//! never as a whole; the activations are rounded to bf16 once per call; the
+//! products accumulate in f32 tiles that are loaded from / stored to the f32
+//! output directly. Both directions use the same 32×32 micro-kernel:
+//!
+//! - forward `y[t, o] = x[t, i] · Wᵀ`: A = x, B = Wᵀ (pairs of consecutive
+//!   elements of one weight row, transposed into the tile's columns);
+//! - input gradient `dx[t, i] += dy[t, o] · W`: A = dy, B = W (two consecutive
+//!   weight rows interleaved).
+//!
+//! Availability is decided at run time (CPUID AMX-TILE + AMX-BF16, then the
+//! Linux `arch_prctl(ARCH_REQ_XCOMP_PERM, XTILEDATA)` permission request);
+//! callers fall back to the f32 GEMM when it is not there. `QLORA_NO_AMX=1`
+//! turns it off (benchmarks, tests of the fallback).
+
+use std::cell::RefCell;
+
+use rayon::prelude::*;
+
+/// One tile: 16 rows of 64 bytes = 512 bf16.
+const TILE_U16: usize = 512;
+/// Rows of the weight dequantized per backward chunk (a multiple of 32):
+/// about this many elements at a time.
+const CHUNK_ELEMS: usize = 1 << 20;
+
+pub use super::fastmath::bf16_bits;
+
+/// Whether the AMX bf16 path can run in this process (detected once).
+pub fn available() -> bool {
+    static AVAIL: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVAIL.get_or_init(|| {
+        if std::env::var_os("QLORA_NO_AMX").is_some_and(|v| v != "0") {
+            return false;
+        }
+        imp::detect()
+    })
+}
+
+/// A weight source: writes elements `start .. start + out.len()` of the
+/// row-major `[rows, cols]` weight as bf16 bits into `out`.
+pub type WeightBf16<'a> = dyn Fn(usize, &mut [u16]) + Sync + 'a;
+
+#[derive(Clone, Copy)]
+struct SendPtr<T>(*mut T);
+unsafe impl<T> Send for SendPtr<T> {}
+unsafe impl<T> Sync for SendPtr<T> {}
+impl<T> SendPtr<T> {
+    fn get(self) -> *mut T {
+        self.0
+    }
+}
+
+thread_local! {
+    /// Reused per-thread scratch buffers (taken out while in use, so a nested
+    /// call on the same thread just starts with an empty one).
+    static SCRATCH_A: RefCell<Vec<u16>> = const { RefCell::new(Vec::new()) };
+    static SCRATCH_B: RefCell<Vec<u16>> = const { RefCell::new(Vec::new()) };
+    static SCRATCH_C: RefCell<Vec<u16>> = const { RefCell::new(Vec::new()) };
+}
+
+fn with_scratch<R>(
+    key: &'static std::thread::LocalKey<RefCell<Vec<u16>>>,
+    f: impl FnOnce(&mut Vec<u16>) -> R,
+) -> R {
+    let mut v = key.with_borrow_mut(std::mem::take);
+    let r = f(&mut v);
+    key.with_borrow_mut(|s| {
+        if s.capacity() < v.capacity() {
+            *s = v;
+        }
+    });
+    r
+}
+
+#[inline]
+fn round_up(x: usize, m: usize) -> usize {
+    x.div_ceil(m) * m
+}
+
+/// Rows `0..rows` of `src` (row stride `ld`, starting at column `col0`,
+/// `cols` wide) as bf16 into `a` `[round_up(rows,32), kp]`, zero-padded.
+fn pack_a(
+    src: &[f32],
+    rows: usize,
+    cols: usize,
+    ld: usize,
+    col0: usize,
+    kp: usize,
+    a: &mut Vec<u16>,
+) {
+    let mp = round_up(rows, 32);
+    if a.len() < mp * kp {
+        a.resize(mp * kp, 0);
+    }
+    a[..mp * kp]
+        .par_chunks_mut(kp * 32)
+        .enumerate()
+        .for_each(|(blk, dst)| {
+            for (r, drow) in dst.chunks_mut(kp).enumerate() {
+                let row = blk * 32 + r;
+                if row >= rows {
+                    drow.fill(0);
+                    continue;
+                }
+                let s = &src[row * ld + col0..row * ld + col0 + cols];
+                super::fastmath::to_bf16(s, &mut drow[..cols]);
+                drow[cols..].fill(0);
+            }
+        });
+}
+
+/// `y[t, o] = x[t, i] · Wᵀ` (y overwritten), W `[o, i]` given by `w`.
+///
+/// # Panics
+/// If AMX is not [`available`] or the sizes do not match.
+pub fn linear_forward(o: usize, i: usize, t: usize, x: &[f32], y: &mut [f32], w: &WeightBf16) {
+    assert!(available(), "AMX bf16 path called without AMX");
+    assert_eq!(x.len(), t * i, "amx forward: x size");
+    assert_eq!(y.len(), t * o, "amx forward: y size");
+    if t == 0 || o == 0 {
+        return;
+    }
+    if i == 0 {
+        y.fill(0.0);
+        return;
+    }
+    let kp = round_up(i, 32);
+    let ksteps = kp / 32;
+    let mp = round_up(t, 32);
+    with_scratch(&SCRATCH_A, |a| {
+        pack_a(x, t, i, i, 0, kp, a);
+        let a = &a[..];
+        let yp = SendPtr(y.as_mut_ptr());
+        (0..o.div_ceil(32)).into_par_iter().for_each(|nb| {
+            with_scratch(&SCRATCH_B, |sc| {
+                let n0 = nb * 32;
+                let nn = 32.min(o - n0);
+                // [2 streams][ksteps][512] B panel, then nn·i weight elements.
+                let bl = 2 * ksteps * TILE_U16;
+                if sc.len() < bl + nn * i {
+                    sc.resize(bl + nn * i, 0);
+                }
+                let (b, wrows) = sc.split_at_mut(bl);
+                let wrows = &mut wrows[..nn * i];
+                w(n0 * i, wrows);
+                if nn < 32 || i % 32 != 0 {
+                    b.fill(0);
+                }
+                // Column jj of the panel: the pairs of weight row jj.
+                for jj in 0..nn {
+                    let (s, j) = (jj / 16, jj % 16);
+                    let row = &wrows[jj * i..(jj + 1) * i];
+                    let dst = &mut b[s * ksteps * TILE_U16..(s + 1) * ksteps * TILE_U16];
+                    let mut pairs = row.chunks_exact(2);
+                    for (q, pr) in (&mut pairs).enumerate() {
+                        dst[q * 32 + j * 2] = pr[0];
+                        dst[q * 32 + j * 2 + 1] = pr[1];
+                    }
+                    if let [last] = pairs.remainder() {
+                        dst[(i / 2) * 32 + j * 2] = *last;
+                    }
+                }
+                // SAFETY: AMX is available (checked above) and permitted; every
+                // tile load stays inside `a` ([mp, kp]) and `b` (2·ksteps tiles);
+                // C blocks are disjoint per task (columns n0..n0+nn of y).
+                unsafe {
+                    imp::run_blocks(
+                        a.as_ptr(),
+                        kp,
+                        mp,
+                        t,
+                        b.as_ptr(),
+                        ksteps,
+                        yp.get().add(n0),
+                        o,
+                        nn,
+                        false,
+                    );
+                }
+            });
+        });
+    });
+}
+
+/// `dx[t, i] += dy[t, o] · W`, W `[o, i]` given by `w`.
+///
+/// # Panics
+/// If AMX is not [`available`] or the sizes do not match.
+pub fn linear_backward(o: usize, i: usize, t: usize, dy: &[f32], dx: &mut [f32], w: &WeightBf16) {
+    assert!(available(), "AMX bf16 path called without AMX");
+    assert_eq!(dy.len(), t * o, "amx backward: dy size");
+    assert_eq!(dx.len(), t * i, "amx backward: dx size");
+    if t == 0 || o == 0 || i == 0 {
+        return;
+    }
+    let kp = round_up(o, 32);
+    let mp = round_up(t, 32);
+    let nblocks = i.div_ceil(32);
+    // Weight rows per chunk: a multiple of 32.
+    let kc = ((CHUNK_ELEMS / i) / 32 * 32).clamp(32, kp);
+    with_scratch(&SCRATCH_A, |a| {
+        pack_a(dy, t, o, o, 0, kp, a);
+        let a = &a[..];
+        with_scratch(&SCRATCH_C, |chunk| {
+            let dxp = SendPtr(dx.as_mut_ptr());
+            let mut k0 = 0;
+            while k0 < o {
+                let k1 = (k0 + kc).min(o);
+                let ksc = (k1 - k0).div_ceil(32);
+                // [nblocks][2 streams][ksc][512]
+                let stream = ksc * TILE_U16;
+                let need = nblocks * 2 * stream;
+                if chunk.len() < need {
+                    chunk.resize(need, 0);
+                }
+                if i % 32 != 0 || (k1 - k0) % 32 != 0 {
+                    chunk[..need].fill(0);
+                }
+                let cp = SendPtr(chunk.as_mut_ptr());
+                (0..ksc).into_par_iter().for_each(|ks| {
+                    with_scratch(&SCRATCH_B, |sc| {
+                        let r0 = k0 + ks * 32;
+                        let nr = 32.min(k1 - r0);
+                        if sc.len() < nr * i {
+                            sc.resize(nr * i, 0);
+                        }
+                        let sc = &mut sc[..nr * i];
+                        w(r0 * i, sc);
+                        for p in 0..nr.div_ceil(2) {
+                            let r_even = &sc[2 * p * i..(2 * p + 1) * i];
+                            let r_odd =
+                                (2 * p + 1 < nr).then(|| &sc[(2 * p + 1) * i..(2 * p + 2) * i]);
+                            for g in 0..i / 16 {
+                                let (nb, s) = (g / 2, g % 2);
+                                let at = (nb * 2 + s) * stream + ks * TILE_U16 + p * 32;
+                                // SAFETY: at + 32 <= nblocks·2·stream; tasks write disjoint `ks` tiles.
+                                let d =
+                                    unsafe { std::slice::from_raw_parts_mut(cp.get().add(at), 32) };
+                                let e = &r_even[g * 16..g * 16 + 16];
+                                match r_odd {
+                                    Some(od) => {
+                                        let od = &od[g * 16..g * 16 + 16];
+                                        for j in 0..16 {
+                                            d[2 * j] = e[j];
+                                            d[2 * j + 1] = od[j];
+                                        }
+                                    }
+                                    None => {
+                                        for j in 0..16 {
+                                            d[2 * j] = e[j];
+                                        }
+                                    }
+                                }
+                            }
+                            for c in (i / 16) * 16..i {
+                                let (nb, s, j) = (c / 32, (c % 32) / 16, c % 16);
+                                let at = (nb * 2 + s) * stream + ks * TILE_U16 + p * 32 + j * 2;
+                                // SAFETY: as above.
+                                unsafe {
+                                    *cp.get().add(at) = r_even[c];
+                                    if let Some(od) = r_odd {
+                                        *cp.get().add(at + 1) = od[c];
+                                    }
+                                }
+                            }
+                        }
+                    });
+                });
+                let chunk_ref = &chunk[..need];
+                (0..nblocks).into_par_iter().for_each(|nb| {
+                    let n0 = nb * 32;
+                    let nn = 32.min(i - n0);
+                    // SAFETY: as in the forward; A is read from column k0 on (its
+                    // padding columns are zero, as are the chunk's padding rows).
+                    unsafe {
+                        imp::run_blocks(
+                            a.as_ptr().add(k0),
+                            kp,
+                            mp,
+                            t,
+                            chunk_ref.as_ptr().add(nb * 2 * stream),
+                            ksc,
+                            dxp.get().add(n0),
+                            i,
+                            nn,
+                            true,
+                        );
+                    }
+                });
+                k0 = k1;
+            }
+        });
+    });
+}
+
+#[cfg(target_arch = "x86_64")]
+mod imp {
+    use std::arch::asm;
+
+    pub fn detect() -> bool {
+        #[allow(unused_unsafe)]
+        // SAFETY: CPUID is always available on x86_64.
+        let (max, l7) = unsafe {
+            (
+                core::arch::x86_64::__cpuid_count(0, 0).eax,
+                core::arch::x86_64::__cpuid_count(7, 0),
+            )
+        };
+        if max < 7 {
+            return false;
+        }
+        let amx_bf16 = (l7.edx >> 22) & 1 == 1;
+        let amx_tile = (l7.edx >> 24) & 1 == 1;
+        if !(amx_bf16 && amx_tile) {
+            return false;
+        }
+        request_permission()
+    }
+
+    #[cfg(target_os = "linux")]
+    fn request_permission() -> bool {
+        const SYS_ARCH_PRCTL: isize = 158;
+        const ARCH_REQ_XCOMP_PERM: usize = 0x1023;
+        const XFEATURE_XTILEDATA: usize = 18;
+        let ret: isize;
+        // SAFETY: a plain syscall; it only changes this process's permitted
+        // xstate components (or fails with an error code).
+        unsafe {
+            asm!(
+                "syscall",
+                inlateout("rax") SYS_ARCH_PRCTL => ret,
+                in("rdi") ARCH_REQ_XCOMP_PERM,
+                in("rsi") XFEATURE_XTILEDATA,
+                lateout("rcx") _,
+                lateout("r11") _,
+                options(nostack),
+            );
+        }
+        ret == 0
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    fn request_permission() -> bool {
+        false
+    }
+
+    #[repr(C, align(64))]
+    struct TileCfg([u8; 64]);
+
+    /// Palette 1; tmm0-7 all 16 rows × 64 bytes.
+    const CFG: TileCfg = {
+        let mut c = [0u8; 64];
+        c[0] = 1;
+        let mut t = 0;
+        while t < 8 {
+            c[16 + 2 * t] = 64;
+            c[48 + t] = 16;
+            t += 1;
+        }
+        TileCfg(c)
+    };
+
+    /// C (32×32 f32 at `c`, row stride `ldc` bytes) (+)= A (32 rows at `a`, row
+    /// stride `lda` bytes, 32·ksteps bf16) · B (two tile streams `b0`, `b1`,
+    /// one 1024-byte tile per k-step each). Tile config must be loaded.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    unsafe fn kernel(
+        a: *const u16,
+        lda: usize,
+        b0: *const u16,
+        b1: *const u16,
+        ksteps: usize,
+        c: *mut f32,
+        ldc: usize,
+        acc: bool,
+    ) {
+        let a1 = a.byte_add(16 * lda);
+        let c01 = c.add(16);
+        let c10 = c.byte_add(16 * ldc);
+        let c11 = c10.add(16);
+        if acc {
+            asm!(
+                "tileloadd tmm0, [{c00} + {ldc}*1]",
+                "tileloadd tmm1, [{c01} + {ldc}*1]",
+                "tileloadd tmm2, [{c10} + {ldc}*1]",
+                "tileloadd tmm3, [{c11} + {ldc}*1]",
+                c00 = in(reg) c, c01 = in(reg) c01, c10 = in(reg) c10, c11 = in(reg) c11,
+                ldc = in(reg) ldc,
+                options(nostack, readonly),
+            );
+        } else {
+            asm!(
+                "tilezero tmm0",
+                "tilezero tmm1",
+                "tilezero tmm2",
+                "tilezero tmm3",
+                options(nostack, nomem),
+            );
+        }
+        asm!(
+            "2:",
+            "tileloadd tmm4, [{a0} + {lda}*1]",
+            "tileloadd tmm6, [{b0} + {s64}*1]",
+            "tdpbf16ps tmm0, tmm4, tmm6",
+            "tileloadd tmm7, [{b1} + {s64}*1]",
+            "tdpbf16ps tmm1, tmm4, tmm7",
+            "tileloadd tmm5, [{a1} + {lda}*1]",
+            "tdpbf16ps tmm2, tmm5, tmm6",
+            "tdpbf16ps tmm3, tmm5, tmm7",
+            "add {a0}, 64",
+            "add {a1}, 64",
+            "add {b0}, 1024",
+            "add {b1}, 1024",
+            "dec {ks}",
+            "jnz 2b",
+            a0 = inout(reg) a => _,
+            a1 = inout(reg) a1 => _,
+            lda = in(reg) lda,
+            b0 = inout(reg) b0 => _,
+            b1 = inout(reg) b1 => _,
+            s64 = in(reg) 64usize,
+            ks = inout(reg) ksteps => _,
+            options(nostack, readonly),
+        );
+        asm!(
+            "tilestored [{c00} + {ldc}*1], tmm0",
+            "tilestored [{c01} + {ldc}*1], tmm1",
+            "tilestored [{c10} + {ldc}*1], tmm2",
+            "tilestored [{c11} + {ldc}*1], tmm3",
+            c00 = in(reg) c, c01 = in(reg) c01, c10 = in(reg) c10, c11 = in(reg) c11,
+            ldc = in(reg) ldc,
+            options(nostack),
+        );
+    }
+
+    /// For every 32-row block of A (`mp` padded rows, `m` real ones, row
+    /// length `kp` bf16): C[rows, 0..nn] (+)= A · B, C at `c` with row stride
+    /// `ldc` floats. Partial blocks go through a 32×32 scratch.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn run_blocks(
+        a: *const u16,
+        kp: usize,
+        mp: usize,
+        m: usize,
+        b: *const u16,
+        ksteps: usize,
+        c: *mut f32,
+        ldc: usize,
+        nn: usize,
+        acc: bool,
+    ) {
+        asm!("ldtilecfg [{}]", in(reg) CFG.0.as_ptr(), options(nostack, readonly));
+        let b1 = b.add(ksteps * super::TILE_U16);
+        let mut scratch = [0f32; 32 * 32];
+        for mb in 0..mp / 32 {
+            let r0 = mb * 32;
+            let ab = a.add(r0 * kp);
+            let cb = c.add(r0 * ldc);
+            let rows = 32.min(m - r0);
+            if rows == 32 && nn == 32 {
+                kernel(ab, kp * 2, b, b1, ksteps, cb, ldc * 4, acc);
+            } else {
+                if acc {
+                    for r in 0..32 {
+                        for j in 0..32 {
+                            scratch[r * 32 + j] = if r < rows && j < nn {
+                                *cb.add(r * ldc + j)
+                            } else {
+                                0.0
+                            };
+                        }
+                    }
+                }
+                kernel(ab, kp * 2, b, b1, ksteps, scratch.as_mut_ptr(), 128, acc);
+                for r in 0..rows {
+                    for j in 0..nn {
+                        *cb.add(r * ldc + j) = scratch[r * 32 + j];
+                    }
+                }
+            }
+        }
+        asm!("tilerelease", options(nostack, nomem));
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+mod imp {
+    pub fn detect() -> bool {
+        false
+    }
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn run_blocks(
+        _a: *const u16,
+        _kp: usize,
+        _mp: usize,
+        _m: usize,
+        _b: *const u16,
+        _ksteps: usize,
+        _c: *mut f32,
+        _ldc: usize,
+        _nn: usize,
+        _acc: bool,
+    ) {
+        unreachable!("AMX is x86_64 only")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testutil::*;
+    use super::*;
+
+    fn bf(v: f32) -> f64 {
+        f32::from_bits((bf16_bits(v) as u32) << 16) as f64
+    }
+
+    #[test]
+    fn bf16_rounding_matches_half() {
+        for v in rand_vec(10_000, 7, 100.0).into_iter().chain([
+            0.0,
+            -0.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::MAX,
+            1e-40,
+            f32::NAN,
+        ]) {
+            let h = half::bf16::from_f32(v).to_bits();
+            if v.is_nan() {
+                assert!(f32::from_bits((bf16_bits(v) as u32) << 16).is_nan());
+            } else {
+                assert_eq!(bf16_bits(v), h, "{v}");
+            }
+        }
+    }
+
+    /// f64 reference of `x Wᵀ` (forward) and `dy W` (backward) on bf16-rounded inputs.
+    #[test]
+    fn amx_forward_and_backward_match_bf16_reference() {
+        if !available() {
+            eprintln!("SKIPPED: AMX-BF16 is not available on this CPU (or QLORA_NO_AMX is set); the AMX kernels were not run");
+            return;
+        }
+        for &(o, i, t) in &[
+            (32, 32, 32),
+            (64, 96, 64),
+            (70, 45, 33),
+            (7, 3, 5),
+            (200, 1100, 40),
+            (1100, 200, 17),
+        ] {
+            let wv = rand_vec(o * i, 21, 1.0);
+            let x = rand_vec(t * i, 22, 1.0);
+            let dy = rand_vec(t * o, 23, 1.0);
+            let w = |start: usize, out: &mut [u16]| {
+                for (d, v) in out.iter_mut().zip(&wv[start..]) {
+                    *d = bf16_bits(*v);
+                }
+            };
+            let mut y = vec![f32::NAN; t * o];
+            linear_forward(o, i, t, &x, &mut y, &w);
+            let mut worst = 0f64;
+            for r in 0..t {
+                for c in 0..o {
+                    let s: f64 = (0..i).map(|k| bf(x[r * i + k]) * bf(wv[c * i + k])).sum();
+                    worst = worst.max((s - y[r * o + c] as f64).abs());
+                }
+            }
+            assert!(
+                worst < 1e-4 * (i as f64).sqrt(),
+                "forward {o}x{i}x{t}: {worst}"
+            );
+            let init = rand_vec(t * i, 24, 1.0);
+            let mut dx = init.clone();
+            linear_backward(o, i, t, &dy, &mut dx, &w);
+            let mut worst = 0f64;
+            for r in 0..t {
+                for c in 0..i {
+                    let s: f64 = (0..o).map(|k| bf(dy[r * o + k]) * bf(wv[k * i + c])).sum();
+                    worst = worst.max((init[r * i + c] as f64 + s - dx[r * i + c] as f64).abs());
+                }
+            }
+            assert!(
+                worst < 1e-4 * (o as f64).sqrt(),
+                "backward {o}x{i}x{t}: {worst}"
+            );
+        }
+    }
+}
