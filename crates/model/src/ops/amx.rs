@@ -147,7 +147,7 @@ pub fn linear_forward(o: usize, i: usize, t: usize, x: &[f32], y: &mut [f32], w:
                 let (b, wrows) = sc.split_at_mut(bl);
                 let wrows = &mut wrows[..nn * i];
                 w(n0 * i, wrows);
-                if nn < 32 || i % 32 != 0 {
+                if nn < 32 || !i.is_multiple_of(32) {
                     b.fill(0);
                 }
                 // Column jj of the panel: the pairs of weight row jj.
@@ -217,7 +217,7 @@ pub fn linear_backward(o: usize, i: usize, t: usize, dy: &[f32], dx: &mut [f32],
                 if chunk.len() < need {
                     chunk.resize(need, 0);
                 }
-                if i % 32 != 0 || (k1 - k0) % 32 != 0 {
+                if !i.is_multiple_of(32) || !(k1 - k0).is_multiple_of(32) {
                     chunk[..need].fill(0);
                 }
                 let cp = SendPtr(chunk.as_mut_ptr());
