@@ -152,6 +152,7 @@ fn linears(o: usize, i: usize) -> Vec<(&'static str, FrozenLinear)> {
         in_features: i,
         weight: w,
         bias,
+        compute: Default::default(),
     };
     vec![
         (
@@ -217,6 +218,7 @@ fn nf4_dequantization_is_bnb_exact() {
         in_features: i,
         weight: FrozenWeight::Q4(Arc::new(q)),
         bias: None,
+        compute: Default::default(),
     };
     let wg = g.prepare_linear(&lin).unwrap();
     // x = identity rows: y[r, :] = column r of W = W[:, r].
@@ -491,6 +493,7 @@ fn chunked_cross_entropy_matches_cpu() {
                 .collect(),
         )),
         bias: None,
+        compute: Default::default(),
     };
     let x = rand_vec(t * h, 2, 1.0);
     let mut labels: Vec<i64> = (0..t).map(|p| ((p * 37) % vocab) as i64).collect();
