@@ -22,7 +22,7 @@ struct Cli {
 enum Command {
     /// Show a model's configuration as qlora understands it.
     Inspect(commands::inspect::Args),
-    /// Mean next-token loss and perplexity of a model (+ adapter) on pre-tokenized rows.
+    /// Mean next-token loss and perplexity of a model (+ adapter) on a data file in any format train reads.
     Eval(commands::eval::Args),
     /// Generate text from a model (+ adapter) with a KV cache; streams tokens, prints tokens/s.
     Generate(commands::generate::Args),

@@ -1,11 +1,16 @@
-//! `qlora eval --model <ref> [--adapter <dir>] --data <file> [--quant ...] [--batch-size N] [--json]`:
-//! mean shifted cross-entropy over every unmasked target of a pre-tokenized
-//! file (JSONL or JSON array of `{"input_ids": [...], "labels": [...]}`), as
-//! transformers computes it: sum over all targets of the file / their count.
+//! `qlora eval --model <ref> [--adapter <dir>] --data <file> [--data-format F] [--train-on-inputs]
+//! [--max-seq-len N] [--quant ...] [--batch-size N] [--json]`: mean shifted cross-entropy over
+//! every unmasked target of a data file in any format `qlora train` reads (text, chat, alpaca,
+//! prompt/completion, pre-tokenized), tokenized and masked by the same loader
+//! (`qlora_data::formats`) and truncated to the same `--max-seq-len` as training, so the loss
+//! equals train's evaluation of the same rows; as transformers computes it: sum over all
+//! targets of the file / their count.
 
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
+use qlora_data::formats::{Format, LoadOptions as DataLoadOptions, OnBadLine};
+use qlora_data::rows::truncate;
 use qlora_model::{Batch, LoadOptions, Model, QuantMode};
 use qlora_tokenizer::{ModelRef, ModelSource};
 
@@ -18,9 +23,21 @@ pub struct Args {
     /// PEFT LoRA adapter folder.
     #[arg(long)]
     pub adapter: Option<PathBuf>,
-    /// Pre-tokenized rows (JSONL or a JSON array); `labels` optional, -100 masks.
+    /// Data file (JSONL or a JSON array) in any format `qlora train` reads.
     #[arg(long)]
     pub data: PathBuf,
+    /// auto, pretokenized, alpaca, chat, prompt-completion, text (as `qlora train`).
+    #[arg(long, default_value = "auto")]
+    pub data_format: String,
+    /// Count the prompt / user tokens too (as `qlora train --train-on-inputs`).
+    #[arg(long)]
+    pub train_on_inputs: bool,
+    /// Rows longer than this are truncated (as `qlora train`, default 1024).
+    #[arg(long, default_value_t = 1024)]
+    pub max_seq_len: usize,
+    /// skip or error on a malformed record.
+    #[arg(long, default_value = "error")]
+    pub on_bad_line: String,
     /// How full-precision base weights are held: none (f32), bf16, nf4, fp4.
     #[arg(long, default_value = "nf4")]
     pub quant: QuantMode,
@@ -41,18 +58,40 @@ pub fn run(a: Args) -> Result<()> {
     if a.batch_size == 0 {
         bail!("--batch-size must be at least 1");
     }
+    if a.max_seq_len < 2 {
+        bail!("--max-seq-len must be at least 2");
+    }
     let opts = LoadOptions { quant: a.quant };
-    let mut model = match ModelRef::resolve(&a.model, false)?.source {
-        ModelSource::Folder(dir) => Model::from_folder(&dir, &opts)
+    let r = ModelRef::resolve(&a.model, false)?;
+    let mut model = match &r.source {
+        ModelSource::Folder(dir) => Model::from_folder(dir, &opts)
             .with_context(|| format!("loading model {}", dir.display()))?,
-        ModelSource::Gguf(path) => super::generate::load_gguf(&path, &opts)?,
+        ModelSource::Gguf(path) => super::generate::load_gguf(path, &opts)?,
+    };
+    // The tokenizer only matters for text formats; pre-tokenized data needs none.
+    let tok = r.tokenizer();
+    let dopts = DataLoadOptions {
+        format: a.data_format.parse::<Format>()?,
+        train_on_inputs: a.train_on_inputs,
+        on_bad_line: a.on_bad_line.parse::<OnBadLine>()?,
+        // as train checks them: ids against the model, a target left after truncation
+        vocab_size: Some(model.config.vocab_size),
+        max_len: Some(a.max_seq_len),
     };
     model.to_device(a.device)?;
     let adapter = match &a.adapter {
         Some(dir) => Some(qlora_lora::load_adapter(dir, Some(&model.config))?.1),
         None => None,
     };
-    let examples = qlora_data::pretokenized::read(&a.data)?;
+    let mut examples = super::train::load_examples(&a.data, &dopts, tok.as_ref().ok())
+        .map_err(|e| match &tok {
+            Err(te) if format!("{e:#}").contains("needs a tokenizer") => {
+                e.context(format!("the model's tokenizer did not load: {te}"))
+            }
+            _ => e,
+        })?
+        .examples;
+    truncate(&mut examples, a.max_seq_len);
     if examples.is_empty() {
         bail!("{}: no rows", a.data.display());
     }

@@ -282,7 +282,11 @@ impl TextTokenizer for Tok<'_> {
 }
 
 /// Load and tokenize a data file; skipped records are reported on stderr.
-fn load_examples(path: &Path, opts: &DataLoadOptions, tok: Option<&Tokenizer>) -> Result<Loaded> {
+pub(crate) fn load_examples(
+    path: &Path,
+    opts: &DataLoadOptions,
+    tok: Option<&Tokenizer>,
+) -> Result<Loaded> {
     let t = tok.map(Tok);
     let l = formats::load(path, opts, t.as_ref().map(|t| t as &dyn TextTokenizer))?;
     for s in &l.skipped {
