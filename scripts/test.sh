@@ -28,3 +28,14 @@ cargo clippy --workspace --all-targets --features qlora-cli/cuda,qlora-train/cud
 NVRTC_LIB="$(scripts/fetch-nvrtc.sh | tail -n 1)"
 LD_LIBRARY_PATH="$NVRTC_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" QLORA_REQUIRE_NVRTC=1 \
   cargo test -p qlora-model --features cuda --test cuda
+
+# Data parallelism over MPI (feature `mpi`): two real processes under mpirun.
+# Needs Open MPI and libclang (.ci/run installs them); skipped otherwise.
+if command -v mpirun >/dev/null && command -v mpicc >/dev/null \
+  && { [ -n "${LIBCLANG_PATH:-}" ] || ls /usr/lib/llvm-*/lib/libclang.so >/dev/null 2>&1; }; then
+  # --workspace keeps the dependencies' feature set (and so their build) of the runs above
+  cargo clippy --workspace --all-targets --features qlora-cli/mpi -- -D warnings
+  cargo test --workspace --features qlora-cli/mpi --test mpi --test dist_mpi
+else
+  echo "SKIPPED mpi tests: no mpirun/mpicc/libclang (apt-get install openmpi-bin libopenmpi-dev libclang-dev)"
+fi

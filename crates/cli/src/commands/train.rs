@@ -170,6 +170,16 @@ pub struct Args {
     #[arg(long)]
     #[serde(alias = "gradient_checkpointing")]
     pub gradient_checkpointing: Option<bool>,
+    /// Under `mpirun -n N` (N > 1): how the frozen base is split across the
+    /// processes. Only `none` (every process holds the whole base; data
+    /// parallelism) is implemented; `full` (FSDP-style sharding) is not yet.
+    #[arg(long, value_name = "none|full")]
+    pub shard: Option<String>,
+    /// Keep shards, gradients and optimizer state in host memory between uses
+    /// (GPUs; a no-op for this CPU trainer, accepted for the plan's spelling).
+    #[arg(long, action = ArgAction::SetTrue)]
+    #[serde(alias = "cpu_offload")]
+    pub cpu_offload: bool,
     /// Overwrite a non-empty --out folder.
     #[arg(long, action = ArgAction::SetTrue)]
     pub force: bool,
@@ -241,7 +251,8 @@ fn with_config_file(mut a: Args) -> Result<Args> {
         max_seq_len,
         on_bad_line,
         save_every,
-        gradient_checkpointing
+        gradient_checkpointing,
+        shard
     );
     merge_flag!(
         a,
@@ -251,7 +262,8 @@ fn with_config_file(mut a: Args) -> Result<Args> {
         packing,
         train_on_inputs,
         force,
-        no_progress
+        no_progress,
+        cpu_offload
     );
     Ok(a)
 }
@@ -322,8 +334,36 @@ fn model_identity(model_ref: &str, model: &Model, quant: &str, rows: &[Row]) -> 
     }
 }
 
+/// `qlora train`, alone or as one rank of `mpirun -n N qlora train …`
+/// (data parallel: `--batch-size` per process; rank 0 writes every file).
 pub fn run(args: Args) -> Result<()> {
+    let comm = qlora_dist::from_env()?;
+    let res = run_on(args, &*comm);
+    if let Err(e) = &res {
+        if comm.size() > 1 {
+            // the other ranks may be waiting in a collective: stop them all
+            eprintln!("error (rank {} of {}): {e:#}", comm.rank(), comm.size());
+            comm.abort(1);
+        }
+    }
+    res
+}
+
+fn run_on(args: Args, comm: &dyn qlora_dist::Communicator) -> Result<()> {
     let a = with_config_file(args)?;
+    let world = comm.size();
+    let main = comm.rank() == 0;
+    match a.shard.as_deref() {
+        None | Some("none") => {}
+        Some("full") => bail!(
+            "--shard full (FSDP-style sharding of the frozen base) is not implemented yet; \
+             use --shard none (every process holds the whole base)"
+        ),
+        Some(o) => bail!("unknown --shard `{o}` (none or full)"),
+    }
+    if a.cpu_offload && main {
+        eprintln!("note: --cpu-offload is a no-op for the CPU trainer (everything is in host memory already)");
+    }
     let model_ref = a.model.clone().context("--model is required")?;
     let data_path = a.data.clone().context("--data is required")?;
     let out = a.out.clone().context("--out is required")?;
@@ -346,7 +386,9 @@ pub fn run(args: Args) -> Result<()> {
         alpha: a.alpha,
     }
     .validate()?;
-    qlora_train::outdir::check_output_dir(&out, a.resume.as_deref(), a.force)?;
+    if main {
+        qlora_train::outdir::check_output_dir(&out, a.resume.as_deref(), a.force)?;
+    }
 
     // ---- model (the tokenizer is needed to read text data)
     let t_load = std::time::Instant::now();
@@ -488,9 +530,11 @@ pub fn run(args: Args) -> Result<()> {
     };
     let identity = model_identity(&model_ref, &model, &quant_s, &rows);
     cfg.validate()?;
-    qlora_train::prepare_output_dir(&out, a.resume.as_deref(), a.force)?;
+    if main {
+        qlora_train::prepare_output_dir(&out, a.resume.as_deref(), a.force)?;
+    }
 
-    let mut trainer = match &a.resume {
+    let trainer = match &a.resume {
         Some(ck) => {
             let t = Trainer::resume(&model, cfg, identity, rows, eval_rows, ck)?;
             t.check_same_adapter(&peft)
@@ -499,8 +543,23 @@ pub fn run(args: Args) -> Result<()> {
         }
         None => Trainer::new(&model, cfg, identity, peft, adapter, rows, eval_rows)?,
     };
+    let mut trainer = trainer.with_communicator(comm)?;
 
     qlora_memory::rss::trace("trainer-ready");
+
+    if !main {
+        // ranks > 0 train in step with rank 0 and write nothing
+        train_loop(&mut trainer, &a, &out, false)?;
+        return Ok(());
+    }
+    if world > 1 {
+        println!(
+            "parallel   {world} processes ({}), data parallel: {} rows per process per micro-batch, {} per step; shard none",
+            comm.backend(),
+            batch_size,
+            batch_size * grad_accum * world
+        );
+    }
 
     // ---- summary
     let trainable = trainer.adapter.num_params();
@@ -549,7 +608,7 @@ pub fn run(args: Args) -> Result<()> {
         }
         _ => None,
     };
-    train_loop(&mut trainer, &a, &out)?;
+    train_loop(&mut trainer, &a, &out, true)?;
     if let (Some(t), Some(before)) = (&tok, before) {
         let after = samples(&model, t, Some(&trainer.adapter), &sample_prompts)?;
         let mut md =
@@ -620,7 +679,25 @@ fn base_param_count(model: &Model) -> usize {
         + c.hidden_size
 }
 
-fn train_loop(trainer: &mut Trainer<'_>, a: &Args, out: &Path) -> Result<()> {
+/// The step loop; only the `main` process (rank 0) writes files and reports.
+fn train_loop(trainer: &mut Trainer<'_>, a: &Args, out: &Path, main: bool) -> Result<()> {
+    if !main {
+        let stop = a
+            .stop_at_step
+            .unwrap_or(u64::MAX)
+            .min(trainer.cfg.max_steps);
+        let eval_every = a.eval_every.unwrap_or(0);
+        if trainer.step == 0 {
+            trainer.evaluate()?;
+        }
+        while trainer.step < stop {
+            let step = trainer.train_step()?.step;
+            if (eval_every > 0 && step % eval_every == 0) || step == stop {
+                trainer.evaluate()?;
+            }
+        }
+        return Ok(());
+    }
     let metrics_path = out.join("metrics.jsonl");
     let mut history: Vec<StepMetrics> = Vec::new();
     if trainer.step > 0 {
