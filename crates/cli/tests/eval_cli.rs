@@ -1,15 +1,8 @@
 //! `qlora eval` against the tiny_llama fixture (transformers' losses).
 
-use std::path::{Path, PathBuf};
+use qlora_testutil::fixtures;
+use std::path::Path;
 use std::process::Command;
-
-fn fixtures() -> PathBuf {
-    Path::new(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../../shared/fixtures"
-    ))
-    .to_path_buf()
-}
 
 /// An I64 [rows, cols] tensor of a safetensors file, read by hand.
 fn i64_rows(file: &Path, name: &str) -> Vec<Vec<i64>> {

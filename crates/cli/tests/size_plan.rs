@@ -4,8 +4,6 @@ use std::process::Command;
 
 use serde_json::Value;
 
-const FIX: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/fixtures");
-
 fn qlora(args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
     let mut c = Command::new(env!("CARGO_BIN_EXE_qlora"));
     c.args(args);
@@ -53,13 +51,13 @@ fn size_preset_json_has_the_interface_fields() {
 
 #[test]
 fn size_of_real_checkpoint_and_config() {
-    let bnb = format!("{FIX}/tiny_llama_bnb4/model/model.safetensors");
+    let bnb = qlora_testutil::fixture_str("tiny_llama_bnb4/model/model.safetensors");
     let v = json(&["size", &bnb, "--json", "--keep", "f32"]);
     assert_eq!(v["total_params"].as_u64(), Some(127_296));
     assert_eq!(v["stored"]["file_bytes"].as_u64(), Some(237_283));
     assert_eq!(v["formats"]["nf4_dq"]["file_bytes"].as_u64(), Some(237_283));
     assert_eq!(v["formats"]["nf4_dq"]["exact"].as_bool(), Some(true));
-    let cfg = format!("{FIX}/tiny_llama/model/config.json");
+    let cfg = qlora_testutil::fixture_str("tiny_llama/model/config.json");
     let v = json(&["size", &cfg, "--json"]);
     assert_eq!(v["total_params"].as_u64(), Some(127_296));
     assert_eq!(v["params"]["lm_head"].as_u64(), Some(20_480));
@@ -69,46 +67,46 @@ fn size_of_real_checkpoint_and_config() {
 
 #[test]
 fn size_of_gguf_header() {
-    use qlora_memory::gguf::{write_test_file, MetaValue};
+    use qlora_gguf::writer::GgufWriter;
+    use qlora_gguf::{GgmlType, MetaValue};
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("m.gguf");
     let (h, i, v) = (64u64, 160u64, 320u64);
     let mut tensors = vec![
-        ("token_embd.weight".to_string(), vec![h, v], 8u32),
-        ("output_norm.weight".to_string(), vec![h], 0),
+        ("token_embd.weight".to_string(), vec![h, v], GgmlType::Q8_0),
+        ("output_norm.weight".to_string(), vec![h], GgmlType::F32),
     ];
     for l in 0..2 {
         for (n, dims, ty) in [
-            ("attn_norm", vec![h], 0u32),
-            ("ffn_norm", vec![h], 0),
-            ("attn_q", vec![h, h], 2),
-            ("attn_k", vec![h, 32], 2),
-            ("attn_v", vec![h, 32], 2),
-            ("attn_output", vec![h, h], 2),
-            ("ffn_gate", vec![h, i], 2),
-            ("ffn_up", vec![h, i], 2),
-            ("ffn_down", vec![i, h], 8),
+            ("attn_norm", vec![h], GgmlType::F32),
+            ("ffn_norm", vec![h], GgmlType::F32),
+            ("attn_q", vec![h, h], GgmlType::Q4_0),
+            ("attn_k", vec![h, 32], GgmlType::Q4_0),
+            ("attn_v", vec![h, 32], GgmlType::Q4_0),
+            ("attn_output", vec![h, h], GgmlType::Q4_0),
+            ("ffn_gate", vec![h, i], GgmlType::Q4_0),
+            ("ffn_up", vec![h, i], GgmlType::Q4_0),
+            ("ffn_down", vec![i, h], GgmlType::Q8_0),
         ] {
             tensors.push((format!("blk.{l}.{n}.weight"), dims, ty));
         }
     }
-    let t: Vec<(&str, Vec<u64>, u32)> = tensors
-        .iter()
-        .map(|(n, d, ty)| (n.as_str(), d.clone(), *ty))
-        .collect();
-    let meta = [
-        ("general.architecture", MetaValue::Str("llama".into())),
-        ("llama.block_count", MetaValue::Int(2)),
-        ("llama.embedding_length", MetaValue::Int(64)),
-        ("llama.feed_forward_length", MetaValue::Int(160)),
-        ("llama.attention.head_count", MetaValue::Int(4)),
-        ("llama.attention.head_count_kv", MetaValue::Int(2)),
-        (
+    let mut w = GgufWriter::new();
+    w.meta("general.architecture", MetaValue::String("llama".into()))
+        .meta("llama.block_count", MetaValue::U32(2))
+        .meta("llama.embedding_length", MetaValue::U32(64))
+        .meta("llama.feed_forward_length", MetaValue::U32(160))
+        .meta("llama.attention.head_count", MetaValue::U32(4))
+        .meta("llama.attention.head_count_kv", MetaValue::U32(2))
+        .meta(
             "llama.attention.layer_norm_rms_epsilon",
             MetaValue::F32(1e-5),
-        ),
-    ];
-    write_test_file(&p, &meta, &t).unwrap();
+        );
+    for (n, dims, ty) in &tensors {
+        let bytes = ty.bytes_for(dims.iter().product()).unwrap();
+        w.tensor(n, dims, *ty, vec![0u8; bytes as usize]);
+    }
+    w.write(&p).unwrap();
     let v = json(&["size", p.to_str().unwrap(), "--json"]);
     // The tiny Llama of the fixtures with a tied head: 127,296 − 20,480.
     assert_eq!(v["total_params"].as_u64(), Some(106_816));
@@ -217,7 +215,7 @@ fn plan_json_and_budget_answers() {
 /// formats: with the offsets read back from the written file, to the byte.
 #[test]
 fn size_predicts_the_files_qlora_quantize_writes() {
-    let model = format!("{FIX}/tiny_llama/model");
+    let model = qlora_testutil::fixture_str("tiny_llama/model");
     for (opts, key) in [
         (vec![], "nf4_dq"),
         (vec!["--no-double-quant"], "nf4"),
@@ -253,7 +251,8 @@ fn size_predicts_the_files_qlora_quantize_writes() {
 #[test]
 fn config_missing_a_field_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
-    let src = std::fs::read_to_string(format!("{FIX}/tiny_llama/model/config.json")).unwrap();
+    let src =
+        std::fs::read_to_string(qlora_testutil::fixture("tiny_llama/model/config.json")).unwrap();
     let mut cfg: Value = serde_json::from_str(&src).unwrap();
     cfg.as_object_mut().unwrap().remove("num_attention_heads");
     let path = dir.path().join("config.json");

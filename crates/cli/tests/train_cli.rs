@@ -1,17 +1,11 @@
 //! `qlora train` end to end on the tiny fixtures: the acceptance interface
 //! reproduces the torch + PEFT trajectories; TOML config; resume.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
+use qlora_testutil::fixtures as fx;
 use safetensors::SafeTensors;
-
-fn fx() -> PathBuf {
-    PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../../shared/fixtures"
-    ))
-}
 
 fn qlora() -> Command {
     Command::new(env!("CARGO_BIN_EXE_qlora"))

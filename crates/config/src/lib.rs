@@ -85,38 +85,22 @@ impl Architecture {
     }
 }
 
-/// Checkpoint dtype as recorded in config.json (`torch_dtype` / `dtype`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DType {
-    F32,
-    F16,
-    BF16,
-}
+/// Checkpoint dtype as recorded in config.json (`torch_dtype` / `dtype`): the
+/// workspace's one dtype enum.
+pub use qlora_quant::DType;
 
-impl DType {
-    pub fn parse(s: &str) -> Option<DType> {
-        match s.trim_start_matches("torch.") {
-            "float32" | "float" => Some(DType::F32),
-            "float16" | "half" => Some(DType::F16),
-            "bfloat16" => Some(DType::BF16),
-            _ => None,
-        }
-    }
-    /// Name as torch prints it without the `torch.` prefix.
-    pub fn torch_name(self) -> &'static str {
-        match self {
-            DType::F32 => "float32",
-            DType::F16 => "float16",
-            DType::BF16 => "bfloat16",
-        }
-    }
-    pub fn size_in_bytes(self) -> usize {
-        match self {
-            DType::F32 => 4,
-            DType::F16 | DType::BF16 => 2,
-        }
-    }
-}
+/// The seven projection linears of a Llama-family decoder layer, in model order
+/// (q, k, v, o, gate, up, down: PyTorch's parameter order). The one list every
+/// crate uses.
+pub const LINEAR_NAMES: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
 
 /// Largest accepted layer count (see [`ModelConfig::validate`]).
 pub const MAX_LAYERS: usize = 1 << 14;
@@ -426,15 +410,16 @@ impl ModelConfig {
     pub fn linear_shapes(&self) -> [(&'static str, [usize; 2]); 7] {
         let (h, d, i) = (self.hidden_size, self.head_dim, self.intermediate_size);
         let (a, kv) = (self.num_attention_heads, self.num_key_value_heads);
-        [
-            ("q_proj", [a * d, h]),
-            ("k_proj", [kv * d, h]),
-            ("v_proj", [kv * d, h]),
-            ("o_proj", [h, a * d]),
-            ("gate_proj", [i, h]),
-            ("up_proj", [i, h]),
-            ("down_proj", [h, i]),
-        ]
+        let shapes = [
+            [a * d, h],
+            [kv * d, h],
+            [kv * d, h],
+            [h, a * d],
+            [i, h],
+            [i, h],
+            [h, i],
+        ];
+        std::array::from_fn(|m| (LINEAR_NAMES[m], shapes[m]))
     }
 
     /// Full HF module path of a projection: `model.layers.{l}.self_attn.q_proj` etc.

@@ -1,10 +1,9 @@
 use super::*;
 
-const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/fixtures");
-
 #[test]
 fn tiny_llama_v5_config() {
-    let c = ModelConfig::from_file(format!("{FIXTURES}/tiny_llama/model/config.json")).unwrap();
+    let c =
+        ModelConfig::from_file(qlora_testutil::fixture("tiny_llama/model/config.json")).unwrap();
     assert_eq!(c.architecture, Architecture::Llama);
     assert_eq!(
         (c.hidden_size, c.intermediate_size, c.num_hidden_layers),
@@ -25,8 +24,8 @@ fn tiny_llama_v5_config() {
 
 #[test]
 fn bnb4_config_keeps_quantization_config() {
-    let c =
-        ModelConfig::from_file(format!("{FIXTURES}/tiny_llama_bnb4/model/config.json")).unwrap();
+    let c = ModelConfig::from_file(qlora_testutil::fixture("tiny_llama_bnb4/model/config.json"))
+        .unwrap();
     let q = c.quantization_config.unwrap();
     assert_eq!(q["bnb_4bit_quant_type"], "nf4");
 }

@@ -16,19 +16,19 @@ pub struct Converted {
     pub skipped: Vec<String>,
 }
 
-fn yaml_scalar(v: &serde_yaml::Value) -> Option<String> {
+fn yaml_scalar(v: &yaml_serde::Value) -> Option<String> {
     match v {
-        serde_yaml::Value::String(s) => Some(s.trim().to_string()),
-        serde_yaml::Value::Number(n) => Some(n.to_string()),
-        serde_yaml::Value::Bool(b) => Some(b.to_string()),
+        yaml_serde::Value::String(s) => Some(s.trim().to_string()),
+        yaml_serde::Value::Number(n) => Some(n.to_string()),
+        yaml_serde::Value::Bool(b) => Some(b.to_string()),
         _ => None,
     }
 }
 
 /// Convert one YAML file's text.
 pub fn convert_yaml(text: &str, name: &str, out: &mut Converted) -> Result<()> {
-    let doc: serde_yaml::Value =
-        serde_yaml::from_str(text).with_context(|| format!("{name}: invalid YAML"))?;
+    let doc: yaml_serde::Value =
+        yaml_serde::from_str(text).with_context(|| format!("{name}: invalid YAML"))?;
     let convs = doc
         .get("conversations")
         .and_then(|c| c.as_sequence())

@@ -108,8 +108,9 @@ impl FromStr for OnBadLine {
     }
 }
 
+/// How a dataset file is read.
 #[derive(Debug, Clone, Copy)]
-pub struct LoadOptions {
+pub struct DatasetOptions {
     pub format: Format,
     pub train_on_inputs: bool,
     pub on_bad_line: OnBadLine,
@@ -121,9 +122,9 @@ pub struct LoadOptions {
     pub max_len: Option<usize>,
 }
 
-impl Default for LoadOptions {
+impl Default for DatasetOptions {
     fn default() -> Self {
-        LoadOptions {
+        DatasetOptions {
             format: Format::Auto,
             train_on_inputs: false,
             on_bad_line: OnBadLine::Error,
@@ -133,7 +134,7 @@ impl Default for LoadOptions {
     }
 }
 
-/// The checks of [`LoadOptions::vocab_size`] and [`LoadOptions::max_len`] on one example.
+/// The checks of [`DatasetOptions::vocab_size`] and [`DatasetOptions::max_len`] on one example.
 pub fn check_example(e: &Example, vocab_size: Option<usize>, max_len: Option<usize>) -> Result<()> {
     if let Some(v) = vocab_size {
         if let Some((i, &t)) = e
@@ -173,7 +174,7 @@ pub fn check_example(e: &Example, vocab_size: Option<usize>, max_len: Option<usi
 
 /// The result of loading a dataset file.
 #[derive(Debug, Clone, Default)]
-pub struct Loaded {
+pub struct Dataset {
     pub examples: Vec<Example>,
     /// `file:line: problem` for every skipped record.
     pub skipped: Vec<String>,
@@ -362,12 +363,16 @@ fn records(bytes: &[u8]) -> Result<Vec<(usize, Result<Value>)>> {
 }
 
 /// Load and tokenize a dataset file. `tok` may be `None` only for pre-tokenized data.
-pub fn load(path: &Path, opts: &LoadOptions, tok: Option<&dyn TextTokenizer>) -> Result<Loaded> {
+pub fn load(
+    path: &Path,
+    opts: &DatasetOptions,
+    tok: Option<&dyn TextTokenizer>,
+) -> Result<Dataset> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     let name = path.display().to_string();
     let recs = records(&bytes).with_context(|| name.clone())?;
     let mut fmt = opts.format;
-    let mut out = Loaded::default();
+    let mut out = Dataset::default();
     for (line, rec) in recs {
         let res = rec.and_then(|v| {
             if fmt == Format::Auto {
@@ -518,7 +523,7 @@ pub(crate) mod tests {
         )
         .unwrap();
         let tok = ByteTok { bos: false };
-        let mut o = LoadOptions {
+        let mut o = DatasetOptions {
             on_bad_line: OnBadLine::Skip,
             ..Default::default()
         };

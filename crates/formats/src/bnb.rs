@@ -10,7 +10,7 @@
 use std::borrow::Cow;
 
 use qlora_quant::{
-    code_table, Absmax, DoubleQuant, QuantType, Quantized4, SourceDType, NESTED_BLOCKSIZE,
+    code_table, Absmax, DType, DoubleQuant, QuantType, Quantized4, NESTED_BLOCKSIZE,
 };
 use safetensors::Dtype;
 use serde_json::{json, Value};
@@ -345,7 +345,7 @@ fn f32s(t: &TensorView<'_>, len: usize) -> std::result::Result<Vec<f32>, String>
 pub struct QuantState {
     pub quant_type: QuantType,
     pub blocksize: usize,
-    pub dtype: SourceDType,
+    pub dtype: DType,
     pub shape: Vec<usize>,
     /// `(nested_blocksize, nested_offset)` when double-quantized.
     pub nested: Option<(usize, f32)>,
@@ -377,7 +377,7 @@ pub fn parse_quant_state_str(text: &str) -> std::result::Result<QuantState, Stri
         .as_u64()
         .ok_or("`blocksize` is not a non-negative integer")? as usize;
     qlora_quant::check_blocksize(blocksize).map_err(|e| e.to_string())?;
-    let dtype: SourceDType = field("dtype")?
+    let dtype: DType = field("dtype")?
         .as_str()
         .ok_or("`dtype` is not a string")?
         .parse()

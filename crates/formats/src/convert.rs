@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use half::{bf16, f16};
-use qlora_quant::{Input, QuantOptions, Quantized4, SourceDType};
+use qlora_quant::{DType, Input, QuantOptions, Quantized4};
 use rayon::prelude::*;
 use safetensors::Dtype;
 use serde_json::Value;
@@ -58,7 +58,7 @@ impl Default for QuantizeOptions {
 pub struct DequantizeOptions {
     /// Output dtype of the dequantized weights (and of the other float
     /// tensors); `None`: each weight's recorded dtype, others unchanged.
-    pub dtype: Option<SourceDType>,
+    pub dtype: Option<DType>,
     pub max_shard_size: u64,
     pub force: bool,
 }
@@ -252,11 +252,11 @@ fn le_bytes<T: bytemuck::Pod>(v: &[T], to_le: impl Fn(&T) -> Vec<u8>) -> Cow<'_,
     }
 }
 
-fn source_dtype(d: SourceDType) -> Dtype {
+fn source_dtype(d: DType) -> Dtype {
     match d {
-        SourceDType::F32 => Dtype::F32,
-        SourceDType::F16 => Dtype::F16,
-        SourceDType::BF16 => Dtype::BF16,
+        DType::F32 => Dtype::F32,
+        DType::F16 => Dtype::F16,
+        DType::BF16 => Dtype::BF16,
     }
 }
 
@@ -511,7 +511,7 @@ pub fn quantize_file(input: &Path, out: &Path, opts: &QuantizeOptions) -> Result
 /// are consumed), everything else copied (cast to `dtype` if given).
 fn plan_dequantize<S: TensorSource + ?Sized>(
     src: &S,
-    dtype: Option<SourceDType>,
+    dtype: Option<DType>,
     report: &mut ConvertReport,
 ) -> Result<Vec<Unit>> {
     let weights: HashSet<String> = bnb::bnb4_weight_keys(src).into_iter().collect();

@@ -125,6 +125,11 @@ impl ModelFiles {
         })
     }
 
+    /// The opened files (one, or every shard in first-listed order).
+    pub fn into_files(self) -> Vec<SafetensorsFile> {
+        self.files
+    }
+
     /// The model folder.
     pub fn dir(&self) -> &Path {
         &self.dir

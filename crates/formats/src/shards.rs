@@ -109,15 +109,38 @@ pub fn write_index(dir: &Path, shards: &[(String, Vec<TensorSpec>)]) -> Result<P
     Ok(path)
 }
 
-/// Write a small file via `<path>.tmp-<pid>` + rename.
+/// Write a small file atomically: `<path>.tmp-<pid>` in the same folder, fsynced,
+/// renamed over `path`, then the folder fsynced so the rename itself is durable.
+/// A reader never sees a half-written file; on error the temporary is removed.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
     let tmp = temp_path(path);
-    if let Err(e) = std::fs::write(&tmp, bytes) {
+    let written = std::fs::File::create(&tmp)
+        .and_then(|mut f| {
+            f.write_all(bytes)?;
+            f.sync_all()
+        })
+        .map_err(|e| FormatError::io(&tmp, e))
+        .and_then(|()| std::fs::rename(&tmp, path).map_err(|e| FormatError::io(path, e)));
+    if let Err(e) = written {
         let _ = std::fs::remove_file(&tmp);
-        return Err(FormatError::io(&tmp, e));
+        return Err(e);
     }
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        FormatError::io(path, e)
-    })
+    sync_dir(path)
+}
+
+/// fsync the folder holding `path` (makes a rename into it durable). A no-op
+/// where folders cannot be opened for syncing (not Unix).
+pub fn sync_dir(path: &Path) -> Result<()> {
+    #[cfg(unix)]
+    {
+        let dir = path.parent().filter(|p| !p.as_os_str().is_empty());
+        let dir = dir.unwrap_or_else(|| Path::new("."));
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| FormatError::io(dir, e))?;
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+    Ok(())
 }

@@ -378,6 +378,7 @@ impl SafetensorsWriter {
         std::fs::rename(&self.tmp_path, &self.final_path)
             .map_err(|e| FormatError::io(&self.final_path, e))?;
         self.committed = true;
+        crate::shards::sync_dir(&self.final_path)?;
         Ok(self.final_path.clone())
     }
 }

@@ -12,13 +12,7 @@ use qlora_formats::{
     SafetensorsFile, TensorData,
 };
 use qlora_quant::{QuantOptions, QuantType};
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../../shared/fixtures"
-    ))
-}
+use qlora_testutil::fixtures;
 
 fn bnb4_dir() -> PathBuf {
     fixtures().join("tiny_llama_bnb4/model")

@@ -1,20 +1,14 @@
 //! Reading, validating and writing safetensors files against the shared fixtures,
 //! plus one test per kind of corrupted input.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use qlora_formats::shards::{plan_shards, shard_file_name, write_index};
 use qlora_formats::{
     parse_size, write_safetensors, Dtype, FormatError, ModelFiles, SafetensorsFile,
     SafetensorsWriter, TensorData, TensorSpec,
 };
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../../shared/fixtures"
-    ))
-}
+use qlora_testutil::fixtures;
 
 /// A file image from a header string and a data buffer (header padded to 8).
 fn raw(header: &str, data: &[u8]) -> Vec<u8> {

@@ -39,6 +39,13 @@ fn meta_err(path: &Path, key: &str, msg: String) -> GgufError {
     }
 }
 
+/// The split regex of llama.cpp's `llama-bpe` (Llama 3) pre-tokenizer, exactly as
+/// it appears in the models' tokenizer.json (read and written by the tokenizer
+/// rebuild and the GGUF export).
+pub const LLAMA3_PRE_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// The split regex of llama.cpp's `qwen2` pre-tokenizer (see [`LLAMA3_PRE_REGEX`]).
+pub const QWEN2_PRE_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
 /// The HF name of a GGUF tensor name of the llama family, `None` for names outside it.
 pub fn hf_name(gguf: &str) -> Option<String> {
     let direct = match gguf {

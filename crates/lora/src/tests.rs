@@ -1,19 +1,10 @@
 //! Tests against PEFT's own files in the shared fixtures.
 
-use std::path::PathBuf;
-
-use candle_core::{DType, Device, Tensor};
 use qlora_config::ModelConfig;
 use safetensors::SafeTensors;
 
 use crate::*;
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../../shared/fixtures"
-    ))
-}
+use qlora_testutil::fixtures;
 
 fn tiny_model() -> ModelConfig {
     ModelConfig::from_file(fixtures().join("tiny_llama/model/config.json")).unwrap()
@@ -38,8 +29,8 @@ fn read_st(path: &std::path::Path) -> Vec<(String, Vec<usize>, Vec<f32>)> {
     v
 }
 
-fn flat(t: &Tensor) -> Vec<f32> {
-    t.flatten_all().unwrap().to_vec1().unwrap()
+fn flat(t: &Matrix) -> Vec<f32> {
+    t.data().to_vec()
 }
 
 #[test]
@@ -64,17 +55,17 @@ fn loads_peft_fixture_adapter() {
     assert_eq!(order[13], "model.layers.1.mlp.down_proj");
     assert_eq!(ad.config.target_modules, order);
     let q = ad.get("model.layers.1.self_attn.k_proj").unwrap();
-    assert_eq!(q.a.dims(), &[4, 64]);
-    assert_eq!(q.b.dims(), &[32, 4]);
+    assert_eq!(q.a.dims(), [4, 64]);
+    assert_eq!(q.b.dims(), [32, 4]);
     let d = ad.get("model.layers.0.mlp.down_proj").unwrap();
-    assert_eq!(d.a.dims(), &[4, 160]);
-    assert_eq!(d.b.dims(), &[64, 4]);
+    assert_eq!(d.a.dims(), [4, 160]);
+    assert_eq!(d.b.dims(), [64, 4]);
     // values equal the raw file, and A lies in PEFT's kaiming bound U(±1/√in)
     for (k, shape, data) in read_st(&dir.join(io::WEIGHTS_FILE)) {
         let (module, which) = io::parse_peft_key(&k).unwrap();
         let w = ad.get(&module).unwrap();
         let t = if which == Which::A { &w.a } else { &w.b };
-        assert_eq!(t.dims(), &shape[..]);
+        assert_eq!(&t.dims()[..], &shape[..]);
         assert_eq!(flat(t), data, "{k}");
         if which == Which::A {
             let bound = 1.0 / (shape[1] as f32).sqrt();
@@ -97,9 +88,19 @@ fn merge_matches_peft_merged_model() {
             assert_eq!(w, wm, "{k} must be unchanged");
             continue;
         };
-        let delta = l.b.matmul(&l.a).unwrap();
-        let wt = Tensor::from_vec(w.clone(), (shape[0], shape[1]), &Device::Cpu).unwrap();
-        let ours = flat(&(wt + (delta * ad.scaling()).unwrap()).unwrap());
+        // W + s·(B @ A), f32 as torch computes it
+        let ([o, r], [_, i]) = (l.b.dims(), l.a.dims());
+        assert_eq!((o, i), (shape[0], shape[1]));
+        let s = ad.scaling() as f32;
+        let ours: Vec<f32> = (0..o * i)
+            .map(|idx| {
+                let (row, col) = (idx / i, idx % i);
+                let d: f32 = (0..r)
+                    .map(|k| l.b.data()[row * r + k] * l.a.data()[k * i + col])
+                    .sum();
+                w[idx] + d * s
+            })
+            .collect();
         let max = ours
             .iter()
             .zip(wm)
@@ -165,15 +166,26 @@ fn bf16_adapter_is_accepted() {
     let src = fixtures().join("tiny_lora_adapter/adapter");
     let (peft, ad) = load_adapter(&src, None).unwrap();
     let tmp = tempfile::tempdir().unwrap();
-    let mut views = Vec::new();
+    let mut bufs = Vec::new();
     for (k, w) in &ad.layers {
         for (which, t) in [(Which::A, &w.a), (Which::B, &w.b)] {
-            let t = t.to_dtype(DType::BF16).unwrap();
-            views.push((peft_key(k, which), t));
+            let bytes: Vec<u8> = t
+                .data()
+                .iter()
+                .flat_map(|x| half::bf16::from_f32(*x).to_le_bytes())
+                .collect();
+            bufs.push((peft_key(k, which), t.dims().to_vec(), bytes));
         }
     }
-    let map: std::collections::HashMap<String, Tensor> = views.into_iter().collect();
-    candle_core::safetensors::save(&map, tmp.path().join(io::WEIGHTS_FILE)).unwrap();
+    let views: Vec<_> = bufs
+        .iter()
+        .map(|(k, s, b)| {
+            let v = safetensors::tensor::TensorView::new(safetensors::Dtype::BF16, s.clone(), b);
+            (k.clone(), v.unwrap())
+        })
+        .collect();
+    let bytes = safetensors::serialize(views, None).unwrap();
+    std::fs::write(tmp.path().join(io::WEIGHTS_FILE), bytes).unwrap();
     std::fs::copy(src.join(io::CONFIG_FILE), tmp.path().join(io::CONFIG_FILE)).unwrap();
     let (_, ad2) = load_adapter(tmp.path(), Some(&tiny_model())).unwrap();
     for (k, w) in &ad.layers {

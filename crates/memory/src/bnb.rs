@@ -15,25 +15,16 @@ use serde::Serialize;
 pub const NESTED_BLOCKSIZE: u64 = 256;
 
 /// The 4-bit code: NormalFloat4 or bnb's FP4 (E2M1); same sizes, different JSON key.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum QuantType {
-    Nf4,
-    Fp4,
-}
+pub use qlora_quant::QuantType;
 
-impl QuantType {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            QuantType::Nf4 => "nf4",
-            QuantType::Fp4 => "fp4",
-        }
-    }
+fn serialize_quant_type<S: serde::Serializer>(q: &QuantType, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(q.as_str())
 }
 
 /// A bitsandbytes 4-bit storage format (uint8 `quant_storage`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 pub struct Bnb4 {
+    #[serde(serialize_with = "serialize_quant_type")]
     pub quant_type: QuantType,
     pub blocksize: u64,
     pub double_quant: bool,

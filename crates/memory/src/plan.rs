@@ -52,29 +52,11 @@ pub enum Sharding {
 }
 
 /// Element type of activations and unquantized frozen weights.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Dtype {
-    F32,
-    Bf16,
-    F16,
-}
+pub use qlora_quant::DType;
 
-impl Dtype {
-    pub fn bytes(self) -> u64 {
-        match self {
-            Dtype::F32 => 4,
-            _ => 2,
-        }
-    }
-    pub fn parse(s: &str) -> Option<Dtype> {
-        match s.to_ascii_lowercase().as_str() {
-            "f32" | "fp32" | "float32" => Some(Dtype::F32),
-            "bf16" | "bfloat16" => Some(Dtype::Bf16),
-            "f16" | "fp16" | "float16" => Some(Dtype::F16),
-            _ => None,
-        }
-    }
+/// Serialize a dtype by its short name (`f32`, `bf16`, `f16`).
+pub(crate) fn serialize_dtype<S: serde::Serializer>(d: &DType, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(d.short_name())
 }
 
 /// Everything a plan depends on.
@@ -94,7 +76,8 @@ pub struct PlanInput {
     pub grad_accum: u64,
     pub checkpointing: bool,
     /// Activation / compute dtype (`f32` for this project's CPU trainer).
-    pub compute: Dtype,
+    #[serde(serialize_with = "serialize_dtype")]
+    pub compute: DType,
     /// Storage of the frozen 4-bit base (QLoRA).
     pub quant: Bnb4,
     pub devices: u64,
@@ -132,7 +115,7 @@ impl PlanInput {
             seq: 512,
             grad_accum: 1,
             checkpointing: false,
-            compute: Dtype::F32,
+            compute: DType::F32,
             quant: Bnb4::new(QuantType::Nf4, 64, true),
             devices: 1,
             sharding: Sharding::None,
@@ -146,15 +129,8 @@ impl PlanInput {
     }
 }
 
-pub const ALL_TARGETS: [&str; 7] = [
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
+/// Every LoRA target (the seven projection linears, `qlora-config`'s list).
+pub const ALL_TARGETS: [&str; 7] = qlora_config::LINEAR_NAMES;
 
 /// Fixed resident memory of a `qlora train` process apart from the model,
 /// adapter, optimizer and activations: the pages of the binary's code it
@@ -314,7 +290,7 @@ pub fn saved_per_layer(c: &ModelConfig, p: &PlanInput) -> Vec<Saved> {
     let Dims { h, i, a, kv, d, .. } = dims(c);
     let (b, s) = (p.batch, p.seq);
     let t = b * s;
-    let e = p.compute.bytes();
+    let e = p.compute.size_in_bytes() as u64;
     let mut v = vec![
         Saved {
             name: "layer_input",
@@ -377,7 +353,7 @@ pub fn layer_workspace(c: &ModelConfig, p: &PlanInput) -> u64 {
     let Dims { h, i, a, kv, d, .. } = dims(c);
     let (b, s) = (p.batch, p.seq);
     let t = b * s;
-    let e = p.compute.bytes();
+    let e = p.compute.size_in_bytes() as u64;
     let held = 2 * t * h * e;
     let mlp = (3 * t * i * e).max(t * h * e + 2 * t * i * e);
     let groups = t * (a * d + 2 * kv * d) * e;
@@ -417,7 +393,7 @@ pub fn worker_arenas(c: &ModelConfig, p: &PlanInput) -> u64 {
 
 /// One layer's input `x` (T·h): all that gradient checkpointing keeps per layer.
 fn layer_input_bytes(c: &ModelConfig, p: &PlanInput) -> u64 {
-    p.batch * p.seq * c.hidden_size as u64 * p.compute.bytes()
+    p.batch * p.seq * c.hidden_size as u64 * (p.compute.size_in_bytes() as u64)
 }
 
 /// Head phase (`qlora-model::backward`): the last layer's output (T·h), the
@@ -427,13 +403,13 @@ fn layer_input_bytes(c: &ModelConfig, p: &PlanInput) -> u64 {
 pub fn logits_and_loss(c: &ModelConfig, p: &PlanInput) -> u64 {
     let t = p.batch * p.seq;
     let (h, v) = (c.hidden_size as u64, c.vocab_size as u64);
-    3 * t * h * p.compute.bytes() + t * 4 + t * v * 4
+    3 * t * h * (p.compute.size_in_bytes() as u64) + t * 4 + t * v * 4
 }
 
 /// Bytes of the frozen base held by each device before sharding, and the part
 /// that is quantization statistics.
 fn frozen(inv: &Inventory, p: &PlanInput) -> (u64, u64) {
-    let e = p.compute.bytes();
+    let e = p.compute.size_in_bytes() as u64;
     match p.method {
         Method::Full => (0, 0),
         Method::Lora => (inv.total_params() * e, 0),
@@ -536,11 +512,11 @@ pub fn plan(inv: &Inventory, c: &ModelConfig, p: &PlanInput) -> Result<Plan, Mem
             let n_p = inv.total_params();
             // Weights in the compute dtype, gradients likewise, plus an f32
             // master copy inside the optimizer when weights are 16-bit.
-            let master = if p.compute == Dtype::F32 { 0 } else { 4 * n_p };
+            let master = if p.compute == DType::F32 { 0 } else { 4 * n_p };
             (
                 n_p,
-                n_p * p.compute.bytes(),
-                n_p * p.compute.bytes(),
+                n_p * (p.compute.size_in_bytes() as u64),
+                n_p * (p.compute.size_in_bytes() as u64),
                 optimizer_bytes(p.optimizer, n_p) + master,
             )
         }
@@ -619,7 +595,7 @@ pub fn plan(inv: &Inventory, c: &ModelConfig, p: &PlanInput) -> Result<Plan, Mem
     b.dequant_workspace = match p.method {
         // A GPU kernel path (bnb MatMul4Bit) dequantizes the whole weight to
         // the compute dtype before the matmul (FORMATS.md §6.2).
-        Method::Qlora if p.gpu => p.compute.bytes() * largest_linear,
+        Method::Qlora if p.gpu => (p.compute.size_in_bytes() as u64) * largest_linear,
         Method::Qlora => {
             4 * largest_linear.min(DEQUANT_TILE_ELEMS.max(
                 // a tile holds at least one whole row
@@ -811,7 +787,7 @@ mod tests {
             batch: 1,
             threads: 1,
             gpu: true,
-            compute: Dtype::Bf16,
+            compute: DType::BF16,
             ..p.clone()
         };
         let t = 2048u64;

@@ -14,53 +14,14 @@ use crate::bnb::{self, Bnb4, QuantType};
 use crate::gguf;
 use crate::inventory::{Inventory, Role, TensorSpec};
 use crate::st;
-
-/// dtype of the tensors a quantized format leaves unquantized.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Keep {
-    Bf16,
-    F16,
-    F32,
-}
-
-impl Keep {
-    pub fn bytes(self) -> u64 {
-        match self {
-            Keep::F32 => 4,
-            _ => 2,
-        }
-    }
-    pub fn st_dtype(self) -> &'static str {
-        match self {
-            Keep::Bf16 => "BF16",
-            Keep::F16 => "F16",
-            Keep::F32 => "F32",
-        }
-    }
-    /// Name bnb writes into the quant-state JSON (`str(torch.dtype)` minus "torch.").
-    pub fn torch_name(self) -> &'static str {
-        match self {
-            Keep::Bf16 => "bfloat16",
-            Keep::F16 => "float16",
-            Keep::F32 => "float32",
-        }
-    }
-    pub fn parse(s: &str) -> Option<Keep> {
-        match s.to_ascii_lowercase().as_str() {
-            "bf16" | "bfloat16" => Some(Keep::Bf16),
-            "f16" | "fp16" | "float16" => Some(Keep::F16),
-            "f32" | "fp32" | "float32" => Some(Keep::F32),
-            _ => None,
-        }
-    }
-}
+use qlora_quant::DType;
 
 /// What to compute.
 #[derive(Debug, Clone)]
 pub struct SizeOptions {
     /// dtype of unquantized tensors in quantized formats (and of the source
     /// weights named in the quant-state JSON).
-    pub keep: Keep,
+    pub keep: DType,
     /// bnb block sizes to report (64 is always reported under the plain names).
     pub blocksizes: Vec<u64>,
 }
@@ -68,7 +29,7 @@ pub struct SizeOptions {
 impl Default for SizeOptions {
     fn default() -> Self {
         SizeOptions {
-            keep: Keep::Bf16,
+            keep: DType::BF16,
             blocksizes: vec![64],
         }
     }
@@ -149,7 +110,7 @@ fn plain(inv: &Inventory, bytes_per: u64) -> FormatSize {
 
 /// bitsandbytes LLM.int8 layout: int8 `weight` + f32 `SCB` (one scale per
 /// output row) for every quantizable Linear; the rest in `keep`.
-fn int8(inv: &Inventory, keep: Keep) -> FormatSize {
+fn int8(inv: &Inventory, keep: DType) -> FormatSize {
     let mut bytes = 0;
     let mut stats = 0;
     for t in &inv.tensors {
@@ -158,7 +119,7 @@ fn int8(inv: &Inventory, keep: Keep) -> FormatSize {
             bytes += t.numel() + 4 * o;
             stats += 4 * o;
         } else {
-            bytes += t.numel() * keep.bytes();
+            bytes += t.numel() * keep.size_in_bytes() as u64;
         }
     }
     FormatSize {
@@ -172,16 +133,16 @@ fn int8(inv: &Inventory, keep: Keep) -> FormatSize {
 
 /// The safetensors entries of a bnb-4bit checkpoint and whether all JSON
 /// lengths are exact. Exposed so tests can compare with real files.
-pub fn bnb4_entries(inv: &Inventory, f: &Bnb4, keep: Keep) -> (Vec<st::Entry>, bool) {
+pub fn bnb4_entries(inv: &Inventory, f: &Bnb4, keep: DType) -> (Vec<st::Entry>, bool) {
     let mut out = Vec::with_capacity(inv.tensors.len() * 6);
     let mut exact = true;
     for t in &inv.tensors {
         if !t.quantizable {
             out.push(st::Entry {
                 name: t.name.clone(),
-                dtype: keep.st_dtype(),
+                dtype: keep.safetensors_name(),
                 shape: t.shape.clone(),
-                nbytes: t.numel() * keep.bytes(),
+                nbytes: t.numel() * keep.size_in_bytes() as u64,
             });
             continue;
         }
@@ -216,7 +177,7 @@ pub fn bnb4_entries(inv: &Inventory, f: &Bnb4, keep: Keep) -> (Vec<st::Entry>, b
 }
 
 /// Length of one quant-state JSON blob; clears `exact` when estimated.
-fn json_len(t: &TensorSpec, f: &Bnb4, keep: Keep, exact: &mut bool) -> u64 {
+fn json_len(t: &TensorSpec, f: &Bnb4, keep: DType, exact: &mut bool) -> u64 {
     let shape = t.out_in().expect("linears are 2-D");
     let dtype = t
         .known
@@ -241,7 +202,7 @@ fn json_len(t: &TensorSpec, f: &Bnb4, keep: Keep, exact: &mut bool) -> u64 {
 }
 
 /// Size of the model as a bnb-4bit checkpoint (what `qlora quantize` writes).
-pub fn bnb4(inv: &Inventory, f: &Bnb4, keep: Keep) -> FormatSize {
+pub fn bnb4(inv: &Inventory, f: &Bnb4, keep: DType) -> FormatSize {
     let (entries, exact) = bnb4_entries(inv, f, keep);
     let bytes: u64 = entries.iter().map(|e| e.nbytes).sum();
     let mut stats = 0;
@@ -269,15 +230,14 @@ pub fn bnb4(inv: &Inventory, f: &Bnb4, keep: Keep) -> FormatSize {
 /// A "pure" GGUF file of one type (`llama-quantize --pure`): every 2-D weight
 /// in that type (llama.cpp's fallback when a row is not a whole number of
 /// blocks), 1-D tensors (norms, biases) in f32. Tensor data only.
-pub fn gguf_pure(inv: &Inventory, ty: gguf::GgmlType) -> FormatSize {
-    let f32t = gguf::by_name("f32").expect("f32");
+pub fn gguf_pure(inv: &Inventory, ty: qlora_gguf::GgmlType) -> FormatSize {
     let mut bytes = 0;
     for t in &inv.tensors {
         let tt = match t.shape.as_slice() {
             [_, row] => ty.for_row(*row),
-            _ => f32t,
+            _ => qlora_gguf::GgmlType::F32,
         };
-        bytes += tt.bytes(t.numel());
+        bytes += gguf::bytes(tt, t.numel());
     }
     FormatSize {
         bytes,
@@ -312,9 +272,8 @@ pub fn size_report(
             }
         }
     }
-    for name in gguf::REPORTED {
-        let ty = gguf::by_name(name).expect("reported types are listed");
-        formats.insert(format!("gguf_{name}"), gguf_pure(inv, ty));
+    for (name, ty) in gguf::REPORTED {
+        formats.insert(format!("gguf_{name}"), gguf_pure(inv, *ty));
     }
     let bytes = formats.iter().map(|(k, v)| (k.clone(), v.bytes)).collect();
     let params = Role::ALL

@@ -4,12 +4,12 @@
 use std::path::{Path, PathBuf};
 
 use qlora_config::ModelConfig;
-use serde_json::Value;
 
 use crate::inventory::{Inventory, KnownQuantState, Role, TensorSpec};
 use crate::presets;
 use crate::size::Stored;
-use crate::{st, MemoryError};
+use crate::MemoryError;
+use qlora_formats::{ModelFiles, SafetensorsFile};
 
 /// A resolved model: its tensors, and its config when one is known (the
 /// training planner needs the attention dimensions).
@@ -156,11 +156,11 @@ fn from_path(path: &Path) -> Result<Loaded, MemoryError> {
         return from_gguf(path);
     }
     if name.ends_with(".safetensors.index.json") {
-        let shards = st::index_shards(path)?;
+        let shards = index_shards(path)?;
         return from_safetensors(&shards, &label);
     }
     if name.ends_with(".safetensors") {
-        return from_safetensors(&[path.to_path_buf()], &label);
+        return from_safetensors(&[open_safetensors(path)?], &label);
     }
     if name.ends_with(".json") {
         return from_config_file(path, "config", &label);
@@ -173,13 +173,42 @@ fn from_path(path: &Path) -> Result<Loaded, MemoryError> {
             return from_gguf(path);
         }
     }
-    from_safetensors(&[path.to_path_buf()], &label)
+    from_safetensors(&[open_safetensors(path)?], &label)
 }
 
-fn find_safetensors(dir: &Path) -> Result<Vec<PathBuf>, MemoryError> {
-    let idx = dir.join("model.safetensors.index.json");
+fn format_error(e: qlora_formats::FormatError) -> MemoryError {
+    // FormatError's message already names the file.
+    MemoryError::Invalid(e.to_string())
+}
+
+/// One safetensors file through `qlora-formats`' validated reader (memory-mapped:
+/// only the header, and later the few quant-state bytes, are read).
+fn open_safetensors(path: &Path) -> Result<SafetensorsFile, MemoryError> {
+    SafetensorsFile::open(path).map_err(format_error)
+}
+
+/// The shards of a `model.safetensors.index.json`, checked by `qlora-formats`
+/// (plain file names in the index's folder, every shard and tensor present).
+fn index_shards(index: &Path) -> Result<Vec<SafetensorsFile>, MemoryError> {
+    let dir = index.parent().filter(|p| !p.as_os_str().is_empty());
+    let dir = dir.unwrap_or(Path::new("."));
+    let name = index.file_name().unwrap_or_default();
+    if name != qlora_formats::model_files::INDEX_FILE {
+        return Err(MemoryError::BadFile {
+            path: index.display().to_string(),
+            msg: format!(
+                "a shard index must be named {} in the model folder",
+                qlora_formats::model_files::INDEX_FILE
+            ),
+        });
+    }
+    Ok(ModelFiles::open(dir).map_err(format_error)?.into_files())
+}
+
+fn find_safetensors(dir: &Path) -> Result<Vec<SafetensorsFile>, MemoryError> {
+    let idx = dir.join(qlora_formats::model_files::INDEX_FILE);
     if idx.exists() {
-        return st::index_shards(&idx);
+        return index_shards(&idx);
     }
     let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(|e| MemoryError::Io {
@@ -194,7 +223,7 @@ fn find_safetensors(dir: &Path) -> Result<Vec<PathBuf>, MemoryError> {
         })
         .collect();
     v.sort();
-    Ok(v)
+    v.iter().map(|p| open_safetensors(p)).collect()
 }
 
 /// Copy quant states read from a checkpoint onto the config-built inventory.
@@ -239,18 +268,18 @@ const BNB_AUX: [&str; 4] = [
 /// Inventory from safetensors headers (all shards). bnb-4bit weights are
 /// recognised by their quant-state blob, whose JSON (a few hundred bytes) is
 /// the only data read: it holds the original shape and offset.
-pub fn from_safetensors(files: &[PathBuf], label: &str) -> Result<Loaded, MemoryError> {
+pub fn from_safetensors(files: &[SafetensorsFile], label: &str) -> Result<Loaded, MemoryError> {
     let mut tensors = Vec::new();
     let mut tensor_bytes = 0;
     let mut file_bytes = 0;
     let mut dtypes = std::collections::BTreeSet::new();
     let mut bnb_formats = std::collections::BTreeSet::new();
     for f in files {
-        let h = st::read_header(f)?;
-        file_bytes += h.file_len;
+        let path = f.path().display().to_string();
+        file_bytes += (8 + f.header_len() + f.data_len()) as u64;
         // `P.weight` of every bnb-quantized module (its packed data).
-        let packed: std::collections::HashSet<String> = h
-            .tensors
+        let packed: std::collections::HashSet<String> = f
+            .infos()
             .iter()
             .filter_map(|t| {
                 t.name
@@ -258,11 +287,11 @@ pub fn from_safetensors(files: &[PathBuf], label: &str) -> Result<Loaded, Memory
                     .map(|(p, _)| format!("{p}.weight"))
             })
             .collect();
-        for t in &h.tensors {
-            tensor_bytes += t.end - t.begin;
+        for t in f.infos() {
+            tensor_bytes += t.nbytes() as u64;
             if let Some((prefix, qt)) = t.name.split_once(QS_MARK) {
-                let blob = st::read_small_tensor(&h, t)?;
-                let (shape, known, nested, bs) = parse_quant_state(&blob, &h.path, &t.name)?;
+                let blob = f.tensor(&t.name).map_err(format_error)?;
+                let (shape, known, nested, bs) = parse_quant_state(&blob, &path, &t.name)?;
                 bnb_formats.insert(format!(
                     "{qt}{}{}",
                     if bs == 64 {
@@ -287,18 +316,18 @@ pub fn from_safetensors(files: &[PathBuf], label: &str) -> Result<Loaded, Memory
             if is_bnb_part || t.name.ends_with("rotary_emb.inv_freq") {
                 continue;
             }
-            dtypes.insert(t.dtype.clone());
+            dtypes.insert(t.dtype.to_string());
             let role = role_of(&t.name);
             let quantizable = t.shape.len() == 2
                 && t.name.ends_with(".weight")
                 && matches!(role, Role::Attention | Role::Mlp);
             tensors.push(TensorSpec {
                 name: t.name.clone(),
-                shape: t.shape.clone(),
+                shape: t.shape.iter().map(|&d| d as u64).collect(),
                 role,
                 quantizable,
                 known: None,
-                stored_bf16: t.dtype == "BF16",
+                stored_bf16: t.dtype == qlora_formats::Dtype::BF16,
             });
         }
     }
@@ -332,9 +361,11 @@ pub fn from_safetensors(files: &[PathBuf], label: &str) -> Result<Loaded, Memory
     })
 }
 
-/// `(shape, known, nested, blocksize)` from a quant-state JSON blob.
+/// `(shape, known, nested, blocksize)` from a quant-state tensor, checked by
+/// `qlora-formats`' quant-state parser (quant type, blocksize a power of two in
+/// 32..=4096, dtype, shape, nested fields).
 fn parse_quant_state(
-    blob: &[u8],
+    blob: &qlora_formats::TensorView<'_>,
     path: &str,
     name: &str,
 ) -> Result<([u64; 2], KnownQuantState, bool, u64), MemoryError> {
@@ -342,23 +373,14 @@ fn parse_quant_state(
         path: path.to_string(),
         msg: format!("{name}: {msg}"),
     };
-    let text = std::str::from_utf8(blob).map_err(|_| bad("quant state is not UTF-8"))?;
-    let v: Value = serde_json::from_str(text).map_err(|_| bad("quant state is not JSON"))?;
-    let shape = v
-        .get("shape")
-        .and_then(Value::as_array)
-        .and_then(|a| a.iter().map(Value::as_u64).collect::<Option<Vec<_>>>())
-        .filter(|s| s.len() == 2)
-        .ok_or_else(|| bad("quant state has no 2-D `shape`"))?;
-    let dtype = v
-        .get("dtype")
-        .and_then(Value::as_str)
-        .ok_or_else(|| bad("quant state has no `dtype`"))?
-        .to_string();
-    let blocksize = v
-        .get("blocksize")
-        .and_then(Value::as_u64)
-        .ok_or_else(|| bad("quant state has no `blocksize`"))?;
+    let state = qlora_formats::bnb::parse_quant_state(blob).map_err(|m| bad(&m))?;
+    let text = std::str::from_utf8(blob.data).map_err(|_| bad("quant state is not UTF-8"))?;
+    let &[rows, cols] = state.shape.as_slice() else {
+        return Err(bad("quant state has no 2-D `shape`"));
+    };
+    let shape = [rows as u64, cols as u64];
+    let dtype = state.dtype.torch_name().to_string();
+    let blocksize = state.blocksize as u64;
     // The offset's text as written (not re-printed), so lengths stay exact.
     let offset_repr = text
         .split_once("\"nested_offset\": ")

@@ -4,7 +4,7 @@
 use proptest::prelude::*;
 use qlora_config::ModelConfig;
 use qlora_memory::bnb::{Bnb4, QuantType};
-use qlora_memory::plan::{self, Dtype, Method, Optimizer, PlanInput, Sharding};
+use qlora_memory::plan::{self, DType, Method, Optimizer, PlanInput, Sharding};
 use qlora_memory::Inventory;
 
 fn config(h_heads: u64, d: u64, kv_div: u64, layers: u64, i_mult: u64, v: u64) -> ModelConfig {
@@ -47,7 +47,7 @@ fn input_strategy() -> impl Strategy<Value = PlanInput> {
                 seq,
                 grad_accum: 1,
                 checkpointing: ckpt,
-                compute: [Dtype::F32, Dtype::Bf16, Dtype::F16][dt],
+                compute: [DType::F32, DType::BF16, DType::F16][dt],
                 quant: Bnb4::new(QuantType::Nf4, 64, dq),
                 devices,
                 sharding: [Sharding::None, Sharding::Full, Sharding::GradOp][sh],

@@ -7,10 +7,9 @@ use qlora_memory::bnb::{self, Bnb4, QuantType};
 use qlora_memory::inventory::{formula_params, Inventory};
 use qlora_memory::plan::lora_params;
 use qlora_memory::presets;
-use qlora_memory::size::{self, Keep};
+use qlora_memory::size;
+use qlora_quant::DType;
 use serde_json::Value;
-
-const FIX: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/fixtures");
 
 fn preset(name: &str) -> ModelConfig {
     presets::find(name)
@@ -79,7 +78,7 @@ fn nf4_dq_tensor_bytes_match_formats_2_4_every_row() {
     let f = Bnb4::new(QuantType::Nf4, 64, true);
     for (name, want) in rows.into_iter().chain([("qwen2.5-7b", 5_547_064_320)]) {
         let inv = Inventory::from_config(&preset(name));
-        let fs = size::bnb4(&inv, &f, Keep::Bf16);
+        let fs = size::bnb4(&inv, &f, DType::BF16);
         assert_eq!(fs.bytes - fs.json_bytes, want, "{name}");
         // The JSON blobs are one per quantized linear, ~170-200 bytes each.
         let n = inv.quantizable().count() as u64;
@@ -152,14 +151,15 @@ fn llama_3_1_405b_preset() {
 }
 
 fn memory_json() -> Value {
-    let t = std::fs::read_to_string(format!("{FIX}/memory/memory.json")).unwrap();
+    let t = std::fs::read_to_string(qlora_testutil::fixture("memory/memory.json")).unwrap();
     serde_json::from_str(&t).unwrap()
 }
 
 #[test]
 fn tiny_llama_counts_match_memory_json() {
     let m = memory_json();
-    let cfg = ModelConfig::from_file(format!("{FIX}/tiny_llama/model/config.json")).unwrap();
+    let cfg =
+        ModelConfig::from_file(qlora_testutil::fixture("tiny_llama/model/config.json")).unwrap();
     let inv = Inventory::from_config(&cfg);
     assert_eq!(inv.total_params(), m["total_params"].as_u64().unwrap());
     assert_eq!(
@@ -230,10 +230,12 @@ fn bnb4_checkpoint_predicted_to_the_byte() {
     let m = memory_json();
     let ck = &m["bnb4_checkpoint"];
     let reference: Value = serde_json::from_str(
-        &std::fs::read_to_string(format!("{FIX}/tiny_llama_bnb4/reference.json")).unwrap(),
+        &std::fs::read_to_string(qlora_testutil::fixture("tiny_llama_bnb4/reference.json"))
+            .unwrap(),
     )
     .unwrap();
-    let cfg = ModelConfig::from_file(format!("{FIX}/tiny_llama/model/config.json")).unwrap();
+    let cfg =
+        ModelConfig::from_file(qlora_testutil::fixture("tiny_llama/model/config.json")).unwrap();
     let mut inv = Inventory::from_config(&cfg);
     let f = Bnb4::new(QuantType::Nf4, 64, true);
     // Our JSON template reproduces each blob exactly.
@@ -257,17 +259,17 @@ fn bnb4_checkpoint_predicted_to_the_byte() {
             offset_repr: Some(repr),
         });
     }
-    let fs = size::bnb4(&inv, &f, Keep::F32);
+    let fs = size::bnb4(&inv, &f, DType::F32);
     assert!(fs.exact);
     assert_eq!(fs.bytes, ck["total_tensor_bytes"].as_u64().unwrap());
     assert_eq!(fs.file_bytes, Some(ck["file_size"].as_u64().unwrap()));
-    let (entries, _) = size::bnb4_entries(&inv, &f, Keep::F32);
+    let (entries, _) = size::bnb4_entries(&inv, &f, DType::F32);
     assert_eq!(
         qlora_memory::st::header_json_len(&entries),
         ck["header_json_bytes"].as_u64().unwrap()
     );
     // Without the offsets: estimated JSON, within the stated uncertainty.
-    let est = size::bnb4(&Inventory::from_config(&cfg), &f, Keep::F32);
+    let est = size::bnb4(&Inventory::from_config(&cfg), &f, DType::F32);
     assert!(!est.exact);
     let slack = bnb::OFFSET_REPR_UNCERTAINTY * 14;
     assert!(
@@ -282,7 +284,7 @@ fn bnb4_checkpoint_predicted_to_the_byte() {
 #[test]
 fn sizes_from_real_checkpoint_headers() {
     let m = memory_json();
-    let bnb_file = format!("{FIX}/tiny_llama_bnb4/model/model.safetensors");
+    let bnb_file = qlora_testutil::fixture_str("tiny_llama_bnb4/model/model.safetensors");
     let l = qlora_memory::resolve(&bnb_file).unwrap();
     let stored = l.stored.clone().unwrap();
     assert_eq!(stored.file_bytes, 237_283);
@@ -293,22 +295,22 @@ fn sizes_from_real_checkpoint_headers() {
     assert_eq!(l.inventory.total_params(), 127_296);
     assert_eq!(l.inventory.quantizable().count(), 14);
     let f = Bnb4::new(QuantType::Nf4, 64, true);
-    let fs = size::bnb4(&l.inventory, &f, Keep::F32);
+    let fs = size::bnb4(&l.inventory, &f, DType::F32);
     assert!(fs.exact, "offsets come from the file");
     assert_eq!(fs.file_bytes, Some(237_283));
     // The file's offsets are means of 64-blocks: a 128-block size is an estimate.
     let f128 = Bnb4::new(QuantType::Fp4, 128, true);
-    assert!(!size::bnb4(&l.inventory, &f128, Keep::F32).exact);
+    assert!(!size::bnb4(&l.inventory, &f128, DType::F32).exact);
     assert!(
         size::bnb4(
             &l.inventory,
             &Bnb4::new(QuantType::Fp4, 64, true),
-            Keep::F32
+            DType::F32
         )
         .exact
     );
 
-    let f32_file = format!("{FIX}/tiny_llama/model/model.safetensors");
+    let f32_file = qlora_testutil::fixture_str("tiny_llama/model/model.safetensors");
     let l = qlora_memory::resolve(&f32_file).unwrap();
     assert_eq!(l.inventory.total_params(), 127_296);
     assert_eq!(l.stored.as_ref().unwrap().file_bytes, 511_328);
@@ -318,11 +320,11 @@ fn sizes_from_real_checkpoint_headers() {
     assert_eq!(r.bytes["bf16"], m["bf16_bytes"].as_u64().unwrap());
 
     // A model folder: config for the architecture, headers for what is stored.
-    let dir = format!("{FIX}/tiny_llama_bnb4/model");
+    let dir = qlora_testutil::fixture_str("tiny_llama_bnb4/model");
     let l = qlora_memory::resolve(&dir).unwrap();
     assert_eq!(l.kind, "config");
     assert_eq!(l.stored.unwrap().file_bytes, 237_283);
-    let fs = size::bnb4(&l.inventory, &f, Keep::F32);
+    let fs = size::bnb4(&l.inventory, &f, DType::F32);
     assert_eq!(fs.file_bytes, Some(237_283));
 }
 
@@ -345,7 +347,8 @@ fn python_float_repr_matches_python() {
     }
     // Every offset in the fixture prints back as Python printed it.
     let reference: Value = serde_json::from_str(
-        &std::fs::read_to_string(format!("{FIX}/tiny_llama_bnb4/reference.json")).unwrap(),
+        &std::fs::read_to_string(qlora_testutil::fixture("tiny_llama_bnb4/reference.json"))
+            .unwrap(),
     )
     .unwrap();
     for blob in reference["quant_state_json"].as_object().unwrap().values() {

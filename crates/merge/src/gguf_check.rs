@@ -67,7 +67,7 @@ pub fn logits(
     seqs: &[Vec<u32>],
 ) -> Result<Vec<f32>> {
     let t = model.forward_logits(&Batch::from_ids(seqs.to_vec()), adapter)?;
-    Ok(t.flatten_all()?.to_vec1()?)
+    Ok(t.into_vec())
 }
 
 /// Compare two logit arrays with `vocab` entries per position.

@@ -106,14 +106,7 @@ pub fn tensor_type(
     }
     let cols = shape[shape.len() - 1];
     let wanted = t;
-    while !cols.is_multiple_of(t.block_size()) {
-        t = match t {
-            GgmlType::Q4_K => GgmlType::Q5_0,
-            GgmlType::Q5_K => GgmlType::Q5_1,
-            GgmlType::Q6_K => GgmlType::Q8_0,
-            _ => GgmlType::F16,
-        };
-    }
+    t = t.for_row(cols as u64);
     let why = (t != wanted).then(|| {
         format!(
             "{wanted} needs rows that are a multiple of {}, these have {cols}",

@@ -8,6 +8,7 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use qlora_config::{Architecture, ModelConfig, RopeScaling};
+use qlora_gguf::llama::{LLAMA3_PRE_REGEX, QWEN2_PRE_REGEX};
 use qlora_gguf::{GgufHeader, MetaValue};
 use serde_json::Value;
 
@@ -16,10 +17,6 @@ const TOKEN_NORMAL: i32 = 1;
 const TOKEN_CONTROL: i32 = 3;
 const TOKEN_USER_DEFINED: i32 = 4;
 const TOKEN_UNUSED: i32 = 5;
-
-/// The pre-tokenizer regexes llama.cpp recognises (as they appear in tokenizer.json).
-const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-const QWEN2_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 type Meta = Vec<(String, MetaValue)>;
 
@@ -161,8 +158,8 @@ fn pre_name(pre: &Value) -> Option<&'static str> {
                     Some("smollm")
                 }
                 [s, b] if is_byte_level(b, false) => match split_regex(s).as_deref() {
-                    Some(LLAMA3_REGEX) => Some("llama-bpe"),
-                    Some(QWEN2_REGEX) => Some("qwen2"),
+                    Some(LLAMA3_PRE_REGEX) => Some("llama-bpe"),
+                    Some(QWEN2_PRE_REGEX) => Some("qwen2"),
                     _ => None,
                 },
                 _ => None,
@@ -381,8 +378,8 @@ mod tests {
             {"type": "Split", "pattern": {"Regex": re}, "behavior": "Isolated", "invert": false},
             bl(false)]})
         };
-        assert_eq!(pre_name(&split(LLAMA3_REGEX)), Some("llama-bpe"));
-        assert_eq!(pre_name(&split(QWEN2_REGEX)), Some("qwen2"));
+        assert_eq!(pre_name(&split(LLAMA3_PRE_REGEX)), Some("llama-bpe"));
+        assert_eq!(pre_name(&split(QWEN2_PRE_REGEX)), Some("qwen2"));
         assert_eq!(pre_name(&split(r"\s+")), None);
         assert_eq!(pre_name(&json!({"type": "Metaspace"})), None);
     }

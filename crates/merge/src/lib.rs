@@ -35,7 +35,7 @@ use qlora_formats::folder::{
 };
 use qlora_formats::{Dtype, ModelFiles, SafetensorsWriter, TensorSpec, TensorView};
 use qlora_lora::LoraWeights;
-use qlora_quant::{Input, QuantOptions, SourceDType};
+use qlora_quant::{DType, Input, QuantOptions};
 use rayon::prelude::*;
 use serde_json::Value;
 
@@ -59,7 +59,7 @@ impl MergeFrom {
 #[derive(Debug, Clone)]
 pub struct MergeOptions {
     /// Output dtype; `None`: the source model's dtype (config.json), else bf16.
-    pub dtype: Option<SourceDType>,
+    pub dtype: Option<DType>,
     /// `None`: `Original` when the source has unquantized weights, else `Dequantized`.
     pub from: Option<MergeFrom>,
     /// The quantization the adapter was trained against, re-applied for
@@ -88,7 +88,7 @@ pub struct MergeReport {
     pub from: MergeFrom,
     /// Why `from` was used (printed for the user).
     pub reason: String,
-    pub dtype: SourceDType,
+    pub dtype: DType,
     pub merged_modules: usize,
     pub copied_tensors: usize,
     /// Largest |scaling · (B @ A)| entry over all merged modules.
@@ -167,9 +167,9 @@ pub fn merge_model(
     let dtype = match opts.dtype {
         Some(d) => d,
         None => match cfg.torch_dtype {
-            Some(qlora_config::DType::F32) if !quantized_source => SourceDType::F32,
-            Some(qlora_config::DType::F16) => SourceDType::F16,
-            _ => SourceDType::BF16,
+            Some(qlora_config::DType::F32) if !quantized_source => DType::F32,
+            Some(qlora_config::DType::F16) => DType::F16,
+            _ => DType::BF16,
         },
     };
     let out_dtype = to_st_dtype(dtype);
@@ -197,7 +197,7 @@ pub fn merge_model(
             };
             if let Some(m) = module {
                 let w = &adapter.layers[m];
-                let (o, i) = (w.b.dims2()?.0, w.a.dims2()?.1);
+                let (o, i) = (w.b.rows(), w.a.cols());
                 if shape != [o, i] {
                     bail!(
                         "{}: {name} is {shape:?} but the adapter's {m} is for [{o}, {i}] (adapter made for another base model?)",
@@ -320,24 +320,15 @@ fn names_of(j: &Job) -> &str {
 /// rank in order, then scaled, then added (PEFT's `get_delta_weight` order).
 /// Returns the largest |delta| entry.
 pub fn add_delta(w: &mut [f32], lora: &LoraWeights, scaling: f32) -> Result<f32> {
-    let (r, inf) = lora.a.dims2()?;
-    let (outf, rb) = lora.b.dims2()?;
+    let [r, inf] = lora.a.dims();
+    let [outf, rb] = lora.b.dims();
     if rb != r || w.len() != outf * inf {
         bail!(
             "A is [{r}, {inf}], B is [{outf}, {rb}], weight has {} elements",
             w.len()
         );
     }
-    let a: Vec<f32> = lora
-        .a
-        .flatten_all()?
-        .to_dtype(candle_core::DType::F32)?
-        .to_vec1()?;
-    let b: Vec<f32> = lora
-        .b
-        .flatten_all()?
-        .to_dtype(candle_core::DType::F32)?
-        .to_vec1()?;
+    let (a, b) = (lora.a.data(), lora.b.data());
     // (|x| of NaN is not > m, so a NaN entry is reported through `NAN` here.)
     let max = w
         .par_chunks_mut(inf)
@@ -396,11 +387,11 @@ fn requantized(t: &TensorView<'_>, q: &QuantOptions) -> Result<Vec<f32>> {
     Ok(q4.dequantize_f32())
 }
 
-fn to_st_dtype(d: SourceDType) -> Dtype {
+fn to_st_dtype(d: DType) -> Dtype {
     match d {
-        SourceDType::F32 => Dtype::F32,
-        SourceDType::F16 => Dtype::F16,
-        SourceDType::BF16 => Dtype::BF16,
+        DType::F32 => Dtype::F32,
+        DType::F16 => Dtype::F16,
+        DType::BF16 => Dtype::BF16,
     }
 }
 

@@ -20,11 +20,8 @@ use qlora_gguf::{GgmlType, GgufFile, MetaValue};
 use qlora_merge::gguf_check::{self, check_export, compare, load_f32, pseudo_random_ids};
 use qlora_merge::{export_gguf, ExportOptions, ExportReport, ExportType, SourceModel};
 use qlora_model::{LoadOptions, Model, QuantMode};
+use qlora_testutil::fixtures;
 use rand::{Rng, SeedableRng};
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures")
-}
 
 /// GPT-2's byte → printable-char table (`bytes_to_unicode`).
 fn byte_chars() -> Vec<char> {

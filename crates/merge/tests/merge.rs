@@ -1,15 +1,11 @@
 //! `merge_model` against the PEFT `merge_and_unload()` fixture and the bnb-4bit checkpoint.
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
 
 use qlora_merge::{merge_model, MergeFrom, MergeOptions};
-use qlora_quant::SourceDType;
+use qlora_quant::DType;
+use qlora_testutil::fixtures;
 use safetensors::SafeTensors;
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures")
-}
 
 fn f32s(st: &SafeTensors, name: &str) -> Vec<f32> {
     let t = st.tensor(name).unwrap_or_else(|_| panic!("missing {name}"));
@@ -22,7 +18,7 @@ fn f32s(st: &SafeTensors, name: &str) -> Vec<f32> {
 
 fn opts(from: Option<MergeFrom>) -> MergeOptions {
     MergeOptions {
-        dtype: Some(SourceDType::F32),
+        dtype: Some(DType::F32),
         from,
         ..Default::default()
     }
@@ -186,7 +182,7 @@ fn bf16_output_and_refusals() {
     let model = fx.join("tiny_llama/model");
     let adapter_dir = fx.join("tiny_lora_adapter/adapter");
     let o = MergeOptions {
-        dtype: Some(SourceDType::BF16),
+        dtype: Some(DType::BF16),
         ..Default::default()
     };
     merge_model(&model, &adapter_dir, &out, &o).unwrap();

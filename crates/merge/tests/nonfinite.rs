@@ -1,14 +1,13 @@
 //! Merging never writes inf/NaN: a delta that overflows, or a non-finite base
 //! weight under an adapted module, is an error instead of a NaN model.
 
-use candle_core::{Device, Tensor};
-use qlora_lora::LoraWeights;
+use qlora_lora::{LoraWeights, Matrix};
 use qlora_merge::add_delta;
 
 fn lora(a: Vec<f32>, b: Vec<f32>) -> LoraWeights {
     LoraWeights {
-        a: Tensor::from_vec(a, (1, 2), &Device::Cpu).unwrap(),
-        b: Tensor::from_vec(b, (2, 1), &Device::Cpu).unwrap(),
+        a: Matrix::new(1, 2, a).unwrap(),
+        b: Matrix::new(2, 1, b).unwrap(),
     }
 }
 

@@ -9,9 +9,8 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use candle_core::{Device, Tensor};
 use qlora_config::ModelConfig;
-use qlora_lora::{Adapter, LoraConfig, LoraWeights};
+use qlora_lora::{Adapter, LoraConfig, LoraWeights, Matrix};
 use qlora_model::{Batch, LoadOptions, Model, QuantMode, StepOptions, LINEAR_NAMES};
 
 fn rss_peak_mib() -> f64 {
@@ -142,12 +141,8 @@ fn main() -> anyhow::Result<()> {
             lay.insert(
                 ModelConfig::linear_path(l, short),
                 LoraWeights {
-                    a: Tensor::from_vec(
-                        rng.vec(r * i, 1.0 / (i as f32).sqrt()),
-                        (r, i),
-                        &Device::Cpu,
-                    )?,
-                    b: Tensor::from_vec(rng.vec(o * r, 0.01), (o, r), &Device::Cpu)?,
+                    a: Matrix::new(r, i, rng.vec(r * i, 1.0 / (i as f32).sqrt()))?,
+                    b: Matrix::new(o, r, rng.vec(o * r, 0.01))?,
                 },
             );
         }

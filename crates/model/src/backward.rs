@@ -5,9 +5,8 @@
 //! (the dropout mask is a hash of the seed, so the recomputation is identical).
 
 use anyhow::{ensure, Result};
-use candle_core::{Device, Tensor};
 use qlora_config::ModelConfig;
-use qlora_lora::{Adapter, AdapterGrads, LoraWeights};
+use qlora_lora::{Adapter, AdapterGrads, LoraWeights, Matrix};
 
 use crate::backend::{Backend, LayerW};
 use crate::model::{
@@ -163,16 +162,8 @@ impl<B: Backend> Net<'_, B> {
                     out.insert(
                         ModelConfig::linear_path(l, LINEAR_NAMES[m]),
                         LoraWeights {
-                            a: Tensor::from_vec(
-                                be.download(&da)?,
-                                (*r, lin.in_features),
-                                &Device::Cpu,
-                            )?,
-                            b: Tensor::from_vec(
-                                be.download(&db)?,
-                                (lin.out_features, *r),
-                                &Device::Cpu,
-                            )?,
+                            a: Matrix::new(*r, lin.in_features, be.download(&da)?)?,
+                            b: Matrix::new(lin.out_features, *r, be.download(&db)?)?,
                         },
                     );
                 }

@@ -9,14 +9,15 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use anyhow::{anyhow, bail, ensure, Context, Result};
-use half::{bf16, f16};
+use anyhow::{anyhow, bail, ensure, Result};
+use half::bf16;
 use qlora_config::ModelConfig;
 use qlora_formats::ModelFiles;
+use qlora_quant::{QuantType, Quantized4};
 use safetensors::Dtype;
 
 use crate::model::{Layer, Model, LINEAR_NAMES};
-use crate::ops::linear::{Absmax, FrozenLinear, FrozenWeight, OrigDType, Packed4};
+use crate::ops::linear::{FrozenLinear, FrozenWeight};
 
 /// How full-precision projection weights are held after loading.
 /// (Pre-quantized bnb-4bit weights are always kept as stored.)
@@ -52,17 +53,17 @@ pub struct LoadOptions {
     pub quant: QuantMode,
 }
 
-/// A set of HF-named tensors. Implemented for safetensors folders and for
-/// in-memory f32 tensors; the GGUF loader may implement it lazily.
-pub trait TensorSource {
+/// A model's HF-named weights, decoded on demand (to f32, bf16, or bnb 4-bit
+/// as stored). Implemented for safetensors folders and in-memory f32 tensors;
+/// the GGUF loader implements it lazily. (`qlora_formats::TensorSource` is the
+/// lower level: raw stored bytes of safetensors files.)
+pub trait WeightSource {
     /// Every tensor name.
     fn names(&self) -> Vec<String>;
     /// Shape, if the tensor exists.
     fn shape(&self, name: &str) -> Option<Vec<usize>>;
     /// The tensor converted to f32 (float dtypes only).
     fn f32(&self, name: &str) -> Result<Vec<f32>>;
-    /// Raw little-endian bytes and dtype (bitsandbytes parts).
-    fn raw(&self, name: &str) -> Result<(Dtype, Vec<u8>)>;
     /// The file (or other origin) a tensor comes from, for error messages.
     fn origin(&self, name: &str) -> String;
     /// The tensor as stored, if it is stored as bfloat16 (`None` otherwise).
@@ -72,6 +73,18 @@ pub trait TensorSource {
     fn bf16(&self, _name: &str) -> Option<Result<Vec<half::bf16>>> {
         None
     }
+    /// The weight `name` if it is stored as a pre-quantized bitsandbytes 4-bit
+    /// weight (its quant state present), `Ok(None)` otherwise. Only safetensors
+    /// folders hold such weights; other sources refuse them by default.
+    fn bnb4(&self, name: &str) -> Result<Option<Quantized4>> {
+        match bnb_state_key(self, name) {
+            None => Ok(None),
+            Some(state) => bail!(
+                "{}: `{state}`: bitsandbytes 4-bit weights are only read from safetensors files",
+                self.origin(name)
+            ),
+        }
+    }
 }
 
 /// In-memory f32 tensors keyed by HF name.
@@ -80,7 +93,7 @@ pub struct MemTensors {
     pub tensors: HashMap<String, (Vec<usize>, Vec<f32>)>,
 }
 
-impl TensorSource for MemTensors {
+impl WeightSource for MemTensors {
     fn names(&self) -> Vec<String> {
         self.tensors.keys().cloned().collect()
     }
@@ -93,41 +106,15 @@ impl TensorSource for MemTensors {
             .map(|t| t.1.clone())
             .ok_or_else(|| anyhow!("{}: missing tensor `{name}`", self.origin))
     }
-    fn raw(&self, name: &str) -> Result<(Dtype, Vec<u8>)> {
-        let v = self.f32(name)?;
-        Ok((Dtype::F32, bytemuck::cast_slice(&v).to_vec()))
-    }
     fn origin(&self, _name: &str) -> String {
         self.origin.clone()
     }
 }
 
-fn to_f32(dtype: Dtype, b: &[u8], what: &str) -> Result<Vec<f32>> {
-    Ok(match dtype {
-        Dtype::F32 => b
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-        Dtype::F16 => b
-            .chunks_exact(2)
-            .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        Dtype::BF16 => b
-            .chunks_exact(2)
-            .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        Dtype::F64 => b
-            .chunks_exact(8)
-            .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32)
-            .collect(),
-        other => bail!("{what}: dtype {other:?} is not a float type"),
-    })
-}
-
 /// An HF folder's safetensors (single or sharded, memory-mapped by
 /// `qlora-formats`). Each tensor's pages are released right after it is read,
 /// so resident memory stays near the converted model plus one tensor.
-impl TensorSource for ModelFiles {
+impl WeightSource for ModelFiles {
     fn names(&self) -> Vec<String> {
         ModelFiles::names(self)
             .into_iter()
@@ -142,12 +129,6 @@ impl TensorSource for ModelFiles {
         self.release(name);
         Ok(v)
     }
-    fn raw(&self, name: &str) -> Result<(Dtype, Vec<u8>)> {
-        let t = self.tensor(name)?;
-        let out = (t.dtype, t.data.to_vec());
-        self.release(name);
-        Ok(out)
-    }
     fn bf16(&self, name: &str) -> Option<Result<Vec<half::bf16>>> {
         let t = self.get(name).filter(|t| t.dtype == Dtype::BF16)?;
         let v = t
@@ -157,6 +138,17 @@ impl TensorSource for ModelFiles {
             .collect();
         self.release(name);
         Some(Ok(v))
+    }
+    /// Through `qlora-formats`' bnb reader (every length and the code table checked).
+    fn bnb4(&self, name: &str) -> Result<Option<Quantized4>> {
+        let q = qlora_formats::read_bnb4(self, name)?;
+        if q.is_some() {
+            self.release(name);
+            for suffix in qlora_formats::bnb::AUX_SUFFIXES {
+                self.release(&format!("{name}.{suffix}"));
+            }
+        }
+        Ok(q)
     }
     fn origin(&self, name: &str) -> String {
         match self.file_of(name) {
@@ -177,108 +169,15 @@ fn layers_in(names: &[String]) -> usize {
         .unwrap_or(0)
 }
 
-/// The bitsandbytes quant-state blob key of a module, if it is stored 4-bit.
-fn bnb_state_key(src: &dyn TensorSource, weight: &str) -> Option<String> {
-    ["nf4", "fp4"]
-        .iter()
-        .map(|q| format!("{weight}.quant_state.bitsandbytes__{q}"))
+/// The bitsandbytes quant-state key of a weight, if it is stored 4-bit.
+fn bnb_state_key<S: WeightSource + ?Sized>(src: &S, weight: &str) -> Option<String> {
+    [QuantType::Nf4, QuantType::Fp4]
+        .into_iter()
+        .map(|q| qlora_formats::bnb::quant_state_key(weight, q))
         .find(|k| src.shape(k).is_some())
 }
 
-fn f32_from_raw(dt: Dtype, b: &[u8], what: &str) -> Result<Vec<f32>> {
-    ensure!(dt == Dtype::F32, "{what}: expected F32, got {dt:?}");
-    to_f32(dt, b, what)
-}
-
-/// Read a pre-quantized bitsandbytes 4-bit weight (FORMATS §2.1) as stored.
-fn load_bnb4(
-    src: &dyn TensorSource,
-    weight: &str,
-    state_key: &str,
-    expect: [usize; 2],
-) -> Result<Packed4> {
-    let origin = src.origin(weight);
-    let what = format!("{origin}: `{weight}`");
-    let (_, blob) = src.raw(state_key)?;
-    let js: serde_json::Value = serde_json::from_slice(&blob)
-        .with_context(|| format!("{what}: quant_state JSON is not valid"))?;
-    let shape: Vec<usize> = js
-        .get("shape")
-        .and_then(|s| s.as_array())
-        .map(|a| {
-            a.iter()
-                .filter_map(|x| x.as_u64().map(|v| v as usize))
-                .collect()
-        })
-        .ok_or_else(|| anyhow!("{what}: quant_state has no shape"))?;
-    ensure!(
-        shape == expect,
-        "{what}: quantized shape {shape:?} but config.json implies {expect:?}"
-    );
-    let blocksize =
-        js.get("blocksize")
-            .and_then(|b| b.as_u64())
-            .ok_or_else(|| anyhow!("{what}: quant_state has no blocksize"))? as usize;
-    let dtype = match js
-        .get("dtype")
-        .and_then(|d| d.as_str())
-        .unwrap_or("float32")
-    {
-        "float32" => OrigDType::F32,
-        "float16" => OrigDType::F16,
-        "bfloat16" => OrigDType::BF16,
-        other => bail!("{what}: unsupported quant_state dtype `{other}`"),
-    };
-    let (_, packed) = src.raw(weight)?; // u8 or any quant_storage dtype: reinterpret bytes
-    let (qdt, qm) = src.raw(&format!("{weight}.quant_map"))?;
-    let qm = f32_from_raw(qdt, &qm, &format!("{what}.quant_map"))?;
-    ensure!(
-        qm.len() == 16,
-        "{what}: quant_map has {} entries (expected 16)",
-        qm.len()
-    );
-    let mut code = [0f32; 16];
-    code.copy_from_slice(&qm);
-    let (adt, abytes) = src.raw(&format!("{weight}.absmax"))?;
-    let nested_key = format!("{weight}.nested_absmax");
-    let absmax = if src.shape(&nested_key).is_some() {
-        ensure!(
-            adt == Dtype::U8,
-            "{what}: double-quantized absmax must be U8, got {adt:?}"
-        );
-        let (ndt, nb) = src.raw(&nested_key)?;
-        let (mdt, mb) = src.raw(&format!("{weight}.nested_quant_map"))?;
-        let offset = js
-            .get("nested_offset")
-            .and_then(|o| o.as_f64())
-            .ok_or_else(|| anyhow!("{what}: quant_state has nested_absmax but no nested_offset"))?;
-        Absmax::Double {
-            codes: abytes,
-            nested_absmax: f32_from_raw(ndt, &nb, &format!("{what}.nested_absmax"))?,
-            nested_map: f32_from_raw(mdt, &mb, &format!("{what}.nested_quant_map"))?,
-            offset: offset as f32,
-            nested_blocksize: js
-                .get("nested_blocksize")
-                .and_then(|b| b.as_u64())
-                .unwrap_or(256) as usize,
-        }
-    } else {
-        Absmax::F32(f32_from_raw(adt, &abytes, &format!("{what}.absmax"))?)
-    };
-    let p = Packed4 {
-        rows: expect[0],
-        cols: expect[1],
-        blocksize,
-        code,
-        packed,
-        absmax,
-        dtype,
-    };
-    p.validate(&what)?;
-    Ok(p)
-}
-
-fn check_shape(src: &dyn TensorSource, name: &str, expect: &[usize], why: &str) -> Result<()> {
+fn check_shape(src: &dyn WeightSource, name: &str, expect: &[usize], why: &str) -> Result<()> {
     let origin = src.origin(name);
     let shape = src
         .shape(name)
@@ -290,14 +189,14 @@ fn check_shape(src: &dyn TensorSource, name: &str, expect: &[usize], why: &str) 
     Ok(())
 }
 
-fn dense(w: Vec<f32>, mode: QuantMode, what: &str) -> Result<FrozenWeight> {
+/// A full-precision weight `[rows, cols]` held as `mode` says.
+fn dense(w: Vec<f32>, shape: [usize; 2], mode: QuantMode, what: &str) -> Result<FrozenWeight> {
     Ok(match mode {
         QuantMode::None => FrozenWeight::F32(Arc::new(w)),
         QuantMode::Bf16 => {
             FrozenWeight::BF16(Arc::new(w.iter().map(|v| bf16::from_f32(*v)).collect()))
         }
         QuantMode::Nf4 | QuantMode::Fp4 => {
-            let n = w.len();
             let opts = qlora_quant::QuantOptions {
                 quant_type: if mode == QuantMode::Nf4 {
                     qlora_quant::QuantType::Nf4
@@ -306,7 +205,7 @@ fn dense(w: Vec<f32>, mode: QuantMode, what: &str) -> Result<FrozenWeight> {
                 },
                 ..Default::default()
             };
-            let q = qlora_quant::quantize_4bit(qlora_quant::Input::F32(&w), &[n], &opts)
+            let q = qlora_quant::quantize_4bit(qlora_quant::Input::F32(&w), &shape, &opts)
                 .map_err(|e| anyhow!("{what}: quantizing to {mode:?}: {e}"))?;
             FrozenWeight::Quant(Arc::new(q))
         }
@@ -348,10 +247,10 @@ impl Model {
         )
     }
 
-    /// Build from any [`TensorSource`], checking every name and shape against `config`.
+    /// Build from any [`WeightSource`], checking every name and shape against `config`.
     pub fn from_source(
         config: ModelConfig,
-        src: &dyn TensorSource,
+        src: &dyn WeightSource,
         opts: &LoadOptions,
     ) -> Result<Model> {
         let names = src.names();
@@ -389,7 +288,7 @@ impl Model {
                 QuantMode::Bf16 => QuantMode::Bf16,
                 _ => QuantMode::None,
             };
-            dense(src.f32(name)?, mode, name)
+            dense(src.f32(name)?, [v, h], mode, name)
         };
         let embed_tokens = keep(emb_name)?;
 
@@ -419,12 +318,20 @@ impl Model {
                 let [out, inp] = shapes[m].1;
                 let path = ModelConfig::linear_path(l, short);
                 let wname = format!("{path}.weight");
-                let weight = if let Some(state) = bnb_state_key(src, &wname) {
-                    FrozenWeight::Q4(Arc::new(load_bnb4(src, &wname, &state, [out, inp])?))
+                let weight = if let Some(q) = src.bnb4(&wname)? {
+                    ensure!(
+                        q.shape == [out, inp],
+                        "{}: `{wname}`: quantized shape {:?} but config.json implies {:?}",
+                        src.origin(&wname),
+                        q.shape,
+                        [out, inp]
+                    );
+                    FrozenWeight::Quant(Arc::new(q))
                 } else {
                     check_shape(src, &wname, &[out, inp], "from config.json")?;
                     dense(
                         src.f32(&wname)?,
+                        [out, inp],
                         opts.quant,
                         &format!("{}: `{wname}`", src.origin(&wname)),
                     )?

@@ -1,8 +1,7 @@
 //! The decoder: weights, the per-layer forward (optionally keeping what the
 //! backward needs), logits and loss.
 
-use anyhow::{bail, ensure, Context, Result};
-use candle_core::Tensor;
+use anyhow::{bail, ensure, Result};
 use qlora_config::ModelConfig;
 use qlora_lora::Adapter;
 
@@ -15,7 +14,7 @@ use crate::ops::{cross_entropy, rope};
 
 /// The seven projection linears of a layer, in this index order everywhere
 /// (the order `qlora-lora` and PEFT use; the indices below follow it).
-pub use qlora_lora::LINEAR_NAMES;
+pub use qlora_config::LINEAR_NAMES;
 pub(crate) const Q: usize = 0;
 pub(crate) const K: usize = 1;
 pub(crate) const V: usize = 2;
@@ -132,6 +131,30 @@ pub(crate) struct Ctx<B: Backend> {
 impl<B: Backend> Ctx<B> {
     pub fn t(&self) -> usize {
         self.b * self.s
+    }
+}
+
+/// Logits of a batch: `[batch, seq, vocab]` f32, row-major.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Logits {
+    pub data: Vec<f32>,
+    pub batch: usize,
+    pub seq: usize,
+    pub vocab: usize,
+}
+
+impl Logits {
+    /// `[batch, seq, vocab]`.
+    pub fn dims(&self) -> [usize; 3] {
+        [self.batch, self.seq, self.vocab]
+    }
+    /// The `vocab` logits of sequence `b`, position `s`.
+    pub fn at(&self, b: usize, s: usize) -> &[f32] {
+        let o = (b * self.seq + s) * self.vocab;
+        &self.data[o..o + self.vocab]
+    }
+    pub fn into_vec(self) -> Vec<f32> {
+        self.data
     }
 }
 
@@ -363,10 +386,10 @@ impl Model {
                 );
             };
             let lin = &self.layers[l].linears[m];
-            let a_dims = w.a.dims().to_vec();
-            let b_dims = w.b.dims().to_vec();
+            let a_dims = w.a.dims();
+            let b_dims = w.b.dims();
             ensure!(
-                a_dims.len() == 2 && b_dims.len() == 2 && a_dims[0] == b_dims[1],
+                a_dims[0] == b_dims[1],
                 "adapter module `{path}`: lora_A {a_dims:?} and lora_B {b_dims:?} are not [r, in] and [out, r]"
             );
             let r = a_dims[0];
@@ -376,15 +399,7 @@ impl Model {
                 lin.out_features,
                 lin.in_features
             );
-            let to_buf = |t: &Tensor| -> Result<B::Buf> {
-                let v = t
-                    .to_dtype(candle_core::DType::F32)?
-                    .flatten_all()?
-                    .to_vec1::<f32>()
-                    .with_context(|| format!("adapter module `{path}`"))?;
-                be.upload_owned(v)
-            };
-            layers[l][m] = Some((to_buf(&w.a)?, to_buf(&w.b)?, r));
+            layers[l][m] = Some((be.upload(w.a.data())?, be.upload(w.b.data())?, r));
         }
         Ok(AdapterView {
             scale: adapter.scaling() as f32,
@@ -394,14 +409,15 @@ impl Model {
     }
 
     /// Logits `[b, s, vocab]` (f32), no dropout.
-    pub fn forward_logits(&self, batch: &Batch, adapter: Option<&Adapter>) -> Result<Tensor> {
+    pub fn forward_logits(&self, batch: &Batch, adapter: Option<&Adapter>) -> Result<Logits> {
         let (b, s) = batch.dims(self.vocab_size())?;
         let logits = with_net!(self, |net| net.forward_logits(batch, adapter))?;
-        Ok(Tensor::from_vec(
-            logits,
-            (b, s, self.vocab_size()),
-            &candle_core::Device::Cpu,
-        )?)
+        Ok(Logits {
+            data: logits,
+            batch: b,
+            seq: s,
+            vocab: self.vocab_size(),
+        })
     }
 
     /// Shifted cross-entropy: `(sum over counted targets, count)`; mean = sum / count.

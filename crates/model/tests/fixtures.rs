@@ -4,18 +4,10 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{Device, Tensor};
-use qlora_lora::{Adapter, LoraConfig, LoraWeights};
+use qlora_lora::{Adapter, LoraConfig, LoraWeights, Matrix};
 use qlora_model::{Batch, LoadOptions, Model, QuantMode, StepOptions};
+use qlora_testutil::fixtures;
 use safetensors::{Dtype, SafeTensors};
-
-fn fixtures() -> PathBuf {
-    Path::new(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../../shared/fixtures"
-    ))
-    .to_path_buf()
-}
 
 struct St(Vec<u8>);
 
@@ -74,8 +66,8 @@ fn max_abs(a: &[f32], b: &[f32]) -> f32 {
         .fold(0.0, f32::max)
 }
 
-fn logits_vec(t: &Tensor) -> Vec<f32> {
-    t.flatten_all().unwrap().to_vec1().unwrap()
+fn logits_vec(t: &Matrix) -> Vec<f32> {
+    t.data().to_vec()
 }
 
 /// Read a PEFT adapter folder (test-local reader; the trainer owns the real one).
@@ -101,7 +93,7 @@ fn adapter_from(st: &St, prefix: &str, cfg: &serde_json::Value) -> Adapter {
         };
         let t = |n: &str| {
             let (shape, _, _) = st.get(n);
-            Tensor::from_vec(st.f32(n), shape, &Device::Cpu).unwrap()
+            Matrix::new(shape[0], shape[1], st.f32(n)).unwrap()
         };
         let b_name = name.replace(".lora_A.weight", ".lora_B.weight");
         layers.insert(
@@ -132,8 +124,8 @@ fn check_reference(model: &Model, reference: &St, adapter: Option<&Adapter>, log
     let ids = reference.i64_rows("input_ids");
     let masked = reference.i64_rows("labels_masked");
     let logits = model.forward_logits(&batch(&ids, &ids), adapter).unwrap();
-    assert_eq!(logits.dims(), &[2, 24, 320]);
-    let diff = max_abs(&logits_vec(&logits), &reference.f32("logits"));
+    assert_eq!(logits.dims(), [2, 24, 320]);
+    let diff = max_abs(&logits.data, &reference.f32("logits"));
     eprintln!("max |logits - reference| = {diff:e}");
     assert!(diff < logit_tol, "logits differ by {diff}");
     let (sum, n) = model.loss(&batch(&ids, &ids), adapter).unwrap();

@@ -1,19 +1,10 @@
 //! Model behaviour beyond the golden fixtures: KV cache, packing, loading errors,
 //! quantization on load.
 
-use std::path::{Path, PathBuf};
-
 use qlora_config::ModelConfig;
 use qlora_model::{Batch, LoadOptions, Model, QuantMode};
+use qlora_testutil::fixtures;
 use safetensors::SafeTensors;
-
-fn fixtures() -> PathBuf {
-    Path::new(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../../shared/fixtures"
-    ))
-    .to_path_buf()
-}
 
 fn tiny(quant: QuantMode) -> Model {
     Model::from_folder(fixtures().join("tiny_llama/model"), &LoadOptions { quant }).unwrap()
@@ -39,7 +30,7 @@ fn kv_cache_steps_equal_the_full_forward() {
     let full = model
         .forward_logits(&Batch::from_ids(vec![toks.clone()]), None)
         .unwrap();
-    let full: Vec<f32> = full.flatten_all().unwrap().to_vec1().unwrap();
+    let full: Vec<f32> = full.into_vec();
     let v = 320;
     let mut cache = model.new_cache();
     let last = model.forward_step(&mut cache, &toks[..5], None).unwrap();
@@ -77,20 +68,11 @@ fn packed_rows_with_segments_equal_separate_rows() {
         sep_a.0 + sep_b.0
     );
     // Logits of the second example equal its standalone logits.
-    let lp: Vec<f32> = model
-        .forward_logits(&packed, None)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    let lp: Vec<f32> = model.forward_logits(&packed, None).unwrap().into_vec();
     let lb: Vec<f32> = model
         .forward_logits(&Batch::from_ids(vec![b]), None)
         .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+        .into_vec();
     assert!(max_abs(&lp[7 * 320..], &lb) < 1e-5);
 }
 
@@ -229,6 +211,66 @@ fn inconsistent_weights_are_errors_naming_the_mismatch() {
     assert!(m.loss(&b, None).is_err());
 }
 
+/// Pre-quantized weights go through `qlora-formats`' checked bnb reader: a
+/// corrupt code table is an error naming the file and the tensor, and a source
+/// that cannot hold bnb weights refuses a quant state instead of misreading it.
+#[test]
+fn bnb4_weights_are_read_by_the_checked_reader() {
+    let src = fixtures().join("tiny_llama_bnb4/model");
+    let tmp = tempfile::tempdir().unwrap();
+    for e in std::fs::read_dir(&src).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), tmp.path().join(e.file_name())).unwrap();
+    }
+    let file = tmp.path().join("model.safetensors");
+    let bytes = std::fs::read(&file).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let bad_key = "model.layers.1.mlp.up_proj.weight.quant_map";
+    let mut owned: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| (n, v.dtype(), v.shape().to_vec(), v.data().to_vec()))
+        .collect();
+    let t = owned.iter_mut().find(|t| t.0 == bad_key).unwrap();
+    t.3[0..4].copy_from_slice(&0.5f32.to_le_bytes());
+    let views: Vec<_> = owned
+        .iter()
+        .map(|(n, d, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    let meta = st_metadata(&bytes);
+    std::fs::write(&file, safetensors::serialize(views, meta).unwrap()).unwrap();
+    let e = format!(
+        "{:#}",
+        Model::from_folder(tmp.path(), &LoadOptions::default()).unwrap_err()
+    );
+    assert!(
+        e.contains("model.safetensors") && e.contains(bad_key) && e.contains("code table"),
+        "{e}"
+    );
+
+    let mut t = fixture_tensors();
+    t.push((
+        "model.layers.0.self_attn.q_proj.weight.quant_state.bitsandbytes__nf4".into(),
+        vec![4],
+        vec![0.0; 4],
+    ));
+    let e = load_err(config_with(|_| {}), t);
+    assert!(
+        e.contains("weights.safetensors") && e.contains("bitsandbytes__nf4"),
+        "{e}"
+    );
+}
+
+fn st_metadata(bytes: &[u8]) -> Option<std::collections::HashMap<String, String>> {
+    let (_, meta) = SafeTensors::read_metadata(bytes).unwrap();
+    meta.metadata().clone()
+}
+
 #[test]
 fn untied_and_tied_heads_and_missing_folder() {
     let e = Model::from_folder("/nonexistent/model", &LoadOptions::default()).unwrap_err();
@@ -254,14 +296,17 @@ fn untied_and_tied_heads_and_missing_folder() {
 
 #[test]
 fn kv_cache_with_adapter_equals_full_forward() {
-    use candle_core::{Device, Tensor};
-    use qlora_lora::{Adapter, LoraConfig, LoraWeights};
+    use qlora_lora::{Adapter, LoraConfig, LoraWeights, Matrix};
+    use rand::{Rng, SeedableRng};
     let model = tiny(QuantMode::Bf16);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    let mut randn =
+        |n: usize| -> Vec<f32> { (0..n).map(|_| rng.gen_range(-0.35f32..0.35)).collect() };
     let mut layers = std::collections::BTreeMap::new();
     for l in 0..2 {
         for (short, [o, i]) in model.config.linear_shapes() {
-            let a = Tensor::randn(0f32, 0.2, (3, i), &Device::Cpu).unwrap();
-            let b = Tensor::randn(0f32, 0.2, (o, 3), &Device::Cpu).unwrap();
+            let a = Matrix::new(3, i, randn(3 * i)).unwrap();
+            let b = Matrix::new(o, 3, randn(o * 3)).unwrap();
             layers.insert(ModelConfig::linear_path(l, short), LoraWeights { a, b });
         }
     }
@@ -279,17 +324,11 @@ fn kv_cache_with_adapter_equals_full_forward() {
     let full: Vec<f32> = model
         .forward_logits(&Batch::from_ids(vec![toks.clone()]), Some(&adapter))
         .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+        .into_vec();
     let base: Vec<f32> = model
         .forward_logits(&Batch::from_ids(vec![toks.clone()]), None)
         .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+        .into_vec();
     assert!(
         max_abs(&full, &base) > 1e-3,
         "the adapter changes the logits"

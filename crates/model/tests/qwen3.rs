@@ -5,8 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use candle_core::{Device, Tensor};
-use qlora_lora::{Adapter, LoraConfig, LoraWeights};
+use qlora_lora::{Adapter, LoraConfig, LoraWeights, Matrix};
 use qlora_model::{Batch, LoadOptions, Model, QuantMode, StepOptions};
 use serde_json::Value;
 
@@ -78,7 +77,7 @@ fn qwen3_eval_loss_matches_transformers() {
             assert!(rel < 1e-5, "{name} {key}: {got} vs {want}");
         }
         let logits = m.forward_logits(&batch(&ids, 0), None).unwrap();
-        let l: Vec<f32> = logits.get(0).unwrap().get(3).unwrap().to_vec1().unwrap();
+        let l: Vec<f32> = logits.at(0, 3).to_vec();
         let want: Vec<f32> = e["logits_row0_pos3"]
             .as_array()
             .unwrap()
@@ -152,8 +151,8 @@ fn qwen3_qk_norm_backward_matches_finite_differences() {
                 (
                     k.clone(),
                     LoraWeights {
-                        a: Tensor::from_vec(a.clone(), (r, inp), &Device::Cpu).unwrap(),
-                        b: Tensor::from_vec(b.clone(), (out, r), &Device::Cpu).unwrap(),
+                        a: Matrix::new(r, inp, a.clone()).unwrap(),
+                        b: Matrix::new(out, r, b.clone()).unwrap(),
                     },
                 )
             })
@@ -183,8 +182,8 @@ fn qwen3_qk_norm_backward_matches_finite_differences() {
         let da = rand_vec(a.len(), 100 + i as u64);
         let db = rand_vec(bb.len(), 200 + i as u64);
         let g = &grads[k];
-        let ga: Vec<f32> = g.a.flatten_all().unwrap().to_vec1().unwrap();
-        let gb: Vec<f32> = g.b.flatten_all().unwrap().to_vec1().unwrap();
+        let ga: Vec<f32> = g.a.data().to_vec();
+        let gb: Vec<f32> = g.b.data().to_vec();
         predicted += ga
             .iter()
             .zip(&da)

@@ -8,7 +8,7 @@ use rayon::prelude::*;
 
 use crate::quantize::CHUNK_ELEMS;
 use crate::simd::Backend;
-use crate::{Absmax, Quantized4, SourceDType};
+use crate::{Absmax, DType, Quantized4};
 
 /// An output element type of dequantization: f32, bf16 or f16. The value of element `i`
 /// is `from_f32(map[nibble(i)] * absmax[i / blocksize])` (round-to-nearest-even).
@@ -29,7 +29,7 @@ pub trait DequantElem: Copy + Send + Sync + Default + 'static {
 pub struct Expand {
     pub backend: Backend,
     /// Round each value through this dtype (F32: no rounding; f32 outputs only).
-    pub round: SourceDType,
+    pub round: DType,
     /// Use non-temporal stores (outputs much larger than the caches).
     pub stream: bool,
 }
@@ -42,11 +42,11 @@ const STREAM_BYTES: usize = 16 << 20;
 /// Rounds `v` to `dtype` and back to f32 (identity for f32): what a bnb dequantize to
 /// the recorded dtype followed by a cast to f32 produces.
 #[inline(always)]
-pub(crate) fn round_through(dtype: SourceDType, v: f32) -> f32 {
+pub(crate) fn round_through(dtype: DType, v: f32) -> f32 {
     match dtype {
-        SourceDType::F32 => v,
-        SourceDType::BF16 => bf16::from_f32(v).to_f32(),
-        SourceDType::F16 => f16::from_f32(v).to_f32(),
+        DType::F32 => v,
+        DType::BF16 => bf16::from_f32(v).to_f32(),
+        DType::F16 => f16::from_f32(v).to_f32(),
     }
 }
 
@@ -56,7 +56,7 @@ pub(crate) fn expand_scalar<T: DequantElem>(
     bytes: &[u8],
     map: &[f32; 16],
     absmax: f32,
-    round: SourceDType,
+    round: DType,
     out: &mut [T],
 ) {
     if bytes.is_empty() {
@@ -101,7 +101,7 @@ impl DequantElem for bf16 {
         match cx.backend {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: as above.
-            Backend::Avx2 if cx.round == SourceDType::F32 => unsafe {
+            Backend::Avx2 if cx.round == DType::F32 => unsafe {
                 crate::simd::x86::expand_u16_avx2(
                     bytes,
                     crate::simd::x86::lut_bf16_avx2(map, absmax),
@@ -124,7 +124,7 @@ impl DequantElem for f16 {
         match cx.backend {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: as above (the AVX2 backend also requires F16C).
-            Backend::Avx2 if cx.round == SourceDType::F32 => unsafe {
+            Backend::Avx2 if cx.round == DType::F32 => unsafe {
                 crate::simd::x86::expand_u16_avx2(
                     bytes,
                     crate::simd::x86::lut_f16_avx2(map, absmax),
@@ -201,7 +201,7 @@ fn range_serial<T: DequantElem>(
 fn range_parallel<T: DequantElem>(
     q: &Quantized4,
     backend: Backend,
-    round: SourceDType,
+    round: DType,
     start: usize,
     out: &mut [T],
 ) {
@@ -249,7 +249,7 @@ impl Quantized4 {
     /// # Panics
     /// If the range exceeds the tensor, or the struct is inconsistent (see [`Self::validate`]).
     pub fn dequantize_range<T: DequantElem>(&self, start: usize, out: &mut [T]) {
-        range_parallel(self, Backend::detect(), SourceDType::F32, start, out)
+        range_parallel(self, Backend::detect(), DType::F32, start, out)
     }
 
     /// [`Self::dequantize_range`] with an explicit backend (for tests and benchmarks).
@@ -260,7 +260,7 @@ impl Quantized4 {
         start: usize,
         out: &mut [T],
     ) {
-        range_parallel(self, backend, SourceDType::F32, start, out)
+        range_parallel(self, backend, DType::F32, start, out)
     }
 
     /// Elements `start..start + out.len()` as f32 (used by tiled matmuls).
@@ -280,6 +280,32 @@ impl Quantized4 {
     /// If the range exceeds the tensor, or the struct is inconsistent (see [`Self::validate`]).
     pub fn dequantize_range_f32_rounded(&self, start: usize, out: &mut [f32]) {
         range_parallel(self, Backend::detect(), self.dtype, start, out)
+    }
+
+    /// Rows `r0..r1` of a 2-D `[rows, cols]` tensor as f32, rounded through the recorded
+    /// dtype like [`Self::dequantize_range_f32_rounded`]: the tile a tiled matmul expands
+    /// right before its product. `out.len()` must be `(r1 - r0) * cols`.
+    ///
+    /// # Panics
+    /// If the tensor is not 2-D, `r0 > r1`, `r1 > rows`, `out` has the wrong length, or the
+    /// struct is inconsistent (see [`Self::validate`]).
+    pub fn dequantize_rows_f32(&self, r0: usize, r1: usize, out: &mut [f32]) {
+        let &[rows, cols] = self.shape.as_slice() else {
+            panic!(
+                "dequantize_rows_f32 needs a 2-D tensor, shape is {:?}",
+                self.shape
+            )
+        };
+        assert!(
+            r0 <= r1 && r1 <= rows,
+            "rows {r0}..{r1} outside the tensor's {rows}"
+        );
+        assert_eq!(
+            out.len(),
+            (r1 - r0) * cols,
+            "dequantize_rows_f32: output length"
+        );
+        self.dequantize_range_f32_rounded(r0 * cols, out)
     }
 
     /// Dequantization with explicit kernel options (tests force non-temporal stores).

@@ -161,47 +161,81 @@ impl FromStr for QuantType {
     }
 }
 
-/// The dtype of the tensor before quantization (dequantize back to it).
+/// A floating-point element type: f32, f16 or bf16. The one dtype enum of the
+/// workspace: a quantized tensor's original dtype (dequantize back to it), a
+/// checkpoint's `torch_dtype`, the compute and keep dtypes of the planners.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum SourceDType {
+pub enum DType {
     F32,
     F16,
     BF16,
 }
 
-impl SourceDType {
+impl DType {
     /// torch's name without the `torch.` prefix, as in bnb's quant-state JSON.
     pub fn torch_name(self) -> &'static str {
         match self {
-            SourceDType::F32 => "float32",
-            SourceDType::F16 => "float16",
-            SourceDType::BF16 => "bfloat16",
+            DType::F32 => "float32",
+            DType::F16 => "float16",
+            DType::BF16 => "bfloat16",
+        }
+    }
+
+    /// The short lower-case name used on command lines and in reports (`f32`, `f16`, `bf16`).
+    pub fn short_name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            DType::BF16 => "bf16",
+        }
+    }
+
+    /// The safetensors dtype name (`F32`, `F16`, `BF16`).
+    pub fn safetensors_name(self) -> &'static str {
+        match self {
+            DType::F32 => "F32",
+            DType::F16 => "F16",
+            DType::BF16 => "BF16",
         }
     }
 
     /// Size of one element in bytes.
     pub fn size_in_bytes(self) -> usize {
         match self {
-            SourceDType::F32 => 4,
-            SourceDType::F16 | SourceDType::BF16 => 2,
+            DType::F32 => 4,
+            DType::F16 | DType::BF16 => 2,
+        }
+    }
+
+    /// Any common spelling, case-insensitive: torch names (optionally `torch.`-prefixed,
+    /// plus torch's aliases `float` and `half`) and the short names (`f32`, `fp32`, `bf16`,
+    /// `f16`, `fp16`). Used for config.json and command lines; bnb quant states are read
+    /// with the strict [`FromStr`].
+    pub fn parse(s: &str) -> Option<DType> {
+        let l = s.to_ascii_lowercase();
+        match l.strip_prefix("torch.").unwrap_or(&l) {
+            "float32" | "float" | "f32" | "fp32" => Some(DType::F32),
+            "float16" | "half" | "f16" | "fp16" => Some(DType::F16),
+            "bfloat16" | "bf16" => Some(DType::BF16),
+            _ => None,
         }
     }
 }
 
-impl fmt::Display for SourceDType {
+impl fmt::Display for DType {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.torch_name())
     }
 }
 
-impl FromStr for SourceDType {
+impl FromStr for DType {
     type Err = QuantError;
     /// Accepts `float32`/`float16`/`bfloat16` (optionally prefixed `torch.`).
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s.strip_prefix("torch.").unwrap_or(s) {
-            "float32" => Ok(SourceDType::F32),
-            "float16" => Ok(SourceDType::F16),
-            "bfloat16" => Ok(SourceDType::BF16),
+            "float32" => Ok(DType::F32),
+            "float16" => Ok(DType::F16),
+            "bfloat16" => Ok(DType::BF16),
             _ => Err(QuantError::UnknownDType(s.to_string())),
         }
     }
@@ -228,11 +262,11 @@ impl Input<'_> {
         self.len() == 0
     }
 
-    pub fn dtype(&self) -> SourceDType {
+    pub fn dtype(&self) -> DType {
         match self {
-            Input::F32(_) => SourceDType::F32,
-            Input::F16(_) => SourceDType::F16,
-            Input::BF16(_) => SourceDType::BF16,
+            Input::F32(_) => DType::F32,
+            Input::F16(_) => DType::F16,
+            Input::BF16(_) => DType::BF16,
         }
     }
 
@@ -349,7 +383,7 @@ pub struct Quantized4 {
     /// Original shape (e.g. `[out, in]`).
     pub shape: Vec<usize>,
     /// Original dtype (dequantize back to this).
-    pub dtype: SourceDType,
+    pub dtype: DType,
     /// `(n+1)/2` bytes, element 2j in the high nibble (bnb shape `[(n+1)/2, 1]`).
     pub packed: Vec<u8>,
     pub absmax: Absmax,
@@ -468,15 +502,30 @@ mod tests {
         for t in [QuantType::Nf4, QuantType::Fp4] {
             assert_eq!(t.as_str().parse::<QuantType>().unwrap(), t);
         }
-        for d in [SourceDType::F32, SourceDType::F16, SourceDType::BF16] {
-            assert_eq!(d.torch_name().parse::<SourceDType>().unwrap(), d);
+        for d in [DType::F32, DType::F16, DType::BF16] {
+            assert_eq!(d.torch_name().parse::<DType>().unwrap(), d);
         }
-        assert_eq!(
-            "torch.bfloat16".parse::<SourceDType>().unwrap(),
-            SourceDType::BF16
-        );
+        assert_eq!("torch.bfloat16".parse::<DType>().unwrap(), DType::BF16);
         assert!("int8".parse::<QuantType>().is_err());
-        assert!("float64".parse::<SourceDType>().is_err());
+        assert!("float64".parse::<DType>().is_err());
+        // the strict form is for bnb quant states; `parse` takes every common spelling
+        assert!("half".parse::<DType>().is_err());
+        for (s, d) in [
+            ("float", DType::F32),
+            ("torch.float32", DType::F32),
+            ("FP32", DType::F32),
+            ("half", DType::F16),
+            ("f16", DType::F16),
+            ("bf16", DType::BF16),
+            ("BFloat16", DType::BF16),
+        ] {
+            assert_eq!(DType::parse(s), Some(d), "{s}");
+        }
+        assert_eq!(DType::parse("float64"), None);
+        for d in [DType::F32, DType::F16, DType::BF16] {
+            assert_eq!(DType::parse(d.short_name()), Some(d));
+            assert_eq!(DType::parse(d.torch_name()), Some(d));
+        }
     }
 
     #[test]

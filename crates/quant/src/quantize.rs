@@ -1,16 +1,85 @@
 //! Fast `quantize_4bit`: rayon across chunks of blocks, a SIMD block kernel where the CPU
 //! has one (see [`crate::simd`]), and the scalar kernel elsewhere. Results are
-//! bit-identical to [`crate::reference::quantize_4bit`] (tested on random inputs).
+//! bit-identical to [`crate::reference::quantize_4bit`] (tested on random inputs); the
+//! reference shares no code with this file, so it can judge it.
 
 use rayon::prelude::*;
 
-use crate::reference::{block_scale, check_input, first_nonfinite, mean_offset, scaled, Scale};
 use crate::simd::Backend;
 use crate::tables::{order, thresholds, zero_code};
 use crate::{
-    dynamic_map, num_blocks, Absmax, DoubleQuant, Input, QuantError, QuantOptions, QuantType,
-    Quantized4, NESTED_BLOCKSIZE,
+    check_blocksize, dynamic_map, num_blocks, Absmax, DoubleQuant, Input, QuantError, QuantOptions,
+    QuantType, Quantized4, ABSMAX_EPS, NESTED_BLOCKSIZE,
 };
+
+/// How a block's elements are scaled into [-1, 1].
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Scale {
+    /// Full block: `x * r` with `r = 1.0f / max(absmax, 1e-38f)`.
+    Mul(f32),
+    /// Partial last block: `x / am` with `am = max(absmax, 1e-38f)`.
+    Div(f32),
+}
+
+/// The stored absmax and the scaling of a block whose max |x| (over finite values) is
+/// `absmax`.
+#[inline]
+pub(crate) fn block_scale(absmax: f32, partial: bool) -> (f32, Scale) {
+    let am = absmax.max(ABSMAX_EPS);
+    if partial {
+        (am, Scale::Div(am))
+    } else {
+        (absmax, Scale::Mul(1.0f32 / am))
+    }
+}
+
+/// Scaled and clamped value of one element (NaN → 0.0, ±inf → ±1; only reachable with
+/// `allow_nonfinite`).
+#[inline]
+pub(crate) fn scaled(x: f32, scale: Scale) -> f32 {
+    if x.is_nan() {
+        return 0.0;
+    }
+    let s = match scale {
+        Scale::Mul(r) => x * r,
+        Scale::Div(am) => x / am,
+    };
+    s.clamp(-1.0, 1.0)
+}
+
+/// First non-finite element, if any.
+pub(crate) fn first_nonfinite(input: &Input<'_>) -> Option<(usize, f32)> {
+    (0..input.len())
+        .map(|i| (i, input.get_f32(i)))
+        .find(|(_, v)| !v.is_finite())
+}
+
+/// Checks blocksize and shape; returns n.
+pub(crate) fn check_input(
+    input: &Input<'_>,
+    shape: &[usize],
+    opts: &QuantOptions,
+) -> Result<usize, QuantError> {
+    check_blocksize(opts.blocksize)?;
+    let numel = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+    match numel {
+        Some(n) if n == input.len() => Ok(n),
+        _ => Err(QuantError::ShapeMismatch {
+            shape: shape.to_vec(),
+            numel: numel.unwrap_or(usize::MAX),
+            len: input.len(),
+        }),
+    }
+}
+
+/// `mean(absmax)` exactly as torch computes it on CPU (see [`crate::torch_mean`]).
+/// 0.0 for no blocks.
+fn mean_offset(absmax: &[f32]) -> f32 {
+    if absmax.is_empty() {
+        return 0.0;
+    }
+    crate::torch_mean::torch_cpu_mean_f32(absmax)
+}
 
 /// Elements per rayon task (a multiple of every blocksize, 256 KiB of f32 input).
 pub(crate) const CHUNK_ELEMS: usize = 1 << 16;

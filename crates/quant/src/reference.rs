@@ -4,7 +4,6 @@
 //! crate-level semantics (FORMATS.md §1, fixtures README §2.3). The fast paths in this
 //! crate are tested against these on random inputs; the fixtures test both.
 
-use crate::blockwise8::{bin_centre, bin_of};
 use crate::tables::{order, thresholds, zero_code};
 use crate::{
     check_blocksize, code_table, dynamic_map, num_blocks, Absmax, DoubleQuant, Input, QuantError,
@@ -13,7 +12,7 @@ use crate::{
 
 /// How a block's elements are scaled into [-1, 1].
 #[derive(Debug, Clone, Copy)]
-pub(crate) enum Scale {
+enum Scale {
     /// Full block: `x * r` with `r = 1.0f / max(absmax, 1e-38f)`.
     Mul(f32),
     /// Partial last block: `x / am` with `am = max(absmax, 1e-38f)`.
@@ -23,7 +22,7 @@ pub(crate) enum Scale {
 /// The stored absmax and the scaling of a block whose max |x| (over finite values) is
 /// `absmax`.
 #[inline]
-pub(crate) fn block_scale(absmax: f32, partial: bool) -> (f32, Scale) {
+fn block_scale(absmax: f32, partial: bool) -> (f32, Scale) {
     let am = absmax.max(ABSMAX_EPS);
     if partial {
         (am, Scale::Div(am))
@@ -35,7 +34,7 @@ pub(crate) fn block_scale(absmax: f32, partial: bool) -> (f32, Scale) {
 /// Scaled and clamped value of one element (NaN → 0.0, ±inf → ±1; only reachable with
 /// `allow_nonfinite`).
 #[inline]
-pub(crate) fn scaled(x: f32, scale: Scale) -> f32 {
+fn scaled(x: f32, scale: Scale) -> f32 {
     if x.is_nan() {
         return 0.0;
     }
@@ -48,20 +47,20 @@ pub(crate) fn scaled(x: f32, scale: Scale) -> f32 {
 
 /// The 4-bit code of a scaled value: `order[#{k : thresholds[k] < s}]`.
 #[inline]
-pub(crate) fn code_of(s: f32, th: &[f32; 15], ord: &[u8; 16]) -> u8 {
+fn code_of(s: f32, th: &[f32; 15], ord: &[u8; 16]) -> u8 {
     let idx = th.iter().filter(|&&t| t < s).count();
     ord[idx]
 }
 
 /// First non-finite element, if any.
-pub(crate) fn first_nonfinite(input: &Input<'_>) -> Option<(usize, f32)> {
+fn first_nonfinite(input: &Input<'_>) -> Option<(usize, f32)> {
     (0..input.len())
         .map(|i| (i, input.get_f32(i)))
         .find(|(_, v)| !v.is_finite())
 }
 
 /// Checks blocksize and shape; returns n.
-pub(crate) fn check_input(
+fn check_input(
     input: &Input<'_>,
     shape: &[usize],
     opts: &QuantOptions,
@@ -208,12 +207,12 @@ pub fn dequantize_range_f32(q: &Quantized4, start: usize, len: usize) -> Vec<f32
 pub fn dequantize_f32_rounded(q: &Quantized4) -> Vec<f32> {
     let f = dequantize_f32(q);
     match q.dtype {
-        crate::SourceDType::F32 => f,
-        crate::SourceDType::BF16 => f
+        crate::DType::F32 => f,
+        crate::DType::BF16 => f
             .into_iter()
             .map(|v| half::bf16::from_f32(v).to_f32())
             .collect(),
-        crate::SourceDType::F16 => f
+        crate::DType::F16 => f
             .into_iter()
             .map(|v| half::f16::from_f32(v).to_f32())
             .collect(),
@@ -234,6 +233,18 @@ pub fn dequantize_f16(q: &Quantized4) -> Vec<half::f16> {
         .into_iter()
         .map(half::f16::from_f32)
         .collect()
+}
+
+/// The value bin `i` of bnb's CPU LUT stands for: `-1.0f + (2.0f*i)/65535.0f`.
+fn bin_centre(i: usize) -> f32 {
+    -1.0f32 + (2.0f32 * i as f32) / 65535.0f32
+}
+
+/// The LUT bin of a scaled value `v` in [-1, 1]: `trunc(((v + 1) * 0.5f) * 65535 + 0.5f)`
+/// (four separate f32 operations, as bnb's `cpu_ops.cpp`).
+fn bin_of(v: f32) -> u16 {
+    let t = ((v + 1.0f32) * 0.5f32) * 65535.0f32 + 0.5f32;
+    t as u16
 }
 
 /// Reference bnb-CPU 8-bit blockwise quantization (see [`crate::blockwise8`]): the LUT

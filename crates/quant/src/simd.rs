@@ -67,10 +67,10 @@ pub(crate) mod x86 {
     use std::arch::x86_64::*;
 
     use crate::quantize::{
-        absmax_scalar, encode_scalar, quantize_block_scalar, Elem, ElemKind, EncodeTables,
+        absmax_scalar, block_scale, encode_scalar, quantize_block_scalar, Elem, ElemKind,
+        EncodeTables, Scale,
     };
-    use crate::reference::{block_scale, Scale};
-    use crate::SourceDType;
+    use crate::DType;
 
     /// Loads 8 elements as f32 (bf16: widen and shift; f16: F16C, exact).
     #[target_feature(enable = "avx2,f16c")]
@@ -228,7 +228,7 @@ pub(crate) mod x86 {
         bytes: &[u8],
         map: &[f32; 16],
         absmax: f32,
-        round: SourceDType,
+        round: DType,
         stream: bool,
         out: &mut [f32],
     ) {
@@ -237,12 +237,12 @@ pub(crate) mod x86 {
         let mut lo = _mm256_mul_ps(_mm256_loadu_ps(map.as_ptr()), a);
         let mut hi = _mm256_mul_ps(_mm256_loadu_ps(map.as_ptr().add(8)), a);
         match round {
-            SourceDType::F32 => {}
-            SourceDType::BF16 => {
+            DType::F32 => {}
+            DType::BF16 => {
                 lo = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(bf16_rne(lo)));
                 hi = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(bf16_rne(hi)));
             }
-            SourceDType::F16 => {
+            DType::F16 => {
                 lo = _mm256_cvtph_ps(_mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(lo));
                 hi = _mm256_cvtph_ps(_mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(hi));
             }

@@ -7,8 +7,7 @@ use common::*;
 use half::bf16;
 use qlora_quant::{
     code_table, dequantize_blockwise8, dynamic_map, quantize_4bit_with, quantize_blockwise8,
-    reference, Absmax, Backend, DoubleQuant, Input, QuantOptions, QuantType, Quantized4,
-    SourceDType,
+    reference, Absmax, Backend, DType, DoubleQuant, Input, QuantOptions, QuantType, Quantized4,
 };
 use safetensors::SafeTensors;
 
@@ -84,9 +83,9 @@ fn stored(st: &SafeTensors<'_>, c: &Case) -> Quantized4 {
         blocksize: c.blocksize,
         shape: c.shape.clone(),
         dtype: if c.bf16_input {
-            SourceDType::BF16
+            DType::BF16
         } else {
-            SourceDType::F32
+            DType::F32
         },
         packed: u8s(st, "packed"),
         absmax,
@@ -135,9 +134,9 @@ fn quantize_matches_bnb_bytes() {
             assert_eq!(
                 q.dtype,
                 if c.bf16_input {
-                    SourceDType::BF16
+                    DType::BF16
                 } else {
-                    SourceDType::F32
+                    DType::F32
                 },
                 "{ctx}"
             );

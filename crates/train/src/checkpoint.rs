@@ -15,7 +15,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Context, Result};
 use qlora_data::rows::Row;
-use qlora_lora::{load_adapter, save_adapter, write_atomic};
+use qlora_formats::write_atomic;
+use qlora_lora::{load_adapter, save_adapter};
 use qlora_model::Model;
 use safetensors::{tensor::TensorView, Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};

@@ -8,6 +8,7 @@ use anyhow::{bail, ensure, Context, Result};
 use qlora_data::rows::{epoch_order, Row};
 use qlora_dist::{Collectives, Communicator, SingleProcess};
 use qlora_lora::{Adapter, PeftConfig};
+use qlora_model::ops::lora::splitmix64;
 use qlora_model::{Batch, DropoutRows, Model, StepOptions};
 use serde::{Deserialize, Serialize};
 
@@ -315,13 +316,6 @@ impl RunSettings {
     }
 }
 
-fn splitmix(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9E3779B97F4A7C15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94D049BB133111EB);
-    x ^ (x >> 31)
-}
-
 /// The training state and loop.
 pub struct Trainer<'m> {
     pub model: &'m Model,
@@ -557,7 +551,7 @@ impl<'m> Trainer<'m> {
             let opts = StepOptions {
                 loss_denominator: total as f32,
                 checkpointing: self.cfg.checkpointing,
-                lora_dropout_seed: splitmix(self.cfg.seed ^ splitmix(step1 * 1024 + i as u64)),
+                lora_dropout_seed: splitmix64(self.cfg.seed ^ splitmix64(step1 * 1024 + i as u64)),
                 dropout_rows: (world > 1).then(|| m.dropout_rows.clone()),
             };
             let (s, c, g) = self
@@ -570,7 +564,7 @@ impl<'m> Trainer<'m> {
                 batch_targets(b)
             );
             sum_ce += s;
-            let g = grads_in_order(&g, &self.params)?;
+            let g = grads_in_order(g, &self.params)?;
             match &mut acc {
                 None => acc = Some(g),
                 Some(a) => {

@@ -56,7 +56,7 @@ pub fn run(args: Args) -> Result<()> {
                 text.push_str(&r.to_string());
                 text.push('\n');
             }
-            qlora_lora::write_atomic(&out, text.as_bytes())?;
+            qlora_formats::write_atomic(&out, text.as_bytes())?;
             println!(
                 "{} conversations from {} files -> {} ({} skipped)",
                 c.records.len(),

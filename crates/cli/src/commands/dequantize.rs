@@ -29,7 +29,7 @@ pub struct Args {
 
 pub fn run(a: Args) -> Result<()> {
     let dtype = match &a.dtype {
-        Some(d) => Some(torch_dtype_name(d).parse::<qlora_quant::SourceDType>()?),
+        Some(d) => Some(torch_dtype_name(d).parse::<qlora_quant::DType>()?),
         None => None,
     };
     let opts = DequantizeOptions {

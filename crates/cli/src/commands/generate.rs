@@ -7,7 +7,7 @@
 //! `--max-new-tokens`. Text goes to stdout as it is produced (never half a UTF-8
 //! character); prefill and decode speeds go to stderr at the end.
 //!
-//! STATUS: written against qlora-model's `forward_step`/`TensorSource` API but NOT yet
+//! STATUS: written against qlora-model's `forward_step`/`WeightSource` API but NOT yet
 //! compiled or wired (the shared build machine did not get through the CLI build before
 //! the deadline). To wire it: `pub mod generate;` in commands/mod.rs, a
 //! `Generate(commands::generate::Args)` variant + match arm in main.rs, and
@@ -24,7 +24,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use qlora_config::ModelConfig;
 use qlora_gguf::llama::GgufModel;
-use qlora_model::{Adapter, LoadOptions, Model, QuantMode, TensorSource};
+use qlora_model::{Adapter, LoadOptions, Model, QuantMode, WeightSource};
 use qlora_tokenizer::{ChatMessage, ModelRef, ModelSource, StreamDecoder, Tokenizer};
 use rand::{Rng, SeedableRng};
 
@@ -85,13 +85,13 @@ pub struct GenLimits {
     pub ignore_eos: bool,
 }
 
-/// A GGUF llama model as a [`TensorSource`] (HF names and layout, decoded on demand).
+/// A GGUF llama model as a [`WeightSource`] (HF names and layout, decoded on demand).
 struct GgufSource {
     model: GgufModel,
     names: Vec<String>,
 }
 
-impl TensorSource for GgufSource {
+impl WeightSource for GgufSource {
     fn names(&self) -> Vec<String> {
         self.names.clone()
     }
@@ -105,13 +105,6 @@ impl TensorSource for GgufSource {
     }
     fn f32(&self, name: &str) -> Result<Vec<f32>> {
         Ok(self.model.get(name)?.1)
-    }
-    fn raw(&self, name: &str) -> Result<(safetensors::Dtype, Vec<u8>)> {
-        let v = self.f32(name)?;
-        Ok((
-            safetensors::Dtype::F32,
-            v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        ))
     }
     fn origin(&self, _name: &str) -> String {
         self.model.file().path().display().to_string()

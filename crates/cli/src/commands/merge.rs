@@ -59,7 +59,7 @@ pub fn run(a: Args) -> Result<()> {
         ..Default::default()
     };
     let dtype = match &a.dtype {
-        Some(d) => Some(torch_dtype_name(d).parse::<qlora_quant::SourceDType>()?),
+        Some(d) => Some(torch_dtype_name(d).parse::<qlora_quant::DType>()?),
         None => None,
     };
     let max_shard_size =
@@ -100,7 +100,7 @@ pub fn run(a: Args) -> Result<()> {
         std::process::id()
     ));
     let staged = MergeOptions {
-        dtype: Some(qlora_quant::SourceDType::F32),
+        dtype: Some(qlora_quant::DType::F32),
         force: true,
         ..opts
     };

@@ -4,7 +4,7 @@
 
 use anyhow::{anyhow, bail, Context, Result};
 use qlora_memory::bnb::{Bnb4, QuantType};
-use qlora_memory::plan::{self, Dtype, Method, Optimizer, PlanInput, Sharding};
+use qlora_memory::plan::{self, DType, Method, Optimizer, PlanInput, Sharding};
 use serde_json::json;
 
 use super::size::group;
@@ -103,10 +103,10 @@ fn input(a: &Args) -> Result<PlanInput> {
     };
     let compute = match &a.compute {
         Some(c) => {
-            Dtype::parse(c).ok_or_else(|| anyhow!("--compute {c:?}: expected f32, bf16 or f16"))?
+            DType::parse(c).ok_or_else(|| anyhow!("--compute {c:?}: expected f32, bf16 or f16"))?
         }
-        None if a.gpu => Dtype::Bf16,
-        None => Dtype::F32,
+        None if a.gpu => DType::BF16,
+        None => DType::F32,
     };
     let quant_type = match a.quant.to_ascii_lowercase().as_str() {
         "nf4" => QuantType::Nf4,

@@ -2,7 +2,8 @@
 //! storage format (no weights are read; see `qlora-memory`).
 
 use anyhow::{bail, Result};
-use qlora_memory::size::{Keep, SizeOptions};
+use qlora_memory::size::SizeOptions;
+use qlora_quant::DType;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -35,7 +36,7 @@ pub fn run(a: Args) -> Result<()> {
             "missing <MODEL>: a config.json, model folder, .safetensors, .gguf, preset or hub id"
         );
     };
-    let keep = Keep::parse(&a.keep)
+    let keep = DType::parse(&a.keep)
         .ok_or_else(|| anyhow::anyhow!("--keep {:?}: expected bf16, f16 or f32", a.keep))?;
     for bs in &a.blocksizes {
         if *bs < 16 || !bs.is_power_of_two() {

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, ensure, Context, Result};
 use clap::ArgAction;
 use qlora_data::formats::{
-    self, Format, LoadOptions as DataLoadOptions, Loaded, Message, OnBadLine, TextTokenizer,
+    self, Dataset, DatasetOptions, Format, Message, OnBadLine, TextTokenizer,
 };
 use qlora_data::rows::{pack, split_eval, truncate, Row};
 use qlora_data::Example;
@@ -296,9 +296,9 @@ impl TextTokenizer for Tok<'_> {
 /// Load and tokenize a data file; skipped records are reported on stderr.
 pub(crate) fn load_examples(
     path: &Path,
-    opts: &DataLoadOptions,
+    opts: &DatasetOptions,
     tok: Option<&Tokenizer>,
-) -> Result<Loaded> {
+) -> Result<Dataset> {
     let t = tok.map(Tok);
     let l = formats::load(path, opts, t.as_ref().map(|t| t as &dyn TextTokenizer))?;
     for s in &l.skipped {
@@ -409,7 +409,7 @@ fn run_on(args: Args, comm: &dyn qlora_dist::Communicator) -> Result<()> {
 
     // ---- data
     let max_len = a.max_seq_len.unwrap_or(1024);
-    let dopts = DataLoadOptions {
+    let dopts = DatasetOptions {
         format: format.parse::<Format>()?,
         train_on_inputs: a.train_on_inputs,
         on_bad_line: on_bad.parse::<OnBadLine>()?,
@@ -621,7 +621,7 @@ fn run_on(args: Args, comm: &dyn qlora_dist::Communicator) -> Result<()> {
                 prompt.trim_end()
             );
         }
-        qlora_lora::write_atomic(&out.join("samples.md"), md.as_bytes())?;
+        qlora_formats::write_atomic(&out.join("samples.md"), md.as_bytes())?;
     } else if tok.is_none() {
         println!("(no tokenizer with this model: sample generations skipped)");
     }
@@ -718,7 +718,7 @@ fn train_loop(trainer: &mut Trainer<'_>, a: &Args, out: &Path, main: bool) -> Re
         kept += &serde_json::to_string(m)?;
         kept.push('\n');
     }
-    qlora_lora::write_atomic(&metrics_path, kept.as_bytes())?;
+    qlora_formats::write_atomic(&metrics_path, kept.as_bytes())?;
     let mut mf = std::fs::OpenOptions::new()
         .append(true)
         .open(&metrics_path)

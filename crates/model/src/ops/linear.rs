@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 
-use half::{bf16, f16};
+use half::bf16;
 use rayon::prelude::*;
 
 use super::{gemm_view, View};
@@ -17,174 +17,13 @@ use super::{gemm_view, View};
 /// Elements of W expanded per tile (4 MiB of f32).
 const TILE_ELEMS: usize = 1 << 20;
 
-/// The dtype a 4-bit weight dequantizes to before use (bitsandbytes' recorded
-/// `dtype`): values are computed in f32 and rounded to it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OrigDType {
-    F32,
-    F16,
-    BF16,
-}
-
-impl OrigDType {
-    #[inline]
-    fn round(self, v: f32) -> f32 {
-        match self {
-            OrigDType::F32 => v,
-            OrigDType::F16 => f16::from_f32(v).to_f32(),
-            OrigDType::BF16 => bf16::from_f32(v).to_f32(),
-        }
-    }
-}
-
-/// Per-block scales of a 4-bit weight, plain or double-quantized (FORMATS §1.5).
-#[derive(Debug, Clone)]
-pub enum Absmax {
-    F32(Vec<f32>),
-    Double {
-        codes: Vec<u8>,
-        nested_absmax: Vec<f32>,
-        nested_map: Vec<f32>,
-        offset: f32,
-        nested_blocksize: usize,
-    },
-}
-
-impl Absmax {
-    #[inline]
-    pub fn get(&self, block: usize) -> f32 {
-        match self {
-            Absmax::F32(v) => v[block],
-            Absmax::Double {
-                codes,
-                nested_absmax,
-                nested_map,
-                offset,
-                nested_blocksize,
-            } => {
-                nested_map[codes[block] as usize] * nested_absmax[block / nested_blocksize]
-                    + *offset
-            }
-        }
-    }
-    pub fn len(&self) -> usize {
-        match self {
-            Absmax::F32(v) => v.len(),
-            Absmax::Double { codes, .. } => codes.len(),
-        }
-    }
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-    pub fn bytes(&self) -> usize {
-        match self {
-            Absmax::F32(v) => v.len() * 4,
-            Absmax::Double {
-                codes,
-                nested_absmax,
-                nested_map,
-                ..
-            } => codes.len() + 4 * (nested_absmax.len() + nested_map.len() + 1),
-        }
-    }
-}
-
-/// A bitsandbytes-layout 4-bit weight `[rows, cols]` (NF4 or FP4 code table):
-/// element `i` of the row-major flattening is `code[nibble(i)] · absmax[i / blocksize]`,
-/// nibble(i) the high nibble of byte i/2 for even i (FORMATS §1.3-1.4).
-#[derive(Debug, Clone)]
-pub struct Packed4 {
-    pub rows: usize,
-    pub cols: usize,
-    pub blocksize: usize,
-    pub code: [f32; 16],
-    pub packed: Vec<u8>,
-    pub absmax: Absmax,
-    pub dtype: OrigDType,
-}
-
-impl Packed4 {
-    /// Check the internal sizes; `what` names the tensor in the error.
-    pub fn validate(&self, what: &str) -> anyhow::Result<()> {
-        let n = self.rows * self.cols;
-        anyhow::ensure!(self.blocksize > 0, "{what}: blocksize 0");
-        anyhow::ensure!(
-            self.packed.len() == n.div_ceil(2),
-            "{what}: {} packed bytes for {n} elements (expected {})",
-            self.packed.len(),
-            n.div_ceil(2)
-        );
-        anyhow::ensure!(
-            self.absmax.len() == n.div_ceil(self.blocksize),
-            "{what}: {} absmax blocks for {n} elements of blocksize {} (expected {})",
-            self.absmax.len(),
-            self.blocksize,
-            n.div_ceil(self.blocksize)
-        );
-        if let Absmax::Double {
-            codes,
-            nested_absmax,
-            nested_map,
-            nested_blocksize,
-            ..
-        } = &self.absmax
-        {
-            anyhow::ensure!(*nested_blocksize > 0, "{what}: nested blocksize 0");
-            anyhow::ensure!(
-                nested_map.len() == 256,
-                "{what}: nested_quant_map has {} entries (expected 256)",
-                nested_map.len()
-            );
-            anyhow::ensure!(
-                nested_absmax.len() == codes.len().div_ceil(*nested_blocksize),
-                "{what}: nested_absmax has {} entries (expected {})",
-                nested_absmax.len(),
-                codes.len().div_ceil(*nested_blocksize)
-            );
-        }
-        Ok(())
-    }
-
-    /// Dequantize rows `r0..r1` into `out` (`(r1-r0)·cols` values).
-    pub fn dequantize_rows(&self, r0: usize, r1: usize, out: &mut [f32]) {
-        let cols = self.cols;
-        assert!(r1 <= self.rows && out.len() == (r1 - r0) * cols);
-        let bs = self.blocksize;
-        let chunk_len = cols.max(1) * (4096 / cols.max(1)).max(1);
-        out.par_chunks_mut(chunk_len)
-            .enumerate()
-            .for_each(|(ci, chunk)| {
-                let start = r0 * cols + ci * chunk_len;
-                let mut i = start;
-                let end = start + chunk.len();
-                while i < end {
-                    let block = i / bs;
-                    let scale = self.absmax.get(block);
-                    let bend = ((block + 1) * bs).min(end);
-                    for j in i..bend {
-                        let byte = self.packed[j / 2];
-                        let nib = if j % 2 == 0 { byte >> 4 } else { byte & 15 };
-                        chunk[j - start] = self.dtype.round(self.code[nib as usize] * scale);
-                    }
-                    i = bend;
-                }
-            });
-    }
-
-    /// Bytes held in memory.
-    pub fn bytes(&self) -> usize {
-        self.packed.len() + self.absmax.bytes() + 64
-    }
-}
-
 /// How a frozen weight `[rows, cols]` is held.
 #[derive(Debug, Clone)]
 pub enum FrozenWeight {
     F32(Arc<Vec<f32>>),
     BF16(Arc<Vec<bf16>>),
-    /// Read from a bnb-4bit checkpoint as stored.
-    Q4(Arc<Packed4>),
-    /// Quantized while loading by `qlora-quant` (bnb-exact NF4/FP4).
+    /// bnb-layout 4-bit (NF4/FP4), read from a pre-quantized checkpoint as stored
+    /// or quantized while loading; expanded by `qlora-quant`'s kernels.
     Quant(Arc<qlora_quant::Quantized4>),
 }
 
@@ -193,7 +32,6 @@ impl FrozenWeight {
         match self {
             FrozenWeight::F32(v) => v.len() * 4,
             FrozenWeight::BF16(v) => v.len() * 2,
-            FrozenWeight::Q4(p) => p.bytes(),
             FrozenWeight::Quant(q) => {
                 q.packed.len()
                     + match &q.absmax {
@@ -217,16 +55,6 @@ impl FrozenWeight {
                 .iter_mut()
                 .zip(&w[start..start + n])
                 .for_each(|(o, v)| *o = v.to_bits()),
-            FrozenWeight::Q4(p) => {
-                let cols = p.cols.max(1);
-                let (r0, r1) = (start / cols, (start + n).div_ceil(cols));
-                let mut tmp = vec![0f32; (r1 - r0) * cols];
-                p.dequantize_rows(r0, r1, &mut tmp);
-                let off = start - r0 * cols;
-                out.iter_mut()
-                    .zip(&tmp[off..off + n])
-                    .for_each(|(o, v)| *o = bf16_bits(*v));
-            }
             FrozenWeight::Quant(q) => {
                 q.dequantize_range::<bf16>(start, bytemuck::cast_slice_mut(out))
             }
@@ -241,8 +69,7 @@ impl FrozenWeight {
                 .iter_mut()
                 .zip(&w[r0 * cols..r1 * cols])
                 .for_each(|(o, v)| *o = v.to_f32()),
-            FrozenWeight::Q4(p) => p.dequantize_rows(r0, r1, out),
-            FrozenWeight::Quant(q) => q.dequantize_range_f32(r0 * cols, out),
+            FrozenWeight::Quant(q) => q.dequantize_rows_f32(r0, r1, out),
         }
     }
 }
@@ -410,104 +237,23 @@ mod tests {
     use super::super::testutil::*;
     use super::*;
 
-    const NF4: [f32; 16] = [
-        -1.0,
-        -0.696_192_8,
-        -0.525_073_05,
-        -0.394_917_5,
-        -0.284_441_38,
-        -0.184_773_43,
-        -0.091_050_036,
-        0.0,
-        0.079_580_3,
-        0.160_930_2,
-        0.246_112_3,
-        0.337_915_24,
-        0.440_709_83,
-        0.562_617,
-        0.722_956_84,
-        1.0,
-    ];
-
-    fn packed(rows: usize, cols: usize, seed: u64, double: bool) -> Packed4 {
-        let n = rows * cols;
-        let bytes: Vec<u8> = rand_vec(n.div_ceil(2), seed, 1.0)
-            .iter()
-            .map(|v| ((v + 1.0) * 127.9) as u8)
-            .collect();
-        let nb = n.div_ceil(64);
-        let absmax = if double {
-            Absmax::Double {
-                codes: (0..nb).map(|b| (b * 37 % 256) as u8).collect(),
-                nested_absmax: rand_vec(nb.div_ceil(256), seed + 1, 1.0)
-                    .iter()
-                    .map(|v| v.abs() + 0.1)
-                    .collect(),
-                nested_map: (0..256).map(|k| (k as f32 - 127.0) / 128.0).collect(),
-                offset: 0.5,
-                nested_blocksize: 256,
-            }
-        } else {
-            Absmax::F32(
-                rand_vec(nb, seed + 2, 1.0)
-                    .iter()
-                    .map(|v| v.abs())
-                    .collect(),
-            )
-        };
-        let p = Packed4 {
-            rows,
-            cols,
-            blocksize: 64,
-            code: NF4,
-            packed: bytes,
-            absmax,
-            dtype: OrigDType::F32,
-        };
-        p.validate("test").unwrap();
-        p
-    }
-
-    /// Plain element-by-element dequantization.
-    fn dequant_ref(p: &Packed4) -> Vec<f32> {
-        (0..p.rows * p.cols)
-            .map(|i| {
-                let b = p.packed[i / 2];
-                let nib = if i % 2 == 0 { b >> 4 } else { b & 15 };
-                p.code[nib as usize] * p.absmax.get(i / 64)
-            })
-            .collect()
-    }
-
-    #[test]
-    fn dequantize_rows_matches_reference_on_odd_shapes() {
-        for &(r, c, dq) in &[
-            (7, 80, false),
-            (33, 160, true),
-            (5, 3, false),
-            (300, 100, true),
-        ] {
-            let p = packed(r, c, 9, dq);
-            let full = dequant_ref(&p);
-            let mut out = vec![0f32; r * c];
-            p.dequantize_rows(0, r, &mut out);
-            assert_eq!(out, full);
-            let mut part = vec![0f32; 2 * c];
-            p.dequantize_rows(r - 2, r, &mut part);
-            assert_eq!(&part[..], &full[(r - 2) * c..]);
-        }
+    /// A random double-quantized NF4 weight `[rows, cols]` (through `qlora-quant`).
+    fn quantized(rows: usize, cols: usize, seed: u64) -> qlora_quant::Quantized4 {
+        let w = rand_vec(rows * cols, seed, 1.0);
+        let opts = qlora_quant::QuantOptions::default();
+        qlora_quant::quantize_4bit(qlora_quant::Input::F32(&w), &[rows, cols], &opts).unwrap()
     }
 
     #[test]
     fn tiled_q4_forward_and_backward_match_dense_reference() {
         let (o, i, t) = (70, 64, 9);
-        let p = packed(o, i, 3, true);
-        let w = dequant_ref(&p);
+        let p = quantized(o, i, 3);
+        let w = qlora_quant::reference::dequantize_f32_rounded(&p);
         let bias = rand_vec(o, 4, 1.0);
         let q = FrozenLinear {
             out_features: o,
             in_features: i,
-            weight: FrozenWeight::Q4(Arc::new(p)),
+            weight: FrozenWeight::Quant(Arc::new(p)),
             bias: Some(bias.clone()),
             compute: BaseCompute::F32,
         };

@@ -1,17 +1,9 @@
 //! Fixture access shared by the integration tests.
 #![allow(dead_code)]
 
-use std::path::PathBuf;
-
 use half::bf16;
+pub use qlora_testutil::fixtures as fixtures_dir;
 use safetensors::{Dtype, SafeTensors};
-
-pub fn fixtures_dir() -> PathBuf {
-    PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../../shared/fixtures"
-    ))
-}
 
 pub fn index() -> serde_json::Value {
     let path = fixtures_dir().join("quant/index.json");

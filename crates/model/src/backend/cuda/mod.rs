@@ -31,7 +31,7 @@ use cudarc::driver::{
 
 use super::{AdamWStep, Backend, CeOut, LoraOp};
 use crate::ops::attention::AttnShape;
-use crate::ops::linear::{Absmax, FrozenLinear, FrozenWeight, OrigDType};
+use crate::ops::linear::{FrozenLinear, FrozenWeight};
 
 /// The kernel sources: `(file name, source)`; `common.cuh` is prepended to each.
 pub const KERNEL_SOURCES: &[(&str, &str)] = &[
@@ -615,11 +615,11 @@ macro_rules! karg {
 }
 karg!(u64, i64, i32, u32, f32);
 
-fn orig_dtype_code(d: OrigDType) -> i32 {
+fn orig_dtype_code(d: qlora_quant::DType) -> i32 {
     match d {
-        OrigDType::F32 => 0,
-        OrigDType::F16 => 1,
-        OrigDType::BF16 => 2,
+        qlora_quant::DType::F32 => 0,
+        qlora_quant::DType::F16 => 1,
+        qlora_quant::DType::BF16 => 2,
     }
 }
 
@@ -704,37 +704,6 @@ impl Backend for CudaBackend {
         let weight = match &w.weight {
             FrozenWeight::F32(v) => DevWeight::Bf16(self.up(&f32_to_bf16_bits(v))?),
             FrozenWeight::BF16(v) => DevWeight::Bf16(self.up(&bf16_bits(v))?),
-            FrozenWeight::Q4(p) => {
-                let (absmax, codes, nabs, nmap, offset, nbs) = match &p.absmax {
-                    Absmax::F32(a) => (Some(self.up(a)?), None, None, None, 0.0, 1),
-                    Absmax::Double {
-                        codes,
-                        nested_absmax,
-                        nested_map,
-                        offset,
-                        nested_blocksize,
-                    } => (
-                        None,
-                        Some(self.up(codes)?),
-                        Some(self.up(nested_absmax)?),
-                        Some(self.up(nested_map)?),
-                        *offset,
-                        *nested_blocksize as i32,
-                    ),
-                };
-                DevWeight::Q4 {
-                    packed: self.up(&p.packed)?,
-                    absmax,
-                    codes,
-                    nested_absmax: nabs,
-                    nested_map: nmap,
-                    offset,
-                    nested_bs: nbs,
-                    table: self.up(&p.code)?,
-                    blocksize: p.blocksize as i32,
-                    dtype: orig_dtype_code(p.dtype),
-                }
-            }
             FrozenWeight::Quant(q) => {
                 let (absmax, codes, nabs, nmap, offset, nbs) = match &q.absmax {
                     qlora_quant::Absmax::Plain(a) => (Some(self.up(a)?), None, None, None, 0.0, 1),
@@ -757,9 +726,8 @@ impl Backend for CudaBackend {
                     nested_bs: nbs,
                     table: self.up(&qlora_quant::code_table(q.quant_type))?,
                     blocksize: q.blocksize as i32,
-                    // The CPU path widens these to f32 without rounding to the
-                    // recorded dtype; do the same.
-                    dtype: 0,
+                    // rounded through the recorded dtype, as the CPU path does
+                    dtype: orig_dtype_code(q.dtype),
                 }
             }
         };
