@@ -4,22 +4,14 @@
 //! through `qlora_dist::ThreadGroup`; the same trainer code runs over MPI in
 //! the CLI's `mpirun` tests.
 
-use std::path::PathBuf;
-
 use qlora_data::rows::Row;
 use qlora_data::Example;
 use qlora_dist::{Communicator, ThreadGroup};
 use qlora_lora::{load_adapter, Adapter, PeftConfig};
 use qlora_model::{LoadOptions, Model, QuantMode};
+use qlora_testutil::fixtures as fx;
 use qlora_train::params::params_of;
 use qlora_train::{AdamW, Identity, ScheduleKind, StepMetrics, TrainConfig, Trainer};
-
-fn fx() -> PathBuf {
-    PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../../shared/fixtures"
-    ))
-}
 
 fn load_model(dir: &str, quant: QuantMode) -> Model {
     Model::from_folder(fx().join(dir), &LoadOptions { quant }).unwrap()
