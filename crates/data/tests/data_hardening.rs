@@ -7,7 +7,7 @@ use std::path::Path;
 
 use anyhow::Result;
 use proptest::prelude::*;
-use qlora_data::formats::{load, LoadOptions, Message, OnBadLine, TextTokenizer};
+use qlora_data::formats::{load, DatasetOptions, Message, OnBadLine, TextTokenizer};
 
 /// Bytes as tokens (+3), EOS 2, a ChatML-like template.
 struct ByteTok;
@@ -48,7 +48,7 @@ fn rows_are_checked_against_the_model_at_load_time() {
         "d.jsonl",
         b"{\"input_ids\":[1,2,3]}\n{\"input_ids\":[1,99,3]}\n{\"input_ids\":[5,6],\"labels\":[-100,-100]}\n{\"input_ids\":[7]}\n{\"input_ids\":[1,2,3,4],\"labels\":[-100,-100,-100,4]}\n{\"input_ids\":[1,2],\"labels\":[1,70]}\n",
     );
-    let mut o = LoadOptions {
+    let mut o = DatasetOptions {
         on_bad_line: OnBadLine::Skip,
         vocab_size: Some(64),
         max_len: Some(3),
@@ -85,7 +85,7 @@ fn invalid_utf8_names_the_line_and_can_be_skipped() {
         "t.jsonl",
         b"{\"text\":\"ok\"}\n{\"text\":\"bad \xff\xfe\"}\n{\"text\":\"fine\"}\n",
     );
-    let mut o = LoadOptions {
+    let mut o = DatasetOptions {
         on_bad_line: OnBadLine::Skip,
         ..Default::default()
     };
@@ -141,7 +141,7 @@ proptest! {
         }
         let dir = tempfile::tempdir().unwrap();
         let p = write(dir.path(), "m.jsonl", &b);
-        let o = LoadOptions {
+        let o = DatasetOptions {
             on_bad_line: if skip { OnBadLine::Skip } else { OnBadLine::Error },
             vocab_size: Some(300),
             max_len: Some(64),
