@@ -26,8 +26,9 @@ use qlora_model::backend::cpu::CpuBackend;
 use qlora_model::backend::cuda::{self, CudaBackend};
 use qlora_model::backend::{AdamWStep, Backend, LoraOp};
 use qlora_model::ops::attention::AttnShape;
-use qlora_model::ops::linear::{Absmax, FrozenLinear, FrozenWeight, OrigDType, Packed4};
+use qlora_model::ops::linear::{FrozenLinear, FrozenWeight};
 use qlora_model::{Batch, Device, LoadOptions, Model, QuantMode, StepOptions};
+use qlora_quant::{Absmax, DType, DoubleQuant, QuantType, Quantized4};
 
 fn rand_vec(n: usize, seed: u64, scale: f32) -> Vec<f32> {
     let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(1);
@@ -110,7 +111,7 @@ fn device_parsing_and_no_gpu_error_is_clean() {
 }
 
 /// A random NF4 double-quantized weight `[rows, cols]`, bnb layout.
-fn random_q4(rows: usize, cols: usize, seed: u64, dtype: OrigDType) -> Packed4 {
+fn random_q4(rows: usize, cols: usize, seed: u64, dtype: DType) -> Quantized4 {
     let n = rows * cols;
     let bs = 64;
     let nb = n.div_ceil(bs);
@@ -127,21 +128,22 @@ fn random_q4(rows: usize, cols: usize, seed: u64, dtype: OrigDType) -> Packed4 {
         .iter()
         .map(|v| v.abs() + 0.01)
         .collect();
-    Packed4 {
-        rows,
-        cols,
+    let q = Quantized4 {
+        quant_type: QuantType::Nf4,
         blocksize: bs,
-        code: qlora_quant::code_table(qlora_quant::QuantType::Nf4),
+        shape: vec![rows, cols],
+        dtype,
         packed: bytes,
-        absmax: Absmax::Double {
+        absmax: Absmax::Double(DoubleQuant {
             codes,
             nested_absmax,
             nested_map,
             offset: 0.02,
             nested_blocksize: 256,
-        },
-        dtype,
-    }
+        }),
+    };
+    q.validate().unwrap();
+    q
 }
 
 fn linears(o: usize, i: usize) -> Vec<(&'static str, FrozenLinear)> {
@@ -163,14 +165,14 @@ fn linears(o: usize, i: usize) -> Vec<(&'static str, FrozenLinear)> {
         (
             "nf4-dq-bf16",
             mk(
-                FrozenWeight::Q4(Arc::new(random_q4(o, i, 9, OrigDType::BF16))),
+                FrozenWeight::Quant(Arc::new(random_q4(o, i, 9, DType::BF16))),
                 None,
             ),
         ),
         (
             "nf4-dq-f16",
             mk(
-                FrozenWeight::Q4(Arc::new(random_q4(o, i, 10, OrigDType::F16))),
+                FrozenWeight::Quant(Arc::new(random_q4(o, i, 10, DType::F16))),
                 None,
             ),
         ),
@@ -210,13 +212,13 @@ fn frozen_linear_forward_and_input_gradient_match_cpu() {
 fn nf4_dequantization_is_bnb_exact() {
     let Some(g) = gpu() else { return };
     let (o, i) = (64, 128);
-    let q = random_q4(o, i, 21, OrigDType::BF16);
+    let q = random_q4(o, i, 21, DType::BF16);
     let mut dense = vec![0f32; o * i];
-    q.dequantize_rows(0, o, &mut dense);
+    q.dequantize_rows_f32(0, o, &mut dense);
     let lin = FrozenLinear {
         out_features: o,
         in_features: i,
-        weight: FrozenWeight::Q4(Arc::new(q)),
+        weight: FrozenWeight::Quant(Arc::new(q)),
         bias: None,
         compute: Default::default(),
     };
@@ -604,9 +606,8 @@ fn whole_model_loss_and_step_match_cpu() {
             for (k, wc) in &gc {
                 let wg = &gg[k];
                 for (name, a, b) in [("A", &wg.a, &wc.a), ("B", &wg.b, &wc.b)] {
-                    let a: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
-                    let b: Vec<f32> = b.flatten_all().unwrap().to_vec1().unwrap();
-                    let e = rel_l2(&a, &b);
+                    let (a, b) = (a.data(), b.data());
+                    let e = rel_l2(a, b);
                     // bf16 GEMM operands through every layer: a few times 4e-3.
                     assert!(
                         e < 5e-2,
@@ -620,10 +621,7 @@ fn whole_model_loss_and_step_match_cpu() {
         let full: Vec<f32> = dev
             .forward_logits(&Batch::from_ids(vec![toks.clone()]), None)
             .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+            .into_vec();
         let mut cache = dev.new_cache();
         dev.forward_step(&mut cache, &toks[..5], None).unwrap();
         let last = dev.forward_step(&mut cache, &toks[5..6], None).unwrap();
