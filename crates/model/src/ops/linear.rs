@@ -47,7 +47,6 @@ impl FrozenWeight {
     /// bf16 bits (round to nearest even; 4-bit weights dequantize straight to
     /// bf16 as bitsandbytes does for a bf16 compute dtype).
     pub fn elems_bf16(&self, start: usize, out: &mut [u16]) {
-        use super::amx::bf16_bits;
         let n = out.len();
         match self {
             FrozenWeight::F32(w) => super::fastmath::to_bf16(&w[start..start + n], out),
