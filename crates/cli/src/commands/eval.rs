@@ -9,7 +9,7 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use qlora_data::formats::{Format, LoadOptions as DataLoadOptions, OnBadLine};
+use qlora_data::formats::{DatasetOptions, Format, OnBadLine};
 use qlora_data::rows::truncate;
 use qlora_model::{Batch, LoadOptions, Model, QuantMode};
 use qlora_tokenizer::{ModelRef, ModelSource};
@@ -70,7 +70,7 @@ pub fn run(a: Args) -> Result<()> {
     };
     // The tokenizer only matters for text formats; pre-tokenized data needs none.
     let tok = r.tokenizer();
-    let dopts = DataLoadOptions {
+    let dopts = DatasetOptions {
         format: a.data_format.parse::<Format>()?,
         train_on_inputs: a.train_on_inputs,
         on_bad_line: a.on_bad_line.parse::<OnBadLine>()?,
