@@ -90,9 +90,8 @@ for model in "${MODELS[@]}"; do
                         --gradient-checkpointing "$ckpt" --no-progress --force >"$log" 2>&1 \
                         || { echo "validate: train failed:" >&2; cat "$log" >&2; exit 2; }
                     fi
-                    ck=(); [ "$ckpt" = true ] && ck=(--checkpointing)
-                    "$QLORA" plan "$model" --method "$method" --rank 8 --batch "$batch" \
-                        --seq "$seq" "${ck[@]}" --json >"$WORK/plan.json"
+                    "$QLORA" plan "$model" --method "$method" --rank 8 --batch-size "$batch" \
+                        --max-seq-len "$seq" --gradient-checkpointing "$ckpt" --json >"$WORK/plan.json"
                     python3 - "$name" "$method" "$batch" "$seq" "$ckpt" "$TOL" "$log" "$WORK/plan.json" "${OUT:-}" <<'EOF' || fail=1
 import json, re, sys
 name, method, b, s, ck, tol, log, plan, out = sys.argv[1:]

@@ -1,11 +1,19 @@
 //! `qlora`: fine-tune Llama-family models with QLoRA on the hardware you have.
 //!
 //! Each subcommand lives in its own module under `commands/` with its clap
-//! `Args` struct and a `run` function; this file only dispatches.
+//! `Args` struct and a `run` function that calls the library crates and prints; this
+//! file only dispatches. Command modules never import each other: what two of them
+//! share is in a library crate, or (presentation only) in a module beside `commands/`.
 
 use clap::{Parser, Subcommand};
 
 mod commands;
+mod config_file;
+mod flags;
+mod plot;
+mod report;
+mod text;
+mod train_view;
 
 #[derive(Parser)]
 #[command(

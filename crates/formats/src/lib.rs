@@ -37,6 +37,6 @@ pub use model_files::ModelFiles;
 pub use reader::{SafetensorsFile, TensorView};
 /// The safetensors dtype enum (re-exported so users need not depend on `safetensors`).
 pub use safetensors::Dtype;
-pub use shards::{parse_size, sync_dir, write_atomic, DEFAULT_MAX_SHARD_SIZE};
+pub use shards::{parse_bytes, parse_size, sync_dir, write_atomic, DEFAULT_MAX_SHARD_SIZE};
 pub use source::TensorSource;
 pub use writer::{write_safetensors, SafetensorsWriter, TensorData, TensorSpec};

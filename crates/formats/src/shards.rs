@@ -10,10 +10,12 @@ use crate::writer::{temp_path, TensorSpec};
 /// transformers' default `max_shard_size` ("5GB" = 5·10⁹ bytes).
 pub const DEFAULT_MAX_SHARD_SIZE: u64 = 5_000_000_000;
 
-/// Parse a size like transformers' `convert_file_size_to_int`: a plain byte
-/// count, or a number with KB/MB/GB/TB (powers of 10) or KiB/MiB/GiB/TiB
-/// (powers of 2); `b` suffixes are read as bytes too (5GB, 500MB, 2GiB).
-pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
+/// Parse a byte size the one way every `qlora` flag reads sizes (shard sizes, memory
+/// budgets, overheads): a plain byte count, or a number with a unit, case-insensitive:
+/// KB/MB/GB/TB are powers of 10 (`5GB` = 5·10⁹, as transformers' `convert_file_size_to_int`)
+/// and KiB/MiB/GiB/TiB powers of 2 (`24GiB` = 24·2³⁰); `K`, `M`, `G`, `T` alone are the
+/// decimal units. Zero is allowed here; see [`parse_size`].
+pub fn parse_bytes(s: &str) -> std::result::Result<u64, String> {
     let t = s.trim();
     let split = t
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
@@ -24,25 +26,30 @@ pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
         .map_err(|_| format!("`{s}` is not a size (examples: 5GB, 500MB, 2GiB, 1000000)"))?;
     let mult: f64 = match unit.trim().to_ascii_uppercase().as_str() {
         "" | "B" => 1.0,
-        "KB" => 1e3,
-        "MB" => 1e6,
-        "GB" => 1e9,
-        "TB" => 1e12,
+        "K" | "KB" => 1e3,
+        "M" | "MB" => 1e6,
+        "G" | "GB" => 1e9,
+        "T" | "TB" => 1e12,
         "KIB" => 1024.0,
         "MIB" => 1024.0 * 1024.0,
         "GIB" => 1024.0 * 1024.0 * 1024.0,
         "TIB" => 1024.0f64.powi(4),
         u => {
             return Err(format!(
-                "`{s}`: unknown size unit `{u}` (use KB, MB, GB, KiB, MiB, GiB)"
+                "`{s}`: unknown size unit `{u}` (use KB, MB, GB, TB = powers of 10, KiB, MiB, GiB, TiB = powers of 2)"
             ))
         }
     };
-    let v = (x * mult).round();
-    if v < 1.0 {
+    Ok((x * mult).round() as u64)
+}
+
+/// [`parse_bytes`] for sizes that must be at least one byte (shard sizes).
+pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
+    let v = parse_bytes(s)?;
+    if v < 1 {
         return Err(format!("`{s}`: size must be at least one byte"));
     }
-    Ok(v as u64)
+    Ok(v)
 }
 
 /// Group `units` (each a set of tensors that must stay together, e.g. the six

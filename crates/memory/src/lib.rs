@@ -13,12 +13,15 @@
 //! * [`presets`]: config numbers of well-known models (offline).
 //! * [`source`]: resolving a model reference (path, preset, hub id).
 //! * [`plan`]: training memory per device.
+//! * [`planner`]: `qlora plan` as one call: typed report, budget answers (largest batch /
+//!   sequence, fewest devices), what the trainer keeps resident while loading.
 //! * [`rss`]: resident-memory probes of the running process (plan validation).
 
 pub mod bnb;
 pub mod gguf;
 pub mod inventory;
 pub mod plan;
+pub mod planner;
 pub mod presets;
 pub mod rss;
 pub mod size;
@@ -27,6 +30,7 @@ pub mod st;
 
 pub use inventory::{Inventory, Role, TensorSpec};
 pub use plan::{Method, Optimizer, Plan, PlanInput, Sharding};
+pub use planner::{plan_model, BudgetAnswer, PlanReport};
 pub use size::{size_report, SizeOptions, SizeReport};
 pub use source::{resolve, Loaded};
 

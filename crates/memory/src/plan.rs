@@ -647,61 +647,8 @@ pub fn plan(inv: &Inventory, c: &ModelConfig, p: &PlanInput) -> Result<Plan, Mem
     })
 }
 
-/// Parse sizes like `24GB`, `24GiB`, `512MB`, `1.5G`, `1000000` (bytes).
-/// Units are binary whatever the spelling (`GB` = `GiB` = 2³⁰), the way GPU
-/// memory is sold and reported (a "24 GB" card has 24 GiB).
-pub fn parse_bytes(s: &str) -> Result<u64, MemoryError> {
-    let t = s.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let x: f64 = num
-        .parse()
-        .map_err(|_| MemoryError::Invalid(format!("bad size {s:?} (e.g. 24GB, 24GiB, 512MiB)")))?;
-    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1.0,
-        "k" | "kb" | "kib" => 1024.0,
-        "m" | "mb" | "mib" => 1024.0 * 1024.0,
-        "g" | "gb" | "gib" => 1024.0f64.powi(3),
-        "t" | "tb" | "tib" => 1024.0f64.powi(4),
-        _ => {
-            return Err(MemoryError::Invalid(format!(
-                "bad size unit in {s:?} (B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)"
-            )))
-        }
-    };
-    Ok((x * mult).round() as u64)
-}
-
-/// Largest value in `1..=hi` for which `fits` holds (monotone: true then
-/// false), or 0 if even 1 does not fit. A value whose plan is too large to
-/// count ([`MemoryError::TooLarge`]) does not fit.
-pub fn largest_fitting(
-    hi: u64,
-    mut fits_or_err: impl FnMut(u64) -> Result<bool, MemoryError>,
-) -> Result<u64, MemoryError> {
-    let mut fits = |x: u64| match fits_or_err(x) {
-        Err(MemoryError::TooLarge(_)) => Ok(false),
-        r => r,
-    };
-    if !fits(1)? {
-        return Ok(0);
-    }
-    let (mut lo, mut hi) = (1u64, hi);
-    if fits(hi)? {
-        return Ok(hi);
-    }
-    while hi - lo > 1 {
-        let mid = lo + (hi - lo) / 2;
-        if fits(mid)? {
-            lo = mid;
-        } else {
-            hi = mid;
-        }
-    }
-    Ok(lo)
-}
+/// The budget search lives beside `qlora plan`'s other answers.
+pub use crate::planner::largest_fitting;
 
 #[cfg(test)]
 mod tests {

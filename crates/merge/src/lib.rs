@@ -11,6 +11,9 @@
 //!   unquantized source the quantization the trainer used is re-applied, which
 //!   is exact because quantization is deterministic).
 //!
+//! [`requantize`] writes the merged model as a bitsandbytes 4-bit folder and measures
+//! what that costs in logits; [`gguf_export`] writes it as a llama.cpp GGUF file.
+//!
 //! The work is streamed one tensor at a time from the memory-mapped input:
 //! peak memory is one full-precision weight (plus its delta row buffer), not
 //! the model.
@@ -20,10 +23,13 @@ use std::path::{Path, PathBuf};
 pub mod gguf_check;
 pub mod gguf_export;
 mod gguf_meta;
+pub mod prompts;
+pub mod requantize;
 pub mod source;
 
 pub use gguf_check::{check_export, CheckReport};
 pub use gguf_export::{export_gguf, ExportOptions, ExportReport, ExportType};
+pub use requantize::{merge_requantized, RequantizationError, RequantizeReport};
 pub use source::SourceModel;
 
 use anyhow::{bail, Context, Result};

@@ -374,7 +374,8 @@ pub fn quantize_4bit_with(
 }
 
 /// Double quantization of a per-block absmax vector (crate docs, "Double quantization"):
-/// `offset` = f64-accumulated mean rounded to f32, then [`double_quant_with_offset`].
+/// `offset` = `mean(absmax)` exactly as torch's CPU f32 `mean()` computes it (its cascade
+/// sum, see [`crate::torch_mean`]), then [`double_quant_with_offset`].
 pub fn double_quant(absmax: &[f32]) -> DoubleQuant {
     double_quant_with_offset(absmax, mean_offset(absmax))
 }

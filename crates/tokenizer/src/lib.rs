@@ -6,11 +6,13 @@
 //!   from GGUF metadata ([`Tokenizer::from_gguf`]) as the equivalent byte-level BPE.
 //! - [`chat::ChatTemplate`]: HF's Jinja chat templates rendered with minijinja.
 //! - [`StreamDecoder`]: token-by-token text output that never splits a UTF-8 character.
+//! - `impl qlora_data::formats::TextTokenizer for Tokenizer`: the data pipeline's view.
 //! - [`ModelRef`]: a folder, a `.gguf` file or a hub id, resolved offline-first.
 
 use std::path::{Path, PathBuf};
 
 pub mod chat;
+mod data;
 mod from_gguf;
 pub mod model_ref;
 mod stream;

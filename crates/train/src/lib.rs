@@ -5,19 +5,30 @@
 //! * [`trainer`]: gradient accumulation normalised by the step's target-token
 //!   count, data order, evaluation, NaN/inf guards.
 //! * [`checkpoint`]: atomic checkpoint folders and exact resume.
+//! * [`prepare`]: the rows (load, tokenize, truncate, split, pack) and the adapter of a run.
+//! * [`run`]: [`Trainer::run`], the whole run: eval / checkpoint cadence, `metrics.jsonl`
+//!   (kept up to the checkpoint on resume), the final adapter, progress [`Callbacks`].
 
 pub mod checkpoint;
 pub mod optim;
 pub mod outdir;
 pub mod params;
+pub mod prepare;
+pub mod run;
 pub mod schedule;
 pub mod trainer;
 
 pub use checkpoint::{checkpoint_dir, TrainerState};
 pub use optim::AdamW;
 pub use outdir::prepare_output_dir;
+pub use prepare::{
+    adapter_for, default_checkpointing, identity, prepare_data, steps_for_epochs, DataOptions,
+    LoraOptions, PreparedData, TrainOptions, DEFAULT_ALPHA, DEFAULT_BATCH_SIZE,
+    DEFAULT_MAX_SEQ_LEN, DEFAULT_RANK, DEFAULT_TARGET,
+};
+pub use run::{Callbacks, RunOptions, RunReport, Silent};
 pub use schedule::{Schedule, ScheduleKind};
 pub use trainer::{
-    check_lora_dropout, collate, evaluate_rows, fnv_hex, rows_hash, Identity, RunSettings,
-    StepMetrics, TrainConfig, Trainer,
+    check_lora_dropout, collate, eval_stats, evaluate_rows, fnv_hex, rows_hash, EvalStats,
+    Identity, RunSettings, StepMetrics, TrainConfig, Trainer,
 };

@@ -7,7 +7,8 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use qlora_formats::convert::{self, DequantizeOptions};
 
-use super::quantize::{print_files, print_sizes, torch_dtype_name};
+use crate::flags::torch_dtype_name;
+use crate::report::{print_files, print_sizes};
 
 #[derive(clap::Args)]
 pub struct Args {

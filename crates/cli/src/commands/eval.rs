@@ -9,10 +9,10 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use qlora_data::formats::{DatasetOptions, Format, OnBadLine};
-use qlora_data::rows::truncate;
-use qlora_model::{Batch, LoadOptions, Model, QuantMode};
-use qlora_tokenizer::{ModelRef, ModelSource};
+use qlora_data::formats::{Format, LoadOptions as DataLoadOptions, OnBadLine, TextTokenizer};
+use qlora_data::rows::{truncate, Row};
+use qlora_infer::NeedTokenizer;
+use qlora_model::QuantMode;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -33,7 +33,7 @@ pub struct Args {
     #[arg(long)]
     pub train_on_inputs: bool,
     /// Rows longer than this are truncated (as `qlora train`, default 1024).
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = qlora_train::DEFAULT_MAX_SEQ_LEN)]
     pub max_seq_len: usize,
     /// skip or error on a malformed record.
     #[arg(long, default_value = "error")]
@@ -54,6 +54,9 @@ pub struct Args {
     pub json: bool,
 }
 
+/// Padding id of the right-padded batches (masked out of the loss).
+const PAD_ID: u32 = 0;
+
 pub fn run(a: Args) -> Result<()> {
     if a.batch_size == 0 {
         bail!("--batch-size must be at least 1");
@@ -61,13 +64,8 @@ pub fn run(a: Args) -> Result<()> {
     if a.max_seq_len < 2 {
         bail!("--max-seq-len must be at least 2");
     }
-    let opts = LoadOptions { quant: a.quant };
-    let r = ModelRef::resolve(&a.model, false)?;
-    let mut model = match &r.source {
-        ModelSource::Folder(dir) => Model::from_folder(dir, &opts)
-            .with_context(|| format!("loading model {}", dir.display()))?,
-        ModelSource::Gguf(path) => super::generate::load_gguf(path, &opts)?,
-    };
+    let loaded = qlora_infer::load(&a.model, a.quant, false, NeedTokenizer::No)?;
+    let (mut model, r) = (loaded.model, loaded.model_ref);
     // The tokenizer only matters for text formats; pre-tokenized data needs none.
     let tok = r.tokenizer();
     let dopts = DatasetOptions {
@@ -83,14 +81,17 @@ pub fn run(a: Args) -> Result<()> {
         Some(dir) => Some(qlora_lora::load_adapter(dir, Some(&model.config))?.1),
         None => None,
     };
-    let mut examples = super::train::load_examples(&a.data, &dopts, tok.as_ref().ok())
-        .map_err(|e| match &tok {
-            Err(te) if format!("{e:#}").contains("needs a tokenizer") => {
-                e.context(format!("the model's tokenizer did not load: {te}"))
-            }
-            _ => e,
-        })?
-        .examples;
+    let text_tok = tok.as_ref().ok().map(|t| t as &dyn TextTokenizer);
+    let loaded = qlora_data::formats::load(&a.data, &dopts, text_tok).map_err(|e| match &tok {
+        Err(te) if format!("{e:#}").contains("needs a tokenizer") => {
+            e.context(format!("the model's tokenizer did not load: {te}"))
+        }
+        _ => e,
+    })?;
+    for s in &loaded.skipped {
+        eprintln!("skipped {s}");
+    }
+    let mut examples = loaded.examples;
     truncate(&mut examples, a.max_seq_len);
     if examples.is_empty() {
         bail!("{}: no rows", a.data.display());
@@ -100,47 +101,21 @@ pub fn run(a: Args) -> Result<()> {
         model.config.max_position_embeddings,
         &a.data.display().to_string(),
     )?;
+    let n_rows = examples.len();
+    let seen: usize = examples.iter().map(|e| e.input_ids.len()).sum();
+    let rows: Vec<Row> = examples.into_iter().map(Row::single).collect();
     let start = std::time::Instant::now();
-    let (mut sum, mut count, mut seen) = (0f64, 0usize, 0usize);
-    for chunk in examples.chunks(a.batch_size) {
-        let len = chunk.iter().map(|e| e.input_ids.len()).max().unwrap_or(0);
-        if len == 0 {
-            continue;
-        }
-        let mut batch = Batch::default();
-        for e in chunk {
-            let pad = len - e.input_ids.len();
-            let mut ids = e.input_ids.clone();
-            ids.extend(std::iter::repeat_n(0, pad));
-            let mut lab = e.labels.clone();
-            lab.extend(std::iter::repeat_n(-100, pad));
-            batch.input_ids.push(ids);
-            batch.labels.push(lab);
-            seen += e.input_ids.len();
-        }
-        let (s, c) = model
-            .loss(&batch, adapter.as_ref())
-            .with_context(|| format!("evaluating {}", a.data.display()))?;
-        sum += s;
-        count += c;
-    }
-    if count == 0 {
+    let Some(stats) =
+        qlora_train::eval_stats(&model, adapter.as_ref(), &rows, a.batch_size, PAD_ID)
+            .with_context(|| format!("evaluating {}", a.data.display()))?
+    else {
         bail!(
-            "{}: no unmasked target tokens (every label is -100 or rows have one token)",
-            a.data.display()
+            "{}: no unmasked target tokens (every label is {} or rows have one token)",
+            a.data.display(),
+            qlora_data::IGNORE_INDEX
         );
-    }
-    let loss = sum / count as f64;
-    if !loss.is_finite() {
-        bail!(
-            "the loss is not finite ({loss}): the model{} holds inf/NaN weights",
-            if adapter.is_some() {
-                " or the adapter"
-            } else {
-                ""
-            }
-        );
-    }
+    };
+    let (loss, count) = (stats.loss, stats.target_tokens);
     let secs = start.elapsed().as_secs_f64();
     if a.json {
         let v = serde_json::json!({
@@ -148,7 +123,7 @@ pub fn run(a: Args) -> Result<()> {
             "perplexity": loss.exp(),
             "tokens": count,
             "input_tokens": seen,
-            "rows": examples.len(),
+            "rows": n_rows,
             "seconds": secs,
         });
         println!("{v}");
@@ -156,7 +131,7 @@ pub fn run(a: Args) -> Result<()> {
         println!(
             "loss {loss:.6}  perplexity {:.4}  ({count} target tokens, {} rows, {secs:.2}s)",
             loss.exp(),
-            examples.len()
+            n_rows
         );
     }
     Ok(())

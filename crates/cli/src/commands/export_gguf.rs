@@ -10,6 +10,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use qlora_merge::gguf_check::{check_export, pseudo_random_ids};
+use qlora_merge::prompts::text_sequences;
 use qlora_merge::{export_gguf, ExportOptions, ExportReport, ExportType};
 use qlora_tokenizer::ModelRef;
 
@@ -48,31 +49,6 @@ const CHECK_TEXTS: [&str; 3] = [
     "Once upon a time, a small robot learned to paint the sky in colours nobody had seen before.",
 ];
 const CHECK_LEN: usize = 24;
-
-/// Check sequences: the texts above through the model's tokenizer, cut to one common
-/// length; pseudo-random ids if there is no usable tokenizer.
-fn check_ids(r: &ModelRef, vocab: usize) -> Vec<Vec<u32>> {
-    let from_text = (|| -> Option<Vec<Vec<u32>>> {
-        let tok = r.tokenizer().ok()?;
-        let ids: Vec<Vec<u32>> = CHECK_TEXTS
-            .iter()
-            .map(|t| tok.encode(t, false).ok())
-            .collect::<Option<_>>()?;
-        let len = ids.iter().map(Vec::len).min()?.min(CHECK_LEN);
-        if len < 4 || ids.iter().flatten().any(|&i| i as usize >= vocab) {
-            return None;
-        }
-        Some(
-            ids.into_iter()
-                .map(|mut v| {
-                    v.truncate(len);
-                    v
-                })
-                .collect(),
-        )
-    })();
-    from_text.unwrap_or_else(|| pseudo_random_ids(vocab, 3, CHECK_LEN, 0))
-}
 
 fn print_report(rep: &ExportReport, secs: f64) {
     let counts: Vec<String> = rep
@@ -132,7 +108,9 @@ pub fn run(a: Args) -> Result<()> {
     }
     let t1 = Instant::now();
     let vocab = qlora_merge::SourceModel::open(&model)?.config().vocab_size;
-    let seqs = check_ids(&r, vocab);
+    let tok = r.tokenizer().ok();
+    let seqs = text_sequences(tok.as_ref(), &CHECK_TEXTS, CHECK_LEN, vocab)
+        .unwrap_or_else(|| pseudo_random_ids(vocab, 3, CHECK_LEN, 0));
     let check = check_export(&model, a.adapter.as_deref(), &a.out, &seqs)
         .with_context(|| format!("read-back check of {}", a.out.display()))?;
     println!(

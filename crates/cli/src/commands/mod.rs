@@ -12,4 +12,3 @@ pub mod quantize;
 pub mod size;
 pub mod tokenize;
 pub mod train;
-pub mod train_plot;

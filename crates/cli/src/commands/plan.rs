@@ -1,41 +1,54 @@
 //! `qlora plan <model-ref> [training flags]`: per-device training memory,
 //! and with `--budget` whether it fits, the largest batch / sequence that fit
-//! and the fewest devices needed (`qlora-memory::plan`).
+//! and the fewest devices needed (`qlora_memory::planner`).
+//!
+//! The training flags are `qlora train`'s spellings and defaults (`--batch-size`,
+//! `--max-seq-len`, `--target`, `--gradient-checkpointing`, `--rank`), so a train
+//! command's flags can be pasted here; the older `--batch`, `--seq`, `--targets`,
+//! `--checkpointing` still work.
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use qlora_memory::bnb::{Bnb4, QuantType};
-use qlora_memory::plan::{self, DType, Method, Optimizer, PlanInput, Sharding};
-use serde_json::json;
+use qlora_memory::plan::{self, DType, Method, PlanInput};
 
-use super::size::group;
+use crate::flags::DoubleQuant;
+use crate::text::group;
 
 #[derive(clap::Args)]
 pub struct Args {
     /// config.json, model folder, .safetensors, .gguf, preset or hub id.
-    pub model: String,
+    #[arg(required_unless_present = "model_flag")]
+    pub model: Option<String>,
+    /// The model, as `qlora train --model` takes it (instead of the positional).
+    #[arg(long = "model", conflicts_with = "model")]
+    pub model_flag: Option<String>,
     /// full | lora | qlora
     #[arg(long, default_value = "qlora")]
     pub method: String,
-    /// LoRA rank.
-    #[arg(long, short = 'r', default_value_t = 8)]
+    /// LoRA rank (train's default).
+    #[arg(long, short = 'r', default_value_t = qlora_train::DEFAULT_RANK as u64)]
     pub rank: u64,
-    /// Comma-separated LoRA targets, or `all` (q,k,v,o,gate,up,down).
-    #[arg(long, default_value = "all")]
-    pub targets: String,
+    /// LoRA targets: all-linear (q,k,v,o,gate,up,down) or a comma list of short names.
+    #[arg(long, alias = "targets", default_value = qlora_train::DEFAULT_TARGET)]
+    pub target: String,
     /// adamw (f32 states) | adamw8bit | sgd
     #[arg(long, default_value = "adamw")]
     pub optimizer: String,
-    /// Micro-batch per device.
-    #[arg(long, short = 'b', default_value_t = 1)]
-    pub batch: u64,
-    /// Sequence length.
-    #[arg(long, short = 's', default_value_t = 512)]
-    pub seq: u64,
+    /// Micro-batch per device (the plan's default stays 1; `qlora train`'s is 4).
+    #[arg(long = "batch-size", alias = "batch", short = 'b', default_value_t = 1)]
+    pub batch_size: u64,
+    /// Sequence length (train's default).
+    #[arg(long = "max-seq-len", alias = "seq", short = 's', default_value_t = qlora_train::DEFAULT_MAX_SEQ_LEN as u64)]
+    pub max_seq_len: u64,
     /// Gradient accumulation steps (no extra memory: gradients persist anyway).
     #[arg(long, default_value_t = 1)]
     pub grad_accum: u64,
-    /// Gradient checkpointing (keep only each layer's input).
-    #[arg(long, alias = "gradient-checkpointing")]
+    /// Gradient checkpointing (keep only each layer's input): `--gradient-checkpointing`,
+    /// `--gradient-checkpointing true|false` [default: as `qlora train`, on for > 4 layers].
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub gradient_checkpointing: Option<bool>,
+    /// Old spelling of `--gradient-checkpointing`.
+    #[arg(long, hide = true)]
     pub checkpointing: bool,
     /// Compute/activation dtype: f32 (default on CPU) | bf16 | f16 (default with --gpu).
     #[arg(long)]
@@ -53,15 +66,15 @@ pub struct Args {
     /// this project's CPU trainer.
     #[arg(long)]
     pub gpu: bool,
-    /// 4-bit code of the frozen base: nf4 | fp4.
+    /// The 4-bit code of the frozen base with --method qlora: nf4 | fp4. (`qlora train
+    /// --quant` names the base's storage: none/bf16 there is `--method lora` here.)
     #[arg(long, default_value = "nf4")]
     pub quant: String,
     /// bnb block size.
     #[arg(long, default_value_t = 64)]
     pub blocksize: u64,
-    /// Disable double quantization of the absmax statistics.
-    #[arg(long)]
-    pub no_double_quant: bool,
+    #[command(flatten)]
+    pub double_quant: DoubleQuant,
     /// Fixed runtime overhead per device (default: measured process baseline on
     /// CPU, 512 MiB CUDA context with --gpu), e.g. 600MiB.
     #[arg(long)]
@@ -69,7 +82,8 @@ pub struct Args {
     /// Worker threads of the CPU trainer (default: this machine's CPUs).
     #[arg(long)]
     pub threads: Option<u64>,
-    /// Memory per device, e.g. 24GB (binary units: 24GB = 24 GiB).
+    /// Memory per device, e.g. 24GiB or 24GB (GB = 10^9 bytes, GiB = 2^30; a GPU sold as
+    /// "24 GB" has 24 GiB).
     #[arg(long)]
     pub budget: Option<String>,
     /// Print JSON.
@@ -77,30 +91,12 @@ pub struct Args {
     pub json: bool,
 }
 
+fn size(s: &str) -> Result<u64> {
+    qlora_formats::parse_bytes(s).map_err(anyhow::Error::msg)
+}
+
 fn input(a: &Args) -> Result<PlanInput> {
-    let method = match a.method.to_ascii_lowercase().as_str() {
-        "full" => Method::Full,
-        "lora" => Method::Lora,
-        "qlora" => Method::Qlora,
-        m => bail!("--method {m:?}: expected full, lora or qlora"),
-    };
-    let optimizer = match a
-        .optimizer
-        .to_ascii_lowercase()
-        .replace(['-', '_'], "")
-        .as_str()
-    {
-        "adamw" | "adam" | "adamw32" => Optimizer::AdamW,
-        "adamw8bit" | "adam8bit" | "pagedadamw8bit" => Optimizer::AdamW8bit,
-        "sgd" => Optimizer::Sgd,
-        o => bail!("--optimizer {o:?}: expected adamw, adamw8bit or sgd"),
-    };
-    let sharding = match a.sharding.to_ascii_lowercase().replace('_', "-").as_str() {
-        "none" | "ddp" | "no-shard" => Sharding::None,
-        "full" | "full-shard" | "fsdp" => Sharding::Full,
-        "grad-op" | "shard-grad-op" => Sharding::GradOp,
-        s => bail!("--sharding {s:?}: expected none, full or grad-op"),
-    };
+    let method: Method = a.method.parse()?;
     let compute = match &a.compute {
         Some(c) => {
             DType::parse(c).ok_or_else(|| anyhow!("--compute {c:?}: expected f32, bf16 or f16"))?
@@ -111,7 +107,7 @@ fn input(a: &Args) -> Result<PlanInput> {
     let quant_type = match a.quant.to_ascii_lowercase().as_str() {
         "nf4" => QuantType::Nf4,
         "fp4" => QuantType::Fp4,
-        q => bail!("--quant {q:?}: expected nf4 or fp4"),
+        q => bail!("--quant {q:?}: expected nf4 or fp4 (a base kept in f32/bf16 is --method lora)"),
     };
     if a.blocksize < 16 || !a.blocksize.is_power_of_two() {
         bail!(
@@ -119,20 +115,12 @@ fn input(a: &Args) -> Result<PlanInput> {
             a.blocksize
         );
     }
-    let targets: Vec<String> = if a.targets == "all" || a.targets == "all-linear" {
-        plan::ALL_TARGETS.iter().map(|s| s.to_string()).collect()
-    } else {
-        a.targets
-            .split(',')
-            .map(|s| s.trim().to_string())
-            .filter(|s| !s.is_empty())
-            .collect()
-    };
+    let targets = qlora_memory::planner::parse_targets(&a.target);
     if method != Method::Full && (targets.is_empty() || a.rank == 0) {
         bail!("LoRA needs --rank ≥ 1 and at least one target");
     }
     let overhead = match &a.overhead {
-        Some(s) => plan::parse_bytes(s)?,
+        Some(s) => size(s)?,
         None if a.gpu => plan::GPU_OVERHEAD,
         None => plan::CPU_OVERHEAD,
     };
@@ -143,15 +131,15 @@ fn input(a: &Args) -> Result<PlanInput> {
         method,
         rank: a.rank,
         targets,
-        optimizer,
-        batch: a.batch,
-        seq: a.seq,
+        optimizer: a.optimizer.parse()?,
+        batch: a.batch_size,
+        seq: a.max_seq_len,
         grad_accum: a.grad_accum,
-        checkpointing: a.checkpointing,
+        checkpointing: a.gradient_checkpointing.unwrap_or(a.checkpointing),
         compute,
-        quant: Bnb4::new(quant_type, a.blocksize, !a.no_double_quant),
+        quant: Bnb4::new(quant_type, a.blocksize, a.double_quant.enabled()),
         devices: a.devices,
-        sharding,
+        sharding: a.sharding.parse()?,
         cpu_offload: a.cpu_offload,
         overhead,
         gpu: a.gpu,
@@ -167,121 +155,27 @@ fn input(a: &Args) -> Result<PlanInput> {
     })
 }
 
-/// Bytes of the checkpoint `qlora train` keeps memory-mapped and resident at
-/// the end of loading: a GGUF file stays mapped, every page touched, until the
-/// model is built; safetensors pages are released tensor by tensor, so about
-/// the largest tensor (estimated at the file's average bytes per element).
-fn resident_while_loading(l: &qlora_memory::Loaded) -> u64 {
-    let Some(st) = &l.stored else { return 0 };
-    if l.kind == "gguf" {
-        return st.file_bytes;
-    }
-    let params = l.inventory.total_params().max(1);
-    let largest = l
-        .inventory
-        .tensors
-        .iter()
-        .map(|t| t.numel())
-        .max()
-        .unwrap_or(0);
-    (largest as u128 * st.tensor_bytes as u128 / params as u128) as u64
-}
-
-/// Whether `qlora train` would load a tokenizer with this model.
-fn has_tokenizer(reference: &str, l: &qlora_memory::Loaded) -> bool {
-    if l.kind == "gguf" {
-        return true;
-    }
-    let p = std::path::Path::new(reference);
-    let dir = if p.is_dir() { Some(p) } else { p.parent() };
-    dir.is_some_and(|d| d.join("tokenizer.json").is_file())
-}
-
 pub fn run(a: Args) -> Result<()> {
-    let mut p = input(&a)?;
-    let l = qlora_memory::resolve(&a.model)?;
-    p.load_file_bytes = resident_while_loading(&l);
-    let cfg_for_tok = l.config.as_ref();
-    // `qlora train` keeps the tokenizer of a GGUF (always rebuilt from its
-    // metadata) or of a folder holding tokenizer.json.
-    if let (Some(c), true) = (cfg_for_tok, has_tokenizer(&a.model, &l)) {
-        p.tokenizer_bytes = plan::tokenizer_bytes(c.vocab_size as u64);
-    }
-    let cfg = l.config.clone().with_context(|| {
-        format!(
-            "{}: planning needs the architecture (heads, layers); put config.json next to the weights ({})",
-            l.label,
-            l.notes.join("; ")
-        )
-    })?;
-    let inv = &l.inventory;
-    let result = plan::plan(inv, &cfg, &p)?;
-    let budget = a.budget.as_deref().map(plan::parse_bytes).transpose()?;
-    let answers = match budget {
-        None => None,
-        Some(budget) => {
-            let fits_with = |q: &PlanInput| -> Result<bool, qlora_memory::MemoryError> {
-                Ok(plan::plan(inv, &cfg, q)?.per_device.total_bytes <= budget)
-            };
-            let max_batch = plan::largest_fitting(1 << 16, |b| {
-                fits_with(&PlanInput {
-                    batch: b,
-                    ..p.clone()
-                })
-            })?;
-            let max_seq = plan::largest_fitting(1 << 22, |s| {
-                fits_with(&PlanInput {
-                    seq: s,
-                    ..p.clone()
-                })
-            })?;
-            // Fewest devices: memory per device never grows with devices.
-            let mut min_devices = None;
-            if p.sharding != Sharding::None || p.cpu_offload {
-                let mut n = 1;
-                while n <= 4096 {
-                    if fits_with(&PlanInput {
-                        devices: n,
-                        ..p.clone()
-                    })? {
-                        min_devices = Some(n);
-                        break;
-                    }
-                    n += 1;
-                }
-            } else if fits_with(&PlanInput {
-                devices: 1,
-                ..p.clone()
-            })? {
-                min_devices = Some(1);
-            }
-            let total = result.per_device.total_bytes;
-            Some(json!({
-                "budget_bytes": budget,
-                "fits": total <= budget,
-                // i64 (JSON's integer range), saturating: a u64 budget minus a u64 total
-                "margin_bytes": (budget as i128 - total as i128)
-                    .clamp(i64::MIN as i128, i64::MAX as i128) as i64,
-                "max_batch": max_batch,
-                "max_seq": max_seq,
-                "min_devices": min_devices,
-            }))
-        }
-    };
+    let p = input(&a)?;
+    let model = a
+        .model
+        .as_deref()
+        .or(a.model_flag.as_deref())
+        .unwrap_or_default();
+    let given = a.gradient_checkpointing.or(a.checkpointing.then_some(true));
+    let checkpointing = |c: &_| given.unwrap_or_else(|| qlora_train::default_checkpointing(c));
+    let budget = a.budget.as_deref().map(size).transpose()?;
+    let r = qlora_memory::plan_model(model, &p, checkpointing, budget)?;
     if a.json {
-        let mut v = serde_json::to_value(&result)?;
-        v["model"] = json!(l.label);
-        v["vocab_size"] = json!(cfg.vocab_size);
-        v["total_bytes"] = json!(result.per_device.total_bytes);
-        v["saved_per_layer"] = serde_json::to_value(plan::saved_per_layer(&cfg, &p))?;
-        if let Some(ans) = answers {
-            v["budget"] = ans;
-        }
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::to_value(&r)?)?
+        );
         return Ok(());
     }
+    let (result, p) = (&r.plan, &r.plan.input);
     let b = &result.per_device;
-    println!("model:      {} ({})", l.label, l.kind);
+    println!("model:      {} ({})", r.model, r.kind);
     println!(
         "setup:      {:?}, r={}, targets {}, {:?}, batch {} × seq {}, grad-accum {}, checkpointing {}, compute {:?}, {} device(s), sharding {:?}{}{}",
         p.method,
@@ -351,29 +245,20 @@ pub fn run(a: Args) -> Result<()> {
             b.host_offloaded as f64 / (1u64 << 30) as f64
         );
     }
-    if let Some(ans) = answers {
+    if let Some(ans) = &r.budget {
         println!();
-        let budget = ans["budget_bytes"].as_u64().unwrap_or(0);
-        let margin = ans["margin_bytes"].as_i64().unwrap_or(0);
         println!(
             "budget {:.2} GiB: {} (margin {:+.2} GiB)",
-            budget as f64 / (1u64 << 30) as f64,
-            if ans["fits"].as_bool() == Some(true) {
-                "fits"
-            } else {
-                "does NOT fit"
-            },
-            margin as f64 / (1u64 << 30) as f64
+            ans.budget_bytes as f64 / (1u64 << 30) as f64,
+            if ans.fits { "fits" } else { "does NOT fit" },
+            ans.margin_bytes as f64 / (1u64 << 30) as f64
         );
-        println!(
-            "largest batch that fits (seq {}): {}",
-            p.seq, ans["max_batch"]
-        );
+        println!("largest batch that fits (seq {}): {}", p.seq, ans.max_batch);
         println!(
             "longest sequence that fits (batch {}): {}",
-            p.batch, ans["max_seq"]
+            p.batch, ans.max_seq
         );
-        match ans["min_devices"].as_u64() {
+        match ans.min_devices {
             Some(n) => println!("fewest devices ({:?} sharding): {n}", p.sharding),
             None => println!(
                 "fewest devices: none up to 4096 fit (use --sharding full or --cpu-offload)"

@@ -1,13 +1,15 @@
 //! `qlora quantize`: a Hugging Face model folder (or a bare safetensors file)
 //! to the bitsandbytes 4-bit format transformers loads directly.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use qlora_formats::convert::{self, ConvertReport, QuantizeOptions};
+use qlora_formats::convert::{self, QuantizeOptions};
 use qlora_quant::{QuantOptions, QuantType};
+
+use crate::flags::{torch_dtype_name, DoubleQuant};
+use crate::report::{print_files, print_sizes};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -22,12 +24,8 @@ pub struct Args {
     /// Elements per absmax block (power of two, 32..=4096).
     #[arg(long, default_value_t = 64)]
     pub blocksize: usize,
-    /// Quantize the absmax statistics too (default).
-    #[arg(long = "double-quant", overrides_with = "no_double_quant")]
-    pub double_quant: bool,
-    /// Keep the absmax statistics in f32.
-    #[arg(long = "no-double-quant", overrides_with = "double_quant")]
-    pub no_double_quant: bool,
+    #[command(flatten)]
+    pub double_quant: DoubleQuant,
     /// Compute dtype recorded in config.json (bnb_4bit_compute_dtype).
     #[arg(long, default_value = "bf16", value_parser = ["bf16", "f16", "f32"])]
     pub compute_dtype: String,
@@ -39,15 +37,6 @@ pub struct Args {
     pub force: bool,
 }
 
-/// torch dtype name of a CLI dtype spelling.
-pub fn torch_dtype_name(s: &str) -> &'static str {
-    match s {
-        "f32" | "float32" => "float32",
-        "f16" | "float16" => "float16",
-        _ => "bfloat16",
-    }
-}
-
 pub fn run(a: Args) -> Result<()> {
     let quant_type: QuantType = a.quant.parse()?;
     qlora_quant::check_blocksize(a.blocksize)?;
@@ -55,7 +44,7 @@ pub fn run(a: Args) -> Result<()> {
         quant: QuantOptions {
             quant_type,
             blocksize: a.blocksize,
-            double_quant: !a.no_double_quant,
+            double_quant: a.double_quant.enabled(),
             allow_nonfinite: false,
         },
         compute_dtype: torch_dtype_name(&a.compute_dtype).to_string(),
@@ -93,57 +82,4 @@ pub fn run(a: Args) -> Result<()> {
     }
     print_files(&report);
     Ok(())
-}
-
-fn by_dtype(m: &BTreeMap<String, u64>) -> String {
-    m.iter()
-        .map(|(d, b)| format!("{d} {}", human(*b)))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-/// Bytes with thousands separators and a decimal-unit hint.
-pub fn human(b: u64) -> String {
-    let s = b.to_string();
-    let mut out = String::new();
-    for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    let unit = if b >= 1_000_000_000 {
-        format!(" ({:.2} GB)", b as f64 / 1e9)
-    } else if b >= 1_000_000 {
-        format!(" ({:.1} MB)", b as f64 / 1e6)
-    } else {
-        String::new()
-    };
-    format!("{out} B{unit}")
-}
-
-/// Input/output bytes per dtype and the ratio.
-pub fn print_sizes(r: &ConvertReport) {
-    println!(
-        "input  tensor data: {} [{}]",
-        human(r.input_total()),
-        by_dtype(&r.input_bytes)
-    );
-    println!(
-        "output tensor data: {} [{}]",
-        human(r.output_total()),
-        by_dtype(&r.output_bytes)
-    );
-    if r.input_total() > 0 {
-        println!(
-            "output / input: {:.3}",
-            r.output_total() as f64 / r.input_total() as f64
-        );
-    }
-}
-
-pub fn print_files(r: &ConvertReport) {
-    for f in &r.files {
-        println!("wrote {}", f.display());
-    }
 }

@@ -5,6 +5,8 @@ use anyhow::{bail, Result};
 use qlora_memory::size::SizeOptions;
 use qlora_quant::DType;
 
+use crate::text::group;
+
 #[derive(clap::Args)]
 pub struct Args {
     /// config.json, model folder, .safetensors file/folder/index, .gguf file,
@@ -114,17 +116,4 @@ pub fn run(a: Args) -> Result<()> {
         println!("note: {n}");
     }
     Ok(())
-}
-
-/// `1234567` → `1,234,567`.
-pub fn group(n: u64) -> String {
-    let s = n.to_string();
-    let mut out = String::new();
-    for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
 }

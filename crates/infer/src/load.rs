@@ -1,0 +1,108 @@
+//! A model reference loaded as a [`Model`] and, where wanted, its [`Tokenizer`].
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use qlora_config::ModelConfig;
+use qlora_gguf::llama::GgufModel;
+use qlora_model::{LoadOptions, Model, QuantMode, WeightSource};
+use qlora_tokenizer::{ModelRef, ModelSource, Tokenizer};
+
+/// Whether [`load`] loads the model's tokenizer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NeedTokenizer {
+    /// Weights only (`qlora eval` on pre-tokenized rows).
+    No,
+    /// A folder's tokenizer when it has a usable one (pre-tokenized training data needs
+    /// none); a GGUF file's embedded tokenizer always (an error if it is broken).
+    IfPresent,
+    /// Always; a model without a usable tokenizer is an error (`qlora generate`).
+    Yes,
+}
+
+/// A loaded model reference.
+pub struct LoadedModel {
+    pub model: Model,
+    /// With its stop ids extended by the model's `eos_token_id`s.
+    pub tokenizer: Option<Tokenizer>,
+    pub model_ref: ModelRef,
+}
+
+/// A GGUF llama model as a [`WeightSource`] (HF names and layout, decoded on demand).
+struct GgufSource {
+    model: GgufModel,
+    names: Vec<String>,
+}
+
+impl WeightSource for GgufSource {
+    fn names(&self) -> Vec<String> {
+        self.names.clone()
+    }
+    fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        let gguf_name = self.model.gguf_name(name)?;
+        self.model
+            .file()
+            .tensor_info(gguf_name)
+            .ok()
+            .map(|t| t.shape())
+    }
+    fn f32(&self, name: &str) -> Result<Vec<f32>> {
+        Ok(self.model.get(name)?.1)
+    }
+    fn origin(&self, _name: &str) -> String {
+        self.model.file().path().display().to_string()
+    }
+}
+
+/// Resolve `spec` (see [`ModelRef::resolve`]; the hub only with `allow_network`) and load
+/// the model with its base weights held as `quant` says, plus its tokenizer as `tok` says.
+pub fn load(
+    spec: &str,
+    quant: QuantMode,
+    allow_network: bool,
+    tok: NeedTokenizer,
+) -> Result<LoadedModel> {
+    let model_ref = ModelRef::resolve(spec, allow_network)?;
+    let opts = LoadOptions { quant };
+    let (model, tokenizer) = match &model_ref.source {
+        ModelSource::Folder(dir) => {
+            let load_model = || {
+                Model::from_folder(dir, &opts)
+                    .with_context(|| format!("loading model {}", dir.display()))
+            };
+            match tok {
+                NeedTokenizer::No => (load_model()?, None),
+                NeedTokenizer::IfPresent => (load_model()?, Tokenizer::from_folder(dir).ok()),
+                NeedTokenizer::Yes => {
+                    let m = load_model()?;
+                    (m, Some(Tokenizer::from_folder(dir)?))
+                }
+            }
+        }
+        ModelSource::Gguf(path) => {
+            let t = match tok {
+                NeedTokenizer::No => None,
+                NeedTokenizer::IfPresent | NeedTokenizer::Yes => Some(Tokenizer::from_gguf(path)?),
+            };
+            (load_gguf(path, &opts)?, t)
+        }
+    };
+    let tokenizer = tokenizer.map(|mut t| {
+        t.add_stop_ids(&model.config.eos_token_ids);
+        t
+    });
+    Ok(LoadedModel {
+        model,
+        tokenizer,
+        model_ref,
+    })
+}
+
+/// A llama-family GGUF file as a [`Model`] (dequantized to f32, then held as `opts.quant`).
+pub fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<Model> {
+    let g = GgufModel::open(path)?;
+    let config: ModelConfig = g.config().clone();
+    let names = g.hf_names().map(str::to_string).collect();
+    let src = GgufSource { model: g, names };
+    Model::from_source(config, &src, opts).with_context(|| format!("loading {}", path.display()))
+}
