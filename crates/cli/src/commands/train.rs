@@ -219,7 +219,6 @@ fn run_on(args: Args, comm: &dyn qlora_dist::Communicator) -> Result<()> {
     // QLORA_MEM_TRACE=1|reset: resident memory at phase boundaries (plan validation).
     qlora_memory::rss::trace("start");
     let device: qlora_model::Device = a.device.as_deref().unwrap_or("cpu").parse()?;
-    let device: qlora_model::Device = a.device.as_deref().unwrap_or("cpu").parse()?;
     let compute: qlora_model::BaseCompute = a
         .compute_dtype
         .as_deref()
