@@ -209,9 +209,7 @@ fn run_on(args: Args, comm: &dyn qlora_dist::Communicator) -> Result<()> {
     }
     .validate()?;
     if main {
-        if main {
-            qlora_train::outdir::check_output_dir(&out, a.resume.as_deref(), a.force)?;
-        }
+        qlora_train::outdir::check_output_dir(&out, a.resume.as_deref(), a.force)?;
     }
 
     // ---- model (the tokenizer is needed to read text data)
