@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use qlora_config::ModelConfig;
-use qlora_data::formats::{self, LoadOptions, TextTokenizer};
+use qlora_data::formats::{self, DatasetOptions, TextTokenizer};
 use qlora_data::rows::{pack, split_eval, truncate, Row};
 use qlora_data::Example;
 use qlora_lora::{init_adapter, load_adapter, Adapter, InitKind, PeftConfig, TargetModules};
@@ -27,7 +27,7 @@ pub const SAMPLE_PROMPTS: usize = 3;
 /// How the data files become rows.
 #[derive(Debug, Clone)]
 pub struct DataOptions {
-    pub load: LoadOptions,
+    pub load: DatasetOptions,
     /// Examples are truncated to this many tokens.
     pub max_seq_len: usize,
     /// Pack several short training examples into one row of `max_seq_len`.

@@ -90,7 +90,7 @@ impl Trainer<'_> {
             kept += &serde_json::to_string(m)?;
             kept.push('\n');
         }
-        qlora_lora::write_atomic(&metrics_path, kept.as_bytes())?;
+        qlora_formats::write_atomic(&metrics_path, kept.as_bytes())?;
         let mut mf = std::fs::OpenOptions::new()
             .append(true)
             .open(&metrics_path)

@@ -9,7 +9,7 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use qlora_data::formats::{Format, LoadOptions as DataLoadOptions, OnBadLine, TextTokenizer};
+use qlora_data::formats::{DatasetOptions, Format, OnBadLine, TextTokenizer};
 use qlora_data::rows::{truncate, Row};
 use qlora_infer::NeedTokenizer;
 use qlora_model::QuantMode;

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::ArgAction;
-use qlora_data::formats::{Format, LoadOptions as DataLoadOptions, OnBadLine, TextTokenizer};
+use qlora_data::formats::{DatasetOptions, Format, OnBadLine, TextTokenizer};
 use qlora_infer::NeedTokenizer;
 use qlora_model::{Adapter, QuantMode};
 use qlora_tokenizer::Tokenizer;
@@ -234,7 +234,7 @@ fn run_on(args: Args, comm: &dyn qlora_dist::Communicator) -> Result<()> {
     let max_len = a.max_seq_len.unwrap_or(qlora_train::DEFAULT_MAX_SEQ_LEN);
     let seed = a.seed.unwrap_or(0);
     let dopts = DataOptions {
-        load: DataLoadOptions {
+        load: DatasetOptions {
             format: a
                 .data_format
                 .as_deref()
@@ -383,7 +383,7 @@ fn run_on(args: Args, comm: &dyn qlora_dist::Communicator) -> Result<()> {
         let after = sample(t, &trainer.adapter)?;
         train_view::print_samples(t, prompts, &before, &after);
         let md = qlora_infer::samples_markdown(t, prompts, &before, &after, SAMPLE_TOKENS);
-        qlora_lora::write_atomic(&out.join("samples.md"), md.as_bytes())?;
+        qlora_formats::write_atomic(&out.join("samples.md"), md.as_bytes())?;
     } else if tok.is_none() {
         println!("(no tokenizer with this model: sample generations skipped)");
     }
