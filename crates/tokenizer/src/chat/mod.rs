@@ -6,7 +6,10 @@
 //! pycompat callback provides. Variables: `messages`, `add_generation_prompt`,
 //! `bos_token`, `eos_token`.
 
-use minijinja::{Environment, Error, ErrorKind};
+use minijinja::machinery::{self, Vm};
+use minijinja::{Environment, Error, ErrorKind, Value};
+
+mod bounded;
 use serde::Serialize;
 
 use crate::{Result, TokenizerError};
@@ -48,27 +51,13 @@ pub const TEMPLATE_RECURSION_LIMIT: usize = 64;
 /// Rendered output beyond the messages' own text.
 pub const TEMPLATE_OUTPUT_BASE: usize = 1 << 20;
 
-/// An `io::Write` that refuses to grow past a limit.
-struct Bounded {
-    out: String,
-    limit: usize,
-    exceeded: bool,
-}
-
-impl std::io::Write for Bounded {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        if self.out.len() + buf.len() > self.limit {
-            self.exceeded = true;
-            return Err(std::io::Error::other("output limit"));
-        }
-        // minijinja writes whole UTF-8 pieces of str
-        self.out.push_str(&String::from_utf8_lossy(buf));
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
+/// Memory one render may use: every value and byte of output the template
+/// makes is charged against this budget before it is made (see
+/// [`bounded`]), on top of a budget proportional to the messages' text.
+pub const TEMPLATE_MEMORY_BASE: usize = 64 << 20;
+/// Budget per byte of the messages' text (templates copy, trim and
+/// concatenate the messages a few times each).
+pub const TEMPLATE_MEMORY_PER_TEXT_BYTE: usize = 64;
 
 /// A chat template source and where it came from.
 #[derive(Debug, Clone, PartialEq)]
@@ -179,49 +168,65 @@ impl ChatTemplate {
         bos_token: &str,
         eos_token: &str,
     ) -> Result<String> {
-        let mut env = Environment::new();
         let text: usize = messages
             .iter()
             .map(|m| m.content.len() + m.role.len())
             .sum();
+        // Bounded rendering: see `bounded` for what is charged and why.
+        let budget = bounded::Budget::new(
+            TEMPLATE_MEMORY_BASE.saturating_add(text.saturating_mul(TEMPLATE_MEMORY_PER_TEXT_BYTE)),
+        );
+        bounded::precheck(&self.source, "chat").map_err(|e| self.err(e))?;
+        let mut env = Environment::new();
         env.set_fuel(Some(TEMPLATE_FUEL_BASE.saturating_add(
             TEMPLATE_FUEL_PER_MESSAGE.saturating_mul(messages.len() as u64 + 1),
         )));
         env.set_recursion_limit(TEMPLATE_RECURSION_LIMIT);
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
-        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
+        bounded::install(&mut env, &budget);
         env.add_template("chat", &self.source)
             .map_err(|e| self.err(e))?;
         let tpl = env.get_template("chat").map_err(|e| self.err(e))?;
+        let compiled = machinery::get_compiled_template(&tpl);
+        let instructions = bounded::rewrite(&compiled.instructions);
+        let blocks = bounded::rewrite_blocks(&compiled.blocks);
+        let root = Value::from_serialize(minijinja::context! {
+            messages => messages,
+            add_generation_prompt => add_generation_prompt,
+            bos_token => bos_token,
+            eos_token => eos_token,
+        });
+        let mut out = String::new();
+        let res = Vm::new(&env)
+            .eval(
+                &instructions,
+                root,
+                &blocks,
+                &mut machinery::make_string_output(&mut out),
+                compiled.initial_auto_escape,
+            )
+            .map(|_| ());
         let limit = TEMPLATE_OUTPUT_BASE.saturating_add(text.saturating_mul(4));
-        let mut w = Bounded {
-            out: String::new(),
-            limit,
-            exceeded: false,
-        };
-        let res = tpl.render_captured_to(
-            minijinja::context! {
-                messages => messages,
-                add_generation_prompt => add_generation_prompt,
-                bos_token => bos_token,
-                eos_token => eos_token,
-            },
-            &mut w,
-        );
-        if w.exceeded {
-            return Err(TokenizerError::Template {
+        match res {
+            Ok(()) if out.len() > limit => Err(TokenizerError::Template {
                 origin: self.origin.clone(),
                 msg: format!(
                     "the rendered chat exceeds {limit} bytes (four times the messages' text plus 1 MiB); \
                      the template is not a usable chat template"
                 ),
-            });
-        }
-        match res {
-            Ok(_) => Ok(w.out),
+            }),
+            Ok(()) => Ok(out),
+            Err(_) if budget.exceeded() => Err(TokenizerError::Template {
+                origin: self.origin.clone(),
+                msg: format!(
+                    "rendering the chat template would make more than {} bytes of strings, lists and output \
+                     (runaway string growth?); the template is not a usable chat template",
+                    budget.limit()
+                ),
+            }),
             Err(e) if e.kind() == ErrorKind::OutOfFuel => Err(TokenizerError::Template {
                 origin: self.origin.clone(),
                 msg: "rendering the chat template ran out of its step budget (runaway loops?); \
@@ -307,6 +312,126 @@ mod tests {
         )
         .unwrap();
         assert_eq!(ok, "<|user|>hi<|assistant|>");
+    }
+
+    /// The same template rendered by plain minijinja (the settings of
+    /// `render`, no budget).
+    fn plain(src: &str, msgs: &[ChatMessage]) -> String {
+        let mut env = Environment::new();
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function("raise_exception", raise_exception);
+        env.template_from_str(src)
+            .unwrap()
+            .render(minijinja::context! {
+                messages => msgs, add_generation_prompt => true,
+                bos_token => "<s>", eos_token => "</s>",
+            })
+            .unwrap()
+    }
+
+    /// The bounded renderer (rewritten operators, checked filters, methods
+    /// and output) renders what minijinja renders: operators on numbers,
+    /// strings and lists, slicing, jumps of loops/ifs/macros/short-circuits,
+    /// captured blocks, filters with keyword arguments, Python methods.
+    #[test]
+    fn bounded_rendering_matches_minijinja() {
+        let msgs = [
+            ChatMessage::system("  be brief  "),
+            ChatMessage::user("2+2?"),
+            ChatMessage::assistant("4"),
+        ];
+        for src in [
+            "{{ 1 + 2 }} {{ 2 * 3 }} {{ 1.5 + 1 }} {{ 'a' + 'b' }} {{ 'ab' * 3 }} {{ 3 * 'x' }} {{ [1] + [2, 3] }} {{ [1, 2] * 2 }} {{ 'a' ~ 1 ~ none }}",
+            "{{ messages[1:] | map(attribute='role') | join(',') }} {{ 'hello'[1:3] }} {{ 'hello'[::-1] }} {{ messages[::2] | length }}",
+            "{% for m in messages %}{% if loop.first %}[{% elif loop.last %}]{% else %}|{% endif %}{{ m.role }}{% else %}none{% endfor %}",
+            "{% macro f(x, y='d') %}<{{ x ~ y }}>{% endmacro %}{{ f('a') }}{{ f('b', 'c') }}{% for m in messages if m.role != 'system' %}{{ f(m.content) }}{% endfor %}",
+            "{% set ns = namespace(n=0, s='') %}{% for m in messages %}{% set ns.n = ns.n + 1 %}{% set ns.s = ns.s ~ m.content %}{% endfor %}{{ ns.n }}:{{ ns.s }}",
+            "{% set x %}{% for m in messages %}{{ m.content|trim }};{% endfor %}{% endset %}{{ x|upper }}{% filter upper %}low{% endfilter %}",
+            "{{ messages[0].content.strip() }}|{{ 'a-b'.replace('-', '+') }}|{{ ','.join(['x', 'y']) }}|{{ messages | tojson }}|{{ {'a': [1, 2]} | tojson(indent=2) }}",
+            "{{ true and 'y' }} {{ false or 'z' }} {{ 'x' if messages else 'y' }} {{ 'lo'|indent(2) }} {{ '%s-%d'|format('a', 3) }} {{ [3,1,2]|sort|list }} {{ range(3)|batch(2)|list }}",
+            "{% for m in messages %}{% if m.role == 'user' %}{% continue %}{% endif %}{{ m.role }}{% if loop.index > 1 %}{% break %}{% endif %}{% endfor %}",
+            "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}",
+        ] {
+            assert_eq!(render(src, &msgs).unwrap(), plain(src, &msgs), "{src}");
+        }
+    }
+
+    /// Templates that double a value within their step budget fail fast
+    /// with the budget error naming the template, whatever the growth path.
+    #[test]
+    fn exponential_growth_fails_fast_in_bounded_memory() {
+        let msgs = [ChatMessage::user("hi")];
+        let t = std::time::Instant::now();
+        let loop60 = |body: &str| {
+            // (a `set` inside a loop is local to the iteration: a namespace
+            // carries the value from one iteration to the next)
+            format!("{{% set ns = namespace(s='xy', l=[1]) %}}{{% for i in range(60) %}}{{% set s = ns.s %}}{{% set l = ns.l %}}{body}{{% set ns.s = s %}}{{% set ns.l = l %}}{{% endfor %}}{{{{ ns.s|length }}}}{{{{ ns.l|length }}}}")
+        };
+        for body in [
+            "{% set s = s ~ s %}",
+            "{% set s = s + s %}",
+            "{% set s = s * 2 %}",
+            "{% set s = 2 * s %}",
+            "{% set s = [s, s]|join %}",
+            "{% set s = [s, s]|join(s) %}",
+            "{% set s = s|replace('x', 'xx') %}",
+            "{% set s = s.replace('x', 'xx') %}",
+            "{% set s = s.join([s, s]) %}",
+            "{% set s = '%s%s'|format(s, s) %}",
+            "{% set s = '{}{}'.format(s, s) %}",
+            "{% set s %}{{ s }}{{ s }}{% endset %}",
+            "{% set s = s|indent(s|length, true) %}",
+            "{% set s = s|tojson|tojson %}",
+            "{% set l = l + l %}",
+            "{% set l = l * 2 %}",
+            "{% set l = [l, l] %}{% set s = l|string %}",
+            "{% set l = [l, l] %}{% set s = l|tojson %}",
+            "{% set l = [l, l] %}{% set s = l ~ '' %}",
+            "{% set l = [l, l] %}{% set s = l|pprint %}",
+            "{% macro d(x) %}{{ x }}{{ x }}{% endmacro %}{% set s = d(s) %}",
+        ] {
+            let src = loop60(body);
+            let e = match render(&src, &msgs) {
+                Ok(out) => panic!("{body}: rendered {out:?}"),
+                Err(e) => e.to_string(),
+            };
+            assert!(
+                e.contains("t.jinja") && (e.contains("more than") || e.contains("nested")),
+                "{body}: {e}"
+            );
+        }
+        // one call asking for a huge width, count or repetition
+        for src in [
+            "{{ 'x'|indent(1000000000000) }}",
+            "{{ [1]|batch(1000000000000, 'x')|list }}",
+            "{{ [1]|slice(1000000000000, 'x')|list }}",
+            "{{ '%1000000000000s'|format('x') }}",
+            "{% set n = 100000000 %}{{ 'x' * n }}",
+            "{% set n = 1000000000000 %}{{ [1] * n }}",
+            "{{ [] * 1000000000000 }}{{ 'x' * 4 }}",
+        ] {
+            match render(src, &msgs) {
+                Ok(out) => assert!(out.len() < 1 << 20, "{src}"),
+                Err(e) => assert!(e.to_string().contains("t.jinja"), "{src}: {e}"),
+            }
+        }
+        // constant folding happens while compiling: checked before
+        let e = render("{{ ('x' * 100000000) ~ ('x' * 100000000) }}", &msgs)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("t.jinja") && e.contains("constant expressions"),
+            "{e}"
+        );
+        let e = render("{{ ([1] * 100000) * 100000 ~ '' }}", &msgs)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("constant expressions"), "{e}");
+        // debug() would format the whole state
+        assert!(render("{{ debug() }}", &msgs).is_err());
+        assert!(t.elapsed().as_secs() < 60, "took {:?}", t.elapsed());
     }
 
     #[test]
