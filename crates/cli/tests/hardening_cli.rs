@@ -84,6 +84,7 @@ fn bad_settings_are_refused_with_a_clear_message() {
         (&["--epochs", "0"], "epochs"),
         (&["--eval-split", "1"], "eval-split"),
         (&["--max-seq-len", "1"], "max-seq-len"),
+        (&["--max-seq-len", "0"], "max-seq-len"),
         (&["--lr", "nan"], "learning rate"),
         (&["--rank", "100000"], "rank"),
     ] {
@@ -308,19 +309,77 @@ fn temp_names(dir: &Path) -> Vec<String> {
         .collect()
 }
 
-/// Start `c`, SIGKILL it after `after`; whether it was still running then.
-fn kill_at(mut c: Command, after: Duration) -> bool {
+/// The moment a kill aims at, by the progress visible in the output folder
+/// (never by wall-clock time, so the test aims the same on a loaded machine).
+#[derive(Debug, Clone, Copy)]
+enum Aim {
+    /// As soon as the process exists.
+    Start,
+    /// Once `checkpoint-N` is visible (between optimizer steps).
+    Checkpoint(u64),
+    /// Once a temporary entry of this process (`….tmp-PID`) is visible:
+    /// mid-write (stale ones of killed runs do not count).
+    Writing,
+}
+
+impl Aim {
+    fn reached(self, dir: &Path, pid: u32) -> bool {
+        match self {
+            Aim::Start => true,
+            Aim::Checkpoint(n) => dir.join(format!("checkpoint-{n}")).exists(),
+            Aim::Writing => {
+                let mine = format!(".tmp-{pid}");
+                temp_names(dir).iter().any(|n| n.ends_with(&mine))
+            }
+        }
+    }
+}
+
+/// A process making no visible progress for this long is hung: the test
+/// fails rather than waiting forever. Progress is any change of the output
+/// folder's listing, so a slow (loaded) machine only makes the test slower.
+const NO_PROGRESS_LIMIT: Duration = Duration::from_secs(300);
+
+/// Start `c`, watch `dir` and SIGKILL the process `jitter_us` microseconds
+/// after `aim` is reached; whether it was still running when killed.
+fn kill_at(mut c: Command, dir: &Path, aim: Aim, jitter_us: u64) -> bool {
     let mut child = c
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    std::thread::sleep(after);
+    let mut seen = names(dir);
+    let mut changed = Instant::now();
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            return false; // finished before the aim: nothing to kill
+        }
+        if aim.reached(dir, child.id()) {
+            break;
+        }
+        let now = names(dir);
+        if now != seen {
+            seen = now;
+            changed = Instant::now();
+        }
+        assert!(
+            changed.elapsed() < NO_PROGRESS_LIMIT,
+            "{aim:?}: no progress in {} for {NO_PROGRESS_LIMIT:?}",
+            dir.display()
+        );
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    std::thread::sleep(Duration::from_micros(jitter_us));
     let running = child.try_wait().unwrap().is_none();
     let _ = child.kill(); // SIGKILL on unix
     let _ = child.wait();
     running
 }
+
+/// Runs of the crash test: at most this many, until enough kills landed.
+const MAX_RUNS: usize = 8;
+/// Kills that must land in a running process after it made progress.
+const WANTED_KILLS: usize = 3;
 
 #[test]
 fn kill_9_during_training_and_quantize_leaves_no_partial_output() {
@@ -328,20 +387,19 @@ fn kill_9_during_training_and_quantize_leaves_no_partial_output() {
     let data = tmp.path().join("rows.jsonl");
     write_rows(&data);
     let flags = ["--save-every", "1"];
-    // the uninterrupted reference, timed to aim the kills
+    // the uninterrupted reference
     let reference = tmp.path().join("ref");
-    let t = Instant::now();
     let (ok, err) = run(train(&data, &reference, &flags));
     assert!(ok, "{err}");
-    let dur = t.elapsed().as_millis() as u64;
     let want = std::fs::read(reference.join("adapter/adapter_model.safetensors")).unwrap();
     let mut rng = Lcg(13);
-    let mut interrupted = 0;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    for i in 0..3 {
-        if Instant::now() > deadline {
-            break;
-        }
+    // kills that hit a running training after it had made progress
+    // (a checkpoint or a temporary entry visible), and of those mid-write
+    let (mut landed, mut mid_write) = (0, 0);
+    let mut runs = 0;
+    while runs < MAX_RUNS && landed < WANTED_KILLS {
+        let i = runs;
+        runs += 1;
         let out = tmp.path().join(format!("run{i}"));
         // up to two kills per run, then finish by resuming
         for _ in 0..2 {
@@ -353,10 +411,29 @@ fn kill_9_during_training_and_quantize_leaves_no_partial_output() {
                 None => {}
             }
             let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
-            interrupted += usize::from(kill_at(
-                train(&data, &out, &extra),
-                Duration::from_millis(rng.below(dur + 50)),
-            ));
+            // 6 steps, a checkpoint after each: aim at a later checkpoint
+            // than the one resumed from, at a write, or at the start.
+            let from = resume
+                .as_ref()
+                .and_then(|p| {
+                    p.file_name()?
+                        .to_str()?
+                        .strip_prefix("checkpoint-")?
+                        .parse()
+                        .ok()
+                })
+                .unwrap_or(0u64);
+            let aim = match rng.below(4) {
+                0 => Aim::Start,
+                1 => Aim::Writing,
+                _ if from >= 5 => Aim::Writing,
+                _ => Aim::Checkpoint((from + 1 + rng.below(3)).min(5)),
+            };
+            let hit = kill_at(train(&data, &out, &extra), &out, aim, rng.below(3000));
+            if hit && !matches!(aim, Aim::Start) {
+                landed += 1;
+                mid_write += usize::from(matches!(aim, Aim::Writing));
+            }
             if out.exists() {
                 assert_no_partial_output(&out);
             }
@@ -389,9 +466,11 @@ fn kill_9_during_training_and_quantize_leaves_no_partial_output() {
             assert_eq!(x["grad_norm"], y["grad_norm"], "run {i}");
         }
     }
-
-    assert!(interrupted > 0, "no kill hit a running training");
-    eprintln!("{interrupted} training runs killed while running ({dur} ms per run)");
+    assert!(
+        landed > 0,
+        "no kill hit a running training after progress in {runs} runs"
+    );
+    eprintln!("{landed} kills landed in running trainings ({mid_write} mid-write) in {runs} runs");
 
     // quantize: the output folder is absent or complete, never partial
     let model = fx().join("tiny_llama/model");
@@ -404,20 +483,25 @@ fn kill_9_during_training_and_quantize_leaves_no_partial_output() {
         c
     };
     let qref = tmp.path().join("qref");
-    let t = Instant::now();
     let (ok, err) = run(q(&qref, false));
     assert!(ok, "{err}");
-    let qdur = t.elapsed().as_millis() as u64;
     let qwant = std::fs::read(qref.join("model.safetensors")).unwrap();
     let qroot = tmp.path().join("q");
     std::fs::create_dir_all(&qroot).unwrap();
     let qout = qroot.join("out");
-    let mut interrupted = 0;
-    for _ in 0..4 {
-        interrupted += usize::from(kill_at(
-            q(&qout, true),
-            Duration::from_millis(rng.below(qdur + 20)),
-        ));
+    let mut landed = 0;
+    for attempt in 0..4 * MAX_RUNS {
+        if attempt >= 4 && landed >= WANTED_KILLS {
+            break;
+        }
+        // the temporary output folder appears in `qroot` while quantize writes
+        let aim = if rng.below(4) == 0 {
+            Aim::Start
+        } else {
+            Aim::Writing
+        };
+        let hit = kill_at(q(&qout, true), &qroot, aim, rng.below(2000));
+        landed += usize::from(hit && matches!(aim, Aim::Writing));
         if qout.exists() {
             assert_eq!(names(&qout), names(&qref));
             assert_eq!(
@@ -426,7 +510,7 @@ fn kill_9_during_training_and_quantize_leaves_no_partial_output() {
             );
         }
     }
-    assert!(interrupted > 0, "no kill hit a running quantize");
+    assert!(landed > 0, "no kill hit a quantize while it was writing");
     let (ok, err) = run(q(&qout, true));
     assert!(ok, "{err}");
     assert_eq!(
@@ -487,4 +571,158 @@ fn a_broken_tokenizer_is_reported_and_huge_sizes_are_refused() {
         c
     });
     assert!(ok, "{err}");
+}
+
+/// The random tiny Qwen3 (crates/model/tests/fixtures/qwen3) with a 64-token
+/// byte-level tokenizer and `template` as its chat template.
+fn qwen3_with_template(dir: &Path, template: &str) -> PathBuf {
+    let src = PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../model/tests/fixtures/qwen3/gqa_tied"
+    ));
+    std::fs::create_dir_all(dir).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(src.join(f), dir.join(f)).unwrap();
+    }
+    let vocab: serde_json::Map<String, serde_json::Value> = (0..64u8)
+        .map(|i| (((b'!' + i) as char).to_string(), serde_json::json!(i)))
+        .collect();
+    let tj = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+        "normalizer": null,
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
+        "post_processor": null,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
+                  "ignore_merges": false, "vocab": vocab, "merges": []}
+    });
+    std::fs::write(dir.join("tokenizer.json"), tj.to_string()).unwrap();
+    let cfg = serde_json::json!({ "eos_token": "@", "chat_template": template });
+    std::fs::write(dir.join("tokenizer_config.json"), cfg.to_string()).unwrap();
+    dir.to_path_buf()
+}
+
+/// Chat templates that grow a value exponentially within their step budget
+/// (doubling by `~`, `+`, `*`, `join`, `replace`, captured output, nested
+/// lists) fail fast, in bounded memory, with an error naming the template's
+/// file, in `train`, `generate` and `tokenize --chat`; an ordinary template
+/// still works in all three.
+#[test]
+fn exploding_chat_templates_fail_fast_in_train_generate_and_tokenize() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("chat.jsonl");
+    std::fs::write(
+        &data,
+        r#"{"messages":[{"role":"user","content":"HI"},{"role":"assistant","content":"HELLO!"}]}"#
+            .to_string()
+            + "\n",
+    )
+    .unwrap();
+    let ordinary = "{% for m in messages %}<{{ m['role'] | upper }}>{{ m['content'] }}@{% endfor %}{% if add_generation_prompt %}<ASSISTANT>{% endif %}";
+    // (`set` inside a loop is local to one iteration: a namespace carries
+    // the value over, as the issue's `{% set s = s ~ s %}` loop intends)
+    let hostile = [
+        "{% set ns = namespace(s='x') %}{% for i in range(60) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s }}",
+        "{% set ns = namespace(s='x') %}{% for i in range(60) %}{% set ns.s = ns.s + ns.s %}{% endfor %}{{ ns.s|length }}",
+        "{% set ns = namespace(s='xy') %}{% for i in range(60) %}{% set ns.s = ns.s * 2 %}{% endfor %}{{ ns.s|length }}",
+        "{% set ns = namespace(s='x') %}{% for i in range(60) %}{% set ns.s = [ns.s, ns.s]|join %}{% endfor %}{{ ns.s|length }}",
+        "{% set ns = namespace(s='x') %}{% for i in range(60) %}{% set ns.s = ns.s|replace('x', 'xx') %}{% endfor %}{{ ns.s|length }}",
+        "{% set ns = namespace(s='x') %}{% for i in range(60) %}{% set s %}{{ ns.s }}{{ ns.s }}{% endset %}{% set ns.s = s %}{% endfor %}{{ ns.s|length }}",
+        "{% set ns = namespace(l=[1]) %}{% for i in range(60) %}{% set ns.l = [ns.l, ns.l] %}{% endfor %}{{ ns.l }}",
+        "{% set ns = namespace(l=[1]) %}{% for i in range(60) %}{% set ns.l = ns.l + ns.l %}{% endfor %}{{ ns.l|join }}",
+        "{{ range(100000)|join('x' * 100000) }}",
+        "{{ ('x' * 100000000) ~ ('x' * 100000000) }}",
+    ];
+    for (i, template) in std::iter::once(ordinary).chain(hostile).enumerate() {
+        let model = qwen3_with_template(&tmp.path().join(format!("m{i}")), template);
+        let cfg = model.join("tokenizer_config.json").display().to_string();
+        let started = Instant::now();
+        let m = model.display().to_string();
+        let tokenize = run({
+            let mut c = qlora();
+            c.args(["tokenize", "--model", &m, "--text", "HI", "--chat"]);
+            c
+        });
+        let generate = run({
+            let mut c = qlora();
+            c.args([
+                "generate",
+                "--model",
+                &m,
+                "--prompt",
+                "HI",
+                "--chat",
+                "--max-new-tokens",
+                "2",
+                "--quant",
+                "none",
+            ]);
+            c
+        });
+        let trained = run({
+            let mut c = qlora();
+            c.args(["train", "--model", &m, "--data"])
+                .arg(&data)
+                .arg("--out")
+                .arg(tmp.path().join(format!("run{i}")))
+                .args(["--quant", "none", "--max-steps", "1", "--rank", "2"]);
+            c
+        });
+        for (cmd, (ok, err)) in [
+            ("tokenize", tokenize),
+            ("generate", generate),
+            ("train", trained),
+        ] {
+            if i == 0 {
+                assert!(ok, "{cmd} with an ordinary template: {err}");
+                continue;
+            }
+            assert!(!ok, "{cmd} accepted template {i}: {template}");
+            assert!(
+                err.contains(&cfg) && !err.contains("panicked"),
+                "{cmd}, template {i}: {err}"
+            );
+        }
+        // three commands, each failing within seconds (not growing to GBs)
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "template {i} took {:?}",
+            started.elapsed()
+        );
+    }
+}
+
+/// `qlora eval` of a model holding a NaN weight reports the non-finite loss
+/// and fails instead of printing NaN with exit status 0.
+#[test]
+fn eval_refuses_a_non_finite_loss() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = tmp.path().join("model");
+    std::fs::create_dir_all(&m).unwrap();
+    let src = fx().join("tiny_llama/model");
+    std::fs::copy(src.join("config.json"), m.join("config.json")).unwrap();
+    let mut bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let at = 8
+        + n
+        + header["model.norm.weight"]["data_offsets"][0]
+            .as_u64()
+            .unwrap() as usize;
+    bytes[at..at + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+    std::fs::write(m.join("model.safetensors"), bytes).unwrap();
+    let data = tmp.path().join("rows.jsonl");
+    write_rows(&data);
+    let (ok, err) = run({
+        let mut c = qlora();
+        c.args(["eval", "--model"])
+            .arg(&m)
+            .arg("--data")
+            .arg(&data)
+            .args(["--quant", "none"]);
+        c
+    });
+    assert!(!ok, "eval accepted a NaN loss: {err}");
+    assert!(err.contains("not finite") && err.contains("NaN"), "{err}");
 }
