@@ -331,3 +331,134 @@ fn budget_answers_are_boundaries() {
         "min_devices {n}"
     );
 }
+
+/// A safetensors file from a header JSON and a data section.
+fn safetensors_bytes(header: &serde_json::Value, data: &[u8]) -> Vec<u8> {
+    let h = header.to_string();
+    let mut v = (h.len() as u64).to_le_bytes().to_vec();
+    v.extend_from_slice(h.as_bytes());
+    v.extend_from_slice(data);
+    v
+}
+
+/// `qlora size` and `qlora plan` read existing files with the loader's
+/// validation (`qlora-formats`): every malformed safetensors / bnb file is a
+/// clear error naming the file, a failing exit status, and no panic.
+#[test]
+fn size_and_plan_refuse_malformed_safetensors_and_bnb_files() {
+    use serde_json::json;
+    let tmp = tempfile::tempdir().unwrap();
+    let t = |dtype: &str, shape: &[u64], off: [u64; 2]| json!({ "dtype": dtype, "shape": shape, "data_offsets": off });
+    // (case, file name, bytes, what the message must say besides the file)
+    let cases: Vec<(&str, &str, Vec<u8>, &[&str])> = vec![
+        (
+            "overlapping offsets",
+            "overlap.safetensors",
+            safetensors_bytes(
+                &json!({ "a": t("F32", &[2], [0, 8]), "b": t("F32", &[2], [4, 12]) }),
+                &[0u8; 12],
+            ),
+            &[],
+        ),
+        (
+            "shape x dtype does not match the bytes",
+            "mismatch.safetensors",
+            safetensors_bytes(&json!({ "a": t("F32", &[4], [0, 8]) }), &[0u8; 8]),
+            &[],
+        ),
+        (
+            "u64-wrapping offsets",
+            "wrap.safetensors",
+            safetensors_bytes(
+                &json!({ "a": t("U8", &[16], [u64::MAX - 7, 8]) }),
+                &[0u8; 16],
+            ),
+            &[],
+        ),
+        (
+            "a shape whose byte count wraps u64",
+            "wrapshape.safetensors",
+            safetensors_bytes(&json!({ "a": t("F32", &[1u64 << 62, 4], [0, 0]) }), &[]),
+            &[],
+        ),
+    ];
+    for (case, name, bytes, want) in &cases {
+        let p = tmp.path().join(name);
+        std::fs::write(&p, bytes).unwrap();
+        let path = p.display().to_string();
+        for cmd in ["size", "plan"] {
+            let (ok, out, err) = qlora(&[cmd, &path], &[]);
+            assert!(!ok, "{cmd} {case}: accepted\n{out}");
+            assert!(
+                err.contains(&path) && want.iter().all(|w| err.contains(w)),
+                "{cmd} {case}: {err}"
+            );
+            assert!(!err.contains("panicked"), "{cmd} {case}: {err}");
+        }
+    }
+
+    // A sharded folder whose index points outside it.
+    let dir = tmp.path().join("escape");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(
+        qlora_testutil::fixture("tiny_llama/model/config.json"),
+        dir.join("config.json"),
+    )
+    .unwrap();
+    std::fs::copy(
+        qlora_testutil::fixture("tiny_llama/model/model.safetensors"),
+        tmp.path().join("outside.safetensors"),
+    )
+    .unwrap();
+    let index = json!({
+        "metadata": {},
+        "weight_map": { "model.embed_tokens.weight": "../outside.safetensors" }
+    });
+    std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    for target in [
+        dir.display().to_string(),
+        dir.join("model.safetensors.index.json")
+            .display()
+            .to_string(),
+    ] {
+        for cmd in ["size", "plan"] {
+            let (ok, out, err) = qlora(&[cmd, &target], &[]);
+            assert!(!ok, "{cmd} ../ shard: accepted\n{out}");
+            assert!(
+                err.contains("model.safetensors.index.json")
+                    && err.contains("../outside.safetensors"),
+                "{cmd} ../ shard: {err}"
+            );
+            assert!(!err.contains("panicked"), "{cmd}: {err}");
+        }
+    }
+
+    // A bnb-4bit checkpoint whose quant states say blocksize 0 (same length
+    // JSON, so the file stays well-formed safetensors).
+    let bnb = std::fs::read(qlora_testutil::fixture(
+        "tiny_llama_bnb4/model/model.safetensors",
+    ))
+    .unwrap();
+    let (from, to) = (b"\"blocksize\": 64", b"\"blocksize\":  0");
+    let mut edited = bnb.clone();
+    let mut n = 0;
+    let mut i = 0;
+    while let Some(k) = edited[i..].windows(from.len()).position(|w| w == from) {
+        edited[i + k..i + k + to.len()].copy_from_slice(to);
+        i += k + to.len();
+        n += 1;
+    }
+    assert_eq!(n, 14, "the fixture's 14 quantized linears");
+    let p = tmp.path().join("bs0.safetensors");
+    std::fs::write(&p, &edited).unwrap();
+    let path = p.display().to_string();
+    for cmd in ["size", "plan"] {
+        let (ok, out, err) = qlora(&[cmd, &path], &[]);
+        assert!(!ok, "{cmd} blocksize 0: accepted\n{out}");
+        assert!(
+            err.contains(&path) && err.contains("quant_state") && err.contains("blocksize"),
+            "{cmd} blocksize 0: {err}"
+        );
+        assert!(!err.contains("panicked"), "{cmd}: {err}");
+    }
+}

@@ -70,3 +70,65 @@ proptest! {
         check(v);
     }
 }
+
+/// The tiny bnb-4bit fixture's bytes.
+fn bnb_fixture() -> &'static [u8] {
+    static BYTES: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    BYTES.get_or_init(|| {
+        std::fs::read(qlora_testutil::fixtures().join("tiny_llama_bnb4/model/model.safetensors"))
+            .unwrap()
+    })
+}
+
+/// `(start, end)` of every quant-state JSON blob in `bytes`.
+fn quant_state_spans(bytes: &[u8]) -> Vec<(usize, usize)> {
+    let open = b"{\"quant_type\"";
+    let mut v = Vec::new();
+    let mut i = 0;
+    while let Some(k) = bytes[i..].windows(open.len()).position(|w| w == open) {
+        let s = i + k;
+        let e = s + bytes[s..].iter().position(|&b| b == b'}').unwrap() + 1;
+        v.push((s, e));
+        i = e;
+    }
+    v
+}
+
+#[test]
+fn the_fixture_has_a_quant_state_per_quantized_linear() {
+    assert_eq!(quant_state_spans(bnb_fixture()).len(), 14);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+
+    /// Bytes of the quant-state JSON blobs mutated in place (the file stays
+    /// well-formed safetensors): the quant-state parser, which the loader and
+    /// `qlora size`/`plan` share, returns errors, never panics, and what it
+    /// accepts is consistent (the packed bytes and absmax fit the shape) and
+    /// dequantizes.
+    #[test]
+    fn mutated_bnb_quant_states_never_panic(
+        muts in proptest::collection::vec(
+            (any::<usize>(), prop_oneof![any::<u8>(), b'0'..=b'9', Just(b' '), Just(b'-')]),
+            1..4,
+        )
+    ) {
+        let mut v = bnb_fixture().to_vec();
+        let spans = quant_state_spans(&v);
+        for (i, b) in muts {
+            let (s, e) = spans[i % spans.len()];
+            v[s + (i / spans.len()) % (e - s)] = b;
+        }
+        if let Ok(f) = qlora_formats::SafetensorsFile::from_bytes(v, "bnb.safetensors") {
+            for key in qlora_formats::bnb::bnb4_weight_keys(&f) {
+                if let Ok(Some(q)) = qlora_formats::read_bnb4(&f, &key) {
+                    let n: usize = q.shape.iter().product();
+                    prop_assert!(q.packed.len() >= n.div_ceil(2));
+                    let mut out = vec![0f32; n.min(4096)];
+                    q.dequantize_range(0, &mut out);
+                }
+            }
+        }
+    }
+}
