@@ -14,6 +14,29 @@ use rand_chacha::ChaCha8Rng;
 use crate::peft::{module_shape, InitKind, PeftConfig};
 use crate::{Adapter, LoraWeights, Matrix};
 
+/// Set every module's DoRA magnitude to PEFT's init `m = ‖W + s·B·A‖` per
+/// output row, `weight(module)` giving the module's base weight `[out, in]` as
+/// f32 (the dequantized weight for a 4-bit base, as PEFT's `dequantize_module_weight`).
+pub fn init_dora_magnitudes(
+    adapter: &mut Adapter,
+    mut weight: impl FnMut(&str) -> Result<Vec<f32>>,
+) -> Result<()> {
+    let scaling = adapter.scaling() as f32;
+    for (path, lw) in adapter.layers.iter_mut() {
+        let w = weight(path)?;
+        let [out, inp] = [lw.b.rows(), lw.a.cols()];
+        if w.len() != out * inp {
+            bail!(
+                "{path}: base weight has {} values, the adapter is for [{out}, {inp}]",
+                w.len()
+            );
+        }
+        lw.magnitude = Some(crate::dora::weight_norm_rows(&w, 0, lw, scaling));
+    }
+    adapter.config.use_dora = true;
+    Ok(())
+}
+
 fn uniform(rng: &mut ChaCha8Rng, n: usize, bound: f32) -> Vec<f32> {
     (0..n).map(|_| rng.gen_range(-bound..bound)).collect()
 }
@@ -36,6 +59,11 @@ fn normal(rng: &mut ChaCha8Rng, n: usize, std: f32) -> Vec<f32> {
 
 /// A new adapter for `model` as `peft` describes it; modules are initialised
 /// in model order from one RNG seeded with `seed`.
+///
+/// DoRA (`peft.use_dora`): the magnitude vectors need the base weights
+/// (`m = ‖W + s·B·A‖` rows), which this crate does not hold; they are left
+/// `None` here and must be set by [`init_dora_magnitudes`] (the model crate's
+/// `Model::init_dora` does) before the adapter is used or saved.
 pub fn init_adapter(peft: &PeftConfig, model: &ModelConfig, seed: u64) -> Result<Adapter> {
     if peft.r == 0 {
         bail!("LoRA rank r must be at least 1");
@@ -70,10 +98,7 @@ pub fn init_adapter(peft: &PeftConfig, model: &ModelConfig, seed: u64) -> Result
         };
         layers.insert(
             path.clone(),
-            LoraWeights {
-                a: Matrix::new(r, inp, a)?,
-                b: Matrix::new(out, r, b)?,
-            },
+            LoraWeights::new(Matrix::new(r, inp, a)?, Matrix::new(out, r, b)?),
         );
     }
     Ok(Adapter {

@@ -1,6 +1,9 @@
 //! PEFT adapter folders: `adapter_config.json` + `adapter_model.safetensors`
 //! with keys `base_model.model.<module>.lora_{A,B}.weight` (no adapter name),
 //! A `[r, in]`, B `[out, r]`, written as F32 with metadata `{"format": "pt"}`.
+//! DoRA adapters (`use_dora: true`) also hold `base_model.model.<module>.lora_magnitude_vector`
+//! `[out]` per module: no `.weight` suffix and no adapter name (PEFT saves the
+//! `lora_magnitude_vector.default.weight` parameter under that key, FORMATS §3.3).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -17,26 +20,42 @@ pub const CONFIG_FILE: &str = "adapter_config.json";
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
 const PREFIX: &str = "base_model.model.";
 
-/// Which of the two LoRA matrices.
+/// Which of a module's trainable tensors.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Which {
     A,
     B,
+    /// The DoRA magnitude vector `[out]`.
+    Magnitude,
 }
 
-/// The saved key of a module's matrix: `base_model.model.<module>.lora_A.weight`.
+const MAGNITUDE: &str = ".lora_magnitude_vector";
+
+/// The saved key of a module's tensor: `base_model.model.<module>.lora_A.weight`,
+/// `….lora_B.weight`, or `….lora_magnitude_vector` (DoRA).
 pub fn peft_key(module: &str, which: Which) -> String {
     let w = match which {
         Which::A => "A",
         Which::B => "B",
+        Which::Magnitude => return format!("{PREFIX}{module}{MAGNITUDE}"),
     };
     format!("{PREFIX}{module}.lora_{w}.weight")
 }
 
 /// Inverse of [`peft_key`]; also accepts the in-memory spelling with an
-/// adapter name (`.lora_A.default.weight`).
+/// adapter name (`.lora_A.default.weight`, `.lora_magnitude_vector.default.weight`).
 pub fn parse_peft_key(key: &str) -> Option<(String, Which)> {
     let rest = key.strip_prefix(PREFIX)?;
+    if let Some(pos) = rest.rfind(MAGNITUDE) {
+        let after = &rest[pos + MAGNITUDE.len()..];
+        let named = after
+            .strip_prefix('.')
+            .and_then(|a| a.strip_suffix(".weight"))
+            .is_some_and(|name| !name.is_empty() && !name.contains('.'));
+        if after.is_empty() || named {
+            return Some((rest[..pos].to_string(), Which::Magnitude));
+        }
+    }
     let rest = rest.strip_suffix(".weight")?;
     for (tag, which) in [(".lora_A", Which::A), (".lora_B", Which::B)] {
         if let Some(pos) = rest.rfind(tag) {
@@ -92,14 +111,21 @@ pub fn load_adapter(
     let st = SafeTensors::deserialize(&bytes)
         .with_context(|| format!("{}: not a valid safetensors file", wpath.display()))?;
     let ctx = |m: String| format!("{}: {m}", wpath.display());
-    let mut parts: BTreeMap<String, (Option<Matrix>, Option<Matrix>)> = BTreeMap::new();
+    type Parts = (Option<Matrix>, Option<Matrix>, Option<Vec<f32>>);
+    let mut parts: BTreeMap<String, Parts> = BTreeMap::new();
     let mut ignored: Vec<String> = Vec::new();
     for (key, view) in st.tensors() {
         let Some((module, which)) = parse_peft_key(&key) else {
             bail!(ctx(format!(
-                "unsupported tensor {key:?} (only lora_A/lora_B weights of linear layers are supported)"
+                "unsupported tensor {key:?} (only lora_A/lora_B weights and DoRA magnitude vectors \
+                 of linear layers are supported)"
             )));
         };
+        if which == Which::Magnitude && !peft.use_dora {
+            bail!(ctx(format!(
+                "{key} is a DoRA magnitude vector but adapter_config.json has `use_dora: false`"
+            )));
+        }
         // PEFT injects LoRA layers only into the modules `target_modules`
         // (minus `exclude_modules`) selects — with `target_modules` absent,
         // its per-architecture default, q_proj and v_proj for llama — and then
@@ -110,7 +136,13 @@ pub fn load_adapter(
             continue;
         }
         let shape = view.shape().to_vec();
-        if shape.len() != 2 {
+        if which == Which::Magnitude {
+            if shape.len() != 1 {
+                bail!(ctx(format!(
+                    "{key} has shape {shape:?}, expected [out_features]"
+                )));
+            }
+        } else if shape.len() != 2 {
             bail!(ctx(format!(
                 "{key} has shape {shape:?}, expected 2 dimensions"
             )));
@@ -122,21 +154,37 @@ pub fn load_adapter(
                 data[i]
             )));
         }
+        let e = parts.entry(module).or_default();
+        if which == Which::Magnitude {
+            e.2 = Some(data);
+            continue;
+        }
         let t = Matrix::new(shape[0], shape[1], data)
             .map_err(|e| anyhow::anyhow!(ctx(format!("{key}: {e}"))))?;
-        let e = parts.entry(module).or_default();
         match which {
             Which::A => e.0 = Some(t),
             Which::B => e.1 = Some(t),
+            Which::Magnitude => unreachable!("handled above"),
         }
     }
     let mut layers = BTreeMap::new();
-    for (module, (a, b)) in parts {
+    for (module, (a, b, magnitude)) in parts {
         let (Some(a), Some(b)) = (a, b) else {
             bail!(ctx(format!(
                 "module {module} has only one of lora_A / lora_B"
             )));
         };
+        match &magnitude {
+            None if peft.use_dora => bail!(ctx(format!(
+                "`use_dora: true` but module {module} has no lora_magnitude_vector"
+            ))),
+            Some(m) if m.len() != b.rows() => bail!(ctx(format!(
+                "{module}: lora_magnitude_vector has {} values but lora_B has {} rows (out_features)",
+                m.len(),
+                b.rows()
+            ))),
+            _ => {}
+        }
         let [r_a, inf] = a.dims();
         let [outf, r_b] = b.dims();
         if r_a != peft.r || r_b != peft.r {
@@ -158,7 +206,7 @@ pub fn load_adapter(
                 )));
             }
         }
-        layers.insert(module, LoraWeights { a, b });
+        layers.insert(module, LoraWeights { a, b, magnitude });
     }
     if !ignored.is_empty() {
         ignored.sort();
@@ -201,9 +249,18 @@ pub fn load_adapter(
 pub fn adapter_safetensors_bytes(adapter: &Adapter) -> Result<Vec<u8>> {
     let mut bufs: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
     for (module, w) in &adapter.layers {
-        for (which, t) in [(Which::A, &w.a), (Which::B, &w.b)] {
-            let shape = t.dims().to_vec();
-            let v = t.data();
+        let mut tensors = vec![
+            (Which::A, w.a.dims().to_vec(), w.a.data()),
+            (Which::B, w.b.dims().to_vec(), w.b.data()),
+        ];
+        match &w.magnitude {
+            Some(m) => tensors.push((Which::Magnitude, vec![m.len()], &m[..])),
+            None if adapter.config.use_dora => {
+                bail!("DoRA adapter module {module} has no magnitude vector")
+            }
+            None => {}
+        }
+        for (which, shape, v) in tensors {
             if let Some(i) = v.iter().position(|x| !x.is_finite()) {
                 bail!(
                     "refusing to write a non-finite adapter: {}[{i}] is {}",

@@ -3,16 +3,20 @@
 //! An [`Adapter`] maps HF module paths (`model.layers.0.self_attn.q_proj`) to a
 //! pair of f32 matrices `A: [r, in]`, `B: [out, r]`, exactly PEFT's shapes, and
 //! the forward of an adapted linear is `y = W x + scaling · B (A dropout(x))`.
+//!
+//! DoRA (PEFT's `use_dora`, FORMATS §3.4) adds a trainable magnitude vector
+//! `m: [out]` per module ([`LoraWeights::magnitude`]); see [`dora`] for the math.
 
 use std::collections::BTreeMap;
 
+pub mod dora;
 pub mod init;
 pub mod io;
 pub mod peft;
 #[cfg(test)]
 mod tests;
 
-pub use init::init_adapter;
+pub use init::{init_adapter, init_dora_magnitudes};
 pub use io::{load_adapter, peft_key, save_adapter, Which};
 pub use peft::{InitKind, PeftConfig, TargetModules};
 use qlora_config::LINEAR_NAMES;
@@ -43,6 +47,8 @@ pub struct LoraConfig {
     /// Short module names (`q_proj`, …) or full paths, PEFT's matching rule.
     pub target_modules: Vec<String>,
     pub use_rslora: bool,
+    /// DoRA: every module also has a magnitude vector (PEFT's `use_dora`).
+    pub use_dora: bool,
 }
 
 impl LoraConfig {
@@ -111,11 +117,25 @@ impl Matrix {
     }
 }
 
-/// One adapted linear: `A: [r, in]`, `B: [out, r]` (f32).
+/// One adapted linear: `A: [r, in]`, `B: [out, r]` (f32), and for DoRA the
+/// magnitude `m: [out]` (PEFT's `lora_magnitude_vector`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct LoraWeights {
     pub a: Matrix,
     pub b: Matrix,
+    /// DoRA magnitude `[out]` (`None` for plain LoRA). In [`AdapterGrads`]: `dL/dm`.
+    pub magnitude: Option<Vec<f32>>,
+}
+
+impl LoraWeights {
+    /// Plain LoRA weights (no DoRA magnitude).
+    pub fn new(a: Matrix, b: Matrix) -> Self {
+        LoraWeights {
+            a,
+            b,
+            magnitude: None,
+        }
+    }
 }
 
 /// A whole adapter: configuration plus weights keyed by HF module path.
@@ -140,7 +160,10 @@ impl Adapter {
     }
     /// Number of trainable parameters.
     pub fn num_params(&self) -> usize {
-        self.layers.values().map(|w| w.a.len() + w.b.len()).sum()
+        self.layers
+            .values()
+            .map(|w| w.a.len() + w.b.len() + w.magnitude.as_ref().map_or(0, Vec::len))
+            .sum()
     }
 }
 

@@ -86,6 +86,8 @@ pub struct PeftConfig {
     pub target_modules: TargetModules,
     pub exclude_modules: Option<TargetModules>,
     pub use_rslora: bool,
+    /// DoRA (`use_dora`): a trainable magnitude vector per module ([`crate::dora`]).
+    pub use_dora: bool,
     pub init_lora_weights: InitKind,
     pub base_model_name_or_path: Option<String>,
     /// The JSON object as read (or empty), for round-tripping unknown keys.
@@ -102,6 +104,7 @@ impl PeftConfig {
             target_modules,
             exclude_modules: None,
             use_rslora: false,
+            use_dora: false,
             init_lora_weights: InitKind::Default,
             base_model_name_or_path: None,
             raw: Map::new(),
@@ -173,7 +176,8 @@ impl PeftConfig {
             bail!("lora_dropout must be in [0, 1), got {lora_dropout}");
         }
         // Features whose semantics we do not implement: refuse rather than load wrongly.
-        for k in ["use_dora", "fan_in_fan_out", "lora_bias", "use_qalora"] {
+        // (`use_dora` is supported: see crate::dora.)
+        for k in ["fan_in_fan_out", "lora_bias", "use_qalora"] {
             if flag(k)? {
                 bail!("`{k}: true` adapters are not supported");
             }
@@ -226,6 +230,7 @@ impl PeftConfig {
             target_modules,
             exclude_modules,
             use_rslora: flag("use_rslora")?,
+            use_dora: flag("use_dora")?,
             init_lora_weights,
             base_model_name_or_path: get("base_model_name_or_path")
                 .and_then(Value::as_str)
@@ -270,6 +275,7 @@ impl PeftConfig {
             ("lora_dropout", json!(self.lora_dropout)),
             ("target_modules", targets),
             ("use_rslora", json!(self.use_rslora)),
+            ("use_dora", json!(self.use_dora)),
             ("init_lora_weights", init),
             ("inference_mode", json!(true)),
             (
@@ -365,6 +371,7 @@ impl PeftConfig {
             lora_dropout: self.lora_dropout,
             target_modules: resolved,
             use_rslora: self.use_rslora,
+            use_dora: self.use_dora,
         }
     }
 
@@ -378,6 +385,7 @@ impl PeftConfig {
             target_modules: TargetModules::List(c.target_modules.clone()),
             exclude_modules: None,
             use_rslora: c.use_rslora,
+            use_dora: c.use_dora,
             init_lora_weights: InitKind::Default,
             base_model_name_or_path: None,
             raw: Map::new(),

@@ -1,5 +1,6 @@
 //! Merging a LoRA adapter into its base model: `W' = W + scaling · (B @ A)`
-//! for every adapted projection, written as a plain Hugging Face folder.
+//! for every adapted projection (DoRA: that, times `m / ‖W + scaling·B·A‖` per
+//! output row, see [`add_delta`]), written as a plain Hugging Face folder.
 //!
 //! Two sources for `W` (the most-filed complaint about the peers is that they
 //! silently pick the lossy one):
@@ -325,6 +326,11 @@ fn names_of(j: &Job) -> &str {
 /// `W += scaling · (B @ A)` in f32, row by row: `(B @ A)` accumulated over the
 /// rank in order, then scaled, then added (PEFT's `get_delta_weight` order).
 /// Returns the largest |delta| entry.
+///
+/// DoRA (`lora.magnitude` set): then each row is multiplied by
+/// `m[o] / ‖W + s·B·A‖[o]`, PEFT's `DoraLinearVariant.merge_safe`: the norm is
+/// the row norm of the un-merged base plus the delta (`get_weight_norm(W,
+/// delta, scaling=1)`), i.e. of the row just formed, and the bias is unchanged.
 pub fn add_delta(w: &mut [f32], lora: &LoraWeights, scaling: f32) -> Result<f32> {
     let [r, inf] = lora.a.dims();
     let [outf, rb] = lora.b.dims();
@@ -334,6 +340,12 @@ pub fn add_delta(w: &mut [f32], lora: &LoraWeights, scaling: f32) -> Result<f32>
             w.len()
         );
     }
+    if let Some(m) = &lora.magnitude {
+        if m.len() != outf {
+            bail!("DoRA magnitude has {} values, B has {outf} rows", m.len());
+        }
+    }
+    let magnitude = lora.magnitude.as_deref();
     let (a, b) = (lora.a.data(), lora.b.data());
     // (|x| of NaN is not > m, so a NaN entry is reported through `NAN` here.)
     let max = w
@@ -356,6 +368,12 @@ pub fn add_delta(w: &mut [f32], lora: &LoraWeights, scaling: f32) -> Result<f32>
                     m = m.max(d.abs());
                     *x += d;
                     finite &= x.is_finite();
+                }
+                if let Some(mag) = magnitude {
+                    let norm = row.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt() as f32;
+                    let factor = mag[o] / norm;
+                    row.iter_mut().for_each(|v| *v *= factor);
+                    finite &= factor.is_finite();
                 }
                 if finite {
                     m

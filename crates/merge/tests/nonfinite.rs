@@ -8,6 +8,7 @@ fn lora(a: Vec<f32>, b: Vec<f32>) -> LoraWeights {
     LoraWeights {
         a: Matrix::new(1, 2, a).unwrap(),
         b: Matrix::new(2, 1, b).unwrap(),
+        magnitude: None,
     }
 }
 

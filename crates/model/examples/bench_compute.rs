@@ -143,6 +143,7 @@ fn main() -> anyhow::Result<()> {
                 LoraWeights {
                     a: Matrix::new(r, i, rng.vec(r * i, 1.0 / (i as f32).sqrt()))?,
                     b: Matrix::new(o, r, rng.vec(o * r, 0.01))?,
+                    magnitude: None,
                 },
             );
         }
@@ -154,6 +155,7 @@ fn main() -> anyhow::Result<()> {
             lora_dropout: 0.0,
             target_modules: vec![],
             use_rslora: false,
+            use_dora: false,
         },
         layers: lay,
     };

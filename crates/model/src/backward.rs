@@ -164,6 +164,7 @@ impl<B: Backend> Net<'_, B> {
                         LoraWeights {
                             a: Matrix::new(*r, lin.in_features, be.download(&da)?)?,
                             b: Matrix::new(lin.out_features, *r, be.download(&db)?)?,
+                            magnitude: None,
                         },
                     );
                 }

@@ -369,6 +369,10 @@ impl Model {
         be: &B,
         adapter: &Adapter,
     ) -> Result<AdapterView<B>> {
+        ensure!(
+            !adapter.config.use_dora && adapter.layers.values().all(|w| w.magnitude.is_none()),
+            "DoRA adapters cannot be evaluated or trained by the model yet (merge supports them)"
+        );
         let nl = self.layers.len();
         let mut layers: Vec<[Option<LoraMats<B>>; 7]> =
             (0..nl).map(|_| Default::default()).collect();

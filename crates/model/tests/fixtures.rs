@@ -101,6 +101,7 @@ fn adapter_from(st: &St, prefix: &str, cfg: &serde_json::Value) -> Adapter {
             LoraWeights {
                 a: t(&name),
                 b: t(&b_name),
+                magnitude: None,
             },
         );
     }
@@ -111,6 +112,7 @@ fn adapter_from(st: &St, prefix: &str, cfg: &serde_json::Value) -> Adapter {
             lora_dropout: 0.0,
             target_modules: vec![],
             use_rslora: cfg["use_rslora"].as_bool().unwrap_or(false),
+            use_dora: false,
         },
         layers,
     }

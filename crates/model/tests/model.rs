@@ -307,7 +307,7 @@ fn kv_cache_with_adapter_equals_full_forward() {
         for (short, [o, i]) in model.config.linear_shapes() {
             let a = Matrix::new(3, i, randn(3 * i)).unwrap();
             let b = Matrix::new(o, 3, randn(o * 3)).unwrap();
-            layers.insert(ModelConfig::linear_path(l, short), LoraWeights { a, b });
+            layers.insert(ModelConfig::linear_path(l, short), LoraWeights::new(a, b));
         }
     }
     let adapter = Adapter {
@@ -317,6 +317,7 @@ fn kv_cache_with_adapter_equals_full_forward() {
             lora_dropout: 0.1,
             target_modules: vec![],
             use_rslora: false,
+            use_dora: false,
         },
         layers,
     };

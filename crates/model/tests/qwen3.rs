@@ -143,6 +143,7 @@ fn qwen3_qk_norm_backward_matches_finite_differences() {
             lora_dropout: 0.0,
             target_modules: vec!["q_proj".into(), "k_proj".into()],
             use_rslora: false,
+            use_dora: false,
         },
         layers: vals
             .iter()
@@ -153,6 +154,7 @@ fn qwen3_qk_norm_backward_matches_finite_differences() {
                     LoraWeights {
                         a: Matrix::new(r, inp, a.clone()).unwrap(),
                         b: Matrix::new(out, r, b.clone()).unwrap(),
+                        magnitude: None,
                     },
                 )
             })

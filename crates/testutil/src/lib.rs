@@ -65,3 +65,12 @@ pub fn demo_gguf() -> Option<PathBuf> {
     );
     None
 }
+
+/// The DoRA fixtures generated in this repository by
+/// `crates/lora/tests/fixtures/dora/gen.py` (PEFT 0.21.2 `use_dora`).
+pub fn dora_fixtures() -> PathBuf {
+    PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../lora/tests/fixtures/dora"
+    ))
+}

@@ -1,6 +1,7 @@
 //! The trainable parameters as flat f32 buffers in PyTorch's parameter order
-//! (layer, q,k,v,o,gate,up,down; A before B), copied to and from the
-//! matrices of an [`Adapter`].
+//! (layer, q,k,v,o,gate,up,down; per module A, B, then the DoRA magnitude, the
+//! order PEFT registers `lora_A`, `lora_B`, `lora_magnitude_vector`), copied to
+//! and from the tensors of an [`Adapter`].
 
 use anyhow::{bail, Context, Result};
 use qlora_lora::{peft_key, Adapter, AdapterGrads, LoraWeights, Matrix, Which};
@@ -10,12 +11,13 @@ use qlora_lora::{peft_key, Adapter, AdapterGrads, LoraWeights, Matrix, Which};
 pub struct Param {
     pub module: String,
     pub which: Which,
-    pub shape: [usize; 2],
+    /// `[r, in]` / `[out, r]` for A / B, `[out]` for a DoRA magnitude.
+    pub shape: Vec<usize>,
     pub data: Vec<f32>,
 }
 
 impl Param {
-    /// The PEFT key (`base_model.model.<module>.lora_A.weight`).
+    /// The PEFT key (`base_model.model.<module>.lora_A.weight`, `….lora_magnitude_vector`).
     pub fn key(&self) -> String {
         peft_key(&self.module, self.which)
     }
@@ -30,33 +32,66 @@ pub fn params_of(adapter: &Adapter) -> Result<Vec<Param>> {
             out.push(Param {
                 module: module.clone(),
                 which,
-                shape: t.dims(),
+                shape: t.dims().to_vec(),
                 data: t.data().to_vec(),
             });
+        }
+        match &w.magnitude {
+            Some(m) => out.push(Param {
+                module: module.clone(),
+                which: Which::Magnitude,
+                shape: vec![m.len()],
+                data: m.clone(),
+            }),
+            None if adapter.config.use_dora => {
+                bail!("DoRA adapter module {module} has no magnitude vector")
+            }
+            None => {}
         }
     }
     Ok(out)
 }
 
-/// Write the buffers back into the adapter's matrices (in place when the
+/// Write the buffers back into the adapter's tensors (in place when the
 /// module is already there with the same shapes).
 pub fn store_params(adapter: &mut Adapter, params: &[Param]) -> Result<()> {
-    for pair in params.chunks(2) {
-        let [a, b] = pair else {
-            bail!("odd parameter list")
+    let mut i = 0;
+    while i < params.len() {
+        let (a, b) = match (&params[i], params.get(i + 1)) {
+            (a, Some(b)) if a.which == Which::A && b.which == Which::B && a.module == b.module => {
+                (a, b)
+            }
+            _ => bail!("parameter list out of order at {}", params[i].key()),
         };
+        i += 2;
+        let m = match params.get(i) {
+            Some(m) if m.which == Which::Magnitude && m.module == a.module => {
+                i += 1;
+                Some(m)
+            }
+            _ => None,
+        };
+        let dims = |p: &Param| -> Result<[usize; 2]> {
+            match p.shape[..] {
+                [r, c] => Ok([r, c]),
+                _ => bail!("{} has shape {:?}, expected 2 dimensions", p.key(), p.shape),
+            }
+        };
+        let (da, db) = (dims(a)?, dims(b)?);
         match adapter.layers.get_mut(&a.module) {
-            Some(w) if w.a.dims() == a.shape && w.b.dims() == b.shape => {
+            Some(w) if w.a.dims() == da && w.b.dims() == db => {
                 w.a.data_mut().copy_from_slice(&a.data);
                 w.b.data_mut().copy_from_slice(&b.data);
+                w.magnitude = m.map(|m| m.data.clone());
             }
             _ => {
-                let mk = |p: &Param| Matrix::new(p.shape[0], p.shape[1], p.data.clone());
+                let mk = |p: &Param, [r, c]: [usize; 2]| Matrix::new(r, c, p.data.clone());
                 adapter.layers.insert(
                     a.module.clone(),
                     LoraWeights {
-                        a: mk(a)?,
-                        b: mk(b)?,
+                        a: mk(a, da)?,
+                        b: mk(b, db)?,
+                        magnitude: m.map(|m| m.data.clone()),
                     },
                 );
             }
@@ -74,12 +109,14 @@ pub fn grads_in_order(mut grads: AdapterGrads, params: &[Param]) -> Result<Vec<V
             let w = grads
                 .get_mut(&p.module)
                 .with_context(|| format!("model returned no gradient for {}", p.module))?;
-            let t = if p.which == Which::A {
-                &mut w.a
-            } else {
-                &mut w.b
+            let v = match p.which {
+                Which::A => std::mem::replace(&mut w.a, Matrix::zeros(0, 0)).into_data(),
+                Which::B => std::mem::replace(&mut w.b, Matrix::zeros(0, 0)).into_data(),
+                Which::Magnitude => w
+                    .magnitude
+                    .take()
+                    .with_context(|| format!("model returned no gradient for {}", p.key()))?,
             };
-            let v = std::mem::replace(t, Matrix::zeros(0, 0)).into_data();
             if v.len() != p.data.len() {
                 bail!(
                     "gradient of {} has {} values, expected {}",

@@ -4,8 +4,9 @@
 
 use anyhow::Result;
 
-use super::{AdamWStep, Backend, CeOut, LoraOp};
+use super::{AdamWStep, Backend, CeOut, DoraOp, DoraSaved, LoraOp};
 use crate::ops::attention::{self, AttnShape};
+use crate::ops::dora::DoraRef;
 use crate::ops::linear::{FrozenLinear, FrozenWeight};
 use crate::ops::lora::LoraRef;
 use crate::ops::{cross_entropy, rmsnorm, rope, swiglu};
@@ -25,6 +26,14 @@ fn lora_ref<'a>(op: &LoraOp<'a, CpuBackend>) -> LoraRef<'a> {
         dropout: op.dropout,
         dropout_key: op.dropout_key,
         mask_rows: op.mask_rows,
+    }
+}
+
+fn dora_ref<'a>(op: &LoraOp<'a, CpuBackend>, d: &DoraOp<'a, CpuBackend>) -> DoraRef<'a> {
+    DoraRef {
+        lora: lora_ref(op),
+        magnitude: d.magnitude,
+        norm: d.norm,
     }
 }
 
@@ -146,6 +155,31 @@ impl Backend for CpuBackend {
         dx: &mut Vec<f32>,
     ) -> Result<(Vec<f32>, Vec<f32>)> {
         Ok(lora_ref(op).backward(x, xa, dy, t, dx))
+    }
+    fn dora_forward(
+        &self,
+        w: &FrozenLinear,
+        op: &LoraOp<Self>,
+        d: &DoraOp<Self>,
+        x: &Vec<f32>,
+        t: usize,
+    ) -> Result<(Vec<f32>, DoraSaved<Self>)> {
+        let (y, xa, u) = dora_ref(op, d).forward(w, x, t);
+        Ok((y, DoraSaved { xa, u }))
+    }
+    fn dora_backward(
+        &self,
+        w: &FrozenLinear,
+        op: &LoraOp<Self>,
+        d: &DoraOp<Self>,
+        x: &Vec<f32>,
+        saved: &DoraSaved<Self>,
+        dy: &Vec<f32>,
+        t: usize,
+        dx: &mut Vec<f32>,
+        need_dx: bool,
+    ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+        Ok(dora_ref(op, d).backward(w, x, &saved.xa, &saved.u, dy, t, dx, need_dx))
     }
     fn rmsnorm_forward(
         &self,

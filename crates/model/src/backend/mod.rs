@@ -166,6 +166,23 @@ pub struct LoraOp<'a, B: Backend> {
     pub mask_ids: Option<&'a B::Ids>,
 }
 
+/// A DoRA module's state on the device besides its LoRA ([`qlora_lora::dora`]).
+pub struct DoraOp<'a, B: Backend> {
+    /// `m` (`lora_magnitude_vector`), `[out]`.
+    pub magnitude: &'a B::Buf,
+    /// `‖W + s·B·A‖` per output row, `[out]`: computed from the current A, B and
+    /// the (dequantized) base weight, detached (a constant for the backward).
+    pub norm: &'a B::Buf,
+}
+
+/// What a DoRA forward keeps for its backward.
+pub struct DoraSaved<B: Backend> {
+    /// `dropout(x) Aᵀ` `[t, r]`.
+    pub xa: B::Buf,
+    /// `u = dropout(x) Wᵀ + s·B A dropout(x)` `[t, out]` (no bias).
+    pub u: B::Buf,
+}
+
 /// The scalars of one AdamW update of one tensor (torch's single-tensor
 /// AdamW; see `qlora_train::optim`), derived on the host in f64.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -295,6 +312,42 @@ pub trait Backend: Sized + Send + Sync {
         t: usize,
         dx: &mut Self::Buf,
     ) -> Result<(Self::Buf, Self::Buf)>;
+    /// A DoRA linear (PEFT's `DoraLinearVariant`, see [`crate::ops::dora`]):
+    /// `y` of base + DoRA and what the backward needs. Backends without DoRA
+    /// kernels (CUDA so far) keep this default, a clear error.
+    fn dora_forward(
+        &self,
+        _w: &Self::Linear,
+        _op: &LoraOp<Self>,
+        _dora: &DoraOp<Self>,
+        _x: &Self::Buf,
+        _t: usize,
+    ) -> Result<(Self::Buf, DoraSaved<Self>)> {
+        bail!(
+            "DoRA adapters are not supported on {} yet; use --device cpu",
+            self.describe()
+        )
+    }
+    /// Backward of [`Self::dora_forward`]: `(dA, dB, dm)`; adds the input
+    /// gradient into `dx` (its base-weight parts only when `need_dx`).
+    #[allow(clippy::too_many_arguments)]
+    fn dora_backward(
+        &self,
+        _w: &Self::Linear,
+        _op: &LoraOp<Self>,
+        _dora: &DoraOp<Self>,
+        _x: &Self::Buf,
+        _saved: &DoraSaved<Self>,
+        _dy: &Self::Buf,
+        _t: usize,
+        _dx: &mut Self::Buf,
+        _need_dx: bool,
+    ) -> Result<(Self::Buf, Self::Buf, Self::Buf)> {
+        bail!(
+            "DoRA adapters are not supported on {} yet; use --device cpu",
+            self.describe()
+        )
+    }
     /// `(y, rstd [t])`.
     fn rmsnorm_forward(
         &self,

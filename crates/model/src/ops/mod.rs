@@ -10,6 +10,7 @@
 pub mod amx;
 pub mod attention;
 pub mod cross_entropy;
+pub mod dora;
 pub mod fastmath;
 pub mod linear;
 pub mod lora;
