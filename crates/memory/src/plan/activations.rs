@@ -1,0 +1,261 @@
+//! What the trainer allocates per token: the tensors one decoder layer keeps
+//! for its backward, the transient buffers of a layer's backward, the head
+//! phase (final norm, chunked logits and loss) and the worker threads'
+//! scratch. Every term is read off `qlora-model`'s CPU code, cited below;
+//! update this file when the trainer changes what it allocates.
+//!
+//! The CPU backend holds every activation as `Vec<f32>` (`backend/cpu.rs`,
+//! `type Buf = Vec<f32>`), whatever `--compute` says (bf16 there only selects
+//! the AMX kernels of the frozen linears): [`act_bytes`] is 4 on CPU and the
+//! compute dtype's size in GPU plans.
+
+use serde::Serialize;
+
+use super::{Method, PlanInput};
+use qlora_config::ModelConfig;
+
+/// Queries per attention block (`qlora-model` `ops/attention.rs`, `Q_BLOCK`):
+/// the scores and their gradient exist only for `Q_BLOCK × keys` at a time.
+pub const ATTN_Q_BLOCK: u64 = 64;
+
+/// Logits computed at once by the chunked head + cross-entropy
+/// (`qlora-model` `ops/cross_entropy.rs`, `HEAD_CHUNK_LOGITS`, 2^23 f32 = 32 MiB).
+pub const HEAD_CHUNK_LOGITS: u64 = 1 << 23;
+
+/// The dimensions the planner needs.
+#[derive(Clone, Copy)]
+pub(crate) struct Dims {
+    pub h: u64,
+    pub i: u64,
+    pub l: u64,
+    pub a: u64,
+    pub kv: u64,
+    pub d: u64,
+}
+
+pub(crate) fn dims(c: &ModelConfig) -> Dims {
+    Dims {
+        h: c.hidden_size as u64,
+        i: c.intermediate_size as u64,
+        l: c.num_hidden_layers as u64,
+        a: c.num_attention_heads as u64,
+        kv: c.num_key_value_heads as u64,
+        d: c.head_dim as u64,
+    }
+}
+
+/// Bytes of one activation element: f32 on CPU (see the module docs), the
+/// compute dtype in GPU plans.
+pub fn act_bytes(p: &PlanInput) -> u64 {
+    if p.gpu {
+        p.compute.size_in_bytes() as u64
+    } else {
+        4
+    }
+}
+
+/// One tensor the trainer keeps for the backward of a decoder layer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Saved {
+    pub name: &'static str,
+    pub bytes: u64,
+}
+
+/// What `qlora-model`'s decoder layer keeps from its forward for its
+/// backward (`model.rs`, `LayerActs`, plus the layer input that
+/// `backward.rs` keeps in `inputs`), for one layer and `b` sequences of `s`
+/// tokens (T = b·s), `e` = [`act_bytes`] per element (the RMSNorm
+/// reciprocals and the attention's log-sum-exp are f32):
+///
+/// | tensor | shape |
+/// |---|---|
+/// | layer input `x` | T·h |
+/// | `n1 = rmsnorm₁(x)` + `rstd1` | T·h + T |
+/// | `q`, `k` after RoPE, `v` | T·(a·d + 2·kv·d) |
+/// | Qwen3 only: `q`, `k` before their per-head norm + 1/rms per head (`QkPre`) | T·(a·d + kv·d) + T·(a + kv) |
+/// | `attn_saved` (CPU): the row log-sum-exp (`attention::forward` returns `lse [b, a, s]`; the probabilities are recomputed in the backward, never kept) | b·a·s |
+/// | `att`, the attention output (input of o_proj) | T·a·d |
+/// | `x_mid = x + o_proj(att)` | T·h |
+/// | `n2 = rmsnorm₂(x_mid)` + `rstd2` | T·h + T |
+/// | `g`, `u`, `m = silu(g)·u` | 3·T·I |
+/// | LoRA `x·Aᵀ` per target (`xa`) | T·r each |
+///
+/// GPU plans model PyTorch (bnb + FSDP) instead: the attention probabilities
+/// b·a·s² (f32) in place of the log-sum-exp, no Qwen3 extras.
+pub fn saved_per_layer(c: &ModelConfig, p: &PlanInput) -> Vec<Saved> {
+    let Dims { h, i, a, kv, d, .. } = dims(c);
+    let (b, s) = (p.batch, p.seq);
+    let t = b * s;
+    let e = act_bytes(p);
+    let mut v = vec![
+        Saved {
+            name: "layer_input",
+            bytes: t * h * e,
+        },
+        Saved {
+            name: "norm1_out",
+            bytes: t * h * e + t * 4,
+        },
+        Saved {
+            name: "q_k_v_rope",
+            bytes: t * (a * d + 2 * kv * d) * e,
+        },
+    ];
+    if c.architecture.qk_norm() && !p.gpu {
+        v.push(Saved {
+            name: "qk_norm_inputs",
+            bytes: t * (a * d + kv * d) * e + t * (a + kv) * 4,
+        });
+    }
+    v.push(if p.gpu {
+        // GPU plans model PyTorch's eager attention, which keeps the
+        // probabilities (FORMATS.md §6.3)
+        Saved {
+            name: "attn_probs",
+            bytes: b * a * s * s * 4,
+        }
+    } else {
+        Saved {
+            name: "attn_lse",
+            bytes: b * a * s * 4,
+        }
+    });
+    v.extend([
+        Saved {
+            name: "attn_out",
+            bytes: t * a * d * e,
+        },
+        Saved {
+            name: "residual1",
+            bytes: t * h * e,
+        },
+        Saved {
+            name: "norm2_out",
+            bytes: t * h * e + t * 4,
+        },
+        Saved {
+            name: "gate_up_act",
+            bytes: 3 * t * i * e,
+        },
+    ]);
+    if p.method != Method::Full {
+        let n = p.targets.len() as u64;
+        v.push(Saved {
+            name: "lora_xa",
+            bytes: n * t * p.rank * e,
+        });
+    }
+    v
+}
+
+/// One layer's input `x` (T·h): all that gradient checkpointing keeps per layer.
+pub(crate) fn layer_input_bytes(c: &ModelConfig, p: &PlanInput) -> u64 {
+    p.batch * p.seq * c.hidden_size as u64 * act_bytes(p)
+}
+
+/// Transient buffers alive during one layer's backward
+/// (`backward.rs`, `layer_backward`), at the worst moment: the last layer's
+/// output `x` (kept by `forward_backward` for the final norm's backward until
+/// the end of the step, T·h), the incoming gradient `dout` (T·h), and the
+/// larger of
+/// * the MLP phase: `dm` (T·I), then `dg`, `du` from `swiglu_backward` while
+///   `dm` is alive (3·T·I), then `dn2` + `dg` + `du` (T·h + 2·T·I);
+/// * the attention phase: `datt` (T·a·d, later `dn1`, T·h) beside the final
+///   `dq, dk, dv` (T·(a·d + 2·kv·d)) that `attention::backward` copies out of
+///   its per-(sequence, kv head) groups (those groups and the per-thread
+///   score scratch live in the worker threads: [`worker_arenas`] on CPU; GPU
+///   plans add them here); Qwen3 adds `dq_pre`, `dk_pre` (T·(a·d + kv·d)).
+///
+/// With gradient checkpointing the layer's forward is recomputed right before
+/// its backward, so its saved tensors (all of [`saved_per_layer`] except the
+/// kept input) are alive here too and are added.
+pub fn layer_workspace(c: &ModelConfig, p: &PlanInput) -> u64 {
+    let Dims { h, i, a, kv, d, .. } = dims(c);
+    let (b, s) = (p.batch, p.seq);
+    let t = b * s;
+    let e = act_bytes(p);
+    let held = 2 * t * h * e;
+    let mlp = (3 * t * i * e).max(t * h * e + 2 * t * i * e);
+    let final_grads = t * (a * d + 2 * kv * d) * e;
+    let attn = if p.gpu {
+        // PyTorch-style: datt, the group gradients, and the larger of the
+        // final copies and the s² score gradients in flight
+        let dp_in_flight = p.threads.max(1).min(b * kv) * s * s * 4;
+        t * a * d * e + final_grads + final_grads.max(dp_in_flight)
+    } else {
+        let qk_norm = if c.architecture.qk_norm() {
+            t * (a * d + kv * d) * e
+        } else {
+            0
+        };
+        (t * a * d).max(t * h) * e + final_grads + qk_norm
+    };
+    let recomputed = if p.checkpointing {
+        let saved: u64 = saved_per_layer(c, p).iter().map(|x| x.bytes).sum();
+        saved - layer_input_bytes(c, p)
+    } else {
+        0
+    };
+    recomputed + held + mlp.max(attn)
+}
+
+/// Score scratch of the CPU attention backward in flight at once: each busy
+/// worker holds `p` and `dp`, `min(Q_BLOCK, s) × s` f32 each
+/// (`attention::backward`, `p.resize(rows·kl)`, `dp.resize(rows·kl)`), one
+/// worker per (sequence, kv head) group at most.
+fn attention_scratch(c: &ModelConfig, p: &PlanInput) -> u64 {
+    let busy = p.threads.max(1).min(p.batch * c.num_key_value_heads as u64);
+    busy * 2 * ATTN_Q_BLOCK.min(p.seq) * p.seq * 4
+}
+
+/// Memory the CPU trainer's worker threads keep in their own glibc arenas.
+/// `attention::backward` runs one task per (sequence, kv head) on the rayon
+/// workers; each allocates its `n_rep` query heads' `dq`, its `dk`, `dv`
+/// (T·(a·d + 2·kv·d) f32 over all tasks, collected, then copied out and
+/// freed) and the `p`/`dp` score scratch of [`attention_scratch`].
+/// `attention::forward` allocates, per (sequence, head, query block), the
+/// block's output and log-sum-exp (T·a·(d + 1) f32 over all tasks,
+/// collected) and a `Q_BLOCK × keys` score scratch: the same arenas serve
+/// both passes, so the larger counts. glibc gives every thread its own arena
+/// and the trainer raises the trim threshold (`ops::keep_freed_memory`), so
+/// these pages stay resident from the first layer on, through every later
+/// phase and step.
+pub fn worker_arenas(c: &ModelConfig, p: &PlanInput) -> u64 {
+    if p.gpu {
+        return 0;
+    }
+    let Dims { a, kv, d, .. } = dims(c);
+    let t = p.batch * p.seq;
+    let groups = t * (a * d + 2 * kv * d) * 4;
+    let forward_blocks = t * a * (d + 1) * 4;
+    groups.max(forward_blocks) + attention_scratch(c, p)
+}
+
+/// Rows of logits the head computes at once (`ops/cross_entropy.rs`,
+/// `head_forward_backward`): `HEAD_CHUNK_LOGITS / V` rows, at least 1 and at
+/// most T, rounded down to a multiple of 32 when there are at least 32.
+pub fn head_chunk_rows(vocab: u64, tokens: u64) -> u64 {
+    let rows = (HEAD_CHUNK_LOGITS / vocab.max(1)).clamp(1, tokens.max(1));
+    if rows >= 32 {
+        rows / 32 * 32
+    } else {
+        rows
+    }
+}
+
+/// Head phase (`backward.rs` `forward_backward` and
+/// `cross_entropy::head_forward_backward`): the last layer's output `x`
+/// (T·h), the final norm output `nf` and 1/rms (T·h + T), the gradient `dnf`
+/// (T·h; `nf` is dropped after the loss and `dx` takes its place), the
+/// per-position losses (`Vec<Option<f64>>`, 16 B each) and one chunk of f32
+/// logits ([`head_chunk_rows`] × V, turned into their gradient in place) —
+/// never all T × V logits. GPU plans keep the full logits (no chunking there).
+pub fn logits_and_loss(c: &ModelConfig, p: &PlanInput) -> u64 {
+    let t = p.batch * p.seq;
+    let (h, v) = (c.hidden_size as u64, c.vocab_size as u64);
+    let e = act_bytes(p);
+    if p.gpu {
+        return 3 * t * h * e + t * 4 + t * v * 4;
+    }
+    3 * t * h * e + t * 4 + t * 16 + head_chunk_rows(v, t) * v * 4
+}

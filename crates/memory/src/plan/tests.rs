@@ -1,0 +1,297 @@
+//! Unit tests of the plan's terms, derived by hand from the trainer's code.
+use super::*;
+
+/// The fixtures' tiny Llama: h 64, I 160, 4 heads / 2 kv heads of 16, 2 layers, V 320.
+fn tiny() -> ModelConfig {
+    let j = serde_json::json!({
+        "vocab_size": 320, "hidden_size": 64, "intermediate_size": 160,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "head_dim": 16, "tie_word_embeddings": false,
+    });
+    ModelConfig::from_json(&j, "tiny").unwrap()
+}
+
+fn input(batch: u64, seq: u64, checkpointing: bool) -> PlanInput {
+    PlanInput {
+        batch,
+        seq,
+        checkpointing,
+        threads: 2,
+        ..PlanInput::cpu_default()
+    }
+}
+
+/// A bf16 safetensors checkpoint's embedding and lm_head stay bf16 under a
+/// 4-bit CPU plan (qlora-model keeps them as stored); norms stay f32, LoRA
+/// (f32 base) and GPU plans are unchanged.
+#[test]
+fn bf16_stored_embedding_and_head_count_two_bytes_under_qlora() {
+    let c = tiny();
+    let plain = Inventory::from_config(&c);
+    let mut bf16 = plain.clone();
+    for t in &mut bf16.tensors {
+        t.stored_bf16 = true;
+    }
+    let q = PlanInput {
+        method: Method::Qlora,
+        ..input(1, 128, false)
+    };
+    let frozen_of =
+        |inv: &Inventory, p: &PlanInput| plan(inv, &c, p).unwrap().per_device.frozen_weights;
+    // embed_tokens + lm_head, 320 x 64 each, 4 -> 2 bytes.
+    assert_eq!(
+        frozen_of(&plain, &q) - frozen_of(&bf16, &q),
+        2 * 320 * 64 * 2
+    );
+    let lora = PlanInput {
+        method: Method::Lora,
+        ..q.clone()
+    };
+    assert_eq!(frozen_of(&plain, &lora), frozen_of(&bf16, &lora));
+}
+
+/// Batch 4 x 512 (T = 2048), f32, r 8 on all 7 targets, worked out by hand
+/// from the shapes of `layer_forward` / `layer_backward` / the flash-style
+/// attention / the chunked head.
+#[test]
+fn tiny_terms_by_hand() {
+    let c = tiny();
+    let p = input(4, 512, false);
+    let saved: u64 = saved_per_layer(&c, &p).iter().map(|s| s.bytes).sum();
+    // 5 T·h tensors (input, n1, att, x_mid, n2), 2 T rstd, q/k/v T·128,
+    // the attention's log-sum-exp b·a·s (not its b·a·s² probabilities),
+    // g/u/m 3 T·I, 7 LoRA x·Aᵀ T·r.
+    let expect = 5 * 2048 * 64 * 4
+        + 2 * 2048 * 4
+        + 2048 * 128 * 4
+        + 4 * 4 * 512 * 4
+        + 3 * 2048 * 160 * 4
+        + 7 * 2048 * 8 * 4;
+    assert_eq!(saved, expect);
+    assert_eq!(saved, 8_110_080);
+    // --compute bf16 on CPU changes nothing here: the CPU backend's buffers
+    // are f32 whatever the compute dtype.
+    let bf16 = PlanInput {
+        compute: DType::BF16,
+        ..p.clone()
+    };
+    assert_eq!(saved_per_layer(&c, &bf16), saved_per_layer(&c, &p));
+    // held 2·T·h; MLP 3·T·I = 3,932,160 beats attention (datt T·a·d +
+    // final dq/dk/dv T·(a·d + 2·kv·d) on the main thread).
+    assert_eq!(
+        layer_workspace(&c, &p),
+        2 * 2048 * 64 * 4 + 3 * 2048 * 160 * 4
+    );
+    // Worker arenas: the group gradients T·(a·d + 2·kv·d) (larger than the
+    // forward's blocks T·a·(d+1)) + 2 busy threads' p and dp, 64 queries x
+    // 512 keys each.
+    assert_eq!(worker_arenas(&c, &p), 2048 * 128 * 4 + 2 * 2 * 64 * 512 * 4);
+    // A GPU plan (PyTorch-style) has no arenas and keeps the probabilities;
+    // there the attention phase (bf16) holds the group gradients and the
+    // larger of the copies and the dp scratch.
+    let long = PlanInput {
+        seq: 2048,
+        batch: 1,
+        threads: 1,
+        gpu: true,
+        compute: DType::BF16,
+        ..p.clone()
+    };
+    let t = 2048u64;
+    assert_eq!(worker_arenas(&c, &long), 0);
+    assert_eq!(
+        layer_workspace(&c, &long),
+        (2 * t * 64 + t * 64 + t * 128) * 2 + 2048 * 2048 * 4
+    );
+    assert!(saved_per_layer(&c, &long)
+        .iter()
+        .any(|s| s.name == "attn_probs" && s.bytes == 4 * 2048 * 2048 * 4));
+    // Head phase: x, final norm output, its gradient (3·T·h), 1/rms, the
+    // per-position losses (16 B each) and one chunk of f32 logits: with
+    // V = 320 the chunk (2^23 / 320 rows) covers all 2048 positions.
+    assert_eq!(
+        logits_and_loss(&c, &p),
+        3 * 2048 * 64 * 4 + 2048 * 4 + 2048 * 16 + 2048 * 320 * 4
+    );
+}
+
+/// The head's chunk of logits (`cross_entropy::head_forward_backward`):
+/// 2^23 logits' worth of rows, at most T, a multiple of 32 from 32 rows on.
+#[test]
+fn head_chunk_rows_follow_the_trainer() {
+    // SmolLM2 (V = 49,152): 8,388,608 / 49,152 = 170.7 -> 170 -> 160 rows
+    assert_eq!(head_chunk_rows(49_152, 1024), 160);
+    assert_eq!(head_chunk_rows(49_152, 100), 96);
+    // Qwen2.5 (V = 151,936): 55 -> 32 rows; a 10^6 vocabulary: 8 rows
+    assert_eq!(head_chunk_rows(151_936, 4096), 32);
+    assert_eq!(head_chunk_rows(1_000_000, 4096), 8);
+    // few positions: all of them (below 32 not rounded)
+    assert_eq!(head_chunk_rows(320, 7), 7);
+    // so a long sequence no longer pays T x V: SmolLM2 at 1 x 4096 holds
+    // 160 x 49,152 f32 logits (31.5 MB), not 4096 x 49,152 (805 MB)
+    let j = serde_json::json!({
+        "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536,
+        "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
+        "head_dim": 64, "tie_word_embeddings": true,
+    });
+    let smol = ModelConfig::from_json(&j, "smollm2").unwrap();
+    let t = 4096u64;
+    assert_eq!(
+        logits_and_loss(&smol, &input(1, 4096, false)),
+        3 * t * 576 * 4 + t * 4 + t * 16 + 160 * 49_152 * 4
+    );
+}
+
+/// Checkpointing keeps the L layer inputs through the whole backward; one
+/// layer's other tensors exist only inside that layer's backward.
+#[test]
+fn checkpointing_recomputes_one_layer_inside_its_backward() {
+    let c = tiny();
+    let inv = Inventory::from_config(&c);
+    let off = plan(&inv, &c, &input(4, 512, false)).unwrap().per_device;
+    let on = plan(&inv, &c, &input(4, 512, true)).unwrap().per_device;
+    let input_bytes = 2048 * 64 * 4;
+    assert_eq!(off.activations, 2 * 8_110_080);
+    assert_eq!(on.activations, 2 * input_bytes);
+    assert_eq!(
+        on.layer_workspace,
+        off.layer_workspace + 8_110_080 - input_bytes
+    );
+    assert_eq!(on.logits_and_loss, off.logits_and_loss);
+    assert_eq!(off.heap_retention, 0);
+    assert_eq!(on.heap_retention, 8_110_080 - input_bytes);
+    // Same fixed parts; the transient phase differs.
+    let fixed = |b: &Breakdown| {
+        b.train_peak - b.activations - b.layer_workspace.max(b.logits_and_loss + b.heap_retention)
+    };
+    assert_eq!(fixed(&on), fixed(&off));
+}
+
+/// When the head phase is the larger one (big vocabulary, short layers),
+/// checkpointing adds one layer's forward set there only as heap
+/// retention, and the layer inputs.
+#[test]
+fn head_phase_under_checkpointing_counts_heap_retention() {
+    let j = serde_json::json!({
+        "vocab_size": 100_000, "hidden_size": 64, "intermediate_size": 160,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "head_dim": 16, "tie_word_embeddings": true,
+    });
+    let c = ModelConfig::from_json(&j, "big-vocab").unwrap();
+    let inv = Inventory::from_config(&c);
+    let b = plan(&inv, &c, &input(1, 128, true)).unwrap().per_device;
+    assert!(b.logits_and_loss > b.layer_workspace);
+    let one_layer: u64 = saved_per_layer(&c, &input(1, 128, true))
+        .iter()
+        .map(|s| s.bytes)
+        .sum();
+    assert_eq!(b.heap_retention, one_layer - 128 * 64 * 4);
+    assert_eq!(
+        b.train_peak,
+        b.frozen_weights
+            + b.trainable_params
+            + b.gradients
+            + b.optimizer_states
+            + 2 * 128 * 64 * 4
+            + b.logits_and_loss
+            + b.heap_retention
+            + b.dequant_workspace
+            + b.worker_arenas
+            + b.overhead
+    );
+    // A GPU plan models live bytes only.
+    let g = PlanInput {
+        gpu: true,
+        ..input(1, 128, true)
+    };
+    assert_eq!(plan(&inv, &c, &g).unwrap().per_device.heap_retention, 0);
+}
+
+/// Loading peak: overhead + the resident mapped bytes + the frozen model +
+/// one projection in f32; nothing when the files are unknown.
+#[test]
+fn load_peak_counts_resident_file_pages() {
+    let c = tiny();
+    let inv = Inventory::from_config(&c);
+    let none = plan(&inv, &c, &input(1, 128, false)).unwrap().per_device;
+    assert_eq!(none.load_peak, 0);
+    let p = PlanInput {
+        load_file_bytes: 1_000_000,
+        tokenizer_bytes: tokenizer_bytes(320),
+        ..input(1, 128, false)
+    };
+    let b = plan(&inv, &c, &p).unwrap().per_device;
+    assert_eq!(b.tokenizer, 320 * 174);
+    // largest projection: gate/up/down 160·64
+    assert_eq!(
+        b.load_peak,
+        CPU_OVERHEAD + 1_000_000 + b.frozen_weights + 4 * 160 * 64 + 320 * 174
+    );
+    let without = plan(&inv, &c, &input(1, 128, false)).unwrap().per_device;
+    assert_eq!(b.train_peak, without.train_peak + 320 * 174);
+    assert_eq!(b.total_bytes, b.train_peak.max(b.load_peak));
+}
+
+/// `qlora train --cpu-offload` is a no-op for the CPU trainer: so is it for a
+/// CPU plan (it once moved everything but the quant statistics off the
+/// "device", whose memory is the same host RAM).
+#[test]
+fn cpu_offload_changes_nothing_in_a_cpu_plan() {
+    let c = tiny();
+    let inv = Inventory::from_config(&c);
+    let p = input(1, 128, false);
+    let off = PlanInput {
+        cpu_offload: true,
+        ..p.clone()
+    };
+    assert_eq!(
+        plan(&inv, &c, &off).unwrap().per_device,
+        plan(&inv, &c, &p).unwrap().per_device
+    );
+}
+
+/// A GPU plan with CPU offload keeps on the device the quant statistics,
+/// two gathered decoder-layer units and the whole root unit (embedding,
+/// final norm, lm_head), which FSDP keeps gathered through the step. Before,
+/// the root was averaged into the layer units and so counted only 2/L of it.
+#[test]
+fn gpu_cpu_offload_counts_embedding_and_lm_head_whole() {
+    // 8 layers of the tiny shapes, a 100,000-token vocabulary, untied head
+    let j = serde_json::json!({
+        "vocab_size": 100_000, "hidden_size": 64, "intermediate_size": 160,
+        "num_hidden_layers": 8, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "head_dim": 16, "tie_word_embeddings": false,
+    });
+    let c = ModelConfig::from_json(&j, "big-vocab").unwrap();
+    let inv = Inventory::from_config(&c);
+    let p = PlanInput {
+        gpu: true,
+        compute: DType::BF16,
+        threads: 1,
+        ..input(1, 128, false)
+    };
+    let offload = PlanInput {
+        cpu_offload: true,
+        ..p.clone()
+    };
+    let on = plan(&inv, &c, &offload).unwrap().per_device;
+    let off = plan(&inv, &c, &p).unwrap().per_device;
+    assert_eq!(on.frozen_weights, on.quant_stats);
+    // root: embed_tokens and lm_head 100,000 x 64, final norm 64, bf16
+    let root = (2 * 100_000 * 64 + 64) * 2;
+    // one layer unit: NF4 codes of q 64x64, k 32x64, v 32x64, o 64x64,
+    // gate/up 160x64, down 64x160 (n/2 bytes each) + 2 bf16 norms of 64,
+    // + its share of the f32 LoRA weights, r 8 x Σ(in + out) = 8 x 1,120
+    let codes = (4096 + 2048 + 2048 + 4096 + 3 * 10_240) / 2;
+    let unit = codes + 2 * 64 * 2 + 4 * 8 * 1_120;
+    // one device, no peer: nothing gathered without offload
+    assert_eq!(off.communication, 0);
+    assert_eq!(on.communication, 2 * unit + root);
+    assert_eq!(
+        on.host_offloaded,
+        off.frozen_weights - off.quant_stats
+            + off.trainable_params
+            + off.gradients
+            + off.optimizer_states
+    );
+}

@@ -1,0 +1,96 @@
+//! Parameter-side terms of a plan: LoRA parameter counts, the frozen base as
+//! the trainer stores it (4-bit codes and statistics, bf16 or f32 tensors),
+//! its split into decoder layers and the root unit, optimizer states.
+
+use super::{Method, Optimizer, PlanInput, ALL_TARGETS};
+use crate::bnb;
+use crate::inventory::{Inventory, Role, TensorSpec};
+use crate::MemoryError;
+use qlora_config::ModelConfig;
+
+/// `(in, out)` of a projection by short name.
+fn target_in_out(c: &ModelConfig, t: &str) -> Option<(u64, u64)> {
+    c.linear_shapes()
+        .iter()
+        .find(|(n, _)| *n == t)
+        .map(|(_, [o, i])| (*i as u64, *o as u64))
+}
+
+/// LoRA parameters: Σ_layers Σ_targets r·(in + out) (FORMATS.md §3.5).
+pub fn lora_params(c: &ModelConfig, rank: u64, targets: &[String]) -> Result<u64, MemoryError> {
+    let mut per_layer = 0;
+    for t in targets {
+        let (i, o) = target_in_out(c, t).ok_or_else(|| {
+            MemoryError::Invalid(format!(
+                "unknown LoRA target {t:?} (expected one of {})",
+                ALL_TARGETS.join(", ")
+            ))
+        })?;
+        per_layer += rank * (i + o);
+    }
+    Ok(per_layer * c.num_hidden_layers as u64)
+}
+
+/// Frozen bytes of one tensor as the trainer holds it, and the part that is
+/// quantization statistics.
+fn tensor_frozen(t: &TensorSpec, p: &PlanInput) -> (u64, u64) {
+    let e = p.compute.size_in_bytes() as u64;
+    match p.method {
+        Method::Full => (0, 0),
+        Method::Lora => (t.numel() * e, 0),
+        Method::Qlora if t.quantizable => {
+            let parts = bnb::parts(t.numel(), &p.quant);
+            // + the f32 offset qlora-model keeps beside the DQ statistics.
+            let extra = if p.quant.double_quant { 4 } else { 0 };
+            (parts.total() + extra, parts.total() - parts.weight + extra)
+        }
+        Method::Qlora
+            if !p.gpu && t.stored_bf16 && matches!(t.role, Role::Embeddings | Role::LmHead) =>
+        {
+            // qlora-model keeps a bf16 checkpoint's embedding / lm_head
+            // in bf16 under 4-bit (lossless; see its loader).
+            (t.numel() * 2, 0)
+        }
+        Method::Qlora => (t.numel() * e, 0),
+    }
+}
+
+/// Bytes of the frozen base held by each device before sharding, and the part
+/// that is quantization statistics.
+pub(crate) fn frozen(inv: &Inventory, p: &PlanInput) -> (u64, u64) {
+    inv.tensors
+        .iter()
+        .map(|t| tensor_frozen(t, p))
+        .fold((0, 0), |(a, b), (x, y)| (a + x, b + y))
+}
+
+/// Whether a tensor sits outside the decoder layers (embedding, final norm,
+/// lm_head): FSDP's root unit, gathered whole, not a per-layer unit.
+fn is_root(t: &TensorSpec) -> bool {
+    matches!(t.role, Role::Embeddings | Role::LmHead)
+        || !(t.name.contains("layers.") || t.name.starts_with("blk."))
+}
+
+/// Frozen bytes of the root unit (see [`is_root`]) and of the decoder layers
+/// without their quantization statistics (which stay on the module).
+pub(crate) fn frozen_root_and_layers(inv: &Inventory, p: &PlanInput) -> (u64, u64) {
+    let (mut root, mut layers) = (0, 0);
+    for t in &inv.tensors {
+        let (bytes, stats) = tensor_frozen(t, p);
+        if is_root(t) {
+            root += bytes - stats;
+        } else {
+            layers += bytes - stats;
+        }
+    }
+    (root, layers)
+}
+
+/// Optimizer state bytes for `n` trainable parameters.
+pub fn optimizer_bytes(o: Optimizer, n: u64) -> u64 {
+    match o {
+        Optimizer::AdamW => 8 * n,
+        Optimizer::AdamW8bit => 2 * n + 2 * 4 * n.div_ceil(256),
+        Optimizer::Sgd => 0,
+    }
+}
