@@ -10,7 +10,8 @@ use qlora_lora::{Adapter, AdapterGrads, LoraWeights, Matrix};
 
 use crate::backend::{Backend, LayerW};
 use crate::model::{
-    with_net, AdapterView, Ctx, LayerActs, Model, Net, DOWN, GATE, K, LINEAR_NAMES, O, Q, UP, V,
+    with_net, AdapterView, Ctx, LayerActs, LinSaved, Model, Net, DOWN, GATE, K, LINEAR_NAMES, O, Q,
+    UP, V,
 };
 use crate::ops::attention::AttnShape;
 use crate::ops::cross_entropy;
@@ -49,8 +50,12 @@ impl Default for StepOptions {
     }
 }
 
-/// Gradient accumulators of one layer: `(dA, dB)` per linear.
-type LayerGrads<B> = [Option<(<B as Backend>::Buf, <B as Backend>::Buf)>; 7];
+/// Gradients of one layer: `(dA, dB, dm)` per linear (`dm` for DoRA modules).
+type LayerGrads<B> = [Option<(
+    <B as Backend>::Buf,
+    <B as Backend>::Buf,
+    Option<<B as Backend>::Buf>,
+)>; 7];
 
 impl Model {
     /// Forward + backward of `sum_CE / opts.loss_denominator`. Returns the
@@ -156,7 +161,7 @@ impl<B: Backend> Net<'_, B> {
         let mut out = AdapterGrads::new();
         for (l, lg) in grads.into_iter().enumerate() {
             for (m, g) in lg.into_iter().enumerate() {
-                if let Some((da, db)) = g {
+                if let Some((da, db, dm)) = g {
                     let (_, _, r) = ad.layers[l][m].as_ref().expect("grad of an adapted module");
                     let lin = &self.m.layers[l].linears[m];
                     out.insert(
@@ -164,7 +169,7 @@ impl<B: Backend> Net<'_, B> {
                         LoraWeights {
                             a: Matrix::new(*r, lin.in_features, be.download(&da)?)?,
                             b: Matrix::new(lin.out_features, *r, be.download(&db)?)?,
-                            magnitude: None,
+                            magnitude: dm.map(|d| be.download(&d)).transpose()?,
                         },
                     );
                 }
@@ -173,7 +178,8 @@ impl<B: Backend> Net<'_, B> {
         Ok((ce.sum, ce.count, out))
     }
 
-    /// Input gradient of the frozen linear `m` plus its LoRA's (recording dA, dB).
+    /// Input gradient of the frozen linear `m` plus its LoRA's (recording dA, dB;
+    /// for DoRA also dm, the whole input gradient coming from the DoRA op).
     #[allow(clippy::too_many_arguments)]
     fn linear_backward(
         &self,
@@ -181,7 +187,7 @@ impl<B: Backend> Net<'_, B> {
         l: usize,
         m: usize,
         x: &B::Buf,
-        xa: &Option<B::Buf>,
+        saved: &Option<LinSaved<B>>,
         dy: &B::Buf,
         dx: &mut B::Buf,
         ctx: &Ctx<B>,
@@ -190,13 +196,25 @@ impl<B: Backend> Net<'_, B> {
         need_dx: bool,
     ) -> Result<()> {
         let t = ctx.t();
+        let lora = self.lora_op(Some(ad), ctx, l, m);
+        let dora = self.dora_op(Some(ad), l, m);
+        if let (Some(op), Some(d)) = (&lora, &dora) {
+            let s = saved.as_ref().expect("DoRA forward saved x·Aᵀ and u");
+            let u = s.u.as_ref().expect("DoRA forward saved u");
+            let (da, db, dm) =
+                self.be
+                    .dora_backward(&w.linears[m], op, d, x, &s.xa, u, dy, t, dx, need_dx)?;
+            grads[m] = Some((da, db, Some(dm)));
+            return Ok(());
+        }
         if need_dx {
             self.be.linear_backward_input(&w.linears[m], dy, t, dx)?;
         }
-        if let Some(op) = self.lora_op(Some(ad), ctx, l, m) {
-            let xa = xa.as_ref().expect("LoRA forward saved x·Aᵀ");
+        if let Some(op) = lora {
+            let xa = &saved.as_ref().expect("LoRA forward saved x·Aᵀ").xa;
             // The LoRA input gradient is cheap; always add it (dx is discarded when unused).
-            grads[m] = Some(self.be.lora_backward(&op, x, xa, dy, t, dx)?);
+            let (da, db) = self.be.lora_backward(&op, x, xa, dy, t, dx)?;
+            grads[m] = Some((da, db, None));
         }
         Ok(())
     }

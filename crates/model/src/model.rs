@@ -6,7 +6,7 @@ use qlora_config::ModelConfig;
 use qlora_lora::Adapter;
 
 use crate::backend::cpu::CpuBackend;
-use crate::backend::{Backend, Device, LayerW, LoraOp, Weights};
+use crate::backend::{Backend, Device, DoraOp, LayerW, LoraOp, Weights};
 use crate::ops::attention::AttnShape;
 use crate::ops::linear::{FrozenLinear, FrozenWeight};
 use crate::ops::lora::splitmix64;
@@ -161,12 +161,24 @@ impl Logits {
 /// `(A [r, in], B [out, r], r)` of one adapted linear, on backend `B`.
 pub(crate) type LoraMats<B> = (<B as Backend>::Buf, <B as Backend>::Buf, usize);
 
+/// DoRA state of one adapted linear on backend `B`: `(m, ‖W + s·B·A‖)`, `[out]` each.
+pub(crate) type DoraMats<B> = (<B as Backend>::Buf, <B as Backend>::Buf);
+
 /// An adapter checked against the model: per layer, per linear, `(A, B, r)` as
-/// f32 buffers of backend `B`.
+/// f32 buffers of backend `B`, and for DoRA modules the magnitude and the
+/// detached weight norm.
 pub(crate) struct AdapterView<B: Backend> {
     pub scale: f32,
     pub dropout: f32,
     pub layers: Vec<[Option<LoraMats<B>>; 7]>,
+    pub dora: Vec<[Option<DoraMats<B>>; 7]>,
+}
+
+/// What an adapted linear's forward keeps for its backward: `dropout(x) Aᵀ`,
+/// and for DoRA `u = dropout(x) Wᵀ + s·B A dropout(x)` (see [`crate::ops::dora`]).
+pub(crate) struct LinSaved<B: Backend> {
+    pub xa: B::Buf,
+    pub u: Option<B::Buf>,
 }
 
 impl<B: Backend> AdapterView<B> {
@@ -192,7 +204,7 @@ pub(crate) struct LayerActs<B: Backend> {
     /// probabilities; CUDA: the row log-sum-exp).
     pub attn_saved: B::Buf,
     pub att: B::Buf,
-    pub xa: [Option<B::Buf>; 7],
+    pub xa: [Option<LinSaved<B>>; 7],
     pub x_mid: B::Buf,
     pub n2: B::Buf,
     pub rstd2: B::Buf,
@@ -369,13 +381,11 @@ impl Model {
         be: &B,
         adapter: &Adapter,
     ) -> Result<AdapterView<B>> {
-        ensure!(
-            !adapter.config.use_dora && adapter.layers.values().all(|w| w.magnitude.is_none()),
-            "DoRA adapters cannot be evaluated or trained by the model yet (merge supports them)"
-        );
         let nl = self.layers.len();
         let mut layers: Vec<[Option<LoraMats<B>>; 7]> =
             (0..nl).map(|_| Default::default()).collect();
+        let mut dora: Vec<[Option<DoraMats<B>>; 7]> = (0..nl).map(|_| Default::default()).collect();
+        let scale = adapter.scaling() as f32;
         for (path, w) in &adapter.layers {
             let found = (0..nl).find_map(|l| {
                 LINEAR_NAMES
@@ -404,12 +414,61 @@ impl Model {
                 lin.in_features
             );
             layers[l][m] = Some((be.upload(w.a.data())?, be.upload(w.b.data())?, r));
+            match &w.magnitude {
+                Some(mag) => {
+                    ensure!(
+                        mag.len() == lin.out_features,
+                        "adapter module `{path}`: lora_magnitude_vector has {} values, the base linear has {} outputs",
+                        mag.len(),
+                        lin.out_features
+                    );
+                    // PEFT recomputes ‖W + s·B·A‖ from the current A, B on every
+                    // forward (on the dequantized weight for a 4-bit base) and
+                    // detaches it; A and B are fixed within one call, so once here.
+                    let norm = crate::ops::dora::weight_norm(lin, w, scale);
+                    dora[l][m] = Some((be.upload(mag)?, be.upload_owned(norm)?));
+                }
+                None => ensure!(
+                    !adapter.config.use_dora,
+                    "DoRA adapter module `{path}` has no magnitude vector"
+                ),
+            }
         }
         Ok(AdapterView {
-            scale: adapter.scaling() as f32,
+            scale,
             dropout: adapter.config.lora_dropout as f32,
             layers,
+            dora,
         })
+    }
+
+    /// Set every module's DoRA magnitude to PEFT's init `m = ‖W + s·B·A‖` per
+    /// output row (`‖W‖` for a fresh adapter, whose B is 0), `W` dequantized
+    /// for a 4-bit base, and mark the adapter as DoRA.
+    pub fn init_dora(&self, adapter: &mut Adapter) -> Result<()> {
+        let nl = self.layers.len();
+        let scale = adapter.scaling() as f32;
+        for (path, w) in adapter.layers.iter_mut() {
+            let lin = (0..nl)
+                .find_map(|l| {
+                    LINEAR_NAMES
+                        .iter()
+                        .position(|n| ModelConfig::linear_path(l, n) == *path)
+                        .map(|m| &self.layers[l].linears[m])
+                })
+                .ok_or_else(|| {
+                    anyhow::anyhow!("adapter module `{path}` is not a projection of this model")
+                })?;
+            ensure!(
+                w.a.cols() == lin.in_features && w.b.rows() == lin.out_features,
+                "adapter module `{path}` does not fit the base linear [{}, {}]",
+                lin.out_features,
+                lin.in_features
+            );
+            w.magnitude = Some(crate::ops::dora::weight_norm(lin, w, scale));
+        }
+        adapter.config.use_dora = true;
+        Ok(())
     }
 
     /// Logits `[b, s, vocab]` (f32), no dropout.
@@ -496,7 +555,18 @@ impl<B: Backend> Net<'_, B> {
         })
     }
 
-    /// Base linear plus LoRA: returns `y` and the LoRA's saved `x Aᵀ`.
+    /// DoRA state of module `m` of layer `l`, if it is a DoRA module.
+    pub(crate) fn dora_op<'v>(
+        &self,
+        ad: Option<&'v AdapterView<B>>,
+        l: usize,
+        m: usize,
+    ) -> Option<DoraOp<'v, B>> {
+        let (magnitude, norm) = ad?.dora[l][m].as_ref()?;
+        Some(DoraOp { magnitude, norm })
+    }
+
+    /// Base linear plus LoRA (or DoRA): returns `y` and what the backward needs.
     #[allow(clippy::too_many_arguments)]
     fn linear(
         &self,
@@ -507,13 +577,23 @@ impl<B: Backend> Net<'_, B> {
         t: usize,
         ad: Option<&AdapterView<B>>,
         ctx: &Ctx<B>,
-    ) -> Result<(B::Buf, Option<B::Buf>)> {
-        let mut y = self.be.linear_forward(&w.linears[m], x, t)?;
-        let xa = match self.lora_op(ad, ctx, l, m) {
-            Some(op) => Some(self.be.lora_forward(&op, x, t, &mut y)?),
-            None => None,
+    ) -> Result<(B::Buf, Option<LinSaved<B>>)> {
+        let Some(op) = self.lora_op(ad, ctx, l, m) else {
+            return Ok((self.be.linear_forward(&w.linears[m], x, t)?, None));
         };
-        Ok((y, xa))
+        if let Some(d) = self.dora_op(ad, l, m) {
+            let (y, s) = self.be.dora_forward(&w.linears[m], &op, &d, x, t)?;
+            return Ok((
+                y,
+                Some(LinSaved {
+                    xa: s.xa,
+                    u: Some(s.u),
+                }),
+            ));
+        }
+        let mut y = self.be.linear_forward(&w.linears[m], x, t)?;
+        let xa = self.be.lora_forward(&op, x, t, &mut y)?;
+        Ok((y, Some(LinSaved { xa, u: None })))
     }
 
     /// One decoder layer. With `kv` (batch 1), the new keys/values are appended

@@ -173,13 +173,14 @@ impl Backend for CpuBackend {
         op: &LoraOp<Self>,
         d: &DoraOp<Self>,
         x: &Vec<f32>,
-        saved: &DoraSaved<Self>,
+        xa: &Vec<f32>,
+        u: &Vec<f32>,
         dy: &Vec<f32>,
         t: usize,
         dx: &mut Vec<f32>,
         need_dx: bool,
     ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
-        Ok(dora_ref(op, d).backward(w, x, &saved.xa, &saved.u, dy, t, dx, need_dx))
+        Ok(dora_ref(op, d).backward(w, x, xa, u, dy, t, dx, need_dx))
     }
     fn rmsnorm_forward(
         &self,

@@ -328,8 +328,9 @@ pub trait Backend: Sized + Send + Sync {
             self.describe()
         )
     }
-    /// Backward of [`Self::dora_forward`]: `(dA, dB, dm)`; adds the input
-    /// gradient into `dx` (its base-weight parts only when `need_dx`).
+    /// Backward of [`Self::dora_forward`] given its saved `xa` and `u`:
+    /// `(dA, dB, dm)`; adds the input gradient into `dx` (its base-weight parts
+    /// only when `need_dx`).
     #[allow(clippy::too_many_arguments)]
     fn dora_backward(
         &self,
@@ -337,7 +338,8 @@ pub trait Backend: Sized + Send + Sync {
         _op: &LoraOp<Self>,
         _dora: &DoraOp<Self>,
         _x: &Self::Buf,
-        _saved: &DoraSaved<Self>,
+        _xa: &Self::Buf,
+        _u: &Self::Buf,
         _dy: &Self::Buf,
         _t: usize,
         _dx: &mut Self::Buf,

@@ -23,6 +23,24 @@ use rayon::prelude::*;
 use super::linear::FrozenLinear;
 use super::lora::{dropout_factor, LoraRef};
 
+/// `‖W + s·B·A‖₂` per output row of a frozen linear (f32 rows of `W`,
+/// dequantized a tile at a time for a 4-bit base, PEFT's
+/// `dequantize_module_weight`), [`qlora_lora::dora::weight_norm_rows`] per tile.
+pub fn weight_norm(w: &FrozenLinear, lw: &qlora_lora::LoraWeights, scaling: f32) -> Vec<f32> {
+    let (o, i) = (w.out_features, w.in_features);
+    let rows = ((1usize << 16) / i.max(1)).clamp(1, o.max(1));
+    let starts: Vec<usize> = (0..o).step_by(rows).collect();
+    starts
+        .par_iter()
+        .flat_map_iter(|&r0| {
+            let r1 = (r0 + rows).min(o);
+            let mut buf = vec![0f32; (r1 - r0) * i];
+            w.weight.rows_f32(r0, r1, i, &mut buf);
+            qlora_lora::dora::weight_norm_rows(&buf, r0, lw, scaling)
+        })
+        .collect()
+}
+
 /// One DoRA module: its LoRA and the magnitude / detached norm `[out]`.
 #[derive(Debug, Clone, Copy)]
 pub struct DoraRef<'a> {
