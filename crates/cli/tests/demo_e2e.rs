@@ -17,6 +17,10 @@ const SENTENCE_IDS: [u32; 14] = [
 ];
 
 fn eval_loss(gguf: &std::path::Path, quant: &str) -> f64 {
+    eval_loss_with(gguf, &["--quant", quant])
+}
+
+fn eval_loss_with(gguf: &std::path::Path, extra: &[&str]) -> f64 {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("s.jsonl");
     std::fs::write(
@@ -29,7 +33,8 @@ fn eval_loss(gguf: &std::path::Path, quant: &str) -> f64 {
         .arg(gguf)
         .arg("--data")
         .arg(&data)
-        .args(["--quant", quant, "--json"])
+        .args(extra)
+        .arg("--json")
         .output()
         .unwrap();
     assert!(
@@ -122,4 +127,98 @@ fn generate_rejects_bad_input_clearly() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("no/such-model-here"), "{err}");
+}
+
+/// `--quant native`, the default for a .gguf, runs the file's own Q4_1 / Q8_0 blocks: the
+/// weights are bit-identical to `--quant none`'s, so the loss equals it up to f32
+/// summation order (tiled products; allowed 1e-5 relative, measured < 1e-6) and
+/// transformers' within the same 1e-3 as f32, without NF4's second rounding.
+#[test]
+fn demo_native_is_the_default_and_equals_f32() {
+    let Some(g) = demo_gguf() else { return };
+    let native = eval_loss(&g, "native");
+    let f32_loss = eval_loss(&g, "none");
+    assert!(
+        (native - f32_loss).abs() <= 1e-5 * f32_loss,
+        "native {native} vs none {f32_loss}"
+    );
+    assert!(
+        (native - TRANSFORMERS_F32_LOSS).abs() < 1e-3,
+        "native {native} vs transformers {TRANSFORMERS_F32_LOSS}"
+    );
+    assert_eq!(
+        eval_loss_with(&g, &[]),
+        native,
+        "the .gguf default is native"
+    );
+    let nf4 = eval_loss(&g, "nf4");
+    assert!(nf4 > native + 0.05, "nf4 {nf4} vs native {native}");
+}
+
+fn train_losses(dir: &std::path::Path) -> Vec<f64> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v.get("eval_loss").is_none())
+        .filter_map(|v| v["loss"].as_f64())
+        .collect()
+}
+
+/// A short training run on the native (Q4_1) base: the loss falls, and stopping at step
+/// 2 and resuming from its checkpoint gives the same trajectory as one run.
+#[test]
+fn demo_trains_and_resumes_on_a_native_base() {
+    let Some(g) = demo_gguf() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("rows.jsonl");
+    let mut rows = String::new();
+    for k in 0..4 {
+        let ids = &SENTENCE_IDS[k..];
+        rows += &format!("{}\n", serde_json::json!({ "input_ids": ids }));
+    }
+    std::fs::write(&data, rows).unwrap();
+    let run = |out: &std::path::Path, extra: &[&str]| -> String {
+        let o = qlora()
+            .args(["train", "--model"])
+            .arg(&g)
+            .arg("--data")
+            .arg(&data)
+            .arg("--out")
+            .arg(out)
+            .args(["--max-steps", "4", "--batch-size", "2", "--rank", "4"])
+            .args(["--lr", "5e-3", "--seed", "1", "--lora-dropout", "0"])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let full = dir.path().join("full");
+    let stdout = run(&full, &[]);
+    assert!(stdout.contains("base weights native"), "{stdout}");
+    let a = train_losses(&full);
+    assert_eq!(a.len(), 4);
+    assert!(a[3] < a[1], "loss did not fall: {a:?}");
+    let part = dir.path().join("part");
+    run(&part, &["--stop-at-step", "2"]);
+    let ck = part.join("checkpoint-2");
+    run(&part, &["--resume", ck.to_str().unwrap()]);
+    assert_eq!(train_losses(&part), a);
+    // a checkpoint of a native run is not resumed with another base
+    let o = qlora()
+        .args(["train", "--model"])
+        .arg(&g)
+        .arg("--data")
+        .arg(&data)
+        .arg("--out")
+        .arg(dir.path().join("other"))
+        .args(["--max-steps", "4", "--batch-size", "2", "--rank", "4"])
+        .args(["--lr", "5e-3", "--seed", "1", "--lora-dropout", "0"])
+        .args(["--quant", "nf4", "--resume", ck.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("native") && err.contains("nf4"), "{err}");
 }

@@ -19,6 +19,7 @@
 //! All errors name the file, and the tensor or metadata key involved.
 
 use std::path::Path;
+use std::sync::Arc;
 
 pub mod dequant;
 mod error;
@@ -40,7 +41,37 @@ pub use types::{GgmlType, ALL_TYPES};
 /// An opened GGUF file: the parsed header and a memory map of the whole file.
 pub struct GgufFile {
     header: GgufHeader,
-    mmap: memmap2::Mmap,
+    mmap: Arc<memmap2::Mmap>,
+}
+
+/// A tensor's stored bytes that keep the file's memory map alive on their own
+/// ([`GgufFile::tensor_bytes_shared`]): what a model holding a GGUF's blocks as
+/// they are (`--quant native`) keeps instead of a copy, so the weights stay in
+/// the page cache's pages of the file.
+#[derive(Clone)]
+pub struct MappedBytes {
+    map: Arc<memmap2::Mmap>,
+    start: usize,
+    len: usize,
+}
+
+impl MappedBytes {
+    pub fn as_slice(&self) -> &[u8] {
+        &self.map[self.start..self.start + self.len]
+    }
+}
+
+impl std::ops::Deref for MappedBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        self.as_slice()
+    }
+}
+
+impl std::fmt::Debug for MappedBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "MappedBytes({} bytes at {})", self.len, self.start)
+    }
 }
 
 impl std::fmt::Debug for GgufFile {
@@ -81,7 +112,10 @@ impl GgufFile {
         let path = path.as_ref();
         let mmap = map(path)?;
         let header = GgufHeader::parse(path, &mmap)?;
-        Ok(GgufFile { header, mmap })
+        Ok(GgufFile {
+            header,
+            mmap: Arc::new(mmap),
+        })
     }
 
     pub fn header(&self) -> &GgufHeader {
@@ -114,6 +148,16 @@ impl GgufFile {
         let t = self.tensor_info(name)?;
         let start = (self.header.data_offset + t.offset) as usize;
         Ok(&self.mmap[start..start + t.n_bytes as usize])
+    }
+
+    /// [`Self::tensor_data`] as a handle that shares (and keeps alive) the memory map.
+    pub fn tensor_bytes_shared(&self, name: &str) -> Result<MappedBytes> {
+        let t = self.tensor_info(name)?;
+        Ok(MappedBytes {
+            map: self.mmap.clone(),
+            start: (self.header.data_offset + t.offset) as usize,
+            len: t.n_bytes as usize,
+        })
     }
 
     /// The tensor as f32 in row-major order ([`TensorInfo::shape`]), exactly as the stored

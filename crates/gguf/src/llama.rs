@@ -535,6 +535,26 @@ impl GgufModel {
         Ok((shape, data))
     }
 
+    /// One tensor by HF name as the file stores it: its ggml type, HF shape, the
+    /// stored bytes (sharing the file's memory map) and, for llama q/k weights, the
+    /// `(n_heads, head_dim)` of llama.cpp's row permutation that [`unpermute_rows`]
+    /// undoes (rows are whole blocks, so a reader can take HF row `r` from stored row
+    /// [`gguf_row`]`(r, head_dim)` without decoding anything else).
+    pub fn raw(&self, hf: &str) -> Result<RawTensor> {
+        let &i = self.by_hf.get(hf).ok_or_else(|| GgufError::MissingTensor {
+            path: self.file.path().to_path_buf(),
+            tensor: hf.to_string(),
+        })?;
+        let (gguf, _, perm) = &self.order[i];
+        let info = self.file.tensor_info(gguf)?;
+        Ok(RawTensor {
+            ggml_type: info.ggml_type,
+            shape: info.shape(),
+            bytes: self.file.tensor_bytes_shared(gguf)?,
+            permuted: *perm,
+        })
+    }
+
     /// Iterate `(hf_name, shape, values)` one tensor at a time, so a loader can quantize
     /// layer by layer without holding the whole model in f32.
     pub fn into_tensors(self) -> HfTensors {
@@ -543,6 +563,26 @@ impl GgufModel {
             next: 0,
         }
     }
+}
+
+/// A tensor as stored in the file (see [`GgufModel::raw`]).
+#[derive(Debug, Clone)]
+pub struct RawTensor {
+    pub ggml_type: crate::GgmlType,
+    /// Row-major (HF) shape: `[rows, cols]` for a matrix.
+    pub shape: Vec<usize>,
+    pub bytes: crate::MappedBytes,
+    /// `Some((n_heads, head_dim))`: stored rows are in llama.cpp's q/k order.
+    pub permuted: Option<(usize, usize)>,
+}
+
+/// The stored (GGUF) row of HF row `hf_row` of a q/k weight permuted by llama.cpp's
+/// converter with heads of `head_dim` rows (the row map [`unpermute_rows`] applies).
+pub fn gguf_row(hf_row: usize, head_dim: usize) -> usize {
+    let (h, r) = (hf_row / head_dim, hf_row % head_dim);
+    let half = head_dim / 2;
+    let (j, i) = (r / half, r % half);
+    h * head_dim + 2 * i + j
 }
 
 /// One decoded tensor: HF name, row-major shape, f32 values.

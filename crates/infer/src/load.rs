@@ -5,6 +5,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use qlora_config::ModelConfig;
 use qlora_gguf::llama::GgufModel;
+use qlora_model::ops::linear::FrozenWeight;
 use qlora_model::{LoadOptions, Model, QuantMode, WeightSource};
 use qlora_tokenizer::{ModelRef, ModelSource, Tokenizer};
 
@@ -26,6 +27,17 @@ pub struct LoadedModel {
     /// With its stop ids extended by the model's `eos_token_id`s.
     pub tokenizer: Option<Tokenizer>,
     pub model_ref: ModelRef,
+    /// How the base weights are held (the default resolved: see [`default_quant`]).
+    pub quant: QuantMode,
+}
+
+/// The `--quant` a model source gets when none is given: `native` for a GGUF file
+/// (its own blocks, no second rounding), `nf4` (QLoRA's) for everything else.
+pub fn default_quant(source: &ModelSource) -> QuantMode {
+    match source {
+        ModelSource::Gguf(_) => QuantMode::Native,
+        ModelSource::Folder(_) => QuantMode::Nf4,
+    }
 }
 
 /// A GGUF llama model as a [`WeightSource`] (HF names and layout, decoded on demand).
@@ -49,20 +61,33 @@ impl WeightSource for GgufSource {
     fn f32(&self, name: &str) -> Result<Vec<f32>> {
         Ok(self.model.get(name)?.1)
     }
+    /// The file's own blocks (shared with its memory map), for `--quant native`.
+    fn native(&self, name: &str) -> Result<Option<FrozenWeight>> {
+        let raw = self.model.raw(name)?;
+        let ty = raw.ggml_type;
+        qlora_model::ops::ggml::frozen_from_raw(raw)
+            .map(Some)
+            .map_err(|e| anyhow::anyhow!("{}: `{name}` ({ty}): {e}", self.origin(name)))
+    }
     fn origin(&self, _name: &str) -> String {
         self.model.file().path().display().to_string()
     }
 }
 
 /// Resolve `spec` (see [`ModelRef::resolve`]; the hub only with `allow_network`) and load
-/// the model with its base weights held as `quant` says, plus its tokenizer as `tok` says.
+/// the model with its base weights held as `quant` says ([`default_quant`] when `None`),
+/// plus its tokenizer as `tok` says. `native` is refused for sources that are not GGUF.
 pub fn load(
     spec: &str,
-    quant: QuantMode,
+    quant: Option<QuantMode>,
     allow_network: bool,
     tok: NeedTokenizer,
 ) -> Result<LoadedModel> {
     let model_ref = ModelRef::resolve(spec, allow_network)?;
+    let quant = quant.unwrap_or_else(|| default_quant(&model_ref.source));
+    if let (QuantMode::Native, ModelSource::Folder(dir)) = (quant, &model_ref.source) {
+        anyhow::bail!("{}: {}", dir.display(), qlora_model::NATIVE_NEEDS_GGUF);
+    }
     let opts = LoadOptions { quant };
     let (model, tokenizer) = match &model_ref.source {
         ModelSource::Folder(dir) => {
@@ -95,10 +120,12 @@ pub fn load(
         model,
         tokenizer,
         model_ref,
+        quant,
     })
 }
 
-/// A llama-family GGUF file as a [`Model`] (dequantized to f32, then held as `opts.quant`).
+/// A llama-family GGUF file as a [`Model`]: its own blocks with [`QuantMode::Native`],
+/// else dequantized to f32 and held as `opts.quant` says.
 pub fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<Model> {
     let g = GgufModel::open(path)?;
     let config: ModelConfig = g.config().clone();

@@ -20,7 +20,7 @@ mod model;
 pub use backend::Device;
 pub use backward::{DropoutRows, StepOptions};
 pub use cache::KvCache;
-pub use load::{LoadOptions, QuantMode, WeightSource};
+pub use load::{LoadOptions, QuantMode, WeightSource, NATIVE_NEEDS_GGUF};
 pub use model::{Batch, Layer, Logits, Model, LINEAR_NAMES};
 pub use ops::linear::BaseCompute;
 pub use qlora_lora::{Adapter, AdapterGrads};

@@ -32,6 +32,29 @@ pub enum QuantMode {
     Nf4,
     /// bitsandbytes FP4, blocksize 64.
     Fp4,
+    /// A GGUF file's own blocks, as stored (`--quant native`, the default for GGUF
+    /// sources): Q4_0 … Q6_K and F16/BF16 are dequantized tile by tile like NF4,
+    /// F32 tensors are held as f32. Only sources that implement
+    /// [`WeightSource::native`] (GGUF files) can be loaded this way.
+    Native,
+}
+
+impl QuantMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QuantMode::None => "none",
+            QuantMode::Bf16 => "bf16",
+            QuantMode::Nf4 => "nf4",
+            QuantMode::Fp4 => "fp4",
+            QuantMode::Native => "native",
+        }
+    }
+}
+
+impl std::fmt::Display for QuantMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 impl std::str::FromStr for QuantMode {
@@ -42,7 +65,10 @@ impl std::str::FromStr for QuantMode {
             "bf16" => Ok(QuantMode::Bf16),
             "nf4" => Ok(QuantMode::Nf4),
             "fp4" => Ok(QuantMode::Fp4),
-            other => bail!("unknown quantization `{other}` (expected none, bf16, nf4 or fp4)"),
+            "native" => Ok(QuantMode::Native),
+            other => {
+                bail!("unknown quantization `{other}` (expected native, none, bf16, nf4 or fp4)")
+            }
         }
     }
 }
@@ -72,6 +98,12 @@ pub trait WeightSource {
     /// directly also avoids an f32 copy of the largest tensors while loading.
     fn bf16(&self, _name: &str) -> Option<Result<Vec<half::bf16>>> {
         None
+    }
+    /// The tensor held as the source stores it, for [`QuantMode::Native`]: a GGUF
+    /// file's ggml blocks ([`crate::ops::ggml::GgmlWeight`]). `Ok(None)` (the default)
+    /// for sources that are not GGUF files.
+    fn native(&self, _name: &str) -> Result<Option<FrozenWeight>> {
+        Ok(None)
     }
     /// The weight `name` if it is stored as a pre-quantized bitsandbytes 4-bit
     /// weight (its quant state present), `Ok(None)` otherwise. Only safetensors
@@ -189,6 +221,16 @@ fn check_shape(src: &dyn WeightSource, name: &str, expect: &[usize], why: &str) 
     Ok(())
 }
 
+/// Why `--quant native` cannot load a source that is not a GGUF file.
+pub const NATIVE_NEEDS_GGUF: &str = "--quant native keeps a GGUF file's own quantized blocks, and \
+     this model is not a .gguf file; use --quant nf4, fp4, bf16 or none";
+
+/// `name` as the source stores it (`--quant native`).
+fn native(src: &dyn WeightSource, name: &str) -> Result<FrozenWeight> {
+    src.native(name)?
+        .ok_or_else(|| anyhow!("{}: `{name}`: {NATIVE_NEEDS_GGUF}", src.origin(name)))
+}
+
 /// A full-precision weight `[rows, cols]` held as `mode` says.
 fn dense(w: Vec<f32>, shape: [usize; 2], mode: QuantMode, what: &str) -> Result<FrozenWeight> {
     Ok(match mode {
@@ -196,6 +238,7 @@ fn dense(w: Vec<f32>, shape: [usize; 2], mode: QuantMode, what: &str) -> Result<
         QuantMode::Bf16 => {
             FrozenWeight::BF16(Arc::new(w.iter().map(|v| bf16::from_f32(*v)).collect()))
         }
+        QuantMode::Native => bail!("{what}: {NATIVE_NEEDS_GGUF}"),
         QuantMode::Nf4 | QuantMode::Fp4 => {
             let opts = qlora_quant::QuantOptions {
                 quant_type: if mode == QuantMode::Nf4 {
@@ -279,6 +322,9 @@ impl Model {
         // them in bf16 (lossless, half the f32 bytes: 1 GiB saved on an 8B
         // Llama-3); `--quant none` keeps f32.
         let keep = |name: &str| -> Result<FrozenWeight> {
+            if opts.quant == QuantMode::Native {
+                return native(src, name);
+            }
             if opts.quant != QuantMode::None {
                 if let Some(w) = src.bf16(name) {
                     return Ok(FrozenWeight::BF16(Arc::new(w?)));
@@ -327,6 +373,9 @@ impl Model {
                         [out, inp]
                     );
                     FrozenWeight::Quant(Arc::new(q))
+                } else if opts.quant == QuantMode::Native {
+                    check_shape(src, &wname, &[out, inp], "from config.json")?;
+                    native(src, &wname)?
                 } else {
                     check_shape(src, &wname, &[out, inp], "from config.json")?;
                     dense(

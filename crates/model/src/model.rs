@@ -347,10 +347,7 @@ impl Model {
     /// Bytes held by the frozen weights.
     pub fn weight_bytes(&self) -> usize {
         let mut n = self.embed_tokens.bytes() + self.norm.len() * 4;
-        let tied = matches!((&self.embed_tokens, &self.lm_head.weight),
-            (FrozenWeight::F32(a), FrozenWeight::F32(b)) if std::sync::Arc::ptr_eq(a, b))
-            || matches!((&self.embed_tokens, &self.lm_head.weight),
-            (FrozenWeight::BF16(a), FrozenWeight::BF16(b)) if std::sync::Arc::ptr_eq(a, b));
+        let tied = self.embed_tokens.same_storage(&self.lm_head.weight);
         if !tied {
             n += self.lm_head.weight.bytes();
         }

@@ -38,9 +38,10 @@ pub struct Args {
     /// skip or error on a malformed record.
     #[arg(long, default_value = "error")]
     pub on_bad_line: String,
-    /// How full-precision base weights are held: none (f32), bf16, nf4, fp4.
-    #[arg(long, default_value = "nf4")]
-    pub quant: QuantMode,
+    /// How the base weights are held: native (a GGUF file's own blocks, as stored),
+    /// none (f32), bf16, nf4, fp4 [default: native for a .gguf model, else nf4].
+    #[arg(long)]
+    pub quant: Option<QuantMode>,
     /// Where to compute: cpu or cuda[:N] [default: cpu]. cuda needs a qlora built with
     /// `--features cuda`, the NVIDIA driver and the CUDA 13 cuBLAS + NVRTC libraries on the
     /// loader path (LD_LIBRARY_PATH; the PyPI wheels' nvidia/cu13/lib works); see the README.

@@ -39,9 +39,10 @@ pub struct Args {
     /// Random seed for sampling.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// How full-precision base weights are held: none (f32), bf16, nf4, fp4.
-    #[arg(long, default_value = "nf4")]
-    pub quant: QuantMode,
+    /// How the base weights are held: native (a GGUF file's own blocks, as stored),
+    /// none (f32), bf16, nf4, fp4 [default: native for a .gguf model, else nf4].
+    #[arg(long)]
+    pub quant: Option<QuantMode>,
     /// Where to compute: cpu or cuda[:N] [default: cpu]. cuda needs a qlora built with
     /// `--features cuda`, the NVIDIA driver and the CUDA 13 cuBLAS + NVRTC libraries on the
     /// loader path (LD_LIBRARY_PATH; the PyPI wheels' nvidia/cu13/lib works); see the README.

@@ -75,6 +75,19 @@ pub fn run(a: Args) -> Result<()> {
         max_shard_size,
         force: a.force,
     };
+    if a.model.is_file()
+        && qlora_tokenizer::ModelRef::resolve(&a.model.to_string_lossy(), false)
+            .is_ok_and(|r| matches!(r.source, qlora_tokenizer::ModelSource::Gguf(_)))
+    {
+        bail!(
+            "{}: a .gguf base is merged by `qlora export-gguf --model {} --adapter {} --out merged.gguf`: \
+             it adds the adapter to the file's own dequantized weights, which are exactly the weights \
+             `--quant native` (the default for .gguf) trained against",
+            a.model.display(),
+            a.model.display(),
+            a.adapter.display()
+        );
+    }
     if !a.model.is_dir() {
         bail!(
             "{}: --model must be a Hugging Face model folder (config.json + safetensors)",

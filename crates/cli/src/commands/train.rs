@@ -55,7 +55,8 @@ pub struct Args {
     /// Continue from a checkpoint folder written by an earlier run.
     #[arg(long)]
     pub resume: Option<PathBuf>,
-    /// Base weights: none (f32), bf16, nf4, fp4 [default: nf4].
+    /// Base weights: native (a GGUF file's own blocks, as stored: no second rounding),
+    /// none (f32), bf16, nf4, fp4 [default: native for a .gguf model, else nf4].
     #[arg(long)]
     pub quant: Option<String>,
     /// Where to compute: cpu or cuda[:N] [default: cpu]. cuda needs a qlora built with
@@ -195,8 +196,7 @@ fn run_on(args: Args, comm: &dyn qlora_dist::Communicator) -> Result<()> {
     let model_ref = a.model.clone().context("--model is required")?;
     let data_path = a.data.clone().context("--data is required")?;
     let out = a.out.clone().context("--out is required")?;
-    let quant_s = a.quant.clone().unwrap_or_else(|| "nf4".into());
-    let quant: QuantMode = quant_s.parse()?;
+    let quant: Option<QuantMode> = a.quant.as_deref().map(str::parse).transpose()?;
     let on_bad: OnBadLine = a.on_bad_line.as_deref().unwrap_or("error").parse()?;
     qlora_train::RunSettings {
         epochs: a.epochs,
@@ -227,6 +227,7 @@ fn run_on(args: Args, comm: &dyn qlora_dist::Communicator) -> Result<()> {
     loaded.model.set_base_compute(compute);
     loaded.model.to_device(device)?;
     let (model, tok) = (&loaded.model, loaded.tokenizer.as_ref());
+    let quant_s = loaded.quant.to_string();
     qlora_memory::rss::trace("model-loaded");
     let load_s = t_load.elapsed().as_secs_f64();
 

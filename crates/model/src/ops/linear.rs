@@ -25,6 +25,9 @@ pub enum FrozenWeight {
     /// bnb-layout 4-bit (NF4/FP4), read from a pre-quantized checkpoint as stored
     /// or quantized while loading; expanded by `qlora-quant`'s kernels.
     Quant(Arc<qlora_quant::Quantized4>),
+    /// A GGUF file's own ggml blocks (Q4_0 … Q6_K, F16, BF16), kept as stored
+    /// (`--quant native`); expanded by [`super::ggml`]'s decoders.
+    Ggml(Arc<super::ggml::GgmlWeight>),
 }
 
 impl FrozenWeight {
@@ -41,6 +44,7 @@ impl FrozenWeight {
                         }
                     }
             }
+            FrozenWeight::Ggml(g) => g.bytes(),
         }
     }
     /// Elements `start .. start + out.len()` of the row-major flattening as
@@ -57,6 +61,18 @@ impl FrozenWeight {
             FrozenWeight::Quant(q) => {
                 q.dequantize_range::<bf16>(start, bytemuck::cast_slice_mut(out))
             }
+            FrozenWeight::Ggml(g) => g.elems_bf16(start, out),
+        }
+    }
+
+    /// Whether `self` and `other` are the same stored weight (a tied embedding).
+    pub fn same_storage(&self, other: &FrozenWeight) -> bool {
+        match (self, other) {
+            (FrozenWeight::F32(a), FrozenWeight::F32(b)) => Arc::ptr_eq(a, b),
+            (FrozenWeight::BF16(a), FrozenWeight::BF16(b)) => Arc::ptr_eq(a, b),
+            (FrozenWeight::Quant(a), FrozenWeight::Quant(b)) => Arc::ptr_eq(a, b),
+            (FrozenWeight::Ggml(a), FrozenWeight::Ggml(b)) => Arc::ptr_eq(a, b),
+            _ => false,
         }
     }
 
@@ -69,6 +85,10 @@ impl FrozenWeight {
                 .zip(&w[r0 * cols..r1 * cols])
                 .for_each(|(o, v)| *o = v.to_f32()),
             FrozenWeight::Quant(q) => q.dequantize_rows_f32(r0, r1, out),
+            FrozenWeight::Ggml(g) => {
+                assert_eq!(cols, g.cols(), "ggml weight: row length");
+                g.rows_f32(r0, r1, out)
+            }
         }
     }
 }

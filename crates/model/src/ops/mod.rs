@@ -12,6 +12,7 @@ pub mod attention;
 pub mod cross_entropy;
 pub mod dora;
 pub mod fastmath;
+pub mod ggml;
 pub mod linear;
 pub mod lora;
 pub mod rmsnorm;

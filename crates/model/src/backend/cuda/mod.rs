@@ -704,6 +704,11 @@ impl Backend for CudaBackend {
         let weight = match &w.weight {
             FrozenWeight::F32(v) => DevWeight::Bf16(self.up(&f32_to_bf16_bits(v))?),
             FrozenWeight::BF16(v) => DevWeight::Bf16(self.up(&bf16_bits(v))?),
+            FrozenWeight::Ggml(g) => bail!(
+                "native GGUF weights ({}) are CPU-only for now; use --quant nf4 (or none/bf16) \
+                 with --device cuda",
+                g.ggml_type()
+            ),
             FrozenWeight::Quant(q) => {
                 let (absmax, codes, nabs, nmap, offset, nbs) = match &q.absmax {
                     qlora_quant::Absmax::Plain(a) => (Some(self.up(a)?), None, None, None, 0.0, 1),
