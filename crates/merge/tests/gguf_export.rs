@@ -677,3 +677,36 @@ fn bad_inputs_are_clear_errors_and_leave_nothing_behind() {
     assert_eq!(std::fs::read(&out).unwrap(), before);
     assert_eq!(files_in(&outdir), vec!["m.gguf".to_string()]);
 }
+
+/// export-gguf with a PEFT DoRA adapter merges it first (`W' = m/‖W + s·B·A‖ ⊙ (W + s·B·A)`):
+/// the file's logits equal the source running the DoRA adapter unmerged, within the f16
+/// bound, and are far from the same A, B without the magnitudes (plain LoRA).
+#[test]
+fn f16_export_with_a_dora_adapter_matches_source_plus_dora() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_fixture(tmp.path());
+    let adapter = qlora_testutil::dora_fixtures().join("adapter");
+    let out = tmp.path().join("tiny-dora-f16.gguf");
+    let c = export_and_check(
+        &model,
+        Some(&adapter),
+        &out,
+        &ExportOptions::new(ExportType::F16),
+    );
+    assert_within_bounds(&c);
+    assert_eq!(c.rep.merged_modules, 14);
+    let src = load_f32(&model).unwrap();
+    let (_, mut plain) = qlora_lora::load_adapter(&adapter, Some(&src.config)).unwrap();
+    plain.config.use_dora = false;
+    plain.layers.values_mut().for_each(|w| w.magnitude = None);
+    let vocab = src.config.vocab_size;
+    let seqs = pseudo_random_ids(vocab, 2, 24, 1);
+    let lora_logits = gguf_check::logits(&src, Some(&plain), &seqs).unwrap();
+    let read_back = gguf_check::logits(&load_f32(&out).unwrap(), None, &seqs).unwrap();
+    let vs_lora = compare(&lora_logits, &read_back, vocab, seqs.len());
+    assert!(
+        vs_lora.rms_diff > 10.0 * c.source.rms_diff,
+        "DoRA export vs plain LoRA {vs_lora} / vs DoRA {}",
+        c.source
+    );
+}

@@ -217,3 +217,27 @@ fn dora_step0_gradients_match_peft_on_f32_base() {
 fn dora_step0_gradients_match_peft_on_nf4_base() {
     check_grads("tiny_llama_bnb4/model", "trajectory_nf4");
 }
+
+/// Generation (KV cache, one token at a time) with a DoRA adapter gives the
+/// logits of the full forward at every position.
+#[test]
+fn dora_kv_cache_steps_match_full_forward() {
+    let m = model("tiny_llama_bnb4/model");
+    let ad = adapter(&m);
+    let toks: Vec<u32> = vec![3, 17, 250, 9, 44, 101, 7, 300];
+    let ids = vec![toks.iter().map(|&t| t as i64).collect::<Vec<_>>()];
+    let full = m.forward_logits(&batch(&ids, &ids), Some(&ad)).unwrap();
+    let mut cache = m.new_cache();
+    let mut last = m.forward_step(&mut cache, &toks[..3], Some(&ad)).unwrap();
+    for p in 3..toks.len() {
+        let d = full
+            .at(0, p - 1)
+            .iter()
+            .zip(&last)
+            .fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+        assert!(d < 1e-4, "position {}: {d}", p - 1);
+        last = m
+            .forward_step(&mut cache, &toks[p..p + 1], Some(&ad))
+            .unwrap();
+    }
+}

@@ -124,6 +124,9 @@ pub struct LoraOptions {
     /// all-linear, a comma list (q_proj,v_proj), or re:<regex>.
     pub target: Option<String>,
     pub rslora: bool,
+    /// DoRA (`use_dora`); a fresh adapter's magnitudes are then set by
+    /// `qlora_model::Model::init_dora`.
+    pub dora: bool,
     /// LoRA A init: default (kaiming-uniform) or gaussian.
     pub init: Option<String>,
 }
@@ -131,12 +134,17 @@ pub struct LoraOptions {
 impl LoraOptions {
     /// Whether any shape option was given (they are ignored with an initial adapter).
     pub fn any_shape_given(&self) -> bool {
-        self.rank.is_some() || self.alpha.is_some() || self.target.is_some() || self.rslora
+        self.rank.is_some()
+            || self.alpha.is_some()
+            || self.target.is_some()
+            || self.rslora
+            || self.dora
     }
 }
 
-/// The adapter to train: loaded from `init_from` (its r, alpha, targets and rsLoRA win),
-/// or fresh from `lora` with `seed`, recording `model_ref` as the base.
+/// The adapter to train: loaded from `init_from` (its r, alpha, targets, rsLoRA and DoRA
+/// win), or fresh from `lora` with `seed`, recording `model_ref` as the base. A fresh
+/// DoRA adapter comes without magnitudes: set them with `Model::init_dora`.
 pub fn adapter_for(
     init_from: Option<&Path>,
     lora: &LoraOptions,
@@ -155,6 +163,7 @@ pub fn adapter_for(
         targets,
     );
     p.use_rslora = lora.rslora;
+    p.use_dora = lora.dora;
     p.init_lora_weights = match lora.init.as_deref().unwrap_or("default") {
         "default" | "true" | "kaiming" => InitKind::Default,
         "gaussian" => InitKind::Gaussian,

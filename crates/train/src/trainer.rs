@@ -678,6 +678,12 @@ impl<'m> Trainer<'m> {
                 ck.use_rslora, requested.use_rslora
             ));
         }
+        if ck.use_dora != requested.use_dora {
+            diffs.push(format!(
+                "dora: checkpoint {} vs now {}",
+                ck.use_dora, requested.use_dora
+            ));
+        }
         let want = requested.resolve_targets(&self.model.config)?;
         let have = self.adapter.ordered_modules();
         if want != have {

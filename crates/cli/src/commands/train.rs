@@ -83,6 +83,10 @@ pub struct Args {
     /// rsLoRA scaling alpha/sqrt(r).
     #[arg(long, action = ArgAction::SetTrue)]
     pub rslora: bool,
+    /// DoRA (PEFT's use_dora): also train a magnitude vector per adapted linear, initialised
+    /// to the row norms of its base weight; saved as PEFT's `lora_magnitude_vector` (CPU only).
+    #[arg(long, action = ArgAction::SetTrue)]
+    pub use_dora: bool,
     /// LoRA A init: default (kaiming-uniform) or gaussian.
     #[arg(long)]
     pub init: Option<String>,
@@ -278,16 +282,21 @@ fn run_on(args: Args, comm: &dyn qlora_dist::Communicator) -> Result<()> {
         alpha: a.alpha,
         target: a.target.clone(),
         rslora: a.rslora,
+        dora: a.use_dora,
         init: a.init.clone(),
     };
     if a.init_adapter.is_some() && lora.any_shape_given() {
         eprintln!(
-            "note: --rank/--alpha/--target/--rslora are taken from the --init-adapter config"
+            "note: --rank/--alpha/--target/--rslora/--use-dora are taken from the --init-adapter config"
         );
     }
     let init_from = a.init_adapter.as_deref();
-    let (peft, adapter) =
+    let (peft, mut adapter) =
         qlora_train::adapter_for(init_from, &lora, &model.config, seed, &model_ref)?;
+    if peft.use_dora && init_from.is_none() {
+        // DoRA's magnitude starts at ‖W‖ per output row (PEFT's init; B = 0).
+        model.init_dora(&mut adapter)?;
+    }
 
     let knobs = TrainOptions {
         batch_size: a.batch_size,
