@@ -296,3 +296,37 @@ fn dora_merge_cli_matches_peft_merge_and_unload() {
         }
     }
 }
+
+/// `qlora plan --use-dora` counts the magnitude vectors: TinyLlama-1.1B, r 8 on all 7
+/// targets is 6,307,840 LoRA parameters (FORMATS.md §3.5) plus Σ out = 2048 + 256 + 256 +
+/// 2048 + 5632 + 5632 + 2048 = 17,920 per layer × 22 layers = 394,240 magnitudes, and
+/// the plan grows by their states and DoRA's activations.
+#[test]
+fn dora_plan_counts_magnitudes_and_activations() {
+    let plan = |extra: &[&str]| -> serde_json::Value {
+        let out = ok(qlora()
+            .args([
+                "plan",
+                "tinyllama-1.1b",
+                "--rank",
+                "8",
+                "--target",
+                "all-linear",
+            ])
+            .args(["--batch-size", "1", "--max-seq-len", "512", "--json"])
+            .args(extra));
+        serde_json::from_str(&out).unwrap()
+    };
+    let (lora, dora) = (plan(&[]), plan(&["--use-dora"]));
+    assert_eq!(lora["trainable_count"], 6_307_840);
+    assert_eq!(dora["trainable_count"], 6_307_840 + 394_240);
+    let b = |v: &serde_json::Value, k: &str| v["per_device"][k].as_u64().unwrap();
+    assert_eq!(
+        b(&dora, "optimizer_states") - b(&lora, "optimizer_states"),
+        8 * 394_240
+    );
+    // (checkpointing is on by default for 22 layers: DoRA's saved tensors are recomputed
+    // inside the layer backward)
+    assert!(b(&dora, "layer_workspace") > b(&lora, "layer_workspace"));
+    assert!(b(&dora, "total_bytes") > b(&lora, "total_bytes"));
+}

@@ -42,6 +42,8 @@ fn input_strategy() -> impl Strategy<Value = PlanInput> {
                     .iter()
                     .map(|s| s.to_string())
                     .collect(),
+                // DoRA on for every other rank, so the properties cover it too
+                dora: rank % 2 == 0,
                 optimizer: [Optimizer::AdamW, Optimizer::AdamW8bit, Optimizer::Sgd][o],
                 batch,
                 seq,

@@ -28,6 +28,10 @@ pub struct Args {
     /// LoRA rank (train's default).
     #[arg(long, short = 'r', default_value_t = qlora_train::DEFAULT_RANK as u64)]
     pub rank: u64,
+    /// DoRA (`qlora train --use-dora`): count the magnitude vectors (one value per output
+    /// feature of every target), their gradients and optimizer states, and DoRA's activations.
+    #[arg(long)]
+    pub use_dora: bool,
     /// LoRA targets: all-linear (q,k,v,o,gate,up,down) or a comma list of short names.
     #[arg(long, alias = "targets", default_value = qlora_train::DEFAULT_TARGET)]
     pub target: String,
@@ -131,6 +135,7 @@ fn input(a: &Args) -> Result<PlanInput> {
         method,
         rank: a.rank,
         targets,
+        dora: a.use_dora,
         optimizer: a.optimizer.parse()?,
         batch: a.batch_size,
         seq: a.max_seq_len,

@@ -79,6 +79,7 @@ pub struct Saved {
 /// | `n2 = rmsnorm₂(x_mid)` + `rstd2` | T·h + T |
 /// | `g`, `u`, `m = silu(g)·u` | 3·T·I |
 /// | LoRA `x·Aᵀ` per target (`xa`) | T·r each |
+/// | DoRA only: `u = x'Wᵀ + s·B A x'` per target (`LinSaved::u`), and the detached norm `‖W + s·B·A‖` (`AdapterView::dora`, with the magnitude's device copy) | T·out + 2·out each |
 ///
 /// GPU plans model PyTorch (bnb + FSDP) instead: the attention probabilities
 /// b·a·s² (f32) in place of the log-sum-exp, no Qwen3 extras.
@@ -144,8 +145,50 @@ pub fn saved_per_layer(c: &ModelConfig, p: &PlanInput) -> Vec<Saved> {
             name: "lora_xa",
             bytes: n * t * p.rank * e,
         });
+        if p.dora {
+            let outs = dora_outs(c, p);
+            v.push(Saved {
+                name: "dora_u",
+                bytes: outs * t * e + outs * 2 * 4,
+            });
+        }
     }
     v
+}
+
+/// `(in, out)` of every target of a layer.
+fn target_shapes(c: &ModelConfig, p: &PlanInput) -> Vec<(u64, u64)> {
+    p.targets
+        .iter()
+        .filter_map(|t| {
+            c.linear_shapes()
+                .iter()
+                .find(|(n, _)| n == t)
+                .map(|(_, [o, i])| (*i as u64, *o as u64))
+        })
+        .collect()
+}
+
+/// Σ out over a layer's targets.
+fn dora_outs(c: &ModelConfig, p: &PlanInput) -> u64 {
+    target_shapes(c, p).iter().map(|(_, o)| o).sum()
+}
+
+/// Transient buffers of the largest DoRA backward (`ops/dora.rs`, dropout
+/// on, as `qlora train`'s default 0.05): `g ⊙ dy` and `(g − 1) ⊙ dy`
+/// (T·out each) and the masked base gradient (T·in). The forward's own
+/// transients (`x'Wᵀ`, T·out) are smaller and never alive with these.
+/// GPU plans model PEFT instead, whose DoRA forward materialises
+/// `W + s·B·A` of a target (`get_weight_norm`; `out·in` in the compute dtype,
+/// plus `B·A` itself): the largest such pair is added.
+fn dora_backward_workspace(c: &ModelConfig, p: &PlanInput) -> u64 {
+    let t = p.batch * p.seq;
+    let e = act_bytes(p);
+    target_shapes(c, p)
+        .iter()
+        .map(|(i, o)| (2 * o + i) * t * e + if p.gpu { 2 * o * i * e } else { 0 })
+        .max()
+        .unwrap_or(0)
 }
 
 /// One layer's input `x` (T·h): all that gradient checkpointing keeps per layer.
@@ -196,7 +239,12 @@ pub fn layer_workspace(c: &ModelConfig, p: &PlanInput) -> u64 {
     } else {
         0
     };
-    recomputed + held + mlp.max(attn)
+    let dora = if p.dora && p.method != Method::Full {
+        dora_backward_workspace(c, p)
+    } else {
+        0
+    };
+    recomputed + held + mlp.max(attn) + dora
 }
 
 /// Score scratch of the CPU attention backward in flight at once: each busy

@@ -23,8 +23,8 @@ use activations::{dims, layer_input_bytes};
 pub use activations::{
     head_chunk_rows, layer_workspace, logits_and_loss, saved_per_layer, worker_arenas, Saved,
 };
+pub use weights::{dora_params, lora_params, optimizer_bytes};
 use weights::{frozen, frozen_root_and_layers};
-pub use weights::{lora_params, optimizer_bytes};
 
 /// What is trained.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -79,6 +79,10 @@ pub struct PlanInput {
     pub rank: u64,
     /// LoRA target short names (`q_proj`, ..., `down_proj`).
     pub targets: Vec<String>,
+    /// DoRA (`qlora train --use-dora`): a trainable magnitude per output
+    /// feature of every target ([`dora_params`]), and per target the saved
+    /// `u` and its backward buffers ([`activations`]).
+    pub dora: bool,
     pub optimizer: Optimizer,
     /// Micro-batch per device.
     pub batch: u64,
@@ -122,6 +126,7 @@ impl PlanInput {
             method: Method::Qlora,
             rank: 8,
             targets: ALL_TARGETS.iter().map(|s| s.to_string()).collect(),
+            dora: false,
             optimizer: Optimizer::AdamW,
             batch: 1,
             seq: 512,
@@ -303,7 +308,12 @@ pub fn plan(inv: &Inventory, c: &ModelConfig, p: &PlanInput) -> Result<Plan, Mem
             )
         }
         _ => {
-            let n_l = lora_params(c, p.rank, &p.targets)?;
+            let n_l = lora_params(c, p.rank, &p.targets)?
+                + if p.dora {
+                    dora_params(c, &p.targets)?
+                } else {
+                    0
+                };
             if p.gpu {
                 (n_l, 4 * n_l, 4 * n_l, optimizer_bytes(p.optimizer, n_l))
             } else {

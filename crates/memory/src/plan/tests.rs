@@ -295,3 +295,41 @@ fn gpu_cpu_offload_counts_embedding_and_lm_head_whole() {
             + off.optimizer_states
     );
 }
+
+/// `--use-dora`: one magnitude per output feature of every target (the count
+/// PEFT reports for the DoRA fixture: 10,112 − 8,960 = 1,152 on the tiny model
+/// with all 7 targets), with its f32 copies, gradients and AdamW moments like
+/// the LoRA matrices; per layer the saved `u` (T·out per target) and the
+/// norm and magnitude copies (2·out f32 per target); in the layer backward the
+/// largest target's DoRA buffers ((2·out + in)·T: gate/up, out 160, in 64).
+#[test]
+fn dora_adds_magnitudes_and_their_activations() {
+    let c = tiny();
+    let inv = Inventory::from_config(&c);
+    assert_eq!(dora_params(&c, &input(1, 1, false).targets).unwrap(), 1152);
+    for ck in [false, true] {
+        let p = input(2, 64, ck);
+        let d = PlanInput {
+            dora: true,
+            ..p.clone()
+        };
+        let (a, b) = (plan(&inv, &c, &p).unwrap(), plan(&inv, &c, &d).unwrap());
+        assert_eq!(b.trainable_count - a.trainable_count, 1152);
+        let (x, y) = (&a.per_device, &b.per_device);
+        assert_eq!(y.trainable_params - x.trainable_params, 8 * 1152);
+        assert_eq!(y.gradients - x.gradients, 8 * 1152);
+        assert_eq!(y.optimizer_states - x.optimizer_states, 8 * 1152);
+        let t = 128;
+        let per_layer = t * 576 * 4 + 576 * 2 * 4;
+        let workspace = (2 * 160 + 64) * t * 4;
+        if ck {
+            // only layer inputs persist; one layer's DoRA tensors are recomputed
+            assert_eq!(y.activations, x.activations);
+            assert_eq!(y.layer_workspace - x.layer_workspace, per_layer + workspace);
+        } else {
+            assert_eq!(y.activations - x.activations, 2 * per_layer);
+            assert_eq!(y.layer_workspace - x.layer_workspace, workspace);
+        }
+        assert!(y.total_bytes > x.total_bytes);
+    }
+}

@@ -31,6 +31,22 @@ pub fn lora_params(c: &ModelConfig, rank: u64, targets: &[String]) -> Result<u64
     Ok(per_layer * c.num_hidden_layers as u64)
 }
 
+/// DoRA magnitude parameters: Σ_layers Σ_targets out (one `m` per output
+/// feature, PEFT's `lora_magnitude_vector`).
+pub fn dora_params(c: &ModelConfig, targets: &[String]) -> Result<u64, MemoryError> {
+    let mut per_layer = 0;
+    for t in targets {
+        let (_, o) = target_in_out(c, t).ok_or_else(|| {
+            MemoryError::Invalid(format!(
+                "unknown LoRA target {t:?} (expected one of {})",
+                ALL_TARGETS.join(", ")
+            ))
+        })?;
+        per_layer += o;
+    }
+    Ok(per_layer * c.num_hidden_layers as u64)
+}
+
 /// Frozen bytes of one tensor as the trainer holds it, and the part that is
 /// quantization statistics.
 fn tensor_frozen(t: &TensorSpec, p: &PlanInput) -> (u64, u64) {
