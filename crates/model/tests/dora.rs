@@ -86,17 +86,14 @@ fn check_eval(dir: &str, tag: &str) {
         .fold(0f32, |a, (x, y)| a.max((x - y).abs()));
     eprintln!("{tag}: logits max abs diff {d:e}");
     assert!(d < 1e-5, "{tag}: logits differ by {d}");
-    // the DoRA terms matter: the same A, B without m would give another loss
+    // the DoRA terms matter: the same A, B without m give another loss
     let mut plain = ad.clone();
     plain.config.use_dora = false;
     plain.layers.values_mut().for_each(|w| w.magnitude = None);
     let (s2, n2) = m.loss(&batch(&ids, &ids), Some(&plain)).unwrap();
-    assert!(
-        rel(s2 / n2 as f64, want_m).min(rel(
-            s2 / n2 as f64,
-            f32s(&st, &format!("loss_{tag}"))[0] as f64
-        )) > 1e-4
-    );
+    let dora_loss = f32s(&st, &format!("loss_{tag}"))[0] as f64;
+    let r = rel(s2 / n2 as f64, dora_loss);
+    assert!(r > 1e-4, "{tag}: plain LoRA loss is within {r} of DoRA's");
 }
 
 #[test]
