@@ -19,7 +19,8 @@ pub fn print_summary(
     println!("model      {model_line}, {mib:.1} MiB in memory)");
     println!("device     {}", model.device_description());
     println!(
-        "adapter    r={} alpha={} scaling={} dropout={} on {} modules: {} trainable params ({:.3}% of {})",
+        "adapter    {}r={} alpha={} scaling={} dropout={} on {} modules: {} trainable params ({:.3}% of {})",
+        if t.config.use_dora { "DoRA " } else { "" },
         t.config.r,
         t.config.lora_alpha,
         t.scaling(),

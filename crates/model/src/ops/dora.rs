@@ -15,8 +15,9 @@
 //!
 //! * `dL/dm[o] = Σ_t dy[t, o] · u[t, o] / norm[o]`,
 //! * `dA`, `dB`: LoRA's backward of `g ⊙ dy`,
-//! * `dL/dx = dy W + mask ⊙ (((g − 1) ⊙ dy) W) + LoRA's dx of `g ⊙ dy``, which
-//!   without dropout (mask = 1) is `(g ⊙ dy) W + LoRA's dx`.
+//! * `dL/dx = dy W + mask ⊙ (((g − 1) ⊙ dy) W) + dx_lora(g ⊙ dy)` (the LoRA
+//!   path's input gradient of `g ⊙ dy`, masked by the same dropout), which
+//!   without dropout (mask = 1) is `(g ⊙ dy) W + dx_lora(g ⊙ dy)`.
 
 use rayon::prelude::*;
 
