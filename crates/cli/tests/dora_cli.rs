@@ -330,3 +330,41 @@ fn dora_plan_counts_magnitudes_and_activations() {
     assert!(b(&dora, "layer_workspace") > b(&lora, "layer_workspace"));
     assert!(b(&dora, "total_bytes") > b(&lora, "total_bytes"));
 }
+
+/// `qlora size MODEL --adapter DIR` counts an adapter's parameters: PEFT's DoRA fixture
+/// has 8,960 LoRA A/B values plus 1,152 magnitudes (= PEFT's 10,112 trainable); a plain
+/// LoRA adapter has none of the latter.
+#[test]
+fn dora_size_counts_adapter_magnitudes() {
+    let size = |adapter: &Path, json: bool| {
+        let mut c = qlora();
+        c.arg("size")
+            .arg(fx().join("tiny_llama/model"))
+            .arg("--adapter")
+            .arg(adapter);
+        if json {
+            c.arg("--json");
+        }
+        ok(&mut c)
+    };
+    let v: serde_json::Value =
+        serde_json::from_str(&size(&dora_fixtures().join("adapter"), true)).unwrap();
+    let a = &v["adapter"];
+    assert_eq!(a["dora"], true);
+    assert_eq!(a["modules"], 14);
+    assert_eq!(a["lora_params"], 8960);
+    assert_eq!(a["dora_params"], 1152);
+    assert_eq!(a["total_params"], 10112);
+    assert_eq!(a["f32_bytes"], 4 * 10112);
+    assert_eq!(v["total_params"], 127_296, "the base is reported as before");
+    let text = size(&dora_fixtures().join("adapter"), false);
+    assert!(
+        text.contains("10,112 trainable params") && text.contains("1,152 DoRA magnitudes"),
+        "{text}"
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&size(&fx().join("tiny_lora_adapter/adapter"), true)).unwrap();
+    assert_eq!(v["adapter"]["dora"], false);
+    assert_eq!(v["adapter"]["dora_params"], 0);
+    assert_eq!(v["adapter"]["total_params"], 8960);
+}

@@ -24,6 +24,45 @@ pub struct Args {
     /// List the built-in presets and exit.
     #[arg(long)]
     pub list_presets: bool,
+    /// Also count a PEFT adapter folder (LoRA A/B and, for DoRA, the magnitude vectors),
+    /// checked against the model's shapes when its config is known.
+    #[arg(long)]
+    pub adapter: Option<std::path::PathBuf>,
+}
+
+/// The trainable parameters of an adapter folder, as `size --adapter` reports them.
+#[derive(serde::Serialize)]
+struct AdapterSize {
+    path: String,
+    r: usize,
+    dora: bool,
+    modules: usize,
+    /// Σ r·(in + out) over the modules.
+    lora_params: usize,
+    /// DoRA: Σ out over the modules (one magnitude per output feature); 0 for LoRA.
+    dora_params: usize,
+    total_params: usize,
+    /// As `qlora train` writes them (f32).
+    f32_bytes: usize,
+}
+
+fn adapter_size(
+    dir: &std::path::Path,
+    config: Option<&qlora_config::ModelConfig>,
+) -> Result<AdapterSize> {
+    let (peft, ad) = qlora_lora::load_adapter(dir, config)?;
+    let lora: usize = ad.layers.values().map(|w| w.a.len() + w.b.len()).sum();
+    let total = ad.num_params();
+    Ok(AdapterSize {
+        path: dir.display().to_string(),
+        r: peft.r,
+        dora: peft.use_dora,
+        modules: ad.layers.len(),
+        lora_params: lora,
+        dora_params: total - lora,
+        total_params: total,
+        f32_bytes: 4 * total,
+    })
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -54,8 +93,17 @@ pub fn run(a: Args) -> Result<()> {
     let mut notes = l.notes.clone();
     notes.append(&mut r.notes);
     r.notes = notes;
+    let adapter = a
+        .adapter
+        .as_deref()
+        .map(|d| adapter_size(d, l.config.as_ref()))
+        .transpose()?;
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&r)?);
+        let mut v = serde_json::to_value(&r)?;
+        if let (Some(ad), Some(o)) = (&adapter, v.as_object_mut()) {
+            o.insert("adapter".into(), serde_json::to_value(ad)?);
+        }
+        println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
     println!("model:       {} ({})", r.model, r.source);
@@ -109,6 +157,24 @@ pub fn run(a: Args) -> Result<()> {
             s.files,
             group(s.tensor_bytes),
             group(s.file_bytes)
+        );
+    }
+    if let Some(ad) = &adapter {
+        println!();
+        println!(
+            "adapter:     {} ({}r={}, {} modules): {} trainable params = {} LoRA A/B{}, {} bytes in f32",
+            ad.path,
+            if ad.dora { "DoRA, " } else { "" },
+            ad.r,
+            ad.modules,
+            group(ad.total_params as u64),
+            group(ad.lora_params as u64),
+            if ad.dora {
+                format!(" + {} DoRA magnitudes", group(ad.dora_params as u64))
+            } else {
+                String::new()
+            },
+            group(ad.f32_bytes as u64)
         );
     }
     println!();
