@@ -57,6 +57,7 @@ fn input_strategy() -> impl Strategy<Value = PlanInput> {
                 overhead: 1 << 20,
                 gpu,
                 threads: 2,
+                l2_bytes: 2 << 20,
                 load_file_bytes: 0,
                 tokenizer_bytes: 0,
             },

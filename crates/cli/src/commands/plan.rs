@@ -150,6 +150,7 @@ fn input(a: &Args) -> Result<PlanInput> {
         gpu: a.gpu,
         load_file_bytes: 0,
         tokenizer_bytes: 0,
+        l2_bytes: plan::host_l2_bytes().unwrap_or(plan::DEFAULT_L2_BYTES),
         threads: if a.gpu {
             1
         } else {
@@ -227,6 +228,7 @@ pub fn run(a: Args) -> Result<()> {
         ("dequantization workspace", b.dequant_workspace),
         ("tokenizer", b.tokenizer),
         ("worker-thread arenas", b.worker_arenas),
+        ("gemm packing slabs", b.gemm_packing),
         ("communication buffers", b.communication),
         ("runtime overhead", b.overhead),
         ("training peak", b.train_peak),

@@ -307,3 +307,27 @@ pub fn logits_and_loss(c: &ModelConfig, p: &PlanInput) -> u64 {
     }
     3 * t * h * e + t * 4 + t * 16 + head_chunk_rows(v, t) * v * 4
 }
+
+/// Depth of the `gemm` crate's packed blocks: `kernel_params` (gemm-common
+/// `cache.rs`) takes at least 512 (or all of k when k is smaller).
+pub const GEMM_KC: u64 = 512;
+
+/// The `gemm` crate packs the left operand of every product into a
+/// thread-local slab of the L2 cache's size (gemm-common `gemm.rs`,
+/// `L2_SLAB`); allocated once per thread and never freed, its pages become
+/// resident as far as the largest packed block reaches: `min(m, mc) ×
+/// min(k, kc)` f32, at most the slab. Every rayon worker packs its own copy.
+/// The trainer's largest left operands: a layer's activations or their
+/// gradients (m = T rows, k up to max(h, I, a·d)) and the head's logits
+/// gradient in its backward (m = one chunk of rows, k = V).
+pub fn gemm_packing(c: &ModelConfig, p: &PlanInput) -> u64 {
+    if p.gpu {
+        return 0;
+    }
+    let Dims { h, i, a, d, .. } = dims(c);
+    let t = p.batch * p.seq;
+    let v = c.vocab_size as u64;
+    let body = t * h.max(i).max(a * d).min(GEMM_KC);
+    let head = head_chunk_rows(v, t) * v.min(GEMM_KC);
+    p.threads.max(1) * (4 * body.max(head)).min(p.l2_bytes)
+}

@@ -107,6 +107,9 @@ pub struct PlanInput {
     /// Worker threads of the CPU trainer (each holds one attention head's
     /// backward scratch); 1 for GPU plans.
     pub threads: u64,
+    /// Per-core L2 cache in bytes: the size of the packing slab the `gemm`
+    /// crate gives each thread (see [`activations::gemm_packing`]).
+    pub l2_bytes: u64,
     /// Bytes of the memory-mapped checkpoint still resident at the end of
     /// loading (0 = unknown / not loading from files): the whole file for a
     /// GGUF (`qlora-gguf` keeps every touched page until the map is dropped),
@@ -140,6 +143,7 @@ impl PlanInput {
             overhead: CPU_OVERHEAD,
             gpu: false,
             threads: 1,
+            l2_bytes: DEFAULT_L2_BYTES,
             load_file_bytes: 0,
             tokenizer_bytes: 0,
         }
@@ -169,6 +173,33 @@ pub const TOKENIZER_BYTES_PER_TOKEN: u64 = 174;
 /// Tokenizer memory for a vocabulary of `vocab` entries.
 pub fn tokenizer_bytes(vocab: u64) -> u64 {
     vocab * TOKENIZER_BYTES_PER_TOKEN
+}
+
+/// Per-core L2 cache assumed when the machine's is unknown (2 MiB: recent
+/// Xeon and EPYC cores). `qlora plan` reads this machine's from sysfs.
+pub const DEFAULT_L2_BYTES: u64 = 2 << 20;
+
+/// This machine's per-core L2 cache size (Linux sysfs), if it can be read.
+pub fn host_l2_bytes() -> Option<u64> {
+    let dir = std::path::Path::new("/sys/devices/system/cpu/cpu0/cache");
+    for i in 0..8 {
+        let d = dir.join(format!("index{i}"));
+        let level = std::fs::read_to_string(d.join("level")).ok()?;
+        if level.trim() != "2" {
+            continue;
+        }
+        let size = std::fs::read_to_string(d.join("size")).ok()?;
+        let size = size.trim();
+        let (num, mult) = match size.strip_suffix('K') {
+            Some(n) => (n, 1 << 10),
+            None => match size.strip_suffix('M') {
+                Some(n) => (n, 1 << 20),
+                None => (size, 1),
+            },
+        };
+        return num.parse::<u64>().ok().map(|n| n * mult);
+    }
+    None
 }
 
 /// Assumed CUDA context + allocator slack on a GPU (not measurable here;
@@ -211,6 +242,9 @@ pub struct Breakdown {
     pub worker_arenas: u64,
     /// f32 tile a frozen linear is expanded into before its matmul.
     pub dequant_workspace: u64,
+    /// CPU plans: the `gemm` crate's per-thread packing slabs (see
+    /// [`activations::gemm_packing`]).
+    pub gemm_packing: u64,
     /// FSDP all-gather / reduce-scatter buffers (GPU plans, >1 device).
     pub communication: u64,
     pub overhead: u64,
@@ -267,6 +301,7 @@ pub fn check_magnitude(inv: &Inventory, c: &ModelConfig, p: &PlanInput) -> Resul
         t * width * 8.0,
         b * a * s * s * 4.0,
         f(p.threads).max(1.0) * s * s * 4.0,
+        f(p.threads).max(1.0) * f(p.l2_bytes),
         (params + lora) * 16.0 * f(p.grad_accum).clamp(1.0, 4.0),
     ]
     .into_iter()
@@ -392,6 +427,7 @@ pub fn plan(inv: &Inventory, c: &ModelConfig, p: &PlanInput) -> Result<Plan, Mem
     }
     b.tokenizer = if p.gpu { 0 } else { p.tokenizer_bytes };
     b.worker_arenas = worker_arenas(c, p);
+    b.gemm_packing = activations::gemm_packing(c, p);
     let largest_linear = inv.quantizable().map(|t| t.numel()).max().unwrap_or(0);
     b.dequant_workspace = match p.method {
         // A GPU kernel path (bnb MatMul4Bit) dequantizes the whole weight to
@@ -441,6 +477,7 @@ pub fn plan(inv: &Inventory, c: &ModelConfig, p: &PlanInput) -> Result<Plan, Mem
         + b.communication
         + b.tokenizer
         + b.worker_arenas
+        + b.gemm_packing
         + b.overhead;
     if !p.gpu && p.load_file_bytes > 0 {
         // The embedding is decoded straight into its frozen f32 copy; a

@@ -197,6 +197,7 @@ fn head_phase_under_checkpointing_counts_heap_retention() {
             + b.heap_retention
             + b.dequant_workspace
             + b.worker_arenas
+            + b.gemm_packing
             + b.overhead
     );
     // A GPU plan models live bytes only.
@@ -332,4 +333,33 @@ fn dora_adds_magnitudes_and_their_activations() {
         }
         assert!(y.total_bytes > x.total_bytes);
     }
+}
+
+/// The gemm crate's per-thread packing slab: resident as far as the
+/// largest packed left operand reaches, at most the L2 size.
+#[test]
+fn gemm_packing_slabs_by_hand() {
+    let c = tiny();
+    // T = 1024: the head's logits gradient (all 1024 rows x V 320, k below
+    // 512) is the largest left operand: 1,310,720 B per thread, 2 threads
+    let p = input(1, 1024, false);
+    assert_eq!(activations::gemm_packing(&c, &p), 2 * 1024 * 320 * 4);
+    // with a 1 MiB L2 the slab caps it
+    let small_l2 = PlanInput {
+        l2_bytes: 1 << 20,
+        ..p.clone()
+    };
+    assert_eq!(activations::gemm_packing(&c, &small_l2), 2 << 20);
+    // SmolLM2 at 1 x 1024: a layer's rows x kc = 512 (I = 1536 > 512) is 2 MiB,
+    // the head's 160 rows x 512 only 320 KiB: one 2 MiB slab per thread
+    let j = serde_json::json!({
+        "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536,
+        "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
+        "head_dim": 64, "tie_word_embeddings": true,
+    });
+    let smol = ModelConfig::from_json(&j, "smollm2").unwrap();
+    assert_eq!(activations::gemm_packing(&smol, &p), 2 * 1024 * 512 * 4);
+    // GPU plans: none
+    let g = PlanInput { gpu: true, ..p };
+    assert_eq!(activations::gemm_packing(&c, &g), 0);
 }
