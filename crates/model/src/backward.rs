@@ -9,6 +9,7 @@ use qlora_config::ModelConfig;
 use qlora_lora::{Adapter, AdapterGrads, LoraWeights, Matrix};
 
 use crate::backend::{Backend, LayerW};
+use crate::batch::Batch;
 use crate::model::{
     with_net, AdapterView, Ctx, LayerActs, LinSaved, Model, Net, DOWN, GATE, K, LINEAR_NAMES, O, Q,
     UP, V,
@@ -347,5 +348,3 @@ impl<B: Backend> Net<'_, B> {
         Ok(dx)
     }
 }
-
-use crate::model::Batch;

@@ -6,7 +6,8 @@ use qlora_lora::Adapter;
 
 use crate::backend::cpu::CpuBackend;
 use crate::backend::Backend;
-use crate::model::{with_net, AdapterView, Batch, LayerKv, Model, Net};
+use crate::batch::Batch;
+use crate::model::{with_net, AdapterView, LayerKv, Model, Net};
 
 /// The cached keys/values and adapter of one sequence on one backend.
 pub(crate) struct KvState<B: Backend> {

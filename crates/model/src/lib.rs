@@ -12,15 +12,18 @@ pub mod backend;
 pub mod ops;
 
 mod backward;
+mod batch;
 mod cache;
 mod compute;
+mod forward;
 mod load;
 mod model;
 
 pub use backend::Device;
 pub use backward::{DropoutRows, StepOptions};
+pub use batch::{Batch, Logits};
 pub use cache::KvCache;
 pub use load::{LoadOptions, QuantMode, WeightSource, NATIVE_NEEDS_GGUF};
-pub use model::{Batch, Layer, Logits, Model, LINEAR_NAMES};
+pub use model::{Layer, Model, LINEAR_NAMES};
 pub use ops::linear::BaseCompute;
 pub use qlora_lora::{Adapter, AdapterGrads};

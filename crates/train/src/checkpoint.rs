@@ -21,9 +21,11 @@ use qlora_model::Model;
 use safetensors::{tensor::TensorView, Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
 
+use crate::config::TrainConfig;
+use crate::identity::Identity;
 use crate::optim::Moments;
 use crate::params::params_of;
-use crate::trainer::{DataPosition, Identity, TrainConfig, Trainer};
+use crate::trainer::{DataPosition, Trainer};
 
 pub const STATE_FILE: &str = "trainer_state.json";
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";

@@ -2,14 +2,22 @@
 //!
 //! * [`optim`]: AdamW (torch semantics), global-norm clipping.
 //! * [`schedule`]: constant / linear / cosine LR with warmup (transformers' formulas).
-//! * [`trainer`]: gradient accumulation normalised by the step's target-token
-//!   count, data order, evaluation, NaN/inf guards.
+//! * [`config`]: [`TrainConfig`] (what shapes the trajectory) and [`RunSettings`].
+//! * [`identity`]: what a run trains on, hashed so a checkpoint resumes only onto it.
+//! * [`batch`]: rows -> padded/packed model batches, loss-target counts.
+//! * [`trainer`]: the optimizer step: gradient accumulation normalised by the step's
+//!   target-token count, data order, NaN/inf guards.
+//! * [`eval`]: token-weighted evaluation loss and perplexity.
 //! * [`checkpoint`]: atomic checkpoint folders and exact resume.
 //! * [`prepare`]: the rows (load, tokenize, truncate, split, pack) and the adapter of a run.
 //! * [`run`]: [`Trainer::run`], the whole run: eval / checkpoint cadence, `metrics.jsonl`
 //!   (kept up to the checkpoint on resume), the final adapter, progress [`Callbacks`].
 
+pub mod batch;
 pub mod checkpoint;
+pub mod config;
+pub mod eval;
+pub mod identity;
 pub mod optim;
 pub mod outdir;
 pub mod params;
@@ -18,7 +26,11 @@ pub mod run;
 pub mod schedule;
 pub mod trainer;
 
+pub use batch::collate;
 pub use checkpoint::{checkpoint_dir, TrainerState};
+pub use config::{check_lora_dropout, RunSettings, TrainConfig};
+pub use eval::{eval_stats, evaluate_rows, EvalStats};
+pub use identity::{fnv_hex, rows_hash, Identity};
 pub use optim::AdamW;
 pub use outdir::prepare_output_dir;
 pub use prepare::{
@@ -28,7 +40,4 @@ pub use prepare::{
 };
 pub use run::{Callbacks, RunOptions, RunReport, Silent};
 pub use schedule::{Schedule, ScheduleKind};
-pub use trainer::{
-    check_lora_dropout, collate, eval_stats, evaluate_rows, fnv_hex, rows_hash, EvalStats,
-    Identity, RunSettings, StepMetrics, TrainConfig, Trainer,
-};
+pub use trainer::{StepMetrics, Trainer};

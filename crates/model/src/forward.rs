@@ -1,0 +1,289 @@
+//! The forward on one backend: the per-call context, LoRA handles, one decoder
+//! layer (optionally keeping what the backward needs), final norm, logits and loss.
+
+use anyhow::Result;
+use qlora_lora::Adapter;
+
+use crate::backend::{Backend, DoraOp, LayerW, LoraOp};
+use crate::batch::Batch;
+use crate::model::{
+    AdapterView, Ctx, LayerActs, LayerKv, LinSaved, Net, QkPre, DOWN, GATE, K, O, Q, UP, V,
+};
+use crate::ops::attention::AttnShape;
+use crate::ops::lora::splitmix64;
+use crate::ops::rope;
+
+impl<B: Backend> Net<'_, B> {
+    pub(crate) fn ctx(&self, batch: &Batch, dropout_seed: Option<u64>) -> Result<Ctx<B>> {
+        let (b, s) = batch.dims(self.m.vocab_size())?;
+        let positions: Vec<u32> = match &batch.position_ids {
+            Some(p) => p.iter().flatten().copied().collect(),
+            None => (0..b).flat_map(|_| 0..s as u32).collect(),
+        };
+        let (cos, sin) = rope::tables(&self.m.inv_freq, &positions);
+        let seg = match &batch.segment_ids {
+            Some(r) => {
+                let flat: Vec<u32> = r.iter().flatten().copied().collect();
+                Some(self.be.upload_ids(&flat)?)
+            }
+            None => None,
+        };
+        Ok(Ctx {
+            b,
+            s,
+            cos: self.be.upload_owned(cos)?,
+            sin: self.be.upload_owned(sin)?,
+            seg,
+            dropout_seed,
+            mask_rows: None,
+            mask_ids: None,
+        })
+    }
+
+    pub(crate) fn embed(&self, ids: &[u32]) -> Result<B::Buf> {
+        self.be.embed(self.w.embed, ids, self.m.hidden_size())
+    }
+
+    /// LoRA handle of module `m` of layer `l`, if adapted.
+    pub(crate) fn lora_op<'v>(
+        &self,
+        ad: Option<&'v AdapterView<B>>,
+        ctx: &'v Ctx<B>,
+        l: usize,
+        m: usize,
+    ) -> Option<LoraOp<'v, B>> {
+        let ctx_seed = ctx.dropout_seed;
+        let ad = ad?;
+        let (a, b, r) = ad.layers[l][m].as_ref()?;
+        let lin = &self.m.layers[l].linears[m];
+        let (dropout, key) = match ctx_seed {
+            Some(seed) if ad.dropout > 0.0 => (
+                ad.dropout,
+                splitmix64(seed ^ splitmix64((l * 7 + m) as u64 + 1)),
+            ),
+            _ => (0.0, 0),
+        };
+        Some(LoraOp {
+            a,
+            b,
+            r: *r,
+            in_features: lin.in_features,
+            out_features: lin.out_features,
+            scale: ad.scale,
+            dropout,
+            dropout_key: key,
+            mask_rows: ctx.mask_rows.as_deref(),
+            mask_ids: ctx.mask_ids.as_ref(),
+        })
+    }
+
+    /// DoRA state of module `m` of layer `l`, if it is a DoRA module.
+    pub(crate) fn dora_op<'v>(
+        &self,
+        ad: Option<&'v AdapterView<B>>,
+        l: usize,
+        m: usize,
+    ) -> Option<DoraOp<'v, B>> {
+        let (magnitude, norm) = ad?.dora[l][m].as_ref()?;
+        Some(DoraOp { magnitude, norm })
+    }
+
+    /// Base linear plus LoRA (or DoRA): returns `y` and what the backward needs.
+    #[allow(clippy::too_many_arguments)]
+    fn linear(
+        &self,
+        w: &LayerW<B>,
+        l: usize,
+        m: usize,
+        x: &B::Buf,
+        t: usize,
+        ad: Option<&AdapterView<B>>,
+        ctx: &Ctx<B>,
+    ) -> Result<(B::Buf, Option<LinSaved<B>>)> {
+        let Some(op) = self.lora_op(ad, ctx, l, m) else {
+            return Ok((self.be.linear_forward(&w.linears[m], x, t)?, None));
+        };
+        if let Some(d) = self.dora_op(ad, l, m) {
+            let (y, s) = self.be.dora_forward(&w.linears[m], &op, &d, x, t)?;
+            return Ok((
+                y,
+                Some(LinSaved {
+                    xa: s.xa,
+                    u: Some(s.u),
+                }),
+            ));
+        }
+        let mut y = self.be.linear_forward(&w.linears[m], x, t)?;
+        let xa = self.be.lora_forward(&op, x, t, &mut y)?;
+        Ok((y, Some(LinSaved { xa, u: None })))
+    }
+
+    /// One decoder layer. With `kv` (batch 1), the new keys/values are appended
+    /// to the cache and the queries attend to everything cached.
+    pub(crate) fn layer_forward(
+        &self,
+        l: usize,
+        x: &B::Buf,
+        ctx: &Ctx<B>,
+        ad: Option<&AdapterView<B>>,
+        keep: bool,
+        kv: Option<&mut LayerKv<B>>,
+    ) -> Result<(B::Buf, Option<LayerActs<B>>)> {
+        let be = self.be;
+        let cfg = &self.m.config;
+        let t = ctx.t();
+        let (nh, nkv, d) = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        );
+        let layer = be.fetch_layer(l, &self.w.layers[l])?;
+        let w = &*layer;
+        let eps = self.m.eps();
+        let (n1, rstd1) = be.rmsnorm_forward(x, &w.input_layernorm, eps)?;
+        let (mut q, xa_q) = self.linear(w, l, Q, &n1, t, ad, ctx)?;
+        let (mut k, xa_k) = self.linear(w, l, K, &n1, t, ad, ctx)?;
+        let (v, xa_v) = self.linear(w, l, V, &n1, t, ad, ctx)?;
+        // Qwen3: RMSNorm over each head's `head_dim` values (rows of `d`) before RoPE.
+        let qk_pre = match &w.qk_norm {
+            Some((wq, wk)) => {
+                let (qn, rstd_q) = be.rmsnorm_forward(&q, wq, eps)?;
+                let (kn, rstd_k) = be.rmsnorm_forward(&k, wk, eps)?;
+                let pre = QkPre {
+                    q: std::mem::replace(&mut q, qn),
+                    rstd_q,
+                    k: std::mem::replace(&mut k, kn),
+                    rstd_k,
+                };
+                keep.then_some(pre)
+            }
+            None => None,
+        };
+        be.rope(&mut q, nh, d, &ctx.cos, &ctx.sin, false)?;
+        be.rope(&mut k, nkv, d, &ctx.cos, &ctx.sin, false)?;
+        let (att, attn_saved) = match kv {
+            None => {
+                let sh = AttnShape {
+                    b: ctx.b,
+                    q_len: ctx.s,
+                    k_len: ctx.s,
+                    q_offset: 0,
+                    heads: nh,
+                    kv_heads: nkv,
+                    d,
+                    window: self.m.sliding_window(),
+                };
+                be.attention_forward(&sh, &q, &k, &v, ctx.seg.as_ref())?
+            }
+            Some(cache) => {
+                let past = cache.k.as_ref().map_or(0, |c| be.len(c) / (nkv * d));
+                match (&mut cache.k, &mut cache.v) {
+                    (Some(ck), Some(cv)) => {
+                        be.append(ck, &k)?;
+                        be.append(cv, &v)?;
+                    }
+                    _ => {
+                        cache.k = Some(be.rows(&k, nkv * d, 0, ctx.s)?);
+                        cache.v = Some(be.rows(&v, nkv * d, 0, ctx.s)?);
+                    }
+                }
+                let sh = AttnShape {
+                    b: 1,
+                    q_len: ctx.s,
+                    k_len: past + ctx.s,
+                    q_offset: past,
+                    heads: nh,
+                    kv_heads: nkv,
+                    d,
+                    window: self.m.sliding_window(),
+                };
+                let (ck, cv) = (cache.k.as_ref(), cache.v.as_ref());
+                be.attention_forward(
+                    &sh,
+                    &q,
+                    ck.expect("set above"),
+                    cv.expect("set above"),
+                    None,
+                )?
+            }
+        };
+        let (o, xa_o) = self.linear(w, l, O, &att, t, ad, ctx)?;
+        let mut x_mid = o;
+        be.add_assign(&mut x_mid, x)?;
+        let (n2, rstd2) = be.rmsnorm_forward(&x_mid, &w.post_attention_layernorm, eps)?;
+        let (g, xa_g) = self.linear(w, l, GATE, &n2, t, ad, ctx)?;
+        let (u, xa_u) = self.linear(w, l, UP, &n2, t, ad, ctx)?;
+        let m = be.swiglu_forward(&g, &u)?;
+        let (dn, xa_d) = self.linear(w, l, DOWN, &m, t, ad, ctx)?;
+        let mut out = dn;
+        be.add_assign(&mut out, &x_mid)?;
+        let acts = keep.then_some(LayerActs {
+            n1,
+            rstd1,
+            q,
+            k,
+            qk_pre,
+            v,
+            attn_saved,
+            att,
+            xa: [xa_q, xa_k, xa_v, xa_o, xa_g, xa_u, xa_d],
+            x_mid,
+            n2,
+            rstd2,
+            g,
+            u,
+            m,
+        });
+        Ok((out, acts))
+    }
+
+    /// Final norm: `(normed, rstd)`.
+    pub(crate) fn final_norm(&self, x: &B::Buf) -> Result<(B::Buf, B::Buf)> {
+        self.be.rmsnorm_forward(x, self.w.norm, self.m.eps())
+    }
+
+    fn forward_hidden(
+        &self,
+        batch: &Batch,
+        ad: Option<&AdapterView<B>>,
+    ) -> Result<(B::Buf, Ctx<B>)> {
+        let ctx = self.ctx(batch, None)?;
+        let ids: Vec<u32> = batch.input_ids.iter().flatten().copied().collect();
+        let mut x = self.embed(&ids)?;
+        for l in 0..self.m.layers.len() {
+            x = self.layer_forward(l, &x, &ctx, ad, false, None)?.0;
+        }
+        Ok((x, ctx))
+    }
+
+    pub(crate) fn forward_logits(
+        &self,
+        batch: &Batch,
+        adapter: Option<&Adapter>,
+    ) -> Result<Vec<f32>> {
+        let ad = adapter
+            .map(|a| self.m.adapter_view(self.be, a))
+            .transpose()?;
+        let (x, ctx) = self.forward_hidden(batch, ad.as_ref())?;
+        let (nf, _) = self.final_norm(&x)?;
+        let logits = self.be.linear_forward(self.w.lm_head, &nf, ctx.t())?;
+        self.be.download(&logits)
+    }
+
+    pub(crate) fn loss(
+        &self,
+        batch: &Batch,
+        labels: &[i64],
+        adapter: Option<&Adapter>,
+    ) -> Result<(f64, usize)> {
+        let ad = adapter
+            .map(|a| self.m.adapter_view(self.be, a))
+            .transpose()?;
+        let (x, ctx) = self.forward_hidden(batch, ad.as_ref())?;
+        let (nf, _) = self.final_norm(&x)?;
+        let ce = self
+            .be
+            .cross_entropy(self.w.lm_head, &nf, labels, ctx.s, None)?;
+        Ok((ce.sum, ce.count))
+    }
+}
