@@ -118,10 +118,10 @@ fn size_of_gguf_header() {
     assert_eq!(v["stored"]["tensor_bytes"].as_u64(), Some(q4 + q8 + f32b));
     // The planner rebuilt the architecture from the GGUF metadata.
     let file_bytes = std::fs::metadata(&p).unwrap().len();
-    let p = json(&["plan", p.to_str().unwrap(), "--json"]);
+    let p = json(&["plan", p.to_str().unwrap(), "--quant", "nf4", "--json"]);
     assert!(p["total_bytes"].as_u64().unwrap() > 0);
     assert_eq!(p["vocab_size"].as_u64(), Some(320));
-    // `qlora train` keeps the whole GGUF mapped while loading and rebuilds the
+    // `qlora train --quant nf4` keeps the whole GGUF mapped while loading and rebuilds the
     // tokenizer from its metadata (174 B per vocabulary entry).
     let d = &p["per_device"];
     assert_eq!(p["input"]["load_file_bytes"].as_u64(), Some(file_bytes));
@@ -461,4 +461,49 @@ fn size_and_plan_refuse_malformed_safetensors_and_bnb_files() {
         );
         assert!(!err.contains("panicked"), "{cmd}: {err}");
     }
+}
+
+/// `qlora plan` of a .gguf defaults to `--quant native` and counts the frozen base at the
+/// file's real size: every matrix's stored blocks (+ a 4-byte row map per llama q/k row),
+/// norms as f32 (what qlora-model holds: see crates/infer/tests/native.rs), with no file
+/// pages counted twice while loading. `--quant nf4` still plans the requantized base, and
+/// a folder refuses `native`.
+#[test]
+fn plan_counts_native_gguf_weights_at_their_stored_size() {
+    let Some(g) = qlora_testutil::demo_gguf() else {
+        return;
+    };
+    let gs = g.to_str().unwrap();
+    let h = qlora_gguf::GgufFile::read_header(&g).unwrap();
+    let expected: u64 = h
+        .tensors
+        .iter()
+        .map(|t| {
+            if t.shape().len() == 2 {
+                let qk = t.name.contains(".attn_q.") || t.name.contains(".attn_k.");
+                t.n_bytes + if qk { 4 * t.shape()[0] as u64 } else { 0 }
+            } else {
+                4 * t.n_elements()
+            }
+        })
+        .sum();
+    let plan = |extra: &[&str]| -> Value {
+        let mut args = vec!["plan", gs, "--method", "qlora", "--json"];
+        args.extend_from_slice(extra);
+        let (ok, out, err) = qlora(&args, &[]);
+        assert!(ok, "{err}");
+        serde_json::from_str::<Value>(&out).unwrap()["per_device"].clone()
+    };
+    let native = plan(&[]);
+    assert_eq!(native, plan(&["--quant", "native"]));
+    assert_eq!(native["frozen_weights"].as_u64().unwrap(), expected);
+    assert_eq!(native["quant_stats"].as_u64().unwrap(), 0);
+    // SmolLM2-135M Q4_1 with a Q8_0 embedding: ~95 MiB stored.
+    assert!((90 << 20..100 << 20).contains(&expected), "{expected}");
+    let nf4 = plan(&["--quant", "nf4"]);
+    assert!(nf4["frozen_weights"].as_u64().unwrap() > expected);
+    assert!(nf4["load_peak"].as_u64().unwrap() > native["load_peak"].as_u64().unwrap());
+    let fx = qlora_testutil::fixture_str("tiny_llama/model");
+    let (ok, _, err) = qlora(&["plan", &fx, "--quant", "native"], &[]);
+    assert!(!ok && err.contains("not a .gguf file"), "{err}");
 }

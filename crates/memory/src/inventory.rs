@@ -59,6 +59,11 @@ pub struct TensorSpec {
     /// (unknown, so false, when sizing from a config or a GGUF).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub stored_bf16: bool,
+    /// Bytes `qlora-model` holds for this tensor under `--quant native`: a GGUF
+    /// file's stored blocks as they are (plus the 4-byte-per-row map of a llama
+    /// q/k weight, whose rows the converter permuted). `None` outside GGUF files.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub native_bytes: Option<u64>,
 }
 
 /// Source dtype name and `nested_offset` repr read from a quant-state blob.
@@ -107,6 +112,7 @@ impl Inventory {
                 quantizable,
                 known: None,
                 stored_bf16: false,
+                native_bytes: None,
             })
         };
         push(

@@ -213,7 +213,20 @@ pub fn plan_model(
 ) -> Result<PlanReport, MemoryError> {
     let l = crate::resolve(reference)?;
     let mut p = p.clone();
-    p.load_file_bytes = resident_while_loading(&l);
+    if p.native && l.kind != "gguf" {
+        return Err(MemoryError::Invalid(format!(
+            "{}: --quant native keeps a GGUF file's own blocks, and this model is not a .gguf file; \
+             use --quant nf4 or fp4 (or --method lora for a full-precision base)",
+            l.label
+        )));
+    }
+    // Under --quant native the file stays mapped for the whole run and its pages are
+    // the frozen weights (counted there); nothing else is resident while loading.
+    p.load_file_bytes = if p.native {
+        0
+    } else {
+        resident_while_loading(&l)
+    };
     let cfg = l.config.clone().ok_or_else(|| {
         MemoryError::Invalid(format!(
             "{}: planning needs the architecture (heads, layers); put config.json next to the weights ({})",

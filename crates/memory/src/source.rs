@@ -308,6 +308,7 @@ pub fn from_safetensors(files: &[SafetensorsFile], label: &str) -> Result<Loaded
                     quantizable: true,
                     known: Some(known),
                     stored_bf16: false,
+                    native_bytes: None,
                 });
                 continue;
             }
@@ -328,6 +329,7 @@ pub fn from_safetensors(files: &[SafetensorsFile], label: &str) -> Result<Loaded
                 quantizable,
                 known: None,
                 stored_bf16: t.dtype == qlora_formats::Dtype::BF16,
+                native_bytes: None,
             });
         }
     }
@@ -423,6 +425,7 @@ pub fn from_gguf(path: &Path) -> Result<Loaded, MemoryError> {
         msg: e.to_string(),
     };
     let h = qlora_gguf::GgufFile::read_header(path).map_err(bad)?;
+    let llama_arch = h.architecture().is_ok_and(|a| a == "llama");
     let mut tensors = Vec::new();
     let mut data = 0;
     let mut types = std::collections::BTreeMap::<&str, u64>::new();
@@ -435,6 +438,14 @@ pub fn from_gguf(path: &Path) -> Result<Loaded, MemoryError> {
         *types.entry(t.ggml_type.name()).or_default() += t.n_elements();
         let (role, lin) = gguf_role(&t.name);
         let shape: Vec<u64> = t.shape().iter().map(|&d| d as u64).collect();
+        // `--quant native`: matrices stay as stored (F32 ones too, as f32); llama q/k
+        // weights add their row map; vectors (norms) are decoded to f32.
+        let permuted = llama_arch && (t.name.contains(".attn_q.") || t.name.contains(".attn_k."));
+        let native_bytes = if shape.len() == 2 {
+            t.n_bytes + if permuted { 4 * shape[0] } else { 0 }
+        } else {
+            4 * t.n_elements()
+        };
         tensors.push(TensorSpec {
             name: t.name.clone(),
             quantizable: lin && shape.len() == 2,
@@ -442,6 +453,7 @@ pub fn from_gguf(path: &Path) -> Result<Loaded, MemoryError> {
             role,
             known: None,
             stored_bf16: false,
+            native_bytes: Some(native_bytes),
         });
     }
     let has_head = tensors.iter().any(|t| t.role == Role::LmHead);

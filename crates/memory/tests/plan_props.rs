@@ -51,6 +51,7 @@ fn input_strategy() -> impl Strategy<Value = PlanInput> {
                 checkpointing: ckpt,
                 compute: [DType::F32, DType::BF16, DType::F16][dt],
                 quant: Bnb4::new(QuantType::Nf4, 64, dq),
+                native: false,
                 devices,
                 sharding: [Sharding::None, Sharding::Full, Sharding::GradOp][sh],
                 cpu_offload: off,

@@ -70,10 +70,11 @@ pub struct Args {
     /// this project's CPU trainer.
     #[arg(long)]
     pub gpu: bool,
-    /// The 4-bit code of the frozen base with --method qlora: nf4 | fp4. (`qlora train
-    /// --quant` names the base's storage: none/bf16 there is `--method lora` here.)
-    #[arg(long, default_value = "nf4")]
-    pub quant: String,
+    /// The frozen base with --method qlora: nf4 | fp4, or native (a .gguf model's own
+    /// blocks at their stored size) [default: native for a .gguf model, else nf4].
+    /// (`qlora train --quant` names the base's storage: none/bf16 there is `--method lora`.)
+    #[arg(long)]
+    pub quant: Option<String>,
     /// bnb block size.
     #[arg(long, default_value_t = 64)]
     pub blocksize: u64,
@@ -108,10 +109,24 @@ fn input(a: &Args) -> Result<PlanInput> {
         None if a.gpu => DType::BF16,
         None => DType::F32,
     };
-    let quant_type = match a.quant.to_ascii_lowercase().as_str() {
-        "nf4" => QuantType::Nf4,
-        "fp4" => QuantType::Fp4,
-        q => bail!("--quant {q:?}: expected nf4 or fp4 (a base kept in f32/bf16 is --method lora)"),
+    let model = a
+        .model
+        .as_deref()
+        .or(a.model_flag.as_deref())
+        .unwrap_or_default();
+    let is_gguf = model.to_ascii_lowercase().ends_with(".gguf");
+    let quant = match &a.quant {
+        Some(q) => q.to_ascii_lowercase(),
+        None if is_gguf => "native".into(),
+        None => "nf4".into(),
+    };
+    let (quant_type, native) = match quant.as_str() {
+        "nf4" => (QuantType::Nf4, false),
+        "fp4" => (QuantType::Fp4, false),
+        "native" => (QuantType::Nf4, true),
+        q => bail!(
+            "--quant {q:?}: expected nf4, fp4 or native (a base kept in f32/bf16 is --method lora)"
+        ),
     };
     if a.blocksize < 16 || !a.blocksize.is_power_of_two() {
         bail!(
@@ -143,6 +158,7 @@ fn input(a: &Args) -> Result<PlanInput> {
         checkpointing: a.gradient_checkpointing.unwrap_or(a.checkpointing),
         compute,
         quant: Bnb4::new(quant_type, a.blocksize, a.double_quant.enabled()),
+        native,
         devices: a.devices,
         sharding: a.sharding.parse()?,
         cpu_offload: a.cpu_offload,
@@ -198,6 +214,9 @@ pub fn run(a: Args) -> Result<()> {
         if p.cpu_offload { ", CPU offload" } else { "" },
         if p.gpu { ", GPU" } else { ", CPU trainer" },
     );
+    if p.native {
+        println!("base:       the GGUF file's own blocks (--quant native), at their stored size");
+    }
     println!("trainable:  {} parameters", group(result.trainable_count));
     println!();
     println!("{:<28}{:>18}{:>12}", "per device", "bytes", "GiB");

@@ -96,6 +96,9 @@ pub struct PlanInput {
     pub compute: DType,
     /// Storage of the frozen 4-bit base (QLoRA).
     pub quant: Bnb4,
+    /// QLoRA on a GGUF's own blocks (`--quant native`): the frozen matrices at their
+    /// stored size ([`crate::inventory::TensorSpec::native_bytes`]) instead of `quant`.
+    pub native: bool,
     pub devices: u64,
     pub sharding: Sharding,
     /// FSDP CPU offload of (sharded) parameters, gradients and optimizer states.
@@ -137,6 +140,7 @@ impl PlanInput {
             checkpointing: false,
             compute: DType::F32,
             quant: Bnb4::new(QuantType::Nf4, 64, true),
+            native: false,
             devices: 1,
             sharding: Sharding::None,
             cpu_offload: false,

@@ -54,6 +54,8 @@ fn tensor_frozen(t: &TensorSpec, p: &PlanInput) -> (u64, u64) {
     match p.method {
         Method::Full => (0, 0),
         Method::Lora => (t.numel() * e, 0),
+        // --quant native: the GGUF's blocks as stored (or its norms decoded to f32).
+        Method::Qlora if p.native && t.native_bytes.is_some() => (t.native_bytes.unwrap_or(0), 0),
         Method::Qlora if t.quantizable => {
             let parts = bnb::parts(t.numel(), &p.quant);
             // + the f32 offset qlora-model keeps beside the DQ statistics.
