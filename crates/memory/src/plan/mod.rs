@@ -422,11 +422,13 @@ pub fn plan(inv: &Inventory, c: &ModelConfig, p: &PlanInput) -> Result<Plan, Mem
     b.logits_and_loss = logits_and_loss(c, p);
     if p.checkpointing && !p.gpu {
         // With checkpointing the forward frees each layer's tensors as soon
-        // as the next layer's input exists. glibc serves blocks below its
-        // (dynamic, ≤ 32 MiB) mmap threshold from its heap and keeps freed
-        // ones there for reuse, so about one layer's set stays resident when
-        // the head allocates its logits (measured, BENCHMARKS.md). The layer
-        // backward re-creates a layer in those blocks, so it adds nothing there.
+        // as the next layer's input exists. glibc serves them from its heap
+        // (below its mmap threshold, which the trainer raises to 256 MiB in
+        // `ops::keep_freed_memory`, with a 512 MiB trim threshold) and keeps
+        // freed blocks there for reuse, so about one layer's set stays
+        // resident when the head allocates its logits chunk (measured,
+        // BENCHMARKS.md). The layer backward re-creates a layer in those
+        // blocks, so it adds nothing there.
         b.heap_retention = saved - layer_input_bytes(c, p);
     }
     b.tokenizer = if p.gpu { 0 } else { p.tokenizer_bytes };
