@@ -1,22 +1,40 @@
 //! What `qlora train` shows: the summary before training, the progress (a bar on a
 //! terminal, plain lines on stderr otherwise) and the before/after samples.
 
-use qlora_tokenizer::Tokenizer;
-use qlora_train::{Callbacks, PreparedData, StepMetrics, Trainer};
+use std::path::Path;
 
-/// The four summary lines (`model_line`: the reference, load time and storage).
+use qlora_dist::Communicator;
+use qlora_tokenizer::Tokenizer;
+use qlora_train::launch::{Base, TrainRequest};
+use qlora_train::{Callbacks, PreparedData, RunReport, StepMetrics, Trainer};
+
+/// The summary before training: processes (when several), model, device, adapter,
+/// data and schedule.
 pub fn print_summary(
     trainer: &Trainer<'_>,
-    model_line: &str,
+    req: &TrainRequest,
+    base: &Base,
     data: &PreparedData,
-    packing: bool,
-    max_len: usize,
+    comm: &dyn Communicator,
 ) {
+    let world = comm.size();
+    if world > 1 {
+        let (b, acc) = (trainer.cfg.batch_size, trainer.cfg.grad_accum);
+        println!(
+            "parallel   {world} processes ({}), data parallel: {b} rows per process per micro-batch, {} per step; shard none",
+            comm.backend(),
+            b * acc * world
+        );
+    }
     let (t, c, model) = (&trainer.adapter, &trainer.cfg, trainer.model);
+    let (packing, max_len) = (req.packing, req.max_seq_len());
     let trainable = t.num_params();
     let base_params = qlora_memory::inventory::formula_params(&model.config) as usize;
     let mib = model.weight_bytes() as f64 / (1 << 20) as f64;
-    println!("model      {model_line}, {mib:.1} MiB in memory)");
+    println!(
+        "model      {} (loaded in {:.1}s, base weights {}, {mib:.1} MiB in memory)",
+        req.model, base.load_s, base.loaded.quant
+    );
     println!("device     {}", model.device_description());
     println!(
         "adapter    {}r={} alpha={} scaling={} dropout={} on {} modules: {} trainable params ({:.3}% of {})",
@@ -54,6 +72,27 @@ pub fn print_summary(
     if trainer.step > 0 {
         println!("resuming   at step {}", trainer.step);
     }
+}
+
+/// The loss curve (`out/loss.svg`), then the line after training: steps, final
+/// loss and where everything was written.
+pub fn print_done(trainer: &Trainer<'_>, report: &RunReport, out: &Path) {
+    let plot = out.join("loss.svg");
+    if let Err(e) = crate::plot::loss_curve(&report.history, &plot) {
+        eprintln!("warning: could not draw the loss curve: {e:#}");
+    }
+    println!(
+        "done       {} steps; final train loss {}; adapter in {}; metrics in {}; loss curve {}",
+        trainer.step,
+        report
+            .history
+            .last()
+            .map(|m| format!("{:.4}", m.loss))
+            .unwrap_or_default(),
+        report.adapter_dir.display(),
+        report.metrics_path.display(),
+        plot.display()
+    );
 }
 
 /// Each held-out prompt with its greedy continuation before and after training.

@@ -237,6 +237,21 @@ pub fn from_env() -> Result<Box<dyn Communicator>> {
     }
 }
 
+/// Run `f` on this process's communicator ([`from_env`]). When `f` fails on one of
+/// several ranks, the error is printed with the rank and every rank is aborted: the
+/// others may be waiting in a collective for this one and would hang forever.
+pub fn run_on_env<T>(f: impl FnOnce(&dyn Communicator) -> Result<T>) -> Result<T> {
+    let comm = from_env()?;
+    let res = f(&*comm);
+    if let Err(e) = &res {
+        if comm.size() > 1 {
+            eprintln!("error (rank {} of {}): {e:#}", comm.rank(), comm.size());
+            comm.abort(1);
+        }
+    }
+    res
+}
+
 #[cfg(feature = "mpi")]
 fn from_launcher(_n: usize) -> Result<Box<dyn Communicator>> {
     Ok(Box::new(MpiComm::init()?))

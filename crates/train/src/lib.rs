@@ -9,6 +9,8 @@
 //!   target-token count, data order, NaN/inf guards.
 //! * [`eval`]: token-weighted evaluation loss and perplexity.
 //! * [`checkpoint`]: atomic checkpoint folders and exact resume.
+//! * [`launch`]: a whole `qlora train` run from its settings ([`launch::TrainRequest`]):
+//!   checks, loading the base, preparing data/adapter/output, building the trainer.
 //! * [`prepare`]: the rows (load, tokenize, truncate, split, pack) and the adapter of a run.
 //! * [`run`]: [`Trainer::run`], the whole run: eval / checkpoint cadence, `metrics.jsonl`
 //!   (kept up to the checkpoint on resume), the final adapter, progress [`Callbacks`].
@@ -18,6 +20,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod eval;
 pub mod identity;
+pub mod launch;
 pub mod optim;
 pub mod outdir;
 pub mod params;

@@ -4,19 +4,15 @@
 //! flags given on the command line win over the file. With `--init-adapter`,
 //! rank, alpha, targets and rsLoRA come from that adapter's config and
 //! `--lora-dropout` defaults to 0 (PEFT's parity runs train without dropout).
-//! The work is `qlora_infer::load`, `qlora_train::prepare_data` / `adapter_for` and
+//! The work is `qlora_train::launch` (check, load the base, prepare the run) and
 //! `Trainer::run`; this module reads flags and prints.
 
-use std::mem::take;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::ArgAction;
-use qlora_data::formats::{DatasetOptions, Format, OnBadLine, TextTokenizer};
-use qlora_infer::NeedTokenizer;
-use qlora_model::{Adapter, QuantMode};
-use qlora_tokenizer::Tokenizer;
-use qlora_train::{DataOptions, LoraOptions, RunOptions, TrainOptions, Trainer};
+use qlora_train::launch::{self, TrainRequest};
+use qlora_train::{LoraOptions, TrainOptions};
 use serde::{Deserialize, Serialize};
 
 use crate::train_view;
@@ -170,230 +166,105 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let comm = qlora_dist::from_env()?;
-    let res = run_on(args, &*comm);
-    if let Err(e) = &res {
-        if comm.size() > 1 {
-            // the other ranks may be waiting in a collective: stop them all
-            eprintln!("error (rank {} of {}): {e:#}", comm.rank(), comm.size());
-            comm.abort(1);
-        }
-    }
-    res
+    qlora_dist::run_on_env(|comm| run_on(args, comm))
+}
+
+/// The flags (over the `--config` file) as the library's request.
+fn request(a: Args) -> Result<TrainRequest> {
+    Ok(TrainRequest {
+        model: a.model.context("--model is required")?,
+        data: a.data.context("--data is required")?,
+        out: a.out.context("--out is required")?,
+        data_format: a.data_format,
+        eval_data: a.eval_data,
+        eval_split: a.eval_split,
+        eval_every: a.eval_every,
+        init_adapter: a.init_adapter,
+        resume: a.resume,
+        quant: a.quant,
+        device: a.device,
+        compute_dtype: a.compute_dtype,
+        lora: LoraOptions {
+            rank: a.rank,
+            alpha: a.alpha,
+            target: a.target,
+            rslora: a.rslora,
+            dora: a.use_dora,
+            init: a.init,
+        },
+        train: TrainOptions {
+            batch_size: a.batch_size,
+            grad_accum: a.grad_accum,
+            max_steps: a.max_steps,
+            epochs: a.epochs,
+            lr: a.lr,
+            schedule: a.schedule,
+            warmup_steps: a.warmup_steps,
+            weight_decay: a.weight_decay,
+            beta1: a.beta1,
+            beta2: a.beta2,
+            eps: a.eps,
+            max_grad_norm: a.max_grad_norm,
+            seed: a.seed,
+            no_shuffle: a.no_shuffle,
+            lora_dropout: a.lora_dropout,
+            gradient_checkpointing: a.gradient_checkpointing,
+        },
+        max_seq_len: a.max_seq_len,
+        packing: a.packing,
+        train_on_inputs: a.train_on_inputs,
+        on_bad_line: a.on_bad_line,
+        save_every: a.save_every,
+        stop_at_step: a.stop_at_step,
+        shard: a.shard,
+        cpu_offload: a.cpu_offload,
+        force: a.force,
+    })
 }
 
 fn run_on(args: Args, comm: &dyn qlora_dist::Communicator) -> Result<()> {
-    let a = with_config_file(args)?;
-    let world = comm.size();
+    let no_progress = args.no_progress;
+    let req = request(with_config_file(args)?)?;
     let main = comm.rank() == 0;
-    match a.shard.as_deref() {
-        None | Some("none") => {}
-        Some("full") => bail!(
-            "--shard full (FSDP-style sharding of the frozen base) is not implemented yet; \
-             use --shard none (every process holds the whole base)"
-        ),
-        Some(o) => bail!("unknown --shard `{o}` (none or full)"),
+    for note in launch::check(&req, comm)? {
+        if main {
+            eprintln!("note: {note}");
+        }
     }
-    if a.cpu_offload && main {
-        eprintln!("note: --cpu-offload is a no-op for the CPU trainer (everything is in host memory already)");
-    }
-    let model_ref = a.model.clone().context("--model is required")?;
-    let data_path = a.data.clone().context("--data is required")?;
-    let out = a.out.clone().context("--out is required")?;
-    let quant: Option<QuantMode> = a.quant.as_deref().map(str::parse).transpose()?;
-    let on_bad: OnBadLine = a.on_bad_line.as_deref().unwrap_or("error").parse()?;
-    qlora_train::RunSettings {
-        epochs: a.epochs,
-        eval_split: a.eval_split,
-        max_seq_len: a.max_seq_len,
-        max_grad_norm: a.max_grad_norm,
-        lora_dropout: a.lora_dropout,
-        rank: a.rank,
-        alpha: a.alpha,
-    }
-    .validate()?;
-    if main {
-        qlora_train::outdir::check_output_dir(&out, a.resume.as_deref(), a.force)?;
-    }
-
-    // ---- model (the tokenizer is needed to read text data)
-    let t_load = std::time::Instant::now();
     // QLORA_MEM_TRACE=1|reset: resident memory at phase boundaries (plan validation).
     qlora_memory::rss::trace("start");
-    let device: qlora_model::Device = a.device.as_deref().unwrap_or("cpu").parse()?;
-    let compute: qlora_model::BaseCompute = a
-        .compute_dtype
-        .as_deref()
-        .unwrap_or("f32")
-        .parse()
-        .context("--compute-dtype")?;
-    let mut loaded = qlora_infer::load(&model_ref, quant, false, NeedTokenizer::IfPresent)?;
-    loaded.model.set_base_compute(compute);
-    loaded.model.to_device(device)?;
-    let (model, tok) = (&loaded.model, loaded.tokenizer.as_ref());
-    let quant_s = loaded.quant.to_string();
+    let base = launch::load_base(&req)?;
     qlora_memory::rss::trace("model-loaded");
-    let load_s = t_load.elapsed().as_secs_f64();
-
-    // ---- data
-    let max_len = a.max_seq_len.unwrap_or(qlora_train::DEFAULT_MAX_SEQ_LEN);
-    let seed = a.seed.unwrap_or(0);
-    let dopts = DataOptions {
-        load: DatasetOptions {
-            format: a
-                .data_format
-                .as_deref()
-                .unwrap_or("auto")
-                .parse::<Format>()?,
-            train_on_inputs: a.train_on_inputs,
-            on_bad_line: on_bad,
-            // every row checked against the model now, not when its batch comes
-            vocab_size: Some(model.config.vocab_size),
-            max_len: Some(max_len),
-        },
-        max_seq_len: max_len,
-        packing: a.packing,
-        eval_data: a.eval_data.clone(),
-        eval_split: a.eval_split.unwrap_or(0.0),
-        seed,
-    };
-    let text_tok = tok.map(|t| t as &dyn TextTokenizer);
-    // Pre-tokenized data needs no tokenizer; for text data a tokenizer that
-    // failed to load is the real cause, so say why.
-    let tok_error = |e: anyhow::Error| -> anyhow::Error {
-        let dir = Path::new(&model_ref);
-        if tok.is_none() && dir.join("tokenizer.json").exists() {
-            if let Err(te) = Tokenizer::from_folder(dir) {
-                return e.context(format!(
-                    "the tokenizer of {model_ref} could not be loaded: {te}"
-                ));
-            }
-        }
-        e
-    };
-    let mut data = qlora_train::prepare_data(&data_path, &dopts, text_tok).map_err(tok_error)?;
+    let started = launch::start(&req, &base, comm)?;
+    let (mut trainer, opts, data) = (started.trainer, started.run, started.data);
+    qlora_memory::rss::trace("trainer-ready");
     for s in &data.skipped {
         eprintln!("skipped {s}");
     }
-
-    // ---- adapter
-    let lora = LoraOptions {
-        rank: a.rank,
-        alpha: a.alpha,
-        target: a.target.clone(),
-        rslora: a.rslora,
-        dora: a.use_dora,
-        init: a.init.clone(),
-    };
-    if a.init_adapter.is_some() && lora.any_shape_given() {
-        eprintln!(
-            "note: --rank/--alpha/--target/--rslora/--use-dora are taken from the --init-adapter config"
-        );
-    }
-    let init_from = a.init_adapter.as_deref();
-    let (peft, mut adapter) =
-        qlora_train::adapter_for(init_from, &lora, &model.config, seed, &model_ref)?;
-    if peft.use_dora && init_from.is_none() {
-        // DoRA's magnitude starts at ‖W‖ per output row (PEFT's init; B = 0).
-        model.init_dora(&mut adapter)?;
-    }
-
-    let knobs = TrainOptions {
-        batch_size: a.batch_size,
-        grad_accum: a.grad_accum,
-        max_steps: a.max_steps,
-        epochs: a.epochs,
-        lr: a.lr,
-        schedule: a.schedule.clone(),
-        warmup_steps: a.warmup_steps,
-        weight_decay: a.weight_decay,
-        beta1: a.beta1,
-        beta2: a.beta2,
-        eps: a.eps,
-        max_grad_norm: a.max_grad_norm,
-        seed: a.seed,
-        no_shuffle: a.no_shuffle,
-        lora_dropout: a.lora_dropout,
-        gradient_checkpointing: a.gradient_checkpointing,
-    };
-    let cfg = knobs.train_config(data.rows.len(), &model.config, init_from.is_some())?;
-    let identity = qlora_train::identity(&model_ref, &model.config, &quant_s, &data.rows);
-    cfg.validate()?;
-    if main {
-        qlora_train::prepare_output_dir(&out, a.resume.as_deref(), a.force)?;
-    }
-    let (rows, eval_rows) = (take(&mut data.rows), take(&mut data.eval_rows));
-    let trainer = match &a.resume {
-        Some(ck) => {
-            let t = Trainer::resume(model, cfg, identity, rows, eval_rows, ck)?;
-            t.check_same_adapter(&peft)
-                .with_context(|| format!("refusing checkpoint {}", ck.display()))?;
-            t
-        }
-        None => Trainer::new(model, cfg, identity, peft, adapter, rows, eval_rows)?,
-    };
-    let mut trainer = trainer.with_communicator(comm)?;
-    qlora_memory::rss::trace("trainer-ready");
-    let opts = RunOptions {
-        out: out.clone(),
-        stop_at_step: a.stop_at_step,
-        eval_every: a.eval_every.unwrap_or(0),
-        save_every: a.save_every.unwrap_or(0),
-        resumed_from: a.resume.clone(),
-        follower: !main,
-    };
     if !main {
         // ranks > 0 train in step with rank 0 and write nothing
         trainer.run(&opts, &mut qlora_train::Silent)?;
         return Ok(());
     }
-    if world > 1 {
-        let (b, acc) = (trainer.cfg.batch_size, trainer.cfg.grad_accum);
-        println!(
-            "parallel   {world} processes ({}), data parallel: {b} rows per process per micro-batch, {} per step; shard none",
-            comm.backend(),
-            b * acc * world
-        );
-    }
-
-    let base = format!("{model_ref} (loaded in {load_s:.1}s, base weights {quant_s}");
-    train_view::print_summary(&trainer, &base, &data, a.packing, max_len);
+    train_view::print_summary(&trainer, &req, &base, &data, comm);
 
     // ---- train, with greedy samples of held-out prompts before and after
-    const SAMPLE_TOKENS: usize = 48;
-    let prompts = &data.sample_prompts;
-    let sample = |t: &Tokenizer, ad: &Adapter| {
-        qlora_infer::greedy_samples(model, t, Some(ad), prompts, SAMPLE_TOKENS)
-    };
+    let (tok, prompts) = (base.loaded.tokenizer.as_ref(), &data.sample_prompts);
     let before = match tok {
-        Some(t) if !prompts.is_empty() && trainer.step == 0 => Some(sample(t, &trainer.adapter)?),
+        Some(t) if !prompts.is_empty() && trainer.step == 0 => {
+            Some(launch::samples(&base, t, &trainer.adapter, prompts)?)
+        }
         _ => None,
     };
-    let mut progress = train_view::Progress::new(&trainer, !a.no_progress);
+    let mut progress = train_view::Progress::new(&trainer, !no_progress);
     let report = trainer.run(&opts, &mut progress)?;
     progress.bar.finish_and_clear();
     qlora_memory::rss::trace("trained");
-    let plot = out.join("loss.svg");
-    if let Err(e) = crate::plot::loss_curve(&report.history, &plot) {
-        eprintln!("warning: could not draw the loss curve: {e:#}");
-    }
-    println!(
-        "done       {} steps; final train loss {}; adapter in {}; metrics in {}; loss curve {}",
-        trainer.step,
-        report
-            .history
-            .last()
-            .map(|m| format!("{:.4}", m.loss))
-            .unwrap_or_default(),
-        report.adapter_dir.display(),
-        report.metrics_path.display(),
-        plot.display()
-    );
+    train_view::print_done(&trainer, &report, &req.out);
     if let (Some(t), Some(before)) = (tok, before) {
-        let after = sample(t, &trainer.adapter)?;
+        let after = launch::samples(&base, t, &trainer.adapter, prompts)?;
         train_view::print_samples(t, prompts, &before, &after);
-        let md = qlora_infer::samples_markdown(t, prompts, &before, &after, SAMPLE_TOKENS);
-        qlora_formats::write_atomic(&out.join("samples.md"), md.as_bytes())?;
+        launch::save_samples(&req.out, t, prompts, &before, &after)?;
     } else if tok.is_none() {
         println!("(no tokenizer with this model: sample generations skipped)");
     }
