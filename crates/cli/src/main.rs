@@ -55,7 +55,7 @@ enum Command {
 }
 
 fn main() {
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(flags::bind_optional_bools(std::env::args_os()));
     let result = match cli.command {
         Command::Inspect(a) => commands::inspect::run(a),
         Command::Eval(a) => commands::eval::run(a),

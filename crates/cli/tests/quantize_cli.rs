@@ -299,3 +299,42 @@ fn bad_input_errors_name_the_file() {
     assert!(!ok && stderr.contains("blocksize 48"), "{stderr}");
     assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 1);
 }
+
+/// `--double-quant` right before the input folder leaves it as the input (clap alone
+/// would take it as the flag's value); `--double-quant false IN` still means off.
+#[test]
+fn double_quant_flag_before_the_positional() {
+    let d = tempfile::tempdir().unwrap();
+    let model = fixtures().join("tiny_llama/model");
+    let model = model.to_str().unwrap();
+    let cfg = |out: &std::path::Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap()
+    };
+    let on = d.path().join("on");
+    let (ok, _, stderr) = qlora(&[
+        "quantize",
+        "--double-quant",
+        model,
+        "--out",
+        on.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    assert_eq!(
+        cfg(&on)["quantization_config"]["bnb_4bit_use_double_quant"],
+        true
+    );
+    let off = d.path().join("off");
+    let (ok, _, stderr) = qlora(&[
+        "quantize",
+        "--double-quant",
+        "false",
+        model,
+        "--out",
+        off.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    assert_eq!(
+        cfg(&off)["quantization_config"]["bnb_4bit_use_double_quant"],
+        false
+    );
+}

@@ -210,6 +210,38 @@ fn plan_json_and_budget_answers() {
     assert!(!ok && err.contains("foo"), "{err}");
 }
 
+/// A bare `--gradient-checkpointing` before the model reference does not swallow it
+/// (clap would take the next word as the flag's value); `true`/`false` after the flag,
+/// with or without `=`, stay its value.
+#[test]
+fn plan_optional_bool_flag_before_the_positional() {
+    let bare = json(&["plan", "--gradient-checkpointing", "llama-2-7b", "--json"]);
+    let on = json(&[
+        "plan",
+        "llama-2-7b",
+        "--gradient-checkpointing",
+        "true",
+        "--json",
+    ]);
+    let off = json(&[
+        "plan",
+        "--gradient-checkpointing",
+        "false",
+        "llama-2-7b",
+        "--json",
+    ]);
+    let off_eq = json(&[
+        "plan",
+        "--gradient-checkpointing=false",
+        "llama-2-7b",
+        "--json",
+    ]);
+    assert_eq!(bare, on);
+    assert_eq!(off, off_eq);
+    assert_ne!(on, off);
+    assert!(on["total_bytes"].as_u64() < off["total_bytes"].as_u64());
+}
+
 /// The checkpoint `qlora quantize` writes has exactly the size `qlora size`
 /// predicts from the config (its layout, JSON blobs and header), for several
 /// formats: with the offsets read back from the written file, to the byte.
