@@ -69,3 +69,29 @@ fn requantize_reports_the_logit_error_it_adds() {
         "requantized {mean} vs trained-as {trained_mean}"
     );
 }
+
+/// A .gguf base (trained with `--quant native` by default) is merged by `export-gguf`,
+/// which adds the adapter to the file's own dequantized weights: `merge` says so.
+#[test]
+fn merge_of_a_gguf_base_points_to_export_gguf() {
+    let Some(g) = common::demo_gguf() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let adapter = fixtures().join("tiny_lora_adapter/adapter");
+    let (ok, _, err) = qlora(&[
+        "merge",
+        "--model",
+        g.to_str().unwrap(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!ok);
+    assert!(
+        err.contains("qlora export-gguf") && err.contains("--quant native"),
+        "{err}"
+    );
+}
