@@ -80,7 +80,7 @@ impl GgmlWeight {
     ) -> Result<GgmlWeight, String> {
         if !NATIVE_TYPES.contains(&ty) {
             return Err(format!(
-                "ggml type {ty} cannot be held natively (supported: {})",
+                "ggml type {ty} cannot be held natively (supported: {}); use --quant nf4 or none",
                 NATIVE_TYPES.map(|t| t.to_string()).join(", ")
             ));
         }
