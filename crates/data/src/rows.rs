@@ -2,8 +2,7 @@
 //! into one row (positions restart and attention stays inside each example),
 //! truncation, and the deterministic epoch order used by the trainer.
 
-use rand::seq::SliceRandom;
-use rand::SeedableRng;
+use rand::{RngCore, SeedableRng};
 
 use crate::{Example, IGNORE_INDEX};
 
@@ -95,9 +94,43 @@ pub fn epoch_order(n: usize, seed: u64, epoch: u64, shuffle: bool) -> Vec<usize>
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(
             seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15),
         );
-        v.shuffle(&mut rng);
+        shuffle_like_rand_0_8(&mut v, &mut rng);
     }
     v
+}
+
+/// Fisher–Yates exactly as rand 0.8's `SliceRandom::shuffle` (indices drawn by its
+/// widening-multiply rejection sampler). Written out so that a `(seed, epoch)` gives
+/// the same data order whatever rand version the workspace uses (rand 0.9 shuffles
+/// differently): a checkpoint resumes onto the order it was trained with.
+fn shuffle_like_rand_0_8(v: &mut [usize], rng: &mut impl RngCore) {
+    for i in (1..v.len()).rev() {
+        v.swap(i, index_below(rng, i + 1));
+    }
+}
+
+/// A uniform index in `0..n`, as rand 0.8's `gen_range(0..n as u32)` (n ≤ u32::MAX) or
+/// `gen_range(0..n)` (u64) draws it.
+fn index_below(rng: &mut impl RngCore, n: usize) -> usize {
+    if n <= u32::MAX as usize {
+        let range = n as u32;
+        let zone = (range << range.leading_zeros()).wrapping_sub(1);
+        loop {
+            let m = rng.next_u32() as u64 * range as u64;
+            if (m as u32) <= zone {
+                return (m >> 32) as usize;
+            }
+        }
+    } else {
+        let range = n as u64;
+        let zone = (range << range.leading_zeros()).wrapping_sub(1);
+        loop {
+            let m = rng.next_u64() as u128 * range as u128;
+            if (m as u64) <= zone {
+                return (m >> 64) as usize;
+            }
+        }
+    }
 }
 
 /// Split off a held-out fraction (`frac` in (0,1)), chosen by `seed`; at least
@@ -171,5 +204,26 @@ mod tests {
         assert_eq!((t, e), (t2, e2));
         let (t, e) = split_eval(vec![1, 2], 0.01, 0);
         assert_eq!((t.len(), e.len()), (1, 1));
+    }
+
+    /// The data order of a seed is part of a checkpoint's contract: these are the orders
+    /// rand 0.8's shuffle gave (before the workspace moved to rand 0.9), pinned.
+    #[test]
+    fn epoch_order_is_pinned_to_the_rand_0_8_orders() {
+        assert_eq!(
+            epoch_order(50, 1, 0, true),
+            [
+                41, 23, 15, 2, 4, 13, 24, 43, 45, 7, 42, 16, 18, 17, 14, 40, 25, 22, 49, 5, 0, 20,
+                32, 11, 8, 31, 38, 46, 26, 36, 35, 44, 9, 33, 3, 30, 21, 1, 34, 6, 29, 48, 39, 12,
+                37, 10, 28, 47, 19, 27
+            ]
+        );
+        assert_eq!(
+            epoch_order(1000, 7, 3, true)[..30],
+            [
+                74, 522, 191, 935, 576, 31, 948, 681, 84, 170, 365, 653, 753, 805, 951, 107, 414,
+                412, 163, 679, 70, 475, 977, 292, 46, 721, 996, 150, 758, 851
+            ]
+        );
     }
 }

@@ -143,8 +143,8 @@ mod tests {
         (0..n)
             .map(|_| {
                 // Box-Muller: Gaussian weights like a real checkpoint's.
-                let u: f32 = r.gen_range(1e-7..1.0);
-                let v: f32 = r.gen();
+                let u: f32 = r.random_range(1e-7..1.0);
+                let v: f32 = r.random();
                 (-2.0 * u.ln()).sqrt() * (std::f32::consts::TAU * v).cos()
             })
             .collect()

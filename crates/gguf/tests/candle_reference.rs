@@ -53,7 +53,7 @@ const DEQUANT_TYPES: [GgmlType; 15] = [
 /// moderately sized float so that the comparison is about the decoding, not NaNs.
 fn random_blocks(t: GgmlType, n_blocks: usize, rng: &mut impl Rng) -> Vec<u8> {
     let ts = t.type_size();
-    let mut data: Vec<u8> = (0..ts * n_blocks).map(|_| rng.gen()).collect();
+    let mut data: Vec<u8> = (0..ts * n_blocks).map(|_| rng.random()).collect();
     let f16_fields: &[usize] = match t {
         GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => &[0],
         GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q8_1 | GgmlType::Q4_K | GgmlType::Q5_K => {
@@ -66,18 +66,20 @@ fn random_blocks(t: GgmlType, n_blocks: usize, rng: &mut impl Rng) -> Vec<u8> {
     };
     for b in data.chunks_exact_mut(ts) {
         for &at in f16_fields {
-            let v = f16::from_f32(rng.gen_range(-2.0f32..2.0));
+            let v = f16::from_f32(rng.random_range(-2.0f32..2.0));
             b[at..at + 2].copy_from_slice(&v.to_le_bytes());
         }
         match t {
-            GgmlType::F32 => b.copy_from_slice(&rng.gen_range(-1e3f32..1e3).to_le_bytes()),
+            GgmlType::F32 => b.copy_from_slice(&rng.random_range(-1e3f32..1e3).to_le_bytes()),
             GgmlType::F16 => {
-                b.copy_from_slice(&f16::from_f32(rng.gen_range(-1e3f32..1e3)).to_le_bytes())
+                b.copy_from_slice(&f16::from_f32(rng.random_range(-1e3f32..1e3)).to_le_bytes())
             }
             GgmlType::BF16 => {
-                b.copy_from_slice(&bf16::from_f32(rng.gen_range(-1e3f32..1e3)).to_le_bytes())
+                b.copy_from_slice(&bf16::from_f32(rng.random_range(-1e3f32..1e3)).to_le_bytes())
             }
-            GgmlType::Q8_K => b[0..4].copy_from_slice(&rng.gen_range(-0.1f32..0.1).to_le_bytes()),
+            GgmlType::Q8_K => {
+                b[0..4].copy_from_slice(&rng.random_range(-0.1f32..0.1).to_le_bytes())
+            }
             _ => {}
         }
     }
@@ -107,7 +109,7 @@ fn dequantize_matches_candle_on_random_blocks() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     for t in DEQUANT_TYPES {
         for _ in 0..4 {
-            let n_blocks = rng.gen_range(1..9) * if t.block_size() == 1 { 64 } else { 1 };
+            let n_blocks = rng.random_range(1..9) * if t.block_size() == 1 { 64 } else { 1 };
             let n = n_blocks * t.block_size();
             let data = random_blocks(t, n_blocks, &mut rng);
             let ours = dequant::dequantize(t, &data, n).unwrap();

@@ -10,7 +10,7 @@ use qlora_gguf::{GgmlType, MetaValue};
 use rand::{Rng, SeedableRng};
 
 fn rand_vec(rng: &mut impl Rng, n: usize) -> Vec<f32> {
-    (0..n).map(|_| rng.gen_range(-1.0f32..1.0)).collect()
+    (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
 }
 
 fn f32_bytes(v: &[f32]) -> Vec<u8> {
@@ -149,7 +149,7 @@ fn tiny(tied: bool, rng: &mut impl Rng) -> Tiny {
                    perm: Option<usize>,
                    rng: &mut dyn rand::RngCore| {
         let n: usize = shape.iter().product();
-        let data: Vec<f32> = (0..n).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
+        let data: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect();
         let stored = match perm {
             Some(heads) => permute_rows(&data, heads, d, shape[1]),
             None => data.clone(),

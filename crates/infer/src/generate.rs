@@ -66,7 +66,7 @@ impl Sampler {
                 break;
             }
         }
-        let r = self.rng.gen::<f64>() * mass;
+        let r = self.rng.random::<f64>() * mass;
         let mut acc = 0f64;
         for &i in &order[..kept] {
             acc += probs[i];

@@ -46,7 +46,7 @@ fn write_gguf(dir: &Path, ty: GgmlType, tied: bool, seed: u64) -> (PathBuf, usiz
         let n: usize = shape.iter().product();
         let scale = if shape.len() == 1 { 0.2 } else { 0.08 };
         let mut data: Vec<f32> = (0..n)
-            .map(|_| rng.gen_range(-1.0f32..1.0) * scale)
+            .map(|_| rng.random_range(-1.0f32..1.0) * scale)
             .collect();
         if shape.len() == 1 {
             data.iter_mut().for_each(|x| *x += 1.0);
@@ -93,7 +93,7 @@ fn batch(seed: u64) -> Batch {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     Batch::from_ids(
         (0..3)
-            .map(|_| (0..20).map(|_| rng.gen_range(0..V as u32)).collect())
+            .map(|_| (0..20).map(|_| rng.random_range(0..V as u32)).collect())
             .collect(),
     )
 }
@@ -157,7 +157,7 @@ fn native_input_gradients_follow_f32() {
     let f32m = load(&p, QuantMode::None);
     let x: Vec<f32> = {
         let mut r = rand::rngs::StdRng::seed_from_u64(4);
-        (0..5 * H).map(|_| r.gen_range(-1.0f32..1.0)).collect()
+        (0..5 * H).map(|_| r.random_range(-1.0f32..1.0)).collect()
     };
     for (a, b) in nat.layers[1].linears.iter().zip(&f32m.layers[1].linears) {
         if a.in_features != H {

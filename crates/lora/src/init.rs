@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use anyhow::{bail, Result};
 use qlora_config::ModelConfig;
-use rand::{Rng, SeedableRng};
+use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::peft::{module_shape, InitKind, PeftConfig};
@@ -37,16 +37,31 @@ pub fn init_dora_magnitudes(
     Ok(())
 }
 
+/// `n` samples of U(−bound, bound), drawn exactly as rand 0.8's `gen_range(-bound..bound)`
+/// did (23 random mantissa bits scaled into the range, redrawn when rounding reaches
+/// `bound`). Written out so that a seed gives the same adapter whatever rand version
+/// the workspace uses: rand 0.9 dropped the redraw, which shifts the stream.
 fn uniform(rng: &mut ChaCha8Rng, n: usize, bound: f32) -> Vec<f32> {
-    (0..n).map(|_| rng.gen_range(-bound..bound)).collect()
+    let (low, high) = (-bound, bound);
+    let scale = high - low;
+    (0..n)
+        .map(|_| loop {
+            // a float in [1, 2) from the top 23 bits, minus 1: [0, 1)
+            let value0_1 = f32::from_bits((rng.next_u32() >> 9) | 0x3f80_0000) - 1.0;
+            let res = value0_1 * scale + low;
+            if res < high {
+                break res;
+            }
+        })
+        .collect()
 }
 
 /// Standard normal samples by Box–Muller (keeps the dependency set small).
 fn normal(rng: &mut ChaCha8Rng, n: usize, std: f32) -> Vec<f32> {
     let mut out = Vec::with_capacity(n);
     while out.len() < n {
-        let u1: f64 = 1.0 - rng.gen::<f64>(); // (0, 1]
-        let u2: f64 = rng.gen();
+        let u1: f64 = 1.0 - rng.random::<f64>(); // (0, 1]
+        let u2: f64 = rng.random();
         let rad = (-2.0 * u1.ln()).sqrt();
         let th = std::f64::consts::TAU * u2;
         out.push((rad * th.cos()) as f32 * std);
@@ -105,4 +120,26 @@ pub fn init_adapter(peft: &PeftConfig, model: &ModelConfig, seed: u64) -> Result
         config: peft.lora_config(targets),
         layers,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::SeedableRng;
+
+    /// A seed's LoRA A init is pinned to what rand 0.8's `gen_range` drew (before the
+    /// workspace moved to rand 0.9): the first values and a hash of 100k of them.
+    #[test]
+    fn uniform_is_pinned_to_the_rand_0_8_draws() {
+        let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+        let v = super::uniform(&mut r, 100_000, 0.3);
+        let bits: Vec<u32> = v.iter().map(|x| x.to_bits()).collect();
+        let h = bits
+            .iter()
+            .fold(0u64, |h, &b| h.wrapping_mul(0x100000001b3) ^ b as u64);
+        assert_eq!(
+            bits[..6],
+            [993246976, 3194819903, 1049287402, 1043153948, 1049579960, 3183438174]
+        );
+        assert_eq!(h, 6822871514675208848);
+    }
 }

@@ -119,8 +119,8 @@ fn tiny_adapter() -> PathBuf {
 fn randn(r: &mut rand::rngs::StdRng, n: usize, std: f32, mean: f32) -> Vec<f32> {
     (0..n)
         .map(|_| {
-            let u: f32 = r.gen_range(1e-7..1.0);
-            let v: f32 = r.gen();
+            let u: f32 = r.random_range(1e-7..1.0);
+            let v: f32 = r.random();
             mean + std * (-2.0 * u.ln()).sqrt() * (std::f32::consts::TAU * v).cos()
         })
         .collect()

@@ -301,7 +301,7 @@ fn kv_cache_with_adapter_equals_full_forward() {
     let model = tiny(QuantMode::Bf16);
     let mut rng = rand::rngs::StdRng::seed_from_u64(3);
     let mut randn =
-        |n: usize| -> Vec<f32> { (0..n).map(|_| rng.gen_range(-0.35f32..0.35)).collect() };
+        |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-0.35f32..0.35)).collect() };
     let mut layers = std::collections::BTreeMap::new();
     for l in 0..2 {
         for (short, [o, i]) in model.config.linear_shapes() {

@@ -394,7 +394,7 @@ mod tests {
     fn random_blocks(ty: GgmlType, nblocks: usize, seed: u64) -> Vec<u8> {
         let mut r = rand::rngs::StdRng::seed_from_u64(seed);
         let ts = ty.type_size();
-        let mut v: Vec<u8> = (0..nblocks * ts).map(|_| r.gen()).collect();
+        let mut v: Vec<u8> = (0..nblocks * ts).map(|_| r.random()).collect();
         let scale_offsets: &[usize] = match ty {
             GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => &[0],
             GgmlType::Q4_1 | GgmlType::Q5_1 => &[0, 2],
@@ -407,11 +407,11 @@ mod tests {
         };
         for b in 0..nblocks {
             for &o in scale_offsets {
-                let h = half::f16::from_f32(r.gen_range(-2.0f32..2.0));
+                let h = half::f16::from_f32(r.random_range(-2.0f32..2.0));
                 v[b * ts + o..b * ts + o + 2].copy_from_slice(&h.to_le_bytes());
             }
             if ty == GgmlType::BF16 {
-                let h = half::bf16::from_f32(r.gen_range(-2.0f32..2.0));
+                let h = half::bf16::from_f32(r.random_range(-2.0f32..2.0));
                 v[b * ts..b * ts + 2].copy_from_slice(&h.to_le_bytes());
             }
         }

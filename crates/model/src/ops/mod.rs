@@ -225,7 +225,9 @@ pub(crate) mod testutil {
 
     pub fn rand_vec(n: usize, seed: u64, scale: f32) -> Vec<f32> {
         let mut r = rand::rngs::StdRng::seed_from_u64(seed);
-        (0..n).map(|_| r.gen_range(-1.0f32..1.0) * scale).collect()
+        (0..n)
+            .map(|_| r.random_range(-1.0f32..1.0) * scale)
+            .collect()
     }
 
     pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
