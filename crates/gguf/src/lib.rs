@@ -11,6 +11,8 @@
 //!   and Hugging Face tensor names/layout (including the inverse of llama.cpp's
 //!   Q/K row permutation), one tensor at a time.
 //!
+//! - [`export_meta`]: the metadata of a llama-family export: hyper-parameters from a
+//!   `ModelConfig`, and the tokenizer (copied from a GGUF, or converted from an HF folder).
 //! - [`writer`]: GGUF output, in memory ([`writer::GgufWriter`]) or streamed tensor by
 //!   tensor to a temporary file renamed at the end ([`writer::StreamWriter`]).
 //! - `quantize` (feature `quantize`): f32 → ggml block types through candle's ports of
@@ -23,6 +25,7 @@ use std::sync::Arc;
 
 pub mod dequant;
 mod error;
+pub mod export_meta;
 pub mod llama;
 mod metadata;
 #[cfg(feature = "quantize")]

@@ -28,12 +28,12 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Context, Result};
 use qlora_config::{Architecture, ModelConfig};
+use qlora_gguf::export_meta;
 use qlora_gguf::llama::{gguf_name, permute_rows};
 use qlora_gguf::writer::{StreamWriter, TensorPlan};
 use qlora_gguf::{GgmlType, MetaValue};
 use qlora_lora::Adapter;
 
-use crate::gguf_meta;
 use crate::source::{expected_names, SourceModel};
 
 /// The `--type` of an export.
@@ -312,18 +312,18 @@ pub fn export_gguf(
         .unwrap_or_else(|| "model".into());
     let (general, tokenizer, tokenizer_source) = match src.gguf() {
         Some(g) => {
-            let (keys, tok) = gguf_meta::copied_from_gguf(g.file().header(), c.vocab_size)?;
+            let (keys, tok) = export_meta::copied_from_gguf(g.file().header(), c.vocab_size)?;
             (keys, tok, format!("copied from {}", model.display()))
         }
         None => (
             Vec::new(),
-            gguf_meta::tokenizer_from_folder(model, &c)?,
+            export_meta::tokenizer_from_folder(model, &c)?,
             format!("converted from {}", model.join("tokenizer.json").display()),
         ),
     };
     let mut md: Vec<(String, MetaValue)> = vec![(
         "general.architecture".into(),
-        MetaValue::String(gguf_meta::gguf_arch(&c).into()),
+        MetaValue::String(export_meta::gguf_arch(&c).into()),
     )];
     let name = opts.name.clone().or_else(|| {
         general
@@ -336,7 +336,7 @@ pub fn export_gguf(
         MetaValue::String(name.unwrap_or(default_name)),
     ));
     md.extend(general.into_iter().filter(|(k, _)| k != "general.name"));
-    md.extend(gguf_meta::hyper_params(&c));
+    md.extend(export_meta::hyper_params(&c));
     md.push((
         "general.file_type".into(),
         MetaValue::U32(opts.ty.file_type()),
@@ -346,7 +346,7 @@ pub fn export_gguf(
     md.push(("general.alignment".into(), MetaValue::U32(32)));
 
     // Tensor plan, in llama.cpp's usual order (rope_freqs, embedding, layers, norm, output).
-    let rope = gguf_meta::rope_freqs(&c);
+    let rope = export_meta::rope_freqs(&c);
     let hf_names = expected_names(&c);
     let mut plans = Vec::new();
     let mut types = Vec::new();
@@ -412,7 +412,7 @@ pub fn export_gguf(
         let g = gguf_name(&hf).expect("planned names are mapped");
         // llama.cpp's llama architecture wants interleaved-RoPE q/k rows; its qwen2/qwen3
         // converters keep HF's order.
-        if !opts.skip_qk_permutation && gguf_meta::gguf_arch(&c) == "llama" {
+        if !opts.skip_qk_permutation && export_meta::gguf_arch(&c) == "llama" {
             if hf.ends_with("self_attn.q_proj.weight") {
                 data = permute_rows(&data, c.num_attention_heads, c.head_dim, c.hidden_size);
             } else if hf.ends_with("self_attn.k_proj.weight") {

@@ -23,7 +23,6 @@ use std::path::{Path, PathBuf};
 
 pub mod gguf_check;
 pub mod gguf_export;
-mod gguf_meta;
 pub mod prompts;
 pub mod requantize;
 pub mod source;

@@ -6,10 +6,10 @@
 use std::collections::HashMap;
 use std::path::Path;
 
+use crate::llama::{LLAMA3_PRE_REGEX, QWEN2_PRE_REGEX};
+use crate::{GgufHeader, MetaValue};
 use anyhow::{bail, Context, Result};
 use qlora_config::{Architecture, ModelConfig, RopeScaling};
-use qlora_gguf::llama::{LLAMA3_PRE_REGEX, QWEN2_PRE_REGEX};
-use qlora_gguf::{GgufHeader, MetaValue};
 use serde_json::Value;
 
 /// llama.cpp's `llama_token_type` values.
