@@ -219,3 +219,45 @@ fn qwen3_qk_norm_backward_matches_finite_differences() {
         "analytic {predicted} vs finite difference {fd}"
     );
 }
+
+/// bnb-4bit checkpoints of the random Qwen3 models (transformers + bitsandbytes 0.50.2
+/// `save_pretrained`, NF4 + double quant, gen.py `bnb_checkpoints`): qlora uses the stored
+/// blocks as they are and its loss equals transformers' on the same pre-quantized model.
+#[test]
+fn qwen3_bnb4_checkpoint_eval_loss_matches_transformers() {
+    let exp = expected();
+    let bnb: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir().join("bnb.json")).unwrap()).unwrap();
+    for name in ["gqa_tied", "gqa_wide_head"] {
+        let (e, want) = (&exp[name], &bnb[name]);
+        // Pre-quantized weights are used as stored whatever the requested mode.
+        for quant in [QuantMode::None, QuantMode::Nf4] {
+            let m = Model::from_folder(dir().join(format!("{name}_bnb4")), &LoadOptions { quant })
+                .unwrap();
+            assert_eq!(m.config.architecture.as_str(), "qwen3");
+            let ids = rows(&e["input_ids"]);
+            for (prefix, key) in [
+                (0, "loss"),
+                (e["mask_prefix"].as_u64().unwrap() as usize, "loss_masked"),
+            ] {
+                let (sum, n) = m.loss(&batch(&ids, prefix), None).unwrap();
+                let got = sum / n as f64;
+                let w = want[key].as_f64().unwrap();
+                let rel = ((got - w) / w).abs();
+                eprintln!("{name}_bnb4 {key}: {got} vs transformers+bnb {w} (rel {rel:e})");
+                assert!(rel < 1e-5, "{name}_bnb4 {key}: {got} vs {w}");
+                // and it is not the f32 model's loss (the checkpoint really is 4-bit)
+                assert!((got - e[key].as_f64().unwrap()).abs() > 1e-3);
+            }
+            let logits = m.forward_logits(&batch(&ids, 0), None).unwrap();
+            let d = logits
+                .at(0, 3)
+                .iter()
+                .zip(want["logits_row0_pos3"].as_array().unwrap())
+                .map(|(a, b)| (a - b.as_f64().unwrap() as f32).abs())
+                .fold(0f32, f32::max);
+            eprintln!("{name}_bnb4 logits max abs diff {d:e}");
+            assert!(d < 1e-4, "{name}_bnb4: logits differ by {d}");
+        }
+    }
+}

@@ -1,0 +1,147 @@
+//! Qwen3 LoRA training against torch + PEFT 0.21.2 (crates/model/tests/fixtures/qwen3/trajectory,
+//! gen.py there): 6 AdamW steps with LoRA on all 7 projections of a random tiny Qwen3 (GQA 4:1,
+//! head_dim 12 != hidden/heads, untied, per-head q/k RMSNorm), on the f32 folder and on its
+//! bnb-4bit (NF4 + double quant) checkpoint.
+
+use std::path::PathBuf;
+
+use qlora_data::rows::Row;
+use qlora_data::Example;
+use qlora_lora::load_adapter;
+use qlora_model::{LoadOptions, Model, QuantMode};
+use qlora_train::params::params_of;
+use qlora_train::{AdamW, Identity, ScheduleKind, StepMetrics, TrainConfig, Trainer};
+use safetensors::SafeTensors;
+
+fn q3() -> PathBuf {
+    PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../model/tests/fixtures/qwen3"
+    ))
+}
+
+fn st_f32(st: &SafeTensors, k: &str) -> Vec<f32> {
+    st.tensor(k)
+        .unwrap()
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect()
+}
+
+fn st_i64(st: &SafeTensors, k: &str) -> Vec<i64> {
+    st.tensor(k)
+        .unwrap()
+        .data()
+        .chunks_exact(8)
+        .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+        .collect()
+}
+
+fn cfg() -> TrainConfig {
+    TrainConfig {
+        batch_size: 2,
+        grad_accum: 1,
+        max_steps: 6,
+        lr: 1e-3,
+        schedule: ScheduleKind::Constant,
+        warmup_steps: 0,
+        adamw: AdamW::default(),
+        max_grad_norm: Some(1.0),
+        seed: 0,
+        shuffle: false,
+        lora_dropout: 0.0,
+        checkpointing: false,
+        pad_id: 0,
+    }
+}
+
+fn check(model_dir: &str, traj: &str) {
+    let model = Model::from_folder(
+        q3().join(model_dir),
+        &LoadOptions {
+            quant: QuantMode::None,
+        },
+    )
+    .unwrap();
+    assert_eq!(model.config.architecture.as_str(), "qwen3");
+    let dir = q3().join("trajectory").join(traj);
+    let bytes = std::fs::read(dir.join("trajectory.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let mut rows = Vec::new();
+    for i in 0..6 {
+        let ids = st_i64(&st, &format!("batch{i}_input_ids"));
+        let labels = st_i64(&st, &format!("batch{i}_labels"));
+        for r in 0..2 {
+            rows.push(Row::single(Example {
+                input_ids: ids[r * 16..(r + 1) * 16]
+                    .iter()
+                    .map(|&x| x as u32)
+                    .collect(),
+                labels: labels[r * 16..(r + 1) * 16].to_vec(),
+            }));
+        }
+    }
+    let (peft, ad) =
+        load_adapter(q3().join("trajectory/start_adapter"), Some(&model.config)).unwrap();
+    let ident = Identity {
+        model_ref: model_dir.into(),
+        model_config_hash: "h".into(),
+        quant: "none".into(),
+        data_hash: "d".into(),
+    };
+    let mut t = Trainer::new(&model, cfg(), ident, peft, ad, rows, vec![]).unwrap();
+    let mut m: Vec<StepMetrics> = Vec::new();
+    while !t.done() {
+        m.push(t.train_step().unwrap());
+    }
+    assert_eq!(m.len(), 6);
+    let (loss, norm) = (st_f32(&st, "loss"), st_f32(&st, "grad_norm"));
+    let (mut wl, mut wn) = (0f64, 0f64);
+    for i in 0..6 {
+        let rl = (m[i].loss - loss[i] as f64).abs() / loss[i] as f64;
+        let rn = (m[i].grad_norm - norm[i] as f64).abs() / norm[i] as f64;
+        (wl, wn) = (wl.max(rl), wn.max(rn));
+        assert!(
+            rl < 1e-4,
+            "{traj} step {i}: loss {} vs {}",
+            m[i].loss,
+            loss[i]
+        );
+        assert!(
+            rn < 1e-4,
+            "{traj} step {i}: grad norm {} vs {}",
+            m[i].grad_norm,
+            norm[i]
+        );
+        assert_eq!(m[i].target_tokens, 24);
+    }
+    let (_, want) = load_adapter(dir.join("final_adapter"), None).unwrap();
+    let (got, want) = (params_of(&t.adapter).unwrap(), params_of(&want).unwrap());
+    assert_eq!(got.len(), 28, "A and B of 14 modules");
+    let mut worst = 0f32;
+    for (g, w) in got.iter().zip(&want) {
+        assert_eq!(g.key(), w.key());
+        let scale = w.data.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let d = g
+            .data
+            .iter()
+            .zip(&w.data)
+            .fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+        worst = worst.max(d / scale);
+    }
+    eprintln!(
+        "qwen3 {traj}: losses rel {wl:e}, grad norms rel {wn:e}, final adapter max rel diff {worst:e}"
+    );
+    assert!(worst < 1e-4, "{traj}: final adapter max rel diff {worst}");
+}
+
+#[test]
+fn qwen3_lora_trajectory_matches_torch_peft() {
+    check("gqa_wide_head", "f32");
+}
+
+#[test]
+fn qwen3_qlora_trajectory_matches_torch_peft() {
+    check("gqa_wide_head_bnb4", "nf4");
+}
