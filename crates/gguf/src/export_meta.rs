@@ -146,7 +146,9 @@ fn pre_name(pre: &Value) -> Option<&'static str> {
             .map(str::to_string)
     };
     match ty {
-        "ByteLevel" if is_byte_level(pre, true) => Some("gpt2"),
+        // llama.cpp's name is "gpt-2" (llama-vocab.cpp); it refuses "gpt2" ("unknown
+        // pre-tokenizer type").
+        "ByteLevel" if is_byte_level(pre, true) => Some("gpt-2"),
         "Sequence" => {
             let parts = pre.get("pretokenizers")?.as_array()?;
             match parts.as_slice() {
@@ -368,7 +370,7 @@ mod tests {
     #[test]
     fn pre_tokenizer_names_follow_llama_cpp() {
         let bl = |r: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "use_regex": r});
-        assert_eq!(pre_name(&bl(true)), Some("gpt2"));
+        assert_eq!(pre_name(&bl(true)), Some("gpt-2"));
         assert_eq!(pre_name(&bl(false)), None);
         let smollm = json!({"type": "Sequence", "pretokenizers": [
             {"type": "Digits", "individual_digits": true}, bl(true)]});
