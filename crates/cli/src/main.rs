@@ -48,7 +48,8 @@ enum Command {
     Plan(Box<commands::plan::Args>),
     /// Merge a LoRA adapter into its base model (HF folder, or bnb-4bit with --requantize).
     Merge(commands::merge::Args),
-    /// Export a model (+ merged adapter) as a llama.cpp GGUF file (f16, q8_0, q4_0, q4_k), then check it.
+    /// Export a model (+ merged adapter) as a llama.cpp GGUF file (f16, q8_0, q4_0, q4_k, q4_k_m, q5_k_m), then
+    /// check it.
     ExportGguf(commands::export_gguf::Args),
     /// Token ids of a text (or a chat with --chat) under a model's tokenizer.
     Tokenize(commands::tokenize::Args),

@@ -17,6 +17,14 @@
 //! - `q4_k`: Q4_K with Q6_K for the output projection: llama.cpp's Q4_K_S base rule
 //!   (without its per-layer bumps of a few attn_v / ffn_down tensors to Q5_K/Q6_K).
 //!   `general.file_type` says MOSTLY_Q4_K_S.
+//! - `q4_k_m` / `q5_k_m`: llama.cpp's mixed recipes LLAMA_FTYPE_MOSTLY_Q4_K_M / Q5_K_M
+//!   (`llama_tensor_get_type_impl` in llama.cpp's src/llama-quant.cpp): Q4_K (Q5_K) base;
+//!   `attn_v.weight` and `ffn_down.weight` of the layers where `use_more_bits(i_layer,
+//!   n_layer)` holds ([`use_more_bits`]: the first and last eighth of the layers and
+//!   every third layer in between) take Q6_K; the output projection Q6_K as above (Q8_0
+//!   when its rows are not a multiple of 256). The token embedding of an untied model
+//!   keeps the base type. For attn_v llama.cpp counts attn_v tensors in file order, which
+//!   for these architectures (one attn_v per layer, written by layer) is the layer index.
 //! - Fallback when a row length is not a multiple of the block size (K-quants need
 //!   256: SmolLM2's 576-wide rows): llama.cpp's own fallback chain, Q4_K → Q5_0,
 //!   Q6_K → Q8_0, and anything whose rows are not a multiple of 32 → F16.
@@ -43,6 +51,10 @@ pub enum ExportType {
     Q8_0,
     Q4_0,
     Q4K,
+    /// llama.cpp's Q4_K_M mix.
+    Q4KM,
+    /// llama.cpp's Q5_K_M mix.
+    Q5KM,
 }
 
 impl std::str::FromStr for ExportType {
@@ -53,7 +65,11 @@ impl std::str::FromStr for ExportType {
             "q8_0" => ExportType::Q8_0,
             "q4_0" => ExportType::Q4_0,
             "q4_k" | "q4_k_s" => ExportType::Q4K,
-            other => bail!("unknown GGUF type `{other}` (expected f16, q8_0, q4_0 or q4_k)"),
+            "q4_k_m" => ExportType::Q4KM,
+            "q5_k_m" => ExportType::Q5KM,
+            other => bail!(
+                "unknown GGUF type `{other}` (expected f16, q8_0, q4_0, q4_k, q4_k_m or q5_k_m)"
+            ),
         })
     }
 }
@@ -65,6 +81,8 @@ impl ExportType {
             ExportType::Q8_0 => "q8_0",
             ExportType::Q4_0 => "q4_0",
             ExportType::Q4K => "q4_k",
+            ExportType::Q4KM => "q4_k_m",
+            ExportType::Q5KM => "q5_k_m",
         }
     }
 
@@ -75,6 +93,9 @@ impl ExportType {
             ExportType::Q8_0 => 7,
             ExportType::Q4_0 => 2,
             ExportType::Q4K => 14,
+            // LLAMA_FTYPE_MOSTLY_Q4_K_M, LLAMA_FTYPE_MOSTLY_Q5_K_M (llama.h)
+            ExportType::Q4KM => 15,
+            ExportType::Q5KM => 17,
         }
     }
 
@@ -84,7 +105,8 @@ impl ExportType {
             ExportType::F16 => GgmlType::F16,
             ExportType::Q8_0 => GgmlType::Q8_0,
             ExportType::Q4_0 => GgmlType::Q4_0,
-            ExportType::Q4K => GgmlType::Q4_K,
+            ExportType::Q4K | ExportType::Q4KM => GgmlType::Q4_K,
+            ExportType::Q5KM => GgmlType::Q5_K,
         }
     }
 }
@@ -101,7 +123,12 @@ pub fn tensor_type(
         return (GgmlType::F32, None);
     }
     let mut t = ty.base();
-    if output_side && matches!(ty, ExportType::Q4_0 | ExportType::Q4K) {
+    if output_side
+        && matches!(
+            ty,
+            ExportType::Q4_0 | ExportType::Q4K | ExportType::Q4KM | ExportType::Q5KM
+        )
+    {
         t = GgmlType::Q6_K;
     }
     let cols = shape[shape.len() - 1];
@@ -111,6 +138,48 @@ pub fn tensor_type(
         format!(
             "{wanted} needs rows that are a multiple of {}, these have {cols}",
             wanted.block_size()
+        )
+    });
+    (t, why)
+}
+
+/// llama.cpp's `use_more_bits(i_layer, n_layers)` (src/llama-quant.cpp): the layers whose
+/// `attn_v` / `ffn_down` the `_M` recipes give more bits: the first eighth, the last
+/// eighth, and every third layer in between (integer division as in C).
+pub fn use_more_bits(i_layer: usize, n_layers: usize) -> bool {
+    let e = n_layers / 8;
+    i_layer < e || i_layer >= 7 * n_layers / 8 || (i_layer - e) % 3 == 2
+}
+
+/// The ggml type of the GGUF tensor `name` (`blk.N.attn_v.weight`, `output.weight`, ...)
+/// of shape `shape` in a model of `n_layers` layers: [`tensor_type`] plus the per-layer
+/// Q6_K bumps of the `_M` recipes (see the module docs).
+pub fn recipe_type(
+    ty: ExportType,
+    name: &str,
+    shape: &[usize],
+    tied: bool,
+    n_layers: usize,
+) -> (GgmlType, Option<String>) {
+    let output_side = name == "output.weight" || (tied && name == "token_embd.weight");
+    let bumped = matches!(ty, ExportType::Q4KM | ExportType::Q5KM)
+        && shape.len() >= 2
+        && (name.ends_with(".attn_v.weight") || name.ends_with(".ffn_down.weight"))
+        && name
+            .strip_prefix("blk.")
+            .and_then(|r| r.split('.').next())
+            .and_then(|i| i.parse::<usize>().ok())
+            .is_some_and(|i| use_more_bits(i, n_layers));
+    if !bumped {
+        return tensor_type(ty, shape, output_side);
+    }
+    let cols = shape[shape.len() - 1];
+    let t = GgmlType::Q6_K.for_row(cols as u64);
+    let why = (t != GgmlType::Q6_K).then(|| {
+        format!(
+            "{} needs rows that are a multiple of {}, these have {cols}",
+            GgmlType::Q6_K,
+            GgmlType::Q6_K.block_size()
         )
     });
     (t, why)
@@ -360,9 +429,13 @@ pub fn export_gguf(
     for hf in &hf_names {
         let shape = expected_shape(&c, hf);
         let g = gguf_name(hf).with_context(|| format!("no GGUF name for {hf}"))?;
-        let output_side =
-            g == "output.weight" || (c.tie_word_embeddings && g == "token_embd.weight");
-        let (t, why) = tensor_type(opts.ty, &shape, output_side);
+        let (t, why) = recipe_type(
+            opts.ty,
+            &g,
+            &shape,
+            c.tie_word_embeddings,
+            c.num_hidden_layers,
+        );
         plans.push(TensorPlan {
             name: g,
             dims: shape.iter().rev().map(|&d| d as u64).collect(),
@@ -489,10 +562,56 @@ mod tests {
     }
 
     #[test]
+    fn k_m_recipes_bump_attn_v_and_ffn_down_where_llama_cpp_does() {
+        use ExportType::*;
+        use GgmlType as G;
+        // 32 layers (Llama-3-8B): n/8 = 4, 7n/8 = 28, and (i - 4) % 3 == 2 in between.
+        let more: Vec<usize> = (0..32).filter(|&i| use_more_bits(i, 32)).collect();
+        assert_eq!(
+            more,
+            [0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31]
+        );
+        // 30 layers (the demo model): n/8 = 3, 7n/8 = 26.
+        let more: Vec<usize> = (0..30).filter(|&i| use_more_bits(i, 30)).collect();
+        assert_eq!(more, [0, 1, 2, 5, 8, 11, 14, 17, 20, 23, 26, 27, 28, 29]);
+        // 2 layers: n/8 = 0, 7n/8 = 1: only the last layer.
+        assert!(!use_more_bits(0, 2) && use_more_bits(1, 2));
+        let r = |ty, name: &str, shape: &[usize], tied| recipe_type(ty, name, shape, tied, 32).0;
+        for (ty, base) in [(Q4KM, G::Q4_K), (Q5KM, G::Q5_K)] {
+            assert_eq!(r(ty, "blk.0.attn_v.weight", &[1024, 4096], false), G::Q6_K);
+            assert_eq!(r(ty, "blk.4.attn_v.weight", &[1024, 4096], false), base);
+            assert_eq!(
+                r(ty, "blk.6.ffn_down.weight", &[4096, 14336], false),
+                G::Q6_K
+            );
+            assert_eq!(r(ty, "blk.7.ffn_down.weight", &[4096, 14336], false), base);
+            // only attn_v and ffn_down are bumped
+            for n in ["attn_q", "attn_k", "attn_output", "ffn_gate", "ffn_up"] {
+                assert_eq!(
+                    r(ty, &format!("blk.0.{n}.weight"), &[4096, 4096], false),
+                    base
+                );
+            }
+            assert_eq!(r(ty, "output.weight", &[128256, 4096], false), G::Q6_K);
+            assert_eq!(r(ty, "token_embd.weight", &[128256, 4096], false), base);
+            assert_eq!(r(ty, "token_embd.weight", &[128256, 4096], true), G::Q6_K);
+            assert_eq!(r(ty, "blk.0.attn_norm.weight", &[4096], false), G::F32);
+            // fallbacks: Q6_K -> Q8_0, Q4_K -> Q5_0, Q5_K -> Q5_1 (576-wide rows)
+            assert_eq!(r(ty, "blk.0.attn_v.weight", &[192, 576], false), G::Q8_0);
+            let fb = if ty == Q4KM { G::Q5_0 } else { G::Q5_1 };
+            assert_eq!(r(ty, "blk.4.attn_v.weight", &[192, 576], false), fb);
+            assert_eq!(r(ty, "blk.0.attn_v.weight", &[64, 80], false), G::F16);
+        }
+    }
+
+    #[test]
     fn export_type_parses_the_cli_spellings() {
         assert_eq!("Q4_K".parse::<ExportType>().unwrap(), ExportType::Q4K);
         assert_eq!("q8_0".parse::<ExportType>().unwrap(), ExportType::Q8_0);
         let e = "q3_k".parse::<ExportType>().unwrap_err().to_string();
-        assert!(e.contains("expected f16, q8_0, q4_0 or q4_k"), "{e}");
+        assert!(
+            e.contains("expected f16, q8_0, q4_0, q4_k, q4_k_m or q5_k_m"),
+            "{e}"
+        );
     }
 }

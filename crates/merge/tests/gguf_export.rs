@@ -150,11 +150,16 @@ fn write_safetensors(path: &Path, tensors: &[(String, Vec<usize>, Vec<f32>)]) {
 /// without fallback), 2 layers, GQA 2, head_dim 64, with a tokenizer; and a random
 /// PEFT adapter (r 4, alpha 8, all seven projections) for it.
 fn wide_model(tmp: &Path) -> (PathBuf, PathBuf) {
-    let dir = tmp.join("wide");
+    wide_model_layers(tmp, 2)
+}
+
+/// [`wide_model`] with `n_layers` layers.
+fn wide_model_layers(tmp: &Path, n_layers: usize) -> (PathBuf, PathBuf) {
+    let dir = tmp.join(format!("wide{n_layers}"));
     std::fs::create_dir_all(&dir).unwrap();
     let cfg = serde_json::json!({
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 256,
-        "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "intermediate_size": 512, "num_hidden_layers": n_layers, "num_attention_heads": 4,
         "num_key_value_heads": 2, "head_dim": 64, "vocab_size": 320, "rms_norm_eps": 1e-5,
         "rope_theta": 10000.0, "max_position_embeddings": 256, "tie_word_embeddings": true,
         "bos_token_id": 317, "eos_token_id": 318, "torch_dtype": "float32"
@@ -189,7 +194,7 @@ fn wide_model(tmp: &Path) -> (PathBuf, PathBuf) {
     write_safetensors(&dir.join("model.safetensors"), &tensors);
     write_tokenizer(&dir, 320);
 
-    let ad = tmp.join("wide_adapter");
+    let ad = tmp.join(format!("wide{n_layers}_adapter"));
     std::fs::create_dir_all(&ad).unwrap();
     let mut cfg: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(tiny_adapter().join("adapter_config.json")).unwrap(),
@@ -198,7 +203,7 @@ fn wide_model(tmp: &Path) -> (PathBuf, PathBuf) {
     cfg["base_model_name_or_path"] = "wide".into();
     std::fs::write(ad.join("adapter_config.json"), cfg.to_string()).unwrap();
     let mut lora = Vec::new();
-    for l in 0..2 {
+    for l in 0..n_layers {
         for (short, [o, i]) in c.linear_shapes() {
             let m = qlora_config::ModelConfig::linear_path(l, short);
             lora.push((
@@ -391,6 +396,70 @@ fn q4_0_and_q4_k_exports_stay_within_the_quantization_bound() {
         .find(|t| t.name == "output.weight")
         .unwrap();
     assert_eq!(out_t.ggml_type, GgmlType::Q8_0, "Q6_K → Q8_0 fallback");
+}
+
+/// `--type q4_k_m` / `q5_k_m` on an 8-layer model with 256-wide rows: every tensor has
+/// the type llama.cpp's recipe gives it (`llama_tensor_get_type_impl`, src/llama-quant.cpp:
+/// attn_v and ffn_down of the layers where use_more_bits(i, 8) holds, i.e. 0, 3, 6, 7,
+/// take Q6_K; the tied embedding, being the output, Q6_K), its bytes are those of the
+/// reference quantizer (candle's port of ggml's quantize_row_*_ref) applied to the merged
+/// weights in GGUF row order, and the file reads back within the quantization bound.
+#[test]
+fn q4_k_m_and_q5_k_m_follow_llama_cpps_recipe_byte_for_byte() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, adapter) = wide_model_layers(tmp.path(), 8);
+    let src = SourceModel::open(&model).unwrap();
+    let c = src.config().clone();
+    let (_, ad) = qlora_lora::load_adapter(&adapter, Some(&c)).unwrap();
+    for (ty, base, file_type) in [
+        (ExportType::Q4KM, GgmlType::Q4_K, 15u32),
+        (ExportType::Q5KM, GgmlType::Q5_K, 17),
+    ] {
+        let out = tmp.path().join(format!("wide8-{}.gguf", ty.as_str()));
+        let ck = export_and_check(&model, Some(&adapter), &out, &ExportOptions::new(ty));
+        assert_within_bounds(&ck);
+        let f = GgufFile::open(&out).unwrap();
+        assert_eq!(
+            f.metadata().get("general.file_type"),
+            Some(&MetaValue::U32(file_type))
+        );
+        let mut bumped = Vec::new();
+        for hf in qlora_merge::source::expected_names(&c) {
+            let g = qlora_gguf::llama::gguf_name(&hf).unwrap();
+            let (shape, mut w) = src.tensor(&hf).unwrap();
+            let layer: Option<usize> = g
+                .strip_prefix("blk.")
+                .map(|r| r.split('.').next().unwrap().parse().unwrap());
+            let want = if shape.len() == 1 {
+                GgmlType::F32
+            } else if g == "token_embd.weight" {
+                GgmlType::Q6_K
+            } else if (g.ends_with("attn_v.weight") || g.ends_with("ffn_down.weight"))
+                && [0, 3, 6, 7].contains(&layer.unwrap())
+            {
+                bumped.push(g.clone());
+                GgmlType::Q6_K
+            } else {
+                base
+            };
+            let got = f.tensor_info(&g).unwrap().ggml_type;
+            assert_eq!(got, want, "{ty:?} {g}");
+            if let Some(l) = ad.get(hf.trim_end_matches(".weight")) {
+                qlora_merge::add_delta(&mut w, l, ad.scaling() as f32).unwrap();
+            }
+            if hf.ends_with("q_proj.weight") {
+                w = qlora_gguf::llama::permute_rows(&w, 4, 64, 256);
+            } else if hf.ends_with("k_proj.weight") {
+                w = qlora_gguf::llama::permute_rows(&w, 2, 64, 256);
+            }
+            let reference = qlora_gguf::quantize::quantize_reference(want, &w).unwrap();
+            assert!(
+                f.tensor_data(&g).unwrap() == reference.as_slice(),
+                "{ty:?} {g}: bytes differ from the reference quantizer"
+            );
+        }
+        assert_eq!(bumped.len(), 8, "{bumped:?}");
+    }
 }
 
 #[test]

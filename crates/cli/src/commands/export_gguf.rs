@@ -1,5 +1,5 @@
-//! `qlora export-gguf --model <ref> [--adapter <dir>] --out model.gguf --type f16|q8_0|q4_0|q4_k
-//! [--force] [--no-check]`: a llama-architecture GGUF file for llama.cpp, with the adapter
+//! `qlora export-gguf --model <ref> [--adapter <dir>] --out model.gguf
+//! --type f16|q8_0|q4_0|q4_k|q4_k_m|q5_k_m [--force] [--no-check]`: a llama.cpp GGUF file, with the adapter
 //! merged in f32, then a read-back check: the written file loaded by our own GGUF loader
 //! vs the source model running the adapter unmerged (max / mean |Δlogit|).
 //!
@@ -25,8 +25,9 @@ pub struct Args {
     /// Output .gguf file.
     #[arg(long)]
     pub out: PathBuf,
-    /// Tensor type of the matrices (norms stay f32; see `--help` of the crate docs for fallbacks).
-    #[arg(long = "type", value_parser = ["f16", "q8_0", "q4_0", "q4_k"])]
+    /// Tensor type of the matrices (norms stay f32; q4_k_m / q5_k_m: llama.cpp's mixes with Q6_K
+    /// for some attn_v / ffn_down layers and the output; see the crate docs for fallbacks).
+    #[arg(long = "type", value_parser = ["f16", "q8_0", "q4_0", "q4_k", "q4_k_m", "q5_k_m"])]
     pub ty: String,
     /// general.name (default: the source's name, else its file / folder name).
     #[arg(long)]
