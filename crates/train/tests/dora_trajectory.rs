@@ -2,13 +2,14 @@
 //! gen.py there): 6 AdamW steps with trainable magnitudes on the f32 and the NF4
 //! base, and an exact resume with the magnitudes and their moments in the checkpoint.
 
+mod common;
+use common::{batch_rows, ident, reference_cfg, run, st_f32};
 use qlora_data::rows::Row;
-use qlora_data::Example;
 use qlora_lora::{load_adapter, Adapter, PeftConfig, Which};
 use qlora_model::{LoadOptions, Model, QuantMode};
 use qlora_testutil::{dora_fixtures, fixtures as fx};
 use qlora_train::params::params_of;
-use qlora_train::{AdamW, Identity, ScheduleKind, StepMetrics, TrainConfig, Trainer};
+use qlora_train::{StepMetrics, Trainer};
 use safetensors::SafeTensors;
 
 fn load_model(dir: &str) -> Model {
@@ -21,82 +22,14 @@ fn load_model(dir: &str) -> Model {
     .unwrap()
 }
 
-fn st_f32(st: &SafeTensors, k: &str) -> Vec<f32> {
-    st.tensor(k)
-        .unwrap()
-        .data()
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-        .collect()
-}
-
-fn st_i64(st: &SafeTensors, k: &str) -> Vec<i64> {
-    st.tensor(k)
-        .unwrap()
-        .data()
-        .chunks_exact(8)
-        .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
-        .collect()
-}
-
 /// The 12 rows of the shared trajectory's 6 batches (the DoRA fixtures use the same).
 fn fixture_rows() -> Vec<Row> {
     let bytes = std::fs::read(fx().join("train_trajectory/trajectory.safetensors")).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    let mut rows = Vec::new();
-    for i in 0..6 {
-        let ids = st_i64(&st, &format!("batch{i}_input_ids"));
-        let labels = st_i64(&st, &format!("batch{i}_labels"));
-        for r in 0..2 {
-            rows.push(Row::single(Example {
-                input_ids: ids[r * 16..(r + 1) * 16]
-                    .iter()
-                    .map(|&x| x as u32)
-                    .collect(),
-                labels: labels[r * 16..(r + 1) * 16].to_vec(),
-            }));
-        }
-    }
-    rows
-}
-
-fn ident() -> Identity {
-    Identity {
-        model_ref: "tiny".into(),
-        model_config_hash: "h".into(),
-        quant: "none".into(),
-        data_hash: "d".into(),
-    }
-}
-
-fn cfg(steps: u64) -> TrainConfig {
-    TrainConfig {
-        batch_size: 2,
-        grad_accum: 1,
-        max_steps: steps,
-        lr: 1e-3,
-        schedule: ScheduleKind::Constant,
-        warmup_steps: 0,
-        adamw: AdamW::default(),
-        max_grad_norm: Some(1.0),
-        seed: 0,
-        shuffle: false,
-        lora_dropout: 0.0,
-        checkpointing: false,
-        pad_id: 0,
-    }
+    batch_rows(&SafeTensors::deserialize(&bytes).unwrap())
 }
 
 fn start(model: &Model) -> (PeftConfig, Adapter) {
     load_adapter(dora_fixtures().join("adapter"), Some(&model.config)).unwrap()
-}
-
-fn run(t: &mut Trainer<'_>) -> Vec<StepMetrics> {
-    let mut v = Vec::new();
-    while !t.done() {
-        v.push(t.train_step().unwrap());
-    }
-    v
 }
 
 fn check(model_dir: &str, traj: &str) {
@@ -104,7 +37,16 @@ fn check(model_dir: &str, traj: &str) {
     let bytes = std::fs::read(dora_fixtures().join(traj).join("trajectory.safetensors")).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
     let (peft, ad) = start(&model);
-    let mut t = Trainer::new(&model, cfg(6), ident(), peft, ad, fixture_rows(), vec![]).unwrap();
+    let mut t = Trainer::new(
+        &model,
+        reference_cfg(6),
+        ident(),
+        peft,
+        ad,
+        fixture_rows(),
+        vec![],
+    )
+    .unwrap();
     let m = run(&mut t);
     let (loss, norm) = (st_f32(&st, "loss"), st_f32(&st, "grad_norm"));
     let (mut wl, mut wn) = (0f64, 0f64);
@@ -169,7 +111,7 @@ fn dora_qlora_trajectory_matches_torch_peft() {
 fn dora_resume_is_exact() {
     let model = load_model("tiny_llama/model");
     let rows = fixture_rows();
-    let mut c = cfg(4);
+    let mut c = reference_cfg(4);
     c.lora_dropout = 0.1;
     c.shuffle = true;
     c.seed = 3;

@@ -3,39 +3,14 @@
 //! stops the run naming the step, a checkpoint with non-finite state is never
 //! written, and evaluation refuses a non-finite loss.
 
+mod common;
+use common::{ident, reference_cfg};
 use qlora_data::rows::Row;
 use qlora_data::Example;
 use qlora_lora::load_adapter;
 use qlora_model::{LoadOptions, Model, QuantMode};
 use qlora_testutil::fixtures as fx;
-use qlora_train::{AdamW, Identity, ScheduleKind, TrainConfig, Trainer};
-
-fn ident() -> Identity {
-    Identity {
-        model_ref: "tiny".into(),
-        model_config_hash: "h".into(),
-        quant: "none".into(),
-        data_hash: "d".into(),
-    }
-}
-
-fn cfg() -> TrainConfig {
-    TrainConfig {
-        batch_size: 2,
-        grad_accum: 1,
-        max_steps: 3,
-        lr: 1e-3,
-        schedule: ScheduleKind::Constant,
-        warmup_steps: 0,
-        adamw: AdamW::default(),
-        max_grad_norm: Some(1.0),
-        seed: 0,
-        shuffle: false,
-        lora_dropout: 0.0,
-        checkpointing: false,
-        pad_id: 0,
-    }
-}
+use qlora_train::{AdamW, TrainConfig, Trainer};
 
 fn rows() -> Vec<Row> {
     (0..4u32)
@@ -49,7 +24,7 @@ fn rows() -> Vec<Row> {
 
 #[test]
 fn settings_are_validated() {
-    let ok = cfg();
+    let ok = reference_cfg(3);
     ok.validate().unwrap();
     let bad: Vec<(TrainConfig, &str)> = vec![
         (
@@ -58,7 +33,7 @@ fn settings_are_validated() {
                     eps: 0.0,
                     ..AdamW::default()
                 },
-                ..cfg()
+                ..reference_cfg(3)
             },
             "eps",
         ),
@@ -68,7 +43,7 @@ fn settings_are_validated() {
                     beta1: 1.0,
                     ..AdamW::default()
                 },
-                ..cfg()
+                ..reference_cfg(3)
             },
             "beta1",
         ),
@@ -78,7 +53,7 @@ fn settings_are_validated() {
                     beta2: f64::NAN,
                     ..AdamW::default()
                 },
-                ..cfg()
+                ..reference_cfg(3)
             },
             "beta2",
         ),
@@ -88,43 +63,49 @@ fn settings_are_validated() {
                     weight_decay: -1.0,
                     ..AdamW::default()
                 },
-                ..cfg()
+                ..reference_cfg(3)
             },
             "weight decay",
         ),
-        (TrainConfig { lr: 1e300, ..cfg() }, "learning rate"),
+        (
+            TrainConfig {
+                lr: 1e300,
+                ..reference_cfg(3)
+            },
+            "learning rate",
+        ),
         (
             TrainConfig {
                 lr: f64::INFINITY,
-                ..cfg()
+                ..reference_cfg(3)
             },
             "learning rate",
         ),
         (
             TrainConfig {
                 max_grad_norm: Some(f64::NAN),
-                ..cfg()
+                ..reference_cfg(3)
             },
             "grad norm",
         ),
         (
             TrainConfig {
                 lora_dropout: 1.0,
-                ..cfg()
+                ..reference_cfg(3)
             },
             "dropout",
         ),
         (
             TrainConfig {
                 max_steps: 0,
-                ..cfg()
+                ..reference_cfg(3)
             },
             "steps",
         ),
         (
             TrainConfig {
                 batch_size: 0,
-                ..cfg()
+                ..reference_cfg(3)
             },
             "batch size",
         ),
@@ -179,7 +160,7 @@ fn a_non_finite_update_stops_the_run_and_is_never_checkpointed() {
     // a good step and checkpoint first
     let mut t = Trainer::new(
         &model,
-        cfg(),
+        reference_cfg(3),
         ident(),
         peft.clone(),
         ad.clone(),
@@ -197,7 +178,7 @@ fn a_non_finite_update_stops_the_run_and_is_never_checkpointed() {
             weight_decay: 10.0,
             ..AdamW::default()
         },
-        ..cfg()
+        ..reference_cfg(3)
     };
     let mut t = Trainer::new(&model, c, ident(), peft.clone(), ad.clone(), rows(), rows()).unwrap();
     let before = t.adapter.layers["model.layers.0.self_attn.q_proj"]
@@ -241,11 +222,20 @@ fn resume_refuses_a_different_adapter() {
     let (peft, ad) =
         load_adapter(fx().join("tiny_lora_adapter/adapter"), Some(&model.config)).unwrap();
     let tmp = tempfile::tempdir().unwrap();
-    let mut t = Trainer::new(&model, cfg(), ident(), peft.clone(), ad, rows(), vec![]).unwrap();
+    let mut t = Trainer::new(
+        &model,
+        reference_cfg(3),
+        ident(),
+        peft.clone(),
+        ad,
+        rows(),
+        vec![],
+    )
+    .unwrap();
     t.train_step().unwrap();
     let ck = tmp.path().join("checkpoint-1");
     t.save_checkpoint(&ck).unwrap();
-    let r = Trainer::resume(&model, cfg(), ident(), rows(), vec![], &ck).unwrap();
+    let r = Trainer::resume(&model, reference_cfg(3), ident(), rows(), vec![], &ck).unwrap();
     r.check_same_adapter(&peft).unwrap();
     let mut other = peft.clone();
     other.r += 1;

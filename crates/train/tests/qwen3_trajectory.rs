@@ -3,14 +3,14 @@
 //! head_dim 12 != hidden/heads, untied, per-head q/k RMSNorm), on the f32 folder and on its
 //! bnb-4bit (NF4 + double quant) checkpoint.
 
+mod common;
+use common::{batch_rows, reference_cfg, run, st_f32};
 use std::path::PathBuf;
 
-use qlora_data::rows::Row;
-use qlora_data::Example;
 use qlora_lora::load_adapter;
 use qlora_model::{LoadOptions, Model, QuantMode};
 use qlora_train::params::params_of;
-use qlora_train::{AdamW, Identity, ScheduleKind, StepMetrics, TrainConfig, Trainer};
+use qlora_train::{Identity, Trainer};
 use safetensors::SafeTensors;
 
 fn q3() -> PathBuf {
@@ -18,42 +18,6 @@ fn q3() -> PathBuf {
         env!("CARGO_MANIFEST_DIR"),
         "/../model/tests/fixtures/qwen3"
     ))
-}
-
-fn st_f32(st: &SafeTensors, k: &str) -> Vec<f32> {
-    st.tensor(k)
-        .unwrap()
-        .data()
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-        .collect()
-}
-
-fn st_i64(st: &SafeTensors, k: &str) -> Vec<i64> {
-    st.tensor(k)
-        .unwrap()
-        .data()
-        .chunks_exact(8)
-        .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
-        .collect()
-}
-
-fn cfg() -> TrainConfig {
-    TrainConfig {
-        batch_size: 2,
-        grad_accum: 1,
-        max_steps: 6,
-        lr: 1e-3,
-        schedule: ScheduleKind::Constant,
-        warmup_steps: 0,
-        adamw: AdamW::default(),
-        max_grad_norm: Some(1.0),
-        seed: 0,
-        shuffle: false,
-        lora_dropout: 0.0,
-        checkpointing: false,
-        pad_id: 0,
-    }
 }
 
 fn check(model_dir: &str, traj: &str) {
@@ -68,20 +32,7 @@ fn check(model_dir: &str, traj: &str) {
     let dir = q3().join("trajectory").join(traj);
     let bytes = std::fs::read(dir.join("trajectory.safetensors")).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
-    let mut rows = Vec::new();
-    for i in 0..6 {
-        let ids = st_i64(&st, &format!("batch{i}_input_ids"));
-        let labels = st_i64(&st, &format!("batch{i}_labels"));
-        for r in 0..2 {
-            rows.push(Row::single(Example {
-                input_ids: ids[r * 16..(r + 1) * 16]
-                    .iter()
-                    .map(|&x| x as u32)
-                    .collect(),
-                labels: labels[r * 16..(r + 1) * 16].to_vec(),
-            }));
-        }
-    }
+    let rows = batch_rows(&st);
     let (peft, ad) =
         load_adapter(q3().join("trajectory/start_adapter"), Some(&model.config)).unwrap();
     let ident = Identity {
@@ -90,11 +41,8 @@ fn check(model_dir: &str, traj: &str) {
         quant: "none".into(),
         data_hash: "d".into(),
     };
-    let mut t = Trainer::new(&model, cfg(), ident, peft, ad, rows, vec![]).unwrap();
-    let mut m: Vec<StepMetrics> = Vec::new();
-    while !t.done() {
-        m.push(t.train_step().unwrap());
-    }
+    let mut t = Trainer::new(&model, reference_cfg(6), ident, peft, ad, rows, vec![]).unwrap();
+    let m = run(&mut t);
     assert_eq!(m.len(), 6);
     let (loss, norm) = (st_f32(&st, "loss"), st_f32(&st, "grad_norm"));
     let (mut wl, mut wn) = (0f64, 0f64);

@@ -1,93 +1,23 @@
 //! End-to-end checks of the training loop on the tiny fixture model against
 //! the torch + PEFT trajectories, plus accumulation and resume invariants.
 
+mod common;
+use common::{batch_rows, ident, reference_cfg, run, st_f32};
 use qlora_data::rows::Row;
 use qlora_data::Example;
 use qlora_lora::{load_adapter, Adapter, PeftConfig};
 use qlora_model::{LoadOptions, Model, QuantMode};
 use qlora_testutil::fixtures as fx;
 use qlora_train::params::params_of;
-use qlora_train::{AdamW, Identity, ScheduleKind, StepMetrics, TrainConfig, Trainer};
+use qlora_train::{ScheduleKind, StepMetrics, Trainer};
 use safetensors::SafeTensors;
 
 fn load_model(dir: &str, quant: QuantMode) -> Model {
     Model::from_folder(fx().join(dir), &LoadOptions { quant }).unwrap()
 }
 
-fn st_f32(st: &SafeTensors, k: &str) -> Vec<f32> {
-    st.tensor(k)
-        .unwrap()
-        .data()
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-        .collect()
-}
-
-fn st_i64(st: &SafeTensors, k: &str) -> Vec<i64> {
-    st.tensor(k)
-        .unwrap()
-        .data()
-        .chunks_exact(8)
-        .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
-        .collect()
-}
-
-/// The 12 rows of the fixture's 6 batches, in order.
-fn fixture_rows(st: &SafeTensors) -> Vec<Row> {
-    let mut rows = Vec::new();
-    for i in 0..6 {
-        let ids = st_i64(st, &format!("batch{i}_input_ids"));
-        let labels = st_i64(st, &format!("batch{i}_labels"));
-        for r in 0..2 {
-            rows.push(Row::single(Example {
-                input_ids: ids[r * 16..(r + 1) * 16]
-                    .iter()
-                    .map(|&x| x as u32)
-                    .collect(),
-                labels: labels[r * 16..(r + 1) * 16].to_vec(),
-            }));
-        }
-    }
-    rows
-}
-
-fn ident() -> Identity {
-    Identity {
-        model_ref: "tiny".into(),
-        model_config_hash: "h".into(),
-        quant: "none".into(),
-        data_hash: "d".into(),
-    }
-}
-
-fn cfg(steps: u64) -> TrainConfig {
-    TrainConfig {
-        batch_size: 2,
-        grad_accum: 1,
-        max_steps: steps,
-        lr: 1e-3,
-        schedule: ScheduleKind::Constant,
-        warmup_steps: 0,
-        adamw: AdamW::default(),
-        max_grad_norm: Some(1.0),
-        seed: 0,
-        shuffle: false,
-        lora_dropout: 0.0,
-        checkpointing: false,
-        pad_id: 0,
-    }
-}
-
 fn start_adapter(model: &Model) -> (PeftConfig, Adapter) {
     load_adapter(fx().join("tiny_lora_adapter/adapter"), Some(&model.config)).unwrap()
-}
-
-fn run(t: &mut Trainer<'_>) -> Vec<StepMetrics> {
-    let mut v = Vec::new();
-    while !t.done() {
-        v.push(t.train_step().unwrap());
-    }
-    v
 }
 
 fn check_trajectory(model_dir: &str, fixture: &str, adapter_atol: f32) {
@@ -95,7 +25,16 @@ fn check_trajectory(model_dir: &str, fixture: &str, adapter_atol: f32) {
     let bytes = std::fs::read(fx().join(fixture).join("trajectory.safetensors")).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
     let (peft, ad) = start_adapter(&model);
-    let mut t = Trainer::new(&model, cfg(6), ident(), peft, ad, fixture_rows(&st), vec![]).unwrap();
+    let mut t = Trainer::new(
+        &model,
+        reference_cfg(6),
+        ident(),
+        peft,
+        ad,
+        batch_rows(&st),
+        vec![],
+    )
+    .unwrap();
     let m = run(&mut t);
     let (loss, norm) = (st_f32(&st, "loss"), st_f32(&st, "grad_norm"));
     for i in 0..6 {
@@ -168,7 +107,7 @@ fn grad_accumulation_equals_big_batch() {
     let mut results = Vec::new();
     for (bs, ga) in [(4, 1), (1, 4), (2, 2)] {
         let (peft, ad) = start_adapter(&model);
-        let mut c = cfg(3);
+        let mut c = reference_cfg(3);
         c.batch_size = bs;
         c.grad_accum = ga;
         let mut t = Trainer::new(&model, c, ident(), peft, ad, rows.clone(), vec![]).unwrap();
@@ -209,7 +148,7 @@ fn grad_accumulation_equals_big_batch() {
 fn resume_reproduces_uninterrupted_run_bitwise() {
     let model = load_model("tiny_llama/model", QuantMode::None);
     let rows = uneven_rows(10);
-    let mut c = cfg(6);
+    let mut c = reference_cfg(6);
     c.batch_size = 2;
     c.grad_accum = 2;
     c.shuffle = true;
@@ -286,7 +225,16 @@ fn non_finite_loss_stops_with_step() {
     let (peft, mut ad) = start_adapter(&model);
     let w = ad.layers.get_mut("model.layers.1.mlp.down_proj").unwrap();
     w.b.data_mut().iter_mut().for_each(|x| *x *= f32::NAN);
-    let mut t = Trainer::new(&model, cfg(3), ident(), peft, ad, uneven_rows(4), vec![]).unwrap();
+    let mut t = Trainer::new(
+        &model,
+        reference_cfg(3),
+        ident(),
+        peft,
+        ad,
+        uneven_rows(4),
+        vec![],
+    )
+    .unwrap();
     let e = t.train_step().unwrap_err();
     assert!(format!("{e:#}").contains("step 1"), "{e:#}");
 }
@@ -298,7 +246,7 @@ fn eval_loss_is_token_weighted_mean() {
     let rows = uneven_rows(5);
     let t = Trainer::new(
         &model,
-        cfg(1),
+        reference_cfg(1),
         ident(),
         peft,
         ad.clone(),
@@ -353,7 +301,16 @@ fn follows_within_bf16_precision(model: Model) {
     let st = SafeTensors::deserialize(&bytes).unwrap();
     let (peft, ad) = start_adapter(&model);
     let start = params_of(&ad).unwrap();
-    let mut t = Trainer::new(&model, cfg(6), ident(), peft, ad, fixture_rows(&st), vec![]).unwrap();
+    let mut t = Trainer::new(
+        &model,
+        reference_cfg(6),
+        ident(),
+        peft,
+        ad,
+        batch_rows(&st),
+        vec![],
+    )
+    .unwrap();
     let m = run(&mut t);
     let (loss, norm) = (st_f32(&st, "loss"), st_f32(&st, "grad_norm"));
     let tol = 2f64.powi(-8);

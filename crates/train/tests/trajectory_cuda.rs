@@ -12,14 +12,14 @@
 //! below 0.1 (a wrong gradient gives O(1)).
 #![cfg(feature = "cuda")]
 
+mod common;
+use common::{batch_rows, reference_cfg, st_f32};
 use std::path::PathBuf;
 
-use qlora_data::rows::Row;
-use qlora_data::Example;
 use qlora_lora::{load_adapter, Adapter, PeftConfig};
 use qlora_model::{Device, LoadOptions, Model, QuantMode};
 use qlora_train::params::params_of;
-use qlora_train::{AdamW, Identity, ScheduleKind, TrainConfig, Trainer};
+use qlora_train::{Identity, Trainer};
 use safetensors::SafeTensors;
 
 fn fx() -> PathBuf {
@@ -29,51 +29,6 @@ fn fx() -> PathBuf {
             env!("CARGO_MANIFEST_DIR"),
             "/../../../shared/fixtures"
         )),
-    }
-}
-
-fn st_vec<const N: usize, T>(st: &SafeTensors, k: &str, f: fn([u8; N]) -> T) -> Vec<T> {
-    st.tensor(k)
-        .unwrap()
-        .data()
-        .chunks_exact(N)
-        .map(|c| f(c.try_into().unwrap()))
-        .collect()
-}
-
-fn fixture_rows(st: &SafeTensors) -> Vec<Row> {
-    let mut rows = Vec::new();
-    for i in 0..6 {
-        let ids = st_vec(st, &format!("batch{i}_input_ids"), i64::from_le_bytes);
-        let labels = st_vec(st, &format!("batch{i}_labels"), i64::from_le_bytes);
-        for r in 0..2 {
-            rows.push(Row::single(Example {
-                input_ids: ids[r * 16..(r + 1) * 16]
-                    .iter()
-                    .map(|&x| x as u32)
-                    .collect(),
-                labels: labels[r * 16..(r + 1) * 16].to_vec(),
-            }));
-        }
-    }
-    rows
-}
-
-fn cfg() -> TrainConfig {
-    TrainConfig {
-        batch_size: 2,
-        grad_accum: 1,
-        max_steps: 6,
-        lr: 1e-3,
-        schedule: ScheduleKind::Constant,
-        warmup_steps: 0,
-        adamw: AdamW::default(),
-        max_grad_norm: Some(1.0),
-        seed: 0,
-        shuffle: false,
-        lora_dropout: 0.0,
-        checkpointing: false,
-        pad_id: 0,
     }
 }
 
@@ -104,13 +59,22 @@ fn check(model_dir: &str, fixture: &str) {
         quant: "none".into(),
         data_hash: "d".into(),
     };
-    let mut t = Trainer::new(&model, cfg(), ident, peft, ad, fixture_rows(&st), vec![]).unwrap();
+    let mut t = Trainer::new(
+        &model,
+        reference_cfg(6),
+        ident,
+        peft,
+        ad,
+        batch_rows(&st),
+        vec![],
+    )
+    .unwrap();
     let mut m = Vec::new();
     while !t.done() {
         m.push(t.train_step().unwrap());
     }
-    let loss = st_vec(&st, "loss", f32::from_le_bytes);
-    let norm = st_vec(&st, "grad_norm", f32::from_le_bytes);
+    let loss = st_f32(&st, "loss");
+    let norm = st_f32(&st, "grad_norm");
     for i in 0..6 {
         let rl = (m[i].loss - loss[i] as f64).abs() / loss[i] as f64;
         let rn = (m[i].grad_norm - norm[i] as f64).abs() / norm[i] as f64;

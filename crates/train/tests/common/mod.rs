@@ -1,0 +1,92 @@
+//! What the training tests share: reading the Python generators' safetensors, the
+//! fixtures' batches as rows, and the setup every torch + PEFT trajectory fixture was
+//! generated with (batch 2, constant lr 1e-3, AdamW defaults, clip 1.0, no dropout,
+//! no shuffling, seed 0). Each test file uses a part of it.
+#![allow(dead_code)]
+
+use qlora_data::rows::Row;
+use qlora_data::Example;
+use qlora_train::{AdamW, Identity, ScheduleKind, StepMetrics, TrainConfig, Trainer};
+use safetensors::SafeTensors;
+
+/// A tensor's little-endian elements, `N` bytes each.
+fn elems<const N: usize, T>(st: &SafeTensors, k: &str, f: fn([u8; N]) -> T) -> Vec<T> {
+    st.tensor(k)
+        .unwrap_or_else(|e| panic!("fixture tensor {k}: {e}"))
+        .data()
+        .chunks_exact(N)
+        .map(|c| f(c.try_into().unwrap()))
+        .collect()
+}
+
+pub fn st_f32(st: &SafeTensors, k: &str) -> Vec<f32> {
+    elems(st, k, f32::from_le_bytes)
+}
+
+pub fn st_i64(st: &SafeTensors, k: &str) -> Vec<i64> {
+    elems(st, k, i64::from_le_bytes)
+}
+
+/// The rows of a trajectory fixture's batches `batch{i}_input_ids` / `batch{i}_labels`
+/// (i = 0, 1, ... while present), in order; each batch is `[rows, seq]`.
+pub fn batch_rows(st: &SafeTensors) -> Vec<Row> {
+    let mut rows = Vec::new();
+    for i in 0.. {
+        let key = format!("batch{i}_input_ids");
+        let Ok(view) = st.tensor(&key) else { break };
+        let seq = *view.shape().last().expect("a batch is [rows, seq]");
+        let ids = st_i64(st, &key);
+        let labels = st_i64(st, &format!("batch{i}_labels"));
+        assert_eq!(
+            ids.len(),
+            labels.len(),
+            "batch {i}: ids and labels differ in size"
+        );
+        for (ids, labels) in ids.chunks_exact(seq).zip(labels.chunks_exact(seq)) {
+            rows.push(Row::single(Example {
+                input_ids: ids.iter().map(|&x| x as u32).collect(),
+                labels: labels.to_vec(),
+            }));
+        }
+    }
+    rows
+}
+
+/// The run identity a checkpoint records; its values only have to stay the same
+/// between a run and its resume.
+pub fn ident() -> Identity {
+    Identity {
+        model_ref: "tiny".into(),
+        model_config_hash: "h".into(),
+        quant: "none".into(),
+        data_hash: "d".into(),
+    }
+}
+
+/// The fixtures' training setup, for `steps` optimizer steps.
+pub fn reference_cfg(steps: u64) -> TrainConfig {
+    TrainConfig {
+        batch_size: 2,
+        grad_accum: 1,
+        max_steps: steps,
+        lr: 1e-3,
+        schedule: ScheduleKind::Constant,
+        warmup_steps: 0,
+        adamw: AdamW::default(),
+        max_grad_norm: Some(1.0),
+        seed: 0,
+        shuffle: false,
+        lora_dropout: 0.0,
+        checkpointing: false,
+        pad_id: 0,
+    }
+}
+
+/// Every remaining step's metrics.
+pub fn run(t: &mut Trainer<'_>) -> Vec<StepMetrics> {
+    let mut v = Vec::new();
+    while !t.done() {
+        v.push(t.train_step().unwrap());
+    }
+    v
+}
