@@ -163,7 +163,8 @@ fn main() -> anyhow::Result<()> {
     let ids: Vec<Vec<u32>> = (0..b)
         .map(|_| {
             (0..s)
-                .map(|_| ((rng.next() + 1.0) * 24000.0) as u32)
+                // uniform over the vocabulary (rng.next() is in [-1, 1))
+                .map(|_| (((rng.next() + 1.0) * 0.5 * (v - 1) as f32) as u32).min(v as u32 - 1))
                 .collect()
         })
         .collect();
