@@ -3,7 +3,7 @@
 //! base, and an exact resume with the magnitudes and their moments in the checkpoint.
 
 mod common;
-use common::{batch_rows, ident, reference_cfg, run, st_f32};
+use common::{assert_steps_match, batch_rows, ident, reference_cfg, run};
 use qlora_data::rows::Row;
 use qlora_lora::{load_adapter, Adapter, PeftConfig, Which};
 use qlora_model::{LoadOptions, Model, QuantMode};
@@ -48,25 +48,7 @@ fn check(model_dir: &str, traj: &str) {
     )
     .unwrap();
     let m = run(&mut t);
-    let (loss, norm) = (st_f32(&st, "loss"), st_f32(&st, "grad_norm"));
-    let (mut wl, mut wn) = (0f64, 0f64);
-    for i in 0..6 {
-        let rl = (m[i].loss - loss[i] as f64).abs() / loss[i] as f64;
-        let rn = (m[i].grad_norm - norm[i] as f64).abs() / norm[i] as f64;
-        (wl, wn) = (wl.max(rl), wn.max(rn));
-        assert!(
-            rl < 1e-4,
-            "{traj} step {i}: loss {} vs {}",
-            m[i].loss,
-            loss[i]
-        );
-        assert!(
-            rn < 1e-4,
-            "{traj} step {i}: grad norm {} vs {}",
-            m[i].grad_norm,
-            norm[i]
-        );
-    }
+    let (wl, wn) = assert_steps_match(&m, &st, traj, 1e-4);
     let (_, want) = load_adapter(dora_fixtures().join(traj).join("final_adapter"), None).unwrap();
     let (got, want) = (params_of(&t.adapter).unwrap(), params_of(&want).unwrap());
     assert_eq!(got.len(), 42, "A, B and m of 14 modules");

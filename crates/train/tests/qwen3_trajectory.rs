@@ -4,7 +4,7 @@
 //! bnb-4bit (NF4 + double quant) checkpoint.
 
 mod common;
-use common::{batch_rows, reference_cfg, run, st_f32};
+use common::{assert_steps_match, batch_rows, reference_cfg, run};
 use std::path::PathBuf;
 
 use qlora_lora::load_adapter;
@@ -44,25 +44,9 @@ fn check(model_dir: &str, traj: &str) {
     let mut t = Trainer::new(&model, reference_cfg(6), ident, peft, ad, rows, vec![]).unwrap();
     let m = run(&mut t);
     assert_eq!(m.len(), 6);
-    let (loss, norm) = (st_f32(&st, "loss"), st_f32(&st, "grad_norm"));
-    let (mut wl, mut wn) = (0f64, 0f64);
-    for i in 0..6 {
-        let rl = (m[i].loss - loss[i] as f64).abs() / loss[i] as f64;
-        let rn = (m[i].grad_norm - norm[i] as f64).abs() / norm[i] as f64;
-        (wl, wn) = (wl.max(rl), wn.max(rn));
-        assert!(
-            rl < 1e-4,
-            "{traj} step {i}: loss {} vs {}",
-            m[i].loss,
-            loss[i]
-        );
-        assert!(
-            rn < 1e-4,
-            "{traj} step {i}: grad norm {} vs {}",
-            m[i].grad_norm,
-            norm[i]
-        );
-        assert_eq!(m[i].target_tokens, 24);
+    let (wl, wn) = assert_steps_match(&m, &st, traj, 1e-4);
+    for step in &m {
+        assert_eq!(step.target_tokens, 24);
     }
     let (_, want) = load_adapter(dir.join("final_adapter"), None).unwrap();
     let (got, want) = (params_of(&t.adapter).unwrap(), params_of(&want).unwrap());

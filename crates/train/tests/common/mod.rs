@@ -7,6 +7,7 @@
 use qlora_data::rows::Row;
 use qlora_data::Example;
 use qlora_train::{AdamW, Identity, ScheduleKind, StepMetrics, TrainConfig, Trainer};
+
 use safetensors::SafeTensors;
 
 /// A tensor's little-endian elements, `N` bytes each.
@@ -89,4 +90,36 @@ pub fn run(t: &mut Trainer<'_>) -> Vec<StepMetrics> {
         v.push(t.train_step().unwrap());
     }
     v
+}
+
+/// Asserts that every step's loss and gradient norm are within `rtol` (relative) of
+/// the fixture's `loss` / `grad_norm`; returns the worst relative differences
+/// (loss, grad norm) for the report.
+pub fn assert_steps_match(
+    m: &[StepMetrics],
+    st: &SafeTensors,
+    label: &str,
+    rtol: f64,
+) -> (f64, f64) {
+    let (loss, norm) = (st_f32(st, "loss"), st_f32(st, "grad_norm"));
+    assert_eq!(m.len(), loss.len(), "{label}: step count");
+    let (mut wl, mut wn) = (0f64, 0f64);
+    for i in 0..m.len() {
+        let rl = (m[i].loss - loss[i] as f64).abs() / loss[i] as f64;
+        let rn = (m[i].grad_norm - norm[i] as f64).abs() / norm[i] as f64;
+        (wl, wn) = (wl.max(rl), wn.max(rn));
+        assert!(
+            rl < rtol,
+            "{label} step {i}: loss {} vs {}",
+            m[i].loss,
+            loss[i]
+        );
+        assert!(
+            rn < rtol,
+            "{label} step {i}: grad norm {} vs {}",
+            m[i].grad_norm,
+            norm[i]
+        );
+    }
+    (wl, wn)
 }
