@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use crate::llama::{LLAMA3_PRE_REGEX, QWEN2_PRE_REGEX};
+use crate::metadata::value_type;
 use crate::{GgufHeader, MetaValue};
 use anyhow::{bail, Context, Result};
 use qlora_config::{Architecture, ModelConfig, RopeScaling};
@@ -299,9 +300,18 @@ pub fn tokenizer_from_folder(dir: &Path, c: &ModelConfig) -> Result<Meta> {
             MetaValue::String("gpt2".into()),
         ),
         ("tokenizer.ggml.pre".into(), MetaValue::String(pre.into())),
-        ("tokenizer.ggml.tokens".into(), MetaValue::Array(tokens)),
-        ("tokenizer.ggml.token_type".into(), MetaValue::Array(types)),
-        ("tokenizer.ggml.merges".into(), MetaValue::Array(merges)),
+        (
+            "tokenizer.ggml.tokens".into(),
+            MetaValue::array(value_type::STRING, tokens),
+        ),
+        (
+            "tokenizer.ggml.token_type".into(),
+            MetaValue::array(value_type::I32, types),
+        ),
+        (
+            "tokenizer.ggml.merges".into(),
+            MetaValue::array(value_type::STRING, merges),
+        ),
     ];
     let bos = id_of("bos_token").or(c.bos_token_id);
     let eos = id_of("eos_token").or(c.eos_token_ids.first().copied());
@@ -405,5 +415,42 @@ mod tests {
         assert!(f.windows(2).all(|w| w[1] >= w[0] - 1e-6));
         c.rope_scaling = RopeScaling::Default;
         assert_eq!(rope_freqs(&c), None);
+    }
+
+    #[test]
+    fn a_tokenizer_without_merges_still_declares_a_string_array() {
+        // llama.cpp refuses `tokenizer.ggml.merges` unless its element type is string, even
+        // when empty (a byte-level BPE vocabulary of single bytes has no merges).
+        let dir = tempfile::tempdir().unwrap();
+        let tj = json!({
+            "model": {"type": "BPE", "vocab": {"a": 0, "b": 1, "c": 2, "d": 3}, "merges": []},
+            "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "use_regex": true},
+            "decoder": {"type": "ByteLevel"},
+            "added_tokens": [],
+        });
+        std::fs::write(dir.path().join("tokenizer.json"), tj.to_string()).unwrap();
+        let c = qlora_config::ModelConfig::from_json_str(
+            r#"{"model_type": "llama", "vocab_size": 4, "hidden_size": 8, "intermediate_size": 16,
+                "num_hidden_layers": 1, "num_attention_heads": 2, "rms_norm_eps": 1e-5}"#,
+            "test",
+        )
+        .unwrap();
+        let meta = tokenizer_from_folder(dir.path(), &c).unwrap();
+        let get = |k: &str| &meta.iter().find(|(n, _)| n == k).unwrap().1;
+        assert_eq!(
+            get("tokenizer.ggml.merges"),
+            &MetaValue::EmptyArray(value_type::STRING)
+        );
+        assert_eq!(get("tokenizer.ggml.tokens").as_array().unwrap().len(), 4);
+        // Written and read back: the element type survives.
+        let mut w = crate::writer::GgufWriter::new();
+        w.metadata = meta.clone();
+        let path = dir.path().join("t.gguf");
+        std::fs::write(&path, w.to_bytes()).unwrap();
+        let h = crate::GgufFile::read_header(&path).unwrap();
+        assert_eq!(
+            h.metadata.get("tokenizer.ggml.merges"),
+            Some(&MetaValue::EmptyArray(value_type::STRING))
+        );
     }
 }

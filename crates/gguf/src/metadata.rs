@@ -18,7 +18,13 @@ pub enum MetaValue {
     Bool(bool),
     String(String),
     /// Elements of one type (GGUF arrays are homogeneous; arrays of arrays are allowed).
+    /// Never empty when written: an empty array is [`MetaValue::EmptyArray`].
     Array(Vec<MetaValue>),
+    /// An array with no elements, which still declares its element type (a
+    /// [`value_type`] id): llama.cpp checks it, e.g. `tokenizer.ggml.merges` must be a
+    /// string array even when the tokenizer has no merges. Build arrays with
+    /// [`MetaValue::array`] to get this right.
+    EmptyArray(u32),
     U64(u64),
     I64(i64),
     F64(f64),
@@ -55,7 +61,7 @@ impl MetaValue {
             MetaValue::F32(_) => t::F32,
             MetaValue::Bool(_) => t::BOOL,
             MetaValue::String(_) => t::STRING,
-            MetaValue::Array(_) => t::ARRAY,
+            MetaValue::Array(_) | MetaValue::EmptyArray(_) => t::ARRAY,
             MetaValue::U64(_) => t::U64,
             MetaValue::I64(_) => t::I64,
             MetaValue::F64(_) => t::F64,
@@ -100,9 +106,20 @@ impl MetaValue {
         }
     }
 
+    /// An array of `elem_type` (a [`value_type`] id) holding `items`, all of that type.
+    pub fn array(elem_type: u32, items: Vec<MetaValue>) -> MetaValue {
+        debug_assert!(items.iter().all(|x| x.type_id() == elem_type));
+        if items.is_empty() {
+            MetaValue::EmptyArray(elem_type)
+        } else {
+            MetaValue::Array(items)
+        }
+    }
+
     pub fn as_array(&self) -> Option<&[MetaValue]> {
         match self {
             MetaValue::Array(a) => Some(a),
+            MetaValue::EmptyArray(_) => Some(&[]),
             _ => None,
         }
     }
@@ -125,6 +142,7 @@ impl fmt::Display for MetaValue {
                 }
                 write!(f, "]")
             }
+            MetaValue::EmptyArray(_) => write!(f, "[]"),
             MetaValue::Bool(b) => write!(f, "{b}"),
             MetaValue::F32(x) => write!(f, "{x}"),
             MetaValue::F64(x) => write!(f, "{x}"),

@@ -231,7 +231,11 @@ impl<'a> Parser<'a> {
                 for _ in 0..n {
                     out.push(self.value(elem, what, depth + 1)?);
                 }
-                MetaValue::Array(out)
+                if out.is_empty() {
+                    MetaValue::EmptyArray(elem)
+                } else {
+                    MetaValue::Array(out)
+                }
             }
             other => return Err(self.malformed(format!("{}: unknown value type {other}", what()))),
         })

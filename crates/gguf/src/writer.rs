@@ -45,13 +45,18 @@ fn put_value(out: &mut Vec<u8>, v: &MetaValue) {
         MetaValue::Bool(x) => out.push(*x as u8),
         MetaValue::String(s) => put_str(out, s),
         MetaValue::Array(a) => {
-            // Element type of an empty array is written as u8; readers do not care.
+            // An empty `Array` has no element to take the type from; `MetaValue::array`
+            // makes those `EmptyArray(type)` instead. Kept as u8 for a hand-built one.
             let elem = a.first().map(|x| x.type_id()).unwrap_or(0);
             out.extend_from_slice(&elem.to_le_bytes());
             out.extend_from_slice(&(a.len() as u64).to_le_bytes());
             for x in a {
                 put_value(out, x);
             }
+        }
+        MetaValue::EmptyArray(elem) => {
+            out.extend_from_slice(&elem.to_le_bytes());
+            out.extend_from_slice(&0u64.to_le_bytes());
         }
         MetaValue::U64(x) => out.extend_from_slice(&x.to_le_bytes()),
         MetaValue::I64(x) => out.extend_from_slice(&x.to_le_bytes()),
