@@ -6,12 +6,10 @@
 use std::path::Path;
 use std::process::Command;
 
+mod common;
+use common::{adapter_tensors, metrics, qlora_cmd as qlora};
 use qlora_testutil::{dora_fixtures, fixtures as fx};
 use safetensors::SafeTensors;
-
-fn qlora() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_qlora"))
-}
 
 fn ok(c: &mut Command) -> String {
     let o = c.output().unwrap();
@@ -60,29 +58,6 @@ fn write_rows(out: &Path) {
         }
     }
     std::fs::write(out, text).unwrap();
-}
-
-fn metrics(dir: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(dir.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
-fn adapter_values(dir: &Path) -> Vec<(String, Vec<usize>, Vec<f32>)> {
-    let bytes = std::fs::read(dir.join("adapter_model.safetensors")).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    let mut v: Vec<_> = st
-        .names()
-        .into_iter()
-        .map(|k| {
-            let t = st.tensor(k).unwrap();
-            (k.to_string(), t.shape().to_vec(), f32s(&st, k))
-        })
-        .collect();
-    v.sort_by(|a, b| a.0.cmp(&b.0));
-    v
 }
 
 #[test]
@@ -172,8 +147,8 @@ fn dora_train_cli_reproduces_torch_peft_trajectory() {
             );
         }
     }
-    let got = adapter_values(&out.join("adapter"));
-    let exp = adapter_values(&dora_fixtures().join("trajectory_f32/final_adapter"));
+    let got = adapter_tensors(&out.join("adapter"));
+    let exp = adapter_tensors(&dora_fixtures().join("trajectory_f32/final_adapter"));
     assert_eq!(got.len(), 42);
     for ((k, s, a), (k2, s2, b)) in got.iter().zip(&exp) {
         assert_eq!((k, s), (k2, s2));
@@ -221,7 +196,7 @@ fn dora_train_cli_use_dora_fresh_adapter_and_resume() {
     let full = tmp.path().join("full");
     let o = run(&full, &["--use-dora"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let vals = adapter_values(&full.join("adapter"));
+    let vals = adapter_tensors(&full.join("adapter"));
     let mags: Vec<_> = vals
         .iter()
         .filter(|(k, _, _)| k.ends_with(".lora_magnitude_vector"))
@@ -258,7 +233,7 @@ fn dora_train_cli_use_dora_fresh_adapter_and_resume() {
         assert_eq!(x["loss"], y["loss"]);
         assert_eq!(x["grad_norm"], y["grad_norm"]);
     }
-    assert_eq!(vals, adapter_values(&part.join("adapter")));
+    assert_eq!(vals, adapter_tensors(&part.join("adapter")));
 }
 
 #[test]

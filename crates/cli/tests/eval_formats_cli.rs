@@ -12,30 +12,13 @@ use common::qlora_run;
 use serde_json::Value;
 
 fn model_dir(tmp: &Path) -> PathBuf {
-    let src = PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../model/tests/fixtures/qwen3/gqa_tied"
-    ));
+    let src = common::qwen3_fixture("gqa_tied");
     let dir = tmp.join("model");
     std::fs::create_dir(&dir).unwrap();
     for f in ["config.json", "model.safetensors"] {
         std::fs::copy(src.join(f), dir.join(f)).unwrap();
     }
-    // bytes '!'..'`' as the 64 tokens (GPT-2's byte alphabet spells them as themselves)
-    let vocab: serde_json::Map<String, Value> = (0..64u8)
-        .map(|i| (((b'!' + i) as char).to_string(), serde_json::json!(i)))
-        .collect();
-    let tj = serde_json::json!({
-        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
-        "normalizer": null,
-        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
-        "post_processor": null,
-        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
-        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
-                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
-                  "ignore_merges": false, "vocab": vocab, "merges": []}
-    });
-    std::fs::write(dir.join("tokenizer.json"), tj.to_string()).unwrap();
+    common::write_byte_tokenizer(&dir);
     let cfg = serde_json::json!({
         "eos_token": "@",
         "chat_template": "{% for m in messages %}<{{ m['role'] | upper }}>{{ m['content'] }}@{% endfor %}{% if add_generation_prompt %}<ASSISTANT>{% endif %}"

@@ -131,25 +131,6 @@ fn qwen3_trains() {
     assert!(out.join("adapter/adapter_model.safetensors").exists());
 }
 
-/// A byte-level BPE tokenizer.json of the fixtures' 64-token vocabulary (bytes '!'..'`',
-/// which GPT-2's byte alphabet spells as themselves), for export-gguf's tokenizer metadata.
-fn write_tokenizer(dir: &std::path::Path) {
-    let vocab: serde_json::Map<String, Value> = (0..64u8)
-        .map(|i| (((b'!' + i) as char).to_string(), serde_json::json!(i)))
-        .collect();
-    let tj = serde_json::json!({
-        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
-        "normalizer": null,
-        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
-        "post_processor": null,
-        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
-        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
-                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
-                  "ignore_merges": false, "vocab": vocab, "merges": []}
-    });
-    std::fs::write(dir.join("tokenizer.json"), tj.to_string()).unwrap();
-}
-
 #[test]
 fn export_gguf_of_qwen2_and_qwen3_reads_back_with_the_same_loss() {
     let exp = expected();
@@ -164,7 +145,7 @@ fn export_gguf_of_qwen2_and_qwen3_reads_back_with_the_same_loss() {
         for f in ["config.json", "model.safetensors"] {
             std::fs::copy(q3().join(name).join(f), src.join(f)).unwrap();
         }
-        write_tokenizer(&src);
+        common::write_byte_tokenizer(&src);
         let out = tmp.path().join(format!("{name}.gguf"));
         let (ok, stdout, err) = qlora_run(&[
             "export-gguf",
@@ -245,7 +226,7 @@ fn export_gguf_of_qwen2_and_qwen3_loads_in_transformers() {
         for f in ["config.json", "model.safetensors"] {
             std::fs::copy(folder.join(f), src.join(f)).unwrap();
         }
-        write_tokenizer(&src);
+        common::write_byte_tokenizer(&src);
         let out = tmp.path().join(format!("{name}.gguf"));
         let (ok, stdout, err) = qlora_run(&[
             "export-gguf",

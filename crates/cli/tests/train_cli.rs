@@ -2,14 +2,11 @@
 //! reproduces the torch + PEFT trajectories; TOML config; resume.
 
 use std::path::Path;
-use std::process::Command;
 
+mod common;
+use common::{adapter_tensors, metrics, qlora_cmd as qlora};
 use qlora_testutil::fixtures as fx;
 use safetensors::SafeTensors;
-
-fn qlora() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_qlora"))
-}
 
 /// The fixture's 6 batches of 2 rows as pre-tokenized JSONL, in order.
 fn write_rows(traj: &Path, out: &Path) {
@@ -38,33 +35,6 @@ fn write_rows(traj: &Path, out: &Path) {
         }
     }
     std::fs::write(out, text).unwrap();
-}
-
-fn metrics(dir: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(dir.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
-fn adapter_values(dir: &Path) -> Vec<(String, Vec<f32>)> {
-    let bytes = std::fs::read(dir.join("adapter_model.safetensors")).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    let mut v: Vec<_> = st
-        .tensors()
-        .into_iter()
-        .map(|(k, t)| {
-            let d = t
-                .data()
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-                .collect();
-            (k, d)
-        })
-        .collect();
-    v.sort_by(|a, b| a.0.cmp(&b.0));
-    v
 }
 
 fn acceptance_run(model: &str, traj: &str, quant: &str) {
@@ -130,11 +100,11 @@ fn acceptance_run(model: &str, traj: &str, quant: &str) {
         assert!(line["tokens"].as_u64().unwrap() == 32 && line["elapsed_s"].as_f64().is_some());
     }
     let (got, exp) = (
-        adapter_values(&out.join("adapter")),
-        adapter_values(&fx().join(traj).join("final_adapter")),
+        adapter_tensors(&out.join("adapter")),
+        adapter_tensors(&fx().join(traj).join("final_adapter")),
     );
     assert_eq!(got.len(), 28);
-    for ((k, a), (k2, b)) in got.iter().zip(&exp) {
+    for ((k, _, a), (k2, _, b)) in got.iter().zip(&exp) {
         assert_eq!(k, k2);
         for (x, y) in a.iter().zip(b) {
             assert!((x - y).abs() <= 1e-4, "{traj} {k}: {x} vs {y}");
@@ -201,8 +171,8 @@ fn toml_config_and_resume() {
     }
     assert_eq!(a[0]["lr"], 0.0); // warmup from the TOML file
     assert_eq!(
-        adapter_values(&full.join("adapter")),
-        adapter_values(&part.join("adapter"))
+        adapter_tensors(&full.join("adapter")),
+        adapter_tensors(&part.join("adapter"))
     );
     // refuse a non-empty output folder; refuse resuming with other settings
     let o = qlora()
