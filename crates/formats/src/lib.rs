@@ -12,6 +12,8 @@
 //! * [`bnb`]: the bitsandbytes 4-bit checkpoint keys ([`read_bnb4`],
 //!   [`bnb4_tensors`], [`quantization_config`]); [`convert`]: the
 //!   `qlora quantize` / `qlora dequantize` pipelines.
+//! * [`ModelRef`]: the one model-reference resolver (file, folder, hub id, cache
+//!   first) every command uses.
 //!
 //! No candle here on purpose: the memory calculator and the CLI link this
 //! crate and must start instantly.
@@ -23,6 +25,7 @@ pub mod error;
 pub mod folder;
 pub mod header;
 pub mod model_files;
+pub mod model_ref;
 pub mod reader;
 pub mod shards;
 pub mod source;
@@ -34,6 +37,7 @@ pub use bnb::{bnb4_tensors, quantization_config, read_bnb4};
 pub use error::{FormatError, Result};
 pub use header::TensorInfo;
 pub use model_files::ModelFiles;
+pub use model_ref::{ModelRef, ModelSource, RefError, SourceKind};
 pub use reader::{SafetensorsFile, TensorView};
 /// The safetensors dtype enum (re-exported so users need not depend on `safetensors`).
 pub use safetensors::Dtype;

@@ -4,10 +4,11 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use qlora_config::ModelConfig;
+use qlora_formats::{ModelRef, ModelSource};
 use qlora_gguf::llama::GgufModel;
 use qlora_model::ops::linear::FrozenWeight;
 use qlora_model::{LoadOptions, Model, QuantMode, WeightSource};
-use qlora_tokenizer::{ModelRef, ModelSource, Tokenizer};
+use qlora_tokenizer::Tokenizer;
 
 /// Whether [`load`] loads the model's tokenizer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,7 +37,7 @@ pub struct LoadedModel {
 pub fn default_quant(source: &ModelSource) -> QuantMode {
     match source {
         ModelSource::Gguf(_) => QuantMode::Native,
-        ModelSource::Folder(_) => QuantMode::Nf4,
+        _ => QuantMode::Nf4,
     }
 }
 
@@ -85,12 +86,25 @@ pub fn load(
 ) -> Result<LoadedModel> {
     let model_ref = ModelRef::resolve(spec, allow_network)?;
     let quant = quant.unwrap_or_else(|| default_quant(&model_ref.source));
-    if let (QuantMode::Native, ModelSource::Folder(dir)) = (quant, &model_ref.source) {
-        anyhow::bail!("{}: {}", dir.display(), qlora_model::NATIVE_NEEDS_GGUF);
+    if quant == QuantMode::Native && !model_ref.is_gguf() {
+        anyhow::bail!(
+            "{}: {}",
+            model_ref.path().display(),
+            qlora_model::NATIVE_NEEDS_GGUF
+        );
     }
     let opts = LoadOptions { quant };
     let (model, tokenizer) = match &model_ref.source {
-        ModelSource::Folder(dir) => {
+        ModelSource::Gguf(path) => {
+            let t = match tok {
+                NeedTokenizer::No => None,
+                NeedTokenizer::IfPresent | NeedTokenizer::Yes => Some(Tokenizer::from_gguf(path)?),
+            };
+            (load_gguf(path, &opts)?, t)
+        }
+        // A model folder: `ModelRef::resolve` refuses everything else.
+        _ => {
+            let dir = model_ref.path();
             let load_model = || {
                 Model::from_folder(dir, &opts)
                     .with_context(|| format!("loading model {}", dir.display()))
@@ -103,13 +117,6 @@ pub fn load(
                     (m, Some(Tokenizer::from_folder(dir)?))
                 }
             }
-        }
-        ModelSource::Gguf(path) => {
-            let t = match tok {
-                NeedTokenizer::No => None,
-                NeedTokenizer::IfPresent | NeedTokenizer::Yes => Some(Tokenizer::from_gguf(path)?),
-            };
-            (load_gguf(path, &opts)?, t)
         }
     };
     let tokenizer = tokenizer.map(|mut t| {

@@ -32,7 +32,7 @@ pub use inventory::{Inventory, Role, TensorSpec};
 pub use plan::{Method, Optimizer, Plan, PlanInput, Sharding};
 pub use planner::{plan_model, BudgetAnswer, PlanReport};
 pub use size::{size_report, SizeOptions, SizeReport};
-pub use source::{resolve, Loaded};
+pub use source::{is_gguf, resolve, Loaded};
 
 /// Errors of the calculator; each names the file or reference at fault.
 #[derive(Debug, thiserror::Error)]

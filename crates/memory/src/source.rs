@@ -1,7 +1,7 @@
 //! Resolving a model reference (`config.json`, model folder, `.safetensors`
 //! file or folder, `.gguf`, preset name, hub id) into an [`Inventory`].
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use qlora_config::ModelConfig;
 
@@ -9,6 +9,9 @@ use crate::inventory::{Inventory, KnownQuantState, Role, TensorSpec};
 use crate::presets;
 use crate::size::Stored;
 use crate::MemoryError;
+use qlora_formats::model_ref::{
+    default_hub_cache, Fetch, ModelRef, ModelSource, RefErrorKind, Resolve, Weights,
+};
 use qlora_formats::{ModelFiles, SafetensorsFile};
 
 /// A resolved model: its tensors, and its config when one is known (the
@@ -24,32 +27,103 @@ pub struct Loaded {
     pub notes: Vec<String>,
 }
 
-/// Resolve `reference`: an existing path first, then a preset name, then (if it
-/// looks like `org/name`) a hub id, fetched config.json only, cache first.
+/// Resolve `reference` with the one resolver ([`ModelRef`]), presets layered on top:
+/// an existing path first; then a preset name (one without `/`); then a hub id, its
+/// config.json only, cache first, the network unless `HF_HUB_OFFLINE` is set; a hub id
+/// that cannot be had falls back to the preset of the same model, if there is one.
 pub fn resolve(reference: &str) -> Result<Loaded, MemoryError> {
-    let path = Path::new(reference);
-    if path.exists() {
-        return from_path(path);
-    }
-    if let Some(p) = presets::find(reference) {
-        if !reference.contains('/') {
+    if !Path::new(reference).exists() && !reference.contains('/') {
+        if let Some(p) = presets::find(reference) {
             return Ok(from_preset(p));
         }
     }
-    if looks_like_hub_id(reference) {
-        return from_hub(reference);
+    let how = Resolve {
+        allow_network: !hub_offline(),
+        hub_cache: default_hub_cache(),
+        fetch: Fetch::Config,
+    };
+    match ModelRef::resolve_with(reference, &how) {
+        Ok(r) => from_ref(&r),
+        Err(e) => match e.kind {
+            RefErrorKind::NotFound => Err(presets::unknown(reference)),
+            RefErrorKind::Hub => {
+                let id = reference;
+                if let Some(p) = presets::find(id) {
+                    let mut l = from_preset(p);
+                    l.notes.push(format!(
+                        "hub id {id}: {}; using the built-in preset {}",
+                        e.msg, p.name
+                    ));
+                    return Ok(l);
+                }
+                Err(MemoryError::Hub {
+                    id: id.to_string(),
+                    msg: format!(
+                        "{}. Pass a local folder or config.json, or a preset (closest: {})",
+                        e.msg,
+                        presets::closest(id).join(", ")
+                    ),
+                })
+            }
+            RefErrorKind::Unusable => Err(MemoryError::BadFile {
+                path: reference.to_string(),
+                msg: e.msg,
+            }),
+        },
     }
-    Err(presets::unknown(reference))
 }
 
-fn looks_like_hub_id(s: &str) -> bool {
-    let parts: Vec<&str> = s.split('/').collect();
-    parts.len() == 2
-        && parts.iter().all(|p| {
-            !p.is_empty()
-                && p.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-        })
+/// Whether `reference` resolves (locally or from the hub cache, never the network) to a
+/// GGUF file: `--quant`'s default is `native` for those.
+pub fn is_gguf(reference: &str) -> bool {
+    let how = Resolve {
+        fetch: Fetch::Config,
+        ..Resolve::new(false)
+    };
+    ModelRef::resolve_with(reference, &how).is_ok_and(|r| r.is_gguf())
+}
+
+fn hub_offline() -> bool {
+    std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1" || v == "true")
+}
+
+/// A resolved reference's tensors (and config when it has one).
+pub fn from_ref(r: &ModelRef) -> Result<Loaded, MemoryError> {
+    let label = r.spec.clone();
+    match &r.source {
+        ModelSource::Gguf(p) => from_gguf(p),
+        ModelSource::Config(p) if r.hub_id.is_some() => {
+            let mut l = from_config_file(p, "hub", &label)?;
+            l.notes
+                .push(format!("config.json from the hub cache: {}", p.display()));
+            Ok(l)
+        }
+        ModelSource::Config(p) => from_config_file(p, "config", &label),
+        ModelSource::Folder(dir) => {
+            let mut l = from_config_file(&dir.join("config.json"), "config", &label)?;
+            let weights = open_weights(r)?;
+            if !weights.is_empty() {
+                // The headers tell what is actually on disk; the config gives the
+                // exact architecture. Use the checkpoint's known quant states.
+                let from_files = from_safetensors(&weights, &label)?;
+                l.stored = from_files.stored;
+                merge_known(&mut l.inventory, &from_files.inventory);
+            }
+            Ok(l)
+        }
+        ModelSource::Weights(_) | ModelSource::Safetensors(_) => {
+            from_safetensors(&open_weights(r)?, &label)
+        }
+    }
+}
+
+/// The reference's safetensors files, opened (headers validated by `qlora-formats`).
+fn open_weights(r: &ModelRef) -> Result<Vec<SafetensorsFile>, MemoryError> {
+    match r.weights() {
+        None => Ok(Vec::new()),
+        Some(Weights::Sharded { index }) => index_shards(&index),
+        Some(Weights::Files(files)) => files.iter().map(|p| open_safetensors(p)).collect(),
+    }
 }
 
 pub fn from_preset(p: &presets::Preset) -> Loaded {
@@ -74,106 +148,6 @@ fn from_config_file(path: &Path, kind: &'static str, label: &str) -> Result<Load
         stored: None,
         notes: Vec::new(),
     })
-}
-
-/// Offline first: the local HF cache, then (unless `HF_HUB_OFFLINE=1`) the hub
-/// for `config.json` only; if both fail and the repo name is a preset, use it.
-fn from_hub(id: &str) -> Result<Loaded, MemoryError> {
-    let cached = hf_hub::Cache::from_env()
-        .model(id.to_string())
-        .get("config.json");
-    let fetched = match cached {
-        Some(p) => Ok(p),
-        None if std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1" || v == "true") => {
-            Err("not in the local cache and HF_HUB_OFFLINE is set".to_string())
-        }
-        None => hf_hub::api::sync::ApiBuilder::from_env()
-            .with_progress(false)
-            .build()
-            .map_err(|e| e.to_string())
-            .and_then(|api| {
-                api.model(id.to_string())
-                    .get("config.json")
-                    .map_err(|e| format!("not in the local cache, and fetching failed: {e}"))
-            }),
-    };
-    match fetched {
-        Ok(p) => {
-            let mut l = from_config_file(&p, "hub", id)?;
-            l.notes
-                .push(format!("config.json from the hub cache: {}", p.display()));
-            Ok(l)
-        }
-        Err(msg) => {
-            if let Some(p) = presets::find(id) {
-                let mut l = from_preset(p);
-                l.notes.push(format!(
-                    "hub id {id}: {msg}; using the built-in preset {}",
-                    p.name
-                ));
-                return Ok(l);
-            }
-            Err(MemoryError::Hub {
-                id: id.to_string(),
-                msg: format!(
-                    "{msg}. Pass a local folder or config.json, or a preset (closest: {})",
-                    presets::closest(id).join(", ")
-                ),
-            })
-        }
-    }
-}
-
-fn from_path(path: &Path) -> Result<Loaded, MemoryError> {
-    let label = path.display().to_string();
-    if path.is_dir() {
-        let cfg = path.join("config.json");
-        let weights = find_safetensors(path)?;
-        if cfg.exists() {
-            let mut l = from_config_file(&cfg, "config", &label)?;
-            if !weights.is_empty() {
-                // The headers tell what is actually on disk; the config gives the
-                // exact architecture. Use the checkpoint's known quant states.
-                let from_files = from_safetensors(&weights, &label)?;
-                l.stored = from_files.stored;
-                merge_known(&mut l.inventory, &from_files.inventory);
-            }
-            return Ok(l);
-        }
-        if !weights.is_empty() {
-            return from_safetensors(&weights, &label);
-        }
-        return Err(MemoryError::BadFile {
-            path: label,
-            msg: "folder has neither config.json nor *.safetensors".into(),
-        });
-    }
-    let name = path
-        .file_name()
-        .map(|s| s.to_string_lossy().to_lowercase())
-        .unwrap_or_default();
-    if name.ends_with(".gguf") {
-        return from_gguf(path);
-    }
-    if name.ends_with(".safetensors.index.json") {
-        let shards = index_shards(path)?;
-        return from_safetensors(&shards, &label);
-    }
-    if name.ends_with(".safetensors") {
-        return from_safetensors(&[open_safetensors(path)?], &label);
-    }
-    if name.ends_with(".json") {
-        return from_config_file(path, "config", &label);
-    }
-    // Sniff: GGUF magic, else try safetensors.
-    let mut magic = [0u8; 4];
-    if let Ok(mut f) = std::fs::File::open(path) {
-        use std::io::Read;
-        if f.read_exact(&mut magic).is_ok() && &magic == b"GGUF" {
-            return from_gguf(path);
-        }
-    }
-    from_safetensors(&[open_safetensors(path)?], &label)
 }
 
 fn format_error(e: qlora_formats::FormatError) -> MemoryError {
@@ -203,27 +177,6 @@ fn index_shards(index: &Path) -> Result<Vec<SafetensorsFile>, MemoryError> {
         });
     }
     Ok(ModelFiles::open(dir).map_err(format_error)?.into_files())
-}
-
-fn find_safetensors(dir: &Path) -> Result<Vec<SafetensorsFile>, MemoryError> {
-    let idx = dir.join(qlora_formats::model_files::INDEX_FILE);
-    if idx.exists() {
-        return index_shards(&idx);
-    }
-    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(|e| MemoryError::Io {
-            path: dir.display().to_string(),
-            source: e,
-        })?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-        .filter(|p| {
-            !p.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with("adapter"))
-        })
-        .collect();
-    v.sort();
-    v.iter().map(|p| open_safetensors(p)).collect()
 }
 
 /// Copy quant states read from a checkpoint onto the config-built inventory.

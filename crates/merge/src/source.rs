@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use qlora_config::ModelConfig;
 use qlora_formats::bnb::{bnb4_weight_keys, is_bnb4_key, read_bnb4};
+use qlora_formats::model_ref::{ModelRef, ModelSource, Resolve};
 use qlora_formats::ModelFiles;
 use qlora_gguf::llama::GgufModel;
 
@@ -62,28 +63,37 @@ pub fn expected_names(c: &ModelConfig) -> Vec<String> {
 }
 
 impl SourceModel {
-    /// Open a model folder or `.gguf` file and check that its tensors are exactly those
-    /// of the llama architecture its config describes.
+    /// Open a model folder or `.gguf` file (resolved by [`ModelRef`], never from the hub)
+    /// and check that its tensors are exactly those of the llama architecture its config
+    /// describes.
     pub fn open(path: &Path) -> Result<SourceModel> {
         if !path.exists() {
             bail!("{}: no such file or folder", path.display());
         }
-        if path.is_file() {
-            let g = GgufModel::open(path)?;
+        let r = ModelRef::resolve_with(&path.to_string_lossy(), &Resolve::new(false))?;
+        Self::from_ref(&r)
+    }
+
+    /// Open a resolved model reference (see [`SourceModel::open`]).
+    pub fn from_ref(r: &ModelRef) -> Result<SourceModel> {
+        let path = r.path();
+        if let ModelSource::Gguf(file) = &r.source {
+            let g = GgufModel::open(file)?;
             let config = g.config().clone();
             return Ok(SourceModel {
-                path: path.to_path_buf(),
+                path: file.clone(),
                 config,
                 inner: Inner::Gguf(Box::new(g)),
             });
         }
-        let cfg_path = path.join("config.json");
-        if !cfg_path.is_file() {
+        let ModelSource::Folder(dir) = &r.source else {
             bail!(
                 "{}: not a model folder (no config.json) and not a .gguf file",
                 path.display()
             );
-        }
+        };
+        let path = dir.as_path();
+        let cfg_path = path.join("config.json");
         let config = ModelConfig::from_file(&cfg_path)?;
         let files = ModelFiles::open(path)?;
         let bnb: HashSet<String> = bnb4_weight_keys(&files).into_iter().collect();

@@ -1,4 +1,4 @@
-//! Tokenizers, chat templates and model references.
+//! Tokenizers and chat templates.
 //!
 //! - [`Tokenizer`]: a `tokenizers::Tokenizer` plus what generation needs around it (BOS/EOS,
 //!   stop tokens, the chat template). Built from a Hugging Face folder (`tokenizer.json`,
@@ -7,18 +7,19 @@
 //! - [`chat::ChatTemplate`]: HF's Jinja chat templates rendered with minijinja.
 //! - [`StreamDecoder`]: token-by-token text output that never splits a UTF-8 character.
 //! - `impl qlora_data::formats::TextTokenizer for Tokenizer`: the data pipeline's view.
-//! - [`ModelRef`]: a folder, a `.gguf` file or a hub id, resolved offline-first.
+//! - [`Tokenizer::for_model`]: the tokenizer of a model reference resolved by
+//!   `qlora_formats::ModelRef` (re-exported here).
 
 use std::path::{Path, PathBuf};
 
 pub mod chat;
 mod data;
 mod from_gguf;
-pub mod model_ref;
 mod stream;
 
 pub use chat::{ChatMessage, ChatTemplate};
-pub use model_ref::{ModelRef, ModelSource};
+/// The one model-reference resolver (it lives in `qlora-formats`).
+pub use qlora_formats::model_ref::{ModelRef, ModelSource};
 pub use stream::StreamDecoder;
 
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +46,15 @@ pub enum TokenizerError {
     Template { origin: String, msg: String },
     #[error("model reference `{spec}`: {msg}")]
     ModelRef { spec: String, msg: String },
+}
+
+impl From<qlora_formats::RefError> for TokenizerError {
+    fn from(e: qlora_formats::RefError) -> Self {
+        TokenizerError::ModelRef {
+            spec: e.spec,
+            msg: e.msg,
+        }
+    }
 }
 
 pub type Result<T, E = TokenizerError> = std::result::Result<T, E>;
@@ -144,6 +154,16 @@ impl Tokenizer {
                 msg: e.to_string(),
             })?;
         Ok(Self::new(inner, path.display().to_string()))
+    }
+
+    /// A model's tokenizer: its folder's tokenizer files, or the one embedded in its
+    /// GGUF file; other references (no model folder, no GGUF) are refused.
+    pub fn for_model(r: &ModelRef) -> Result<Self> {
+        r.require_model()?;
+        match &r.source {
+            ModelSource::Gguf(f) => Tokenizer::from_gguf(f),
+            _ => Tokenizer::from_folder(r.path()),
+        }
     }
 
     /// Load from a Hugging Face model folder: `tokenizer.json` plus, when present,

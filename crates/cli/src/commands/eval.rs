@@ -68,7 +68,7 @@ pub fn run(a: Args) -> Result<()> {
     let loaded = qlora_infer::load(&a.model, a.quant, false, NeedTokenizer::No)?;
     let (mut model, r) = (loaded.model, loaded.model_ref);
     // The tokenizer only matters for text formats; pre-tokenized data needs none.
-    let tok = r.tokenizer();
+    let tok = qlora_tokenizer::Tokenizer::for_model(&r);
     let dopts = DatasetOptions {
         format: a.data_format.parse::<Format>()?,
         train_on_inputs: a.train_on_inputs,

@@ -9,10 +9,11 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+use qlora_formats::ModelRef;
 use qlora_merge::gguf_check::{check_export, pseudo_random_ids};
 use qlora_merge::prompts::text_sequences;
 use qlora_merge::{export_gguf, ExportOptions, ExportReport, ExportType};
-use qlora_tokenizer::ModelRef;
+use qlora_tokenizer::Tokenizer;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -108,8 +109,8 @@ pub fn run(a: Args) -> Result<()> {
         return Ok(());
     }
     let t1 = Instant::now();
-    let vocab = qlora_merge::SourceModel::open(&model)?.config().vocab_size;
-    let tok = r.tokenizer().ok();
+    let vocab = qlora_merge::SourceModel::from_ref(&r)?.config().vocab_size;
+    let tok = Tokenizer::for_model(&r).ok();
     let seqs = text_sequences(tok.as_ref(), &CHECK_TEXTS, CHECK_LEN, vocab)
         .unwrap_or_else(|| pseudo_random_ids(vocab, 3, CHECK_LEN, 0));
     let check = check_export(&model, a.adapter.as_deref(), &a.out, &seqs)

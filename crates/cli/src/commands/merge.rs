@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+use qlora_formats::ModelSource;
 use qlora_merge::{merge_model, merge_requantized, MergeFrom, MergeOptions};
 use qlora_quant::QuantType;
 
@@ -75,10 +76,10 @@ pub fn run(a: Args) -> Result<()> {
         max_shard_size,
         force: a.force,
     };
-    if a.model.is_file()
-        && qlora_tokenizer::ModelRef::resolve(&a.model.to_string_lossy(), false)
-            .is_ok_and(|r| matches!(r.source, qlora_tokenizer::ModelSource::Gguf(_)))
-    {
+    let how = qlora_formats::model_ref::Resolve::new(false);
+    let source =
+        qlora_formats::ModelRef::resolve_with(&a.model.to_string_lossy(), &how).map(|r| r.source);
+    if let Ok(ModelSource::Gguf(_)) = source {
         bail!(
             "{}: a .gguf base is merged by `qlora export-gguf --model {} --adapter {} --out merged.gguf`: \
              it adds the adapter to the file's own dequantized weights, which are exactly the weights \
@@ -88,27 +89,21 @@ pub fn run(a: Args) -> Result<()> {
             a.adapter.display()
         );
     }
-    if !a.model.is_dir() {
+    let Ok(ModelSource::Folder(model)) = source else {
         bail!(
             "{}: --model must be a Hugging Face model folder (config.json + safetensors)",
             a.model.display()
         );
-    }
+    };
     let t0 = Instant::now();
     let Some(rq) = &a.requantize else {
-        let rep = merge_model(&a.model, &a.adapter, &a.out, &opts).with_context(|| {
+        let rep = merge_model(&model, &a.adapter, &a.out, &opts).with_context(|| {
             format!("merging {} into {}", a.adapter.display(), a.model.display())
         })?;
         print_report(&rep, t0.elapsed().as_secs_f64(), true);
         return Ok(());
     };
-    let r = merge_requantized(
-        &a.model,
-        &a.adapter,
-        &a.out,
-        &opts,
-        rq.parse::<QuantType>()?,
-    )?;
+    let r = merge_requantized(&model, &a.adapter, &a.out, &opts, rq.parse::<QuantType>()?)?;
     // The staging folder of the f32 merge is removed: its files are not the output.
     print_report(&r.merge, r.merge_secs, false);
     println!(

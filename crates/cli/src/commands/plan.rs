@@ -114,7 +114,7 @@ fn input(a: &Args) -> Result<PlanInput> {
         .as_deref()
         .or(a.model_flag.as_deref())
         .unwrap_or_default();
-    let is_gguf = model.to_ascii_lowercase().ends_with(".gguf");
+    let is_gguf = qlora_memory::is_gguf(model);
     let quant = match &a.quant {
         Some(q) => q.to_ascii_lowercase(),
         None if is_gguf => "native".into(),

@@ -4,7 +4,8 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use qlora_tokenizer::ModelRef;
+use qlora_formats::ModelRef;
+use qlora_tokenizer::Tokenizer;
 
 #[derive(clap::Args)]
 #[command(group(clap::ArgGroup::new("input").required(true).args(["text", "file"])))]
@@ -35,7 +36,7 @@ pub fn run(a: Args) -> Result<()> {
         }
         (None, None) => unreachable!("clap requires --text or --file"),
     };
-    let tok = ModelRef::resolve(&a.model, false)?.tokenizer()?;
+    let tok = Tokenizer::for_model(&ModelRef::resolve(&a.model, false)?)?;
     let ids = tok.tokenize_input(&text, a.chat)?;
     if a.json {
         println!("{}", serde_json::json!({ "ids": ids }));
