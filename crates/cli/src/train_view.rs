@@ -20,8 +20,16 @@ pub fn print_summary(
     let world = comm.size();
     if world > 1 {
         let (b, acc) = (trainer.cfg.batch_size, trainer.cfg.grad_accum);
+        let shard = match trainer.model.shard_spec() {
+            Some(s) => format!(
+                "shard full (this process holds {:.1} MiB of the layers' weights, 1/{})",
+                trainer.model.shard_bytes() as f64 / (1 << 20) as f64,
+                s.size
+            ),
+            None => "shard none".to_string(),
+        };
         println!(
-            "parallel   {world} processes ({}), data parallel: {b} rows per process per micro-batch, {} per step; shard none",
+            "parallel   {world} processes ({}), data parallel: {b} rows per process per micro-batch, {} per step; {shard}",
             comm.backend(),
             b * acc * world
         );

@@ -1,7 +1,8 @@
 //! `mpirun -n 2 qlora train … --batch-size 1` against one process at
 //! `--batch-size 2` on the tiny fixture model: same loss trajectory (1e-5
 //! relative), same final adapter (1e-5 absolute), only rank 0 writes, resume
-//! needs the same process count. Built only with `--features mpi`; each test
+//! needs the same process count; with the frozen base sharded (`--shard full`,
+//! the default under mpirun) and whole on every process (`--shard none`). Built only with `--features mpi`; each test
 //! prints SKIPPED and passes when `mpirun` is not on the PATH.
 #![cfg(feature = "mpi")]
 
@@ -144,32 +145,45 @@ fn two_processes_reproduce_one_process_at_twice_the_batch() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("rows.jsonl");
     write_rows(&data);
-    for (model, quant, extra) in [
-        ("tiny_llama/model", "none", &[][..]),
-        (
-            "tiny_llama/model",
-            "nf4",
-            &[
-                "--gradient-checkpointing",
-                "true",
-                "--grad-accum",
-                "2",
-                "--lora-dropout",
-                "0.1",
-            ][..],
-        ),
+    let ckpt_accum = &[
+        "--gradient-checkpointing",
+        "true",
+        "--grad-accum",
+        "2",
+        "--lora-dropout",
+        "0.1",
+    ][..];
+    for (model, quant, shard, extra) in [
+        ("tiny_llama/model", "none", "none", &[][..]),
+        ("tiny_llama/model", "nf4", "none", ckpt_accum),
+        // sharded (the default): f32 and NF4 bases, with and without
+        // checkpointing and accumulation, and a pre-quantized bnb-4bit folder
+        ("tiny_llama/model", "none", "full", &[][..]),
+        ("tiny_llama/model", "none", "full", ckpt_accum),
+        ("tiny_llama/model", "nf4", "full", &[][..]),
+        ("tiny_llama/model", "nf4", "default", ckpt_accum),
+        ("tiny_llama_bnb4/model", "none", "full", ckpt_accum),
     ] {
-        let what = format!("{model} --quant {quant} {extra:?}");
-        let one = tmp.path().join(format!("one-{quant}"));
-        let two = tmp.path().join(format!("two-{quant}"));
+        let what = format!("{model} --quant {quant} --shard {shard} {extra:?}");
+        let tag = format!("{}-{quant}-{shard}-{}", model.len(), extra.len());
+        let one = tmp.path().join(format!("one-{tag}"));
+        let two = tmp.path().join(format!("two-{tag}"));
         let mut args = extra.to_vec();
         args.extend(["--quant", quant]);
         run(Command::new(bin()).args(train_args(model, &data, &one, 2, &args)));
+        if shard != "default" {
+            args.extend(["--shard", shard]);
+        }
         let text = run(mpirun(2)
             .unwrap()
             .arg(bin())
             .args(train_args(model, &data, &two, 1, &args)));
         assert!(text.contains("parallel   2 processes (mpi)"), "{text}");
+        let want = match shard {
+            "none" => "; shard none",
+            _ => "; shard full (this process holds ",
+        };
+        assert!(text.contains(want), "{what}: {text}");
         // one summary, one line per step: rank 1 prints nothing of its own
         assert_eq!(text.matches("schedule   ").count(), 1, "{text}");
         compare(&one, &two, &what);
@@ -185,7 +199,7 @@ fn resume_with_the_same_process_count_only() {
     write_rows(&data);
     let full = tmp.path().join("full");
     let part = tmp.path().join("part");
-    let args = ["--quant", "none", "--save-every", "2"];
+    let args = ["--quant", "nf4", "--shard", "full", "--save-every", "2"];
     run(mpirun(2)
         .unwrap()
         .arg(bin())
@@ -220,21 +234,92 @@ fn resume_with_the_same_process_count_only() {
     assert_eq!(adapter(&part), adapter(&full));
 }
 
+/// What `--shard full` does not do is refused with a message naming the flags.
 #[test]
-fn unimplemented_full_sharding_is_refused() {
+fn full_sharding_refuses_what_it_cannot_split() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("rows.jsonl");
     write_rows(&data);
+    let fail = |extra: &[&str]| {
+        let o = Command::new(bin())
+            .args(train_args(
+                "tiny_llama/model",
+                &data,
+                &tmp.path().join("o"),
+                1,
+                extra,
+            ))
+            .output()
+            .unwrap();
+        assert!(!o.status.success(), "{extra:?} succeeded");
+        String::from_utf8_lossy(&o.stderr).to_string()
+    };
+    let e = fail(&["--shard", "full", "--quant", "native"]);
+    assert!(
+        e.contains("--shard full") && e.contains("--quant native"),
+        "{e}"
+    );
+    let e = fail(&["--shard", "half"]);
+    assert!(e.contains("unknown --shard `half`"), "{e}");
+    // one process: nothing to shard, a note, and the run proceeds
     let o = Command::new(bin())
         .args(train_args(
             "tiny_llama/model",
             &data,
-            &tmp.path().join("o"),
+            &tmp.path().join("o1"),
             1,
             &["--shard", "full"],
         ))
         .output()
         .unwrap();
-    assert!(!o.status.success());
-    assert!(String::from_utf8_lossy(&o.stderr).contains("--shard full"));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("nothing to shard"), "{err}");
+}
+
+/// Sharded ranks each hold about half of the layers' weights; only rank 0 writes.
+#[test]
+fn sharded_ranks_hold_half_the_layers_each() {
+    let Some(_) = mpirun(2) else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("rows.jsonl");
+    write_rows(&data);
+    let out = tmp.path().join("o");
+    let text = run(mpirun(2)
+        .unwrap()
+        .arg("--output-filename")
+        .arg(tmp.path().join("logs"))
+        .arg(bin())
+        .args(train_args(
+            "tiny_llama/model",
+            &data,
+            &out,
+            1,
+            &["--quant", "none"],
+        )));
+    let _ = text;
+    // tiny_llama: 2 layers of q,k,v,o (64x64, 32x64 x2, 64x64) + gate, up, down (160x64) in f32
+    let layers = 2 * 4 * (2 * 64 * 64 + 2 * 32 * 64 + 3 * 160 * 64);
+    for r in 0..2 {
+        let log = std::fs::read_to_string(tmp.path().join(format!("logs/1/rank.{r}/stdout")))
+            .unwrap_or_default();
+        if r == 0 {
+            let held = format!(
+                "shard full (this process holds {:.1} MiB",
+                (layers / 2) as f64 / (1 << 20) as f64
+            );
+            assert!(log.contains(&held), "rank 0 log: {log}");
+        } else {
+            assert!(!log.contains("parallel"), "rank {r} printed: {log}");
+        }
+    }
+    let files: Vec<_> = std::fs::read_dir(&out)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(
+        out.join("adapter/adapter_model.safetensors").exists(),
+        "{files:?}"
+    );
 }

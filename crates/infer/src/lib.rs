@@ -14,5 +14,7 @@ pub mod load;
 pub use generate::{
     argmax, generate, greedy_samples, prompt_ids, samples_markdown, GenLimits, GenStats, Sampler,
 };
-pub use load::{default_quant, load, load_gguf, LoadedModel, NeedTokenizer};
+pub use load::{
+    default_quant, load, load_gguf, load_gguf_sharded, load_sharded, LoadedModel, NeedTokenizer,
+};
 pub use qlora_model::QuantMode;

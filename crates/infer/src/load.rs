@@ -7,7 +7,7 @@ use qlora_config::ModelConfig;
 use qlora_formats::{ModelRef, ModelSource};
 use qlora_gguf::llama::GgufModel;
 use qlora_model::ops::linear::FrozenWeight;
-use qlora_model::{LoadOptions, Model, QuantMode, WeightSource};
+use qlora_model::{LoadOptions, Model, QuantMode, ShardSpec, WeightSource};
 use qlora_tokenizer::Tokenizer;
 
 /// Whether [`load`] loads the model's tokenizer.
@@ -84,6 +84,18 @@ pub fn load(
     allow_network: bool,
     tok: NeedTokenizer,
 ) -> Result<LoadedModel> {
+    load_sharded(spec, quant, allow_network, tok, None)
+}
+
+/// [`load`]; with `shard`, this process keeps only its share of every layer's
+/// projection weights (`qlora train --shard full`, see `qlora_model::shard`).
+pub fn load_sharded(
+    spec: &str,
+    quant: Option<QuantMode>,
+    allow_network: bool,
+    tok: NeedTokenizer,
+    shard: Option<ShardSpec>,
+) -> Result<LoadedModel> {
     let model_ref = ModelRef::resolve(spec, allow_network)?;
     let quant = quant.unwrap_or_else(|| default_quant(&model_ref.source));
     if quant == QuantMode::Native && !model_ref.is_gguf() {
@@ -100,13 +112,13 @@ pub fn load(
                 NeedTokenizer::No => None,
                 NeedTokenizer::IfPresent | NeedTokenizer::Yes => Some(Tokenizer::from_gguf(path)?),
             };
-            (load_gguf(path, &opts)?, t)
+            (load_gguf_sharded(path, &opts, shard)?, t)
         }
         // A model folder: `ModelRef::resolve` refuses everything else.
         _ => {
             let dir = model_ref.path();
             let load_model = || {
-                Model::from_folder(dir, &opts)
+                Model::from_folder_sharded(dir, &opts, shard)
                     .with_context(|| format!("loading model {}", dir.display()))
             };
             match tok {
@@ -134,9 +146,19 @@ pub fn load(
 /// A llama-family GGUF file as a [`Model`]: its own blocks with [`QuantMode::Native`],
 /// else dequantized to f32 and held as `opts.quant` says.
 pub fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<Model> {
+    load_gguf_sharded(path, opts, None)
+}
+
+/// [`load_gguf`] keeping only this rank's share of the projection weights.
+pub fn load_gguf_sharded(
+    path: &Path,
+    opts: &LoadOptions,
+    shard: Option<ShardSpec>,
+) -> Result<Model> {
     let g = GgufModel::open(path)?;
     let config: ModelConfig = g.config().clone();
     let names = g.hf_names().map(str::to_string).collect();
     let src = GgufSource { model: g, names };
-    Model::from_source(config, &src, opts).with_context(|| format!("loading {}", path.display()))
+    Model::from_source_sharded(config, &src, opts, shard)
+        .with_context(|| format!("loading {}", path.display()))
 }

@@ -11,8 +11,8 @@ use qlora_lora::{Adapter, AdapterGrads, LoraWeights, Matrix};
 use crate::backend::{Backend, LayerW};
 use crate::batch::Batch;
 use crate::model::{
-    with_net, AdapterView, Ctx, LayerActs, LinSaved, Model, Net, DOWN, GATE, K, LINEAR_NAMES, O, Q,
-    UP, V,
+    with_net_on, AdapterView, Ctx, LayerActs, LinSaved, Model, Net, DOWN, GATE, K, LINEAR_NAMES, O,
+    Q, UP, V,
 };
 use crate::ops::attention::AttnShape;
 use crate::ops::cross_entropy;
@@ -69,6 +69,18 @@ impl Model {
         adapter: &Adapter,
         opts: &StepOptions,
     ) -> Result<(f64, usize, AdapterGrads)> {
+        self.forward_backward_on(batch, adapter, opts, None)
+    }
+
+    /// [`Self::forward_backward`]; a sharded model gathers its layers through
+    /// `comm` (collective: every rank of `comm` makes the same calls).
+    pub fn forward_backward_on(
+        &self,
+        batch: &Batch,
+        adapter: &Adapter,
+        opts: &StepOptions,
+        comm: Option<&dyn qlora_dist::Communicator>,
+    ) -> Result<(f64, usize, AdapterGrads)> {
         ensure!(
             opts.loss_denominator > 0.0 && opts.loss_denominator.is_finite(),
             "loss_denominator must be positive, got {}",
@@ -76,7 +88,7 @@ impl Model {
         );
         let labels = batch.flat_labels();
         cross_entropy::check_labels(&labels, self.vocab_size())?;
-        with_net!(self, |net| net
+        with_net_on!(self, comm, |net| net
             .forward_backward(batch, &labels, adapter, opts))
     }
 }
@@ -242,7 +254,7 @@ impl<B: Backend> Net<'_, B> {
             cfg.num_key_value_heads,
             cfg.head_dim,
         );
-        let layer = be.fetch_layer(l, &self.w.layers[l])?;
+        let layer = self.fetch_layer(l)?;
         let w = &*layer;
 
         // MLP block: out = x_mid + down(silu(gate(n2)) ⊙ up(n2)).

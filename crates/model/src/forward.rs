@@ -137,7 +137,7 @@ impl<B: Backend> Net<'_, B> {
             cfg.num_key_value_heads,
             cfg.head_dim,
         );
-        let layer = be.fetch_layer(l, &self.w.layers[l])?;
+        let layer = self.fetch_layer(l)?;
         let w = &*layer;
         let eps = self.m.eps();
         let (n1, rstd1) = be.rmsnorm_forward(x, &w.input_layernorm, eps)?;

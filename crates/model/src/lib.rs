@@ -18,6 +18,7 @@ mod compute;
 mod forward;
 mod load;
 mod model;
+pub mod shard;
 
 pub use backend::Device;
 pub use backward::{DropoutRows, StepOptions};
@@ -27,3 +28,4 @@ pub use load::{LoadOptions, QuantMode, WeightSource, NATIVE_NEEDS_GGUF};
 pub use model::{Layer, Model, LINEAR_NAMES};
 pub use ops::linear::BaseCompute;
 pub use qlora_lora::{Adapter, AdapterGrads};
+pub use shard::{ShardSpec, ShardedBase, WeightShard};

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use anyhow::{anyhow, bail, ensure, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
 use half::bf16;
 use qlora_config::ModelConfig;
 use qlora_formats::ModelFiles;
@@ -232,7 +232,12 @@ fn native(src: &dyn WeightSource, name: &str) -> Result<FrozenWeight> {
 }
 
 /// A full-precision weight `[rows, cols]` held as `mode` says.
-fn dense(w: Vec<f32>, shape: [usize; 2], mode: QuantMode, what: &str) -> Result<FrozenWeight> {
+pub(crate) fn dense(
+    w: Vec<f32>,
+    shape: [usize; 2],
+    mode: QuantMode,
+    what: &str,
+) -> Result<FrozenWeight> {
     Ok(match mode {
         QuantMode::None => FrozenWeight::F32(Arc::new(w)),
         QuantMode::Bf16 => {
@@ -258,10 +263,20 @@ fn dense(w: Vec<f32>, shape: [usize; 2], mode: QuantMode, what: &str) -> Result<
 impl Model {
     /// Load an HF model folder (config.json + safetensors), full precision or bnb-4bit.
     pub fn from_folder(dir: impl AsRef<Path>, opts: &LoadOptions) -> Result<Model> {
+        Model::from_folder_sharded(dir, opts, None)
+    }
+
+    /// [`Self::from_folder`] keeping only this rank's share of the projection
+    /// weights (see [`Self::from_source_sharded`]).
+    pub fn from_folder_sharded(
+        dir: impl AsRef<Path>,
+        opts: &LoadOptions,
+        shard: Option<crate::shard::ShardSpec>,
+    ) -> Result<Model> {
         let dir = dir.as_ref();
         let config = ModelConfig::from_file(dir.join("config.json"))?;
         let src = ModelFiles::open(dir)?;
-        Model::from_source(config, &src, opts)
+        Model::from_source_sharded(config, &src, opts, shard)
     }
 
     /// Build from `(HF tensor name, shape, f32 data)` triples (e.g. converted GGUF).
@@ -296,6 +311,21 @@ impl Model {
         src: &dyn WeightSource,
         opts: &LoadOptions,
     ) -> Result<Model> {
+        Model::from_source_sharded(config, src, opts, None)
+    }
+
+    /// [`Self::from_source`]; with `shard`, this rank keeps only its share of
+    /// every layer's projection weights and quantizes only that (see
+    /// [`crate::shard`]); the model then runs through a communicator of that
+    /// rank and size.
+    pub fn from_source_sharded(
+        config: ModelConfig,
+        src: &dyn WeightSource,
+        opts: &LoadOptions,
+        shard: Option<crate::shard::ShardSpec>,
+    ) -> Result<Model> {
+        use crate::shard::{placeholder, WeightShard, SHARD_NATIVE};
+        let mut shards: Vec<Vec<WeightShard>> = Vec::new();
         let names = src.names();
         let origin = src.origin("model.embed_tokens.weight");
         let (h, v, nl) = (
@@ -360,6 +390,7 @@ impl Model {
             };
             let shapes = config.linear_shapes();
             let mut lins = Vec::with_capacity(7);
+            let mut layer_shards = Vec::with_capacity(7);
             for (m, short) in LINEAR_NAMES.iter().enumerate() {
                 let [out, inp] = shapes[m].1;
                 let path = ModelConfig::linear_path(l, short);
@@ -372,7 +403,28 @@ impl Model {
                         q.shape,
                         [out, inp]
                     );
-                    FrozenWeight::Quant(Arc::new(q))
+                    let w = FrozenWeight::Quant(Arc::new(q));
+                    match shard {
+                        // a pre-quantized tensor: read, keep this rank's ranges
+                        Some(spec) => {
+                            layer_shards.push(WeightShard::of_full(&w, spec)?);
+                            placeholder()
+                        }
+                        None => w,
+                    }
+                } else if let Some(spec) = shard {
+                    ensure!(
+                        opts.quant != QuantMode::Native,
+                        "{}: {SHARD_NATIVE}",
+                        src.origin(&wname)
+                    );
+                    check_shape(src, &wname, &[out, inp], "from config.json")?;
+                    let what = format!("{}: `{wname}`", src.origin(&wname));
+                    let s =
+                        WeightShard::from_dense(&src.f32(&wname)?, [out, inp], opts.quant, spec)
+                            .with_context(|| format!("{what}: quantizing this rank's shard"))?;
+                    layer_shards.push(s);
+                    placeholder()
                 } else if opts.quant == QuantMode::Native {
                     check_shape(src, &wname, &[out, inp], "from config.json")?;
                     native(src, &wname)?
@@ -411,6 +463,9 @@ impl Model {
                 });
             }
             let linears: [FrozenLinear; 7] = lins.try_into().expect("seven linears");
+            if shard.is_some() {
+                shards.push(layer_shards);
+            }
             layers.push(Layer {
                 input_layernorm,
                 post_attention_layernorm,
@@ -445,6 +500,12 @@ impl Model {
             norm,
             inv_freq,
             exec: Default::default(),
+            shards: shard.map(|spec| {
+                Arc::new(crate::shard::ShardedBase {
+                    spec,
+                    layers: shards,
+                })
+            }),
         })
     }
 }

@@ -40,6 +40,9 @@ pub struct Model {
     pub(crate) inv_freq: Vec<f32>,
     /// Where forward/backward run (default: these host weights on the CPU).
     pub(crate) exec: Exec,
+    /// `--shard full`: this rank's share of every layer's projection weights
+    /// (the [`Layer`]s then hold placeholders there; see [`crate::shard`]).
+    pub(crate) shards: Option<std::sync::Arc<crate::shard::ShardedBase>>,
 }
 
 /// Per-call context shared by every layer, on backend `B`.
@@ -164,6 +167,8 @@ pub(crate) struct Net<'a, B: Backend> {
     pub m: &'a Model,
     pub be: &'a B,
     pub w: Weights<'a, B>,
+    /// How a sharded model's layers are gathered (`None`: not sharded, or no communicator).
+    pub gather: Option<crate::shard::Gather<'a>>,
 }
 
 /// Run `$body` with `$net` bound to the model's [`Net`] on its device.
@@ -183,7 +188,26 @@ macro_rules! with_net {
         }
     }};
 }
+/// [`with_net!`] gathering a sharded model's layers through `$comm`
+/// (`Option<&dyn Communicator>`).
+macro_rules! with_net_on {
+    ($model:expr, $comm:expr, |$net:ident| $body:expr) => {{
+        let model: &Model = $model;
+        match &model.exec {
+            crate::model::Exec::Cpu => {
+                let $net = model.cpu_net_on($comm);
+                $body
+            }
+            #[cfg(feature = "cuda")]
+            crate::model::Exec::Cuda(c) => {
+                let $net = c.net(model);
+                $body
+            }
+        }
+    }};
+}
 pub(crate) use with_net;
+pub(crate) use with_net_on;
 
 impl Model {
     pub fn hidden_size(&self) -> usize {
@@ -221,6 +245,14 @@ impl Model {
             }
             #[cfg(feature = "cuda")]
             Device::Cuda(n) => {
+                if let Some(s) = self.shard_spec() {
+                    bail!(
+                        "--device {device} with --shard full (rank {} of {}) is not implemented: \
+                         the sharded base is gathered on the CPU only; use --shard none",
+                        s.rank,
+                        s.size
+                    );
+                }
                 let c = crate::backend::cuda_model::CudaModel::new(self, n)?;
                 self.exec = Exec::Cuda(std::sync::Arc::new(c));
                 Ok(())
@@ -246,6 +278,7 @@ impl Model {
                 norm: &self.norm,
                 lm_head: &self.lm_head,
             },
+            gather: None,
         }
     }
 
@@ -256,6 +289,7 @@ impl Model {
         if !tied {
             n += self.lm_head.weight.bytes();
         }
+        n += self.shard_bytes();
         for l in &self.layers {
             n += (l.input_layernorm.len() + l.post_attention_layernorm.len()) * 4;
             for lin in &l.linears {
@@ -317,6 +351,9 @@ impl Model {
             );
             layers[l][m] = Some((be.upload(w.a.data())?, be.upload(w.b.data())?, r));
             match &w.magnitude {
+                Some(_) if self.shards.is_some() => {
+                    bail!("DoRA adapters with --shard full are not supported (DoRA's weight norm needs the whole base weight); use --shard none")
+                }
                 Some(mag) => {
                     ensure!(
                         mag.len() == lin.out_features,
@@ -348,6 +385,10 @@ impl Model {
     /// output row (`‖W‖` for a fresh adapter, whose B is 0), `W` dequantized
     /// for a 4-bit base, and mark the adapter as DoRA.
     pub fn init_dora(&self, adapter: &mut Adapter) -> Result<()> {
+        ensure!(
+            self.shards.is_none(),
+            "DoRA adapters with --shard full are not supported (DoRA's weight norm needs the whole base weight); use --shard none"
+        );
         let nl = self.layers.len();
         let scale = adapter.scaling() as f32;
         for (path, w) in adapter.layers.iter_mut() {
@@ -387,8 +428,19 @@ impl Model {
 
     /// Shifted cross-entropy: `(sum over counted targets, count)`; mean = sum / count.
     pub fn loss(&self, batch: &Batch, adapter: Option<&Adapter>) -> Result<(f64, usize)> {
+        self.loss_on(batch, adapter, None)
+    }
+
+    /// [`Self::loss`]; a sharded model gathers its layers through `comm`
+    /// (collective: every rank of `comm` makes the same calls).
+    pub fn loss_on(
+        &self,
+        batch: &Batch,
+        adapter: Option<&Adapter>,
+        comm: Option<&dyn qlora_dist::Communicator>,
+    ) -> Result<(f64, usize)> {
         let labels = batch.flat_labels();
         cross_entropy::check_labels(&labels, self.vocab_size())?;
-        with_net!(self, |net| net.loss(batch, &labels, adapter))
+        with_net_on!(self, comm, |net| net.loss(batch, &labels, adapter))
     }
 }

@@ -90,7 +90,9 @@ pub use dequantize::DequantElem;
 pub use dequantize::Expand;
 #[doc(hidden)]
 pub use quantize::quantize_4bit_with;
-pub use quantize::{double_quant, double_quant_with_offset, quantize_4bit};
+pub use quantize::{
+    block_absmax, double_quant, double_quant_with_offset, dq_offset, quantize_4bit,
+};
 pub use simd::Backend;
 pub use tables::{code_table, dynamic_map, thresholds, zero_code};
 

@@ -373,6 +373,43 @@ pub fn quantize_4bit_with(
     })
 }
 
+/// The per-block absmax [`quantize_4bit`] stores for `input` (before double
+/// quantization), without encoding anything: what every rank of a sharded load
+/// needs to agree on the tensor's double-quant offset ([`dq_offset`]) while it
+/// quantizes only its own range of blocks. Non-finite elements are skipped, as
+/// the quantizer skips them.
+pub fn block_absmax(input: &Input<'_>, blocksize: usize) -> Result<Vec<f32>, QuantError> {
+    check_blocksize(blocksize)?;
+    let n = input.len();
+    let mut out = vec![0f32; num_blocks(n, blocksize)];
+    fn run<T: Elem>(x: &[T], bs: usize, out: &mut [f32]) {
+        let n = x.len();
+        let per = (CHUNK_ELEMS / bs).max(1);
+        out.par_chunks_mut(per).enumerate().for_each(|(c, am)| {
+            for (k, a) in am.iter_mut().enumerate() {
+                let start = (c * per + k) * bs;
+                let end = (start + bs).min(n);
+                let (m, _) = absmax_scalar(&x[start..end]);
+                *a = block_scale(m, end - start < bs).0;
+            }
+        });
+    }
+    match input {
+        Input::F32(x) => run(x, blocksize, &mut out),
+        Input::BF16(x) => run(x, blocksize, &mut out),
+        Input::F16(x) => run(x, blocksize, &mut out),
+    }
+    Ok(out)
+}
+
+/// The double-quant offset of a tensor: `mean(absmax)` over **all** its blocks,
+/// exactly as torch's CPU f32 `mean()` computes it (0.0 for no blocks). With it,
+/// [`double_quant_with_offset`] over any 256-block-aligned range of the absmax
+/// gives exactly that range of the whole tensor's double quantization.
+pub fn dq_offset(absmax: &[f32]) -> f32 {
+    mean_offset(absmax)
+}
+
 /// Double quantization of a per-block absmax vector (crate docs, "Double quantization"):
 /// `offset` = `mean(absmax)` exactly as torch's CPU f32 `mean()` computes it (its cascade
 /// sum, see [`crate::torch_mean`]), then [`double_quant_with_offset`].

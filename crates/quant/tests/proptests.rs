@@ -323,3 +323,56 @@ fn large_blockwise8_crosses_parallel_tasks() {
         );
     }
 }
+
+/// `block_absmax` is the absmax `quantize_4bit` stores, and double quantization
+/// of any 256-block-aligned range with the whole tensor's `dq_offset` is that
+/// range of the whole double quantization (what a sharded load relies on).
+#[test]
+fn block_absmax_and_ranged_double_quant_match_the_whole() {
+    use qlora_quant::{
+        block_absmax, double_quant_with_offset, dq_offset, quantize_4bit, Absmax, Input,
+        QuantOptions,
+    };
+    let mut s = 0x9E37_79B9u32;
+    for &n in &[1usize, 63, 64, 65, 64 * 256, 64 * 256 * 3 + 17, 100_001] {
+        let x: Vec<f32> = (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                (s as f32 / u32::MAX as f32 - 0.5) * 4.0
+            })
+            .collect();
+        let whole = quantize_4bit(Input::F32(&x), &[n], &QuantOptions::default()).unwrap();
+        let plain = quantize_4bit(
+            Input::F32(&x),
+            &[n],
+            &QuantOptions {
+                double_quant: false,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let am = block_absmax(&Input::F32(&x), 64).unwrap();
+        assert_eq!(Absmax::Plain(am.clone()), plain.absmax, "n={n}");
+        let Absmax::Double(d) = &whole.absmax else {
+            panic!("double quant")
+        };
+        let off = dq_offset(&am);
+        assert_eq!(off.to_bits(), d.offset.to_bits(), "n={n}");
+        for start in (0..am.len()).step_by(256) {
+            let end = (start + 512).min(am.len());
+            let part = double_quant_with_offset(&am[start..end], off);
+            assert_eq!(
+                part.codes,
+                d.codes[start..end],
+                "n={n} blocks {start}..{end}"
+            );
+            assert_eq!(
+                part.nested_absmax,
+                d.nested_absmax[start / 256..end.div_ceil(256)],
+                "n={n}"
+            );
+        }
+    }
+}

@@ -15,7 +15,7 @@ use anyhow::{bail, Context, Result};
 use qlora_data::formats::{DatasetOptions, Format, OnBadLine, TextTokenizer};
 use qlora_dist::Communicator;
 use qlora_infer::{LoadedModel, NeedTokenizer};
-use qlora_model::{Adapter, BaseCompute, Device, QuantMode};
+use qlora_model::{Adapter, BaseCompute, Device, QuantMode, ShardSpec};
 use qlora_tokenizer::Tokenizer;
 
 use crate::prepare::{
@@ -64,7 +64,8 @@ pub struct TrainRequest {
     pub save_every: Option<u64>,
     /// Stop after this step (the schedule still spans `max_steps`).
     pub stop_at_step: Option<u64>,
-    /// none or full (full is not implemented) [none].
+    /// none or full [full under `mpirun -n N` with N > 1, except for GGUF
+    /// blocks held as stored (`--quant native`), which are not sharded].
     pub shard: Option<String>,
     pub cpu_offload: bool,
     /// Overwrite a non-empty `out`.
@@ -86,12 +87,27 @@ impl TrainRequest {
 /// Refuse settings that cannot work, before anything is loaded (a typo fails in a
 /// second). Returns notes for the user (settings that are accepted but do nothing).
 pub fn check(req: &TrainRequest, comm: &dyn Communicator) -> Result<Vec<String>> {
+    let mut notes = Vec::new();
     match req.shard.as_deref() {
         None | Some("none") => {}
-        Some("full") => bail!(
-            "--shard full (FSDP-style sharding of the frozen base) is not implemented yet; \
-             use --shard none (every process holds the whole base)"
-        ),
+        Some("full") => {
+            if comm.size() == 1 {
+                notes.push(
+                    "--shard full with one process: nothing to shard (run under `mpirun -n N`)"
+                        .to_string(),
+                );
+            }
+            if req.quant_mode()? == Some(QuantMode::Native) {
+                bail!(qlora_model::shard::SHARD_NATIVE);
+            }
+            let device: Device = req.device.as_deref().unwrap_or("cpu").parse()?;
+            if device != Device::Cpu && comm.size() > 1 {
+                bail!(
+                    "--shard full with --device {device} is not implemented (the sharded base is \
+                     gathered in host memory by the CPU trainer); use --shard none or --device cpu"
+                );
+            }
+        }
         Some(o) => bail!("unknown --shard `{o}` (none or full)"),
     }
     req.quant_mode()?;
@@ -109,7 +125,6 @@ pub fn check(req: &TrainRequest, comm: &dyn Communicator) -> Result<Vec<String>>
     if comm.rank() == 0 {
         crate::outdir::check_output_dir(&req.out, req.resume.as_deref(), req.force)?;
     }
-    let mut notes = Vec::new();
     if req.cpu_offload {
         notes.push(
             "--cpu-offload is a no-op for the CPU trainer (everything is in host memory already)"
@@ -131,9 +146,58 @@ pub struct Base {
     pub load_s: f64,
 }
 
+/// How this process holds the base: `Some` = its share of a sharded base
+/// (`--shard full`, the default when `comm` has several ranks), `None` = all of it.
+/// The second value is a note for the user when the default was not applied.
+pub fn shard_spec(
+    req: &TrainRequest,
+    comm: &dyn Communicator,
+) -> Result<(Option<ShardSpec>, Option<String>)> {
+    if comm.size() == 1 {
+        return Ok((None, None));
+    }
+    let spec = Some(ShardSpec::new(comm.rank(), comm.size())?);
+    match req.shard.as_deref() {
+        Some("full") => Ok((spec, None)),
+        Some(_) => Ok((None, None)),
+        None => {
+            // the default: full, unless the base is a GGUF file's own blocks
+            // or lives on a GPU (neither is sharded)
+            let quant = match req.quant_mode()? {
+                Some(q) => q,
+                None => qlora_infer::default_quant(
+                    &qlora_formats::ModelRef::resolve(&req.model, false)?.source,
+                ),
+            };
+            let device: Device = req.device.as_deref().unwrap_or("cpu").parse()?;
+            if quant == QuantMode::Native {
+                Ok((
+                    None,
+                    Some(
+                        "the base is held as the GGUF file's own blocks (--quant native), \
+                     which are not sharded: every process holds all of it (--shard none); \
+                     --quant nf4 --shard full splits it"
+                            .into(),
+                    ),
+                ))
+            } else if device != Device::Cpu {
+                Ok((
+                    None,
+                    Some(format!(
+                        "--device {device}: --shard none (sharding is CPU-only)"
+                    )),
+                ))
+            } else {
+                Ok((spec, None))
+            }
+        }
+    }
+}
+
 /// Load the base model (its tokenizer when it has one: text data needs it) on the
-/// requested device and with the requested base arithmetic.
-pub fn load_base(req: &TrainRequest) -> Result<Base> {
+/// requested device and with the requested base arithmetic; under several ranks
+/// with `shard` (see [`shard_spec`]) only this rank's share of it.
+pub fn load_base(req: &TrainRequest, shard: Option<ShardSpec>) -> Result<Base> {
     let t = Instant::now();
     let quant = req.quant_mode()?;
     let device: Device = req.device.as_deref().unwrap_or("cpu").parse()?;
@@ -143,7 +207,8 @@ pub fn load_base(req: &TrainRequest) -> Result<Base> {
         .unwrap_or("f32")
         .parse()
         .context("--compute-dtype")?;
-    let mut loaded = qlora_infer::load(&req.model, quant, false, NeedTokenizer::IfPresent)?;
+    let mut loaded =
+        qlora_infer::load_sharded(&req.model, quant, false, NeedTokenizer::IfPresent, shard)?;
     loaded.model.set_base_compute(compute);
     loaded.model.to_device(device)?;
     Ok(Base {

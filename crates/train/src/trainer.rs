@@ -83,6 +83,17 @@ pub struct Trainer<'m> {
     pub(crate) resumed_world: Option<usize>,
 }
 
+/// One pad token with its label masked: a batch that computes nothing but
+/// makes a sharded model's forward (and its gathers) happen.
+fn idle_batch(pad_id: u32) -> Batch {
+    Batch {
+        input_ids: vec![vec![pad_id]],
+        labels: vec![vec![-100]],
+        position_ids: None,
+        segment_ids: None,
+    }
+}
+
 /// The communicator of a one-process run.
 static SINGLE: SingleProcess = SingleProcess;
 
@@ -160,6 +171,16 @@ impl<'m> Trainer<'m> {
             ps.extend(p.data.iter().flat_map(|x| x.to_le_bytes()));
         }
         comm.check_same("the initial adapter weights", fnv_u64(&ps))?;
+        if let Some(s) = self.model.shard_spec() {
+            ensure!(
+                (s.rank, s.size) == (comm.rank(), comm.size()),
+                "the model was loaded as shard {} of {} but this process is rank {} of {}",
+                s.rank,
+                s.size,
+                comm.rank(),
+                comm.size()
+            );
+        }
         self.comm = comm;
         self.check_world()?;
         Ok(self)
@@ -288,17 +309,27 @@ impl<'m> Trainer<'m> {
         let tokens: usize = micro.iter().map(|m| m.global_tokens).sum();
         let mut sum_ce = 0f64;
         let mut acc: Option<Vec<Vec<f32>>> = None;
+        let sharded = self.model.shard_spec().is_some();
         for (i, m) in micro.iter().enumerate() {
-            let Some(b) = &m.batch else { continue };
+            let seed = splitmix64(self.cfg.seed ^ splitmix64(step1 * 1024 + i as u64));
+            let Some(b) = &m.batch else {
+                if sharded {
+                    // a sharded model's layers are gathered by all ranks together:
+                    // a rank without rows runs a masked one-token batch (no loss, no gradient)
+                    self.idle_micro_step(total, seed)
+                        .with_context(|| format!("step {step1}, micro-batch {i} (no rows here)"))?;
+                }
+                continue;
+            };
             let opts = StepOptions {
                 loss_denominator: total as f32,
                 checkpointing: self.cfg.checkpointing,
-                lora_dropout_seed: splitmix64(self.cfg.seed ^ splitmix64(step1 * 1024 + i as u64)),
+                lora_dropout_seed: seed,
                 dropout_rows: (world > 1).then(|| m.dropout_rows.clone()),
             };
             let (s, c, g) = self
                 .model
-                .forward_backward(b, &self.adapter, &opts)
+                .forward_backward_on(b, &self.adapter, &opts, Some(self.comm))
                 .with_context(|| format!("step {step1}, micro-batch {i}"))?;
             ensure!(
                 c == batch_targets(b),
@@ -386,6 +417,24 @@ impl<'m> Trainer<'m> {
         })
     }
 
+    /// The forward/backward of a rank that has no rows in a micro-batch of a
+    /// sharded run: one pad token, label masked, results discarded (it only
+    /// takes part in the layer gathers of the other ranks).
+    fn idle_micro_step(&self, total: usize, seed: u64) -> Result<()> {
+        let b = idle_batch(self.cfg.pad_id);
+        let opts = StepOptions {
+            loss_denominator: total.max(1) as f32,
+            checkpointing: self.cfg.checkpointing,
+            lora_dropout_seed: seed,
+            dropout_rows: None,
+        };
+        let (_, c, _) =
+            self.model
+                .forward_backward_on(&b, &self.adapter, &opts, Some(self.comm))?;
+        ensure!(c == 0, "the idle batch counted {c} targets");
+        Ok(())
+    }
+
     /// Every parameter and AdamW moment is finite; the error names the first
     /// tensor that is not. Checked after every update and before any write.
     pub fn check_finite(&self) -> Result<()> {
@@ -463,21 +512,27 @@ impl<'m> Trainer<'m> {
             return Ok(None);
         }
         let (rank, world) = (self.comm.rank(), self.comm.size());
+        let sharded = self.model.shard_spec().is_some();
         let mut sums = [0f64, 0f64];
-        for (k, chunk) in self
-            .eval_rows
-            .chunks(self.cfg.batch_size.max(1))
-            .enumerate()
-        {
-            if k % world != rank {
+        let chunks: Vec<&[Row]> = self.eval_rows.chunks(self.cfg.batch_size.max(1)).collect();
+        // a sharded model: every rank runs one batch per round (a masked one
+        // where it has none left), so the layer gathers line up
+        let rounds = chunks.len().div_ceil(world);
+        for k in (0..rounds * world).filter(|k| k % world == rank) {
+            let b = match chunks.get(k) {
+                Some(chunk) => {
+                    let refs: Vec<&Row> = chunk.iter().collect();
+                    collate(&refs, self.cfg.pad_id)
+                }
+                None if sharded => idle_batch(self.cfg.pad_id),
+                None => continue,
+            };
+            if batch_targets(&b) == 0 && !sharded {
                 continue;
             }
-            let refs: Vec<&Row> = chunk.iter().collect();
-            let b = collate(&refs, self.cfg.pad_id);
-            if batch_targets(&b) == 0 {
-                continue;
-            }
-            let (s, c) = self.model.loss(&b, Some(&self.adapter))?;
+            let (s, c) = self
+                .model
+                .loss_on(&b, Some(&self.adapter), Some(self.comm))?;
             sums[0] += s;
             sums[1] += c as f64;
         }

@@ -66,6 +66,7 @@ impl CudaModel {
                 norm: &self.norm,
                 lm_head: &self.lm_head,
             },
+            gather: None,
         }
     }
 }

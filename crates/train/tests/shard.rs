@@ -1,0 +1,449 @@
+//! `--shard full`: N ranks, each holding 1/N of every layer's projection weights
+//! (and of their quantization statistics) and gathering a layer right before each
+//! use, must train exactly like one process holding the whole model at N times
+//! the batch (loss trajectory within 1e-5 relative, final adapter within 1e-5
+//! absolute). The ranks are threads talking through `qlora_dist::ThreadGroup`;
+//! each loads its own shard. The CLI's `mpirun` tests run the same code over MPI.
+
+use std::path::Path;
+
+use qlora_data::rows::Row;
+use qlora_data::Example;
+use qlora_dist::{Communicator, ThreadGroup};
+use qlora_lora::{load_adapter, Adapter, PeftConfig};
+use qlora_model::ops::linear::FrozenWeight;
+use qlora_model::{LoadOptions, Model, QuantMode, ShardSpec};
+use qlora_testutil::fixtures as fx;
+use qlora_train::params::params_of;
+use qlora_train::{AdamW, Identity, ScheduleKind, StepMetrics, TrainConfig, Trainer};
+
+fn load(dir: &str, quant: QuantMode, shard: Option<ShardSpec>) -> Model {
+    Model::from_folder_sharded(fx().join(dir), &LoadOptions { quant }, shard).unwrap()
+}
+
+fn ident() -> Identity {
+    Identity {
+        model_ref: "tiny".into(),
+        model_config_hash: "h".into(),
+        quant: "none".into(),
+        data_hash: "d".into(),
+    }
+}
+
+fn start_adapter(model: &Model) -> (PeftConfig, Adapter) {
+    load_adapter(fx().join("tiny_lora_adapter/adapter"), Some(&model.config)).unwrap()
+}
+
+/// Rows of unequal lengths with masked prefixes.
+fn uneven_rows(n: usize) -> Vec<Row> {
+    (0..n)
+        .map(|i| {
+            let len = 5 + (i * 7) % 13;
+            let ids: Vec<u32> = (0..len).map(|j| ((i * 31 + j * 17) % 320) as u32).collect();
+            let mut labels: Vec<i64> = ids.iter().map(|&x| x as i64).collect();
+            for l in labels.iter_mut().take(i % 4) {
+                *l = -100;
+            }
+            Row::single(Example {
+                input_ids: ids,
+                labels,
+            })
+        })
+        .collect()
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Case {
+    dir: &'static str,
+    quant: QuantMode,
+    world: usize,
+    batch: usize,
+    accum: usize,
+    checkpointing: bool,
+    dropout: f64,
+    rows: usize,
+    steps: u64,
+}
+
+const BASE: Case = Case {
+    dir: "tiny_llama/model",
+    quant: QuantMode::None,
+    world: 2,
+    batch: 1,
+    accum: 1,
+    checkpointing: false,
+    dropout: 0.0,
+    rows: 12,
+    steps: 4,
+};
+
+fn cfg(c: &Case, batch: usize) -> TrainConfig {
+    TrainConfig {
+        batch_size: batch,
+        grad_accum: c.accum,
+        max_steps: c.steps,
+        lr: 1e-3,
+        schedule: ScheduleKind::Cosine,
+        warmup_steps: 1,
+        adamw: AdamW {
+            weight_decay: 0.01,
+            ..AdamW::default()
+        },
+        max_grad_norm: Some(0.5),
+        seed: 3,
+        shuffle: true,
+        lora_dropout: c.dropout,
+        checkpointing: c.checkpointing,
+        pad_id: 0,
+    }
+}
+
+type Run = (Vec<StepMetrics>, Vec<Vec<f32>>);
+
+fn run_to_end(t: &mut Trainer<'_>) -> Run {
+    let mut v = Vec::new();
+    while !t.done() {
+        v.push(t.train_step().unwrap());
+    }
+    let p = params_of(&t.adapter).unwrap();
+    (v, p.into_iter().map(|p| p.data).collect())
+}
+
+fn single(c: &Case) -> Run {
+    let model = load(c.dir, c.quant, None);
+    let (peft, ad) = start_adapter(&model);
+    let mut t = Trainer::new(
+        &model,
+        cfg(c, c.batch * c.world),
+        ident(),
+        peft,
+        ad,
+        uneven_rows(c.rows),
+        vec![],
+    )
+    .unwrap();
+    run_to_end(&mut t)
+}
+
+/// Run `f` on `n` thread ranks, each with its own shard of `dir` loaded as `quant`.
+fn on_shards<T: Send>(
+    n: usize,
+    dir: &str,
+    quant: QuantMode,
+    f: impl Fn(&Model, &ThreadGroup) -> T + Sync,
+) -> Vec<T> {
+    std::thread::scope(|s| {
+        let hs: Vec<_> = ThreadGroup::new(n)
+            .into_iter()
+            .map(|comm| {
+                let f = &f;
+                s.spawn(move || {
+                    let spec = ShardSpec::new(comm.rank(), n).unwrap();
+                    let model = load(dir, quant, Some(spec));
+                    assert_eq!(model.shard_spec(), Some(spec));
+                    f(&model, &comm)
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+fn sharded(c: &Case) -> Vec<Run> {
+    on_shards(c.world, c.dir, c.quant, |model, comm| {
+        let (peft, ad) = start_adapter(model);
+        let t = Trainer::new(
+            model,
+            cfg(c, c.batch),
+            ident(),
+            peft,
+            ad,
+            uneven_rows(c.rows),
+            vec![],
+        )
+        .unwrap();
+        let mut t = t.with_communicator(comm).unwrap();
+        run_to_end(&mut t)
+    })
+}
+
+fn check(c: Case) {
+    let (m1, p1) = single(&c);
+    let ranks = sharded(&c);
+    for (r, (m, p)) in ranks.iter().enumerate().skip(1) {
+        assert_eq!(
+            p, &ranks[0].1,
+            "{c:?}: rank {r} adapter differs from rank 0"
+        );
+        for (a, b) in m.iter().zip(&ranks[0].0) {
+            assert_eq!(a.loss.to_bits(), b.loss.to_bits(), "{c:?}: rank {r} loss");
+        }
+    }
+    let (mn, pn) = &ranks[0];
+    assert_eq!(m1.len(), mn.len());
+    for (a, b) in m1.iter().zip(mn) {
+        assert_eq!(a.target_tokens, b.target_tokens, "{c:?} step {}", a.step);
+        let rl = (a.loss - b.loss).abs() / a.loss.abs();
+        assert!(
+            rl < 1e-5,
+            "{c:?} step {}: loss {} vs {} (rel {rl})",
+            a.step,
+            a.loss,
+            b.loss
+        );
+        let rn = (a.grad_norm - b.grad_norm).abs() / a.grad_norm.abs();
+        assert!(
+            rn < 1e-5,
+            "{c:?} step {}: grad norm {} vs {}",
+            a.step,
+            a.grad_norm,
+            b.grad_norm
+        );
+    }
+    let mut max = 0f32;
+    for (x, y) in p1.iter().zip(pn) {
+        for (a, b) in x.iter().zip(y) {
+            max = max.max((a - b).abs());
+        }
+    }
+    assert!(max < 1e-5, "{c:?}: final adapter max abs diff {max}");
+    assert!(
+        m1[0].loss != m1.last().unwrap().loss,
+        "{c:?}: the run did not move"
+    );
+}
+
+#[test]
+fn sharded_ranks_reproduce_one_process_f32() {
+    check(BASE);
+    check(Case {
+        checkpointing: true,
+        accum: 2,
+        ..BASE
+    });
+}
+
+#[test]
+fn sharded_ranks_reproduce_one_process_nf4() {
+    for (dir, quant) in [
+        ("tiny_llama/model", QuantMode::Nf4),
+        // a pre-quantized bitsandbytes checkpoint: each rank keeps its byte ranges
+        ("tiny_llama_bnb4/model", QuantMode::None),
+    ] {
+        let c = Case { dir, quant, ..BASE };
+        check(c);
+        check(Case {
+            checkpointing: true,
+            accum: 3,
+            dropout: 0.1,
+            ..c
+        });
+    }
+}
+
+/// Three and four ranks: uneven shards, and short global batches where some
+/// ranks have no row (they still take part in every gather).
+#[test]
+fn uneven_shards_and_idle_ranks() {
+    check(Case {
+        world: 3,
+        accum: 2,
+        rows: 7,
+        steps: 3,
+        ..BASE
+    });
+    check(Case {
+        quant: QuantMode::Nf4,
+        world: 4,
+        rows: 10,
+        checkpointing: true,
+        ..BASE
+    });
+    check(Case {
+        quant: QuantMode::Bf16,
+        world: 3,
+        batch: 2,
+        rows: 5,
+        ..BASE
+    });
+}
+
+fn bits(w: &FrozenWeight) -> Vec<u8> {
+    match w {
+        FrozenWeight::F32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        FrozenWeight::BF16(v) => v.iter().flat_map(|x| x.to_bits().to_le_bytes()).collect(),
+        FrozenWeight::Quant(q) => format!("{q:?}").into_bytes(),
+        FrozenWeight::Ggml(_) => panic!("not sharded"),
+    }
+}
+
+/// Every rank's gathered layer is bit for bit the unsharded one, and each rank
+/// holds its 1/N of the layers' weights.
+#[test]
+fn gathered_layers_are_the_unsharded_layers() {
+    for (dir, quant) in [
+        ("tiny_llama/model", QuantMode::Nf4),
+        ("tiny_llama/model", QuantMode::None),
+        ("tiny_llama_bnb4/model", QuantMode::None),
+    ] {
+        let whole = load(dir, quant, None);
+        let layer_bytes: usize = whole
+            .layers
+            .iter()
+            .flat_map(|l| l.linears.iter())
+            .map(|l| l.weight.bytes())
+            .sum();
+        for n in [2, 3, 4] {
+            let held = on_shards(n, dir, quant, |model, comm| {
+                for l in 0..whole.layers.len() {
+                    let g = model.gathered_layer(l, comm).unwrap();
+                    for (m, lin) in g.linears.iter().enumerate() {
+                        assert_eq!(
+                            bits(&lin.weight),
+                            bits(&whole.layers[l].linears[m].weight),
+                            "{dir} {quant:?} over {n}: layer {l} linear {m}"
+                        );
+                    }
+                }
+                // the embedding, lm_head and norms stay whole on every rank
+                assert_eq!(
+                    model.weight_bytes() - model.shard_bytes(),
+                    whole.weight_bytes() - layer_bytes
+                );
+                model.shard_bytes()
+            });
+            let total: usize = held.iter().sum();
+            let replicated =
+                if quant == QuantMode::None && dir.contains("bnb4") || quant == QuantMode::Nf4 {
+                    // each rank keeps the 256-entry nested map and the offset of every weight
+                    (n - 1) * whole.layers.len() * 7 * (256 * 4 + 4)
+                } else {
+                    0
+                };
+            assert_eq!(
+                total,
+                layer_bytes + replicated,
+                "{dir} {quant:?} over {n}: {held:?}"
+            );
+            let max = *held.iter().max().unwrap() as f64;
+            assert!(
+                max < 1.15 * layer_bytes as f64 / n as f64 + (256 * 4 + 4) as f64 * 14.0,
+                "{dir} {quant:?} over {n}: shards {held:?} of {layer_bytes}"
+            );
+        }
+    }
+}
+
+/// Evaluation over sharded ranks (a rank without a batch left runs a masked one).
+#[test]
+fn sharded_evaluation_matches_one_process() {
+    let c = BASE;
+    let model = load(c.dir, QuantMode::Nf4, None);
+    let (peft, ad) = start_adapter(&model);
+    let t = Trainer::new(
+        &model,
+        cfg(&c, 2),
+        ident(),
+        peft,
+        ad,
+        uneven_rows(4),
+        uneven_rows(9),
+    )
+    .unwrap();
+    let want = t.evaluate().unwrap().unwrap().0;
+    for n in [2, 3] {
+        let got = on_shards(n, c.dir, QuantMode::Nf4, |model, comm| {
+            let (peft, ad) = start_adapter(model);
+            Trainer::new(
+                model,
+                cfg(&c, 2),
+                ident(),
+                peft,
+                ad,
+                uneven_rows(4),
+                uneven_rows(9),
+            )
+            .unwrap()
+            .with_communicator(comm)
+            .unwrap()
+            .evaluate()
+            .unwrap()
+            .unwrap()
+            .0
+        });
+        for g in got {
+            assert!((g - want).abs() < 1e-9 * want, "{n} ranks: {g} vs {want}");
+        }
+    }
+}
+
+/// A sharded 2-rank checkpoint resumes with 2 sharded ranks onto the uninterrupted run.
+#[test]
+fn sharded_resume_continues_exactly() {
+    let c = Case {
+        quant: QuantMode::Nf4,
+        checkpointing: true,
+        ..BASE
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let ck = dir.path().join("checkpoint-2");
+    let full = sharded(&c);
+    let run_from = |ck: &Path| {
+        on_shards(2, c.dir, c.quant, |model, comm| {
+            let (peft, ad) = start_adapter(model);
+            let mut t = Trainer::new(
+                model,
+                cfg(&c, 1),
+                ident(),
+                peft,
+                ad,
+                uneven_rows(c.rows),
+                vec![],
+            )
+            .unwrap()
+            .with_communicator(comm)
+            .unwrap();
+            t.train_step().unwrap();
+            t.train_step().unwrap();
+            comm.barrier().unwrap();
+            if comm.rank() == 0 {
+                t.save_checkpoint(ck).unwrap();
+            }
+            comm.barrier().unwrap();
+            let mut t =
+                Trainer::resume(model, cfg(&c, 1), ident(), uneven_rows(c.rows), vec![], ck)
+                    .unwrap()
+                    .with_communicator(comm)
+                    .unwrap();
+            run_to_end(&mut t)
+        })
+    };
+    let resumed = run_from(&ck);
+    assert_eq!(resumed[0].1, full[0].1);
+    assert_eq!(resumed[1].1, full[0].1);
+    assert_eq!(resumed[0].0.len(), 2);
+    assert_eq!(resumed[0].0[1].loss, full[0].0[3].loss);
+}
+
+/// A shard alone cannot run the model: a clear error, not a panic.
+#[test]
+fn a_shard_without_its_communicator_is_an_error() {
+    let model = load(
+        "tiny_llama/model",
+        QuantMode::Nf4,
+        Some(ShardSpec::new(0, 2).unwrap()),
+    );
+    let batch = qlora_model::Batch::from_ids(vec![vec![1, 2, 3]]);
+    let e = model.loss(&batch, None).unwrap_err().to_string();
+    assert!(
+        e.contains("--shard full") && e.contains("rank 0 of 2"),
+        "{e}"
+    );
+    let e = model
+        .loss_on(&batch, None, Some(&qlora_dist::SingleProcess))
+        .unwrap_err();
+    assert!(format!("{e:#}").contains("rank 0 of 2"), "{e:#}");
+    let (_, mut ad) = start_adapter(&model);
+    let e = model.init_dora(&mut ad).unwrap_err().to_string();
+    assert!(e.contains("--shard none"), "{e}");
+}
