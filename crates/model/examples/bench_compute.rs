@@ -4,6 +4,8 @@
 //!
 //! `cargo run --release -p qlora-model --example bench_compute -- [nf4|none|bf16] [ckpt|nockpt] [layers] [iters] [f32|bf16 compute] [smollm|tinyllama]`
 //! `... --example bench_compute -- peak [n]`: the f32 (gemm) and bf16 (AMX) matmul peak reached here.
+//! `... --example bench_compute -- shapes [tinyllama]`: the AMX products at a step's shapes
+//! (`SHAPE=name` runs one of them, `REPS=n` takes the best of n instead of 5).
 //! Prints tokens/s and the process peak RSS (VmHWM), so run one mode per process.
 
 use std::collections::BTreeMap;
@@ -19,6 +21,18 @@ fn rss_peak_mib() -> f64 {
         .find(|l| l.starts_with("VmHWM"))
         .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
         .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// CPU seconds (user + system, all threads) this process has used so far:
+/// on a shared machine, a measure of the work less sensitive to other load
+/// than wall time (rayon's idle spinning counts too).
+fn cpu_seconds() -> f64 {
+    let s = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // fields after the parenthesized command name; utime, stime are 14, 15
+    let rest = s.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let tick = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (tick(11) + tick(12)) / 100.0
 }
 
 struct Lcg(u64);
@@ -65,8 +79,72 @@ fn peak(n: usize) {
     }
 }
 
+/// The AMX bf16 products at the shapes of a step (t = 512 tokens; the
+/// weight read from a ready bf16 copy, so this is the kernel and its panel
+/// packing, not the dequantization): GFLOP/s per shape, best of 5.
+fn shapes(tiny: bool) {
+    use qlora_model::ops;
+    if !ops::amx::available() {
+        println!("no AMX here");
+        return;
+    }
+    let mut rng = Lcg(9);
+    let (h, inter, kv, vocab) = if tiny {
+        (2048, 5632, 256, 32000)
+    } else {
+        (576, 1536, 192, 49152)
+    };
+    let t = 512;
+    let only = std::env::var("SHAPE").ok();
+    for (name, o, i, tt) in [
+        ("q/o", h, h, t),
+        ("k/v", kv, h, t),
+        ("gate/up", inter, h, t),
+        ("down", h, inter, t),
+        ("lm_head chunk", vocab, h, 160),
+        ("lm_head whole", vocab, h, 512),
+    ] {
+        if only.as_deref().is_some_and(|n| n != name) {
+            continue;
+        }
+        let wv: Vec<u16> = rng
+            .vec(o * i, 0.05)
+            .iter()
+            .map(|v| ops::fastmath::bf16_bits(*v))
+            .collect();
+        let w = |s: usize, out: &mut [u16]| out.copy_from_slice(&wv[s..s + out.len()]);
+        let x = rng.vec(tt * i, 1.0);
+        let dy = rng.vec(tt * o, 1.0);
+        let mut y = vec![0f32; tt * o];
+        let mut dx = vec![0f32; tt * i];
+        let flop = 2.0 * (o * i * tt) as f64;
+        let (mut bf, mut bb) = (f64::MAX, f64::MAX);
+        let reps: usize = std::env::var("REPS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(5);
+        for _ in 0..reps {
+            let t0 = Instant::now();
+            ops::amx::linear_forward(o, i, tt, &x, &mut y, &w);
+            bf = bf.min(t0.elapsed().as_secs_f64());
+            let t0 = Instant::now();
+            ops::amx::linear_backward(o, i, tt, &dy, &mut dx, &w);
+            bb = bb.min(t0.elapsed().as_secs_f64());
+        }
+        println!(
+            "{name:>14} [{o}x{i}] t {tt}: forward {:.0} GFLOP/s, input gradient {:.0} GFLOP/s",
+            flop / bf / 1e9,
+            flop / bb / 1e9
+        );
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
+    if args.get(1).is_some_and(|s| s == "shapes") {
+        shapes(args.get(2).is_some_and(|s| s == "tinyllama"));
+        return Ok(());
+    }
     if args.get(1).is_some_and(|s| s == "peak") {
         peak(args.get(2).and_then(|s| s.parse().ok()).unwrap_or(2048));
         return Ok(());
@@ -185,13 +263,14 @@ fn main() -> anyhow::Result<()> {
         lora_dropout_seed: 1,
         ..Default::default()
     };
-    let t = Instant::now();
+    let (t, c0) = (Instant::now(), cpu_seconds());
     for _ in 0..iters {
         model.forward_backward(&batch, &adapter, &opts)?;
     }
     let fb = tokens * iters as f64 / t.elapsed().as_secs_f64();
+    let fb_cpu = (cpu_seconds() - c0) / iters as f64;
     println!(
-        "quant {quant:?} compute {compute:?} (amx {}) checkpointing {ckpt} layers {layers}: forward {fwd:.0} tok/s, forward+backward {fb:.0} tok/s, \
+        "quant {quant:?} compute {compute:?} (amx {}) checkpointing {ckpt} layers {layers}: forward {fwd:.0} tok/s, forward+backward {fb:.0} tok/s ({fb_cpu:.2} CPU s per step), \
          peak RSS after forward {rss_fwd:.0} MiB, after training steps {:.0} MiB, threads {}",
         qlora_model::ops::amx::available(),
         rss_peak_mib(),

@@ -113,6 +113,136 @@ fn pack_a(
         });
 }
 
+/// The forward's B panel of 32 weight rows (`wrows`, `nn <= 32` rows of `i`
+/// bf16): `b` is `[2 streams][ksteps][16 × 32]`, element `(q, j)` of tile
+/// `(s, ks)` holding the pair `wrows[16s + j][2(16ks + q) ..][..2]`, zero
+/// where past the rows or columns. As u32 pairs this is a 16 × 16 transpose
+/// per tile, done in registers with AVX-512 (the plain loop otherwise).
+fn pack_b_forward(wrows: &[u16], nn: usize, i: usize, ksteps: usize, b: &mut [u16]) {
+    #[cfg(target_arch = "x86_64")]
+    if super::fastmath::Isa::V4.available() {
+        // SAFETY: AVX-512 F was detected at run time.
+        unsafe { transpose::pack_b_forward_avx512(wrows, nn, i, ksteps, b) };
+        return;
+    }
+    pack_b_forward_ref(wrows, nn, i, ksteps, b);
+}
+
+/// Plain reference of [`pack_b_forward`].
+fn pack_b_forward_ref(wrows: &[u16], nn: usize, i: usize, ksteps: usize, b: &mut [u16]) {
+    assert!(nn <= 32 && wrows.len() >= nn * i && b.len() >= 2 * ksteps * TILE_U16);
+    if nn < 32 || !i.is_multiple_of(32) {
+        b[..2 * ksteps * TILE_U16].fill(0);
+    }
+    // Column jj of the panel: the pairs of weight row jj.
+    for jj in 0..nn {
+        let (s, j) = (jj / 16, jj % 16);
+        let row = &wrows[jj * i..(jj + 1) * i];
+        let dst = &mut b[s * ksteps * TILE_U16..(s + 1) * ksteps * TILE_U16];
+        let mut pairs = row.chunks_exact(2);
+        for (q, pr) in (&mut pairs).enumerate() {
+            dst[q * 32 + j * 2] = pr[0];
+            dst[q * 32 + j * 2 + 1] = pr[1];
+        }
+        if let [last] = pairs.remainder() {
+            dst[(i / 2) * 32 + j * 2] = *last;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod transpose {
+    use std::arch::x86_64::*;
+
+    use super::TILE_U16;
+
+    /// Transposes the 16 × 16 u32 block at `src` (row stride `ld` u32) into
+    /// the 16 contiguous rows of 16 u32 at `dst`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn t16x16(src: *const u32, ld: usize, dst: *mut u32) {
+        let mut r = [_mm512_setzero_si512(); 16];
+        for (k, v) in r.iter_mut().enumerate() {
+            *v = _mm512_loadu_si512(src.add(k * ld) as *const _);
+        }
+        let mut t = [_mm512_setzero_si512(); 16];
+        for k in 0..8 {
+            t[2 * k] = _mm512_unpacklo_epi32(r[2 * k], r[2 * k + 1]);
+            t[2 * k + 1] = _mm512_unpackhi_epi32(r[2 * k], r[2 * k + 1]);
+        }
+        // u[4g + m]: column 4L + m of rows 4g .. 4g+4, in 128-bit lane L.
+        let mut u = [_mm512_setzero_si512(); 16];
+        for g in 0..4 {
+            let (a, b, c, d) = (t[4 * g], t[4 * g + 1], t[4 * g + 2], t[4 * g + 3]);
+            u[4 * g] = _mm512_unpacklo_epi64(a, c);
+            u[4 * g + 1] = _mm512_unpackhi_epi64(a, c);
+            u[4 * g + 2] = _mm512_unpacklo_epi64(b, d);
+            u[4 * g + 3] = _mm512_unpackhi_epi64(b, d);
+        }
+        for m in 0..4 {
+            let a = _mm512_shuffle_i32x4::<0x88>(u[m], u[4 + m]);
+            let b = _mm512_shuffle_i32x4::<0xdd>(u[m], u[4 + m]);
+            let c = _mm512_shuffle_i32x4::<0x88>(u[8 + m], u[12 + m]);
+            let d = _mm512_shuffle_i32x4::<0xdd>(u[8 + m], u[12 + m]);
+            _mm512_storeu_si512(
+                dst.add(m * 16) as *mut _,
+                _mm512_shuffle_i32x4::<0x88>(a, c),
+            );
+            _mm512_storeu_si512(
+                dst.add((8 + m) * 16) as *mut _,
+                _mm512_shuffle_i32x4::<0xdd>(a, c),
+            );
+            _mm512_storeu_si512(
+                dst.add((4 + m) * 16) as *mut _,
+                _mm512_shuffle_i32x4::<0x88>(b, d),
+            );
+            _mm512_storeu_si512(
+                dst.add((12 + m) * 16) as *mut _,
+                _mm512_shuffle_i32x4::<0xdd>(b, d),
+            );
+        }
+    }
+
+    /// [`super::pack_b_forward`] with AVX-512: whole 16-row streams and
+    /// 32-column k-steps by register transposes, the rest by the plain loop.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn pack_b_forward_avx512(
+        wrows: &[u16],
+        nn: usize,
+        i: usize,
+        ksteps: usize,
+        b: &mut [u16],
+    ) {
+        assert!(nn <= 32 && wrows.len() >= nn * i && b.len() >= 2 * ksteps * TILE_U16);
+        let full_k = i / 32;
+        let full_streams = if i.is_multiple_of(2) { nn / 16 } else { 0 };
+        if full_streams == 2 && full_k == ksteps {
+            // The common case: every tile is a full transpose.
+        } else {
+            super::pack_b_forward_ref(wrows, nn, i, ksteps, b);
+            if full_streams == 0 {
+                return;
+            }
+        }
+        let src = wrows.as_ptr();
+        let dst = b.as_mut_ptr();
+        for s in 0..full_streams {
+            for ks in 0..full_k {
+                // SAFETY: rows 16s..16s+16 of `wrows` are complete (nn >= 16(s+1))
+                // and i is even, so u32 column 16ks+15 < i/2 is in the row; the
+                // tile (s, ks) lies inside `b` (asserted above).
+                unsafe {
+                    t16x16(
+                        src.add(16 * s * i + 32 * ks) as *const u32,
+                        i / 2,
+                        dst.add((s * ksteps + ks) * TILE_U16) as *mut u32,
+                    );
+                }
+            }
+        }
+    }
+}
+
 /// `y[t, o] = x[t, i] · Wᵀ` (y overwritten), W `[o, i]` given by `w`.
 ///
 /// # Panics
@@ -147,23 +277,7 @@ pub fn linear_forward(o: usize, i: usize, t: usize, x: &[f32], y: &mut [f32], w:
                 let (b, wrows) = sc.split_at_mut(bl);
                 let wrows = &mut wrows[..nn * i];
                 w(n0 * i, wrows);
-                if nn < 32 || !i.is_multiple_of(32) {
-                    b.fill(0);
-                }
-                // Column jj of the panel: the pairs of weight row jj.
-                for jj in 0..nn {
-                    let (s, j) = (jj / 16, jj % 16);
-                    let row = &wrows[jj * i..(jj + 1) * i];
-                    let dst = &mut b[s * ksteps * TILE_U16..(s + 1) * ksteps * TILE_U16];
-                    let mut pairs = row.chunks_exact(2);
-                    for (q, pr) in (&mut pairs).enumerate() {
-                        dst[q * 32 + j * 2] = pr[0];
-                        dst[q * 32 + j * 2 + 1] = pr[1];
-                    }
-                    if let [last] = pairs.remainder() {
-                        dst[(i / 2) * 32 + j * 2] = *last;
-                    }
-                }
+                pack_b_forward(wrows, nn, i, ksteps, b);
                 // SAFETY: AMX is available (checked above) and permitted; every
                 // tile load stays inside `a` ([mp, kp]) and `b` (2·ksteps tiles);
                 // C blocks are disjoint per task (columns n0..n0+nn of y).
@@ -439,12 +553,12 @@ mod imp {
     }
 
     /// For every 32-row block of A (`mp` padded rows, `m` real ones, row
-    /// length `kp` bf16): C[rows, 0..nn] (+)= A · B, C at `c` with row stride
+    /// stride `lda` bf16): C[rows, 0..nn] (+)= A · B, C at `c` with row stride
     /// `ldc` floats. Partial blocks go through a 32×32 scratch.
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn run_blocks(
         a: *const u16,
-        kp: usize,
+        lda: usize,
         mp: usize,
         m: usize,
         b: *const u16,
@@ -456,32 +570,41 @@ mod imp {
     ) {
         asm!("ldtilecfg [{}]", in(reg) CFG.0.as_ptr(), options(nostack, readonly));
         let b1 = b.add(ksteps * super::TILE_U16);
-        let mut scratch = [0f32; 32 * 32];
-        for mb in 0..mp / 32 {
+        let full = if nn == 32 { m / 32 } else { 0 };
+        for mb in 0..full {
             let r0 = mb * 32;
-            let ab = a.add(r0 * kp);
+            kernel(
+                a.add(r0 * lda),
+                lda * 2,
+                b,
+                b1,
+                ksteps,
+                c.add(r0 * ldc),
+                ldc * 4,
+                acc,
+            );
+        }
+        let mut scratch = [0f32; 32 * 32];
+        for mb in full..mp / 32 {
+            let r0 = mb * 32;
+            let ab = a.add(r0 * lda);
             let cb = c.add(r0 * ldc);
             let rows = 32.min(m - r0);
-            if rows == 32 && nn == 32 {
-                kernel(ab, kp * 2, b, b1, ksteps, cb, ldc * 4, acc);
-            } else {
-                if acc {
-                    for r in 0..32 {
-                        for j in 0..32 {
-                            scratch[r * 32 + j] = if r < rows && j < nn {
-                                *cb.add(r * ldc + j)
-                            } else {
-                                0.0
-                            };
-                        }
-                    }
+            if acc {
+                if rows < 32 || nn < 32 {
+                    scratch.fill(0.0);
                 }
-                kernel(ab, kp * 2, b, b1, ksteps, scratch.as_mut_ptr(), 128, acc);
                 for r in 0..rows {
-                    for j in 0..nn {
-                        *cb.add(r * ldc + j) = scratch[r * 32 + j];
-                    }
+                    std::ptr::copy_nonoverlapping(
+                        cb.add(r * ldc),
+                        scratch.as_mut_ptr().add(r * 32),
+                        nn,
+                    );
                 }
+            }
+            kernel(ab, lda * 2, b, b1, ksteps, scratch.as_mut_ptr(), 128, acc);
+            for r in 0..rows {
+                std::ptr::copy_nonoverlapping(scratch.as_ptr().add(r * 32), cb.add(r * ldc), nn);
             }
         }
         asm!("tilerelease", options(nostack, nomem));
@@ -496,7 +619,7 @@ mod imp {
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn run_blocks(
         _a: *const u16,
-        _kp: usize,
+        _lda: usize,
         _mp: usize,
         _m: usize,
         _b: *const u16,
@@ -535,6 +658,61 @@ mod tests {
                 assert!(f32::from_bits((bf16_bits(v) as u32) << 16).is_nan());
             } else {
                 assert_eq!(bf16_bits(v), h, "{v}");
+            }
+        }
+    }
+
+    /// The forward weight panel: the dispatched (AVX-512 transposes where
+    /// the CPU has it) packing equals the plain loop on random shapes.
+    #[test]
+    fn forward_panel_packing_matches_the_plain_loop() {
+        if !super::super::fastmath::Isa::V4.available() {
+            eprintln!("SKIPPED: no AVX-512 here; only the plain panel packing ran");
+        }
+        for &(nn, i) in &[
+            (32usize, 576usize),
+            (32, 64),
+            (32, 2048),
+            (17, 96),
+            (32, 45),
+            (5, 33),
+            (16, 32),
+            (32, 100),
+        ] {
+            let ksteps = i.div_ceil(32);
+            let wv: Vec<u16> = rand_vec(nn * i, 31, 1.0)
+                .iter()
+                .map(|v| bf16_bits(*v))
+                .collect();
+            let mut want = vec![7u16; 2 * ksteps * TILE_U16];
+            let mut got = vec![9u16; 2 * ksteps * TILE_U16];
+            if nn < 32 || !i.is_multiple_of(32) {
+                // the padding must come out zero whatever was there
+                want.fill(0);
+            }
+            pack_b_forward_ref(&wv, nn, i, ksteps, &mut want);
+            pack_b_forward(&wv, nn, i, ksteps, &mut got);
+            assert_eq!(got, want, "nn {nn} i {i}");
+            // and element by element, the documented layout
+            for s in 0..2 {
+                for ks in 0..ksteps {
+                    for q in 0..16 {
+                        for j in 0..16 {
+                            for e in 0..2 {
+                                let (row, col) = (16 * s + j, 2 * (16 * ks + q) + e);
+                                let v = if row < nn && col < i {
+                                    wv[row * i + col]
+                                } else {
+                                    0
+                                };
+                                assert_eq!(
+                                    got[(s * ksteps + ks) * TILE_U16 + q * 32 + j * 2 + e],
+                                    v
+                                );
+                            }
+                        }
+                    }
+                }
             }
         }
     }

@@ -127,6 +127,10 @@ pub fn head_forward_backward(
     assert_eq!(nf.len(), t * h, "head: input size");
     let rows = (HEAD_CHUNK_LOGITS / vocab.max(1)).clamp(1, t.max(1));
     let rows = if rows >= 32 { rows / 32 * 32 } else { rows };
+    // bf16 compute: the weight rounded to bf16 once here, not per chunk and
+    // direction (+2 bytes per weight element while the head runs).
+    let converted = head.bf16_copy_for_amx(t);
+    let head = converted.as_ref().unwrap_or(head);
     let mut dnf = vec![0f32; t * h];
     let mut per: Vec<Option<f64>> = vec![None; t];
     let mut logits: Vec<f32> = Vec::new();

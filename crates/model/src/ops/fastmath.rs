@@ -11,7 +11,12 @@ pub fn exp(x: f32) -> f32 {
     const LN2_LO: f32 = -2.121_944_4e-4;
     const ROUND: f32 = 12_582_912.0; // 1.5 · 2²³: adding it rounds to an integer
     let xc = x.clamp(-87.3, 88.3);
-    let n = (xc * LOG2E + ROUND) - ROUND;
+    let biased = xc * LOG2E + ROUND;
+    let n = biased - ROUND;
+    // The integer n read from the mantissa of `biased` (|n| < 2²²), not by
+    // `n as i32`: Rust's saturating float→int cast does not vectorize (it
+    // was one scalar `cvttss2si` + NaN/overflow fix-up per element).
+    let ni = (biased.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);
     let r = xc - n * LN2_HI - n * LN2_LO;
     let mut p = 1.987_569_1e-4_f32;
     p = p * r + 1.398_199_9e-3;
@@ -20,7 +25,7 @@ pub fn exp(x: f32) -> f32 {
     p = p * r + 1.666_666_5e-1;
     p = p * r + 0.5;
     let p = p * r * r + r + 1.0;
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    let scale = f32::from_bits(((ni + 127) as u32) << 23);
     if x < -87.3 {
         0.0
     } else {
@@ -28,35 +33,97 @@ pub fn exp(x: f32) -> f32 {
     }
 }
 
+/// An instruction-set level a [`multiversion!`] kernel can be compiled for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    /// AVX-512 F/BW/VL (+ AVX2, FMA).
+    V4,
+    /// AVX2 + FMA.
+    V3,
+    /// Whatever the target's baseline is (SSE2 on x86_64).
+    Generic,
+}
+
+impl Isa {
+    /// Whether this CPU can run code compiled for `self`.
+    pub fn available(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            match self {
+                Isa::V4 => {
+                    std::arch::is_x86_feature_detected!("avx512f")
+                        && std::arch::is_x86_feature_detected!("avx512bw")
+                        && std::arch::is_x86_feature_detected!("avx512vl")
+                        && Isa::V3.available()
+                }
+                Isa::V3 => {
+                    std::arch::is_x86_feature_detected!("avx2")
+                        && std::arch::is_x86_feature_detected!("fma")
+                }
+                Isa::Generic => true,
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            self == Isa::Generic
+        }
+    }
+
+    /// The best level this CPU runs (detected once).
+    pub fn best() -> Isa {
+        static BEST: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+        *BEST.get_or_init(|| {
+            [Isa::V4, Isa::V3]
+                .into_iter()
+                .find(|i| i.available())
+                .unwrap_or(Isa::Generic)
+        })
+    }
+}
+
 /// Dispatches a slice kernel to an AVX-512 / AVX2 compilation of the same
-/// generic body (the body must be `#[inline(always)]`).
+/// generic body (the body must be `#[inline(always)]`). With a second name
+/// (`fn name / name_isa(...)`), also defines `name_isa(isa, ...)`, which runs
+/// the given level (panics if this CPU lacks it): the tests run every level.
 macro_rules! multiversion {
+    (@dispatch $isa:expr; ($($arg:ident : $ty:ty),*) -> $ret:ty $body:block) => {{
+        #[inline(always)]
+        fn body($($arg: $ty),*) -> $ret $body
+        #[cfg(target_arch = "x86_64")]
+        {
+            #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+            unsafe fn v4($($arg: $ty),*) -> $ret { body($($arg),*) }
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn v3($($arg: $ty),*) -> $ret { body($($arg),*) }
+            match $isa {
+                // SAFETY: callers pass a level this CPU has (detected at run time).
+                Isa::V4 => return unsafe { v4($($arg),*) },
+                // SAFETY: as above.
+                Isa::V3 => return unsafe { v3($($arg),*) },
+                Isa::Generic => {}
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = $isa;
+        body($($arg),*)
+    }};
     ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),*) -> $ret:ty $body:block) => {
         $(#[$m])*
         $vis fn $name($($arg: $ty),*) -> $ret {
-            #[inline(always)]
-            fn body($($arg: $ty),*) -> $ret $body
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
-                unsafe fn v4($($arg: $ty),*) -> $ret { body($($arg),*) }
-                #[target_feature(enable = "avx2,fma")]
-                unsafe fn v3($($arg: $ty),*) -> $ret { body($($arg),*) }
-                if std::arch::is_x86_feature_detected!("avx512f")
-                    && std::arch::is_x86_feature_detected!("avx512bw")
-                    && std::arch::is_x86_feature_detected!("avx512vl")
-                {
-                    // SAFETY: the features were detected at run time.
-                    return unsafe { v4($($arg),*) };
-                }
-                if std::arch::is_x86_feature_detected!("avx2")
-                    && std::arch::is_x86_feature_detected!("fma")
-                {
-                    // SAFETY: as above.
-                    return unsafe { v3($($arg),*) };
-                }
-            }
-            body($($arg),*)
+            multiversion!(@dispatch Isa::best(); ($($arg: $ty),*) -> $ret $body)
+        }
+    };
+    ($(#[$m:meta])* $vis:vis fn $name:ident / $isa_name:ident($($arg:ident : $ty:ty),*) -> $ret:ty $body:block) => {
+        $(#[$m])*
+        $vis fn $name($($arg: $ty),*) -> $ret {
+            multiversion!(@dispatch Isa::best(); ($($arg: $ty),*) -> $ret $body)
+        }
+
+        /// The same kernel compiled for `isa` (panics if this CPU lacks it).
+        #[allow(dead_code)]
+        $vis fn $isa_name(isa: Isa, $($arg: $ty),*) -> $ret {
+            assert!(isa.available(), "{isa:?} is not available on this CPU");
+            multiversion!(@dispatch isa; ($($arg: $ty),*) -> $ret $body)
         }
     };
 }
@@ -64,7 +131,7 @@ macro_rules! multiversion {
 multiversion! {
     /// `row[j] = exp(row[j] - shift)`; returns the sum of the new values (in
     /// f32 lanes of 16, then f64: a fixed order, independent of threads).
-    pub fn exp_shift_sum(row: &mut [f32], shift: f32) -> f64 {
+    pub fn exp_shift_sum / exp_shift_sum_isa(row: &mut [f32], shift: f32) -> f64 {
         let mut acc = [0f32; 16];
         let mut chunks = row.chunks_exact_mut(16);
         for c in &mut chunks {
@@ -124,6 +191,37 @@ pub fn bf16_bits(v: f32) -> u16 {
 }
 
 multiversion! {
+    /// SwiGLU forward: `m[j] = silu(g[j]) · u[j]` with torch's
+    /// `silu(z) = z / (1 + e^{-z})`, on the vectorized [`exp`].
+    pub fn swiglu_forward / swiglu_forward_isa(g: &[f32], u: &[f32], m: &mut [f32]) -> () {
+        assert!(g.len() == m.len() && u.len() == m.len(), "swiglu: sizes");
+        for ((o, gv), uv) in m.iter_mut().zip(g).zip(u) {
+            *o = *gv / (1.0 + exp(-*gv)) * *uv;
+        }
+    }
+}
+
+multiversion! {
+    /// SwiGLU backward: `dg = dm · u · σ(g) · (1 + g (1 − σ(g)))`, `du = dm · silu(g)`.
+    pub fn swiglu_backward / swiglu_backward_isa(
+        dm: &[f32],
+        g: &[f32],
+        u: &[f32],
+        dg: &mut [f32],
+        du: &mut [f32]
+    ) -> () {
+        let n = dm.len();
+        assert!(g.len() == n && u.len() == n && dg.len() == n && du.len() == n, "swiglu: sizes");
+        for i in 0..n {
+            let gv = g[i];
+            let s = 1.0 / (1.0 + exp(-gv));
+            du[i] = dm[i] * (gv * s);
+            dg[i] = dm[i] * u[i] * s * (1.0 + gv * (1.0 - s));
+        }
+    }
+}
+
+multiversion! {
     /// `row[j] *= k`.
     pub fn scale(row: &mut [f32], k: f32) -> () {
         for v in row.iter_mut() {
@@ -165,6 +263,27 @@ mod tests {
         for (x, y) in a.iter().zip(&v) {
             assert_eq!(*x, exp(y - 3.0));
         }
+        // every instruction-set level gives the scalar `exp`, bit for bit
+        // (the vectorized exponent assembly included), and the same sum
+        let mut wide: Vec<f32> = (0..4099).map(|i| i as f32 * 0.047 - 100.0).collect();
+        wide.extend([f32::NEG_INFINITY, -87.4, -87.2, 88.2, 88.4, 1e3]);
+        let mut sums = vec![];
+        for isa in [Isa::V4, Isa::V3, Isa::Generic] {
+            if !isa.available() {
+                eprintln!("SKIPPED: {isa:?} is not available on this CPU");
+                continue;
+            }
+            let mut a = wide.clone();
+            sums.push(exp_shift_sum_isa(isa, &mut a, 0.25).to_bits());
+            for (x, y) in a.iter().zip(&wide) {
+                assert_eq!(
+                    x.to_bits(),
+                    exp(y - 0.25).to_bits(),
+                    "{isa:?} exp({y} - 0.25)"
+                );
+            }
+        }
+        assert!(sums.windows(2).all(|w| w[0] == w[1]));
         let mut b = v.clone();
         scale(&mut b, 0.5);
         assert!(b.iter().zip(&v).all(|(x, y)| *x == y * 0.5));

@@ -129,12 +129,34 @@ pub struct FrozenLinear {
 
 impl FrozenLinear {
     /// Whether this call goes through the AMX bf16 kernels.
-    fn use_amx(&self, t: usize) -> bool {
+    pub(crate) fn use_amx(&self, t: usize) -> bool {
         self.compute == BaseCompute::Bf16
             && t > 0
             && self.in_features > 0
             && self.out_features > 0
             && super::amx::available()
+    }
+
+    /// `self` with the weight converted to bf16 once, for a caller about to
+    /// run several AMX products with it (the f32 tied embedding as the
+    /// lm_head: once per step instead of once per loss chunk and direction);
+    /// `None` when there is nothing to gain (not on the AMX path, already
+    /// bf16, or a 4-bit weight, which stays 4-bit).
+    pub fn bf16_copy_for_amx(&self, t: usize) -> Option<FrozenLinear> {
+        if !self.use_amx(t) || !matches!(self.weight, FrozenWeight::F32(_) | FrozenWeight::Ggml(_))
+        {
+            return None;
+        }
+        let n = self.out_features * self.in_features;
+        let mut w = vec![bf16::ZERO; n];
+        bytemuck::cast_slice_mut::<bf16, u16>(&mut w)
+            .par_chunks_mut(1 << 16)
+            .enumerate()
+            .for_each(|(c, out)| self.weight.elems_bf16(c << 16, out));
+        Some(FrozenLinear {
+            weight: FrozenWeight::BF16(Arc::new(w)),
+            ..self.clone()
+        })
     }
 
     fn tile_rows(&self) -> usize {
@@ -298,6 +320,39 @@ mod tests {
             ..q.clone()
         };
         assert!(max_abs_diff(&d.forward(&x, t), &yr) < 1e-4);
+    }
+
+    /// The once-converted bf16 copy (the lm_head's) gives bit-identical
+    /// products to converting per call.
+    #[test]
+    fn bf16_copy_for_amx_gives_the_same_products() {
+        let (o, i, t) = (70, 96, 40);
+        let lin = FrozenLinear {
+            out_features: o,
+            in_features: i,
+            weight: FrozenWeight::F32(Arc::new(rand_vec(o * i, 41, 1.0))),
+            bias: None,
+            compute: BaseCompute::Bf16,
+        };
+        let Some(copy) = lin.bf16_copy_for_amx(t) else {
+            assert!(!super::super::amx::available());
+            eprintln!("SKIPPED: no AMX here, so no bf16 copy is made");
+            return;
+        };
+        assert!(matches!(copy.weight, FrozenWeight::BF16(_)));
+        let f32_lin = FrozenLinear {
+            compute: BaseCompute::F32,
+            ..lin.clone()
+        };
+        assert!(f32_lin.bf16_copy_for_amx(t).is_none());
+        assert!(copy.bf16_copy_for_amx(t).is_none());
+        let x = rand_vec(t * i, 42, 1.0);
+        assert_eq!(copy.forward(&x, t), lin.forward(&x, t));
+        let dy = rand_vec(t * o, 43, 1.0);
+        let (mut a, mut b) = (vec![0.5f32; t * i], vec![0.5f32; t * i]);
+        copy.backward_input(&dy, t, &mut a);
+        lin.backward_input(&dy, t, &mut b);
+        assert_eq!(a, b);
     }
 
     #[test]
