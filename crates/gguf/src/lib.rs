@@ -13,6 +13,8 @@
 //!
 //! - [`export_meta`]: the metadata of a llama-family export: hyper-parameters from a
 //!   `ModelConfig`, and the tokenizer (copied from a GGUF, or converted from an HF folder).
+//! - [`recipe`]: the ggml type of each tensor of an export (llama.cpp's `llama-quantize`
+//!   recipes: q4_0, q4_k, q4_k_m, q5_k_m, ...) and a tensor's encoding error.
 //! - [`writer`]: GGUF output, in memory ([`writer::GgufWriter`]) or streamed tensor by
 //!   tensor to a temporary file renamed at the end ([`writer::StreamWriter`]).
 //! - `quantize` (feature `quantize`): f32 → ggml block types through candle's ports of
@@ -31,6 +33,7 @@ mod metadata;
 #[cfg(feature = "quantize")]
 pub mod quantize;
 mod reader;
+pub mod recipe;
 mod types;
 pub mod writer;
 

@@ -7,10 +7,14 @@
 //! * [`generate`]: the sampler (greedy, temperature + top-p), the KV-cached decode
 //!   loop with streamed text, prefill / decode tokens-per-second statistics, and the
 //!   greedy before/after samples `qlora train` writes.
+//! * [`check`]: a written model's logits against its source's (the read-back check of
+//!   `qlora export-gguf`, the measurements of `qlora merge --requantize`).
 
+pub mod check;
 pub mod generate;
 pub mod load;
 
+pub use check::{check_export, CheckReport};
 pub use generate::{
     argmax, generate, greedy_samples, prompt_ids, samples_markdown, GenLimits, GenStats, Sampler,
 };

@@ -13,7 +13,8 @@
 //!   is exact because quantization is deterministic).
 //!
 //! [`requantize`] writes the merged model as a bitsandbytes 4-bit folder and measures
-//! what that costs in logits; [`gguf_export`] writes it as a llama.cpp GGUF file.
+//! what that costs in logits; [`gguf_export`] writes it as a llama.cpp GGUF file (the
+//! per-tensor types are `qlora_gguf::recipe`'s, the read-back check `qlora_infer::check`).
 //!
 //! The work is streamed one tensor at a time from the memory-mapped input:
 //! peak memory is one full-precision weight (plus its delta row buffer), not
@@ -21,13 +22,11 @@
 
 use std::path::{Path, PathBuf};
 
-pub mod gguf_check;
 pub mod gguf_export;
 pub mod prompts;
 pub mod requantize;
 pub mod source;
 
-pub use gguf_check::{check_export, CheckReport};
 pub use gguf_export::{export_gguf, ExportOptions, ExportReport, ExportType};
 pub use requantize::{merge_requantized, RequantizationError, RequantizeReport};
 pub use source::SourceModel;

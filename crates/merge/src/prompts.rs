@@ -6,7 +6,7 @@ use qlora_tokenizer::Tokenizer;
 /// `texts` through `tok` (no special tokens), cut to one common length of at most
 /// `max_len`; `None` without a tokenizer, when a text gives fewer than 4 tokens, or when an
 /// id falls outside the model's `vocab` (the caller then uses
-/// [`crate::gguf_check::pseudo_random_ids`]).
+/// [`qlora_infer::check::pseudo_random_ids`]).
 pub fn text_sequences(
     tok: Option<&Tokenizer>,
     texts: &[&str],

@@ -9,8 +9,8 @@ use qlora_formats::convert::{self, QuantizeOptions};
 use qlora_model::{LoadOptions, Model};
 use qlora_quant::{DType, QuantType};
 
-use crate::gguf_check::{self, CheckReport};
 use crate::{merge_model, MergeOptions, MergeReport};
+use qlora_infer::check::{self, CheckReport};
 
 /// Fixed prompts for the logit comparison (tokenized when the base has a tokenizer).
 pub const CHECK_PROMPTS: [&str; 4] = [
@@ -118,20 +118,20 @@ fn requantization_error(
     merged_f32: &Path,
     trained_quant: QuantType,
 ) -> Result<RequantizationError> {
-    let base = gguf_check::load_f32(model)?;
+    let base = check::load_f32(model)?;
     let vocab = base.config.vocab_size;
     let tok = qlora_tokenizer::Tokenizer::from_folder(model).ok();
     let seqs = crate::prompts::text_sequences(tok.as_ref(), &CHECK_PROMPTS, usize::MAX, vocab)
-        .unwrap_or_else(|| gguf_check::pseudo_random_ids(vocab, 4, 32, 0));
+        .unwrap_or_else(|| check::pseudo_random_ids(vocab, 4, 32, 0));
     let (_, ad) = qlora_lora::load_adapter(adapter, Some(&base.config))?;
-    let reference = gguf_check::logits(&base, Some(&ad), &seqs)?;
+    let reference = check::logits(&base, Some(&ad), &seqs)?;
     drop(base);
     let cmp = |m: &Model, a: Option<&qlora_lora::Adapter>| -> Result<CheckReport> {
-        let got = gguf_check::logits(m, a, &seqs)?;
-        Ok(gguf_check::compare(&reference, &got, vocab, seqs.len()))
+        let got = check::logits(m, a, &seqs)?;
+        Ok(check::compare(&reference, &got, vocab, seqs.len()))
     };
-    let r = cmp(&gguf_check::load_f32(requantized)?, None)?;
-    let m = cmp(&gguf_check::load_f32(merged_f32)?, None)?;
+    let r = cmp(&check::load_f32(requantized)?, None)?;
+    let m = cmp(&check::load_f32(merged_f32)?, None)?;
     let quant = LoadOptions {
         quant: trained_quant.to_string().parse()?,
     };

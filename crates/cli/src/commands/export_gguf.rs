@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use qlora_formats::ModelRef;
-use qlora_merge::gguf_check::{check_export, pseudo_random_ids};
+use qlora_infer::check::{check_export, pseudo_random_ids};
 use qlora_merge::prompts::text_sequences;
 use qlora_merge::{export_gguf, ExportOptions, ExportReport, ExportType};
 use qlora_tokenizer::Tokenizer;

@@ -1,6 +1,8 @@
-//! The read-back check of an exported GGUF: load it with our own GGUF loader (the path
-//! `qlora generate --model x.gguf` takes: dequantize, un-permute q/k, HF names) and
-//! compare its logits with the *source* model running the adapter unmerged, both in f32.
+//! Logit checks of a written model against its source: [`check_export`], the read-back
+//! check of an exported GGUF (load it with our own GGUF loader, the path `qlora generate
+//! --model x.gguf` takes: dequantize, un-permute q/k, HF names, and compare its logits
+//! with the *source* model running the adapter unmerged, both in f32), and the pieces
+//! `qlora merge --requantize` measures with ([`load_f32`], [`logits`], [`compare`]).
 //!
 //! What it catches: a wrong q/k permutation, a wrong tensor name or orientation, a
 //! broken encoder, a merge that does not equal the adapter's forward, lost
@@ -10,6 +12,7 @@
 use std::path::Path;
 
 use anyhow::{ensure, Context, Result};
+use qlora_formats::model_ref::{ModelRef, Resolve};
 use qlora_model::{Batch, LoadOptions, Model, QuantMode};
 
 /// Logit differences between the exported file and the source (+ adapter).
@@ -45,18 +48,23 @@ impl std::fmt::Display for CheckReport {
     }
 }
 
-/// Load any model reference we export from or to (folder, bnb-4bit folder, .gguf) in f32.
+/// Load any model we export from or to (folder, bnb-4bit folder, .gguf; resolved by
+/// [`ModelRef`], never from the hub) in f32.
 pub fn load_f32(path: &Path) -> Result<Model> {
     let opts = LoadOptions {
         quant: QuantMode::None,
     };
-    if path.is_file() {
+    let r = ModelRef::resolve_with(&path.to_string_lossy(), &Resolve::new(false))?;
+    r.require_model()?;
+    if r.is_gguf() {
+        let path = r.path();
         let (config, tensors) = qlora_gguf::llama::load_hf_tensors(path)?;
         let tensors = tensors.collect::<std::result::Result<Vec<_>, _>>()?;
         Model::from_tensors(config, tensors, &path.display().to_string(), &opts)
             .with_context(|| format!("loading {}", path.display()))
     } else {
-        Model::from_folder(path, &opts).with_context(|| format!("loading {}", path.display()))
+        let dir = r.path();
+        Model::from_folder(dir, &opts).with_context(|| format!("loading {}", dir.display()))
     }
 }
 
