@@ -7,14 +7,16 @@
 //!
 //! * [`inventory`]: the weight tensors of a model and their roles.
 //! * [`bnb`]: exact bitsandbytes 4-bit byte counts (FORMATS.md §2.1, §2.4).
-//! * [`st`]: safetensors header reading and exact header-length prediction.
-//! * [`gguf`]: ggml block sizes and a header-only GGUF reader.
+//! * [`st`]: exact safetensors header-length prediction (files are read by `qlora-formats`).
+//! * [`gguf`]: "pure" GGUF size estimates from `qlora-gguf`'s ggml type table.
 //! * [`size`]: the size report.
 //! * [`presets`]: config numbers of well-known models (offline).
-//! * [`source`]: resolving a model reference (path, preset, hub id).
+//! * [`source`]: a model reference's inventory: presets layered on
+//!   `qlora_formats::ModelRef` (path, hub id), then safetensors / GGUF headers.
 //! * [`plan`]: training memory per device.
 //! * [`planner`]: `qlora plan` as one call: typed report, budget answers (largest batch /
 //!   sequence, fewest devices), what the trainer keeps resident while loading.
+//! * [`request`]: `qlora plan`'s flags turned into a [`PlanInput`] (train's defaults).
 //! * [`rss`]: resident-memory probes of the running process (plan validation).
 
 pub mod bnb;
@@ -23,6 +25,7 @@ pub mod inventory;
 pub mod plan;
 pub mod planner;
 pub mod presets;
+pub mod request;
 pub mod rss;
 pub mod size;
 pub mod source;
@@ -31,6 +34,7 @@ pub mod st;
 pub use inventory::{Inventory, Role, TensorSpec};
 pub use plan::{Method, Optimizer, Plan, PlanInput, Sharding};
 pub use planner::{plan_model, BudgetAnswer, PlanReport};
+pub use request::PlanRequest;
 pub use size::{size_report, SizeOptions, SizeReport};
 pub use source::{is_gguf, resolve, Loaded};
 

@@ -252,3 +252,46 @@ pub fn plan_model(
         budget,
     })
 }
+
+impl crate::plan::Breakdown {
+    /// The per-device table `qlora plan` prints, in order: (label, bytes). The larger of
+    /// the two transient phases (layer backward workspace, logits and loss with heap
+    /// retention), the only one the total counts, is marked `*`.
+    pub fn rows(&self) -> Vec<(&'static str, u64)> {
+        let layer_wins = self.layer_workspace >= self.logits_and_loss + self.heap_retention;
+        vec![
+            ("frozen weights", self.frozen_weights),
+            ("  of which quant stats", self.quant_stats),
+            ("trainable parameters", self.trainable_params),
+            ("gradients", self.gradients),
+            ("optimizer states", self.optimizer_states),
+            ("activations", self.activations),
+            (
+                if layer_wins {
+                    "layer backward workspace *"
+                } else {
+                    "layer backward workspace"
+                },
+                self.layer_workspace,
+            ),
+            (
+                if layer_wins {
+                    "logits and loss"
+                } else {
+                    "logits and loss *"
+                },
+                self.logits_and_loss,
+            ),
+            ("  + heap retention", self.heap_retention),
+            ("dequantization workspace", self.dequant_workspace),
+            ("tokenizer", self.tokenizer),
+            ("worker-thread arenas", self.worker_arenas),
+            ("gemm packing slabs", self.gemm_packing),
+            ("communication buffers", self.communication),
+            ("runtime overhead", self.overhead),
+            ("training peak", self.train_peak),
+            ("loading peak", self.load_peak),
+            ("total (max of the two peaks)", self.total_bytes),
+        ]
+    }
+}

@@ -7,9 +7,8 @@
 //! command's flags can be pasted here; the older `--batch`, `--seq`, `--targets`,
 //! `--checkpointing` still work.
 
-use anyhow::{anyhow, bail, Result};
-use qlora_memory::bnb::{Bnb4, QuantType};
-use qlora_memory::plan::{self, DType, Method, PlanInput};
+use anyhow::Result;
+use qlora_memory::PlanRequest;
 
 use crate::flags::DoubleQuant;
 use crate::text::group;
@@ -100,92 +99,40 @@ fn size(s: &str) -> Result<u64> {
     qlora_formats::parse_bytes(s).map_err(anyhow::Error::msg)
 }
 
-fn input(a: &Args) -> Result<PlanInput> {
-    let method: Method = a.method.parse()?;
-    let compute = match &a.compute {
-        Some(c) => {
-            DType::parse(c).ok_or_else(|| anyhow!("--compute {c:?}: expected f32, bf16 or f16"))?
-        }
-        None if a.gpu => DType::BF16,
-        None => DType::F32,
-    };
-    let model = a
-        .model
-        .as_deref()
-        .or(a.model_flag.as_deref())
-        .unwrap_or_default();
-    let is_gguf = qlora_memory::is_gguf(model);
-    let quant = match &a.quant {
-        Some(q) => q.to_ascii_lowercase(),
-        None if is_gguf => "native".into(),
-        None => "nf4".into(),
-    };
-    let (quant_type, native) = match quant.as_str() {
-        "nf4" => (QuantType::Nf4, false),
-        "fp4" => (QuantType::Fp4, false),
-        "native" => (QuantType::Nf4, true),
-        q => bail!(
-            "--quant {q:?}: expected nf4, fp4 or native (a base kept in f32/bf16 is --method lora)"
-        ),
-    };
-    if a.blocksize < 16 || !a.blocksize.is_power_of_two() {
-        bail!(
-            "--blocksize {}: expected a power of two such as 64",
-            a.blocksize
-        );
-    }
-    let targets = qlora_memory::planner::parse_targets(&a.target);
-    if method != Method::Full && (targets.is_empty() || a.rank == 0) {
-        bail!("LoRA needs --rank ≥ 1 and at least one target");
-    }
-    let overhead = match &a.overhead {
-        Some(s) => size(s)?,
-        None if a.gpu => plan::GPU_OVERHEAD,
-        None => plan::CPU_OVERHEAD,
-    };
-    if a.grad_accum == 0 {
-        bail!("--grad-accum must be at least 1");
-    }
-    Ok(PlanInput {
-        method,
+fn request(a: &Args) -> Result<PlanRequest> {
+    Ok(PlanRequest {
+        method: a.method.clone(),
         rank: a.rank,
-        targets,
+        target: a.target.clone(),
         dora: a.use_dora,
-        optimizer: a.optimizer.parse()?,
+        optimizer: a.optimizer.clone(),
         batch: a.batch_size,
         seq: a.max_seq_len,
         grad_accum: a.grad_accum,
-        checkpointing: a.gradient_checkpointing.unwrap_or(a.checkpointing),
-        compute,
-        quant: Bnb4::new(quant_type, a.blocksize, a.double_quant.enabled()),
-        native,
+        checkpointing: a.gradient_checkpointing.or(a.checkpointing.then_some(true)),
+        compute: a.compute.clone(),
         devices: a.devices,
-        sharding: a.sharding.parse()?,
+        sharding: a.sharding.clone(),
         cpu_offload: a.cpu_offload,
-        overhead,
         gpu: a.gpu,
-        load_file_bytes: 0,
-        tokenizer_bytes: 0,
-        l2_bytes: plan::host_l2_bytes().unwrap_or(plan::DEFAULT_L2_BYTES),
-        threads: if a.gpu {
-            1
-        } else {
-            a.threads.unwrap_or_else(|| {
-                std::thread::available_parallelism().map_or(1, |n| n.get() as u64)
-            })
-        },
+        quant: a.quant.clone(),
+        blocksize: a.blocksize,
+        double_quant: a.double_quant.enabled(),
+        overhead: a.overhead.as_deref().map(size).transpose()?,
+        threads: a.threads,
     })
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let p = input(&a)?;
     let model = a
         .model
         .as_deref()
         .or(a.model_flag.as_deref())
         .unwrap_or_default();
-    let given = a.gradient_checkpointing.or(a.checkpointing.then_some(true));
-    let checkpointing = |c: &_| given.unwrap_or_else(|| qlora_train::default_checkpointing(c));
+    let req = request(&a)?;
+    let p = req.input(model)?;
+    let checkpointing =
+        |c: &_| (req.checkpointing).unwrap_or_else(|| qlora_train::default_checkpointing(c));
     let budget = a.budget.as_deref().map(size).transpose()?;
     let r = qlora_memory::plan_model(model, &p, checkpointing, budget)?;
     if a.json {
@@ -220,40 +167,7 @@ pub fn run(a: Args) -> Result<()> {
     println!("trainable:  {} parameters", group(result.trainable_count));
     println!();
     println!("{:<28}{:>18}{:>12}", "per device", "bytes", "GiB");
-    let rows = [
-        ("frozen weights", b.frozen_weights),
-        ("  of which quant stats", b.quant_stats),
-        ("trainable parameters", b.trainable_params),
-        ("gradients", b.gradients),
-        ("optimizer states", b.optimizer_states),
-        ("activations", b.activations),
-        (
-            if b.layer_workspace >= b.logits_and_loss + b.heap_retention {
-                "layer backward workspace *"
-            } else {
-                "layer backward workspace"
-            },
-            b.layer_workspace,
-        ),
-        (
-            if b.layer_workspace < b.logits_and_loss + b.heap_retention {
-                "logits and loss *"
-            } else {
-                "logits and loss"
-            },
-            b.logits_and_loss,
-        ),
-        ("  + heap retention", b.heap_retention),
-        ("dequantization workspace", b.dequant_workspace),
-        ("tokenizer", b.tokenizer),
-        ("worker-thread arenas", b.worker_arenas),
-        ("gemm packing slabs", b.gemm_packing),
-        ("communication buffers", b.communication),
-        ("runtime overhead", b.overhead),
-        ("training peak", b.train_peak),
-        ("loading peak", b.load_peak),
-        ("total (max of the two peaks)", b.total_bytes),
-    ];
+    let rows = b.rows();
     for (k, v) in rows {
         println!(
             "{:<28}{:>18}{:>12.3}",
