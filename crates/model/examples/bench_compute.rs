@@ -6,6 +6,7 @@
 //! `... --example bench_compute -- peak [n]`: the f32 (gemm) and bf16 (AMX) matmul peak reached here.
 //! `... --example bench_compute -- shapes [tinyllama]`: the AMX products at a step's shapes
 //! (`SHAPE=name` runs one of them, `REPS=n` takes the best of n instead of 5).
+//! `... --example bench_compute -- lora`: the six f32 LoRA products of one linear (r 16, t 512).
 //! Prints tokens/s and the process peak RSS (VmHWM), so run one mode per process.
 
 use std::collections::BTreeMap;
@@ -139,8 +140,73 @@ fn shapes(tiny: bool) {
     }
 }
 
+/// The LoRA products of one q-shaped linear (r 16, t 512) through `ops::matmul`.
+fn lora_products() {
+    use qlora_model::ops::matmul;
+    let mut rng = Lcg(5);
+    let (t, i, o, r) = (512, 576, 576, 16);
+    let x = rng.vec(t * i, 1.0);
+    let a = rng.vec(r * i, 0.05);
+    let b = rng.vec(o * r, 0.05);
+    let dy = rng.vec(t * o, 1.0);
+    let mut xa = vec![0f32; t * r];
+    let mut y = vec![0f32; t * o];
+    let mut db = vec![0f32; o * r];
+    let mut dxa = vec![0f32; t * r];
+    let mut da = vec![0f32; r * i];
+    let mut dx = vec![0f32; t * i];
+    let mut best = [f64::MAX; 6];
+    for _ in 0..50 {
+        let mut tm = |k: usize, f: &mut dyn FnMut()| {
+            let t0 = Instant::now();
+            f();
+            best[k] = best[k].min(t0.elapsed().as_secs_f64());
+        };
+        tm(0, &mut || {
+            matmul(t, r, i, &x, false, &a, true, &mut xa, false, 1.0)
+        });
+        tm(1, &mut || {
+            matmul(t, o, r, &xa, false, &b, true, &mut y, true, 2.0)
+        });
+        tm(2, &mut || {
+            matmul(o, r, t, &dy, true, &xa, false, &mut db, false, 2.0)
+        });
+        tm(3, &mut || {
+            matmul(t, r, o, &dy, false, &b, false, &mut dxa, false, 2.0)
+        });
+        tm(4, &mut || {
+            matmul(r, i, t, &dxa, true, &x, false, &mut da, false, 1.0)
+        });
+        tm(5, &mut || {
+            matmul(t, i, r, &dxa, false, &a, false, &mut dx, true, 1.0)
+        });
+    }
+    let flop = 2.0 * (t * i * r) as f64;
+    for (k, name) in [
+        "xa = x At",
+        "y += xa Bt",
+        "dB = dyT xa",
+        "dxa = dy B",
+        "dA = dxaT x",
+        "dx += dxa A",
+    ]
+    .iter()
+    .enumerate()
+    {
+        println!(
+            "{name:>12}: {:.1} us, {:.0} GFLOP/s",
+            best[k] * 1e6,
+            flop / best[k] / 1e9
+        );
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
+    if args.get(1).is_some_and(|s| s == "lora") {
+        lora_products();
+        return Ok(());
+    }
     if args.get(1).is_some_and(|s| s == "shapes") {
         shapes(args.get(2).is_some_and(|s| s == "tinyllama"));
         return Ok(());
