@@ -6,6 +6,7 @@ use std::path::Path;
 use qlora_dist::Communicator;
 use qlora_tokenizer::Tokenizer;
 use qlora_train::launch::{Base, TrainRequest};
+use qlora_train::session::RunView;
 use qlora_train::{Callbacks, PreparedData, RunReport, StepMetrics, Trainer};
 
 /// The summary before training: processes (when several), model, device, adapter,
@@ -172,5 +173,65 @@ impl Callbacks for Progress {
                 m.step, m.loss, m.grad_norm, m.lr, m.tokens_per_s
             );
         }
+    }
+}
+
+/// `qlora train`'s terminal output (rank 0; skipped lines and the memory trace on every
+/// rank): notes and skipped lines on stderr, the summary, progress, results and samples.
+pub struct TerminalView {
+    wanted: bool,
+    progress: Option<Progress>,
+}
+
+impl TerminalView {
+    pub fn new(progress_bar: bool) -> Self {
+        TerminalView {
+            wanted: progress_bar,
+            progress: None,
+        }
+    }
+}
+
+impl RunView for TerminalView {
+    /// QLORA_MEM_TRACE=1|reset: resident memory at phase boundaries (plan validation).
+    fn phase(&mut self, name: &str) {
+        qlora_memory::rss::trace(name);
+    }
+    fn note(&mut self, note: &str) {
+        eprintln!("note: {note}");
+    }
+    fn skipped(&mut self, what: &str) {
+        eprintln!("skipped {what}");
+    }
+    fn summary(
+        &mut self,
+        trainer: &Trainer<'_>,
+        req: &TrainRequest,
+        base: &Base,
+        data: &PreparedData,
+        comm: &dyn Communicator,
+    ) {
+        print_summary(trainer, req, base, data, comm);
+    }
+    fn callbacks(&mut self, trainer: &Trainer<'_>) -> &mut dyn Callbacks {
+        self.progress.insert(Progress::new(trainer, self.wanted))
+    }
+    fn done(&mut self, trainer: &Trainer<'_>, report: &RunReport, out: &Path) {
+        if let Some(p) = self.progress.take() {
+            p.bar.finish_and_clear();
+        }
+        print_done(trainer, report, out);
+    }
+    fn samples(
+        &mut self,
+        tok: &Tokenizer,
+        prompts: &[Vec<u32>],
+        before: &[String],
+        after: &[String],
+    ) {
+        print_samples(tok, prompts, before, after);
+    }
+    fn info(&mut self, line: &str) {
+        println!("{line}");
     }
 }

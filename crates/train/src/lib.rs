@@ -12,6 +12,8 @@
 //! * [`launch`]: a whole `qlora train` run from its settings ([`launch::TrainRequest`]):
 //!   checks, loading the base, preparing data/adapter/output, building the trainer.
 //! * [`prepare`]: the rows (load, tokenize, truncate, split, pack) and the adapter of a run.
+//! * [`session`]: the whole `qlora train` flow (launch's phases, [`Trainer::run`], greedy
+//!   samples before and after) shown through a [`session::RunView`].
 //! * [`run`]: [`Trainer::run`], the whole run: eval / checkpoint cadence, `metrics.jsonl`
 //!   (kept up to the checkpoint on resume), the final adapter, progress [`Callbacks`].
 
@@ -27,6 +29,7 @@ pub mod params;
 pub mod prepare;
 pub mod run;
 pub mod schedule;
+pub mod session;
 pub mod trainer;
 
 pub use batch::collate;
