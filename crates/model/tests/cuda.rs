@@ -1,6 +1,5 @@
-//! The CUDA backend against the CPU backend (the reference): every kernel on
-//! random inputs (forward and backward), then the whole model's loss and one
-//! training step. Needs a GPU: each GPU test prints why it skips where there
+//! The CUDA backend's kernels against the CPU backend (the reference) on random
+//! inputs, forward and backward (the whole model: cuda_model.rs). Needs a GPU: each GPU test prints why it skips where there
 //! is none (set QLORA_REQUIRE_GPU=1 to make that a failure instead).
 //!
 //! `kernels_compile_to_ptx_for_sm90` needs only libnvrtc (no GPU): CI runs it
@@ -18,7 +17,8 @@
 //! AdamW) differ from the CPU only by summation order / libm: 1e-5 .. 1e-4.
 #![cfg(feature = "cuda")]
 
-use std::path::{Path, PathBuf};
+mod cuda_support;
+
 use std::sync::Arc;
 
 use half::bf16;
@@ -27,42 +27,10 @@ use qlora_model::backend::cuda::{self, CudaBackend};
 use qlora_model::backend::{AdamWStep, Backend, LoraOp};
 use qlora_model::ops::attention::AttnShape;
 use qlora_model::ops::linear::{FrozenLinear, FrozenWeight};
-use qlora_model::{Batch, Device, LoadOptions, Model, QuantMode, StepOptions};
+use qlora_model::Device;
 use qlora_quant::{Absmax, DType, DoubleQuant, QuantType, Quantized4};
 
-fn rand_vec(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(1);
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0) * scale
-        })
-        .collect()
-}
-
-/// `||a - b|| / ||b||`.
-fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    let (mut num, mut den) = (0f64, 0f64);
-    for (x, y) in a.iter().zip(b) {
-        num += (*x as f64 - *y as f64).powi(2);
-        den += (*y as f64).powi(2);
-    }
-    (num / den.max(1e-30)).sqrt()
-}
-
-fn gpu() -> Option<CudaBackend> {
-    if let Some(why) = cuda::cuda_unavailable() {
-        if std::env::var("QLORA_REQUIRE_GPU").as_deref() == Ok("1") {
-            panic!("QLORA_REQUIRE_GPU=1 but {why}");
-        }
-        eprintln!("SKIP (no GPU): {why}");
-        return None;
-    }
-    Some(CudaBackend::new(0).expect("cuda:0"))
-}
+use cuda_support::{gpu, rand_vec, rel_l2};
 
 #[test]
 fn kernels_compile_to_ptx_for_sm90() {
@@ -544,87 +512,4 @@ fn adamw_and_norm_match_cpu() {
         g.sq_norm(&g.upload(&x).unwrap()).unwrap(),
     );
     assert!((nc - ng).abs() < 1e-9 * nc, "{nc} vs {ng}");
-}
-
-/// `QLORA_FIXTURES` (the GPU machine gets a copy) or ../shared/fixtures.
-fn fixtures() -> PathBuf {
-    match std::env::var_os("QLORA_FIXTURES") {
-        Some(p) => PathBuf::from(p),
-        None => Path::new(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../../shared/fixtures"
-        ))
-        .to_path_buf(),
-    }
-}
-
-/// The whole model (tiny fixture, f32 and bnb-4bit): loss, logits and one
-/// training step's LoRA gradients against the CPU f32 path.
-#[test]
-fn whole_model_loss_and_step_match_cpu() {
-    if gpu().is_none() {
-        return;
-    }
-    for dir in ["tiny_llama/model", "tiny_llama_bnb4/model"] {
-        let cpu = Model::from_folder(
-            fixtures().join(dir),
-            &LoadOptions {
-                quant: QuantMode::None,
-            },
-        )
-        .unwrap();
-        let mut dev = cpu.clone();
-        dev.to_device(Device::Cuda(0)).unwrap();
-        assert_eq!(dev.device(), Device::Cuda(0));
-        let (_, adapter) = qlora_lora::load_adapter(
-            fixtures().join("tiny_lora_adapter/adapter"),
-            Some(&cpu.config),
-        )
-        .unwrap();
-        let rows: Vec<Vec<u32>> = (0..2)
-            .map(|r| {
-                (0..24)
-                    .map(|i| ((i * 37 + r * 101 + 5) % 320) as u32)
-                    .collect()
-            })
-            .collect();
-        let batch = Batch::from_ids(rows);
-        let (lc, nc) = cpu.loss(&batch, Some(&adapter)).unwrap();
-        let (lg, ng) = dev.loss(&batch, Some(&adapter)).unwrap();
-        assert_eq!(nc, ng);
-        assert!((lc - lg).abs() < 1e-2 * lc, "{dir}: loss {lc} vs {lg}");
-        for checkpointing in [false, true] {
-            let opts = StepOptions {
-                loss_denominator: nc as f32,
-                checkpointing,
-                lora_dropout_seed: 3,
-                ..Default::default()
-            };
-            let (sc, _, gc) = cpu.forward_backward(&batch, &adapter, &opts).unwrap();
-            let (sg, _, gg) = dev.forward_backward(&batch, &adapter, &opts).unwrap();
-            assert!((sc - sg).abs() < 1e-2 * sc, "{dir}: step loss {sc} vs {sg}");
-            for (k, wc) in &gc {
-                let wg = &gg[k];
-                for (name, a, b) in [("A", &wg.a, &wc.a), ("B", &wg.b, &wc.b)] {
-                    let (a, b) = (a.data(), b.data());
-                    let e = rel_l2(a, b);
-                    // bf16 GEMM operands through every layer: a few times 4e-3.
-                    assert!(
-                        e < 5e-2,
-                        "{dir} {k} d{name}: rel L2 {e} (ckpt {checkpointing})"
-                    );
-                }
-            }
-        }
-        // Generation path: KV-cached steps equal the full forward on the device.
-        let toks: Vec<u32> = (0..9).map(|i| (i * 13 + 7) % 320).collect();
-        let full: Vec<f32> = dev
-            .forward_logits(&Batch::from_ids(vec![toks.clone()]), None)
-            .unwrap()
-            .into_vec();
-        let mut cache = dev.new_cache();
-        dev.forward_step(&mut cache, &toks[..5], None).unwrap();
-        let last = dev.forward_step(&mut cache, &toks[5..6], None).unwrap();
-        assert!(rel_l2(&last, &full[5 * 320..6 * 320]) < 1e-2);
-    }
 }
