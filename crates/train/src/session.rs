@@ -71,6 +71,8 @@ pub fn run(req: &TrainRequest, comm: &dyn Communicator, view: &mut dyn RunView) 
     }
     if !main {
         trainer.run(&opts, &mut Silent)?;
+        // their training peak (they print no per-step lines)
+        view.phase("trained");
         return Ok(());
     }
     view.summary(&trainer, req, &base, &data, comm);

@@ -59,8 +59,10 @@ pub struct Args {
     /// Number of devices.
     #[arg(long, default_value_t = 1)]
     pub devices: u64,
-    /// none (DDP) | full (FSDP FULL_SHARD) | grad-op (SHARD_GRAD_OP)
-    #[arg(long, default_value = "full")]
+    /// none (DDP) | full (FSDP FULL_SHARD; the CPU trainer: `qlora train --shard full`,
+    /// 1/N of every layer's frozen projections per process) | grad-op (SHARD_GRAD_OP, GPU plans).
+    /// `--shard` is `qlora train`'s spelling.
+    #[arg(long, alias = "shard", default_value = "full")]
     pub sharding: String,
     /// Offload (sharded) parameters, gradients and optimizer states to host RAM.
     #[arg(long)]

@@ -24,7 +24,7 @@ pub use activations::{
     head_chunk_rows, layer_workspace, logits_and_loss, saved_per_layer, worker_arenas, Saved,
 };
 pub use weights::{dora_params, lora_params, optimizer_bytes};
-use weights::{frozen, frozen_root_and_layers};
+use weights::{frozen, frozen_cpu_shard, frozen_root_and_layers};
 
 /// What is trained.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -372,10 +372,20 @@ pub fn plan(inv: &Inventory, c: &ModelConfig, p: &PlanInput) -> Result<Plan, Mem
     };
     // Sharding: which of (frozen+trainable weights, grads, optimizer) divide by N.
     let div = |x: u64, yes: bool| if yes && n > 1 { x.div_ceil(n) } else { x };
-    let shard_params = p.sharding == Sharding::Full;
-    let shard_rest = p.sharding != Sharding::None;
+    // The CPU trainer (`qlora train --shard full` under mpirun) shards only the
+    // decoder layers' frozen projections, statistics included; the adapter, its
+    // gradients and AdamW states stay whole (all-reduced). SHARD_GRAD_OP is
+    // FSDP's, not the CPU trainer's: a CPU plan treats it as none.
+    let cpu_shard = !p.gpu && n > 1 && p.sharding == Sharding::Full && !p.native;
+    let cpu = !p.gpu;
+    let shard_params = p.sharding == Sharding::Full && !cpu;
+    let shard_rest = p.sharding != Sharding::None && !cpu;
     // The quant statistics live on the module, outside FSDP's flat parameter.
-    let frozen_sharded = div(frozen_all - stats, shard_params) + stats;
+    let (frozen_sharded, stats, cpu_layer) = if cpu_shard {
+        frozen_cpu_shard(inv, p, n)
+    } else {
+        (div(frozen_all - stats, shard_params) + stats, stats, 0)
+    };
     let w = div(train_w_bytes, shard_params);
     let g = div(grad_bytes, shard_rest);
     let o = div(opt_bytes, shard_rest);
@@ -462,7 +472,11 @@ pub fn plan(inv: &Inventory, c: &ModelConfig, p: &PlanInput) -> Result<Plan, Mem
     } else {
         root - div(root, shard_params)
     };
-    b.communication = if p.gpu {
+    b.communication = if cpu_shard {
+        // one decoder layer gathered whole for its use, plus the receive
+        // buffer the all-gather fills and hands over (`qlora-dist`)
+        2 * cpu_layer
+    } else if p.gpu {
         unit_gather
             + root_gather
             + match p.sharding {
@@ -489,8 +503,16 @@ pub fn plan(inv: &Inventory, c: &ModelConfig, p: &PlanInput) -> Result<Plan, Mem
         // The embedding is decoded straight into its frozen f32 copy; a
         // projection exists as f32 once more while it is quantized (QLoRA) or
         // un-permuted (GGUF q/k).
+        // Sharded, each process reads every projection whole (the offset of
+        // the double quantization is a mean over all of a tensor's blocks) but
+        // keeps only its share.
+        let frozen_kept = if cpu_shard {
+            frozen_sharded
+        } else {
+            frozen_all
+        };
         b.load_peak =
-            p.overhead + p.load_file_bytes + frozen_all + 4 * largest_linear + b.tokenizer;
+            p.overhead + p.load_file_bytes + frozen_kept + 4 * largest_linear + b.tokenizer;
     }
     b.total_bytes = b.train_peak.max(b.load_peak);
     Ok(Plan {

@@ -363,3 +363,53 @@ fn gemm_packing_slabs_by_hand() {
     let g = PlanInput { gpu: true, ..p };
     assert_eq!(activations::gemm_packing(&c, &g), 0);
 }
+
+/// The CPU trainer's `--shard full` over 2 processes, by hand on the tiny model
+/// (NF4 + DQ): each of the 14 projections keeps half of its codes and statistics
+/// but its whole 16-entry map, nested map and offset (64 + 1024 + 4 bytes); the
+/// root, the adapter, its gradients and AdamW states stay whole; one layer
+/// (29,848 bytes as stored) is gathered with its receive copy.
+#[test]
+fn cpu_full_sharding_by_hand() {
+    let c = tiny();
+    let inv = Inventory::from_config(&c);
+    let one = plan(&inv, &c, &input(1, 64, false)).unwrap().per_device;
+    let two = plan(
+        &inv,
+        &c,
+        &PlanInput {
+            devices: 2,
+            sharding: Sharding::Full,
+            ..input(1, 64, false)
+        },
+    )
+    .unwrap()
+    .per_device;
+    // per layer as stored: q, o 3,208 B; k, v 2,152 B; gate, up, down 6,376 B
+    let layer = 2 * 3208 + 2 * 2152 + 3 * 6376;
+    assert_eq!(layer, 29_848);
+    // kept of each: (bytes - 1,092) / 2 + 1,092
+    let kept = 2 * 2150 + 2 * 1622 + 3 * 3734;
+    assert_eq!(
+        one.frozen_weights - two.frozen_weights,
+        2 * (layer - kept) as u64
+    );
+    assert_eq!(two.communication, 2 * layer as u64);
+    assert_eq!(
+        (two.trainable_params, two.gradients, two.optimizer_states),
+        (one.trainable_params, one.gradients, one.optimizer_states)
+    );
+    // none: nothing divided, no gathers
+    let none = plan(
+        &inv,
+        &c,
+        &PlanInput {
+            devices: 2,
+            sharding: Sharding::None,
+            ..input(1, 64, false)
+        },
+    )
+    .unwrap()
+    .per_device;
+    assert_eq!(none, one);
+}

@@ -104,6 +104,51 @@ pub(crate) fn frozen_root_and_layers(inv: &Inventory, p: &PlanInput) -> (u64, u6
     (root, layers)
 }
 
+/// The CPU trainer's `--shard full` over `n` processes (`qlora-model`'s
+/// `shard` module): `(frozen bytes per process, of which statistics, one
+/// decoder layer's projection weights whole)`. Each process keeps 1/N of
+/// every decoder layer's projection weights — packed codes, absmax codes and
+/// nested absmax alike — while the code maps and the double-quant offset of
+/// each weight, the layer norms and the root (embedding, lm_head, final norm)
+/// stay whole on every process. GGUF blocks held as stored are not sharded.
+pub(crate) fn frozen_cpu_shard(inv: &Inventory, p: &PlanInput, n: u64) -> (u64, u64, u64) {
+    let (mut bytes, mut stats, mut layer_lin) = (0, 0, 0);
+    for t in &inv.tensors {
+        let (b, s) = tensor_frozen(t, p);
+        if is_root(t) || !t.quantizable || p.method == Method::Full {
+            bytes += b;
+            stats += s;
+            continue;
+        }
+        layer_lin += b;
+        let replicated = if p.method == Method::Qlora {
+            let parts = bnb::parts(t.numel(), &p.quant);
+            parts.quant_map + parts.nested_quant_map + if p.quant.double_quant { 4 } else { 0 }
+        } else {
+            0
+        };
+        bytes += (b - replicated).div_ceil(n) + replicated;
+        stats += (s - replicated.min(s)).div_ceil(n) + replicated.min(s);
+    }
+    let layers = inv
+        .tensors
+        .iter()
+        .filter(|t| !is_root(t))
+        .filter_map(|t| layer_of(&t.name))
+        .max()
+        .map_or(1, |l| l + 1);
+    (bytes, stats, layer_lin.div_ceil(layers))
+}
+
+/// Decoder layer index of an HF (`model.layers.N.`) or GGUF (`blk.N.`) tensor name.
+fn layer_of(name: &str) -> Option<u64> {
+    let rest = name
+        .split_once("layers.")
+        .map(|x| x.1)
+        .or_else(|| name.strip_prefix("blk."))?;
+    rest.split('.').next()?.parse().ok()
+}
+
 /// Optimizer state bytes for `n` trainable parameters.
 pub fn optimizer_bytes(o: Optimizer, n: u64) -> u64 {
     match o {
