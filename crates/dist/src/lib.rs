@@ -16,10 +16,10 @@
 //! - `MpiComm` (cargo feature `mpi`): MPI through the `mpi` crate (rsmpi), CPU
 //!   buffers, multi-process and multi-node; launched by `mpirun -n N qlora …`.
 //!
-//! Not implemented yet (TODO for a session with GPUs): an NCCL communicator
-//! through cudarc's `nccl` module for device buffers, with MPI broadcasting the
-//! NCCL unique id from rank 0 (as llm.c does). It would implement the same
-//! primitives on device memory; nothing in this crate pretends to provide it.
+//! - `NcclComm` (cargo feature `nccl`, on with `qlora-cli`'s `cuda`): NCCL
+//!   through cudarc, the unique id broadcast from rank 0 by a bootstrap
+//!   communicator (MPI), as llm.c does. **Written and compiled, never run**: the
+//!   session that wrote it had no GPU, and the trainer does not use it yet.
 
 use anyhow::{bail, ensure, Result};
 use bytemuck::Pod;
@@ -31,6 +31,11 @@ pub use thread::ThreadGroup;
 mod mpi_comm;
 #[cfg(feature = "mpi")]
 pub use mpi_comm::MpiComm;
+
+#[cfg(feature = "nccl")]
+mod nccl_comm;
+#[cfg(feature = "nccl")]
+pub use nccl_comm::NcclComm;
 
 /// Largest single message of the typed collectives, in bytes (they split larger
 /// buffers into segments; this also bounds their temporary memory).
