@@ -91,8 +91,18 @@ pub fn trainer_has_tokenizer(reference: &str, l: &Loaded) -> bool {
     if l.kind == "gguf" {
         return true;
     }
-    let p = std::path::Path::new(reference);
-    let dir = if p.is_dir() { Some(p) } else { p.parent() };
+    use qlora_formats::model_ref::{Fetch, ModelRef, ModelSource, Resolve};
+    let how = Resolve {
+        fetch: Fetch::Config,
+        ..Resolve::new(false)
+    };
+    let Ok(r) = ModelRef::resolve_with(reference, &how) else {
+        return false; // a preset: no files
+    };
+    let dir = match &r.source {
+        ModelSource::Folder(d) | ModelSource::Weights(d) => Some(d.as_path()),
+        _ => r.path().parent(),
+    };
     dir.is_some_and(|d| d.join("tokenizer.json").is_file())
 }
 

@@ -257,7 +257,7 @@ pub fn start<'m>(
     };
     let text_tok = tok.map(|t| t as &dyn TextTokenizer);
     let mut data = prepare_data(&req.data, &dopts, text_tok)
-        .map_err(|e| tokenizer_cause(e, &req.model, tok.is_some()))?;
+        .map_err(|e| tokenizer_cause(e, &req.model, base.loaded.model_ref.path(), tok.is_some()))?;
 
     let init_from = req.init_adapter.as_deref();
     let (peft, mut adapter) = adapter_for(init_from, &req.lora, &model.config, seed, &req.model)?;
@@ -298,8 +298,7 @@ pub fn start<'m>(
 
 /// Pre-tokenized data needs no tokenizer; for text data a tokenizer that failed to
 /// load is the real cause of the failure, so say why it failed.
-fn tokenizer_cause(e: anyhow::Error, model_ref: &str, have_tok: bool) -> anyhow::Error {
-    let dir = Path::new(model_ref);
+fn tokenizer_cause(e: anyhow::Error, model_ref: &str, dir: &Path, have_tok: bool) -> anyhow::Error {
     if !have_tok && dir.join("tokenizer.json").exists() {
         if let Err(te) = Tokenizer::from_folder(dir) {
             return e.context(format!(

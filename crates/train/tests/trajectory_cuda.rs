@@ -14,23 +14,13 @@
 
 mod common;
 use common::{batch_rows, reference_cfg, st_f32};
-use std::path::PathBuf;
 
 use qlora_lora::{load_adapter, Adapter, PeftConfig};
 use qlora_model::{Device, LoadOptions, Model, QuantMode};
+use qlora_testutil::fixtures;
 use qlora_train::params::params_of;
 use qlora_train::{Identity, Trainer};
 use safetensors::SafeTensors;
-
-fn fx() -> PathBuf {
-    match std::env::var_os("QLORA_FIXTURES") {
-        Some(p) => PathBuf::from(p),
-        None => PathBuf::from(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../../shared/fixtures"
-        )),
-    }
-}
 
 fn check(model_dir: &str, fixture: &str) {
     if let Some(why) = qlora_model::backend::cuda::cuda_unavailable() {
@@ -41,17 +31,20 @@ fn check(model_dir: &str, fixture: &str) {
         return;
     }
     let mut model = Model::from_folder(
-        fx().join(model_dir),
+        fixtures().join(model_dir),
         &LoadOptions {
             quant: QuantMode::None,
         },
     )
     .unwrap();
     model.to_device(Device::Cuda(0)).unwrap();
-    let bytes = std::fs::read(fx().join(fixture).join("trajectory.safetensors")).unwrap();
+    let bytes = std::fs::read(fixtures().join(fixture).join("trajectory.safetensors")).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
-    let (peft, ad): (PeftConfig, Adapter) =
-        load_adapter(fx().join("tiny_lora_adapter/adapter"), Some(&model.config)).unwrap();
+    let (peft, ad): (PeftConfig, Adapter) = load_adapter(
+        fixtures().join("tiny_lora_adapter/adapter"),
+        Some(&model.config),
+    )
+    .unwrap();
     let start = params_of(&ad).unwrap();
     let ident = Identity {
         model_ref: "tiny".into(),
@@ -92,7 +85,7 @@ fn check(model_dir: &str, fixture: &str) {
         );
         assert_eq!(m[i].target_tokens, 24);
     }
-    let (_, want) = load_adapter(fx().join(fixture).join("final_adapter"), None).unwrap();
+    let (_, want) = load_adapter(fixtures().join(fixture).join("final_adapter"), None).unwrap();
     let (got, want) = (params_of(&t.adapter).unwrap(), params_of(&want).unwrap());
     let (mut num, mut den) = (0f64, 0f64);
     for ((g, w), s0) in got.iter().zip(&want).zip(&start) {
