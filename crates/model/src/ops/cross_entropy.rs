@@ -110,6 +110,10 @@ fn rows_forward_backward(
 /// At most this many f32 logits exist at once in [`head_forward_backward`].
 const HEAD_CHUNK_LOGITS: usize = 1 << 23;
 
+/// The largest head [`head_forward_backward`] copies to bf16 once per call
+/// (128 MiB, 4x the logits chunk's bytes).
+const HEAD_BF16_COPY_MAX_BYTES: usize = 4 * 4 * HEAD_CHUNK_LOGITS;
+
 /// The lm_head, the loss and their backward, a chunk of positions at a time:
 /// never all `[b·s, vocab]` logits at once. `nf [b·s, hidden]` is the final
 /// norm's output. Returns `(sum, count, d(sum / denominator)/d nf)`; chunks
@@ -128,8 +132,13 @@ pub fn head_forward_backward(
     let rows = (HEAD_CHUNK_LOGITS / vocab.max(1)).clamp(1, t.max(1));
     let rows = if rows >= 32 { rows / 32 * 32 } else { rows };
     // bf16 compute: the weight rounded to bf16 once here, not per chunk and
-    // direction (+2 bytes per weight element while the head runs).
-    let converted = head.bf16_copy_for_amx(t);
+    // direction (+2 bytes per weight element while the head runs), when that
+    // copy is at most 4x the logits chunk's bytes: SmolLM2's 49152 x 576 head
+    // (54 MiB), TinyLlama's 32000 x 2048 (125 MiB), never the 250 MiB to 1 GiB
+    // of a 7B-8B model's head.
+    let converted = (vocab * h * 2 <= HEAD_BF16_COPY_MAX_BYTES)
+        .then(|| head.bf16_copy_for_amx(t))
+        .flatten();
     let head = converted.as_ref().unwrap_or(head);
     let mut dnf = vec![0f32; t * h];
     let mut per: Vec<Option<f64>> = vec![None; t];
