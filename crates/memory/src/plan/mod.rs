@@ -174,6 +174,14 @@ pub const CPU_OVERHEAD: u64 = 9_704_784;
 /// and dropping it again frees 8,356 KiB of anonymous memory → 174 B/token.
 pub const TOKENIZER_BYTES_PER_TOKEN: u64 = 174;
 
+/// Heap high-water mark of building a byte-level BPE tokenizer from a GGUF's
+/// metadata, per vocabulary entry (the final tokenizer included). Measured:
+/// SmolLM2's 49,152 tokens, `qlora train --shard full` at 2 and 4 processes —
+/// anonymous memory at `model-loaded` (170.4 / 170.9 MiB) less the f32
+/// embedding (108.0 MiB) and the process baseline (1.3 MiB) → 61.5 MiB →
+/// 1,312 B/token. (`qlora tokenize` on that file peaks at 86.6 MiB RSS.)
+pub const TOKENIZER_BUILD_BYTES_PER_TOKEN: u64 = 1312;
+
 /// Tokenizer memory for a vocabulary of `vocab` entries.
 pub fn tokenizer_bytes(vocab: u64) -> u64 {
     vocab * TOKENIZER_BYTES_PER_TOKEN
@@ -513,6 +521,18 @@ pub fn plan(inv: &Inventory, c: &ModelConfig, p: &PlanInput) -> Result<Plan, Mem
         };
         b.load_peak =
             p.overhead + p.load_file_bytes + frozen_kept + 4 * largest_linear + b.tokenizer;
+        if cpu_shard && b.tokenizer > 0 {
+            // The tokenizer is built before the weights (GGUF) and its
+            // construction's heap ([`TOKENIZER_BUILD_BYTES_PER_TOKEN`]) stays
+            // resident (glibc keeps freed memory); the root's large buffers go
+            // above it, the layers' small ones into it. Unsharded, the layers
+            // refill it; a rank's share of them may not (measured,
+            // BENCHMARKS.md "Sharded base over MPI").
+            let vocab = b.tokenizer / TOKENIZER_BYTES_PER_TOKEN;
+            let build = vocab * TOKENIZER_BUILD_BYTES_PER_TOKEN;
+            let rest = frozen_kept.saturating_sub(root) + 4 * largest_linear + b.tokenizer;
+            b.load_peak = p.overhead + p.load_file_bytes + root + rest.max(build);
+        }
     }
     b.total_bytes = b.train_peak.max(b.load_peak);
     Ok(Plan {

@@ -413,3 +413,34 @@ fn cpu_full_sharding_by_hand() {
     .per_device;
     assert_eq!(none, one);
 }
+
+/// A sharded process's load peak: the tokenizer's construction heap when the
+/// rank's share of the layers is smaller than it (by hand on the tiny model).
+#[test]
+fn sharded_load_peak_counts_the_tokenizer_build() {
+    let c = tiny();
+    let inv = Inventory::from_config(&c);
+    let p = PlanInput {
+        devices: 2,
+        sharding: Sharding::Full,
+        load_file_bytes: 1 << 20,
+        tokenizer_bytes: tokenizer_bytes(320),
+        ..input(1, 64, false)
+    };
+    let b = plan(&inv, &c, &p).unwrap().per_device;
+    // root: f32 embedding and lm_head 2 x 320 x 64 x 4 + final norm 64 x 4
+    let root = 2 * 320 * 64 * 4 + 64 * 4;
+    let build = 320 * TOKENIZER_BUILD_BYTES_PER_TOKEN;
+    assert_eq!(b.load_peak, p.overhead + (1 << 20) + root + build);
+    // unsharded: the old sum
+    let q = PlanInput {
+        sharding: Sharding::None,
+        ..p.clone()
+    };
+    let u = plan(&inv, &c, &q).unwrap().per_device;
+    let largest = 4 * 160 * 64;
+    assert_eq!(
+        u.load_peak,
+        q.overhead + (1 << 20) + u.frozen_weights + largest + tokenizer_bytes(320)
+    );
+}
