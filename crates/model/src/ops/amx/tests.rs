@@ -1,0 +1,131 @@
+use super::super::testutil::*;
+use super::*;
+
+fn bf(v: f32) -> f64 {
+    f32::from_bits((bf16_bits(v) as u32) << 16) as f64
+}
+
+#[test]
+fn bf16_rounding_matches_half() {
+    for v in rand_vec(10_000, 7, 100.0).into_iter().chain([
+        0.0,
+        -0.0,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::MAX,
+        1e-40,
+        f32::NAN,
+    ]) {
+        let h = half::bf16::from_f32(v).to_bits();
+        if v.is_nan() {
+            assert!(f32::from_bits((bf16_bits(v) as u32) << 16).is_nan());
+        } else {
+            assert_eq!(bf16_bits(v), h, "{v}");
+        }
+    }
+}
+
+/// The forward weight panel: the dispatched (AVX-512 transposes where
+/// the CPU has it) packing equals the plain loop on random shapes.
+#[test]
+fn forward_panel_packing_matches_the_plain_loop() {
+    if !super::super::fastmath::Isa::V4.available() {
+        eprintln!("SKIPPED: no AVX-512 here; only the plain panel packing ran");
+    }
+    for &(nn, i) in &[
+        (32usize, 576usize),
+        (32, 64),
+        (32, 2048),
+        (17, 96),
+        (32, 45),
+        (5, 33),
+        (16, 32),
+        (32, 100),
+    ] {
+        let ksteps = i.div_ceil(32);
+        let wv: Vec<u16> = rand_vec(nn * i, 31, 1.0)
+            .iter()
+            .map(|v| bf16_bits(*v))
+            .collect();
+        let mut want = vec![7u16; 2 * ksteps * TILE_U16];
+        let mut got = vec![9u16; 2 * ksteps * TILE_U16];
+        if nn < 32 || !i.is_multiple_of(32) {
+            // the padding must come out zero whatever was there
+            want.fill(0);
+        }
+        pack_b_forward_ref(&wv, nn, i, ksteps, &mut want);
+        pack_b_forward(&wv, nn, i, ksteps, &mut got);
+        assert_eq!(got, want, "nn {nn} i {i}");
+        // and element by element, the documented layout
+        for s in 0..2 {
+            for ks in 0..ksteps {
+                for q in 0..16 {
+                    for j in 0..16 {
+                        for e in 0..2 {
+                            let (row, col) = (16 * s + j, 2 * (16 * ks + q) + e);
+                            let v = if row < nn && col < i {
+                                wv[row * i + col]
+                            } else {
+                                0
+                            };
+                            assert_eq!(got[(s * ksteps + ks) * TILE_U16 + q * 32 + j * 2 + e], v);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// f64 reference of `x Wᵀ` (forward) and `dy W` (backward) on bf16-rounded inputs.
+#[test]
+fn amx_forward_and_backward_match_bf16_reference() {
+    if !available() {
+        eprintln!("SKIPPED: AMX-BF16 is not available on this CPU (or QLORA_NO_AMX is set); the AMX kernels were not run");
+        return;
+    }
+    for &(o, i, t) in &[
+        (32, 32, 32),
+        (64, 96, 64),
+        (70, 45, 33),
+        (7, 3, 5),
+        (200, 1100, 40),
+        (1100, 200, 17),
+    ] {
+        let wv = rand_vec(o * i, 21, 1.0);
+        let x = rand_vec(t * i, 22, 1.0);
+        let dy = rand_vec(t * o, 23, 1.0);
+        let w = |start: usize, out: &mut [u16]| {
+            for (d, v) in out.iter_mut().zip(&wv[start..]) {
+                *d = bf16_bits(*v);
+            }
+        };
+        let mut y = vec![f32::NAN; t * o];
+        linear_forward(o, i, t, &x, &mut y, &w);
+        let mut worst = 0f64;
+        for r in 0..t {
+            for c in 0..o {
+                let s: f64 = (0..i).map(|k| bf(x[r * i + k]) * bf(wv[c * i + k])).sum();
+                worst = worst.max((s - y[r * o + c] as f64).abs());
+            }
+        }
+        assert!(
+            worst < 1e-4 * (i as f64).sqrt(),
+            "forward {o}x{i}x{t}: {worst}"
+        );
+        let init = rand_vec(t * i, 24, 1.0);
+        let mut dx = init.clone();
+        linear_backward(o, i, t, &dy, &mut dx, &w);
+        let mut worst = 0f64;
+        for r in 0..t {
+            for c in 0..i {
+                let s: f64 = (0..o).map(|k| bf(dy[r * o + k]) * bf(wv[k * i + c])).sum();
+                worst = worst.max((init[r * i + c] as f64 + s - dx[r * i + c] as f64).abs());
+            }
+        }
+        assert!(
+            worst < 1e-4 * (o as f64).sqrt(),
+            "backward {o}x{i}x{t}: {worst}"
+        );
+    }
+}
