@@ -7,49 +7,18 @@
 
 use std::path::Path;
 
-use qlora_data::rows::Row;
-use qlora_data::Example;
+mod common;
+use common::{ident, start_adapter, uneven_rows};
+
 use qlora_dist::{Communicator, ThreadGroup};
-use qlora_lora::{load_adapter, Adapter, PeftConfig};
 use qlora_model::ops::linear::FrozenWeight;
 use qlora_model::{LoadOptions, Model, QuantMode, ShardSpec};
 use qlora_testutil::fixtures as fx;
 use qlora_train::params::params_of;
-use qlora_train::{AdamW, Identity, ScheduleKind, StepMetrics, TrainConfig, Trainer};
+use qlora_train::{AdamW, ScheduleKind, StepMetrics, TrainConfig, Trainer};
 
 fn load(dir: &str, quant: QuantMode, shard: Option<ShardSpec>) -> Model {
     Model::from_folder_sharded(fx().join(dir), &LoadOptions { quant }, shard).unwrap()
-}
-
-fn ident() -> Identity {
-    Identity {
-        model_ref: "tiny".into(),
-        model_config_hash: "h".into(),
-        quant: "none".into(),
-        data_hash: "d".into(),
-    }
-}
-
-fn start_adapter(model: &Model) -> (PeftConfig, Adapter) {
-    load_adapter(fx().join("tiny_lora_adapter/adapter"), Some(&model.config)).unwrap()
-}
-
-/// Rows of unequal lengths with masked prefixes.
-fn uneven_rows(n: usize) -> Vec<Row> {
-    (0..n)
-        .map(|i| {
-            let len = 5 + (i * 7) % 13;
-            let ids: Vec<u32> = (0..len).map(|j| ((i * 31 + j * 17) % 320) as u32).collect();
-            let mut labels: Vec<i64> = ids.iter().map(|&x| x as i64).collect();
-            for l in labels.iter_mut().take(i % 4) {
-                *l = -100;
-            }
-            Row::single(Example {
-                input_ids: ids,
-                labels,
-            })
-        })
-        .collect()
 }
 
 #[derive(Clone, Copy, Debug)]

@@ -2,9 +2,7 @@
 //! the torch + PEFT trajectories, plus accumulation and resume invariants.
 
 mod common;
-use common::{batch_rows, ident, reference_cfg, run, st_f32};
-use qlora_data::rows::Row;
-use qlora_data::Example;
+use common::{batch_rows, ident, reference_cfg, run, st_f32, uneven_rows};
 use qlora_lora::{load_adapter, Adapter, PeftConfig};
 use qlora_model::{LoadOptions, Model, QuantMode};
 use qlora_testutil::fixtures as fx;
@@ -78,24 +76,6 @@ fn lora_trajectory_matches_torch() {
 #[test]
 fn qlora_trajectory_matches_torch() {
     check_trajectory("tiny_llama_bnb4/model", "train_trajectory_qlora", 1e-5);
-}
-
-/// Rows of unequal lengths with masked prefixes.
-fn uneven_rows(n: usize) -> Vec<Row> {
-    (0..n)
-        .map(|i| {
-            let len = 5 + (i * 7) % 13;
-            let ids: Vec<u32> = (0..len).map(|j| ((i * 31 + j * 17) % 320) as u32).collect();
-            let mut labels: Vec<i64> = ids.iter().map(|&x| x as i64).collect();
-            for l in labels.iter_mut().take(i % 4) {
-                *l = -100;
-            }
-            Row::single(Example {
-                input_ids: ids,
-                labels,
-            })
-        })
-        .collect()
 }
 
 /// k micro-batches of one row each must give the same step as one batch of k

@@ -6,6 +6,9 @@
 
 use qlora_data::rows::Row;
 use qlora_data::Example;
+use qlora_lora::{load_adapter, Adapter, PeftConfig};
+use qlora_model::Model;
+use qlora_testutil::fixtures as fx;
 use qlora_train::{AdamW, Identity, ScheduleKind, StepMetrics, TrainConfig, Trainer};
 
 use safetensors::SafeTensors;
@@ -122,4 +125,27 @@ pub fn assert_steps_match(
         );
     }
     (wl, wn)
+}
+
+/// Rows of unequal lengths with masked prefixes.
+pub fn uneven_rows(n: usize) -> Vec<Row> {
+    (0..n)
+        .map(|i| {
+            let len = 5 + (i * 7) % 13;
+            let ids: Vec<u32> = (0..len).map(|j| ((i * 31 + j * 17) % 320) as u32).collect();
+            let mut labels: Vec<i64> = ids.iter().map(|&x| x as i64).collect();
+            for l in labels.iter_mut().take(i % 4) {
+                *l = -100;
+            }
+            Row::single(Example {
+                input_ids: ids,
+                labels,
+            })
+        })
+        .collect()
+}
+
+/// The tiny fixture's PEFT adapter (`tiny_lora_adapter`), checked against `model`.
+pub fn start_adapter(model: &Model) -> (PeftConfig, Adapter) {
+    load_adapter(fx().join("tiny_lora_adapter/adapter"), Some(&model.config)).unwrap()
 }
