@@ -8,14 +8,13 @@
 use std::path::Path;
 
 mod common;
-use common::{ident, start_adapter, uneven_rows};
+use common::{assert_ranks_reproduce, dp_cfg, ident, run_to_end, start_adapter, uneven_rows, Run};
 
 use qlora_dist::{Communicator, ThreadGroup};
 use qlora_model::ops::linear::FrozenWeight;
 use qlora_model::{LoadOptions, Model, QuantMode, ShardSpec};
 use qlora_testutil::fixtures as fx;
-use qlora_train::params::params_of;
-use qlora_train::{AdamW, ScheduleKind, StepMetrics, TrainConfig, Trainer};
+use qlora_train::{TrainConfig, Trainer};
 
 fn load(dir: &str, quant: QuantMode, shard: Option<ShardSpec>) -> Model {
     Model::from_folder_sharded(fx().join(dir), &LoadOptions { quant }, shard).unwrap()
@@ -47,35 +46,7 @@ const BASE: Case = Case {
 };
 
 fn cfg(c: &Case, batch: usize) -> TrainConfig {
-    TrainConfig {
-        batch_size: batch,
-        grad_accum: c.accum,
-        max_steps: c.steps,
-        lr: 1e-3,
-        schedule: ScheduleKind::Cosine,
-        warmup_steps: 1,
-        adamw: AdamW {
-            weight_decay: 0.01,
-            ..AdamW::default()
-        },
-        max_grad_norm: Some(0.5),
-        seed: 3,
-        shuffle: true,
-        lora_dropout: c.dropout,
-        checkpointing: c.checkpointing,
-        pad_id: 0,
-    }
-}
-
-type Run = (Vec<StepMetrics>, Vec<Vec<f32>>);
-
-fn run_to_end(t: &mut Trainer<'_>) -> Run {
-    let mut v = Vec::new();
-    while !t.done() {
-        v.push(t.train_step().unwrap());
-    }
-    let p = params_of(&t.adapter).unwrap();
-    (v, p.into_iter().map(|p| p.data).collect())
+    dp_cfg(batch, c.accum, c.steps, c.dropout, c.checkpointing)
 }
 
 fn single(c: &Case) -> Run {
@@ -137,49 +108,7 @@ fn sharded(c: &Case) -> Vec<Run> {
 }
 
 fn check(c: Case) {
-    let (m1, p1) = single(&c);
-    let ranks = sharded(&c);
-    for (r, (m, p)) in ranks.iter().enumerate().skip(1) {
-        assert_eq!(
-            p, &ranks[0].1,
-            "{c:?}: rank {r} adapter differs from rank 0"
-        );
-        for (a, b) in m.iter().zip(&ranks[0].0) {
-            assert_eq!(a.loss.to_bits(), b.loss.to_bits(), "{c:?}: rank {r} loss");
-        }
-    }
-    let (mn, pn) = &ranks[0];
-    assert_eq!(m1.len(), mn.len());
-    for (a, b) in m1.iter().zip(mn) {
-        assert_eq!(a.target_tokens, b.target_tokens, "{c:?} step {}", a.step);
-        let rl = (a.loss - b.loss).abs() / a.loss.abs();
-        assert!(
-            rl < 1e-5,
-            "{c:?} step {}: loss {} vs {} (rel {rl})",
-            a.step,
-            a.loss,
-            b.loss
-        );
-        let rn = (a.grad_norm - b.grad_norm).abs() / a.grad_norm.abs();
-        assert!(
-            rn < 1e-5,
-            "{c:?} step {}: grad norm {} vs {}",
-            a.step,
-            a.grad_norm,
-            b.grad_norm
-        );
-    }
-    let mut max = 0f32;
-    for (x, y) in p1.iter().zip(pn) {
-        for (a, b) in x.iter().zip(y) {
-            max = max.max((a - b).abs());
-        }
-    }
-    assert!(max < 1e-5, "{c:?}: final adapter max abs diff {max}");
-    assert!(
-        m1[0].loss != m1.last().unwrap().loss,
-        "{c:?}: the run did not move"
-    );
+    assert_ranks_reproduce(&c, &single(&c), &sharded(&c));
 }
 
 #[test]
