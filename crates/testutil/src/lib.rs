@@ -74,3 +74,26 @@ pub fn dora_fixtures() -> PathBuf {
         "/../lora/tests/fixtures/dora"
     ))
 }
+
+/// GPT-2's byte → printable-char table (`bytes_to_unicode`): entry `b` is the
+/// character byte-level BPE vocabularies spell byte `b` with.
+pub fn gpt2_byte_chars() -> Vec<char> {
+    let mut bs: Vec<u32> = (b'!' as u32..=b'~' as u32)
+        .chain(0xA1..=0xAC)
+        .chain(0xAE..=0xFF)
+        .collect();
+    let mut cs = bs.clone();
+    let mut n = 0;
+    for b in 0..256u32 {
+        if !bs.contains(&b) {
+            bs.push(b);
+            cs.push(256 + n);
+            n += 1;
+        }
+    }
+    let mut out = vec![' '; 256];
+    for (b, c) in bs.iter().zip(&cs) {
+        out[*b as usize] = char::from_u32(*c).unwrap();
+    }
+    out
+}

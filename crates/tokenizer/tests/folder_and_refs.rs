@@ -9,32 +9,10 @@ use qlora_tokenizer::{ChatMessage, ModelRef, ModelSource, Tokenizer};
 /// A tiny byte-level BPE tokenizer.json with two special tokens.
 fn write_tokenizer_json(dir: &Path) {
     let mut vocab = serde_json::Map::new();
-    // The 256 byte-level symbols, then a few merges.
-    let bytes_to_unicode = {
-        let mut bs: Vec<u32> = (b'!' as u32..=b'~' as u32)
-            .chain(0xA1..=0xAC)
-            .chain(0xAE..=0xFF)
-            .collect();
-        let mut cs = bs.clone();
-        let mut n = 0;
-        for b in 0..256u32 {
-            if !bs.contains(&b) {
-                bs.push(b);
-                cs.push(256 + n);
-                n += 1;
-            }
-        }
-        let mut m: Vec<(u32, char)> = bs
-            .into_iter()
-            .zip(cs)
-            .map(|(b, c)| (b, char::from_u32(c).unwrap()))
-            .collect();
-        m.sort();
-        m
-    };
+    // The 256 byte-level symbols (in byte order), then a few merges.
     vocab.insert("<s>".into(), 0.into());
     vocab.insert("<|im_end|>".into(), 1.into());
-    for (i, (_, c)) in bytes_to_unicode.iter().enumerate() {
+    for (i, c) in qlora_testutil::gpt2_byte_chars().iter().enumerate() {
         vocab.insert(c.to_string(), (i + 2).into());
     }
     vocab.insert("hi".into(), 258.into());

@@ -14,27 +14,7 @@ pub use qlora_model::{LoadOptions, Model, QuantMode};
 pub use qlora_testutil::fixtures;
 pub use rand::{Rng, SeedableRng};
 
-/// GPT-2's byte → printable-char table (`bytes_to_unicode`).
-pub fn byte_chars() -> Vec<char> {
-    let mut bs: Vec<u32> = (b'!' as u32..=b'~' as u32)
-        .chain(0xA1..=0xAC)
-        .chain(0xAE..=0xFF)
-        .collect();
-    let mut cs = bs.clone();
-    let mut n = 0;
-    for b in 0..256u32 {
-        if !bs.contains(&b) {
-            bs.push(b);
-            cs.push(256 + n);
-            n += 1;
-        }
-    }
-    let mut out = vec![' '; 256];
-    for (b, c) in bs.iter().zip(&cs) {
-        out[*b as usize] = char::from_u32(*c).unwrap();
-    }
-    out
-}
+pub use qlora_testutil::gpt2_byte_chars as byte_chars;
 
 pub const SPECIALS: [&str; 4] = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"];
 
