@@ -52,21 +52,7 @@ fn demo_exports_to_q4_k_with_fallbacks_checks_and_generates() {
     assert!(n >= 8, "{n} tokenizer keys");
 
     // Our own generator runs on the export.
-    let g = qlora()
-        .args(["generate", "--model"])
-        .arg(&out)
-        .args([
-            "--prompt",
-            "The capital of France is",
-            "--max-new-tokens",
-            "4",
-            "--quant",
-            "none",
-        ])
-        .output()
-        .unwrap();
-    assert!(g.status.success(), "{}", String::from_utf8_lossy(&g.stderr));
-    assert!(!String::from_utf8_lossy(&g.stdout).trim().is_empty());
+    assert_generates(&out);
 
     // Existing output without --force: refused, file untouched.
     let before = std::fs::read(&out).unwrap();
@@ -169,20 +155,25 @@ fn demo_exports_to_q4_k_m_and_q5_k_m_with_llama_cpps_recipe() {
             checked += 1;
         }
         assert_eq!(checked, 2 * 9 + 1);
-        let g = qlora()
-            .args(["generate", "--model"])
-            .arg(&out)
-            .args([
-                "--prompt",
-                "The capital of France is",
-                "--max-new-tokens",
-                "4",
-                "--quant",
-                "none",
-            ])
-            .output()
-            .unwrap();
-        assert!(g.status.success(), "{}", String::from_utf8_lossy(&g.stderr));
-        assert!(!String::from_utf8_lossy(&g.stdout).trim().is_empty());
+        assert_generates(&out);
     }
+}
+
+/// `qlora generate` runs on the export `gguf` and writes some text.
+fn assert_generates(gguf: &std::path::Path) {
+    let g = qlora()
+        .args(["generate", "--model"])
+        .arg(gguf)
+        .args([
+            "--prompt",
+            "The capital of France is",
+            "--max-new-tokens",
+            "4",
+            "--quant",
+            "none",
+        ])
+        .output()
+        .unwrap();
+    assert!(g.status.success(), "{}", String::from_utf8_lossy(&g.stderr));
+    assert!(!String::from_utf8_lossy(&g.stdout).trim().is_empty());
 }

@@ -64,19 +64,7 @@ fn qwen3_eval_folder_and_gguf_match_transformers() {
                 models.push(q3().join(format!("{name}.gguf")));
             }
             for m in models {
-                let (ok, out, err) = qlora_run(&[
-                    "eval",
-                    "--model",
-                    m.to_str().unwrap(),
-                    "--data",
-                    data.to_str().unwrap(),
-                    "--quant",
-                    "none",
-                    "--json",
-                ]);
-                assert!(ok, "{}: {err}", m.display());
-                let v: Value = serde_json::from_str(out.trim()).unwrap();
-                let (got, want) = (v["loss"].as_f64().unwrap(), e[key].as_f64().unwrap());
+                let (got, want) = (eval_loss(&m, &data), e[key].as_f64().unwrap());
                 let rel = ((got - want) / want).abs();
                 eprintln!(
                     "{} {key}: {got} vs transformers {want} (rel {rel:e})",
@@ -172,19 +160,7 @@ fn export_gguf_of_qwen2_and_qwen3_reads_back_with_the_same_loss() {
         let e = &exp[name];
         let data = tmp.path().join(format!("{name}.jsonl"));
         write_rows(&data, e, 0);
-        let (ok, out_s, err) = qlora_run(&[
-            "eval",
-            "--model",
-            out.to_str().unwrap(),
-            "--data",
-            data.to_str().unwrap(),
-            "--quant",
-            "none",
-            "--json",
-        ]);
-        assert!(ok, "{name}: {err}");
-        let v: Value = serde_json::from_str(out_s.trim()).unwrap();
-        let (got, want) = (v["loss"].as_f64().unwrap(), e["loss"].as_f64().unwrap());
+        let (got, want) = (eval_loss(&out, &data), e["loss"].as_f64().unwrap());
         eprintln!("{name} export: {got} vs transformers {want}");
         assert!(
             ((got - want) / want).abs() < 5e-3,
@@ -253,19 +229,7 @@ fn export_gguf_of_qwen2_and_qwen3_loads_in_transformers() {
         assert_eq!(t["architecture"].as_str(), Some(arch), "{name}");
         let data = tmp.path().join(format!("{name}.jsonl"));
         write_rows(&data, t, 0);
-        let (ok, out_s, err) = qlora_run(&[
-            "eval",
-            "--model",
-            out.to_str().unwrap(),
-            "--data",
-            data.to_str().unwrap(),
-            "--quant",
-            "none",
-            "--json",
-        ]);
-        assert!(ok, "{name}: {err}");
-        let v: Value = serde_json::from_str(out_s.trim()).unwrap();
-        let (got, want) = (v["loss"].as_f64().unwrap(), t["loss"].as_f64().unwrap());
+        let (got, want) = (eval_loss(&out, &data), t["loss"].as_f64().unwrap());
         let rel = ((got - want) / want).abs();
         eprintln!("{name}.gguf: qlora {got} vs transformers' GGUF loader {want} (rel {rel:e})");
         assert!(rel < 1e-5, "{name}: {got} vs {want}");
@@ -343,4 +307,21 @@ fn exported_gguf_logits_in_transformers_match_ours() {
         assert!(from_f32 < 1e-2, "{name}: {from_f32}");
         assert!(from_f32 > same_file, "{name}: the f16 rounding is visible");
     }
+}
+
+/// `qlora eval --quant none --json` of `model` on `data`: the mean loss.
+fn eval_loss(model: &std::path::Path, data: &std::path::Path) -> f64 {
+    let (ok, out, err) = qlora_run(&[
+        "eval",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--quant",
+        "none",
+        "--json",
+    ]);
+    assert!(ok, "{}: {err}", model.display());
+    let v: Value = serde_json::from_str(out.trim()).unwrap();
+    v["loss"].as_f64().unwrap()
 }

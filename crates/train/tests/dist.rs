@@ -5,7 +5,9 @@
 //! the CLI's `mpirun` tests.
 
 mod common;
-use common::{assert_ranks_reproduce, dp_cfg, ident, run_to_end, start_adapter, uneven_rows, Run};
+use common::{
+    assert_ranks_reproduce, dp_cfg, fixture_trainer, ident, run_to_end, uneven_rows, Run,
+};
 
 use qlora_dist::{Communicator, ThreadGroup};
 use qlora_model::{LoadOptions, Model, QuantMode};
@@ -32,18 +34,12 @@ fn cfg(c: &Case, batch: usize) -> TrainConfig {
 }
 
 fn single(model: &Model, c: &Case) -> Run {
-    let (peft, ad) = start_adapter(model);
-    let rows = uneven_rows(c.rows);
-    let mut t = Trainer::new(
+    let mut t = fixture_trainer(
         model,
         cfg(c, c.batch * c.world),
-        ident(),
-        peft,
-        ad,
-        rows,
+        uneven_rows(c.rows),
         vec![],
-    )
-    .unwrap();
+    );
     run_to_end(&mut t)
 }
 
@@ -53,10 +49,7 @@ fn parallel(model: &Model, c: &Case) -> Vec<Run> {
             .into_iter()
             .map(|comm| {
                 s.spawn(move || {
-                    let (peft, ad) = start_adapter(model);
-                    let rows = uneven_rows(c.rows);
-                    let t = Trainer::new(model, cfg(c, c.batch), ident(), peft, ad, rows, vec![])
-                        .unwrap();
+                    let t = fixture_trainer(model, cfg(c, c.batch), uneven_rows(c.rows), vec![]);
                     let mut t = t.with_communicator(&comm).unwrap();
                     assert_eq!((t.rank(), t.world_size()), (comm.rank(), c.world));
                     run_to_end(&mut t)
@@ -159,17 +152,7 @@ fn short_last_batch_and_more_ranks() {
 fn evaluation_is_split_and_summed() {
     let model = load_model("tiny_llama/model", QuantMode::None);
     let c = BASE;
-    let (peft, ad) = start_adapter(&model);
-    let t = Trainer::new(
-        &model,
-        cfg(&c, 1),
-        ident(),
-        peft,
-        ad,
-        uneven_rows(4),
-        uneven_rows(9),
-    )
-    .unwrap();
+    let t = fixture_trainer(&model, cfg(&c, 1), uneven_rows(4), uneven_rows(9));
     let want = t.evaluate().unwrap().unwrap().0;
     let got: Vec<f64> = std::thread::scope(|s| {
         let hs: Vec<_> = ThreadGroup::new(2)
@@ -177,19 +160,9 @@ fn evaluation_is_split_and_summed() {
             .map(|comm| {
                 let model = &model;
                 s.spawn(move || {
-                    let (peft, ad) = start_adapter(model);
-                    let t = Trainer::new(
-                        model,
-                        cfg(&c, 1),
-                        ident(),
-                        peft,
-                        ad,
-                        uneven_rows(4),
-                        uneven_rows(9),
-                    )
-                    .unwrap()
-                    .with_communicator(&comm)
-                    .unwrap();
+                    let t = fixture_trainer(model, cfg(&c, 1), uneven_rows(4), uneven_rows(9))
+                        .with_communicator(&comm)
+                        .unwrap();
                     t.evaluate().unwrap().unwrap().0
                 })
             })
@@ -215,19 +188,9 @@ fn resume_needs_the_same_number_of_ranks() {
         for comm in ThreadGroup::new(2) {
             let (model, ck) = (&model, &ck);
             s.spawn(move || {
-                let (peft, ad) = start_adapter(model);
-                let mut t = Trainer::new(
-                    model,
-                    cfg(&c, 1),
-                    ident(),
-                    peft,
-                    ad,
-                    uneven_rows(12),
-                    vec![],
-                )
-                .unwrap()
-                .with_communicator(&comm)
-                .unwrap();
+                let mut t = fixture_trainer(model, cfg(&c, 1), uneven_rows(12), vec![])
+                    .with_communicator(&comm)
+                    .unwrap();
                 t.train_step().unwrap();
                 t.train_step().unwrap();
                 comm.barrier().unwrap();
@@ -300,12 +263,9 @@ fn ranks_must_agree_on_settings() {
             .map(|comm| {
                 let model = &model;
                 s.spawn(move || {
-                    let (peft, ad) = start_adapter(model);
                     let mut c = cfg(&BASE, 1);
                     c.lr = if comm.rank() == 0 { 1e-3 } else { 2e-3 };
-                    match Trainer::new(model, c, ident(), peft, ad, uneven_rows(6), vec![])
-                        .unwrap()
-                        .with_communicator(&comm)
+                    match fixture_trainer(model, c, uneven_rows(6), vec![]).with_communicator(&comm)
                     {
                         Ok(_) => String::new(),
                         Err(e) => e.to_string(),

@@ -3,7 +3,7 @@
 //! base, and an exact resume with the magnitudes and their moments in the checkpoint.
 
 mod common;
-use common::{assert_steps_match, batch_rows, ident, reference_cfg, run};
+use common::{assert_steps_match, batch_rows, ident, max_rel_param_diff, reference_cfg, run};
 use qlora_data::rows::Row;
 use qlora_lora::{load_adapter, Adapter, PeftConfig, Which};
 use qlora_model::{LoadOptions, Model, QuantMode};
@@ -52,17 +52,7 @@ fn check(model_dir: &str, traj: &str) {
     let (_, want) = load_adapter(dora_fixtures().join(traj).join("final_adapter"), None).unwrap();
     let (got, want) = (params_of(&t.adapter).unwrap(), params_of(&want).unwrap());
     assert_eq!(got.len(), 42, "A, B and m of 14 modules");
-    let mut worst = 0f32;
-    for (g, w) in got.iter().zip(&want) {
-        assert_eq!(g.key(), w.key());
-        let scale = w.data.iter().fold(0f32, |a, v| a.max(v.abs()));
-        let d = g
-            .data
-            .iter()
-            .zip(&w.data)
-            .fold(0f32, |a, (x, y)| a.max((x - y).abs()));
-        worst = worst.max(d / scale);
-    }
+    let worst = max_rel_param_diff(&got, &want);
     eprintln!(
         "{traj}: losses rel {wl:e}, grad norms rel {wn:e}, final adapter max rel diff {worst:e}"
     );

@@ -4,7 +4,7 @@
 //! bnb-4bit (NF4 + double quant) checkpoint.
 
 mod common;
-use common::{assert_steps_match, batch_rows, reference_cfg, run};
+use common::{assert_steps_match, batch_rows, max_rel_param_diff, reference_cfg, run};
 use std::path::PathBuf;
 
 use qlora_lora::load_adapter;
@@ -51,17 +51,7 @@ fn check(model_dir: &str, traj: &str) {
     let (_, want) = load_adapter(dir.join("final_adapter"), None).unwrap();
     let (got, want) = (params_of(&t.adapter).unwrap(), params_of(&want).unwrap());
     assert_eq!(got.len(), 28, "A and B of 14 modules");
-    let mut worst = 0f32;
-    for (g, w) in got.iter().zip(&want) {
-        assert_eq!(g.key(), w.key());
-        let scale = w.data.iter().fold(0f32, |a, v| a.max(v.abs()));
-        let d = g
-            .data
-            .iter()
-            .zip(&w.data)
-            .fold(0f32, |a, (x, y)| a.max((x - y).abs()));
-        worst = worst.max(d / scale);
-    }
+    let worst = max_rel_param_diff(&got, &want);
     eprintln!(
         "qwen3 {traj}: losses rel {wl:e}, grad norms rel {wn:e}, final adapter max rel diff {worst:e}"
     );

@@ -8,7 +8,10 @@
 use std::path::Path;
 
 mod common;
-use common::{assert_ranks_reproduce, dp_cfg, ident, run_to_end, start_adapter, uneven_rows, Run};
+use common::{
+    assert_ranks_reproduce, dp_cfg, fixture_trainer, ident, run_to_end, start_adapter, uneven_rows,
+    Run,
+};
 
 use qlora_dist::{Communicator, ThreadGroup};
 use qlora_model::ops::linear::FrozenWeight;
@@ -51,17 +54,12 @@ fn cfg(c: &Case, batch: usize) -> TrainConfig {
 
 fn single(c: &Case) -> Run {
     let model = load(c.dir, c.quant, None);
-    let (peft, ad) = start_adapter(&model);
-    let mut t = Trainer::new(
+    let mut t = fixture_trainer(
         &model,
         cfg(c, c.batch * c.world),
-        ident(),
-        peft,
-        ad,
         uneven_rows(c.rows),
         vec![],
-    )
-    .unwrap();
+    );
     run_to_end(&mut t)
 }
 
@@ -91,17 +89,7 @@ fn on_shards<T: Send>(
 
 fn sharded(c: &Case) -> Vec<Run> {
     on_shards(c.world, c.dir, c.quant, |model, comm| {
-        let (peft, ad) = start_adapter(model);
-        let t = Trainer::new(
-            model,
-            cfg(c, c.batch),
-            ident(),
-            peft,
-            ad,
-            uneven_rows(c.rows),
-            vec![],
-        )
-        .unwrap();
+        let t = fixture_trainer(model, cfg(c, c.batch), uneven_rows(c.rows), vec![]);
         let mut t = t.with_communicator(comm).unwrap();
         run_to_end(&mut t)
     })
@@ -237,37 +225,17 @@ fn gathered_layers_are_the_unsharded_layers() {
 fn sharded_evaluation_matches_one_process() {
     let c = BASE;
     let model = load(c.dir, QuantMode::Nf4, None);
-    let (peft, ad) = start_adapter(&model);
-    let t = Trainer::new(
-        &model,
-        cfg(&c, 2),
-        ident(),
-        peft,
-        ad,
-        uneven_rows(4),
-        uneven_rows(9),
-    )
-    .unwrap();
+    let t = fixture_trainer(&model, cfg(&c, 2), uneven_rows(4), uneven_rows(9));
     let want = t.evaluate().unwrap().unwrap().0;
     for n in [2, 3] {
         let got = on_shards(n, c.dir, QuantMode::Nf4, |model, comm| {
-            let (peft, ad) = start_adapter(model);
-            Trainer::new(
-                model,
-                cfg(&c, 2),
-                ident(),
-                peft,
-                ad,
-                uneven_rows(4),
-                uneven_rows(9),
-            )
-            .unwrap()
-            .with_communicator(comm)
-            .unwrap()
-            .evaluate()
-            .unwrap()
-            .unwrap()
-            .0
+            fixture_trainer(model, cfg(&c, 2), uneven_rows(4), uneven_rows(9))
+                .with_communicator(comm)
+                .unwrap()
+                .evaluate()
+                .unwrap()
+                .unwrap()
+                .0
         });
         for g in got {
             assert!((g - want).abs() < 1e-9 * want, "{n} ranks: {g} vs {want}");
@@ -288,19 +256,9 @@ fn sharded_resume_continues_exactly() {
     let full = sharded(&c);
     let run_from = |ck: &Path| {
         on_shards(2, c.dir, c.quant, |model, comm| {
-            let (peft, ad) = start_adapter(model);
-            let mut t = Trainer::new(
-                model,
-                cfg(&c, 1),
-                ident(),
-                peft,
-                ad,
-                uneven_rows(c.rows),
-                vec![],
-            )
-            .unwrap()
-            .with_communicator(comm)
-            .unwrap();
+            let mut t = fixture_trainer(model, cfg(&c, 1), uneven_rows(c.rows), vec![])
+                .with_communicator(comm)
+                .unwrap();
             t.train_step().unwrap();
             t.train_step().unwrap();
             comm.barrier().unwrap();

@@ -246,3 +246,35 @@ pub fn assert_ranks_reproduce(what: &dyn std::fmt::Debug, single: &Run, ranks: &
         "{what:?}: the run did not move"
     );
 }
+
+/// A trainer of `model` from the fixture adapter (`start_adapter`), with the tests' identity.
+pub fn fixture_trainer<'m>(
+    model: &'m Model,
+    cfg: TrainConfig,
+    rows: Vec<Row>,
+    eval_rows: Vec<Row>,
+) -> Trainer<'m> {
+    let (peft, ad) = start_adapter(model);
+    Trainer::new(model, cfg, ident(), peft, ad, rows, eval_rows).unwrap()
+}
+
+/// The largest difference between two adapters' tensors (same keys, same order), each
+/// relative to the largest magnitude of that tensor in `want`.
+pub fn max_rel_param_diff(
+    got: &[qlora_train::params::Param],
+    want: &[qlora_train::params::Param],
+) -> f32 {
+    assert_eq!(got.len(), want.len());
+    let mut worst = 0f32;
+    for (g, w) in got.iter().zip(want) {
+        assert_eq!(g.key(), w.key());
+        let scale = w.data.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let d = g
+            .data
+            .iter()
+            .zip(&w.data)
+            .fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+        worst = worst.max(d / scale);
+    }
+    worst
+}
