@@ -329,11 +329,17 @@ fn main() -> anyhow::Result<()> {
         lora_dropout_seed: 1,
         ..Default::default()
     };
+    qlora_model::ops::profile::reset();
     let (t, c0) = (Instant::now(), cpu_seconds());
     for _ in 0..iters {
         model.forward_backward(&batch, &adapter, &opts)?;
     }
-    let fb = tokens * iters as f64 / t.elapsed().as_secs_f64();
+    let wall = t.elapsed().as_secs_f64();
+    let fb = tokens * iters as f64 / wall;
+    if qlora_model::ops::profile::enabled() {
+        let rows = qlora_model::ops::profile::totals();
+        eprint!("{}", qlora_model::ops::profile::table(&rows, wall, iters));
+    }
     let fb_cpu = (cpu_seconds() - c0) / iters as f64;
     println!(
         "quant {quant:?} compute {compute:?} (amx {}) checkpointing {ckpt} layers {layers}: forward {fwd:.0} tok/s, forward+backward {fb:.0} tok/s ({fb_cpu:.2} CPU s per step), \

@@ -441,6 +441,11 @@ impl Model {
     ) -> Result<(f64, usize)> {
         let labels = batch.flat_labels();
         cross_entropy::check_labels(&labels, self.vocab_size())?;
+        if comm.is_none() && self.device() == Device::Cpu {
+            return crate::ops::on_pool(|| {
+                with_net_on!(self, None, |net| net.loss(batch, &labels, adapter))
+            });
+        }
         with_net_on!(self, comm, |net| net.loss(batch, &labels, adapter))
     }
 }

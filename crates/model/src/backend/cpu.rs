@@ -9,6 +9,7 @@ use crate::ops::attention::{self, AttnShape};
 use crate::ops::dora::DoraRef;
 use crate::ops::linear::{FrozenLinear, FrozenWeight};
 use crate::ops::lora::LoraRef;
+use crate::ops::profile::{self, Op};
 use crate::ops::{cross_entropy, rmsnorm, rope, swiglu};
 
 /// The host CPU (rayon threads, the `gemm` crate, the hand-written kernels).
@@ -93,18 +94,22 @@ impl Backend for CpuBackend {
         x.len()
     }
     fn add_assign(&self, acc: &mut Vec<f32>, x: &Vec<f32>) -> Result<()> {
+        let _t = profile::time(Op::Elementwise);
         assert_eq!(acc.len(), x.len(), "add_assign: sizes");
         acc.iter_mut().zip(x).for_each(|(a, b)| *a += b);
         Ok(())
     }
     fn scale(&self, x: &mut Vec<f32>, s: f32) -> Result<()> {
+        let _t = profile::time(Op::Elementwise);
         x.iter_mut().for_each(|v| *v *= s);
         Ok(())
     }
     fn rows(&self, x: &Vec<f32>, cols: usize, r0: usize, r1: usize) -> Result<Vec<f32>> {
+        let _t = profile::time(Op::Elementwise);
         Ok(x[r0 * cols..r1 * cols].to_vec())
     }
     fn append(&self, cache: &mut Vec<f32>, x: &Vec<f32>) -> Result<()> {
+        let _t = profile::time(Op::Elementwise);
         cache.extend_from_slice(x);
         Ok(())
     }
@@ -117,6 +122,7 @@ impl Backend for CpuBackend {
     }
 
     fn embed(&self, e: &FrozenWeight, ids: &[u32], h: usize) -> Result<Vec<f32>> {
+        let _t = profile::time(Op::Elementwise);
         let mut x = vec![0f32; ids.len() * h];
         for (row, &id) in x.chunks_mut(h).zip(ids) {
             e.rows_f32(id as usize, id as usize + 1, h, row);
@@ -124,6 +130,7 @@ impl Backend for CpuBackend {
         Ok(x)
     }
     fn linear_forward(&self, w: &FrozenLinear, x: &Vec<f32>, t: usize) -> Result<Vec<f32>> {
+        let _t = profile::time(Op::LinearForward);
         Ok(w.forward(x, t))
     }
     fn linear_backward_input(
@@ -133,6 +140,7 @@ impl Backend for CpuBackend {
         t: usize,
         dx: &mut Vec<f32>,
     ) -> Result<()> {
+        let _t = profile::time(Op::LinearBackward);
         w.backward_input(dy, t, dx);
         Ok(())
     }
@@ -143,6 +151,7 @@ impl Backend for CpuBackend {
         t: usize,
         y: &mut Vec<f32>,
     ) -> Result<Vec<f32>> {
+        let _t = profile::time(Op::LoraForward);
         Ok(lora_ref(op).forward(x, t, y))
     }
     fn lora_backward(
@@ -154,6 +163,7 @@ impl Backend for CpuBackend {
         t: usize,
         dx: &mut Vec<f32>,
     ) -> Result<(Vec<f32>, Vec<f32>)> {
+        let _t = profile::time(Op::LoraBackward);
         Ok(lora_ref(op).backward(x, xa, dy, t, dx))
     }
     fn dora_forward(
@@ -164,6 +174,7 @@ impl Backend for CpuBackend {
         x: &Vec<f32>,
         t: usize,
     ) -> Result<(Vec<f32>, DoraSaved<Self>)> {
+        let _t = profile::time(Op::LoraForward);
         let (y, xa, u) = dora_ref(op, d).forward(w, x, t);
         Ok((y, DoraSaved { xa, u }))
     }
@@ -180,6 +191,7 @@ impl Backend for CpuBackend {
         dx: &mut Vec<f32>,
         need_dx: bool,
     ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+        let _t = profile::time(Op::LoraBackward);
         Ok(dora_ref(op, d).backward(w, x, xa, u, dy, t, dx, need_dx))
     }
     fn rmsnorm_forward(
@@ -188,6 +200,7 @@ impl Backend for CpuBackend {
         w: &Vec<f32>,
         eps: f32,
     ) -> Result<(Vec<f32>, Vec<f32>)> {
+        let _t = profile::time(Op::Norm);
         Ok(rmsnorm::forward(x, w, eps))
     }
     fn rmsnorm_backward_add(
@@ -198,6 +211,7 @@ impl Backend for CpuBackend {
         rstd: &Vec<f32>,
         dx: &mut Vec<f32>,
     ) -> Result<()> {
+        let _t = profile::time(Op::Norm);
         rmsnorm::backward_add(dy, x, w, rstd, dx);
         Ok(())
     }
@@ -210,6 +224,7 @@ impl Backend for CpuBackend {
         sin: &Vec<f32>,
         inverse: bool,
     ) -> Result<()> {
+        let _t = profile::time(Op::Rope);
         rope::apply(x, heads, d, cos, sin, inverse);
         Ok(())
     }
@@ -221,6 +236,7 @@ impl Backend for CpuBackend {
         v: &Vec<f32>,
         seg: Option<&Vec<u32>>,
     ) -> Result<(Vec<f32>, Vec<f32>)> {
+        let _t = profile::time(Op::AttentionForward);
         Ok(attention::forward(sh, q, k, v, seg.map(|s| &s[..])))
     }
     fn attention_backward(
@@ -234,6 +250,7 @@ impl Backend for CpuBackend {
         seg: Option<&Vec<u32>>,
         dout: &Vec<f32>,
     ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+        let _t = profile::time(Op::AttentionBackward);
         Ok(attention::backward(
             sh,
             q,
@@ -246,6 +263,7 @@ impl Backend for CpuBackend {
         ))
     }
     fn swiglu_forward(&self, g: &Vec<f32>, u: &Vec<f32>) -> Result<Vec<f32>> {
+        let _t = profile::time(Op::Swiglu);
         Ok(swiglu::forward(g, u))
     }
     fn swiglu_backward(
@@ -254,6 +272,7 @@ impl Backend for CpuBackend {
         g: &Vec<f32>,
         u: &Vec<f32>,
     ) -> Result<(Vec<f32>, Vec<f32>)> {
+        let _t = profile::time(Op::Swiglu);
         Ok(swiglu::backward(dm, g, u))
     }
     fn cross_entropy(
@@ -264,6 +283,7 @@ impl Backend for CpuBackend {
         s: usize,
         grad_denominator: Option<f32>,
     ) -> Result<CeOut<Self>> {
+        let _t = profile::time(Op::Head);
         let t = labels.len();
         let vocab = lm_head.out_features;
         Ok(match grad_denominator {
@@ -297,10 +317,12 @@ impl Backend for CpuBackend {
         v: &mut Vec<f32>,
         st: &AdamWStep,
     ) -> Result<()> {
+        let _t = profile::time(Op::Optimizer);
         adamw_update(p, g, m, v, st);
         Ok(())
     }
     fn sq_norm(&self, x: &Vec<f32>) -> Result<f64> {
+        let _t = profile::time(Op::Optimizer);
         Ok(x.iter().map(|&v| v as f64 * v as f64).sum())
     }
 }

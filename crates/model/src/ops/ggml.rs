@@ -173,7 +173,7 @@ impl GgmlWeight {
         if c == 0 {
             return;
         }
-        if (r1 - r0) * c >= 1 << 16 && rayon::current_thread_index().is_none() {
+        if (r1 - r0) * c >= 1 << 16 && super::may_parallelize() {
             let per = (1usize << 14).div_ceil(c).max(1);
             out.par_chunks_mut(per * c)
                 .enumerate()

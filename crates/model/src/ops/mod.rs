@@ -15,6 +15,7 @@ pub mod fastmath;
 pub mod ggml;
 pub mod linear;
 pub mod lora;
+pub mod profile;
 pub mod rmsnorm;
 pub mod rope;
 pub mod swiglu;
@@ -40,7 +41,7 @@ pub fn keep_freed_memory() {
             const M_MMAP_THRESHOLD: i32 = -3;
             // SAFETY: mallopt only changes glibc's allocation policy.
             unsafe {
-                mallopt(M_MMAP_THRESHOLD, 256 << 20);
+                mallopt(M_MMAP_THRESHOLD, 32 << 20);
                 mallopt(M_TRIM_THRESHOLD, 512 << 20);
             }
         }
@@ -50,6 +51,38 @@ pub fn keep_freed_memory() {
 /// Work below this many multiply-adds runs single-threaded (thread start-up
 /// costs more than it saves, and callers may already be inside a rayon task).
 const PAR_THRESHOLD: usize = 1 << 18;
+
+thread_local! {
+    /// Set on the pool worker that drives a step ([`on_pool`]): it may split
+    /// its own products across the pool although it is a pool thread.
+    static DRIVER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether an op called here may fork onto the pool: on a thread outside the
+/// pool, or on the step's driver thread; not inside another op's parallel tasks.
+pub fn may_parallelize() -> bool {
+    rayon::current_thread_index().is_none() || DRIVER.get()
+}
+
+/// Runs `f` on a thread of the rayon pool (the calling thread waits), so that
+/// the step's many parallel regions fork and join among the pool's threads
+/// instead of each waking the pool from outside and sleeping until it is done.
+pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    if rayon::current_thread_index().is_some() {
+        return f();
+    }
+    struct Reset;
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            DRIVER.set(false);
+        }
+    }
+    rayon::scope(|_| {
+        DRIVER.set(true);
+        let _reset = Reset;
+        f()
+    })
+}
 
 /// A read-only strided view into a row-major buffer: element `(i, j)` is
 /// `data[off + i*rs + j*cs]`.
@@ -120,7 +153,7 @@ pub fn gemm_view(
     }
     a.check(m, k, "lhs");
     b.check(k, n, "rhs");
-    let par = if m * n * k >= PAR_THRESHOLD && rayon::current_thread_index().is_none() {
+    let par = if m * n * k >= PAR_THRESHOLD && may_parallelize() {
         Parallelism::Rayon(rayon::current_num_threads())
     } else {
         Parallelism::None
