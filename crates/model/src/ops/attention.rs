@@ -134,43 +134,45 @@ pub fn forward(
     let blocks: Vec<(Vec<f32>, Vec<f32>)> = (0..b * heads * nqb)
         .into_par_iter()
         .map(|task| {
-            let (bh, qb) = (task / nqb, task % nqb);
-            let (bi, hi) = (bh / heads, bh % heads);
-            let kvh = hi / sh.n_rep();
-            let (i0, i1) = (qb * Q_BLOCK, ((qb + 1) * Q_BLOCK).min(q_len));
-            let rows = i1 - i0;
-            let (ks, ke) = sh.key_range(i0, i1);
-            let kl = ke - ks;
-            let mut o = vec![0f32; rows * d];
-            let mut l = vec![f32::NEG_INFINITY; rows];
-            if kl == 0 {
-                return (o, l);
-            }
-            let mut p = vec![0f32; rows * kl];
-            let mut qv = sh.q_view(q, bi, hi);
-            qv.off += i0 * qv.rs;
-            let mut kv = sh.kv_view(k, bi, kvh, true);
-            kv.off += ks * kv.cs;
-            gemm_view(rows, kl, d, qv, kv, &mut p, 0, kl, false, scale);
-            for (r, row) in p.chunks_mut(kl).enumerate() {
-                let qi = q_offset + i0 + r;
-                l[r] = softmax_row(row, |j| sh.visible(seg, bi, qi, ks + j));
-            }
-            let mut vv = sh.kv_view(v, bi, kvh, false);
-            vv.off += ks * vv.rs;
-            gemm_view(
-                rows,
-                d,
-                kl,
-                View::mat(&p, rows, kl, false),
-                vv,
-                &mut o,
-                0,
-                d,
-                false,
-                1.0,
-            );
-            (o, l)
+            super::in_task(|| {
+                let (bh, qb) = (task / nqb, task % nqb);
+                let (bi, hi) = (bh / heads, bh % heads);
+                let kvh = hi / sh.n_rep();
+                let (i0, i1) = (qb * Q_BLOCK, ((qb + 1) * Q_BLOCK).min(q_len));
+                let rows = i1 - i0;
+                let (ks, ke) = sh.key_range(i0, i1);
+                let kl = ke - ks;
+                let mut o = vec![0f32; rows * d];
+                let mut l = vec![f32::NEG_INFINITY; rows];
+                if kl == 0 {
+                    return (o, l);
+                }
+                let mut p = vec![0f32; rows * kl];
+                let mut qv = sh.q_view(q, bi, hi);
+                qv.off += i0 * qv.rs;
+                let mut kv = sh.kv_view(k, bi, kvh, true);
+                kv.off += ks * kv.cs;
+                gemm_view(rows, kl, d, qv, kv, &mut p, 0, kl, false, scale);
+                for (r, row) in p.chunks_mut(kl).enumerate() {
+                    let qi = q_offset + i0 + r;
+                    l[r] = softmax_row(row, |j| sh.visible(seg, bi, qi, ks + j));
+                }
+                let mut vv = sh.kv_view(v, bi, kvh, false);
+                vv.off += ks * vv.rs;
+                gemm_view(
+                    rows,
+                    d,
+                    kl,
+                    View::mat(&p, rows, kl, false),
+                    vv,
+                    &mut o,
+                    0,
+                    d,
+                    false,
+                    1.0,
+                );
+                (o, l)
+            })
         })
         .collect();
     let mut out = vec![0f32; b * q_len * heads * d];
@@ -219,107 +221,109 @@ pub fn backward(
     let groups: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = (0..b * kv_heads)
         .into_par_iter()
         .map(|g| {
-            let (bi, kvh) = (g / kv_heads, g % kv_heads);
-            let mut dq = vec![0f32; n_rep * q_len * d];
-            let mut dk = vec![0f32; k_len * d];
-            let mut dv = vec![0f32; k_len * d];
-            let mut p: Vec<f32> = Vec::new();
-            let mut dp: Vec<f32> = Vec::new();
-            for r in 0..n_rep {
-                let hi = kvh * n_rep + r;
-                for i0 in (0..q_len).step_by(Q_BLOCK) {
-                    let i1 = (i0 + Q_BLOCK).min(q_len);
-                    let rows = i1 - i0;
-                    let (ks, ke) = sh.key_range(i0, i1);
-                    let kl = ke - ks;
-                    if kl == 0 {
-                        continue;
-                    }
-                    p.resize(rows * kl, 0.0);
-                    dp.resize(rows * kl, 0.0);
-                    let mut qv = sh.q_view(q, bi, hi);
-                    qv.off += i0 * qv.rs;
-                    let mut dov = sh.q_view(dout, bi, hi);
-                    dov.off += i0 * dov.rs;
-                    let mut kt = sh.kv_view(k, bi, kvh, true);
-                    kt.off += ks * kt.cs;
-                    let mut vt = sh.kv_view(v, bi, kvh, true);
-                    vt.off += ks * vt.cs;
-                    // P = exp(scale · Q Kᵀ − lse) on visible keys.
-                    gemm_view(rows, kl, d, qv, kt, &mut p, 0, kl, false, scale);
-                    for (rr, row) in p.chunks_mut(kl).enumerate() {
-                        let qi = q_offset + i0 + rr;
-                        let l = lse[(bi * heads + hi) * q_len + i0 + rr];
-                        if l == f32::NEG_INFINITY {
-                            row.fill(0.0);
+            super::in_task(|| {
+                let (bi, kvh) = (g / kv_heads, g % kv_heads);
+                let mut dq = vec![0f32; n_rep * q_len * d];
+                let mut dk = vec![0f32; k_len * d];
+                let mut dv = vec![0f32; k_len * d];
+                let mut p: Vec<f32> = Vec::new();
+                let mut dp: Vec<f32> = Vec::new();
+                for r in 0..n_rep {
+                    let hi = kvh * n_rep + r;
+                    for i0 in (0..q_len).step_by(Q_BLOCK) {
+                        let i1 = (i0 + Q_BLOCK).min(q_len);
+                        let rows = i1 - i0;
+                        let (ks, ke) = sh.key_range(i0, i1);
+                        let kl = ke - ks;
+                        if kl == 0 {
                             continue;
                         }
-                        for (j, x) in row.iter_mut().enumerate() {
-                            if !sh.visible(seg, bi, qi, ks + j) {
-                                *x = f32::NEG_INFINITY;
+                        p.resize(rows * kl, 0.0);
+                        dp.resize(rows * kl, 0.0);
+                        let mut qv = sh.q_view(q, bi, hi);
+                        qv.off += i0 * qv.rs;
+                        let mut dov = sh.q_view(dout, bi, hi);
+                        dov.off += i0 * dov.rs;
+                        let mut kt = sh.kv_view(k, bi, kvh, true);
+                        kt.off += ks * kt.cs;
+                        let mut vt = sh.kv_view(v, bi, kvh, true);
+                        vt.off += ks * vt.cs;
+                        // P = exp(scale · Q Kᵀ − lse) on visible keys.
+                        gemm_view(rows, kl, d, qv, kt, &mut p, 0, kl, false, scale);
+                        for (rr, row) in p.chunks_mut(kl).enumerate() {
+                            let qi = q_offset + i0 + rr;
+                            let l = lse[(bi * heads + hi) * q_len + i0 + rr];
+                            if l == f32::NEG_INFINITY {
+                                row.fill(0.0);
+                                continue;
                             }
+                            for (j, x) in row.iter_mut().enumerate() {
+                                if !sh.visible(seg, bi, qi, ks + j) {
+                                    *x = f32::NEG_INFINITY;
+                                }
+                            }
+                            fastmath::exp_shift_sum(row, l);
                         }
-                        fastmath::exp_shift_sum(row, l);
+                        // dP = dO Vᵀ
+                        gemm_view(rows, kl, d, dov, vt, &mut dp, 0, kl, false, 1.0);
+                        // dV += Pᵀ dO
+                        gemm_view(
+                            kl,
+                            d,
+                            rows,
+                            View::mat(&p, kl, rows, true),
+                            dov,
+                            &mut dv,
+                            ks * d,
+                            d,
+                            true,
+                            1.0,
+                        );
+                        // dS = P ⊙ (dP − rowsum(dO ⊙ O))
+                        for rr in 0..rows {
+                            let at = (bi * q_len + i0 + rr) * hd + hi * d;
+                            let dsum: f32 = dout[at..at + d]
+                                .iter()
+                                .zip(&out[at..at + d])
+                                .map(|(a, b)| a * b)
+                                .sum();
+                            let pr = &p[rr * kl..(rr + 1) * kl];
+                            let dr = &mut dp[rr * kl..(rr + 1) * kl];
+                            dr.iter_mut()
+                                .zip(pr)
+                                .for_each(|(x, pv)| *x = pv * (*x - dsum));
+                        }
+                        // dQ = scale · dS K ; dK += scale · dSᵀ Q
+                        let mut kn = sh.kv_view(k, bi, kvh, false);
+                        kn.off += ks * kn.rs;
+                        gemm_view(
+                            rows,
+                            d,
+                            kl,
+                            View::mat(&dp, rows, kl, false),
+                            kn,
+                            &mut dq,
+                            (r * q_len + i0) * d,
+                            d,
+                            false,
+                            scale,
+                        );
+                        gemm_view(
+                            kl,
+                            d,
+                            rows,
+                            View::mat(&dp, kl, rows, true),
+                            qv,
+                            &mut dk,
+                            ks * d,
+                            d,
+                            true,
+                            scale,
+                        );
                     }
-                    // dP = dO Vᵀ
-                    gemm_view(rows, kl, d, dov, vt, &mut dp, 0, kl, false, 1.0);
-                    // dV += Pᵀ dO
-                    gemm_view(
-                        kl,
-                        d,
-                        rows,
-                        View::mat(&p, kl, rows, true),
-                        dov,
-                        &mut dv,
-                        ks * d,
-                        d,
-                        true,
-                        1.0,
-                    );
-                    // dS = P ⊙ (dP − rowsum(dO ⊙ O))
-                    for rr in 0..rows {
-                        let at = (bi * q_len + i0 + rr) * hd + hi * d;
-                        let dsum: f32 = dout[at..at + d]
-                            .iter()
-                            .zip(&out[at..at + d])
-                            .map(|(a, b)| a * b)
-                            .sum();
-                        let pr = &p[rr * kl..(rr + 1) * kl];
-                        let dr = &mut dp[rr * kl..(rr + 1) * kl];
-                        dr.iter_mut()
-                            .zip(pr)
-                            .for_each(|(x, pv)| *x = pv * (*x - dsum));
-                    }
-                    // dQ = scale · dS K ; dK += scale · dSᵀ Q
-                    let mut kn = sh.kv_view(k, bi, kvh, false);
-                    kn.off += ks * kn.rs;
-                    gemm_view(
-                        rows,
-                        d,
-                        kl,
-                        View::mat(&dp, rows, kl, false),
-                        kn,
-                        &mut dq,
-                        (r * q_len + i0) * d,
-                        d,
-                        false,
-                        scale,
-                    );
-                    gemm_view(
-                        kl,
-                        d,
-                        rows,
-                        View::mat(&dp, kl, rows, true),
-                        qv,
-                        &mut dk,
-                        ks * d,
-                        d,
-                        true,
-                        scale,
-                    );
                 }
-            }
-            (dq, dk, dv)
+                (dq, dk, dv)
+            })
         })
         .collect();
     let mut dq = vec![0f32; q.len()];

@@ -56,12 +56,29 @@ thread_local! {
     /// Set on the pool worker that drives a step ([`on_pool`]): it may split
     /// its own products across the pool although it is a pool thread.
     static DRIVER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// How many [`in_task`] bodies this thread is inside.
+    static IN_TASK: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
 }
 
 /// Whether an op called here may fork onto the pool: on a thread outside the
-/// pool, or on the step's driver thread; not inside another op's parallel tasks.
+/// pool, or on the step's driver thread; never inside one of an op's parallel
+/// tasks ([`in_task`]), which the driver thread also runs its share of.
 pub fn may_parallelize() -> bool {
-    rayon::current_thread_index().is_none() || DRIVER.get()
+    IN_TASK.get() == 0 && (rayon::current_thread_index().is_none() || DRIVER.get())
+}
+
+/// Runs the body of one parallel task of an op: products called inside it
+/// stay on this thread ([`may_parallelize`] is false).
+pub fn in_task<R>(f: impl FnOnce() -> R) -> R {
+    struct Leave;
+    impl Drop for Leave {
+        fn drop(&mut self) {
+            IN_TASK.set(IN_TASK.get() - 1);
+        }
+    }
+    IN_TASK.set(IN_TASK.get() + 1);
+    let _leave = Leave;
+    f()
 }
 
 /// Runs `f` on a thread of the rayon pool (the calling thread waits), so that

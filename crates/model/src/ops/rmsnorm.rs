@@ -4,6 +4,39 @@
 
 use rayon::prelude::*;
 
+/// `Σ a·b(·c)` in f64 over eight independent partial sums: one running sum
+/// was a chain of dependent f64 adds, the whole cost of the norm.
+fn dot_f64(a: &[f32], b: &[f32], c: Option<&[f32]>) -> f64 {
+    const L: usize = 8;
+    let mut acc = [0f64; L];
+    let n = a.len() / L * L;
+    match c {
+        None => {
+            for (ca, cb) in a[..n].chunks_exact(L).zip(b[..n].chunks_exact(L)) {
+                for j in 0..L {
+                    acc[j] += ca[j] as f64 * cb[j] as f64;
+                }
+            }
+        }
+        Some(c) => {
+            for ((ca, cb), cc) in a[..n]
+                .chunks_exact(L)
+                .zip(b[..n].chunks_exact(L))
+                .zip(c[..n].chunks_exact(L))
+            {
+                for j in 0..L {
+                    acc[j] += ca[j] as f64 * cc[j] as f64 * cb[j] as f64;
+                }
+            }
+        }
+    }
+    let mut tail = 0f64;
+    for k in n..a.len() {
+        tail += a[k] as f64 * b[k] as f64 * c.map_or(1.0, |c| c[k] as f64);
+    }
+    acc.iter().sum::<f64>() + tail
+}
+
 /// Returns `(y [t,h], rstd [t])`.
 pub fn forward(x: &[f32], w: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>) {
     let h = w.len();
@@ -14,7 +47,7 @@ pub fn forward(x: &[f32], w: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>) {
         .zip(rstd.par_iter_mut())
         .zip(x.par_chunks(h))
         .for_each(|((yr, rs), xr)| {
-            let ss: f64 = xr.iter().map(|v| (*v as f64) * (*v as f64)).sum();
+            let ss = dot_f64(xr, xr, None);
             let var = (ss / h as f64) as f32;
             let r = 1.0 / (var + eps).sqrt();
             *rs = r;
@@ -34,11 +67,7 @@ pub fn backward_add(dy: &[f32], x: &[f32], w: &[f32], rstd: &[f32], dx: &mut [f3
         .zip(x.par_chunks(h))
         .zip(rstd.par_iter())
         .for_each(|(((dxr, dyr), xr), &r)| {
-            let mut m = 0f64;
-            for ((d, xv), wv) in dyr.iter().zip(xr).zip(w) {
-                m += (*d as f64) * (*wv as f64) * (*xv as f64) * r as f64;
-            }
-            let m = (m / h as f64) as f32;
+            let m = (dot_f64(dyr, xr, Some(w)) * r as f64 / h as f64) as f32;
             for (((o, d), xv), wv) in dxr.iter_mut().zip(dyr).zip(xr).zip(w) {
                 *o += r * (d * wv - xv * r * m);
             }
@@ -81,6 +110,29 @@ mod tests {
             "{fd} {}",
             dot(&dx, &dir)
         );
+    }
+
+    #[test]
+    fn partial_sums_equal_the_plain_f64_sum() {
+        for n in 0..40 {
+            let (a, b, c) = (
+                rand_vec(n, 7, 2.0),
+                rand_vec(n, 8, 2.0),
+                rand_vec(n, 9, 2.0),
+            );
+            let plain: f64 = (0..n).map(|k| a[k] as f64 * b[k] as f64).sum();
+            let plain3: f64 = (0..n)
+                .map(|k| a[k] as f64 * c[k] as f64 * b[k] as f64)
+                .sum();
+            assert!(
+                (dot_f64(&a, &b, None) - plain).abs() <= 1e-12 * (1.0 + plain.abs()),
+                "n {n}"
+            );
+            assert!(
+                (dot_f64(&a, &b, Some(&c)) - plain3).abs() <= 1e-12 * (1.0 + plain3.abs()),
+                "n {n}"
+            );
+        }
     }
 
     #[test]
