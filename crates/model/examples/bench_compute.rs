@@ -5,8 +5,11 @@
 //! `cargo run --release -p qlora-model --example bench_compute -- [nf4|none|bf16] [ckpt|nockpt] [layers] [iters] [f32|bf16 compute] [smollm|tinyllama]`
 //! `... --example bench_compute -- peak [n]`: the f32 (gemm) and bf16 (AMX) matmul peak reached here.
 //! `... --example bench_compute -- shapes [tinyllama]`: the AMX products at a step's shapes
-//! (`SHAPE=name` runs one of them, `REPS=n` takes the best of n instead of 5).
+//! (`SHAPE=name` runs one of them, `REPS=n` takes the best of n instead of 5, `NF4=1` dequantizes
+//! an NF4 + DQ weight per panel as a step does instead of copying bf16).
 //! `... --example bench_compute -- lora`: the six f32 LoRA products of one linear (r 16, t 512).
+//! `... --example bench_compute -- elementwise`: RMSNorm, SwiGLU, RoPE at the step's shapes.
+//! `... --example bench_compute -- attention`: causal attention forward and backward at the step's shape.
 //! Prints tokens/s and the process peak RSS (VmHWM), so run one mode per process.
 
 use std::collections::BTreeMap;
@@ -108,12 +111,22 @@ fn shapes(tiny: bool) {
         if only.as_deref().is_some_and(|n| n != name) {
             continue;
         }
-        let wv: Vec<u16> = rng
-            .vec(o * i, 0.05)
-            .iter()
-            .map(|v| ops::fastmath::bf16_bits(*v))
-            .collect();
-        let w = |s: usize, out: &mut [u16]| out.copy_from_slice(&wv[s..s + out.len()]);
+        let wf = rng.vec(o * i, 0.05);
+        let wv: Vec<u16> = wf.iter().map(|v| ops::fastmath::bf16_bits(*v)).collect();
+        let nf4 = std::env::var_os("NF4").is_some();
+        // NF4=1: the weight as a training step holds it (NF4 + DQ, dequantized per panel)
+        let q = nf4.then(|| {
+            qlora_quant::quantize_4bit(
+                qlora_quant::Input::F32(&wf),
+                &[o, i],
+                &qlora_quant::QuantOptions::default(),
+            )
+            .expect("quantize")
+        });
+        let w = |s: usize, out: &mut [u16]| match &q {
+            Some(q) => q.dequantize_range::<half::bf16>(s, bytemuck::cast_slice_mut(out)),
+            None => out.copy_from_slice(&wv[s..s + out.len()]),
+        };
         let x = rng.vec(tt * i, 1.0);
         let dy = rng.vec(tt * o, 1.0);
         let mut y = vec![0f32; tt * o];
@@ -201,8 +214,125 @@ fn lora_products() {
     }
 }
 
+/// RMSNorm (h 576), SwiGLU (I 1536) and RoPE over 512 tokens, best of 30:
+/// per call, and the bytes each moves per nanosecond.
+fn elementwise() {
+    use qlora_model::ops::{rmsnorm, rope, swiglu};
+    let mut rng = Lcg(9);
+    let (t, h, im, heads, d) = (512, 576, 1536, 9, 64);
+    let x = rng.vec(t * h, 1.0);
+    let w = rng.vec(h, 1.0);
+    let dy = rng.vec(t * h, 1.0);
+    let g = rng.vec(t * im, 2.0);
+    let u = rng.vec(t * im, 1.0);
+    let positions: Vec<u32> = (0..t as u32).collect();
+    let inv: Vec<f32> = (0..d / 2)
+        .map(|k| 1e5f32.powf(-((2 * k) as f32) / d as f32))
+        .collect();
+    let (cos, sin) = rope::tables(&inv, &positions);
+    let mut q = rng.vec(t * heads * d, 1.0);
+    let mut best = [f64::MAX; 5];
+    for _ in 0..30 {
+        let mut tm = |k: usize, f: &mut dyn FnMut()| {
+            let t0 = Instant::now();
+            f();
+            best[k] = best[k].min(t0.elapsed().as_secs_f64());
+        };
+        let mut rstd = Vec::new();
+        tm(0, &mut || {
+            rstd = std::hint::black_box(rmsnorm::forward(&x, &w, 1e-5)).1
+        });
+        let mut dx = vec![0f32; t * h];
+        tm(1, &mut || {
+            rmsnorm::backward_add(&dy, &x, &w, &rstd, &mut dx)
+        });
+        tm(2, &mut || {
+            std::hint::black_box(swiglu::forward(&g, &u));
+        });
+        tm(3, &mut || {
+            std::hint::black_box(swiglu::backward(&g, &g, &u));
+        });
+        tm(4, &mut || rope::apply(&mut q, heads, d, &cos, &sin, false));
+    }
+    let bytes = [
+        3 * t * h * 4,
+        4 * t * h * 4,
+        3 * t * im * 4,
+        5 * t * im * 4,
+        2 * t * heads * d * 4,
+    ];
+    for (k, name) in [
+        "RMSNorm forward",
+        "RMSNorm backward",
+        "SwiGLU forward",
+        "SwiGLU backward",
+        "RoPE (q)",
+    ]
+    .iter()
+    .enumerate()
+    {
+        println!(
+            "{name:>17}: {:7.1} us, {:5.1} GB/s",
+            best[k] * 1e6,
+            bytes[k] as f64 / best[k] / 1e9
+        );
+    }
+}
+
+/// Causal attention forward and backward at the step's shape (b 2, s 256,
+/// 9 heads, 3 kv heads, d 64), best of 20, and the GFLOP/s of its products
+/// (the causal half of the score and value products, 64-query blocks).
+fn attention_bench() {
+    use qlora_model::ops::attention::{self, AttnShape};
+    let mut rng = Lcg(11);
+    let (b, s, heads, kvh, d) = (2, 256, 9, 3, 64);
+    let sh = AttnShape {
+        b,
+        q_len: s,
+        k_len: s,
+        q_offset: 0,
+        heads,
+        kv_heads: kvh,
+        d,
+        window: None,
+    };
+    let q = rng.vec(b * s * heads * d, 1.0);
+    let k = rng.vec(b * s * kvh * d, 1.0);
+    let v = rng.vec(b * s * kvh * d, 1.0);
+    let dout = rng.vec(b * s * heads * d, 1.0);
+    let (mut bf, mut bb) = (f64::MAX, f64::MAX);
+    for _ in 0..20 {
+        let t0 = Instant::now();
+        let (out, lse) = attention::forward(&sh, &q, &k, &v, None);
+        bf = bf.min(t0.elapsed().as_secs_f64());
+        let t0 = Instant::now();
+        std::hint::black_box(attention::backward(
+            &sh, &q, &k, &v, &out, &lse, &dout, None,
+        ));
+        bb = bb.min(t0.elapsed().as_secs_f64());
+    }
+    // keys seen per 64-query block: (qb + 1)·64 -> 10/16 of s² per product
+    let prod = 2.0 * (b * heads) as f64 * (s * s * d) as f64 * 10.0 / 16.0;
+    println!(
+        "attention forward {:.0} us ({:.0} GFLOP/s), backward {:.0} us ({:.0} GFLOP/s); per step (30 layers) {:.0} ms",
+        bf * 1e6,
+        2.0 * prod / bf / 1e9,
+        bb * 1e6,
+        5.0 * prod / bb / 1e9,
+        30.0 * (bf + bb) * 1e3
+    );
+}
+
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
+    if args.get(1).is_some_and(|s| s == "attention") {
+        attention_bench();
+        return Ok(());
+    }
+    if args.get(1).is_some_and(|s| s == "elementwise") {
+        elementwise();
+        return Ok(());
+    }
     if args.get(1).is_some_and(|s| s == "lora") {
         lora_products();
         return Ok(());

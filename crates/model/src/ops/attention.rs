@@ -73,6 +73,26 @@ impl AttnShape {
             && self.window.is_none_or(|w| qi - j < w)
             && seg.is_none_or(|s| s[bi * self.k_len + j] == s[bi * self.k_len + qi])
     }
+    /// Sets the scores of the keys query `qi` (absolute position) does not
+    /// see to −∞ in `row` (keys `ks ..`): two slice fills for the causal
+    /// and sliding-window masks, element by element only with segment ids.
+    fn mask_row(&self, seg: Option<&[u32]>, bi: usize, qi: usize, ks: usize, row: &mut [f32]) {
+        if seg.is_some() {
+            for (j, v) in row.iter_mut().enumerate() {
+                if !self.visible(seg, bi, qi, ks + j) {
+                    *v = f32::NEG_INFINITY;
+                }
+            }
+            return;
+        }
+        // Visible: keys lo..=qi, lo = qi + 1 - window (or 0).
+        let lo = self.window.map_or(0, |w| (qi + 1).saturating_sub(w));
+        let n = row.len();
+        let first = lo.saturating_sub(ks).min(n);
+        let end = (qi + 1).saturating_sub(ks).clamp(first, n);
+        row[..first].fill(f32::NEG_INFINITY);
+        row[end..].fill(f32::NEG_INFINITY);
+    }
     /// Keys `kstart..kend` that queries `i0..i1` can see at most.
     fn key_range(&self, i0: usize, i1: usize) -> (usize, usize) {
         let kend = (self.q_offset + i1).min(self.k_len);
@@ -86,12 +106,7 @@ impl AttnShape {
 
 /// Masked softmax of one score row in place (keys `kstart + j`); returns its
 /// log-sum-exp (−∞ for a row that sees nothing; the row is then all zero).
-fn softmax_row(row: &mut [f32], visible: impl Fn(usize) -> bool) -> f32 {
-    for (j, v) in row.iter_mut().enumerate() {
-        if !visible(j) {
-            *v = f32::NEG_INFINITY;
-        }
-    }
+fn softmax_row(row: &mut [f32]) -> f32 {
     let mx = fastmath::max(row);
     if mx == f32::NEG_INFINITY {
         row.fill(0.0);
@@ -155,7 +170,8 @@ pub fn forward(
                 gemm_view(rows, kl, d, qv, kv, &mut p, 0, kl, false, scale);
                 for (r, row) in p.chunks_mut(kl).enumerate() {
                     let qi = q_offset + i0 + r;
-                    l[r] = softmax_row(row, |j| sh.visible(seg, bi, qi, ks + j));
+                    sh.mask_row(seg, bi, qi, ks, row);
+                    l[r] = softmax_row(row);
                 }
                 let mut vv = sh.kv_view(v, bi, kvh, false);
                 vv.off += ks * vv.rs;
@@ -257,11 +273,7 @@ pub fn backward(
                                 row.fill(0.0);
                                 continue;
                             }
-                            for (j, x) in row.iter_mut().enumerate() {
-                                if !sh.visible(seg, bi, qi, ks + j) {
-                                    *x = f32::NEG_INFINITY;
-                                }
-                            }
+                            sh.mask_row(seg, bi, qi, ks, row);
                             fastmath::exp_shift_sum(row, l);
                         }
                         // dP = dO Vᵀ
@@ -427,6 +439,38 @@ mod tests {
         assert!((fd - dot(&dk, &dir)).abs() < 1e-4, "dk");
         let fd = directional_fd(&v, &dir, 1e-4, |x| loss_ref(&sh, &q64, &k64, x, seg, &g));
         assert!((fd - dot(&dv, &dir)).abs() < 1e-4, "dv");
+    }
+
+    #[test]
+    fn slice_masks_equal_the_element_by_element_rule() {
+        for window in [None, Some(1), Some(3), Some(40)] {
+            let sh = AttnShape {
+                b: 1,
+                q_len: 64,
+                k_len: 64,
+                q_offset: 0,
+                heads: 1,
+                kv_heads: 1,
+                d: 1,
+                window,
+            };
+            for qi in 0..64 {
+                for ks in [0, 1, 5, 30, 63] {
+                    for n in [0, 1, 7, 64 - ks] {
+                        let mut row = vec![1f32; n];
+                        sh.mask_row(None, 0, qi, ks, &mut row);
+                        for (j, v) in row.iter().enumerate() {
+                            let want = if sh.visible(None, 0, qi, ks + j) {
+                                1.0
+                            } else {
+                                f32::NEG_INFINITY
+                            };
+                            assert_eq!(*v, want, "window {window:?} qi {qi} ks {ks} j {j}");
+                        }
+                    }
+                }
+            }
+        }
     }
 
     #[test]

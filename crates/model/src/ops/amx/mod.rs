@@ -60,6 +60,7 @@ thread_local! {
     static SCRATCH_A: RefCell<Vec<u16>> = const { RefCell::new(Vec::new()) };
     static SCRATCH_B: RefCell<Vec<u16>> = const { RefCell::new(Vec::new()) };
     static SCRATCH_C: RefCell<Vec<u16>> = const { RefCell::new(Vec::new()) };
+    static SCRATCH_ROW: RefCell<Vec<u16>> = const { RefCell::new(Vec::new()) };
 }
 
 fn with_scratch<R>(
@@ -82,7 +83,12 @@ fn round_up(x: usize, m: usize) -> usize {
 }
 
 /// Rows `0..rows` of `src` (row stride `ld`, starting at column `col0`,
-/// `cols` wide) as bf16 into `a` `[round_up(rows,32), kp]`, zero-padded.
+/// `cols` wide) as bf16 into `a`, zero-padded to `[round_up(rows,32), kp]`
+/// and laid out tile by tile: `[rows/16][kp/32][16 × 32]`, so that every A
+/// tile the kernel loads is 1 KiB of consecutive memory (one stream for the
+/// prefetchers) instead of 16 lines a row stride apart (5-25% faster products
+/// from L2 in a micro-benchmark here). Element `(r, c)` is at
+/// [`a_index`]`(r, c, kp)`.
 fn pack_a(
     src: &[f32],
     rows: usize,
@@ -97,20 +103,32 @@ fn pack_a(
         a.resize(mp * kp, 0);
     }
     a[..mp * kp]
-        .par_chunks_mut(kp * 32)
+        .par_chunks_mut(kp * 16)
         .enumerate()
-        .for_each(|(blk, dst)| {
-            for (r, drow) in dst.chunks_mut(kp).enumerate() {
-                let row = blk * 32 + r;
-                if row >= rows {
-                    drow.fill(0);
-                    continue;
+        .for_each(|(g, dst)| {
+            with_scratch(&SCRATCH_ROW, |row_buf| {
+                row_buf.resize(kp, 0);
+                for r in 0..16 {
+                    let row = g * 16 + r;
+                    if row >= rows {
+                        row_buf.fill(0);
+                    } else {
+                        let s = &src[row * ld + col0..row * ld + col0 + cols];
+                        super::fastmath::to_bf16(s, &mut row_buf[..cols]);
+                        row_buf[cols..].fill(0);
+                    }
+                    for (ks, chunk) in row_buf.chunks_exact(32).enumerate() {
+                        dst[ks * TILE_U16 + r * 32..][..32].copy_from_slice(chunk);
+                    }
                 }
-                let s = &src[row * ld + col0..row * ld + col0 + cols];
-                super::fastmath::to_bf16(s, &mut drow[..cols]);
-                drow[cols..].fill(0);
-            }
+            })
         });
+}
+
+/// Where [`pack_a`] puts element `(r, c)` of A (`kp` padded columns).
+#[cfg(test)]
+fn a_index(r: usize, c: usize, kp: usize) -> usize {
+    ((r / 16) * (kp / 32) + c / 32) * TILE_U16 + (r % 16) * 32 + c % 32
 }
 
 /// The forward's B panel of 32 weight rows (`wrows`, `nn <= 32` rows of `i`
@@ -298,11 +316,12 @@ pub fn linear_backward(o: usize, i: usize, t: usize, dy: &[f32], dx: &mut [f32],
                 (0..nblocks).into_par_iter().for_each(|nb| {
                     let n0 = nb * 32;
                     let nn = 32.min(i - n0);
-                    // SAFETY: as in the forward; A is read from column k0 on (its
-                    // padding columns are zero, as are the chunk's padding rows).
+                    // SAFETY: as in the forward; A is read from column k0 on, i.e.
+                    // from its k0/32-th tile of each row group (its padding columns
+                    // are zero, as are the chunk's padding rows).
                     unsafe {
                         imp::run_blocks(
-                            a.as_ptr().add(k0),
+                            a.as_ptr().add(k0 / 32 * TILE_U16),
                             kp,
                             mp,
                             t,
@@ -388,14 +407,15 @@ mod imp {
         TileCfg(c)
     };
 
-    /// C (32×32 f32 at `c`, row stride `ldc` bytes) (+)= A (32 rows at `a`, row
-    /// stride `lda` bytes, 32·ksteps bf16) · B (two tile streams `b0`, `b1`,
-    /// one 1024-byte tile per k-step each). Tile config must be loaded.
+    /// C (32×32 f32 at `c`, row stride `ldc` bytes) (+)= A (two tile streams:
+    /// rows 0..16 from `a`, rows 16..32 from `a + group` bf16, one 1024-byte
+    /// tile per k-step each, as [`super::pack_a`] lays them out) · B (two tile
+    /// streams `b0`, `b1`, likewise). Tile config must be loaded.
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     unsafe fn kernel(
         a: *const u16,
-        lda: usize,
+        group: usize,
         b0: *const u16,
         b1: *const u16,
         ksteps: usize,
@@ -403,7 +423,7 @@ mod imp {
         ldc: usize,
         acc: bool,
     ) {
-        let a1 = a.byte_add(16 * lda);
+        let a1 = a.add(group);
         let c01 = c.add(16);
         let c10 = c.byte_add(16 * ldc);
         let c11 = c10.add(16);
@@ -428,23 +448,22 @@ mod imp {
         }
         asm!(
             "2:",
-            "tileloadd tmm4, [{a0} + {lda}*1]",
+            "tileloadd tmm4, [{a0} + {s64}*1]",
             "tileloadd tmm6, [{b0} + {s64}*1]",
             "tdpbf16ps tmm0, tmm4, tmm6",
             "tileloadd tmm7, [{b1} + {s64}*1]",
             "tdpbf16ps tmm1, tmm4, tmm7",
-            "tileloadd tmm5, [{a1} + {lda}*1]",
+            "tileloadd tmm5, [{a1} + {s64}*1]",
             "tdpbf16ps tmm2, tmm5, tmm6",
             "tdpbf16ps tmm3, tmm5, tmm7",
-            "add {a0}, 64",
-            "add {a1}, 64",
+            "add {a0}, 1024",
+            "add {a1}, 1024",
             "add {b0}, 1024",
             "add {b1}, 1024",
             "dec {ks}",
             "jnz 2b",
             a0 = inout(reg) a => _,
             a1 = inout(reg) a1 => _,
-            lda = in(reg) lda,
             b0 = inout(reg) b0 => _,
             b1 = inout(reg) b1 => _,
             s64 = in(reg) 64usize,
@@ -462,13 +481,15 @@ mod imp {
         );
     }
 
-    /// For every 32-row block of A (`mp` padded rows, `m` real ones, row
-    /// stride `lda` bf16): C[rows, 0..nn] (+)= A · B, C at `c` with row stride
-    /// `ldc` floats. Partial blocks go through a 32×32 scratch.
+    /// For every 32-row block of A (`mp` padded rows, `m` real ones, packed
+    /// by [`super::pack_a`] with `kp` padded columns; `a` may point at a later
+    /// k-step's tile of the first row group): C[rows, 0..nn] (+)= A · B, C at
+    /// `c` with row stride `ldc` floats. Partial blocks go through a 32×32
+    /// scratch.
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn run_blocks(
         a: *const u16,
-        lda: usize,
+        kp: usize,
         mp: usize,
         m: usize,
         b: *const u16,
@@ -484,8 +505,8 @@ mod imp {
         for mb in 0..full {
             let r0 = mb * 32;
             kernel(
-                a.add(r0 * lda),
-                lda * 2,
+                a.add(r0 * kp),
+                16 * kp,
                 b,
                 b1,
                 ksteps,
@@ -497,7 +518,7 @@ mod imp {
         let mut scratch = [0f32; 32 * 32];
         for mb in full..mp / 32 {
             let r0 = mb * 32;
-            let ab = a.add(r0 * lda);
+            let ab = a.add(r0 * kp);
             let cb = c.add(r0 * ldc);
             let rows = 32.min(m - r0);
             if acc {
@@ -512,7 +533,7 @@ mod imp {
                     );
                 }
             }
-            kernel(ab, lda * 2, b, b1, ksteps, scratch.as_mut_ptr(), 128, acc);
+            kernel(ab, 16 * kp, b, b1, ksteps, scratch.as_mut_ptr(), 128, acc);
             for r in 0..rows {
                 std::ptr::copy_nonoverlapping(scratch.as_ptr().add(r * 32), cb.add(r * ldc), nn);
             }
@@ -529,7 +550,7 @@ mod imp {
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn run_blocks(
         _a: *const u16,
-        _lda: usize,
+        _kp: usize,
         _mp: usize,
         _m: usize,
         _b: *const u16,

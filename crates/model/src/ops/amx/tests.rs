@@ -91,6 +91,9 @@ fn amx_forward_and_backward_match_bf16_reference() {
         (7, 3, 5),
         (200, 1100, 40),
         (1100, 200, 17),
+        // o·i over CHUNK_ELEMS: the input gradient runs in two weight chunks
+        // (928 rows, then 572), the second reading A from a later k-step on.
+        (1500, 1100, 20),
     ] {
         let wv = rand_vec(o * i, 21, 1.0);
         let x = rand_vec(t * i, 22, 1.0);
@@ -127,5 +130,40 @@ fn amx_forward_and_backward_match_bf16_reference() {
             worst < 1e-4 * (o as f64).sqrt(),
             "backward {o}x{i}x{t}: {worst}"
         );
+    }
+}
+
+/// A is packed tile by tile: every element lands where `a_index` says,
+/// rounded to bf16, and the padding rows and columns are zero, whatever the
+/// buffer held before (it is reused between calls).
+#[test]
+fn a_operand_is_packed_tile_by_tile_with_zero_padding() {
+    for &(rows, cols, ld, col0) in &[
+        (32usize, 64usize, 64usize, 0usize),
+        (5, 33, 40, 7),
+        (47, 100, 100, 0),
+        (64, 576, 600, 24),
+        (1, 1, 1, 0),
+        (17, 32, 32, 0),
+    ] {
+        let src = rand_vec(rows * ld, 41, 3.0);
+        let kp = round_up(cols, 32);
+        let mp = round_up(rows, 32);
+        let mut a = vec![0xFFFFu16; mp * kp + 5];
+        pack_a(&src, rows, cols, ld, col0, kp, &mut a);
+        let mut seen = vec![false; mp * kp];
+        for r in 0..mp {
+            for c in 0..kp {
+                let at = a_index(r, c, kp);
+                assert!(!seen[at], "two elements at {at}");
+                seen[at] = true;
+                let want = if r < rows && c < cols {
+                    bf16_bits(src[r * ld + col0 + c])
+                } else {
+                    0
+                };
+                assert_eq!(a[at], want, "rows {rows} cols {cols} r {r} c {c}");
+            }
+        }
     }
 }
