@@ -56,6 +56,8 @@ enum Command {
 }
 
 fn main() {
+    // The main thread drives training steps as worker 0 of the rayon pool.
+    qlora_model::ops::init_pool();
     let cli = Cli::parse_from(flags::bind_optional_bools(std::env::args_os()));
     let result = match cli.command {
         Command::Inspect(a) => commands::inspect::run(a),

@@ -324,6 +324,7 @@ fn attention_bench() {
 }
 
 fn main() -> anyhow::Result<()> {
+    qlora_model::ops::init_pool();
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).is_some_and(|s| s == "attention") {
         attention_bench();

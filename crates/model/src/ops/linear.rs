@@ -165,9 +165,28 @@ impl FrozenLinear {
 
     /// `y[t, out] = x[t, in] Wᵀ + bias`.
     pub fn forward(&self, x: &[f32], t: usize) -> Vec<f32> {
+        if self.use_amx(t) {
+            assert_eq!(x.len(), t * self.in_features, "linear forward: input size");
+            let mut y = super::amx::linear_forward_new(
+                self.out_features,
+                self.in_features,
+                t,
+                x,
+                &|s, out| self.weight.elems_bf16(s, out),
+            );
+            self.add_bias(&mut y);
+            return y;
+        }
         let mut y = vec![0f32; t * self.out_features];
         self.forward_into(x, t, &mut y);
         y
+    }
+
+    fn add_bias(&self, y: &mut [f32]) {
+        if let Some(b) = &self.bias {
+            y.par_chunks_mut(self.out_features)
+                .for_each(|row| row.iter_mut().zip(b).for_each(|(v, b)| *v += b));
+        }
     }
 
     /// [`Self::forward`] into `y` (`t·out` values, overwritten).
@@ -181,10 +200,7 @@ impl FrozenLinear {
         } else {
             self.forward_f32(xv, t, y);
         }
-        if let Some(b) = &self.bias {
-            y.par_chunks_mut(o)
-                .for_each(|row| row.iter_mut().zip(b).for_each(|(v, b)| *v += b));
-        }
+        self.add_bias(y);
     }
 
     fn forward_f32(&self, xv: View, t: usize, y: &mut [f32]) {

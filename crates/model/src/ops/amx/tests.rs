@@ -77,6 +77,17 @@ fn forward_panel_packing_matches_the_plain_loop() {
     }
 }
 
+#[test]
+fn an_empty_inner_dimension_gives_zeros() {
+    if !available() {
+        eprintln!("SKIPPED: AMX-BF16 is not available on this CPU; the AMX kernels were not run");
+        return;
+    }
+    let w = |_: usize, _: &mut [u16]| {};
+    assert_eq!(linear_forward_new(3, 0, 4, &[], &w), vec![0f32; 12]);
+    assert!(linear_forward_new(0, 5, 4, &[0.0; 20], &w).is_empty());
+}
+
 /// f64 reference of `x Wᵀ` (forward) and `dy W` (backward) on bf16-rounded inputs.
 #[test]
 fn amx_forward_and_backward_match_bf16_reference() {
@@ -105,6 +116,13 @@ fn amx_forward_and_backward_match_bf16_reference() {
         };
         let mut y = vec![f32::NAN; t * o];
         linear_forward(o, i, t, &x, &mut y, &w);
+        // the fresh-vector form writes every element (nothing zeroed first)
+        let fresh = linear_forward_new(o, i, t, &x, &w);
+        assert_eq!(
+            fresh.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            y.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            "fresh forward {o}x{i}x{t}"
+        );
         let mut worst = 0f64;
         for r in 0..t {
             for c in 0..o {
