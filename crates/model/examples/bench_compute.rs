@@ -9,7 +9,8 @@
 //! an NF4 + DQ weight per panel as a step does instead of copying bf16).
 //! `... --example bench_compute -- lora`: the six f32 LoRA products of one linear (r 16, t 512).
 //! `... --example bench_compute -- elementwise`: RMSNorm, SwiGLU, RoPE at the step's shapes.
-//! `... --example bench_compute -- attention`: causal attention forward and backward at the step's shape.
+//! `... --example bench_compute -- attention`: causal attention forward and backward at the step's shape
+//! (`BF16=1`: the bf16 compute mode's AMX products).
 //! Prints tokens/s and the process peak RSS (VmHWM), so run one mode per process.
 
 use std::collections::BTreeMap;
@@ -295,6 +296,7 @@ fn attention_bench() {
         kv_heads: kvh,
         d,
         window: None,
+        bf16: std::env::var_os("BF16").is_some(),
     };
     let q = rng.vec(b * s * heads * d, 1.0);
     let k = rng.vec(b * s * kvh * d, 1.0);
@@ -323,9 +325,68 @@ fn attention_bench() {
     );
 }
 
+/// NF4 + DQ -> bf16 dequantization of one forward panel (32 rows) at the
+/// step's row lengths, one thread, best of 200: ns per element.
+fn dequant_bench() {
+    let mut rng = Lcg(13);
+    for i in [576usize, 1536, 2048, 5632] {
+        let w = rng.vec(32 * i, 0.05);
+        let q = qlora_quant::quantize_4bit(
+            qlora_quant::Input::F32(&w),
+            &[32, i],
+            &qlora_quant::QuantOptions::default(),
+        )
+        .expect("quantize");
+        let mut out = vec![half::bf16::ZERO; 32 * i];
+        let mut best = f64::MAX;
+        for _ in 0..200 {
+            let t0 = Instant::now();
+            q.dequantize_range::<half::bf16>(0, &mut out);
+            best = best.min(t0.elapsed().as_secs_f64());
+        }
+        println!(
+            "NF4+DQ -> bf16, 32 x {i}: {:.1} us, {:.2} ns/element",
+            best * 1e6,
+            best * 1e9 / (32 * i) as f64
+        );
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     qlora_model::ops::init_pool();
+    // as the training step does (cross_entropy::head_forward_backward)
+    qlora_model::ops::keep_freed_memory();
     let args: Vec<String> = std::env::args().collect();
+    if args.get(1).is_some_and(|s| s == "gemmsmall") {
+        use qlora_model::ops::matmul;
+        let mut rng = Lcg(3);
+        for (m, n, k, bt) in [
+            (64usize, 256usize, 64usize, true),
+            (192, 256, 64, true),
+            (64, 64, 256, false),
+            (192, 64, 256, false),
+        ] {
+            let a = rng.vec(m * k, 1.0);
+            let b = rng.vec(n * k, 1.0);
+            let mut c = vec![0f32; m * n];
+            let mut best = f64::MAX;
+            for _ in 0..200 {
+                let t0 = Instant::now();
+                matmul(m, n, k, &a, false, &b, bt, &mut c, false, 1.0);
+                best = best.min(t0.elapsed().as_secs_f64());
+            }
+            println!(
+                "{m}x{n}x{k} (b^T {bt}): {:.1} us, {:.0} GFLOP/s",
+                best * 1e6,
+                2.0 * (m * n * k) as f64 / best / 1e9
+            );
+        }
+        return Ok(());
+    }
+    if args.get(1).is_some_and(|s| s == "dequant") {
+        dequant_bench();
+        return Ok(());
+    }
     if args.get(1).is_some_and(|s| s == "attention") {
         attention_bench();
         return Ok(());

@@ -322,6 +322,7 @@ impl<B: Backend> Net<'_, B> {
             kv_heads: nkv,
             d,
             window: self.m.sliding_window(),
+            bf16: self.m.base_compute() == crate::BaseCompute::Bf16,
         };
         let (mut dq, mut dk, dv) = be.attention_backward(
             &sh,

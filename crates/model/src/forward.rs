@@ -172,6 +172,7 @@ impl<B: Backend> Net<'_, B> {
                     kv_heads: nkv,
                     d,
                     window: self.m.sliding_window(),
+                    bf16: self.m.base_compute() == crate::BaseCompute::Bf16,
                 };
                 be.attention_forward(&sh, &q, &k, &v, ctx.seg.as_ref())?
             }
@@ -196,6 +197,7 @@ impl<B: Backend> Net<'_, B> {
                     kv_heads: nkv,
                     d,
                     window: self.m.sliding_window(),
+                    bf16: self.m.base_compute() == crate::BaseCompute::Bf16,
                 };
                 let (ck, cv) = (cache.k.as_ref(), cache.v.as_ref());
                 be.attention_forward(

@@ -22,10 +22,13 @@ pub struct AttnShape {
     pub d: usize,
     /// Mistral sliding window: query `i` sees key `j` only if `i - j < window`.
     pub window: Option<usize>,
+    /// bf16 compute: the products on AMX bf16 tiles where
+    /// [`super::attention_amx::usable`] (softmax and accumulation stay f32).
+    pub bf16: bool,
 }
 
 impl AttnShape {
-    fn scale(&self) -> f32 {
+    pub(crate) fn scale(&self) -> f32 {
         (self.d as f32).powf(-0.5)
     }
     fn n_rep(&self) -> usize {
@@ -63,12 +66,12 @@ impl AttnShape {
 
 /// Queries per block: the scores of one block (`Q_BLOCK × keys`) are the only
 /// `s × s`-like buffer, per thread, never kept.
-const Q_BLOCK: usize = 64;
+pub(crate) const Q_BLOCK: usize = 64;
 
 impl AttnShape {
     /// Whether query `qi` (absolute position) sees key `j` of row `bi`.
     #[inline]
-    fn visible(&self, seg: Option<&[u32]>, bi: usize, qi: usize, j: usize) -> bool {
+    pub(crate) fn visible(&self, seg: Option<&[u32]>, bi: usize, qi: usize, j: usize) -> bool {
         j <= qi
             && self.window.is_none_or(|w| qi - j < w)
             && seg.is_none_or(|s| s[bi * self.k_len + j] == s[bi * self.k_len + qi])
@@ -76,7 +79,14 @@ impl AttnShape {
     /// Sets the scores of the keys query `qi` (absolute position) does not
     /// see to −∞ in `row` (keys `ks ..`): two slice fills for the causal
     /// and sliding-window masks, element by element only with segment ids.
-    fn mask_row(&self, seg: Option<&[u32]>, bi: usize, qi: usize, ks: usize, row: &mut [f32]) {
+    pub(crate) fn mask_row(
+        &self,
+        seg: Option<&[u32]>,
+        bi: usize,
+        qi: usize,
+        ks: usize,
+        row: &mut [f32],
+    ) {
         if seg.is_some() {
             for (j, v) in row.iter_mut().enumerate() {
                 if !self.visible(seg, bi, qi, ks + j) {
@@ -106,7 +116,7 @@ impl AttnShape {
 
 /// Masked softmax of one score row in place (keys `kstart + j`); returns its
 /// log-sum-exp (−∞ for a row that sees nothing; the row is then all zero).
-fn softmax_row(row: &mut [f32]) -> f32 {
+pub(crate) fn softmax_row(row: &mut [f32]) -> f32 {
     let mx = fastmath::max(row);
     if mx == f32::NEG_INFINITY {
         row.fill(0.0);
@@ -142,6 +152,9 @@ pub fn forward(
     assert_eq!(q.len(), b * q_len * heads * d);
     assert_eq!(k.len(), b * k_len * sh.kv_heads * d);
     assert!(q_offset + q_len <= k_len);
+    if super::attention_amx::usable(sh) {
+        return super::attention_amx::forward(sh, q, k, v, seg);
+    }
     let scale = sh.scale();
     let nqb = q_len.div_ceil(Q_BLOCK);
     let mut lse = vec![0f32; b * heads * q_len];
@@ -239,6 +252,11 @@ pub fn backward(
         .map(|g| {
             super::in_task(|| {
                 let (bi, kvh) = (g / kv_heads, g % kv_heads);
+                if super::attention_amx::usable(sh) {
+                    return super::attention_amx::backward_group(
+                        sh, q, k, v, out, lse, dout, seg, bi, kvh,
+                    );
+                }
                 let mut dq = vec![0f32; n_rep * q_len * d];
                 let mut dk = vec![0f32; k_len * d];
                 let mut dv = vec![0f32; k_len * d];
@@ -382,6 +400,7 @@ mod tests {
             kv_heads,
             d,
             window,
+            ..
         } = *sh;
         let scale = (d as f64).powf(-0.5);
         let mut total = 0.0;
@@ -453,6 +472,7 @@ mod tests {
                 kv_heads: 1,
                 d: 1,
                 window,
+                bf16: false,
             };
             for qi in 0..64 {
                 for ks in [0, 1, 5, 30, 63] {
@@ -484,6 +504,7 @@ mod tests {
             kv_heads: 2,
             d: 8,
             window: None,
+            bf16: false,
         };
         check(sh, None);
         check(sh, Some(vec![0, 0, 0, 1, 1, 2, 2, 5, 5, 5, 5, 5, 6, 6]));
@@ -527,6 +548,7 @@ mod tests {
             kv_heads: 1,
             d: 4,
             window: None,
+            bf16: false,
         };
         check(sh, None);
         check(
@@ -550,6 +572,7 @@ mod tests {
             kv_heads: 1,
             d: 4,
             window: None,
+            bf16: false,
         };
         let q = rand_vec(6 * 16, 1, 1.0);
         let k = rand_vec(6 * 4, 2, 1.0);

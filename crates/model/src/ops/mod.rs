@@ -9,6 +9,7 @@
 
 pub mod amx;
 pub mod attention;
+pub mod attention_amx;
 pub mod cross_entropy;
 pub mod dora;
 pub mod fastmath;

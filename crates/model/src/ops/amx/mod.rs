@@ -22,7 +22,7 @@ use std::cell::RefCell;
 use rayon::prelude::*;
 
 /// One tile: 16 rows of 64 bytes = 512 bf16.
-const TILE_U16: usize = 512;
+pub(crate) const TILE_U16: usize = 512;
 /// Rows of the weight dequantized per backward chunk (a multiple of 32):
 /// about this many elements at a time.
 const CHUNK_ELEMS: usize = 1 << 20;
@@ -78,7 +78,7 @@ fn with_scratch<R>(
 }
 
 #[inline]
-fn round_up(x: usize, m: usize) -> usize {
+pub(crate) fn round_up(x: usize, m: usize) -> usize {
     x.div_ceil(m) * m
 }
 
@@ -89,7 +89,7 @@ fn round_up(x: usize, m: usize) -> usize {
 /// prefetchers) instead of 16 lines a row stride apart (5-25% faster products
 /// from L2 in a micro-benchmark here). Element `(r, c)` is at
 /// [`a_index`]`(r, c, kp)`.
-fn pack_a(
+pub(crate) fn pack_a(
     src: &[f32],
     rows: usize,
     cols: usize,
@@ -136,7 +136,7 @@ fn a_index(r: usize, c: usize, kp: usize) -> usize {
 /// `(s, ks)` holding the pair `wrows[16s + j][2(16ks + q) ..][..2]`, zero
 /// where past the rows or columns. As u32 pairs this is a 16 × 16 transpose
 /// per tile, done in registers with AVX-512 (the plain loop otherwise).
-fn pack_b_forward(wrows: &[u16], nn: usize, i: usize, ksteps: usize, b: &mut [u16]) {
+pub(crate) fn pack_b_forward(wrows: &[u16], nn: usize, i: usize, ksteps: usize, b: &mut [u16]) {
     #[cfg(target_arch = "x86_64")]
     if super::fastmath::Isa::V4.available() {
         // SAFETY: AVX-512 F was detected at run time.
@@ -170,6 +170,9 @@ fn pack_b_forward_ref(wrows: &[u16], nn: usize, i: usize, ksteps: usize, b: &mut
 
 #[cfg(target_arch = "x86_64")]
 mod transpose;
+
+mod operands;
+pub(crate) use operands::{pack_b_pairs, product};
 
 /// `y[t, o] = x[t, i] · Wᵀ` (y overwritten), W `[o, i]` given by `w`.
 ///
@@ -240,6 +243,7 @@ unsafe fn linear_forward_raw(o: usize, i: usize, t: usize, x: &[f32], y: *mut f3
                         mp,
                         t,
                         b.as_ptr(),
+                        ksteps,
                         ksteps,
                         yp.get().add(n0),
                         o,
@@ -350,6 +354,7 @@ pub fn linear_backward(o: usize, i: usize, t: usize, dy: &[f32], dx: &mut [f32],
                             mp,
                             t,
                             chunk_ref.as_ptr().add(nb * 2 * stream),
+                            ksc,
                             ksc,
                             dxp.get().add(n0),
                             i,
@@ -508,7 +513,8 @@ mod imp {
     /// For every 32-row block of A (`mp` padded rows, `m` real ones, packed
     /// by [`super::pack_a`] with `kp` padded columns; `a` may point at a later
     /// k-step's tile of the first row group): C[rows, 0..nn] (+)= A · B, C at
-    /// `c` with row stride `ldc` floats. Partial blocks go through a 32×32
+    /// `c` with row stride `ldc` floats; B's second tile stream starts
+    /// `bstride` tiles after its first. Partial blocks go through a 32×32
     /// scratch.
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn run_blocks(
@@ -518,13 +524,14 @@ mod imp {
         m: usize,
         b: *const u16,
         ksteps: usize,
+        bstride: usize,
         c: *mut f32,
         ldc: usize,
         nn: usize,
         acc: bool,
     ) {
         asm!("ldtilecfg [{}]", in(reg) CFG.0.as_ptr(), options(nostack, readonly));
-        let b1 = b.add(ksteps * super::TILE_U16);
+        let b1 = b.add(bstride * super::TILE_U16);
         let full = if nn == 32 { m / 32 } else { 0 };
         for mb in 0..full {
             let r0 = mb * 32;
@@ -579,6 +586,7 @@ mod imp {
         _m: usize,
         _b: *const u16,
         _ksteps: usize,
+        _bstride: usize,
         _c: *mut f32,
         _ldc: usize,
         _nn: usize,

@@ -1,0 +1,498 @@
+//! Causal attention's products on AMX bf16 tiles (bf16 compute mode): the
+//! same blocked algorithm as [`super::attention`] — scores of one block of
+//! queries, masked softmax and its log-sum-exp in f32, probabilities
+//! recomputed in the backward — with the five products (`Q Kᵀ`, `P V`,
+//! `dO Vᵀ`, `Pᵀ dO`, `dS K`, `dSᵀ Q`) taking bf16 operands and accumulating
+//! in f32, as torch's bf16 attention does.
+//!
+//! Work is split per (batch row, kv head): its `n_rep` query heads are
+//! stacked into one block of rows (`n_rep × 64` queries), so that K and V are
+//! packed into tiles once per group and every product has at least 64 rows.
+//! Used for the training shape only (no KV cache offset, no sliding window);
+//! [`usable`] says when.
+
+use rayon::prelude::*;
+
+use super::amx::{self, pack_a, pack_b_forward, pack_b_pairs, product, round_up, TILE_U16};
+use super::attention::{softmax_row, AttnShape, Q_BLOCK};
+use super::fastmath;
+
+/// Whether [`forward`] / [`backward`] handle `sh` (else the f32 path).
+pub fn usable(sh: &AttnShape) -> bool {
+    sh.bf16
+        && sh.window.is_none()
+        && sh.q_offset == 0
+        && sh.q_len == sh.k_len
+        && sh.d > 0
+        && sh.kv_heads > 0
+        && amx::available()
+}
+
+/// Rows `0..nr` of a strided f32 matrix (`d` columns from `col0`, row stride
+/// `ld`) as B panels for `X · rowsᵀ` (the forward layout): per 32 rows,
+/// `[2 streams][ceil(d/32)][512]`.
+fn pack_rows_forward(src: &[f32], nr: usize, d: usize, ld: usize, col0: usize) -> Vec<u16> {
+    let ksd = d.div_ceil(32);
+    let per = 2 * ksd * TILE_U16;
+    let mut out = vec![0u16; nr.div_ceil(32) * per];
+    let mut rows = vec![0u16; 32 * d];
+    for (p, panel) in out.chunks_mut(per).enumerate() {
+        let nn = 32.min(nr - p * 32);
+        for r in 0..nn {
+            let at = (p * 32 + r) * ld + col0;
+            fastmath::to_bf16(&src[at..at + d], &mut rows[r * d..(r + 1) * d]);
+        }
+        pack_b_forward(&rows[..nn * d], nn, d, ksd, panel);
+    }
+    out
+}
+
+/// One group's stacked queries: row `r·rows + ii` = `scale · q` of head
+/// `kvh·n_rep + r`, query `i0 + ii` (`[n_rep·rows, d]`).
+fn gather(
+    sh: &AttnShape,
+    x: &[f32],
+    bi: usize,
+    kvh: usize,
+    i0: usize,
+    rows: usize,
+    scale: f32,
+) -> Vec<f32> {
+    let (d, hd, n_rep) = (sh.d, sh.heads * sh.d, sh.heads / sh.kv_heads);
+    let mut g = vec![0f32; n_rep * rows * d];
+    for r in 0..n_rep {
+        let hi = kvh * n_rep + r;
+        for ii in 0..rows {
+            let at = (bi * sh.q_len + i0 + ii) * hd + hi * d;
+            let dst = &mut g[(r * rows + ii) * d..][..d];
+            dst.iter_mut()
+                .zip(&x[at..at + d])
+                .for_each(|(o, v)| *o = v * scale);
+        }
+    }
+    g
+}
+
+/// `C[m, n] = A · B` with A packed (`mp`, `kp`, its first `ks` k-steps) and
+/// B in blocks of 32 columns, each two streams of `bstride` tiles.
+#[allow(clippy::too_many_arguments)]
+fn mul(
+    a: &[u16],
+    kp: usize,
+    m: usize,
+    b: &[u16],
+    ks: usize,
+    bstride: usize,
+    c: &mut [f32],
+    n: usize,
+    acc: bool,
+) {
+    let mp = round_up(m, 32);
+    for nb in 0..n.div_ceil(32) {
+        let nn = 32.min(n - nb * 32);
+        product(
+            a,
+            kp,
+            mp,
+            m,
+            0,
+            &b[nb * 2 * bstride * TILE_U16..],
+            ks,
+            bstride,
+            &mut c[nb * 32..],
+            n,
+            nn,
+            acc,
+        );
+    }
+}
+
+/// The scores of a group's stacked queries against keys `0..kl`:
+/// `S [m, kl]` (scale folded into `qg`), masked, as probabilities
+/// `exp(S − lse)`; with `lse = None` they are soft-maxed and their lse
+/// returned per row.
+#[allow(clippy::too_many_arguments)]
+fn probabilities(
+    sh: &AttnShape,
+    seg: Option<&[u32]>,
+    bi: usize,
+    i0: usize,
+    rows: usize,
+    aq: &[u16],
+    kpan: &[u16],
+    kl: usize,
+    lse: Option<&[f32]>,
+) -> (Vec<f32>, Vec<f32>) {
+    let n_rep = sh.heads / sh.kv_heads;
+    let mq = n_rep * rows;
+    let kpd = round_up(sh.d, 32);
+    let ksd = kpd / 32;
+    let mut s = vec![0f32; mq * kl];
+    // K panels are 32 keys each: panel p is the B block of columns p·32..
+    for p in 0..kl.div_ceil(32) {
+        let nn = 32.min(kl - p * 32);
+        let panel = &kpan[p * 2 * ksd * TILE_U16..];
+        product(
+            aq,
+            kpd,
+            round_up(mq, 32),
+            mq,
+            0,
+            panel,
+            ksd,
+            ksd,
+            &mut s[p * 32..],
+            kl,
+            nn,
+            false,
+        );
+    }
+    let mut l_out = vec![0f32; mq];
+    for (row_i, row) in s.chunks_mut(kl).enumerate() {
+        let ii = row_i % rows;
+        let qi = i0 + ii;
+        sh.mask_row(seg, bi, qi, 0, row);
+        match lse {
+            None => l_out[row_i] = softmax_row(row),
+            Some(l) => {
+                let l = l[row_i];
+                if l == f32::NEG_INFINITY {
+                    row.fill(0.0);
+                } else {
+                    fastmath::exp_shift_sum(row, l);
+                }
+            }
+        }
+    }
+    (s, l_out)
+}
+
+/// Forward of one (batch row, kv head) group: `(o [n_rep][q_len][d],
+/// lse [n_rep][q_len])`.
+fn forward_group(
+    sh: &AttnShape,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    seg: Option<&[u32]>,
+    bi: usize,
+    kvh: usize,
+) -> (Vec<f32>, Vec<f32>) {
+    let (d, s, n_rep) = (sh.d, sh.q_len, sh.heads / sh.kv_heads);
+    let kvd = sh.kv_heads * d;
+    let base = bi * s * kvd;
+    let kpan = pack_rows_forward(&k[base..], s, d, kvd, kvh * d);
+    let mut vpair = Vec::new();
+    let vks = pack_b_pairs(&v[base + kvh * d..], s, d, kvd, round_up(s, 32), &mut vpair);
+    let kpd = round_up(d, 32);
+    let mut o = vec![0f32; n_rep * s * d];
+    let mut lse = vec![0f32; n_rep * s];
+    let (mut aq, mut ap) = (Vec::new(), Vec::new());
+    for i0 in (0..s).step_by(Q_BLOCK) {
+        let rows = Q_BLOCK.min(s - i0);
+        let kl = i0 + rows;
+        let mq = n_rep * rows;
+        let qg = gather(sh, q, bi, kvh, i0, rows, sh.scale());
+        pack_a(&qg, mq, d, d, 0, kpd, &mut aq);
+        let (p, l) = probabilities(sh, seg, bi, i0, rows, &aq, &kpan, kl, None);
+        let kpk = round_up(kl, 32);
+        pack_a(&p, mq, kl, kl, 0, kpk, &mut ap);
+        let mut og = vec![0f32; mq * d];
+        mul(&ap, kpk, mq, &vpair, kpk / 32, vks, &mut og, d, false);
+        for r in 0..n_rep {
+            for ii in 0..rows {
+                o[(r * s + i0 + ii) * d..][..d].copy_from_slice(&og[(r * rows + ii) * d..][..d]);
+                lse[r * s + i0 + ii] = l[r * rows + ii];
+            }
+        }
+    }
+    (o, lse)
+}
+
+/// Same contract as [`super::attention::forward`], for shapes [`usable`] accepts.
+pub fn forward(
+    sh: &AttnShape,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    seg: Option<&[u32]>,
+) -> (Vec<f32>, Vec<f32>) {
+    assert!(usable(sh), "attention on AMX: shape not supported");
+    let (b, s, heads, kvh, d) = (sh.b, sh.q_len, sh.heads, sh.kv_heads, sh.d);
+    assert_eq!(q.len(), b * s * heads * d);
+    assert_eq!(k.len(), b * s * kvh * d);
+    assert_eq!(v.len(), k.len());
+    let n_rep = heads / kvh;
+    let groups: Vec<(Vec<f32>, Vec<f32>)> = (0..b * kvh)
+        .into_par_iter()
+        .map(|g| super::in_task(|| forward_group(sh, q, k, v, seg, g / kvh, g % kvh)))
+        .collect();
+    let mut out = vec![0f32; q.len()];
+    let mut lse = vec![0f32; b * heads * s];
+    for (g, (og, lg)) in groups.iter().enumerate() {
+        let (bi, kv) = (g / kvh, g % kvh);
+        for r in 0..n_rep {
+            let hi = kv * n_rep + r;
+            for i in 0..s {
+                out[(bi * s + i) * heads * d + hi * d..][..d]
+                    .copy_from_slice(&og[(r * s + i) * d..][..d]);
+            }
+            lse[(bi * heads + hi) * s..][..s].copy_from_slice(&lg[r * s..][..s]);
+        }
+    }
+    (out, lse)
+}
+
+/// Rows `0..rows` of a strided matrix (`cols` values from `col0`, row stride
+/// `ld`) transposed into `[cols, rows]`, in 16×16 blocks.
+fn transpose(src: &[f32], rows: usize, cols: usize, ld: usize, col0: usize) -> Vec<f32> {
+    const B: usize = 16;
+    let mut t = vec![0f32; rows * cols];
+    for r0 in (0..rows).step_by(B) {
+        for c0 in (0..cols).step_by(B) {
+            for r in r0..(r0 + B).min(rows) {
+                for c in c0..(c0 + B).min(cols) {
+                    t[c * rows + r] = src[r * ld + col0 + c];
+                }
+            }
+        }
+    }
+    t
+}
+
+/// Backward of one (batch row, kv head) group: `(dq [n_rep][q_len][d],
+/// dk [k_len][d], dv [k_len][d])`, the layout [`super::attention::backward`]
+/// scatters.
+///
+/// Everything is computed key-major (`Sᵀ = K Qᵀ`, `Pᵀ`, `dPᵀ = V dOᵀ`,
+/// `dSᵀ`): then `Pᵀ` and `dSᵀ` are the A operands of `dV = Pᵀ dO` and
+/// `dK = dSᵀ Q` as they are, K and V are A operands packed once per group,
+/// and only `dQᵀ = Kᵀ dSᵀ` needs K transposed (once per group).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn backward_group(
+    sh: &AttnShape,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    out: &[f32],
+    lse: &[f32],
+    dout: &[f32],
+    seg: Option<&[u32]>,
+    bi: usize,
+    kvh: usize,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let (d, s, heads, n_rep) = (sh.d, sh.q_len, sh.heads, sh.heads / sh.kv_heads);
+    let (kvd, hd) = (sh.kv_heads * d, heads * d);
+    let scale = sh.scale();
+    let base = bi * s * kvd;
+    let kpd = round_up(d, 32);
+    let ksd = kpd / 32;
+    let kps = round_up(s, 32);
+    let (mut ak, mut av, mut akt) = (Vec::new(), Vec::new(), Vec::new());
+    pack_a(&k[base..], s, d, kvd, kvh * d, kpd, &mut ak);
+    pack_a(&v[base..], s, d, kvd, kvh * d, kpd, &mut av);
+    let kt = transpose(&k[base..], s, d, kvd, kvh * d);
+    pack_a(&kt, d, s, s, 0, kps, &mut akt);
+    let mut dq = vec![0f32; n_rep * s * d];
+    let mut dk = vec![0f32; s * d];
+    let mut dv = vec![0f32; s * d];
+    let (mut a_t, mut b_rows) = (Vec::new(), Vec::new());
+    for i0 in (0..s).step_by(Q_BLOCK) {
+        let rows = Q_BLOCK.min(s - i0);
+        let kl = i0 + rows;
+        let mq = n_rep * rows;
+        let (kpk, kpm) = (round_up(kl, 32), round_up(mq, 32));
+        let qg = gather(sh, q, bi, kvh, i0, rows, scale);
+        let dog = gather(sh, dout, bi, kvh, i0, rows, 1.0);
+        // Per stacked query c: its lse (+inf where it sees nothing, so that
+        // its probabilities come out 0) and Σ dO ⊙ O.
+        let mut shift = vec![0f32; mq];
+        let mut dsum = vec![0f32; mq];
+        for c in 0..mq {
+            let (r, ii) = (c / rows, c % rows);
+            let hi = kvh * n_rep + r;
+            let l = lse[(bi * heads + hi) * s + i0 + ii];
+            shift[c] = if l == f32::NEG_INFINITY {
+                f32::INFINITY
+            } else {
+                l
+            };
+            let at = (bi * s + i0 + ii) * hd + hi * d;
+            dsum[c] = dout[at..at + d]
+                .iter()
+                .zip(&out[at..at + d])
+                .map(|(a, b)| a * b)
+                .sum();
+        }
+        let bq = pack_rows_forward(&qg, mq, d, d, 0);
+        let bdo = pack_rows_forward(&dog, mq, d, d, 0);
+        let key_major = |a: &[u16], b: &[u16]| {
+            let mut c = vec![0f32; kl * mq];
+            for p in 0..mq.div_ceil(32) {
+                let nn = 32.min(mq - p * 32);
+                let panel = &b[p * 2 * ksd * TILE_U16..];
+                product(
+                    a,
+                    kpd,
+                    kpk,
+                    kl,
+                    0,
+                    panel,
+                    ksd,
+                    ksd,
+                    &mut c[p * 32..],
+                    mq,
+                    nn,
+                    false,
+                );
+            }
+            c
+        };
+        // Pᵀ = exp(K Qᵀ − lse), zero where the key is not visible.
+        let mut pt = key_major(&ak, &bq);
+        for (j, row) in pt.chunks_mut(mq).enumerate() {
+            row.iter_mut().zip(&shift).for_each(|(x, l)| *x -= l);
+            for r in 0..n_rep {
+                let blk = &mut row[r * rows..(r + 1) * rows];
+                match seg {
+                    None => blk[..j.saturating_sub(i0).min(rows)].fill(f32::NEG_INFINITY),
+                    Some(_) => {
+                        for (ii, x) in blk.iter_mut().enumerate() {
+                            if !sh.visible(seg, bi, i0 + ii, j) {
+                                *x = f32::NEG_INFINITY;
+                            }
+                        }
+                    }
+                }
+            }
+            fastmath::exp_shift_sum(row, 0.0);
+        }
+        // dSᵀ = Pᵀ ⊙ (V dOᵀ − Σ dO ⊙ O)
+        let mut dst = key_major(&av, &bdo);
+        for (drow, prow) in dst.chunks_mut(mq).zip(pt.chunks(mq)) {
+            drow.iter_mut()
+                .zip(prow)
+                .zip(&dsum)
+                .for_each(|((x, p), ds)| *x = p * (*x - ds));
+        }
+        // dV[0..kl] += Pᵀ dO ; dK[0..kl] += dSᵀ (scale·Q)
+        pack_a(&pt, kl, mq, mq, 0, kpm, &mut a_t);
+        let ks = pack_b_pairs(&dog, mq, d, d, kpm, &mut b_rows);
+        mul(&a_t, kpm, kl, &b_rows, ks, ks, &mut dv[..kl * d], d, true);
+        pack_a(&dst, kl, mq, mq, 0, kpm, &mut a_t);
+        let ks = pack_b_pairs(&qg, mq, d, d, kpm, &mut b_rows);
+        mul(&a_t, kpm, kl, &b_rows, ks, ks, &mut dk[..kl * d], d, true);
+        // dQᵀ = Kᵀ dSᵀ (keys 0..kl of Kᵀ), dq = scale · dQ
+        let ks = pack_b_pairs(&dst, kl, mq, mq, kpk, &mut b_rows);
+        let mut dqt = vec![0f32; d * mq];
+        mul(&akt, kps, d, &b_rows, ks, ks, &mut dqt, mq, false);
+        for c in 0..mq {
+            let (r, ii) = (c / rows, c % rows);
+            let dst_row = &mut dq[(r * s + i0 + ii) * d..][..d];
+            for (dd, o) in dst_row.iter_mut().enumerate() {
+                *o = scale * dqt[dd * mq + c];
+            }
+        }
+    }
+    (dq, dk, dv)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::attention;
+    use super::super::testutil::*;
+    use super::*;
+
+    /// The AMX path against the f32 path: outputs, lse and the three
+    /// gradients within bf16 precision of the operands, on GQA / MHA shapes
+    /// with partial tiles (lengths and head sizes off the 32 and 64 grids)
+    /// and packed segments.
+    #[test]
+    fn amx_attention_follows_the_f32_path_within_bf16_precision() {
+        if !amx::available() {
+            eprintln!(
+                "SKIPPED: AMX-BF16 is not available on this CPU; the AMX attention was not run"
+            );
+            return;
+        }
+        for &(b, s, heads, kvh, d, with_seg) in &[
+            (2usize, 256usize, 9usize, 3usize, 64usize, false),
+            (1, 70, 4, 2, 48, false),
+            (2, 33, 2, 1, 16, true),
+            (1, 130, 3, 3, 80, true),
+            (1, 5, 1, 1, 8, false),
+        ] {
+            let sh = AttnShape {
+                b,
+                q_len: s,
+                k_len: s,
+                q_offset: 0,
+                heads,
+                kv_heads: kvh,
+                d,
+                window: None,
+                bf16: true,
+            };
+            let f32_sh = AttnShape { bf16: false, ..sh };
+            let q = rand_vec(b * s * heads * d, 1, 1.5);
+            let k = rand_vec(b * s * kvh * d, 2, 1.5);
+            let v = rand_vec(b * s * kvh * d, 3, 1.0);
+            let dout = rand_vec(b * s * heads * d, 4, 1.0);
+            let seg: Option<Vec<u32>> =
+                with_seg.then(|| (0..b * s).map(|i| ((i % s) / 10) as u32).collect());
+            let seg = seg.as_deref();
+            let (o, l) = forward(&sh, &q, &k, &v, seg);
+            let (o32, l32) = attention::forward(&f32_sh, &q, &k, &v, seg);
+            let rel = |a: &[f32], b: &[f32]| {
+                let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+                let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+                (num / den.max(1e-30)).sqrt()
+            };
+            let shape = format!("b {b} s {s} heads {heads}/{kvh} d {d} seg {with_seg}");
+            assert!(rel(&o, &o32) < 1e-2, "out {shape}: {}", rel(&o, &o32));
+            for (x, y) in l.iter().zip(&l32) {
+                assert!(
+                    (x - y).abs() < 0.05 * (1.0 + y.abs()),
+                    "lse {shape}: {x} vs {y}"
+                );
+            }
+            let (dq, dk, dv) = attention::backward(&sh, &q, &k, &v, &o32, &l32, &dout, seg);
+            let (dq32, dk32, dv32) =
+                attention::backward(&f32_sh, &q, &k, &v, &o32, &l32, &dout, seg);
+            assert!(rel(&dq, &dq32) < 2e-2, "dq {shape}: {}", rel(&dq, &dq32));
+            assert!(rel(&dk, &dk32) < 2e-2, "dk {shape}: {}", rel(&dk, &dk32));
+            assert!(rel(&dv, &dv32) < 2e-2, "dv {shape}: {}", rel(&dv, &dv32));
+        }
+    }
+
+    #[test]
+    fn row_pairs_are_packed_as_documented() {
+        for &(nr, n, ld, kp_rows) in &[
+            (64usize, 64usize, 64usize, 64usize),
+            (5, 40, 48, 32),
+            (70, 16, 20, 96),
+        ] {
+            let src = rand_vec(nr * ld, 9, 1.0);
+            let mut b = vec![7u16; 3];
+            let ks = pack_b_pairs(&src, nr, n, ld, kp_rows, &mut b);
+            assert_eq!(ks, kp_rows / 32);
+            let stream = ks * TILE_U16;
+            assert_eq!(b.len(), n.div_ceil(32) * 2 * stream);
+            for row in 0..kp_rows {
+                for col in 0..n.div_ceil(32) * 32 {
+                    let at = (col / 32 * 2 + (col % 32) / 16) * stream
+                        + row / 32 * TILE_U16
+                        + (row % 32) / 2 * 32
+                        + (col % 16) * 2
+                        + row % 2;
+                    let want = if row < nr && col < n {
+                        amx::bf16_bits(src[row * ld + col])
+                    } else {
+                        0
+                    };
+                    assert_eq!(b[at], want, "row {row} col {col}");
+                }
+            }
+        }
+    }
+}
