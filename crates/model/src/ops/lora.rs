@@ -5,7 +5,9 @@
 //! a pure function of the seed: the recomputation under gradient checkpointing
 //! and any thread count give the same mask without storing it.
 
-use super::matmul;
+use super::fastmath::Isa;
+use super::{matmul, may_parallelize, skinny};
+use rayon::prelude::*;
 
 /// One adapted module's trainable matrices and hyper-parameters.
 #[derive(Debug, Clone, Copy)]
@@ -75,8 +77,162 @@ impl LoraRef<'_> {
     }
 
     /// Adds the LoRA term into `y[t, out]`; returns `xa = dropout(x) Aᵀ` `[t, r]`
-    /// (kept for the backward).
+    /// (kept for the backward). Row blocks in parallel, on [`skinny`] kernels.
     pub fn forward(&self, x: &[f32], t: usize, y: &mut [f32]) -> Vec<f32> {
+        self.forward_isa(Isa::best(), x, t, y)
+    }
+
+    /// [`Self::forward`] on the kernels compiled for `isa`.
+    pub fn forward_isa(&self, isa: Isa, x: &[f32], t: usize, y: &mut [f32]) -> Vec<f32> {
+        let (r, i, o) = (self.r, self.in_features, self.out_features);
+        assert!(
+            x.len() >= t * i && y.len() >= t * o,
+            "lora: x or y too short"
+        );
+        let mut xa = vec![0f32; t * r];
+        if t == 0 || r == 0 {
+            return xa;
+        }
+        let at = skinny::pack_transposed(self.a, r, i, 1.0); // [in, r]
+        let sbt = skinny::pack_transposed(self.b, o, r, self.scale); // [r, out]
+        let ch = chunk_rows(t);
+        let run = |(c, (xa, y)): (usize, (&mut [f32], &mut [f32]))| {
+            let (k0, rows) = (c * ch, xa.len() / r);
+            let mut buf = vec![];
+            let xin = self.input_rows(x, k0, rows, &mut buf);
+            skinny::nn(isa, rows, r, i, xin, i, &at, xa, r, false);
+            skinny::nn(isa, rows, o, r, xa, r, &sbt, y, o, true);
+        };
+        let pieces = xa.chunks_mut(ch * r).zip(split_rows(y, t, o, ch));
+        if may_fork(t, r * (i + o)) {
+            pieces
+                .enumerate()
+                .collect::<Vec<_>>()
+                .into_par_iter()
+                .for_each(run);
+        } else {
+            pieces.enumerate().for_each(run);
+        }
+        xa
+    }
+
+    /// Rows `k0..k0+rows` of `dropout(x)` (`x`'s own rows without dropout),
+    /// built in `buf` when needed.
+    fn input_rows<'x>(
+        &self,
+        x: &'x [f32],
+        k0: usize,
+        rows: usize,
+        buf: &'x mut Vec<f32>,
+    ) -> &'x [f32] {
+        let i = self.in_features;
+        let src = &x[k0 * i..(k0 + rows) * i];
+        if self.dropout <= 0.0 {
+            return src;
+        }
+        buf.clear();
+        buf.extend(src.iter().enumerate().map(|(e, v)| {
+            v * dropout_factor(self.dropout_key, self.mask_index(k0 * i + e), self.dropout)
+        }));
+        buf
+    }
+
+    /// Given `dy[t, out]`, returns `(dA [r,in], dB [out,r])` and adds the LoRA
+    /// path's input gradient into `dx[t, in]`. One pass over fixed row blocks
+    /// (in parallel): `dxa = s·dy B` and `dBᵀ = xaᵀ dy` while the block of `dy`
+    /// is in cache, then `dx += dxa A` and `dA = dxaᵀ dropout(x)`; the
+    /// blocks' `dA`, `dB` parts are summed in block order (the same result on
+    /// any number of threads).
+    pub fn backward(
+        &self,
+        x: &[f32],
+        xa: &[f32],
+        dy: &[f32],
+        t: usize,
+        dx: &mut [f32],
+    ) -> (Vec<f32>, Vec<f32>) {
+        self.backward_isa(Isa::best(), x, xa, dy, t, dx)
+    }
+
+    /// [`Self::backward`] on the kernels compiled for `isa`.
+    pub fn backward_isa(
+        &self,
+        isa: Isa,
+        x: &[f32],
+        xa: &[f32],
+        dy: &[f32],
+        t: usize,
+        dx: &mut [f32],
+    ) -> (Vec<f32>, Vec<f32>) {
+        let (r, i, o) = (self.r, self.in_features, self.out_features);
+        assert!(
+            x.len() >= t * i && dx.len() >= t * i,
+            "lora: x or dx too short"
+        );
+        assert!(
+            xa.len() >= t * r && dy.len() >= t * o,
+            "lora: xa or dy too short"
+        );
+        let (mut da, mut db) = (vec![0f32; r * i], vec![0f32; o * r]);
+        if t == 0 || r == 0 {
+            return (da, db);
+        }
+        let sb = skinny::pack_rows(self.b, o, r, self.scale); // [out, r]
+        let ap = skinny::pack_rows(self.a, r, i, 1.0); // [r, in]
+        let ch = chunk_rows(t);
+        let run = |(c, dx): (usize, &mut [f32])| {
+            let (k0, rows) = (c * ch, ch.min(t - c * ch));
+            let (dy, xa) = (&dy[k0 * o..(k0 + rows) * o], &xa[k0 * r..(k0 + rows) * r]);
+            let mut dxa = vec![0f32; rows * r];
+            skinny::nn(isa, rows, r, o, dy, o, &sb, &mut dxa, r, false);
+            // [dA | dBᵀ] of this block: [r, in + out]
+            let mut part = vec![0f32; r * (i + o)];
+            skinny::tn(isa, r, o, rows, xa, r, dy, o, &mut part[i..], i + o, false);
+            let mut buf = vec![];
+            let xin = self.input_rows(x, k0, rows, &mut buf);
+            skinny::tn(isa, r, i, rows, &dxa, r, xin, i, &mut part, i + o, false);
+            if self.dropout <= 0.0 {
+                skinny::nn(isa, rows, i, r, &dxa, r, &ap, dx, i, true);
+            } else {
+                let mut tmp = vec![0f32; rows * i];
+                skinny::nn(isa, rows, i, r, &dxa, r, &ap, &mut tmp, i, false);
+                for (e, (d, v)) in dx.iter_mut().zip(&tmp).enumerate() {
+                    let f =
+                        dropout_factor(self.dropout_key, self.mask_index(k0 * i + e), self.dropout);
+                    *d += v * f;
+                }
+            }
+            part
+        };
+        let pieces = split_rows(dx, t, i, ch).into_iter().enumerate();
+        let parts: Vec<Vec<f32>> = if may_fork(t, r * (i + o)) {
+            pieces
+                .collect::<Vec<_>>()
+                .into_par_iter()
+                .map(run)
+                .collect()
+        } else {
+            pieces.map(run).collect()
+        };
+        // parts summed in block order into the first; then dA, and dB = s·(dBᵀ)ᵀ
+        let mut parts = parts.into_iter();
+        let mut sum = parts.next().unwrap_or_default();
+        for part in parts {
+            for (d, v) in sum.iter_mut().zip(&part) {
+                *d += v;
+            }
+        }
+        for (j, row) in sum.chunks_exact((i + o).max(1)).enumerate() {
+            da[j * i..(j + 1) * i].copy_from_slice(&row[..i]);
+            for (q, v) in row[i..].iter().enumerate() {
+                db[q * r + j] = v * self.scale;
+            }
+        }
+        (da, db)
+    }
+
+    /// Plain reference of [`Self::forward`] (general `ops::matmul`), for tests.
+    pub fn forward_ref(&self, x: &[f32], t: usize, y: &mut [f32]) -> Vec<f32> {
         let (r, i, o) = (self.r, self.in_features, self.out_features);
         let xd = self.dropped_input(x);
         let xin = xd.as_deref().unwrap_or(x);
@@ -86,9 +242,8 @@ impl LoraRef<'_> {
         xa
     }
 
-    /// Given `dy[t, out]`, returns `(dA [r,in], dB [out,r])` and adds the LoRA
-    /// path's input gradient into `dx[t, in]`.
-    pub fn backward(
+    /// Plain reference of [`Self::backward`] (general `ops::matmul`), for tests.
+    pub fn backward_ref(
         &self,
         x: &[f32],
         xa: &[f32],
@@ -118,6 +273,31 @@ impl LoraRef<'_> {
         }
         (da, db)
     }
+}
+
+/// Rows per block of the LoRA products: at most 8 blocks (the backward keeps
+/// one `[r, in + out]` partial gradient per block), of 128 rows or more. A
+/// function of `t` alone, so the summation order never depends on threads.
+fn chunk_rows(t: usize) -> usize {
+    t.div_ceil(t.div_ceil(128).clamp(1, 8)).max(1)
+}
+
+/// `buf` `[t, width]` cut into blocks of `ch` rows (empty blocks when `width == 0`).
+fn split_rows(buf: &mut [f32], t: usize, width: usize, ch: usize) -> Vec<&mut [f32]> {
+    let mut rest = &mut buf[..t * width];
+    let mut out = vec![];
+    for k0 in (0..t).step_by(ch) {
+        let (head, tail) = rest.split_at_mut(ch.min(t - k0) * width);
+        out.push(head);
+        rest = tail;
+    }
+    out
+}
+
+/// Whether to spread the row blocks over the pool: more than one block, enough
+/// work, and not inside another op's parallel tasks.
+fn may_fork(t: usize, per_row: usize) -> bool {
+    t > chunk_rows(t) && t * per_row >= 1 << 16 && may_parallelize()
 }
 
 #[cfg(test)]
@@ -187,6 +367,71 @@ mod tests {
             let dir_b = rand_vec(o * r, 7, 1.0);
             let fd = directional_fd(&b, &dir_b, 1e-4, |bb| loss_ref(&l, &x64, &a64, bb, &g, t));
             assert!((fd - dot(&db, &dir_b)).abs() < 1e-4, "dB p={p}");
+        }
+    }
+
+    /// The row-block kernels against the `ops::matmul` reference: random
+    /// shapes with tails, tiny and zero sizes, dropout, mask rows; every ISA.
+    #[test]
+    fn fast_lora_matches_matmul_reference_on_every_isa() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+        // zero sizes; several row blocks (t > 128)
+        let mut cases = vec![
+            (0, 5, 4, 3),
+            (3, 0, 4, 2),
+            (3, 5, 0, 2),
+            (200, 70, 45, 16),
+            (300, 40, 120, 17),
+        ];
+        for r in [1, 3, 8, 16, 17, 33, 64] {
+            for _ in 0..3 {
+                let t = rng.random_range(1..160);
+                cases.push((t, rng.random_range(1..100), rng.random_range(1..100), r));
+            }
+        }
+        for isa in [Isa::V4, Isa::V3, Isa::Generic] {
+            if !isa.available() {
+                eprintln!("SKIPPED: {isa:?} is not available on this CPU");
+                continue;
+            }
+            for (n, &(t, i, o, r)) in cases.iter().enumerate() {
+                let seed = 10 * n as u64;
+                let (a, b) = (rand_vec(r * i, seed, 0.3), rand_vec(o * r, seed + 1, 0.3));
+                let rows: Vec<usize> = (0..t).map(|k| 3 * k + 1).collect();
+                for (p, mask_rows) in [(0.0, None), (0.25, None), (0.25, Some(&rows[..]))] {
+                    let l = LoraRef {
+                        a: &a,
+                        b: &b,
+                        r,
+                        in_features: i,
+                        out_features: o,
+                        scale: 1.5,
+                        dropout: p,
+                        dropout_key: seed + 7,
+                        mask_rows,
+                    };
+                    let x = rand_vec(t * i, seed + 2, 1.0);
+                    let y0 = rand_vec(t * o, seed + 3, 1.0);
+                    let (mut y, mut y_ref) = (y0.clone(), y0);
+                    let xa = l.forward_isa(isa, &x, t, &mut y);
+                    let xa_ref = l.forward_ref(&x, t, &mut y_ref);
+                    let what = format!(
+                        "{isa:?} t{t} in{i} out{o} r{r} p{p} rows {}",
+                        mask_rows.is_some()
+                    );
+                    assert!(max_abs_diff(&xa, &xa_ref) < 1e-4, "xa {what}");
+                    assert!(max_abs_diff(&y, &y_ref) < 1e-4, "y {what}");
+                    let dy = rand_vec(t * o, seed + 4, 1.0);
+                    let dx0 = rand_vec(t * i, seed + 5, 1.0);
+                    let (mut dx, mut dx_ref) = (dx0.clone(), dx0);
+                    let (da, db) = l.backward_isa(isa, &x, &xa, &dy, t, &mut dx);
+                    let (da_ref, db_ref) = l.backward_ref(&x, &xa, &dy, t, &mut dx_ref);
+                    assert!(max_abs_diff(&dx, &dx_ref) < 1e-4, "dx {what}");
+                    assert!(max_abs_diff(&da, &da_ref) < 1e-3, "dA {what}");
+                    assert!(max_abs_diff(&db, &db_ref) < 1e-3, "dB {what}");
+                }
+            }
         }
     }
 

@@ -19,6 +19,7 @@ pub mod lora;
 pub mod profile;
 pub mod rmsnorm;
 pub mod rope;
+pub mod skinny;
 pub mod swiglu;
 
 use gemm::Parallelism;
