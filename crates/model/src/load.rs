@@ -460,6 +460,7 @@ impl Model {
                     weight,
                     bias,
                     compute: Default::default(),
+                    bf16_copy: Default::default(),
                 });
             }
             let linears: [FrozenLinear; 7] = lins.try_into().expect("seven linears");
@@ -493,6 +494,7 @@ impl Model {
                 weight: lm_weight,
                 bias: None,
                 compute: Default::default(),
+                bf16_copy: Default::default(),
             },
             config,
             embed_tokens,

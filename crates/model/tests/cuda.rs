@@ -123,6 +123,7 @@ fn linears(o: usize, i: usize) -> Vec<(&'static str, FrozenLinear)> {
         weight: w,
         bias,
         compute: Default::default(),
+        bf16_copy: Default::default(),
     };
     vec![
         (
@@ -189,6 +190,7 @@ fn nf4_dequantization_is_bnb_exact() {
         weight: FrozenWeight::Quant(Arc::new(q)),
         bias: None,
         compute: Default::default(),
+        bf16_copy: Default::default(),
     };
     let wg = g.prepare_linear(&lin).unwrap();
     // x = identity rows: y[r, :] = column r of W = W[:, r].
@@ -464,6 +466,7 @@ fn chunked_cross_entropy_matches_cpu() {
         )),
         bias: None,
         compute: Default::default(),
+        bf16_copy: Default::default(),
     };
     let x = rand_vec(t * h, 2, 1.0);
     let mut labels: Vec<i64> = (0..t).map(|p| ((p * 37) % vocab) as i64).collect();

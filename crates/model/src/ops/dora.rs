@@ -290,6 +290,7 @@ mod tests {
             weight: FrozenWeight::F32(Arc::new(c.w.clone())),
             bias: c.bias.clone(),
             compute: BaseCompute::F32,
+            bf16_copy: Default::default(),
         }
     }
 
