@@ -89,7 +89,19 @@ pub fn run(req: &TrainRequest, comm: &dyn Communicator, view: &mut dyn RunView) 
         }
         _ => None,
     };
+    // QLORA_OP_TIMES=1: the training loop's time per op family (CPU backend).
+    let profiling = qlora_model::ops::profile::enabled();
+    let (t0, step0) = (std::time::Instant::now(), trainer.step);
+    qlora_model::ops::profile::reset();
     let report = trainer.run(&opts, view.callbacks(&trainer))?;
+    if profiling {
+        let rows = qlora_model::ops::profile::totals();
+        let steps = trainer.step.saturating_sub(step0) as usize;
+        view.info(&format!(
+            "time per op family over {steps} optimizer steps (QLORA_OP_TIMES):\n{}",
+            qlora_model::ops::profile::table(&rows, t0.elapsed().as_secs_f64(), steps)
+        ));
+    }
     view.phase("trained");
     view.done(&trainer, &report, &req.out);
     if let (Some(t), Some(before)) = (tok, before) {
