@@ -300,6 +300,7 @@ fn attention_forward_backward_match_cpu() {
             kv_heads,
             d,
             window,
+            bf16: false,
         };
         let q = rand_vec(b * s * heads * d, 1, 1.0);
         let k = rand_vec(b * s * kv_heads * d, 2, 1.0);
@@ -358,6 +359,7 @@ fn kv_cached_attention_matches_cpu() {
         kv_heads,
         d,
         window: None,
+        bf16: false,
     };
     let q = rand_vec(new * heads * d, 1, 1.0);
     let k = rand_vec((past + new) * kv_heads * d, 2, 1.0);
