@@ -73,6 +73,33 @@ fn gather(
     g
 }
 
+/// `C[m, n] = A · Rᵀ`: A packed ([`pack_a`], its first `m` rows, `kp`
+/// columns), R's `n` rows as [`pack_rows_forward`] panels.
+fn times_rows(a: &[u16], kp: usize, m: usize, panels: &[u16], n: usize) -> Vec<f32> {
+    let ks = kp / 32;
+    let mut c = vec![0f32; m * n];
+    for p in 0..n.div_ceil(32) {
+        let nn = 32.min(n - p * 32);
+        let panel = &panels[p * 2 * ks * TILE_U16..];
+        let mp = round_up(m, 32);
+        product(
+            a,
+            kp,
+            mp,
+            m,
+            0,
+            panel,
+            ks,
+            ks,
+            &mut c[p * 32..],
+            n,
+            nn,
+            false,
+        );
+    }
+    c
+}
+
 /// `C[m, n] = A · B` with A packed (`mp`, `kp`, its first `ks` k-steps) and
 /// B in blocks of 32 columns, each two streams of `bstride` tiles.
 #[allow(clippy::too_many_arguments)]
@@ -123,30 +150,8 @@ fn probabilities(
     kl: usize,
     lse: Option<&[f32]>,
 ) -> (Vec<f32>, Vec<f32>) {
-    let n_rep = sh.heads / sh.kv_heads;
-    let mq = n_rep * rows;
-    let kpd = round_up(sh.d, 32);
-    let ksd = kpd / 32;
-    let mut s = vec![0f32; mq * kl];
-    // K panels are 32 keys each: panel p is the B block of columns p·32..
-    for p in 0..kl.div_ceil(32) {
-        let nn = 32.min(kl - p * 32);
-        let panel = &kpan[p * 2 * ksd * TILE_U16..];
-        product(
-            aq,
-            kpd,
-            round_up(mq, 32),
-            mq,
-            0,
-            panel,
-            ksd,
-            ksd,
-            &mut s[p * 32..],
-            kl,
-            nn,
-            false,
-        );
-    }
+    let mq = (sh.heads / sh.kv_heads) * rows;
+    let mut s = times_rows(aq, round_up(sh.d, 32), mq, kpan, kl);
     let mut l_out = vec![0f32; mq];
     for (row_i, row) in s.chunks_mut(kl).enumerate() {
         let ii = row_i % rows;
@@ -286,7 +291,6 @@ pub(crate) fn backward_group(
     let scale = sh.scale();
     let base = bi * s * kvd;
     let kpd = round_up(d, 32);
-    let ksd = kpd / 32;
     let kps = round_up(s, 32);
     let (mut ak, mut av, mut akt) = (Vec::new(), Vec::new(), Vec::new());
     pack_a(&k[base..], s, d, kvd, kvh * d, kpd, &mut ak);
@@ -326,30 +330,8 @@ pub(crate) fn backward_group(
         }
         let bq = pack_rows_forward(&qg, mq, d, d, 0);
         let bdo = pack_rows_forward(&dog, mq, d, d, 0);
-        let key_major = |a: &[u16], b: &[u16]| {
-            let mut c = vec![0f32; kl * mq];
-            for p in 0..mq.div_ceil(32) {
-                let nn = 32.min(mq - p * 32);
-                let panel = &b[p * 2 * ksd * TILE_U16..];
-                product(
-                    a,
-                    kpd,
-                    kpk,
-                    kl,
-                    0,
-                    panel,
-                    ksd,
-                    ksd,
-                    &mut c[p * 32..],
-                    mq,
-                    nn,
-                    false,
-                );
-            }
-            c
-        };
         // Pᵀ = exp(K Qᵀ − lse), zero where the key is not visible.
-        let mut pt = key_major(&ak, &bq);
+        let mut pt = times_rows(&ak, kpd, kl, &bq, mq);
         for (j, row) in pt.chunks_mut(mq).enumerate() {
             row.iter_mut().zip(&shift).for_each(|(x, l)| *x -= l);
             for r in 0..n_rep {
@@ -368,7 +350,7 @@ pub(crate) fn backward_group(
             fastmath::exp_shift_sum(row, 0.0);
         }
         // dSᵀ = Pᵀ ⊙ (V dOᵀ − Σ dO ⊙ O)
-        let mut dst = key_major(&av, &bdo);
+        let mut dst = times_rows(&av, kpd, kl, &bdo, mq);
         for (drow, prow) in dst.chunks_mut(mq).zip(pt.chunks(mq)) {
             drow.iter_mut()
                 .zip(prow)
