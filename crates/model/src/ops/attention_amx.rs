@@ -13,7 +13,9 @@
 
 use rayon::prelude::*;
 
-use super::amx::{self, pack_a, pack_b_forward, pack_b_pairs, product, round_up, TILE_U16};
+use super::amx::{
+    self, pack_a, pack_b_forward, pack_b_pairs, product, round_up, TileBuf, TILE_U16,
+};
 use super::attention::{softmax_row, AttnShape, Q_BLOCK};
 use super::fastmath;
 
@@ -31,10 +33,11 @@ pub fn usable(sh: &AttnShape) -> bool {
 /// Rows `0..nr` of a strided f32 matrix (`d` columns from `col0`, row stride
 /// `ld`) as B panels for `X · rowsᵀ` (the forward layout): per 32 rows,
 /// `[2 streams][ceil(d/32)][512]`.
-fn pack_rows_forward(src: &[f32], nr: usize, d: usize, ld: usize, col0: usize) -> Vec<u16> {
+fn pack_rows_forward(src: &[f32], nr: usize, d: usize, ld: usize, col0: usize) -> TileBuf {
     let ksd = d.div_ceil(32);
     let per = 2 * ksd * TILE_U16;
-    let mut out = vec![0u16; nr.div_ceil(32) * per];
+    let mut out = TileBuf::new();
+    out.resize(nr.div_ceil(32) * per);
     let mut rows = vec![0u16; 32 * d];
     for (p, panel) in out.chunks_mut(per).enumerate() {
         let nn = 32.min(nr - p * 32);
@@ -187,12 +190,12 @@ fn forward_group(
     let kvd = sh.kv_heads * d;
     let base = bi * s * kvd;
     let kpan = pack_rows_forward(&k[base..], s, d, kvd, kvh * d);
-    let mut vpair = Vec::new();
+    let mut vpair = TileBuf::new();
     let vks = pack_b_pairs(&v[base + kvh * d..], s, d, kvd, round_up(s, 32), &mut vpair);
     let kpd = round_up(d, 32);
     let mut o = vec![0f32; n_rep * s * d];
     let mut lse = vec![0f32; n_rep * s];
-    let (mut aq, mut ap) = (Vec::new(), Vec::new());
+    let (mut aq, mut ap) = (TileBuf::new(), TileBuf::new());
     for i0 in (0..s).step_by(Q_BLOCK) {
         let rows = Q_BLOCK.min(s - i0);
         let kl = i0 + rows;
@@ -292,7 +295,7 @@ pub(crate) fn backward_group(
     let base = bi * s * kvd;
     let kpd = round_up(d, 32);
     let kps = round_up(s, 32);
-    let (mut ak, mut av, mut akt) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut ak, mut av, mut akt) = (TileBuf::new(), TileBuf::new(), TileBuf::new());
     pack_a(&k[base..], s, d, kvd, kvh * d, kpd, &mut ak);
     pack_a(&v[base..], s, d, kvd, kvh * d, kpd, &mut av);
     let kt = transpose(&k[base..], s, d, kvd, kvh * d);
@@ -300,7 +303,7 @@ pub(crate) fn backward_group(
     let mut dq = vec![0f32; n_rep * s * d];
     let mut dk = vec![0f32; s * d];
     let mut dv = vec![0f32; s * d];
-    let (mut a_t, mut b_rows) = (Vec::new(), Vec::new());
+    let (mut a_t, mut b_rows) = (TileBuf::new(), TileBuf::new());
     for i0 in (0..s).step_by(Q_BLOCK) {
         let rows = Q_BLOCK.min(s - i0);
         let kl = i0 + rows;
@@ -455,8 +458,11 @@ mod tests {
             (70, 16, 20, 96),
         ] {
             let src = rand_vec(nr * ld, 9, 1.0);
-            let mut b = vec![7u16; 3];
+            let mut b = TileBuf::new();
+            b.resize(3);
+            b.fill(7);
             let ks = pack_b_pairs(&src, nr, n, ld, kp_rows, &mut b);
+            assert!((b.as_ptr() as usize).is_multiple_of(64));
             assert_eq!(ks, kp_rows / 32);
             let stream = ks * TILE_U16;
             assert_eq!(b.len(), n.div_ceil(32) * 2 * stream);

@@ -2,7 +2,7 @@
 //! attention's products): one bounds-checked block product and the B layout
 //! whose K dimension runs along a matrix's rows.
 
-use super::{available, imp, TILE_U16};
+use super::{available, imp, TileBuf, TILE_U16};
 
 /// `C[0..m, 0..nn] (+)= A · B` for one 32-column block of B, bounds-checked:
 /// A packed by [`pack_a`] (`mp` rows, `kp` columns; read from its `ks0`-th
@@ -72,14 +72,14 @@ pub(crate) fn pack_b_pairs(
     n: usize,
     ld: usize,
     kp_rows: usize,
-    b: &mut Vec<u16>,
+    b: &mut TileBuf,
 ) -> usize {
     let ksteps = kp_rows / 32;
     let nblocks = n.div_ceil(32);
     let stream = ksteps * TILE_U16;
     let np = nblocks * 32;
-    b.clear();
-    b.resize(nblocks * 2 * stream, 0);
+    b.resize(nblocks * 2 * stream);
+    b.fill(0);
     // Two rows at a time as bf16 (vectorized), then interleaved as u32 pairs:
     // the 16 pairs of one tile row are 64 consecutive bytes.
     let mut even = vec![0u16; np];

@@ -167,8 +167,14 @@ fn a_operand_is_packed_tile_by_tile_with_zero_padding() {
         let src = rand_vec(rows * ld, 41, 3.0);
         let kp = round_up(cols, 32);
         let mp = round_up(rows, 32);
-        let mut a = vec![0xFFFFu16; mp * kp + 5];
+        let mut a = TileBuf::new();
+        a.resize(mp * kp + 5);
+        a.fill(0xFFFF);
         pack_a(&src, rows, cols, ld, col0, kp, &mut a);
+        assert!(
+            (a.as_ptr() as usize).is_multiple_of(64),
+            "packed A not 64-byte aligned"
+        );
         let mut seen = vec![false; mp * kp];
         for r in 0..mp {
             for c in 0..kp {
@@ -184,4 +190,20 @@ fn a_operand_is_packed_tile_by_tile_with_zero_padding() {
             }
         }
     }
+}
+
+#[test]
+fn tile_buffers_start_on_a_cache_line_and_keep_contents_while_not_growing() {
+    let mut b = TileBuf::new();
+    for n in [1usize, 7, 512, 100_000, 3, 250_000, 0] {
+        b.resize(n);
+        assert_eq!(b.len(), n);
+        assert!((b.as_ptr() as usize).is_multiple_of(64), "n {n}");
+    }
+    b.resize(1000);
+    for (k, v) in b.iter_mut().enumerate() {
+        *v = k as u16;
+    }
+    b.resize(600); // no growth: the same storage, the same contents
+    assert!(b.iter().enumerate().all(|(k, v)| *v == k as u16));
 }
