@@ -55,6 +55,11 @@ enum Command {
     Tokenize(commands::tokenize::Args),
 }
 
+/// Big blocks cache-line aligned: the AMX products write their result tiles
+/// straight into the activations (see `qlora_model::alloc`).
+#[global_allocator]
+static ALLOC: qlora_model::alloc::LineAligned = qlora_model::alloc::LineAligned;
+
 fn main() {
     // The main thread drives training steps as worker 0 of the rayon pool.
     qlora_model::ops::init_pool();

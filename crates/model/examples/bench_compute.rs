@@ -24,6 +24,9 @@ use qlora_model::{Batch, LoadOptions, Model, QuantMode, StepOptions, LINEAR_NAME
 #[path = "bench/lora_ab.rs"]
 mod lora_ab;
 
+#[global_allocator]
+static ALLOC: qlora_model::alloc::LineAligned = qlora_model::alloc::LineAligned;
+
 fn rss_peak_mib() -> f64 {
     let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     s.lines()

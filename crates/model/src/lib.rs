@@ -8,6 +8,7 @@
 //! * Loading from HF folders (f32/f16/bf16, single or sharded safetensors),
 //!   pre-quantized bitsandbytes 4-bit folders, or any tensor iterator.
 
+pub mod alloc;
 pub mod backend;
 pub mod ops;
 
