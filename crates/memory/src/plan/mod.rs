@@ -421,7 +421,7 @@ pub fn plan(inv: &Inventory, c: &ModelConfig, p: &PlanInput) -> Result<Plan, Mem
         b.gradients = 0;
         b.optimizer_states = 0;
     } else {
-        b.frozen_weights = frozen_sharded;
+        b.frozen_weights = frozen_sharded + weights::cpu_bf16_head_copy(inv, p);
         b.trainable_params = w;
         b.gradients = g;
         b.optimizer_states = o;
@@ -441,8 +441,9 @@ pub fn plan(inv: &Inventory, c: &ModelConfig, p: &PlanInput) -> Result<Plan, Mem
     if p.checkpointing && !p.gpu {
         // With checkpointing the forward frees each layer's tensors as soon
         // as the next layer's input exists. glibc serves them from its heap
-        // (below its mmap threshold, which the trainer raises to 256 MiB in
-        // `ops::keep_freed_memory`, with a 512 MiB trim threshold) and keeps
+        // (below its mmap threshold, which the trainer raises to 32 MiB, the
+        // most glibc allows, in `ops::keep_freed_memory`, with a 512 MiB trim
+        // threshold) and keeps
         // freed blocks there for reuse, so about one layer's set stays
         // resident when the head allocates its logits chunk (measured,
         // BENCHMARKS.md). The layer backward re-creates a layer in those
@@ -457,6 +458,15 @@ pub fn plan(inv: &Inventory, c: &ModelConfig, p: &PlanInput) -> Result<Plan, Mem
         // A GPU kernel path (bnb MatMul4Bit) dequantizes the whole weight to
         // the compute dtype before the matmul (FORMATS.md §6.2).
         Method::Qlora if p.gpu => (p.compute.size_in_bytes() as u64) * largest_linear,
+        // CPU, bf16 compute (AMX): the input gradient's bf16 weight chunk
+        // (2^21 elements) and the largest bf16 activation pack: the head's
+        // chunk of logit gradients (rows x V) or a layer's widest input.
+        _ if !p.gpu && p.compute == DType::BF16 && p.method != Method::Full => {
+            let t = p.batch * p.seq;
+            let rows = activations::head_chunk_rows(c.vocab_size as u64, t);
+            let widest = (c.hidden_size.max(c.intermediate_size) as u64) * t;
+            2 * (1 << 21) + 2 * (rows * c.vocab_size as u64).max(widest)
+        }
         Method::Qlora => {
             4 * largest_linear.min(DEQUANT_TILE_ELEMS.max(
                 // a tile holds at least one whole row

@@ -50,7 +50,13 @@ pub fn dora_params(c: &ModelConfig, targets: &[String]) -> Result<u64, MemoryErr
 /// Frozen bytes of one tensor as the trainer holds it, and the part that is
 /// quantization statistics.
 fn tensor_frozen(t: &TensorSpec, p: &PlanInput) -> (u64, u64) {
-    let e = p.compute.size_in_bytes() as u64;
+    // The CPU trainer's compute dtype changes how products are computed, not
+    // how the frozen tensors are stored (an f32 checkpoint stays f32).
+    let e = if p.gpu {
+        p.compute.size_in_bytes() as u64
+    } else {
+        4
+    };
     match p.method {
         Method::Full => (0, 0),
         Method::Lora => (t.numel() * e, 0),
@@ -155,5 +161,31 @@ pub fn optimizer_bytes(o: Optimizer, n: u64) -> u64 {
         Optimizer::AdamW => 8 * n,
         Optimizer::AdamW8bit => 2 * n + 2 * 4 * n.div_ceil(256),
         Optimizer::Sgd => 0,
+    }
+}
+
+/// CPU plans computing in bf16 (AMX): the bf16 copy of an f32 lm_head (or
+/// tied embedding) the trainer makes on its first step and keeps
+/// (`qlora-model` `FrozenLinear::bf16_copy_for_amx`, for heads of at most
+/// 128 MiB in bf16). 0 otherwise.
+pub(crate) fn cpu_bf16_head_copy(inv: &Inventory, p: &PlanInput) -> u64 {
+    if p.gpu || p.compute != super::DType::BF16 || p.method == Method::Full {
+        return 0;
+    }
+    let head = inv
+        .tensors
+        .iter()
+        .find(|t| t.role == Role::LmHead)
+        .or_else(|| inv.tensors.iter().find(|t| t.role == Role::Embeddings));
+    match head {
+        Some(t) if !t.stored_bf16 && !(p.native && t.native_bytes.is_some()) => {
+            let bytes = 2 * t.numel();
+            if bytes <= 128 << 20 {
+                bytes
+            } else {
+                0
+            }
+        }
+        _ => 0,
     }
 }
