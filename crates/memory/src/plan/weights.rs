@@ -178,7 +178,8 @@ pub(crate) fn cpu_bf16_head_copy(inv: &Inventory, p: &PlanInput) -> u64 {
         .find(|t| t.role == Role::LmHead)
         .or_else(|| inv.tensors.iter().find(|t| t.role == Role::Embeddings));
     match head {
-        Some(t) if !t.stored_bf16 && !(p.native && t.native_bytes.is_some()) => {
+        // an f32 head: not a bf16 checkpoint's, not a GGUF's own blocks
+        Some(t) if !(t.stored_bf16 || p.native && t.native_bytes.is_some()) => {
             let bytes = 2 * t.numel();
             if bytes <= 128 << 20 {
                 bytes
