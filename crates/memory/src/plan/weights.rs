@@ -164,8 +164,8 @@ pub fn optimizer_bytes(o: Optimizer, n: u64) -> u64 {
     }
 }
 
-/// CPU plans computing in bf16 (AMX): the bf16 copy of an f32 lm_head (or
-/// tied embedding) the trainer makes on its first step and keeps
+/// CPU plans computing in bf16 (AMX): the bf16 copy of an f32 or ggml-block
+/// lm_head (or tied embedding) the trainer makes on its first step and keeps
 /// (`qlora-model` `FrozenLinear::bf16_copy_for_amx`, for heads of at most
 /// 128 MiB in bf16). 0 otherwise.
 pub(crate) fn cpu_bf16_head_copy(inv: &Inventory, p: &PlanInput) -> u64 {
@@ -178,8 +178,9 @@ pub(crate) fn cpu_bf16_head_copy(inv: &Inventory, p: &PlanInput) -> u64 {
         .find(|t| t.role == Role::LmHead)
         .or_else(|| inv.tensors.iter().find(|t| t.role == Role::Embeddings));
     match head {
-        // an f32 head: not a bf16 checkpoint's, not a GGUF's own blocks
-        Some(t) if !(t.stored_bf16 || p.native && t.native_bytes.is_some()) => {
+        // an f32 head or a GGUF's own blocks (`--quant native`) are copied;
+        // a bf16 checkpoint's head is used as it is
+        Some(t) if !t.stored_bf16 => {
             let bytes = 2 * t.numel();
             if bytes <= 128 << 20 {
                 bytes
