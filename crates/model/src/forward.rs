@@ -13,6 +13,9 @@ use crate::ops::attention::AttnShape;
 use crate::ops::lora::splitmix64;
 use crate::ops::rope;
 
+/// A linear's output and what its backward needs.
+type LinearOut<B> = (<B as Backend>::Buf, Option<LinSaved<B>>);
+
 impl<B: Backend> Net<'_, B> {
     pub(crate) fn ctx(&self, batch: &Batch, dropout_seed: Option<u64>) -> Result<Ctx<B>> {
         let (b, s) = batch.dims(self.m.vocab_size())?;
@@ -118,6 +121,44 @@ impl<B: Backend> Net<'_, B> {
         Ok((y, Some(LinSaved { xa, u: None })))
     }
 
+    /// [`Self::linear`] for several modules reading the same input (q/k/v,
+    /// gate/up): their base products in one backend call (one pack of the
+    /// input, one parallel region on the CPU), then each module's LoRA term.
+    /// DoRA modules compute their own base product, so then one by one.
+    #[allow(clippy::too_many_arguments)]
+    fn linears(
+        &self,
+        w: &LayerW<B>,
+        l: usize,
+        ms: &[usize],
+        x: &B::Buf,
+        t: usize,
+        ad: Option<&AdapterView<B>>,
+        ctx: &Ctx<B>,
+    ) -> Result<Vec<LinearOut<B>>> {
+        if ms.iter().any(|&m| self.dora_op(ad, l, m).is_some()) {
+            return ms
+                .iter()
+                .map(|&m| self.linear(w, l, m, x, t, ad, ctx))
+                .collect();
+        }
+        let lins: Vec<&B::Linear> = ms.iter().map(|&m| &w.linears[m]).collect();
+        let ys = self.be.linear_forward_many(&lins, x, t)?;
+        ms.iter()
+            .zip(ys)
+            .map(|(&m, mut y)| {
+                let saved = match self.lora_op(ad, ctx, l, m) {
+                    Some(op) => Some(LinSaved {
+                        xa: self.be.lora_forward(&op, x, t, &mut y)?,
+                        u: None,
+                    }),
+                    None => None,
+                };
+                Ok((y, saved))
+            })
+            .collect()
+    }
+
     /// One decoder layer. With `kv` (batch 1), the new keys/values are appended
     /// to the cache and the queries attend to everything cached.
     pub(crate) fn layer_forward(
@@ -141,9 +182,12 @@ impl<B: Backend> Net<'_, B> {
         let w = &*layer;
         let eps = self.m.eps();
         let (n1, rstd1) = be.rmsnorm_forward(x, &w.input_layernorm, eps)?;
-        let (mut q, xa_q) = self.linear(w, l, Q, &n1, t, ad, ctx)?;
-        let (mut k, xa_k) = self.linear(w, l, K, &n1, t, ad, ctx)?;
-        let (v, xa_v) = self.linear(w, l, V, &n1, t, ad, ctx)?;
+        let mut qkv = self.linears(w, l, &[Q, K, V], &n1, t, ad, ctx)?.into_iter();
+        let (Some((mut q, xa_q)), Some((mut k, xa_k)), Some((v, xa_v))) =
+            (qkv.next(), qkv.next(), qkv.next())
+        else {
+            unreachable!("three modules in, three outputs out")
+        };
         // Qwen3: RMSNorm over each head's `head_dim` values (rows of `d`) before RoPE.
         let qk_pre = match &w.qk_norm {
             Some((wq, wk)) => {
@@ -213,8 +257,12 @@ impl<B: Backend> Net<'_, B> {
         let mut x_mid = o;
         be.add_assign(&mut x_mid, x)?;
         let (n2, rstd2) = be.rmsnorm_forward(&x_mid, &w.post_attention_layernorm, eps)?;
-        let (g, xa_g) = self.linear(w, l, GATE, &n2, t, ad, ctx)?;
-        let (u, xa_u) = self.linear(w, l, UP, &n2, t, ad, ctx)?;
+        let mut gu = self
+            .linears(w, l, &[GATE, UP], &n2, t, ad, ctx)?
+            .into_iter();
+        let (Some((g, xa_g)), Some((u, xa_u))) = (gu.next(), gu.next()) else {
+            unreachable!("two modules in, two outputs out")
+        };
         let m = be.swiglu_forward(&g, &u)?;
         let (dn, xa_d) = self.linear(w, l, DOWN, &m, t, ad, ctx)?;
         let mut out = dn;

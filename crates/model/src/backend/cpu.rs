@@ -133,6 +133,15 @@ impl Backend for CpuBackend {
         let _t = profile::time(Op::LinearForward);
         Ok(w.forward(x, t))
     }
+    fn linear_forward_many(
+        &self,
+        ws: &[&FrozenLinear],
+        x: &Vec<f32>,
+        t: usize,
+    ) -> Result<Vec<Vec<f32>>> {
+        let _t = profile::time(Op::LinearForward);
+        Ok(FrozenLinear::forward_many(ws, x, t))
+    }
     fn linear_backward_input(
         &self,
         w: &FrozenLinear,

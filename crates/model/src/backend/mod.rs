@@ -286,6 +286,16 @@ pub trait Backend: Sized + Send + Sync {
     fn embed(&self, e: &Self::Embed, ids: &[u32], h: usize) -> Result<Self::Buf>;
     /// `y[t, out] = x[t, in] Wᵀ + bias`.
     fn linear_forward(&self, w: &Self::Linear, x: &Self::Buf, t: usize) -> Result<Self::Buf>;
+    /// [`Self::linear_forward`] of several linears on the same input (a
+    /// layer's q/k/v, gate/up); a backend may share work between them.
+    fn linear_forward_many(
+        &self,
+        ws: &[&Self::Linear],
+        x: &Self::Buf,
+        t: usize,
+    ) -> Result<Vec<Self::Buf>> {
+        ws.iter().map(|w| self.linear_forward(w, x, t)).collect()
+    }
     /// `dx[t, in] += dy[t, out] W` (the base is frozen: no weight gradient).
     fn linear_backward_input(
         &self,

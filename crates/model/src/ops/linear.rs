@@ -194,6 +194,31 @@ impl FrozenLinear {
         y
     }
 
+    /// [`Self::forward`] of several linears on the same input (a layer's
+    /// q/k/v, or gate/up): on AMX one bf16 pack of `x` and one parallel
+    /// region for all of them; otherwise one after the other.
+    pub fn forward_many(ws: &[&FrozenLinear], x: &[f32], t: usize) -> Vec<Vec<f32>> {
+        let i = ws.first().map_or(0, |w| w.in_features);
+        if ws.len() < 2 || !ws.iter().all(|w| w.use_amx(t) && w.in_features == i) {
+            return ws.iter().map(|w| w.forward(x, t)).collect();
+        }
+        assert_eq!(x.len(), t * i, "linear forward: input size");
+        let sources: Vec<_> = ws
+            .iter()
+            .map(|w| move |s: usize, out: &mut [u16]| w.weight.elems_bf16(s, out))
+            .collect();
+        let outs: Vec<(usize, &super::amx::WeightBf16)> = ws
+            .iter()
+            .zip(&sources)
+            .map(|(w, f)| (w.out_features, f as &super::amx::WeightBf16))
+            .collect();
+        let mut ys = super::amx::linear_forward_multi(i, t, x, &outs);
+        for (w, y) in ws.iter().zip(&mut ys) {
+            w.add_bias(y);
+        }
+        ys
+    }
+
     fn add_bias(&self, y: &mut [f32]) {
         if let Some(b) = &self.bias {
             y.par_chunks_mut(self.out_features)

@@ -209,23 +209,46 @@ pub fn linear_forward_new(o: usize, i: usize, t: usize, x: &[f32], w: &WeightBf1
 /// # Safety
 /// `y` must be valid for writes of `t·o` floats and not aliased.
 unsafe fn linear_forward_raw(o: usize, i: usize, t: usize, x: &[f32], y: *mut f32, w: &WeightBf16) {
+    linear_forward_raw_multi(i, t, x, &[(o, SendPtr(y), w)]);
+}
+
+/// `y_k[t, o_k] = x[t, i] · W_kᵀ` for several weights sharing the input: `x`
+/// is packed once and all outputs' weight panels run in one parallel region
+/// (q/k/v and gate/up of a layer).
+///
+/// # Safety
+/// Every `y_k` must be valid for writes of `t·o_k` floats, none aliasing another.
+unsafe fn linear_forward_raw_multi(
+    i: usize,
+    t: usize,
+    x: &[f32],
+    outs: &[(usize, SendPtr<f32>, &WeightBf16)],
+) {
     assert!(available(), "AMX bf16 path called without AMX");
     assert_eq!(x.len(), t * i, "amx forward: x size");
-    if t == 0 || o == 0 {
+    if t == 0 {
         return;
     }
     if i == 0 {
-        std::ptr::write_bytes(y, 0, t * o);
+        for &(o, y, _) in outs {
+            std::ptr::write_bytes(y.get(), 0, t * o);
+        }
         return;
     }
     let kp = round_up(i, 32);
     let ksteps = kp / 32;
     let mp = round_up(t, 32);
+    // panel index -> (output, panel within it)
+    let panels: Vec<(usize, usize)> = outs
+        .iter()
+        .enumerate()
+        .flat_map(|(k, &(o, _, _))| (0..o.div_ceil(32)).map(move |nb| (k, nb)))
+        .collect();
     with_scratch(&SCRATCH_A, |a| {
         pack_a(x, t, i, i, 0, kp, a);
         let a = &a[..];
-        let yp = SendPtr(y);
-        (0..o.div_ceil(32)).into_par_iter().for_each(|nb| {
+        panels.into_par_iter().for_each(|(k, nb)| {
+            let (o, yp, w) = outs[k];
             with_scratch(&SCRATCH_B, |sc| {
                 let n0 = nb * 32;
                 let nn = 32.min(o - n0);
@@ -238,7 +261,7 @@ unsafe fn linear_forward_raw(o: usize, i: usize, t: usize, x: &[f32], y: *mut f3
                 pack_b_forward(wrows, nn, i, ksteps, b);
                 // SAFETY: AMX is available (checked above) and permitted; every
                 // tile load stays inside `a` ([mp, kp]) and `b` (2·ksteps tiles);
-                // C blocks are disjoint per task (columns n0..n0+nn of y).
+                // C blocks are disjoint per task (columns n0..n0+nn of y_k).
                 unsafe {
                     imp::run_blocks(
                         a.as_ptr(),
@@ -257,6 +280,35 @@ unsafe fn linear_forward_raw(o: usize, i: usize, t: usize, x: &[f32], y: *mut f3
             });
         });
     });
+}
+
+/// [`linear_forward_new`] for several weights with the same input: one pack
+/// of `x`, one parallel region over every output's panels. `outs[k] = (o_k,
+/// W_k)`; returns the `y_k`.
+pub fn linear_forward_multi(
+    i: usize,
+    t: usize,
+    x: &[f32],
+    outs: &[(usize, &WeightBf16)],
+) -> Vec<Vec<f32>> {
+    let mut ys: Vec<Vec<f32>> = outs
+        .iter()
+        .map(|&(o, _)| Vec::with_capacity(t * o))
+        .collect();
+    let raw: Vec<(usize, SendPtr<f32>, &WeightBf16)> = ys
+        .iter_mut()
+        .zip(outs)
+        .map(|(y, &(o, w))| (o, SendPtr(y.as_mut_ptr()), w))
+        .collect();
+    // SAFETY: each y_k has capacity t·o_k, distinct allocations; every element
+    // is written (see `linear_forward_new`) before `set_len`.
+    unsafe {
+        linear_forward_raw_multi(i, t, x, &raw);
+        for (y, &(o, _)) in ys.iter_mut().zip(outs) {
+            y.set_len(t * o);
+        }
+    }
+    ys
 }
 
 /// `dx[t, i] += dy[t, o] · W`, W `[o, i]` given by `w`.

@@ -207,3 +207,46 @@ fn tile_buffers_start_on_a_cache_line_and_keep_contents_while_not_growing() {
     b.resize(600); // no growth: the same storage, the same contents
     assert!(b.iter().enumerate().all(|(k, v)| *v == k as u16));
 }
+
+/// Several weights on one input give, bit for bit, what each gives alone
+/// (partial panels, an empty output, an empty inner dimension).
+#[test]
+fn shared_input_forward_equals_separate_forwards() {
+    if !available() {
+        eprintln!("SKIPPED: AMX-BF16 is not available on this CPU; the AMX kernels were not run");
+        return;
+    }
+    for &(i, t) in &[(96usize, 40usize), (45, 33), (0, 5)] {
+        let x = rand_vec(t * i, 51, 1.0);
+        let os = [70usize, 0, 32, 7];
+        let ws: Vec<Vec<f32>> = os
+            .iter()
+            .enumerate()
+            .map(|(k, &o)| rand_vec(o * i, 52 + k as u64, 1.0))
+            .collect();
+        let srcs: Vec<_> = ws
+            .iter()
+            .map(|wv| {
+                move |start: usize, out: &mut [u16]| {
+                    for (d, v) in out.iter_mut().zip(&wv[start..]) {
+                        *d = bf16_bits(*v);
+                    }
+                }
+            })
+            .collect();
+        let outs: Vec<(usize, &WeightBf16)> = os
+            .iter()
+            .zip(&srcs)
+            .map(|(&o, f)| (o, f as &WeightBf16))
+            .collect();
+        let many = linear_forward_multi(i, t, &x, &outs);
+        for (k, &(o, w)) in outs.iter().enumerate() {
+            let one = linear_forward_new(o, i, t, &x, w);
+            assert_eq!(
+                many[k].iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                one.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                "output {k} (o {o}, i {i}, t {t})"
+            );
+        }
+    }
+}
