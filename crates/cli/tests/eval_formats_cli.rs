@@ -8,8 +8,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::qlora_run;
-use serde_json::Value;
+use common::{eval_json as eval, qlora_run};
 
 fn model_dir(tmp: &Path) -> PathBuf {
     let src = common::qwen3_fixture("gqa_tied");
@@ -25,23 +24,6 @@ fn model_dir(tmp: &Path) -> PathBuf {
     });
     std::fs::write(dir.join("tokenizer_config.json"), cfg.to_string()).unwrap();
     dir
-}
-
-fn eval(model: &Path, data: &Path, extra: &[&str]) -> Value {
-    let mut args = vec![
-        "eval",
-        "--model",
-        model.to_str().unwrap(),
-        "--data",
-        data.to_str().unwrap(),
-        "--quant",
-        "none",
-        "--json",
-    ];
-    args.extend_from_slice(extra);
-    let (ok, out, err) = qlora_run(&args);
-    assert!(ok, "{err}");
-    serde_json::from_str(out.trim()).unwrap()
 }
 
 #[test]

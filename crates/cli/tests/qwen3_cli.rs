@@ -311,17 +311,7 @@ fn exported_gguf_logits_in_transformers_match_ours() {
 
 /// `qlora eval --quant none --json` of `model` on `data`: the mean loss.
 fn eval_loss(model: &std::path::Path, data: &std::path::Path) -> f64 {
-    let (ok, out, err) = qlora_run(&[
-        "eval",
-        "--model",
-        model.to_str().unwrap(),
-        "--data",
-        data.to_str().unwrap(),
-        "--quant",
-        "none",
-        "--json",
-    ]);
-    assert!(ok, "{}: {err}", model.display());
-    let v: Value = serde_json::from_str(out.trim()).unwrap();
-    v["loss"].as_f64().unwrap()
+    common::eval_json(model, data, &[])["loss"]
+        .as_f64()
+        .unwrap()
 }

@@ -88,12 +88,6 @@ impl Model {
         );
         let labels = batch.flat_labels();
         cross_entropy::check_labels(&labels, self.vocab_size())?;
-        if comm.is_none() && self.device() == crate::Device::Cpu {
-            return crate::ops::on_pool(|| {
-                with_net_on!(self, None, |net| net
-                    .forward_backward(batch, &labels, adapter, opts))
-            });
-        }
         with_net_on!(self, comm, |net| net
             .forward_backward(batch, &labels, adapter, opts))
     }

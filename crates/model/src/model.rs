@@ -189,13 +189,20 @@ macro_rules! with_net {
     }};
 }
 /// [`with_net!`] gathering a sharded model's layers through `$comm`
-/// (`Option<&dyn Communicator>`).
+/// (`Option<&dyn Communicator>`). One CPU process (no communicator) runs
+/// `$body` on a rayon worker ([`crate::ops::on_pool`]): its ops then fork and
+/// join inside the pool instead of waking it from outside for each of them.
 macro_rules! with_net_on {
     ($model:expr, $comm:expr, |$net:ident| $body:expr) => {{
         let model: &Model = $model;
+        let comm: Option<&dyn qlora_dist::Communicator> = $comm;
         match &model.exec {
+            crate::model::Exec::Cpu if comm.is_none() => crate::ops::on_pool(|| {
+                let $net = model.cpu_net_on(None);
+                $body
+            }),
             crate::model::Exec::Cpu => {
-                let $net = model.cpu_net_on($comm);
+                let $net = model.cpu_net_on(comm);
                 $body
             }
             #[cfg(feature = "cuda")]
@@ -441,11 +448,6 @@ impl Model {
     ) -> Result<(f64, usize)> {
         let labels = batch.flat_labels();
         cross_entropy::check_labels(&labels, self.vocab_size())?;
-        if comm.is_none() && self.device() == Device::Cpu {
-            return crate::ops::on_pool(|| {
-                with_net_on!(self, None, |net| net.loss(batch, &labels, adapter))
-            });
-        }
         with_net_on!(self, comm, |net| net.loss(batch, &labels, adapter))
     }
 }

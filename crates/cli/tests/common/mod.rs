@@ -23,6 +23,25 @@ pub fn qlora_run(args: &[&str]) -> (bool, String, String) {
     )
 }
 
+/// `qlora eval --model model --data data --quant none --json extra...`: its JSON
+/// report (the run must succeed).
+pub fn eval_json(model: &Path, data: &Path, extra: &[&str]) -> Value {
+    let mut args = vec![
+        "eval",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--quant",
+        "none",
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    let (ok, out, err) = qlora_run(&args);
+    assert!(ok, "{}: {err}", model.display());
+    serde_json::from_str(out.trim()).unwrap()
+}
+
 /// `dir/metrics.jsonl` (what `qlora train` writes), one JSON value per step.
 pub fn metrics(dir: &Path) -> Vec<Value> {
     std::fs::read_to_string(dir.join("metrics.jsonl"))

@@ -22,6 +22,14 @@ pub const ATTN_Q_BLOCK: u64 = 64;
 /// (`qlora-model` `ops/cross_entropy.rs`, `HEAD_CHUNK_LOGITS`, 2^23 f32 = 32 MiB).
 pub const HEAD_CHUNK_LOGITS: u64 = 1 << 23;
 
+/// The largest lm_head the bf16 AMX path keeps a bf16 copy of (`qlora-model`
+/// `ops/cross_entropy.rs`, `HEAD_BF16_COPY_MAX_BYTES`, 4x the logits chunk's bytes).
+pub const HEAD_BF16_COPY_MAX_BYTES: u64 = 4 * 4 * HEAD_CHUNK_LOGITS;
+
+/// Weight elements per chunk of the AMX input gradient (`qlora-model`
+/// `ops/amx`, `CHUNK_ELEMS`), converted to bf16 at once.
+pub const AMX_CHUNK_ELEMS: u64 = 1 << 21;
+
 /// The dimensions the planner needs.
 #[derive(Clone, Copy)]
 pub(crate) struct Dims {

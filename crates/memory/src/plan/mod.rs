@@ -465,7 +465,7 @@ pub fn plan(inv: &Inventory, c: &ModelConfig, p: &PlanInput) -> Result<Plan, Mem
             let t = p.batch * p.seq;
             let rows = activations::head_chunk_rows(c.vocab_size as u64, t);
             let widest = (c.hidden_size.max(c.intermediate_size) as u64) * t;
-            2 * (1 << 21) + 2 * (rows * c.vocab_size as u64).max(widest)
+            2 * activations::AMX_CHUNK_ELEMS + 2 * (rows * c.vocab_size as u64).max(widest)
         }
         Method::Qlora => {
             4 * largest_linear.min(DEQUANT_TILE_ELEMS.max(

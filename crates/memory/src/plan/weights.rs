@@ -182,7 +182,7 @@ pub(crate) fn cpu_bf16_head_copy(inv: &Inventory, p: &PlanInput) -> u64 {
         // a bf16 checkpoint's head is used as it is
         Some(t) if !t.stored_bf16 => {
             let bytes = 2 * t.numel();
-            if bytes <= 128 << 20 {
+            if bytes <= super::activations::HEAD_BF16_COPY_MAX_BYTES {
                 bytes
             } else {
                 0

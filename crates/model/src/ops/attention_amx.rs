@@ -79,27 +79,9 @@ fn gather(
 /// `C[m, n] = A · Rᵀ`: A packed ([`pack_a`], its first `m` rows, `kp`
 /// columns), R's `n` rows as [`pack_rows_forward`] panels.
 fn times_rows(a: &[u16], kp: usize, m: usize, panels: &[u16], n: usize) -> Vec<f32> {
-    let ks = kp / 32;
+    // a forward-layout panel is a 32-column block of two streams of kp/32 tiles
     let mut c = vec![0f32; m * n];
-    for p in 0..n.div_ceil(32) {
-        let nn = 32.min(n - p * 32);
-        let panel = &panels[p * 2 * ks * TILE_U16..];
-        let mp = round_up(m, 32);
-        product(
-            a,
-            kp,
-            mp,
-            m,
-            0,
-            panel,
-            ks,
-            ks,
-            &mut c[p * 32..],
-            n,
-            nn,
-            false,
-        );
-    }
+    mul(a, kp, m, panels, kp / 32, kp / 32, &mut c, n, false);
     c
 }
 

@@ -178,16 +178,10 @@ impl FrozenLinear {
     /// `y[t, out] = x[t, in] Wᵀ + bias`.
     pub fn forward(&self, x: &[f32], t: usize) -> Vec<f32> {
         if self.use_amx(t) {
-            assert_eq!(x.len(), t * self.in_features, "linear forward: input size");
-            let mut y = super::amx::linear_forward_new(
-                self.out_features,
-                self.in_features,
-                t,
-                x,
-                &|s, out| self.weight.elems_bf16(s, out),
-            );
-            self.add_bias(&mut y);
-            return y;
+            // a fresh vector the product writes (no zeroing first)
+            return Self::forward_many(&[self], x, t)
+                .pop()
+                .expect("one linear, one output");
         }
         let mut y = vec![0f32; t * self.out_features];
         self.forward_into(x, t, &mut y);
@@ -199,7 +193,7 @@ impl FrozenLinear {
     /// region for all of them; otherwise one after the other.
     pub fn forward_many(ws: &[&FrozenLinear], x: &[f32], t: usize) -> Vec<Vec<f32>> {
         let i = ws.first().map_or(0, |w| w.in_features);
-        if ws.len() < 2 || !ws.iter().all(|w| w.use_amx(t) && w.in_features == i) {
+        if !ws.iter().all(|w| w.use_amx(t) && w.in_features == i) {
             return ws.iter().map(|w| w.forward(x, t)).collect();
         }
         assert_eq!(x.len(), t * i, "linear forward: input size");

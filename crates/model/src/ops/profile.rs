@@ -7,7 +7,7 @@
 //! left of a step's wall time (the model code between calls, gathering,
 //! allocation outside the ops) is reported as the remainder by the caller.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 use std::time::Instant;
 
@@ -74,18 +74,11 @@ impl Op {
 const N: usize = Op::ALL.len();
 static NANOS: [AtomicU64; N] = [const { AtomicU64::new(0) }; N];
 static CALLS: [AtomicU64; N] = [const { AtomicU64::new(0) }; N];
-static FORCED: AtomicBool = AtomicBool::new(false);
 
-/// Whether timing is on (`QLORA_OP_TIMES` set and not `0`, or [`enable`]).
+/// Whether timing is on (`QLORA_OP_TIMES` set and not `0`).
 pub fn enabled() -> bool {
     static ENV: OnceLock<bool> = OnceLock::new();
-    FORCED.load(Ordering::Relaxed)
-        || *ENV.get_or_init(|| std::env::var_os("QLORA_OP_TIMES").is_some_and(|v| v != "0"))
-}
-
-/// Turns timing on for the rest of the process.
-pub fn enable() {
-    FORCED.store(true, Ordering::Relaxed);
+    *ENV.get_or_init(|| std::env::var_os("QLORA_OP_TIMES").is_some_and(|v| v != "0"))
 }
 
 /// Adds the time until it is dropped to `op` (nothing when timing is off).
@@ -172,15 +165,16 @@ mod tests {
 
     #[test]
     fn guards_add_time_and_calls_to_their_family() {
-        // Other tests may time ops concurrently once this is on: only Rope
-        // (which no other test of this crate's lib times) is asserted.
-        enable();
+        // The guards `time` makes when timing is on. Other tests may time ops
+        // concurrently (with QLORA_OP_TIMES set): only Rope, which no other
+        // test of this crate's lib times, is asserted.
+        let on = |op| Guard(Some((op, Instant::now())));
         let before = totals()[Op::Rope as usize];
         {
-            let _g = time(Op::Rope);
+            let _g = on(Op::Rope);
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
-        drop(time(Op::Rope));
+        drop(on(Op::Rope));
         let after = totals()[Op::Rope as usize];
         assert!(after.calls - before.calls >= 2);
         assert!(after.seconds - before.seconds >= 0.019);
