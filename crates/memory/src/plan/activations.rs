@@ -30,6 +30,10 @@ pub const HEAD_BF16_COPY_MAX_BYTES: u64 = 4 * 4 * HEAD_CHUNK_LOGITS;
 /// `ops/amx`, `CHUNK_ELEMS`), converted to bf16 at once.
 pub const AMX_CHUNK_ELEMS: u64 = 1 << 21;
 
+/// Weight elements per round of the AMX forward's row split (`qlora-model`
+/// `ops/amx`, `ROW_SPLIT_ROUND_ELEMS`): its packed bf16 panels, at most.
+pub const AMX_ROUND_ELEMS: u64 = 1 << 20;
+
 /// The dimensions the planner needs.
 #[derive(Clone, Copy)]
 pub(crate) struct Dims {

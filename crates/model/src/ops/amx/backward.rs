@@ -4,9 +4,33 @@
 use rayon::prelude::*;
 
 use super::{
-    available, imp, pack_a, round_up, with_scratch, SendPtr, WeightBf16, CHUNK_ELEMS, SCRATCH_A,
-    SCRATCH_B, SCRATCH_C, TILE_U16,
+    available, imp, pack_a, products_by_rows, round_up, row_slices, with_scratch, PanelOut,
+    SendPtr, WeightBf16, CHUNK_ELEMS, SCRATCH_A, SCRATCH_B, SCRATCH_C, TILE_U16,
 };
+
+/// For each 16-column group g of a pair of weight rows, the 32 words
+/// `even[16g + j], odd[16g + j]` (j = 0..16, pairs in order) at
+/// `dst[g·stride ..]`: one tile row of the input gradient's B operand.
+pub(super) fn interleave_rows(even: &[u16], odd: &[u16], dst: &mut [u16], stride: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::ops::fastmath::Isa::V4.available() {
+        // SAFETY: AVX-512 F and BW were detected at run time (V4).
+        unsafe { super::transpose::interleave_rows_avx512(even, odd, dst, stride) };
+        return;
+    }
+    interleave_rows_ref(even, odd, dst, stride);
+}
+
+/// Plain reference of [`interleave_rows`].
+pub(super) fn interleave_rows_ref(even: &[u16], odd: &[u16], dst: &mut [u16], stride: usize) {
+    for g in 0..even.len() / 16 {
+        let d = &mut dst[g * stride..g * stride + 32];
+        for j in 0..16 {
+            d[2 * j] = even[g * 16 + j];
+            d[2 * j + 1] = odd[g * 16 + j];
+        }
+    }
+}
 
 /// `dx[t, i] += dy[t, o] · W`, W `[o, i]` given by `w`.
 ///
@@ -52,43 +76,68 @@ pub fn linear_backward(o: usize, i: usize, t: usize, dy: &[f32], dx: &mut [f32],
                             let r_even = &sc[2 * p * i..(2 * p + 1) * i];
                             let r_odd =
                                 (2 * p + 1 < nr).then(|| &sc[(2 * p + 1) * i..(2 * p + 2) * i]);
-                            for g in 0..i / 16 {
-                                let (nb, s) = (g / 2, g % 2);
-                                let at = (nb * 2 + s) * stream + ks * TILE_U16 + p * 32;
-                                // SAFETY: at + 32 <= nblocks·2·stream; tasks write disjoint `ks` tiles.
-                                let d =
-                                    unsafe { std::slice::from_raw_parts_mut(cp.get().add(at), 32) };
-                                let e = &r_even[g * 16..g * 16 + 16];
-                                match r_odd {
-                                    Some(od) => {
-                                        let od = &od[g * 16..g * 16 + 16];
-                                        for j in 0..16 {
-                                            d[2 * j] = e[j];
-                                            d[2 * j + 1] = od[j];
-                                        }
-                                    }
-                                    None => {
-                                        for j in 0..16 {
-                                            d[2 * j] = e[j];
-                                        }
-                                    }
+                            let zeros;
+                            let r_odd = match r_odd {
+                                Some(r) => r,
+                                None => {
+                                    zeros = vec![0u16; i];
+                                    &zeros[..]
                                 }
+                            };
+                            // Column group g (16 columns) of this row pair is
+                            // tile row p of stream (g/2, g%2): 32 words at
+                            // g·stream + ks·TILE + p·32.
+                            let base = ks * TILE_U16 + p * 32;
+                            let groups = i / 16;
+                            if groups > 0 {
+                                // SAFETY: the last group ends at (groups-1)·stream
+                                // + base + 32 <= nblocks·2·stream; tasks write
+                                // disjoint `ks` tiles.
+                                let d = unsafe {
+                                    std::slice::from_raw_parts_mut(
+                                        cp.get().add(base),
+                                        (groups - 1) * stream + 32,
+                                    )
+                                };
+                                interleave_rows(
+                                    &r_even[..groups * 16],
+                                    &r_odd[..groups * 16],
+                                    d,
+                                    stream,
+                                );
                             }
-                            for c in (i / 16) * 16..i {
+                            for c in groups * 16..i {
                                 let (nb, s, j) = (c / 32, (c % 32) / 16, c % 16);
-                                let at = (nb * 2 + s) * stream + ks * TILE_U16 + p * 32 + j * 2;
+                                let at = (nb * 2 + s) * stream + base + j * 2;
                                 // SAFETY: as above.
                                 unsafe {
                                     *cp.get().add(at) = r_even[c];
-                                    if let Some(od) = r_odd {
-                                        *cp.get().add(at + 1) = od[c];
-                                    }
+                                    *cp.get().add(at + 1) = r_odd[c];
                                 }
                             }
                         }
                     });
                 });
                 let chunk_ref = &chunk[..need];
+                if let Some(slices) = row_slices(mp, ksc * 32) {
+                    let panels: Vec<PanelOut> = (0..nblocks)
+                        .map(|nb| PanelOut {
+                            b: chunk_ref[nb * 2 * stream..].as_ptr(),
+                            bstride: ksc,
+                            c: SendPtr(dxp.get().wrapping_add(nb * 32)),
+                            ldc: i,
+                            nn: 32.min(i - nb * 32),
+                        })
+                        .collect();
+                    // SAFETY: A (dy packed, t rows) is read from its k0/32-th
+                    // k-step for ksc; every panel's B is ksc tiles per stream
+                    // of the packed chunk; the panels' C columns are disjoint.
+                    unsafe {
+                        products_by_rows(a, kp, t, k0 / 32, ksc, &slices, &panels, true, &|_| {})
+                    };
+                    k0 = k1;
+                    continue;
+                }
                 (0..nblocks).into_par_iter().for_each(|nb| {
                     let n0 = nb * 32;
                     let nn = 32.min(i - n0);

@@ -71,6 +71,7 @@ thread_local! {
     static SCRATCH_B: RefCell<TileBuf> = const { RefCell::new(TileBuf::new()) };
     static SCRATCH_C: RefCell<TileBuf> = const { RefCell::new(TileBuf::new()) };
     static SCRATCH_ROW: RefCell<TileBuf> = const { RefCell::new(TileBuf::new()) };
+    static SCRATCH_GROUP: RefCell<TileBuf> = const { RefCell::new(TileBuf::new()) };
 }
 
 fn with_scratch<R>(
@@ -250,6 +251,9 @@ unsafe fn linear_forward_raw_multi(
     with_scratch(&SCRATCH_A, |a| {
         pack_a(x, t, i, i, 0, kp, a);
         let a = &a[..];
+        if let Some(slices) = row_slices(mp, kp) {
+            return forward_by_rows(a, i, t, ksteps, &slices, &panels, outs);
+        }
         panels.into_par_iter().for_each(|(k, nb)| {
             let (o, yp, w) = outs[k];
             with_scratch(&SCRATCH_B, |sc| {
@@ -282,6 +286,197 @@ unsafe fn linear_forward_raw_multi(
                 }
             });
         });
+    });
+}
+
+/// Below this many bytes of packed A, the products split the output's
+/// columns among the threads (every thread streams all of A once per 32
+/// columns, from its L2); above it they split A's rows, so that each core
+/// re-reads only its share. At TinyLlama's 512 x 2048 (2 MiB of bf16, a
+/// whole L2 here) the column split streams A from L3: a micro-benchmark of
+/// the two (B panels packed beforehand, both cores) 1.73-2.14 vs 2.52-2.66
+/// TFLOP/s.
+const ROW_SPLIT_MIN_A_BYTES: usize = 1 << 20;
+/// Weight elements per round of the forward's row split (2 MiB of bf16
+/// panels; the planner mirrors it as `AMX_ROUND_ELEMS`): the round's panels
+/// stay in one buffer until every thread has used them, one parallel region
+/// per round. Measured at TinyLlama's shapes: 2^19..2^21 alike, 2^23 (every
+/// panel of a projection in memory) 5-20% slower at gate/up, a round per
+/// 8 panels with its own pack region slower still (the other thread woken
+/// twice per round).
+const ROW_SPLIT_ROUND_ELEMS: usize = 1 << 20;
+/// Bytes of a thread's rows of A kept in its L2 while it runs through a
+/// round's panels: longer K is done in passes of this many bytes, the
+/// output accumulated between them (TinyLlama's down projection, K 5632:
+/// a micro-benchmark 1.59 TFLOP/s in one pass, 2.03-2.07 in passes).
+const ROW_SPLIT_A_PASS_BYTES: usize = 1 << 20;
+
+/// The 32-row block ranges of A, one per thread, when A is big enough for
+/// the row split ([`ROW_SPLIT_MIN_A_BYTES`]) and has at least four blocks
+/// per thread (fewer would leave the threads unevenly loaded).
+fn row_slices(mp: usize, kp: usize) -> Option<Vec<std::ops::Range<usize>>> {
+    let threads = rayon::current_num_threads();
+    let blocks = mp / 32;
+    if threads < 2 || mp * kp * 2 < ROW_SPLIT_MIN_A_BYTES || blocks < 4 * threads {
+        return None;
+    }
+    Some(
+        (0..threads)
+            .map(|j| j * blocks / threads..(j + 1) * blocks / threads)
+            .collect(),
+    )
+}
+
+/// One output panel of a row-split product: 32 (or `nn`) columns of C at
+/// `c` (row stride `ldc`), its B tiles at `b` (two streams `bstride` tiles
+/// apart).
+#[derive(Clone, Copy)]
+struct PanelOut {
+    b: *const u16,
+    bstride: usize,
+    c: SendPtr<f32>,
+    ldc: usize,
+    nn: usize,
+}
+unsafe impl Send for PanelOut {}
+unsafe impl Sync for PanelOut {}
+
+/// `C_p (+)= A · B_p` for every panel p, by rows: each thread takes one of
+/// `slices` (32-row blocks of A) through all the panels, in K passes of
+/// [`ROW_SPLIT_A_PASS_BYTES`] of its A rows. `ready(p)` is called before
+/// panel p's first use on each thread (the forward packs panels on demand).
+///
+/// # Safety
+/// AMX is available; `a` is packed by [`pack_a`] (`kp` padded columns, at
+/// least `slices`' rows; `m` real rows), read from k-step `ks0` for
+/// `ksteps`; every panel's B holds `ksteps` tiles per stream once `ready`
+/// returned, and its C is `m` rows × `nn` writable floats not aliased by
+/// another panel's.
+#[allow(clippy::too_many_arguments)]
+unsafe fn products_by_rows(
+    a: &[u16],
+    kp: usize,
+    m: usize,
+    ks0: usize,
+    ksteps: usize,
+    slices: &[std::ops::Range<usize>],
+    panels: &[PanelOut],
+    acc: bool,
+    ready: &(dyn Fn(usize) + Sync),
+) {
+    slices.par_iter().for_each(|rows| {
+        let r0 = rows.start * 32;
+        if r0 >= m {
+            return;
+        }
+        let mr = (rows.end * 32).min(m) - r0;
+        let pass = (ROW_SPLIT_A_PASS_BYTES / (rows.len() * 32 * 64)).max(8);
+        let mut k0 = 0;
+        while k0 < ksteps {
+            let kk = pass.min(ksteps - k0);
+            for (j, p) in panels.iter().enumerate() {
+                if k0 == 0 {
+                    ready(j);
+                }
+                // SAFETY: the caller's contract; rows r0.. of A and C are
+                // this slice's own, k-steps k0..k0+kk inside every operand.
+                unsafe {
+                    imp::run_blocks(
+                        a.as_ptr().add(r0 * kp + (ks0 + k0) * TILE_U16),
+                        kp,
+                        rows.len() * 32,
+                        mr,
+                        p.b.add(k0 * TILE_U16),
+                        kk,
+                        p.bstride,
+                        p.c.get().add(r0 * p.ldc),
+                        p.ldc,
+                        p.nn,
+                        acc || k0 > 0,
+                    );
+                }
+            }
+            k0 += kk;
+        }
+    });
+}
+
+/// Panels a thread packs ahead of the one it multiplies next.
+const PACK_AHEAD: usize = 2;
+
+/// The forward by row slices, in one parallel region per round: the
+/// threads claim the round's B panels in order and pack them a few ahead of
+/// their products (a packed panel is used while it is still in a cache; a
+/// pack phase of its own wrote and re-read the whole round from memory:
+/// 0.65-1.1 ms of TinyLlama's q projection against 1.9-2.5 ms of products).
+/// A thread that needs a panel another one is packing waits for it; no
+/// thread waits for one nobody packs, so a pool with one free thread just
+/// runs the slices one after the other.
+///
+/// # Safety
+/// As [`linear_forward_raw_multi`]; `a` is x packed (`t` rows, `ksteps`).
+unsafe fn forward_by_rows(
+    a: &[u16],
+    i: usize,
+    t: usize,
+    ksteps: usize,
+    slices: &[std::ops::Range<usize>],
+    panels: &[(usize, usize)],
+    outs: &[(usize, SendPtr<f32>, &WeightBf16)],
+) {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let kp = ksteps * 32;
+    let panel = 2 * ksteps * TILE_U16;
+    let round = (ROW_SPLIT_ROUND_ELEMS / (32 * kp)).clamp(1, panels.len());
+    with_scratch(&SCRATCH_GROUP, |g| {
+        g.resize(round * panel);
+        let gp = SendPtr(g.as_mut_ptr());
+        for chunk in panels.chunks(round) {
+            let done: Vec<AtomicBool> = chunk.iter().map(|_| AtomicBool::new(false)).collect();
+            let next = AtomicUsize::new(0);
+            let pack = |j: usize| {
+                let (k, nb) = chunk[j];
+                let (o, _, w) = outs[k];
+                let (n0, nn) = (nb * 32, 32.min(o - nb * 32));
+                // SAFETY: panel j's slot of the round buffer; j was claimed
+                // by this thread alone (`next`), and nobody reads it before
+                // `done[j]` is set.
+                let b = unsafe { std::slice::from_raw_parts_mut(gp.get().add(j * panel), panel) };
+                with_scratch(&SCRATCH_B, |sc| {
+                    sc.resize(nn * i);
+                    w(n0 * i, &mut sc[..nn * i]);
+                    pack_b_forward(&sc[..nn * i], nn, i, ksteps, b);
+                });
+                done[j].store(true, Ordering::Release);
+            };
+            let ready = |j: usize| {
+                while next.load(Ordering::Relaxed) <= (j + PACK_AHEAD).min(chunk.len() - 1) {
+                    let c = next.fetch_add(1, Ordering::Relaxed);
+                    if c >= chunk.len() {
+                        break;
+                    }
+                    pack(c);
+                }
+                while !done[j].load(Ordering::Acquire) {
+                    std::hint::spin_loop();
+                }
+            };
+            let outs_p: Vec<PanelOut> = chunk
+                .iter()
+                .enumerate()
+                .map(|(j, &(k, nb))| {
+                    let (o, yp, _) = outs[k];
+                    PanelOut {
+                        b: gp.get().add(j * panel),
+                        bstride: ksteps,
+                        c: SendPtr(yp.get().add(nb * 32)),
+                        ldc: o,
+                        nn: 32.min(o - nb * 32),
+                    }
+                })
+                .collect();
+            products_by_rows(a, kp, t, 0, ksteps, slices, &outs_p, false, &ready);
+        }
     });
 }
 

@@ -250,3 +250,101 @@ fn shared_input_forward_equals_separate_forwards() {
         }
     }
 }
+
+/// The row split (A's rows shared out among the threads; forward panels
+/// packed on demand in rounds, K in passes) gives bit for bit what the
+/// column split gives: both accumulate every output's k-steps in the same
+/// order in f32 tiles. Run in pools of 1 (column split), 2 and 3 threads,
+/// at shapes with partial row and column blocks, several forward rounds
+/// and (at K 4200 with 3 threads) K passes; one shape is also checked
+/// against the bf16 reference.
+#[test]
+fn row_split_products_equal_the_column_split_bit_for_bit() {
+    if !available() {
+        eprintln!("SKIPPED: AMX-BF16 is not available on this CPU; the AMX kernels were not run");
+        return;
+    }
+    let pool = |n: usize| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build()
+            .expect("pool")
+    };
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    // (o, i, t), all with at least 12 row blocks; the forward splits rows
+    // where x packed (t x i) has ROW_SPLIT_MIN_A_BYTES, the input gradient
+    // where dy's columns of one weight chunk do (the last two shapes; the
+    // last one's second chunk, 612 rows, goes back to the column split).
+    for &(o, i, t) in &[
+        (70usize, 1400usize, 353usize),
+        (45, 4200, 390),
+        (1200, 1100, 480),
+        (2500, 1100, 400),
+    ] {
+        let kp = round_up(i, 32);
+        assert!(t > 11 * 32);
+        let wv = rand_vec(o * i, 61, 1.0);
+        let x = rand_vec(t * i, 62, 1.0);
+        let dy = rand_vec(t * o, 63, 1.0);
+        let init = rand_vec(t * i, 64, 1.0);
+        let w = |start: usize, out: &mut [u16]| {
+            for (d, v) in out.iter_mut().zip(&wv[start..]) {
+                *d = bf16_bits(*v);
+            }
+        };
+        let run = |n: usize| {
+            pool(n).install(|| {
+                let by_rows = |k: usize| row_slices(round_up(t, 32), k).is_some();
+                assert_eq!(by_rows(kp) || by_rows(round_up(o.min(1888), 32)), n > 1);
+                let y = linear_forward_new(o, i, t, &x, &w);
+                let mut dx = init.clone();
+                linear_backward(o, i, t, &dy, &mut dx, &w);
+                (y, dx)
+            })
+        };
+        let (y1, dx1) = run(1);
+        for n in [2, 3] {
+            let (y, dx) = run(n);
+            assert_eq!(bits(&y), bits(&y1), "forward {o}x{i}x{t}, {n} threads");
+            assert_eq!(
+                bits(&dx),
+                bits(&dx1),
+                "input gradient {o}x{i}x{t}, {n} threads"
+            );
+        }
+        if o == 70 {
+            let mut worst = 0f64;
+            for r in 0..t {
+                for c in 0..o {
+                    let s: f64 = (0..i).map(|k| bf(x[r * i + k]) * bf(wv[c * i + k])).sum();
+                    worst = worst.max((s - y1[r * o + c] as f64).abs());
+                }
+            }
+            assert!(
+                worst < 1e-4 * (i as f64).sqrt(),
+                "forward reference: {worst}"
+            );
+        }
+    }
+}
+
+#[test]
+fn row_interleave_matches_the_plain_loop() {
+    for &(cols, stride) in &[(16usize, 32usize), (2048, 96), (576, 1024), (48, 40)] {
+        let even: Vec<u16> = (0..cols as u16).collect();
+        let odd: Vec<u16> = (0..cols as u16).map(|v| v ^ 0x8000).collect();
+        let len = (cols / 16 - 1) * stride + 32;
+        let mut want = vec![7u16; len];
+        let mut got = vec![7u16; len];
+        backward::interleave_rows_ref(&even, &odd, &mut want, stride);
+        backward::interleave_rows(&even, &odd, &mut got, stride);
+        assert_eq!(got, want, "cols {cols} stride {stride}");
+        assert_eq!(&want[..4], &[0, 0x8000, 1, 1 ^ 0x8000]);
+        if cols >= 32 {
+            assert_eq!(
+                &want[stride..stride + 4],
+                &[16, 16 ^ 0x8000, 17, 17 ^ 0x8000]
+            );
+        }
+    }
+}

@@ -87,3 +87,34 @@ pub(super) unsafe fn pack_b_forward_avx512(
         }
     }
 }
+
+/// [`super::backward::interleave_rows`] with AVX-512 BW: 16 columns of
+/// each row per step, interleaved by one word permute.
+#[target_feature(enable = "avx512f,avx512bw")]
+pub(super) unsafe fn interleave_rows_avx512(
+    even: &[u16],
+    odd: &[u16],
+    dst: &mut [u16],
+    stride: usize,
+) {
+    let groups = even.len() / 16;
+    assert!(odd.len() >= groups * 16);
+    assert!(groups == 0 || dst.len() >= (groups - 1) * stride + 32);
+    // word k of the result: even[k / 2] (k even) or odd[k / 2] (k odd), the
+    // odd row sitting in the upper half of the source register
+    let idx = _mm512_set_epi16(
+        31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4,
+        19, 3, 18, 2, 17, 1, 16, 0,
+    );
+    for g in 0..groups {
+        // SAFETY: 16 words of each row at g·16 (asserted), 32 words at
+        // g·stride of `dst` (asserted).
+        unsafe {
+            let e = _mm256_loadu_si256(even.as_ptr().add(g * 16) as *const __m256i);
+            let o = _mm256_loadu_si256(odd.as_ptr().add(g * 16) as *const __m256i);
+            let both = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(e), o);
+            let r = _mm512_permutexvar_epi16(idx, both);
+            _mm512_storeu_si512(dst.as_mut_ptr().add(g * stride) as *mut _, r);
+        }
+    }
+}
