@@ -21,6 +21,34 @@ pub trait DequantElem: Copy + Send + Sync + Default + 'static {
     fn expand(cx: Expand, bytes: &[u8], map: &[f32; 16], absmax: f32, out: &mut [Self]) {
         expand_scalar(bytes, map, absmax, cx.round, out)
     }
+
+    /// Whether [`Self::expand_blocks`] has a kernel for `cx` and blocks of `bs`.
+    #[doc(hidden)]
+    fn has_expand_blocks(_cx: Expand, _bs: usize) -> bool {
+        false
+    }
+
+    /// Expands `absmax.len()` whole blocks of `bs` elements at once (`bytes` and `out`
+    /// hold exactly them); only called where [`Self::has_expand_blocks`] says so.
+    #[doc(hidden)]
+    fn expand_blocks(
+        cx: Expand,
+        bytes: &[u8],
+        absmax: &[f32],
+        bs: usize,
+        map: &[f32; 16],
+        out: &mut [Self],
+    ) {
+        for (k, &a) in absmax.iter().enumerate() {
+            Self::expand(
+                cx,
+                &bytes[k * bs / 2..(k + 1) * bs / 2],
+                map,
+                a,
+                &mut out[k * bs..(k + 1) * bs],
+            );
+        }
+    }
 }
 
 /// How a dequantization call expands its blocks.
@@ -82,8 +110,9 @@ impl DequantElem for f32 {
     fn expand(cx: Expand, bytes: &[u8], map: &[f32; 16], absmax: f32, out: &mut [Self]) {
         match cx.backend {
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: `Backend::Avx2` is only constructed after run-time feature detection.
-            Backend::Avx2 => unsafe {
+            // SAFETY: `Backend::Avx2` / `Avx512` are only constructed after run-time
+            // feature detection (AVX2 and F16C for both).
+            Backend::Avx2 | Backend::Avx512 => unsafe {
                 crate::simd::x86::expand_f32_avx2(bytes, map, absmax, cx.round, cx.stream, out)
             },
             _ => expand_scalar(bytes, map, absmax, cx.round, out),
@@ -101,7 +130,7 @@ impl DequantElem for bf16 {
         match cx.backend {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: as above.
-            Backend::Avx2 if cx.round == DType::F32 => unsafe {
+            Backend::Avx2 | Backend::Avx512 if cx.round == DType::F32 => unsafe {
                 crate::simd::x86::expand_u16_avx2(
                     bytes,
                     crate::simd::x86::lut_bf16_avx2(map, absmax),
@@ -111,6 +140,36 @@ impl DequantElem for bf16 {
             },
             _ => expand_scalar(bytes, map, absmax, cx.round, out),
         }
+    }
+
+    fn has_expand_blocks(cx: Expand, bs: usize) -> bool {
+        match cx.backend {
+            #[cfg(target_arch = "x86_64")]
+            Backend::Avx512 => cx.round == DType::F32 && !cx.stream && bs.is_multiple_of(32),
+            _ => false,
+        }
+    }
+
+    fn expand_blocks(
+        cx: Expand,
+        bytes: &[u8],
+        absmax: &[f32],
+        bs: usize,
+        map: &[f32; 16],
+        out: &mut [Self],
+    ) {
+        debug_assert!(Self::has_expand_blocks(cx, bs));
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `has_expand_blocks` held, so the backend is `Avx512`, only constructed
+        // after run-time detection of AVX-512 F and BW.
+        unsafe {
+            crate::simd::x86_512::expand_blocks_bf16(bytes, absmax, bs, map, out)
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        unreachable!(
+            "no block kernel off x86-64 ({cx:?}, {bytes:?}, {absmax:?}, {bs}, {map:?}, {})",
+            out.len()
+        );
     }
 }
 
@@ -124,7 +183,7 @@ impl DequantElem for f16 {
         match cx.backend {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: as above (the AVX2 backend also requires F16C).
-            Backend::Avx2 if cx.round == DType::F32 => unsafe {
+            Backend::Avx2 | Backend::Avx512 if cx.round == DType::F32 => unsafe {
                 crate::simd::x86::expand_u16_avx2(
                     bytes,
                     crate::simd::x86::lut_f16_avx2(map, absmax),
@@ -163,8 +222,26 @@ fn range_serial<T: DequantElem>(
     let end = start + out.len();
     let mut i = start;
     let mut rest = out;
+    // Whole blocks go to `expand_blocks` where there is such a kernel, up to this
+    // many (their absmax gathered first) at a time.
+    const RUN: usize = 64;
+    let whole_blocks = T::has_expand_blocks(cx, bs);
+    let mut run_absmax = [0f32; RUN];
     while i < end {
         let b = i / bs;
+        if whole_blocks && i.is_multiple_of(bs) && end - i >= bs {
+            let nb = ((end - i) / bs).min(RUN);
+            let am = &mut run_absmax[..nb];
+            match &q.absmax {
+                Absmax::Plain(v) => am.copy_from_slice(&v[b..b + nb]),
+                Absmax::Double(d) => d.absmax_range(b, am),
+            }
+            let (seg, tail) = std::mem::take(&mut rest).split_at_mut(nb * bs);
+            T::expand_blocks(cx, &packed[i / 2..(i + nb * bs) / 2], am, bs, map, seg);
+            rest = tail;
+            i += nb * bs;
+            continue;
+        }
         let block_end = ((b + 1) * bs).min(end);
         let a = q.absmax.at(b);
         let (seg, tail) = std::mem::take(&mut rest).split_at_mut(block_end - i);

@@ -265,9 +265,9 @@ fn quantize_block<T: Elem>(
 ) -> (f32, bool) {
     match backend {
         #[cfg(target_arch = "x86_64")]
-        Backend::Avx2 => {
-            // SAFETY: `Backend::Avx2` is only constructed after run-time detection of AVX2
-            // and F16C.
+        Backend::Avx2 | Backend::Avx512 => {
+            // SAFETY: `Backend::Avx2` / `Avx512` are only constructed after run-time
+            // detection of AVX2 and F16C.
             unsafe { crate::simd::x86::quantize_block_avx2(x, partial, t, out) }
         }
         _ => quantize_block_scalar(x, partial, t, out),

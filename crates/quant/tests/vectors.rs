@@ -344,3 +344,59 @@ fn validate_reports_inconsistencies() {
     q.absmax = Absmax::Plain(vec![1.0; 4]);
     assert!(matches!(q.validate(), Err(QuantError::Inconsistent(m)) if m.contains("absmax has 4")));
 }
+
+/// Dequantization of a checkpoint's stored statistics, whatever they hold: blocks whose
+/// absmax is infinite, NaN (with payloads that a naive bf16 rounding carries into the
+/// exponent or the sign), zero, subnormal or huge give bit for bit the reference's bf16,
+/// f16 and f32 on every backend, from every start, whole blocks and partial ones.
+#[test]
+fn any_stored_absmax_dequantizes_like_the_reference() {
+    let specials = [
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+        f32::from_bits(0x7fff_ffff),
+        f32::from_bits(0xff80_0001),
+        f32::from_bits(0x7fc0_0001),
+        0.0,
+        -0.0,
+        1e-45,
+        1.1e-38,
+        3.3e38,
+        f32::MAX,
+        0.75,
+        -2.5,
+    ];
+    for bs in [32usize, 64, 128] {
+        let n = specials.len() * bs;
+        let packed: Vec<u8> = (0..n / 2).map(|j| (j * 37 + 11) as u8).collect();
+        for qt in [QuantType::Nf4, QuantType::Fp4] {
+            let q = Quantized4 {
+                quant_type: qt,
+                blocksize: bs,
+                shape: vec![n],
+                dtype: DType::F32,
+                packed: packed.clone(),
+                absmax: Absmax::Plain(specials.to_vec()),
+            };
+            let want = reference::dequantize_f32(&q);
+            for b in Backend::available() {
+                for start in [0, 1, bs - 1, bs, 3 * bs + 5] {
+                    let len = n - start;
+                    let mut h = vec![bf16::ZERO; len];
+                    q.dequantize_range_with(b, start, &mut h);
+                    let mut f = vec![f16::ZERO; len];
+                    q.dequantize_range_with(b, start, &mut f);
+                    let mut s = vec![0f32; len];
+                    q.dequantize_range_with(b, start, &mut s);
+                    for (k, w) in want[start..].iter().enumerate() {
+                        let at = format!("{} bs {bs} {qt:?} start {start} element {k}", b.name());
+                        assert_eq!(h[k].to_bits(), bf16::from_f32(*w).to_bits(), "bf16 {at}");
+                        assert_eq!(f[k].to_bits(), f16::from_f32(*w).to_bits(), "f16 {at}");
+                        assert_eq!(s[k].to_bits(), w.to_bits(), "f32 {at}");
+                    }
+                }
+            }
+        }
+    }
+}
