@@ -107,7 +107,7 @@ pub fn init_pool() -> bool {
 /// instead of each waking the pool from outside and sleeping until it is done.
 pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     if rayon::current_thread_index().is_some() {
-        return f();
+        return keep_pool_awake(f);
     }
     struct Reset;
     impl Drop for Reset {
@@ -118,8 +118,68 @@ pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     rayon::scope(|_| {
         DRIVER.set(true);
         let _reset = Reset;
-        f()
+        keep_pool_awake(f)
     })
+}
+
+/// Runs `f` (on a pool worker) while the pool's other workers stay awake:
+/// each runs a job that takes whatever work appears ([`rayon::yield_now`])
+/// and spins in between, until `f` returns. An idle rayon worker otherwise
+/// falls asleep within microseconds, and on this project's VMs waking it
+/// took 130-165 us (22-32 us after a 10-50 us gap; a micro-benchmark of
+/// `join`), paid by every parallel region that follows a sequential stretch
+/// of the step; hundreds of them per step.
+///
+/// One such call at a time in the process (others, concurrent or nested,
+/// just run their `f`): two drivers each with helpers could deadlock, each
+/// driver, waiting in a join, having picked up the other's helper, which
+/// spins until the other driver's `f` (underneath the first's helper)
+/// returns (argued from rayon's stealing order; the concurrent-driver test
+/// below did not hit it without this guard either). A single driver's helper is the oldest job in its queue, so a
+/// thread takes it before any of `f`'s jobs and never holds one under it.
+fn keep_pool_awake<R>(f: impl FnOnce() -> R) -> R {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+    static ACTIVE: AtomicBool = AtomicBool::new(false);
+    let me = rayon::current_thread_index();
+    let helpers = rayon::current_num_threads().saturating_sub(1);
+    if me.is_none() || helpers == 0 || ACTIVE.swap(true, Ordering::AcqRel) {
+        return f();
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let live = Arc::new(AtomicUsize::new(helpers));
+    for _ in 0..helpers {
+        let (stop, live) = (stop.clone(), live.clone());
+        rayon::spawn(move || {
+            // A helper job that this very thread picks up (from its own
+            // queue, while it waits in a join) must not spin: only this
+            // thread can end the spinning.
+            if rayon::current_thread_index() != me {
+                while !stop.load(Ordering::Acquire) {
+                    if rayon::yield_now() != Some(rayon::Yield::Executed) {
+                        std::hint::spin_loop();
+                    }
+                }
+            }
+            live.fetch_sub(1, Ordering::Release);
+        });
+    }
+    /// Ends the helpers (also when `f` panics) and waits until none runs,
+    /// running any that is still queued here (it returns at once).
+    struct Stop(Arc<AtomicBool>, Arc<AtomicUsize>);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Release);
+            while self.1.load(Ordering::Acquire) > 0 {
+                if rayon::yield_now() != Some(rayon::Yield::Executed) {
+                    std::hint::spin_loop();
+                }
+            }
+            ACTIVE.store(false, Ordering::Release);
+        }
+    }
+    let _stop = Stop(stop, live);
+    f()
 }
 
 /// A read-only strided view into a row-major buffer: element `(i, j)` is
@@ -332,6 +392,64 @@ pub(crate) mod testutil {
 
 #[cfg(test)]
 mod tests {
+
+    /// Work inside [`keep_pool_awake`] runs to the same results on pools of
+    /// 2 and 3 threads: nested joins and parallel iterators (whose halves the
+    /// spinning helpers take), 200 calls in a row (every helper ends before
+    /// the next call's start), and a panicking body, which propagates while
+    /// the helpers still stop (the next call completes).
+    #[test]
+    fn the_pool_kept_awake_runs_nested_work_and_stops_after_a_panic() {
+        use rayon::prelude::*;
+        for n in [2, 3] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(n)
+                .build()
+                .expect("pool");
+            pool.install(|| {
+                for k in 0..200u64 {
+                    let (a, b) = super::keep_pool_awake(|| {
+                        rayon::join(
+                            || (0..1000u64).into_par_iter().map(|x| x * k).sum::<u64>(),
+                            || (0..100u64).into_par_iter().map(|x| x + k).sum::<u64>(),
+                        )
+                    });
+                    assert_eq!((a, b), (k * 499_500, 4950 + 100 * k));
+                }
+                let caught = std::panic::catch_unwind(|| {
+                    super::keep_pool_awake(|| {
+                        (0..64)
+                            .into_par_iter()
+                            .for_each(|x| assert_ne!(x, 63, "boom"));
+                    })
+                });
+                assert!(caught.is_err());
+                let after = super::keep_pool_awake(|| (0..10u32).into_par_iter().sum::<u32>());
+                assert_eq!(after, 45);
+            });
+            // Drivers on four OS threads at once in one pool (as parallel
+            // tests run training steps), with nested calls: all complete.
+            std::thread::scope(|s| {
+                for d in 0..4u64 {
+                    let pool = &pool;
+                    s.spawn(move || {
+                        for k in 0..100u64 {
+                            let got = pool.install(|| {
+                                super::keep_pool_awake(|| {
+                                    let inner = super::keep_pool_awake(|| {
+                                        (0..300u64).into_par_iter().map(|x| x ^ d).sum::<u64>()
+                                    });
+                                    inner + (0..500u64).into_par_iter().map(|x| x * k).sum::<u64>()
+                                })
+                            });
+                            let want = (0..300u64).map(|x| x ^ d).sum::<u64>() + 124_750 * k;
+                            assert_eq!(got, want);
+                        }
+                    });
+                }
+            });
+        }
+    }
     use super::testutil::*;
     use super::*;
 
