@@ -293,7 +293,11 @@ pub fn worker_arenas(c: &ModelConfig, p: &PlanInput) -> u64 {
 
 /// Rows of logits the head computes at once (`ops/cross_entropy.rs`,
 /// `head_forward_backward`): `HEAD_CHUNK_LOGITS / V` rows, at least 1 and at
-/// most T, rounded down to a multiple of 32 when there are at least 32.
+/// most T, rounded down to a multiple of 32 when there are at least 32. The
+/// trainer evens its chunks out below that (512 positions of a 49,152
+/// vocabulary in 4 x 128, not 3 x 160 + 32); the plan keeps this bound,
+/// which never shrinks as T grows (the even size can: 161 positions take
+/// 2 x 96 rows where 160 take 1 x 160).
 pub fn head_chunk_rows(vocab: u64, tokens: u64) -> u64 {
     let rows = (HEAD_CHUNK_LOGITS / vocab.max(1)).clamp(1, tokens.max(1));
     if rows >= 32 {

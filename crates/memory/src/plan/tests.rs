@@ -447,7 +447,7 @@ fn sharded_load_peak_counts_the_tokenizer_build() {
 
 /// `--compute bf16` on the CPU trainer (AMX): storage as in f32 (an f32
 /// checkpoint stays f32), plus the lm_head's bf16 copy kept after the first
-/// step, plus the AMX workspace (the input gradient's 2^21-element bf16
+/// step (packed twice: the forward's and the input gradient's layouts), plus the AMX workspace (the input gradient's 2^21-element bf16
 /// weight chunk, the forward's 2^20-element round of panels and the
 /// largest bf16 activation pack). Measured on the
 /// SmolLM2 shape without checkpointing: plan 894 MiB, trainer 877 MiB
@@ -468,8 +468,8 @@ fn cpu_bf16_compute_counts_the_head_copy_and_the_amx_workspace() {
         plan(&inv, &c, &f32p).unwrap().per_device,
         plan(&inv, &c, &bf16p).unwrap().per_device,
     );
-    // the untied lm_head, 320 x 64, as bf16
-    assert_eq!(b.frozen_weights - a.frozen_weights, 320 * 64 * 2);
+    // the untied lm_head, 320 x 64, as bf16, packed for both directions
+    assert_eq!(b.frozen_weights - a.frozen_weights, 2 * 320 * 64 * 2);
     // chunk 2^21 bf16 + the forward's round of panels 2^20 bf16 + the larger
     // of the head's logit-gradient pack (128 rows x 320) and the widest
     // layer input (128 x 160), bf16

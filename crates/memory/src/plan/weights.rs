@@ -165,9 +165,10 @@ pub fn optimizer_bytes(o: Optimizer, n: u64) -> u64 {
 }
 
 /// CPU plans computing in bf16 (AMX): the bf16 copy of an f32 or ggml-block
-/// lm_head (or tied embedding) the trainer makes on its first step and keeps
-/// (`qlora-model` `FrozenLinear::bf16_copy_for_amx`, for heads of at most
-/// 128 MiB in bf16). 0 otherwise.
+/// lm_head (or tied embedding) the trainer makes on its first step and keeps,
+/// packed for both directions of the AMX products (`qlora-model`
+/// `FrozenLinear::packed_for_amx`: two copies, each padded to multiples of 32
+/// rows and columns; for heads of at most 128 MiB in bf16). 0 otherwise.
 pub(crate) fn cpu_bf16_head_copy(inv: &Inventory, p: &PlanInput) -> u64 {
     if p.gpu || p.compute != super::DType::BF16 || p.method == Method::Full {
         return 0;
@@ -181,12 +182,11 @@ pub(crate) fn cpu_bf16_head_copy(inv: &Inventory, p: &PlanInput) -> u64 {
         // an f32 head or a GGUF's own blocks (`--quant native`) are copied;
         // a bf16 checkpoint's head is used as it is
         Some(t) if !t.stored_bf16 => {
-            let bytes = 2 * t.numel();
-            if bytes <= super::activations::HEAD_BF16_COPY_MAX_BYTES {
-                bytes
-            } else {
-                0
+            if 2 * t.numel() > super::activations::HEAD_BF16_COPY_MAX_BYTES {
+                return 0;
             }
+            let padded: u64 = t.shape.iter().map(|&d| d.div_ceil(32) * 32).product();
+            2 * 2 * padded
         }
         _ => 0,
     }

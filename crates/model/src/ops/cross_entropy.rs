@@ -110,6 +110,23 @@ fn rows_forward_backward(
 /// At most this many f32 logits exist at once in [`head_forward_backward`].
 const HEAD_CHUNK_LOGITS: usize = 1 << 23;
 
+/// Positions per chunk of [`head_forward_backward`]: at most
+/// [`HEAD_CHUNK_LOGITS`] logits, a multiple of 32 (whole AMX row blocks)
+/// where that allows, and the chunks as even as that allows: SmolLM2's 512
+/// positions go in 4 x 128, not 3 x 160 + 32 (a 32-row chunk reads the whole
+/// head for a fifth of a big chunk's work; the head 96 -> 91 ms per step,
+/// medians of 3).
+/// The memory planner counts the maximum (`qlora-memory` `head_chunk_rows`).
+fn head_chunk_rows(vocab: usize, t: usize) -> usize {
+    let max = (HEAD_CHUNK_LOGITS / vocab.max(1)).clamp(1, t.max(1));
+    if max < 32 {
+        return max;
+    }
+    let max = max / 32 * 32;
+    let even = t.div_ceil(t.div_ceil(max));
+    (even.div_ceil(32) * 32).min(max)
+}
+
 /// The largest head [`head_forward_backward`] copies to bf16 once per call
 /// (128 MiB, 4x the logits chunk's bytes).
 const HEAD_BF16_COPY_MAX_BYTES: usize = 4 * 4 * HEAD_CHUNK_LOGITS;
@@ -129,17 +146,16 @@ pub fn head_forward_backward(
     let (vocab, h) = (head.out_features, head.in_features);
     let t = labels.len();
     assert_eq!(nf.len(), t * h, "head: input size");
-    let rows = (HEAD_CHUNK_LOGITS / vocab.max(1)).clamp(1, t.max(1));
-    let rows = if rows >= 32 { rows / 32 * 32 } else { rows };
-    // bf16 compute: the weight rounded to bf16 once here, not per chunk and
-    // direction (+2 bytes per weight element while the head runs), when that
-    // copy is at most 4x the logits chunk's bytes: SmolLM2's 49152 x 576 head
-    // (54 MiB), TinyLlama's 32000 x 2048 (125 MiB), never the 250 MiB to 1 GiB
-    // of a 7B-8B model's head.
-    let converted = (vocab * h * 2 <= HEAD_BF16_COPY_MAX_BYTES)
-        .then(|| head.bf16_copy_for_amx(t))
+    let rows = head_chunk_rows(vocab, t);
+    // bf16 compute: the weight rounded to bf16 and packed for both
+    // directions once (kept from step to step: +4 bytes per weight element),
+    // not per chunk and direction, when its bf16 is at most 4x the logits
+    // chunk's bytes: SmolLM2's 49152 x 576 head (2 x 54 MiB), TinyLlama's
+    // 32000 x 2048 (2 x 125 MiB), never the 250 MiB to 1 GiB of a 7B-8B
+    // model's head.
+    let packed = (vocab * h * 2 <= HEAD_BF16_COPY_MAX_BYTES)
+        .then(|| head.packed_for_amx(t))
         .flatten();
-    let head = converted.as_ref().unwrap_or(head);
     let mut dnf = vec![0f32; t * h];
     let mut per: Vec<Option<f64>> = vec![None; t];
     let mut logits: Vec<f32> = Vec::new();
@@ -152,10 +168,17 @@ pub fn head_forward_backward(
             continue;
         }
         logits.resize((r1 - r0) * vocab, 0.0);
-        head.forward_into(&nf[r0 * h..r1 * h], r1 - r0, &mut logits);
+        let (x, dx) = (&nf[r0 * h..r1 * h], &mut dnf[r0 * h..r1 * h]);
+        match &packed {
+            Some(pw) => pw.forward(x, r1 - r0, &mut logits),
+            None => head.forward_into(x, r1 - r0, &mut logits),
+        }
         let p = rows_forward_backward(&mut logits, labels, s, vocab, r0, inv);
         per[r0..r1].copy_from_slice(&p);
-        head.backward_input(&logits, r1 - r0, &mut dnf[r0 * h..r1 * h]);
+        match &packed {
+            Some(pw) => pw.backward(&logits, r1 - r0, dx),
+            None => head.backward_input(&logits, r1 - r0, dx),
+        }
         r0 = r1;
     }
     let (sum, count) = sum_in_order(&per);

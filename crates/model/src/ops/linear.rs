@@ -116,10 +116,10 @@ impl std::str::FromStr for BaseCompute {
     }
 }
 
-/// The bf16 copy [`FrozenLinear::bf16_copy_for_amx`] makes of an f32 or
+/// The packed bf16 copy [`FrozenLinear::packed_for_amx`] makes of an f32 or
 /// ggml weight, once, shared by the linear's clones (the weight is frozen).
 #[derive(Debug, Clone, Default)]
-pub struct Bf16Copy(Arc<std::sync::OnceLock<Arc<Vec<bf16>>>>);
+pub struct Bf16Copy(Arc<std::sync::OnceLock<Arc<super::amx::PackedWeight>>>);
 
 /// A frozen linear layer: `weight` is `[out, in]` (PyTorch layout).
 #[derive(Debug, Clone)]
@@ -144,31 +144,30 @@ impl FrozenLinear {
             && super::amx::available()
     }
 
-    /// `self` with the weight converted to bf16, for a caller about to run
-    /// several AMX products with it (the f32 tied embedding as the lm_head);
-    /// `None` when there is nothing to gain (not on the AMX path, already
-    /// bf16, or a 4-bit weight, which stays 4-bit). The copy is made once and
-    /// kept ([`Bf16Copy`]): converting SmolLM2's 49152 × 576 head took ~25-40
-    /// ms per step; it exists at the step's peak (the head) either way.
-    pub fn bf16_copy_for_amx(&self, t: usize) -> Option<FrozenLinear> {
-        if !self.use_amx(t) || !matches!(self.weight, FrozenWeight::F32(_) | FrozenWeight::Ggml(_))
+    /// The weight rounded to bf16 and packed for both AMX directions
+    /// ([`super::amx::PackedWeight`]), for a caller about to run several
+    /// products with it (the lm_head, or the f32 tied embedding as the head:
+    /// a forward and an input gradient per chunk of positions); `None` when
+    /// there is nothing to gain (not on the AMX path, a bias, a bf16 or 4-bit
+    /// weight, which stays as stored). Made once and kept ([`Bf16Copy`]):
+    /// converting SmolLM2's 49152 × 576 head took ~25-40 ms per step, and
+    /// packing its panels per chunk and direction about as long as the
+    /// products. Twice the bf16 weight's bytes.
+    pub fn packed_for_amx(&self, t: usize) -> Option<Arc<super::amx::PackedWeight>> {
+        if !self.use_amx(t)
+            || self.bias.is_some()
+            || !matches!(self.weight, FrozenWeight::F32(_) | FrozenWeight::Ggml(_))
         {
             return None;
         }
-        let w = self.bf16_copy.0.get_or_init(|| {
-            let n = self.out_features * self.in_features;
-            let mut w = vec![bf16::ZERO; n];
-            bytemuck::cast_slice_mut::<bf16, u16>(&mut w)
-                .par_chunks_mut(1 << 16)
-                .enumerate()
-                .for_each(|(c, out)| self.weight.elems_bf16(c << 16, out));
-            Arc::new(w)
+        let p = self.bf16_copy.0.get_or_init(|| {
+            Arc::new(super::amx::PackedWeight::new(
+                self.out_features,
+                self.in_features,
+                &|s, out| self.weight.elems_bf16(s, out),
+            ))
         });
-        Some(FrozenLinear {
-            weight: FrozenWeight::BF16(w.clone()),
-            bf16_copy: Bf16Copy::default(),
-            ..self.clone()
-        })
+        Some(p.clone())
     }
 
     fn tile_rows(&self) -> usize {
@@ -370,10 +369,11 @@ mod tests {
         assert!(max_abs_diff(&d.forward(&x, t), &yr) < 1e-4);
     }
 
-    /// The once-converted bf16 copy (the lm_head's) gives bit-identical
-    /// products to converting per call.
+    /// The once-packed bf16 copy (the lm_head's) gives bit-identical
+    /// products to converting per call; it is made once and shared by
+    /// clones, and not made off the bf16 path or for a linear with a bias.
     #[test]
-    fn bf16_copy_for_amx_gives_the_same_products() {
+    fn packed_copy_for_amx_gives_the_same_products() {
         let (o, i, t) = (70, 96, 40);
         let lin = FrozenLinear {
             out_features: o,
@@ -383,31 +383,33 @@ mod tests {
             compute: BaseCompute::Bf16,
             bf16_copy: Default::default(),
         };
-        let Some(copy) = lin.bf16_copy_for_amx(t) else {
+        let Some(copy) = lin.packed_for_amx(t) else {
             assert!(!super::super::amx::available());
-            eprintln!("SKIPPED: no AMX here, so no bf16 copy is made");
+            eprintln!("SKIPPED: no AMX here, so no packed copy is made");
             return;
         };
-        assert!(matches!(copy.weight, FrozenWeight::BF16(_)));
         // made once, then kept: a second call (or a clone's) gives the same copy
-        let same = |a: &FrozenLinear, b: &FrozenLinear| match (&a.weight, &b.weight) {
-            (FrozenWeight::BF16(x), FrozenWeight::BF16(y)) => Arc::ptr_eq(x, y),
-            _ => false,
-        };
-        assert!(same(&copy, &lin.bf16_copy_for_amx(t).unwrap()));
-        assert!(same(&copy, &lin.clone().bf16_copy_for_amx(t).unwrap()));
+        assert!(Arc::ptr_eq(&copy, &lin.packed_for_amx(t).unwrap()));
+        assert!(Arc::ptr_eq(&copy, &lin.clone().packed_for_amx(t).unwrap()));
         let f32_lin = FrozenLinear {
             compute: BaseCompute::F32,
             bf16_copy: Default::default(),
             ..lin.clone()
         };
-        assert!(f32_lin.bf16_copy_for_amx(t).is_none());
-        assert!(copy.bf16_copy_for_amx(t).is_none());
+        assert!(f32_lin.packed_for_amx(t).is_none());
+        let biased = FrozenLinear {
+            bias: Some(vec![1.0; o]),
+            bf16_copy: Default::default(),
+            ..lin.clone()
+        };
+        assert!(biased.packed_for_amx(t).is_none());
         let x = rand_vec(t * i, 42, 1.0);
-        assert_eq!(copy.forward(&x, t), lin.forward(&x, t));
+        let mut y = vec![f32::NAN; t * o];
+        copy.forward(&x, t, &mut y);
+        assert_eq!(y, lin.forward(&x, t));
         let dy = rand_vec(t * o, 43, 1.0);
         let (mut a, mut b) = (vec![0.5f32; t * i], vec![0.5f32; t * i]);
-        copy.backward_input(&dy, t, &mut a);
+        copy.backward(&dy, t, &mut a);
         lin.backward_input(&dy, t, &mut b);
         assert_eq!(a, b);
     }

@@ -32,6 +32,58 @@ pub(super) fn interleave_rows_ref(even: &[u16], odd: &[u16], dst: &mut [u16], st
     }
 }
 
+/// Rows `0..nr` (at most 32) of a weight, `i` bf16 each, as k-step `ks` of
+/// the input gradient's B layout: row pair p is tile row p of every stream,
+/// 16 columns per stream, stream g at `dst + g·stream` (`[nblocks][2][..]`,
+/// a missing odd row as zeros). Columns past `i` are not written.
+///
+/// # Safety
+/// `dst` is valid for writes of `len` u16 and every written element,
+/// `(g·stream + ks·TILE + p·32 + 32)` for the last group g, is below `len`
+/// (asserted); no other thread writes tile `ks` meanwhile.
+pub(super) unsafe fn interleave_chunk(
+    rows: &[u16],
+    nr: usize,
+    i: usize,
+    ks: usize,
+    stream: usize,
+    dst: *mut u16,
+    len: usize,
+) {
+    assert!(nr <= 32 && rows.len() >= nr * i);
+    assert!(i == 0 || (i.div_ceil(32) * 2 - 1) * stream + (ks + 1) * TILE_U16 <= len);
+    let zeros = vec![0u16; if nr % 2 == 1 { i } else { 0 }];
+    for p in 0..nr.div_ceil(2) {
+        let r_even = &rows[2 * p * i..(2 * p + 1) * i];
+        let r_odd = if 2 * p + 1 < nr {
+            &rows[(2 * p + 1) * i..(2 * p + 2) * i]
+        } else {
+            &zeros[..]
+        };
+        // Column group g (16 columns) of this row pair is tile row p of
+        // stream (g/2, g%2): 32 words at g·stream + ks·TILE + p·32.
+        let base = ks * TILE_U16 + p * 32;
+        let groups = i / 16;
+        if groups > 0 {
+            // SAFETY: the last group ends at (groups-1)·stream + base + 32
+            // <= len (asserted above).
+            let d = unsafe {
+                std::slice::from_raw_parts_mut(dst.add(base), (groups - 1) * stream + 32)
+            };
+            interleave_rows(&r_even[..groups * 16], &r_odd[..groups * 16], d, stream);
+        }
+        for c in groups * 16..i {
+            let (nb, s, j) = (c / 32, (c % 32) / 16, c % 16);
+            let at = (nb * 2 + s) * stream + base + j * 2;
+            // SAFETY: as above (column c's stream is at most the last one).
+            unsafe {
+                *dst.add(at) = r_even[c];
+                *dst.add(at + 1) = r_odd[c];
+            }
+        }
+    }
+}
+
 /// `dx[t, i] += dy[t, o] · W`, W `[o, i]` given by `w`.
 ///
 /// # Panics
@@ -72,50 +124,9 @@ pub fn linear_backward(o: usize, i: usize, t: usize, dy: &[f32], dx: &mut [f32],
                         sc.resize(nr * i);
                         let sc = &mut sc[..nr * i];
                         w(r0 * i, sc);
-                        for p in 0..nr.div_ceil(2) {
-                            let r_even = &sc[2 * p * i..(2 * p + 1) * i];
-                            let r_odd =
-                                (2 * p + 1 < nr).then(|| &sc[(2 * p + 1) * i..(2 * p + 2) * i]);
-                            let zeros;
-                            let r_odd = match r_odd {
-                                Some(r) => r,
-                                None => {
-                                    zeros = vec![0u16; i];
-                                    &zeros[..]
-                                }
-                            };
-                            // Column group g (16 columns) of this row pair is
-                            // tile row p of stream (g/2, g%2): 32 words at
-                            // g·stream + ks·TILE + p·32.
-                            let base = ks * TILE_U16 + p * 32;
-                            let groups = i / 16;
-                            if groups > 0 {
-                                // SAFETY: the last group ends at (groups-1)·stream
-                                // + base + 32 <= nblocks·2·stream; tasks write
-                                // disjoint `ks` tiles.
-                                let d = unsafe {
-                                    std::slice::from_raw_parts_mut(
-                                        cp.get().add(base),
-                                        (groups - 1) * stream + 32,
-                                    )
-                                };
-                                interleave_rows(
-                                    &r_even[..groups * 16],
-                                    &r_odd[..groups * 16],
-                                    d,
-                                    stream,
-                                );
-                            }
-                            for c in groups * 16..i {
-                                let (nb, s, j) = (c / 32, (c % 32) / 16, c % 16);
-                                let at = (nb * 2 + s) * stream + base + j * 2;
-                                // SAFETY: as above.
-                                unsafe {
-                                    *cp.get().add(at) = r_even[c];
-                                    *cp.get().add(at + 1) = r_odd[c];
-                                }
-                            }
-                        }
+                        // SAFETY: k-step ks of a [nblocks][2][ksc][512]
+                        // buffer of `need` elements; tasks write disjoint `ks` tiles.
+                        unsafe { interleave_chunk(sc, nr, i, ks, stream, cp.get(), need) };
                     });
                 });
                 let chunk_ref = &chunk[..need];

@@ -64,6 +64,9 @@ pub(crate) use tile_buf::TileBuf;
 mod backward;
 pub use backward::linear_backward;
 
+mod packed;
+pub use packed::PackedWeight;
+
 thread_local! {
     /// Reused per-thread scratch buffers (taken out while in use, so a nested
     /// call on the same thread just starts with an empty one).
