@@ -19,6 +19,40 @@ use super::amx::{
 use super::attention::{softmax_row, AttnShape, Q_BLOCK};
 use super::fastmath;
 
+/// A slice of `n` floats from `v`, grown (zero-filled) only when `v` is too
+/// short: the callers overwrite every element they use, so the buffers are
+/// reused from block to block and call to call without clearing them (a
+/// zeroed allocation per block was ~9% of the attention's time).
+fn grow(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
+    if v.len() < n {
+        v.resize(n, 0.0);
+    }
+    &mut v[..n]
+}
+
+/// Per-thread f32 buffers of a group's blocks, kept between calls.
+#[derive(Default)]
+struct Bufs {
+    q: Vec<f32>,
+    d: Vec<f32>,
+    s: Vec<f32>,
+    t: Vec<f32>,
+    o: Vec<f32>,
+}
+
+thread_local! {
+    static BUFS: std::cell::RefCell<Bufs> = std::cell::RefCell::new(Bufs::default());
+}
+
+/// Runs `f` with this thread's [`Bufs`] (taken out while in use, so a
+/// nested call just starts with empty ones).
+fn with_bufs<R>(f: impl FnOnce(&mut Bufs) -> R) -> R {
+    let mut b = BUFS.with_borrow_mut(std::mem::take);
+    let r = f(&mut b);
+    BUFS.with_borrow_mut(|s| *s = b);
+    r
+}
+
 /// Whether [`forward`] / [`backward`] handle `sh` (else the f32 path).
 pub fn usable(sh: &AttnShape) -> bool {
     sh.bf16
@@ -50,8 +84,10 @@ fn pack_rows_forward(src: &[f32], nr: usize, d: usize, ld: usize, col0: usize) -
     out
 }
 
-/// One group's stacked queries: row `r·rows + ii` = `scale · q` of head
-/// `kvh·n_rep + r`, query `i0 + ii` (`[n_rep·rows, d]`).
+/// One group's stacked queries into `g` (`[n_rep·rows, d]`, every element
+/// written): row `r·rows + ii` = `scale · q` of head `kvh·n_rep + r`, query
+/// `i0 + ii`.
+#[allow(clippy::too_many_arguments)]
 fn gather(
     sh: &AttnShape,
     x: &[f32],
@@ -60,9 +96,10 @@ fn gather(
     i0: usize,
     rows: usize,
     scale: f32,
-) -> Vec<f32> {
+    g: &mut [f32],
+) {
     let (d, hd, n_rep) = (sh.d, sh.heads * sh.d, sh.heads / sh.kv_heads);
-    let mut g = vec![0f32; n_rep * rows * d];
+    assert_eq!(g.len(), n_rep * rows * d);
     for r in 0..n_rep {
         let hi = kvh * n_rep + r;
         for ii in 0..rows {
@@ -73,16 +110,15 @@ fn gather(
                 .for_each(|(o, v)| *o = v * scale);
         }
     }
-    g
 }
 
-/// `C[m, n] = A · Rᵀ`: A packed ([`pack_a`], its first `m` rows, `kp`
-/// columns), R's `n` rows as [`pack_rows_forward`] panels.
-fn times_rows(a: &[u16], kp: usize, m: usize, panels: &[u16], n: usize) -> Vec<f32> {
+/// `C[m, n] = A · Rᵀ` into `c` (`m·n`, overwritten): A packed ([`pack_a`],
+/// its first `m` rows, `kp` columns), R's `n` rows as [`pack_rows_forward`]
+/// panels.
+fn times_rows(a: &[u16], kp: usize, m: usize, panels: &[u16], n: usize, c: &mut [f32]) {
+    assert_eq!(c.len(), m * n);
     // a forward-layout panel is a 32-column block of two streams of kp/32 tiles
-    let mut c = vec![0f32; m * n];
-    mul(a, kp, m, panels, kp / 32, kp / 32, &mut c, n, false);
-    c
+    mul(a, kp, m, panels, kp / 32, kp / 32, c, n, false);
 }
 
 /// `C[m, n] = A · B` with A packed (`mp`, `kp`, its first `ks` k-steps) and
@@ -119,10 +155,9 @@ fn mul(
     }
 }
 
-/// The scores of a group's stacked queries against keys `0..kl`:
-/// `S [m, kl]` (scale folded into `qg`), masked, as probabilities
-/// `exp(S − lse)`; with `lse = None` they are soft-maxed and their lse
-/// returned per row.
+/// The scores of a group's stacked queries against keys `0..kl` into `s`
+/// (`[m, kl]`, scale folded into `qg`), masked, soft-maxed to
+/// probabilities; returns their log-sum-exp per row.
 #[allow(clippy::too_many_arguments)]
 fn probabilities(
     sh: &AttnShape,
@@ -133,28 +168,17 @@ fn probabilities(
     aq: &[u16],
     kpan: &[u16],
     kl: usize,
-    lse: Option<&[f32]>,
-) -> (Vec<f32>, Vec<f32>) {
+    s: &mut [f32],
+) -> Vec<f32> {
     let mq = (sh.heads / sh.kv_heads) * rows;
-    let mut s = times_rows(aq, round_up(sh.d, 32), mq, kpan, kl);
+    times_rows(aq, round_up(sh.d, 32), mq, kpan, kl, s);
     let mut l_out = vec![0f32; mq];
     for (row_i, row) in s.chunks_mut(kl).enumerate() {
-        let ii = row_i % rows;
-        let qi = i0 + ii;
+        let qi = i0 + row_i % rows;
         sh.mask_row(seg, bi, qi, 0, row);
-        match lse {
-            None => l_out[row_i] = softmax_row(row),
-            Some(l) => {
-                let l = l[row_i];
-                if l == f32::NEG_INFINITY {
-                    row.fill(0.0);
-                } else {
-                    fastmath::exp_shift_sum(row, l);
-                }
-            }
-        }
+        l_out[row_i] = softmax_row(row);
     }
-    (s, l_out)
+    l_out
 }
 
 /// Forward of one (batch row, kv head) group: `(o [n_rep][q_len][d],
@@ -178,24 +202,29 @@ fn forward_group(
     let mut o = vec![0f32; n_rep * s * d];
     let mut lse = vec![0f32; n_rep * s];
     let (mut aq, mut ap) = (TileBuf::new(), TileBuf::new());
-    for i0 in (0..s).step_by(Q_BLOCK) {
-        let rows = Q_BLOCK.min(s - i0);
-        let kl = i0 + rows;
-        let mq = n_rep * rows;
-        let qg = gather(sh, q, bi, kvh, i0, rows, sh.scale());
-        pack_a(&qg, mq, d, d, 0, kpd, &mut aq);
-        let (p, l) = probabilities(sh, seg, bi, i0, rows, &aq, &kpan, kl, None);
-        let kpk = round_up(kl, 32);
-        pack_a(&p, mq, kl, kl, 0, kpk, &mut ap);
-        let mut og = vec![0f32; mq * d];
-        mul(&ap, kpk, mq, &vpair, kpk / 32, vks, &mut og, d, false);
-        for r in 0..n_rep {
-            for ii in 0..rows {
-                o[(r * s + i0 + ii) * d..][..d].copy_from_slice(&og[(r * rows + ii) * d..][..d]);
-                lse[r * s + i0 + ii] = l[r * rows + ii];
+    with_bufs(|b| {
+        for i0 in (0..s).step_by(Q_BLOCK) {
+            let rows = Q_BLOCK.min(s - i0);
+            let kl = i0 + rows;
+            let mq = n_rep * rows;
+            let qg = grow(&mut b.q, mq * d);
+            gather(sh, q, bi, kvh, i0, rows, sh.scale(), qg);
+            pack_a(qg, mq, d, d, 0, kpd, &mut aq);
+            let p = grow(&mut b.s, mq * kl);
+            let l = probabilities(sh, seg, bi, i0, rows, &aq, &kpan, kl, p);
+            let kpk = round_up(kl, 32);
+            pack_a(p, mq, kl, kl, 0, kpk, &mut ap);
+            let og = grow(&mut b.o, mq * d);
+            mul(&ap, kpk, mq, &vpair, kpk / 32, vks, og, d, false);
+            for r in 0..n_rep {
+                for ii in 0..rows {
+                    o[(r * s + i0 + ii) * d..][..d]
+                        .copy_from_slice(&og[(r * rows + ii) * d..][..d]);
+                    lse[r * s + i0 + ii] = l[r * rows + ii];
+                }
             }
         }
-    }
+    });
     (o, lse)
 }
 
@@ -286,81 +315,87 @@ pub(crate) fn backward_group(
     let mut dk = vec![0f32; s * d];
     let mut dv = vec![0f32; s * d];
     let (mut a_t, mut b_rows) = (TileBuf::new(), TileBuf::new());
-    for i0 in (0..s).step_by(Q_BLOCK) {
-        let rows = Q_BLOCK.min(s - i0);
-        let kl = i0 + rows;
-        let mq = n_rep * rows;
-        let (kpk, kpm) = (round_up(kl, 32), round_up(mq, 32));
-        let qg = gather(sh, q, bi, kvh, i0, rows, scale);
-        let dog = gather(sh, dout, bi, kvh, i0, rows, 1.0);
-        // Per stacked query c: its lse (+inf where it sees nothing, so that
-        // its probabilities come out 0) and Σ dO ⊙ O.
-        let mut shift = vec![0f32; mq];
-        let mut dsum = vec![0f32; mq];
-        for c in 0..mq {
-            let (r, ii) = (c / rows, c % rows);
-            let hi = kvh * n_rep + r;
-            let l = lse[(bi * heads + hi) * s + i0 + ii];
-            shift[c] = if l == f32::NEG_INFINITY {
-                f32::INFINITY
-            } else {
-                l
-            };
-            let at = (bi * s + i0 + ii) * hd + hi * d;
-            dsum[c] = dout[at..at + d]
-                .iter()
-                .zip(&out[at..at + d])
-                .map(|(a, b)| a * b)
-                .sum();
-        }
-        let bq = pack_rows_forward(&qg, mq, d, d, 0);
-        let bdo = pack_rows_forward(&dog, mq, d, d, 0);
-        // Pᵀ = exp(K Qᵀ − lse), zero where the key is not visible.
-        let mut pt = times_rows(&ak, kpd, kl, &bq, mq);
-        for (j, row) in pt.chunks_mut(mq).enumerate() {
-            row.iter_mut().zip(&shift).for_each(|(x, l)| *x -= l);
-            for r in 0..n_rep {
-                let blk = &mut row[r * rows..(r + 1) * rows];
-                match seg {
-                    None => blk[..j.saturating_sub(i0).min(rows)].fill(f32::NEG_INFINITY),
-                    Some(_) => {
-                        for (ii, x) in blk.iter_mut().enumerate() {
-                            if !sh.visible(seg, bi, i0 + ii, j) {
-                                *x = f32::NEG_INFINITY;
+    with_bufs(|b| {
+        for i0 in (0..s).step_by(Q_BLOCK) {
+            let rows = Q_BLOCK.min(s - i0);
+            let kl = i0 + rows;
+            let mq = n_rep * rows;
+            let (kpk, kpm) = (round_up(kl, 32), round_up(mq, 32));
+            let qg = grow(&mut b.q, mq * d);
+            gather(sh, q, bi, kvh, i0, rows, scale, qg);
+            let dog = grow(&mut b.d, mq * d);
+            gather(sh, dout, bi, kvh, i0, rows, 1.0, dog);
+            // Per stacked query c: its lse (+inf where it sees nothing, so that
+            // its probabilities come out 0) and Σ dO ⊙ O.
+            let mut shift = vec![0f32; mq];
+            let mut dsum = vec![0f32; mq];
+            for c in 0..mq {
+                let (r, ii) = (c / rows, c % rows);
+                let hi = kvh * n_rep + r;
+                let l = lse[(bi * heads + hi) * s + i0 + ii];
+                shift[c] = if l == f32::NEG_INFINITY {
+                    f32::INFINITY
+                } else {
+                    l
+                };
+                let at = (bi * s + i0 + ii) * hd + hi * d;
+                dsum[c] = dout[at..at + d]
+                    .iter()
+                    .zip(&out[at..at + d])
+                    .map(|(a, b)| a * b)
+                    .sum();
+            }
+            let bq = pack_rows_forward(qg, mq, d, d, 0);
+            let bdo = pack_rows_forward(dog, mq, d, d, 0);
+            // Pᵀ = exp(K Qᵀ − lse), zero where the key is not visible.
+            let pt = grow(&mut b.s, kl * mq);
+            times_rows(&ak, kpd, kl, &bq, mq, pt);
+            for (j, row) in pt.chunks_mut(mq).enumerate() {
+                row.iter_mut().zip(&shift).for_each(|(x, l)| *x -= l);
+                for r in 0..n_rep {
+                    let blk = &mut row[r * rows..(r + 1) * rows];
+                    match seg {
+                        None => blk[..j.saturating_sub(i0).min(rows)].fill(f32::NEG_INFINITY),
+                        Some(_) => {
+                            for (ii, x) in blk.iter_mut().enumerate() {
+                                if !sh.visible(seg, bi, i0 + ii, j) {
+                                    *x = f32::NEG_INFINITY;
+                                }
                             }
                         }
                     }
                 }
+                fastmath::exp_shift_sum(row, 0.0);
             }
-            fastmath::exp_shift_sum(row, 0.0);
-        }
-        // dSᵀ = Pᵀ ⊙ (V dOᵀ − Σ dO ⊙ O)
-        let mut dst = times_rows(&av, kpd, kl, &bdo, mq);
-        for (drow, prow) in dst.chunks_mut(mq).zip(pt.chunks(mq)) {
-            drow.iter_mut()
-                .zip(prow)
-                .zip(&dsum)
-                .for_each(|((x, p), ds)| *x = p * (*x - ds));
-        }
-        // dV[0..kl] += Pᵀ dO ; dK[0..kl] += dSᵀ (scale·Q)
-        pack_a(&pt, kl, mq, mq, 0, kpm, &mut a_t);
-        let ks = pack_b_pairs(&dog, mq, d, d, kpm, &mut b_rows);
-        mul(&a_t, kpm, kl, &b_rows, ks, ks, &mut dv[..kl * d], d, true);
-        pack_a(&dst, kl, mq, mq, 0, kpm, &mut a_t);
-        let ks = pack_b_pairs(&qg, mq, d, d, kpm, &mut b_rows);
-        mul(&a_t, kpm, kl, &b_rows, ks, ks, &mut dk[..kl * d], d, true);
-        // dQᵀ = Kᵀ dSᵀ (keys 0..kl of Kᵀ), dq = scale · dQ
-        let ks = pack_b_pairs(&dst, kl, mq, mq, kpk, &mut b_rows);
-        let mut dqt = vec![0f32; d * mq];
-        mul(&akt, kps, d, &b_rows, ks, ks, &mut dqt, mq, false);
-        for c in 0..mq {
-            let (r, ii) = (c / rows, c % rows);
-            let dst_row = &mut dq[(r * s + i0 + ii) * d..][..d];
-            for (dd, o) in dst_row.iter_mut().enumerate() {
-                *o = scale * dqt[dd * mq + c];
+            // dSᵀ = Pᵀ ⊙ (V dOᵀ − Σ dO ⊙ O)
+            let dst = grow(&mut b.t, kl * mq);
+            times_rows(&av, kpd, kl, &bdo, mq, dst);
+            for (drow, prow) in dst.chunks_mut(mq).zip(pt.chunks(mq)) {
+                drow.iter_mut()
+                    .zip(prow)
+                    .zip(&dsum)
+                    .for_each(|((x, p), ds)| *x = p * (*x - ds));
+            }
+            // dV[0..kl] += Pᵀ dO ; dK[0..kl] += dSᵀ (scale·Q)
+            pack_a(pt, kl, mq, mq, 0, kpm, &mut a_t);
+            let ks = pack_b_pairs(dog, mq, d, d, kpm, &mut b_rows);
+            mul(&a_t, kpm, kl, &b_rows, ks, ks, &mut dv[..kl * d], d, true);
+            pack_a(dst, kl, mq, mq, 0, kpm, &mut a_t);
+            let ks = pack_b_pairs(qg, mq, d, d, kpm, &mut b_rows);
+            mul(&a_t, kpm, kl, &b_rows, ks, ks, &mut dk[..kl * d], d, true);
+            // dQᵀ = Kᵀ dSᵀ (keys 0..kl of Kᵀ), dq = scale · dQ
+            let ks = pack_b_pairs(dst, kl, mq, mq, kpk, &mut b_rows);
+            let dqt = grow(&mut b.o, d * mq);
+            mul(&akt, kps, d, &b_rows, ks, ks, dqt, mq, false);
+            for c in 0..mq {
+                let (r, ii) = (c / rows, c % rows);
+                let dst_row = &mut dq[(r * s + i0 + ii) * d..][..d];
+                for (dd, o) in dst_row.iter_mut().enumerate() {
+                    *o = scale * dqt[dd * mq + c];
+                }
             }
         }
-    }
+    });
     (dq, dk, dv)
 }
 
