@@ -201,9 +201,21 @@ macro_rules! with_net_on {
                 let $net = model.cpu_net_on(None);
                 $body
             }),
+            // A one-rank communicator (the trainer's, single process):
+            // the pool kept awake as above (the calling thread is the CLI's
+            // pool worker 0). Several ranks share the cores with the other
+            // processes, so their idle workers sleep.
             crate::model::Exec::Cpu => {
-                let $net = model.cpu_net_on(comm);
-                $body
+                let comm = comm.expect("a communicator");
+                let run = || {
+                    let $net = model.cpu_net_on(Some(comm));
+                    $body
+                };
+                if comm.size() == 1 {
+                    crate::ops::keep_pool_awake(run)
+                } else {
+                    run()
+                }
             }
             #[cfg(feature = "cuda")]
             crate::model::Exec::Cuda(c) => {

@@ -137,7 +137,7 @@ pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
 /// returns (argued from rayon's stealing order; the concurrent-driver test
 /// below did not hit it without this guard either). A single driver's helper is the oldest job in its queue, so a
 /// thread takes it before any of `f`'s jobs and never holds one under it.
-fn keep_pool_awake<R>(f: impl FnOnce() -> R) -> R {
+pub(crate) fn keep_pool_awake<R>(f: impl FnOnce() -> R) -> R {
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     use std::sync::Arc;
     static ACTIVE: AtomicBool = AtomicBool::new(false);
