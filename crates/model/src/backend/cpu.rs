@@ -88,7 +88,7 @@ impl Backend for CpuBackend {
         Ok(x.clone())
     }
     fn zeros(&self, n: usize) -> Result<Vec<f32>> {
-        Ok(vec![0.0; n])
+        Ok(crate::ops::par_zeros(n))
     }
     fn len(&self, x: &Vec<f32>) -> usize {
         x.len()

@@ -182,6 +182,69 @@ pub(crate) fn keep_pool_awake<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
+/// A new vector of `n` floats built by `f(chunk index, chunk)` over chunks
+/// of `chunk` elements, in parallel: each chunk is zeroed by its own task,
+/// right before `f` fills it, so the zeroing is an L1-resident write on every
+/// core instead of one thread's memset of the whole buffer through memory
+/// (zeroed allocations were ~4% of a training step's time). `f` sees zeros.
+pub fn par_new(n: usize, chunk: usize, f: impl Fn(usize, &mut [f32]) + Sync + Send) -> Vec<f32> {
+    use rayon::prelude::*;
+    let mut v: Vec<f32> = Vec::with_capacity(n);
+    v.spare_capacity_mut()[..n]
+        .par_chunks_mut(chunk.max(1))
+        .enumerate()
+        .for_each(|(c, s)| {
+            for x in s.iter_mut() {
+                x.write(0.0);
+            }
+            // SAFETY: every element of `s` was just initialized, and
+            // MaybeUninit<f32> has f32's layout.
+            let s = unsafe { &mut *(s as *mut [std::mem::MaybeUninit<f32>] as *mut [f32]) };
+            f(c, s);
+        });
+    // SAFETY: the chunks cover 0..n, each initialized above.
+    unsafe { v.set_len(n) };
+    v
+}
+
+/// [`par_new`] for two vectors filled together: `f(chunk index, a, b)`.
+pub fn par_new2(
+    n: usize,
+    chunk: usize,
+    f: impl Fn(usize, &mut [f32], &mut [f32]) + Sync + Send,
+) -> (Vec<f32>, Vec<f32>) {
+    use rayon::prelude::*;
+    let (mut a, mut b): (Vec<f32>, Vec<f32>) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    a.spare_capacity_mut()[..n]
+        .par_chunks_mut(chunk.max(1))
+        .zip(b.spare_capacity_mut()[..n].par_chunks_mut(chunk.max(1)))
+        .enumerate()
+        .for_each(|(c, (sa, sb))| {
+            for x in sa.iter_mut().chain(sb.iter_mut()) {
+                x.write(0.0);
+            }
+            // SAFETY: as in `par_new`.
+            let (sa, sb) = unsafe {
+                (
+                    &mut *(sa as *mut [std::mem::MaybeUninit<f32>] as *mut [f32]),
+                    &mut *(sb as *mut [std::mem::MaybeUninit<f32>] as *mut [f32]),
+                )
+            };
+            f(c, sa, sb);
+        });
+    // SAFETY: as in `par_new`.
+    unsafe {
+        a.set_len(n);
+        b.set_len(n);
+    }
+    (a, b)
+}
+
+/// `n` zeros, zeroed in parallel chunks ([`par_new`]).
+pub fn par_zeros(n: usize) -> Vec<f32> {
+    par_new(n, 1 << 14, |_, _| {})
+}
+
 /// A read-only strided view into a row-major buffer: element `(i, j)` is
 /// `data[off + i*rs + j*cs]`.
 #[derive(Clone, Copy)]
@@ -392,6 +455,39 @@ pub(crate) mod testutil {
 
 #[cfg(test)]
 mod tests {
+
+    /// `par_new` / `par_new2` hand every chunk (the last one short) to `f`
+    /// once, zeroed, with its index, and keep what `f` wrote.
+    #[test]
+    fn par_new_fills_every_chunk_once_from_zeros() {
+        for (n, chunk) in [
+            (0usize, 4usize),
+            (1, 4),
+            (10, 4),
+            (12, 4),
+            (5, 100),
+            (70_000, 1 << 14),
+        ] {
+            let v = super::par_new(n, chunk, |c, s| {
+                assert!(s.iter().all(|x| *x == 0.0));
+                assert_eq!(s.len(), chunk.min(n - c * chunk));
+                for (k, x) in s.iter_mut().enumerate() {
+                    *x = (c * chunk + k) as f32 + 0.5;
+                }
+            });
+            assert_eq!(v, (0..n).map(|k| k as f32 + 0.5).collect::<Vec<_>>());
+            let (a, b) = super::par_new2(n, chunk, |c, sa, sb| {
+                assert!(sa.iter().chain(sb.iter()).all(|x| *x == 0.0));
+                assert_eq!((sa.len(), sb.len()), (chunk.min(n - c * chunk), sa.len()));
+                for (k, (x, y)) in sa.iter_mut().zip(sb.iter_mut()).enumerate() {
+                    (*x, *y) = ((c * chunk + k) as f32, -((c * chunk + k) as f32));
+                }
+            });
+            assert_eq!(a, (0..n).map(|k| k as f32).collect::<Vec<_>>());
+            assert_eq!(b, (0..n).map(|k| -(k as f32)).collect::<Vec<_>>());
+            assert_eq!(super::par_zeros(n), vec![0.0; n]);
+        }
+    }
 
     /// Work inside [`keep_pool_awake`] runs to the same results on pools of
     /// 2 and 3 threads: nested joins and parallel iterators (whose halves the

@@ -41,7 +41,7 @@ fn dot_f64(a: &[f32], b: &[f32], c: Option<&[f32]>) -> f64 {
 pub fn forward(x: &[f32], w: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>) {
     let h = w.len();
     let t = x.len() / h;
-    let mut y = vec![0f32; x.len()];
+    let mut y = super::par_zeros(x.len());
     let mut rstd = vec![0f32; t];
     y.par_chunks_mut(h)
         .zip(rstd.par_iter_mut())

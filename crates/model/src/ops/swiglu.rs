@@ -1,7 +1,5 @@
 //! SwiGLU gate: `m = silu(g) ⊙ u`, `silu(z) = z / (1 + e^{-z})` (torch's formula).
 
-use rayon::prelude::*;
-
 use super::fastmath;
 
 const CHUNK: usize = 4096;
@@ -9,26 +7,19 @@ const CHUNK: usize = 4096;
 /// `m = silu(g) ⊙ u` (the vectorized [`fastmath::swiglu_forward`]).
 pub fn forward(g: &[f32], u: &[f32]) -> Vec<f32> {
     assert_eq!(g.len(), u.len(), "swiglu: sizes");
-    let mut m = vec![0f32; g.len()];
-    m.par_chunks_mut(CHUNK)
-        .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
-        .for_each(|(mo, (gc, uc))| fastmath::swiglu_forward(gc, uc, mo));
-    m
+    super::par_new(g.len(), CHUNK, |c, mo| {
+        let at = c * CHUNK;
+        fastmath::swiglu_forward(&g[at..at + mo.len()], &u[at..at + mo.len()], mo)
+    })
 }
 
 /// Returns `(dg, du)`.
 pub fn backward(dm: &[f32], g: &[f32], u: &[f32]) -> (Vec<f32>, Vec<f32>) {
     assert!(dm.len() == g.len() && u.len() == g.len(), "swiglu: sizes");
-    let mut dg = vec![0f32; g.len()];
-    let mut du = vec![0f32; g.len()];
-    dg.par_chunks_mut(CHUNK)
-        .zip(du.par_chunks_mut(CHUNK))
-        .zip(
-            dm.par_chunks(CHUNK)
-                .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK))),
-        )
-        .for_each(|((dgc, duc), (dmc, (gc, uc)))| fastmath::swiglu_backward(dmc, gc, uc, dgc, duc));
-    (dg, du)
+    super::par_new2(g.len(), CHUNK, |c, dgc, duc| {
+        let r = c * CHUNK..c * CHUNK + dgc.len();
+        fastmath::swiglu_backward(&dm[r.clone()], &g[r.clone()], &u[r], dgc, duc)
+    })
 }
 
 /// Plain reference of σ (libm `exp`, one element at a time), for the tests.
