@@ -162,10 +162,7 @@ impl<B: Backend> Net<'_, B> {
         for l in (lowest..nl).rev() {
             let a = match acts[l].take() {
                 Some(a) => a,
-                None => self
-                    .layer_forward(l, &inputs[l], &ctx, Some(&ad), true, None)?
-                    .1
-                    .expect("keep=true returns activations"),
+                None => self.layer_recompute(l, &inputs[l], &ctx, Some(&ad))?,
             };
             dx =
                 self.layer_backward(l, &inputs[l], &a, dx, &ctx, &ad, &mut grads[l], l > lowest)?;

@@ -163,6 +163,10 @@ impl Backend for CpuBackend {
         let _t = profile::time(Op::LoraForward);
         Ok(lora_ref(op).forward(x, t, y))
     }
+    fn lora_down(&self, op: &LoraOp<Self>, x: &Vec<f32>, t: usize) -> Result<Vec<f32>> {
+        let _t = profile::time(Op::LoraForward);
+        Ok(lora_ref(op).down(x, t))
+    }
     fn lora_backward(
         &self,
         op: &LoraOp<Self>,

@@ -312,6 +312,14 @@ pub trait Backend: Sized + Send + Sync {
         t: usize,
         y: &mut Self::Buf,
     ) -> Result<Self::Buf>;
+    /// `xa = dropout(x) Aᵀ` `[t, r]` alone, exactly as [`Self::lora_forward`]
+    /// returns it (a checkpointed layer's recompute needs the down
+    /// projection's `xa` but not its output). The default runs the whole
+    /// LoRA forward into a scratch output.
+    fn lora_down(&self, op: &LoraOp<Self>, x: &Self::Buf, t: usize) -> Result<Self::Buf> {
+        let mut y = self.zeros(t * op.out_features)?;
+        self.lora_forward(op, x, t, &mut y)
+    }
     /// Returns `(dA [r, in], dB [out, r])`; adds the LoRA input gradient into `dx`.
     fn lora_backward(
         &self,

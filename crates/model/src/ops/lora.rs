@@ -116,6 +116,37 @@ impl LoraRef<'_> {
         xa
     }
 
+    /// `xa = dropout(x) Aᵀ` `[t, r]` alone: bit for bit the `xa`
+    /// [`Self::forward`] returns (same kernels, same row chunks), without the
+    /// up-projection into `y`.
+    pub fn down(&self, x: &[f32], t: usize) -> Vec<f32> {
+        let isa = Isa::best();
+        let (r, i) = (self.r, self.in_features);
+        assert!(x.len() >= t * i, "lora: x too short");
+        let mut xa = vec![0f32; t * r];
+        if t == 0 || r == 0 {
+            return xa;
+        }
+        let at = skinny::pack_transposed(self.a, r, i, 1.0); // [in, r]
+        let ch = chunk_rows(t);
+        let run = |(c, xa): (usize, &mut [f32])| {
+            let (k0, rows) = (c * ch, xa.len() / r);
+            let mut buf = vec![];
+            let xin = self.input_rows(x, k0, rows, &mut buf);
+            skinny::nn(isa, rows, r, i, xin, i, &at, xa, r, false);
+        };
+        if may_fork(t, r * i) {
+            xa.chunks_mut(ch * r)
+                .enumerate()
+                .collect::<Vec<_>>()
+                .into_par_iter()
+                .for_each(run);
+        } else {
+            xa.chunks_mut(ch * r).enumerate().for_each(run);
+        }
+        xa
+    }
+
     /// Rows `k0..k0+rows` of `dropout(x)` (`x`'s own rows without dropout),
     /// built in `buf` when needed.
     fn input_rows<'x>(
