@@ -11,8 +11,8 @@ use qlora_lora::{Adapter, AdapterGrads, LoraWeights, Matrix};
 use crate::backend::{Backend, LayerW};
 use crate::batch::Batch;
 use crate::model::{
-    with_net_on, AdapterView, Ctx, LayerActs, LinSaved, Model, Net, DOWN, GATE, K, LINEAR_NAMES, O,
-    Q, UP, V,
+    with_net_on, AdapterView, CkptKept, Ctx, LayerActs, LinSaved, Model, Net, DOWN, GATE, K,
+    LINEAR_NAMES, O, Q, UP, V,
 };
 use crate::ops::attention::AttnShape;
 use crate::ops::cross_entropy;
@@ -133,13 +133,20 @@ impl<B: Backend> Net<'_, B> {
         // Forward, keeping layer inputs (+ activations unless checkpointing).
         let mut inputs: Vec<B::Buf> = Vec::with_capacity(nl);
         let mut acts: Vec<Option<LayerActs<B>>> = Vec::with_capacity(nl);
+        let mut kept: Vec<Option<CkptKept<B>>> = Vec::with_capacity(nl);
         let ids: Vec<u32> = batch.input_ids.iter().flatten().copied().collect();
         let mut x = self.embed(&ids)?;
         for l in 0..nl {
-            let keep = l >= lowest && !opts.checkpointing;
-            let (y, a) = self.layer_forward(l, &x, &ctx, Some(&ad), keep, None)?;
+            let (y, a, k) = if l >= lowest && opts.checkpointing {
+                let (y, k) = self.layer_forward_checkpointed(l, &x, &ctx, Some(&ad))?;
+                (y, None, Some(k))
+            } else {
+                let (y, a) = self.layer_forward(l, &x, &ctx, Some(&ad), l >= lowest, None)?;
+                (y, a, None)
+            };
             inputs.push(std::mem::replace(&mut x, y));
             acts.push(a);
+            kept.push(k);
         }
 
         // Head + loss (chunked over rows where the backend can).
@@ -162,7 +169,10 @@ impl<B: Backend> Net<'_, B> {
         for l in (lowest..nl).rev() {
             let a = match acts[l].take() {
                 Some(a) => a,
-                None => self.layer_recompute(l, &inputs[l], &ctx, Some(&ad))?,
+                None => {
+                    let k = kept[l].take().expect("a checkpointed layer kept its parts");
+                    self.layer_recompute(l, &inputs[l], &ctx, Some(&ad), k)?
+                }
             };
             dx =
                 self.layer_backward(l, &inputs[l], &a, dx, &ctx, &ad, &mut grads[l], l > lowest)?;

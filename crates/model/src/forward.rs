@@ -7,15 +7,30 @@ use qlora_lora::Adapter;
 use crate::backend::{Backend, DoraOp, LayerW, LoraOp};
 use crate::batch::Batch;
 use crate::model::{
-    AdapterView, Ctx, LayerActs, LayerKv, LinSaved, Net, QkPre, DOWN, GATE, K, O, Q, UP, V,
+    AdapterView, CkptKept, Ctx, LayerActs, LayerKv, LinSaved, Net, QkPre, DOWN, GATE, K, O, Q, UP,
+    V,
 };
 use crate::ops::attention::AttnShape;
 use crate::ops::lora::splitmix64;
 use crate::ops::rope;
 
 /// A linear's output and what its backward needs.
-/// A layer's output (if asked for) and its activations (if kept).
-type LayerParts<B> = (Option<<B as Backend>::Buf>, Option<LayerActs<B>>);
+/// A layer's output (if asked for), its activations (if kept) and what
+/// checkpointing keeps (if asked for).
+pub(crate) struct LayerParts<B: Backend> {
+    pub out: Option<B::Buf>,
+    pub acts: Option<LayerActs<B>>,
+    pub kept: Option<CkptKept<B>>,
+}
+
+/// What [`Net::layer_forward_parts`] makes: everything (`keep`: the
+/// activations too), the output and [`CkptKept`] (a checkpointed first
+/// forward), or the activations from kept parts (the recompute).
+pub(crate) enum Pass<B: Backend> {
+    Out { keep: bool },
+    Checkpointed,
+    Recompute(CkptKept<B>),
+}
 type LinearOut<B> = (<B as Backend>::Buf, Option<LinSaved<B>>);
 
 impl<B: Backend> Net<'_, B> {
@@ -172,24 +187,43 @@ impl<B: Backend> Net<'_, B> {
         keep: bool,
         kv: Option<&mut LayerKv<B>>,
     ) -> Result<(B::Buf, Option<LayerActs<B>>)> {
-        let (out, acts) = self.layer_forward_parts(l, x, ctx, ad, keep, kv, true)?;
-        Ok((out.expect("the output was asked for"), acts))
+        let p = self.layer_forward_parts(l, x, ctx, ad, kv, Pass::Out { keep })?;
+        Ok((p.out.expect("the output was asked for"), p.acts))
+    }
+
+    /// A checkpointed layer's forward: its output and what it keeps
+    /// ([`CkptKept`]) for the recompute.
+    pub(crate) fn layer_forward_checkpointed(
+        &self,
+        l: usize,
+        x: &B::Buf,
+        ctx: &Ctx<B>,
+        ad: Option<&AdapterView<B>>,
+    ) -> Result<(B::Buf, CkptKept<B>)> {
+        let p = self.layer_forward_parts(l, x, ctx, ad, None, Pass::Checkpointed)?;
+        Ok((
+            p.out.expect("the output was asked for"),
+            p.kept.expect("checkpointing keeps its parts"),
+        ))
     }
 
     /// A checkpointed layer's recompute before its backward: the activations
-    /// only. The layer's output (the next layer's input, kept) is not made
-    /// again: no base down projection, no LoRA up-projection of it, no
-    /// residual add (SmolLM2: ~4% of a checkpointed step); the down
-    /// projection's `x·Aᵀ` is, as the backward needs it.
+    /// only, from its input and what its forward kept. Neither the attention
+    /// nor the o-projection runs again ([`CkptKept`]), nor the layer's output
+    /// (the next layer's input, kept): no base down projection, no LoRA
+    /// up-projection of it, no residual add (SmolLM2: ~4% of a checkpointed
+    /// step); the o and down projections' `x·Aᵀ` are, as the backward needs
+    /// them.
     pub(crate) fn layer_recompute(
         &self,
         l: usize,
         x: &B::Buf,
         ctx: &Ctx<B>,
         ad: Option<&AdapterView<B>>,
+        kept: CkptKept<B>,
     ) -> Result<LayerActs<B>> {
-        let (_, acts) = self.layer_forward_parts(l, x, ctx, ad, true, None, false)?;
-        Ok(acts.expect("keep=true returns activations"))
+        let p = self.layer_forward_parts(l, x, ctx, ad, None, Pass::Recompute(kept))?;
+        Ok(p.acts.expect("the recompute returns activations"))
     }
 
     /// The down projection's saved state alone (what [`Self::linear`] returns
@@ -217,19 +251,26 @@ impl<B: Backend> Net<'_, B> {
         }))
     }
 
-    /// [`Self::layer_forward`], the output made only when `want_out`: `(out,
-    /// activations if kept)`.
-    #[allow(clippy::too_many_arguments)]
+    /// One decoder layer, as much of it as `pass` asks for.
     fn layer_forward_parts(
         &self,
         l: usize,
         x: &B::Buf,
         ctx: &Ctx<B>,
         ad: Option<&AdapterView<B>>,
-        keep: bool,
         kv: Option<&mut LayerKv<B>>,
-        want_out: bool,
+        pass: Pass<B>,
     ) -> Result<LayerParts<B>> {
+        let (keep, want_out) = match &pass {
+            Pass::Out { keep } => (*keep, true),
+            Pass::Checkpointed => (false, true),
+            Pass::Recompute(_) => (true, false),
+        };
+        let keep_parts = matches!(pass, Pass::Checkpointed);
+        let (reuse_attn, reuse_x_mid) = match pass {
+            Pass::Recompute(k) => (Some((k.att, k.attn_saved)), Some(k.x_mid)),
+            _ => (None, None),
+        };
         let be = self.be;
         let cfg = &self.m.config;
         let t = ctx.t();
@@ -265,8 +306,9 @@ impl<B: Backend> Net<'_, B> {
         };
         be.rope(&mut q, nh, d, &ctx.cos, &ctx.sin, false)?;
         be.rope(&mut k, nkv, d, &ctx.cos, &ctx.sin, false)?;
-        let (att, attn_saved) = match kv {
-            None => {
+        let (att, attn_saved) = match (reuse_attn, kv) {
+            (Some(kept), _) => kept,
+            (None, None) => {
                 let sh = AttnShape {
                     b: ctx.b,
                     q_len: ctx.s,
@@ -280,7 +322,7 @@ impl<B: Backend> Net<'_, B> {
                 };
                 be.attention_forward(&sh, &q, &k, &v, ctx.seg.as_ref())?
             }
-            Some(cache) => {
+            (None, Some(cache)) => {
                 let past = cache.k.as_ref().map_or(0, |c| be.len(c) / (nkv * d));
                 match (&mut cache.k, &mut cache.v) {
                     (Some(ck), Some(cv)) => {
@@ -313,9 +355,14 @@ impl<B: Backend> Net<'_, B> {
                 )?
             }
         };
-        let (o, xa_o) = self.linear(w, l, O, &att, t, ad, ctx)?;
-        let mut x_mid = o;
-        be.add_assign(&mut x_mid, x)?;
+        let (x_mid, xa_o) = match reuse_x_mid {
+            Some(x_mid) => (x_mid, self.linear_saved(w, l, O, &att, t, ad, ctx)?),
+            None => {
+                let (mut x_mid, xa_o) = self.linear(w, l, O, &att, t, ad, ctx)?;
+                be.add_assign(&mut x_mid, x)?;
+                (x_mid, xa_o)
+            }
+        };
         let (n2, rstd2) = be.rmsnorm_forward(&x_mid, &w.post_attention_layernorm, eps)?;
         let mut gu = self
             .linears(w, l, &[GATE, UP], &n2, t, ad, ctx)?
@@ -331,6 +378,18 @@ impl<B: Backend> Net<'_, B> {
         } else {
             (None, self.linear_saved(w, l, DOWN, &m, t, ad, ctx)?)
         };
+        if keep_parts {
+            let kept = CkptKept {
+                att,
+                attn_saved,
+                x_mid,
+            };
+            return Ok(LayerParts {
+                out,
+                acts: None,
+                kept: Some(kept),
+            });
+        }
         let acts = keep.then_some(LayerActs {
             n1,
             rstd1,
@@ -348,7 +407,11 @@ impl<B: Backend> Net<'_, B> {
             u,
             m,
         });
-        Ok((out, acts))
+        Ok(LayerParts {
+            out,
+            acts,
+            kept: None,
+        })
     }
 
     /// Final norm: `(normed, rstd)`.

@@ -108,8 +108,8 @@ pub(crate) struct LayerActs<B: Backend> {
     /// Qwen3: q and k before their per-head RMSNorm, with the norms' 1/rms per head.
     pub qk_pre: Option<QkPre<B>>,
     pub v: B::Buf,
-    /// What the attention backward needs besides q, k, v, att (CPU: the
-    /// probabilities; CUDA: the row log-sum-exp).
+    /// What the attention backward needs besides q, k, v, att (the rows'
+    /// log-sum-exp).
     pub attn_saved: B::Buf,
     pub att: B::Buf,
     pub xa: [Option<LinSaved<B>>; 7],
@@ -119,6 +119,18 @@ pub(crate) struct LayerActs<B: Backend> {
     pub g: B::Buf,
     pub u: B::Buf,
     pub m: B::Buf,
+}
+
+/// What a checkpointed layer keeps from its forward besides its input, so
+/// that the recompute before its backward skips the attention and the
+/// o-projection: the attention output and its log-sum-exp, and the residual
+/// stream after attention (per layer 2·T·h + heads·T floats, against the
+/// T·(6h + 3·I) of a whole set; the recompute then re-creates the q/k/v and
+/// MLP tensors only).
+pub(crate) struct CkptKept<B: Backend> {
+    pub att: B::Buf,
+    pub attn_saved: B::Buf,
+    pub x_mid: B::Buf,
 }
 
 /// What the backward of Qwen3's q/k RMSNorm needs.

@@ -203,9 +203,23 @@ fn dora_backward_workspace(c: &ModelConfig, p: &PlanInput) -> u64 {
         .unwrap_or(0)
 }
 
-/// One layer's input `x` (T·h): all that gradient checkpointing keeps per layer.
-pub(crate) fn layer_input_bytes(c: &ModelConfig, p: &PlanInput) -> u64 {
-    p.batch * p.seq * c.hidden_size as u64 * act_bytes(p)
+/// What gradient checkpointing keeps per layer. GPU plans (PyTorch's
+/// checkpointing): the layer's input `x` (T·h). CPU plans (`qlora-model`
+/// `CkptKept`): the input, the attention output, its log-sum-exp and the
+/// residual after attention, so the recompute skips the attention and the
+/// o-projection (of [`saved_per_layer`]: `layer_input`, `attn_out`,
+/// `attn_lse`, `residual1`).
+pub(crate) fn checkpoint_kept_bytes(c: &ModelConfig, p: &PlanInput) -> u64 {
+    let kept: &[&str] = if p.gpu {
+        &["layer_input"]
+    } else {
+        &["layer_input", "attn_out", "attn_lse", "residual1"]
+    };
+    saved_per_layer(c, p)
+        .iter()
+        .filter(|s| kept.contains(&s.name))
+        .map(|s| s.bytes)
+        .sum()
 }
 
 /// Transient buffers alive during one layer's backward
@@ -222,8 +236,8 @@ pub(crate) fn layer_input_bytes(c: &ModelConfig, p: &PlanInput) -> u64 {
 ///   plans add them here); Qwen3 adds `dq_pre`, `dk_pre` (T·(a·d + kv·d)).
 ///
 /// With gradient checkpointing the layer's forward is recomputed right before
-/// its backward, so its saved tensors (all of [`saved_per_layer`] except the
-/// kept input) are alive here too and are added.
+/// its backward, so its saved tensors (all of [`saved_per_layer`] except what
+/// [`checkpoint_kept_bytes`] kept) are alive here too and are added.
 pub fn layer_workspace(c: &ModelConfig, p: &PlanInput) -> u64 {
     let Dims { h, i, a, kv, d, .. } = dims(c);
     let (b, s) = (p.batch, p.seq);
@@ -247,7 +261,7 @@ pub fn layer_workspace(c: &ModelConfig, p: &PlanInput) -> u64 {
     };
     let recomputed = if p.checkpointing {
         let saved: u64 = saved_per_layer(c, p).iter().map(|x| x.bytes).sum();
-        saved - layer_input_bytes(c, p)
+        saved - checkpoint_kept_bytes(c, p)
     } else {
         0
     };

@@ -19,7 +19,7 @@ use qlora_config::ModelConfig;
 pub mod activations;
 pub mod weights;
 
-use activations::{dims, layer_input_bytes};
+use activations::{checkpoint_kept_bytes, dims};
 pub use activations::{
     head_chunk_rows, layer_workspace, logits_and_loss, saved_per_layer, worker_arenas, Saved,
 };
@@ -429,10 +429,11 @@ pub fn plan(inv: &Inventory, c: &ModelConfig, p: &PlanInput) -> Result<Plan, Mem
 
     let saved: u64 = saved_per_layer(c, p).iter().map(|s| s.bytes).sum();
     b.activations = if p.checkpointing {
-        // Only the layer inputs persist; one layer's other tensors are
+        // Only the layer inputs (CPU: and the attention's output and the
+        // residual after it) persist; one layer's other tensors are
         // re-created inside its backward (counted in `layer_workspace`, so
         // they are not added to the head phase, where none is alive).
-        dm.l * layer_input_bytes(c, p)
+        dm.l * checkpoint_kept_bytes(c, p)
     } else {
         dm.l * saved
     };
@@ -448,7 +449,7 @@ pub fn plan(inv: &Inventory, c: &ModelConfig, p: &PlanInput) -> Result<Plan, Mem
         // resident when the head allocates its logits chunk (measured,
         // BENCHMARKS.md). The layer backward re-creates a layer in those
         // blocks, so it adds nothing there.
-        b.heap_retention = saved - layer_input_bytes(c, p);
+        b.heap_retention = saved - checkpoint_kept_bytes(c, p);
     }
     b.tokenizer = if p.gpu { 0 } else { p.tokenizer_bytes };
     b.worker_arenas = worker_arenas(c, p);
