@@ -203,11 +203,12 @@ fn dora_backward_workspace(c: &ModelConfig, p: &PlanInput) -> u64 {
         .unwrap_or(0)
 }
 
-/// What gradient checkpointing keeps per layer. GPU plans (PyTorch's
-/// checkpointing): the layer's input `x` (T·h). CPU plans (`qlora-model`
-/// `CkptKept`): the input, the attention output, its log-sum-exp and the
-/// residual after attention, so the recompute skips the attention and the
-/// o-projection (of [`saved_per_layer`]: `layer_input`, `attn_out`,
+/// What gradient checkpointing keeps per layer. GPU plans model PyTorch's
+/// checkpointing, as they model PyTorch elsewhere: the layer's input `x`
+/// (T·h). CPU plans model this project's trainer (`qlora-model` `CkptKept`,
+/// on every backend): the input, the attention output, its log-sum-exp and
+/// the residual after attention, so the recompute skips the attention and
+/// the o-projection (of [`saved_per_layer`]: `layer_input`, `attn_out`,
 /// `attn_lse`, `residual1`).
 pub(crate) fn checkpoint_kept_bytes(c: &ModelConfig, p: &PlanInput) -> u64 {
     let kept: &[&str] = if p.gpu {
