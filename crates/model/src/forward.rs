@@ -142,6 +142,8 @@ impl<B: Backend> Net<'_, B> {
     /// gate/up): their base products in one backend call (one pack of the
     /// input, one parallel region on the CPU), then each module's LoRA term.
     /// DoRA modules compute their own base product, so then one by one.
+    /// `kept`: the modules' `x·Aᵀ` a checkpointed forward kept (taken from
+    /// it), so only the LoRA up-projections run.
     #[allow(clippy::too_many_arguments)]
     fn linears(
         &self,
@@ -152,6 +154,7 @@ impl<B: Backend> Net<'_, B> {
         t: usize,
         ad: Option<&AdapterView<B>>,
         ctx: &Ctx<B>,
+        mut kept: Option<&mut [Option<B::Buf>; 7]>,
     ) -> Result<Vec<LinearOut<B>>> {
         if ms.iter().any(|&m| self.dora_op(ad, l, m).is_some()) {
             return ms
@@ -165,10 +168,16 @@ impl<B: Backend> Net<'_, B> {
             .zip(ys)
             .map(|(&m, mut y)| {
                 let saved = match self.lora_op(ad, ctx, l, m) {
-                    Some(op) => Some(LinSaved {
-                        xa: self.be.lora_forward(&op, x, t, &mut y)?,
-                        u: None,
-                    }),
+                    Some(op) => match kept.as_mut().and_then(|k| k[m].take()) {
+                        Some(xa) => {
+                            self.be.lora_up(&op, x, &xa, t, &mut y)?;
+                            Some(LinSaved { xa, u: None })
+                        }
+                        None => Some(LinSaved {
+                            xa: self.be.lora_forward(&op, x, t, &mut y)?,
+                            u: None,
+                        }),
+                    },
                     None => None,
                 };
                 Ok((y, saved))
@@ -228,6 +237,7 @@ impl<B: Backend> Net<'_, B> {
 
     /// The down projection's saved state alone (what [`Self::linear`] returns
     /// beside `y`): the LoRA `x·Aᵀ`; a DoRA module runs its whole forward.
+    /// `kept`: a checkpointed forward's `x·Aᵀ` of the module, used as it is.
     #[allow(clippy::too_many_arguments)]
     fn linear_saved(
         &self,
@@ -238,6 +248,7 @@ impl<B: Backend> Net<'_, B> {
         t: usize,
         ad: Option<&AdapterView<B>>,
         ctx: &Ctx<B>,
+        kept: Option<B::Buf>,
     ) -> Result<Option<LinSaved<B>>> {
         let Some(op) = self.lora_op(ad, ctx, l, m) else {
             return Ok(None);
@@ -245,10 +256,11 @@ impl<B: Backend> Net<'_, B> {
         if self.dora_op(ad, l, m).is_some() {
             return Ok(self.linear(w, l, m, x, t, ad, ctx)?.1);
         }
-        Ok(Some(LinSaved {
-            xa: self.be.lora_down(&op, x, t)?,
-            u: None,
-        }))
+        let xa = match kept {
+            Some(xa) => xa,
+            None => self.be.lora_down(&op, x, t)?,
+        };
+        Ok(Some(LinSaved { xa, u: None }))
     }
 
     /// One decoder layer, as much of it as `pass` asks for.
@@ -267,9 +279,9 @@ impl<B: Backend> Net<'_, B> {
             Pass::Recompute(_) => (true, false),
         };
         let keep_parts = matches!(pass, Pass::Checkpointed);
-        let (reuse_attn, reuse_x_mid) = match pass {
-            Pass::Recompute(k) => (Some((k.att, k.attn_saved)), Some(k.x_mid)),
-            _ => (None, None),
+        let (reuse_attn, reuse_x_mid, mut reuse_xa) = match pass {
+            Pass::Recompute(k) => (Some((k.att, k.attn_saved)), Some(k.x_mid), Some(k.xa)),
+            _ => (None, None, None),
         };
         let be = self.be;
         let cfg = &self.m.config;
@@ -283,7 +295,9 @@ impl<B: Backend> Net<'_, B> {
         let w = &*layer;
         let eps = self.m.eps();
         let (n1, rstd1) = be.rmsnorm_forward(x, &w.input_layernorm, eps)?;
-        let mut qkv = self.linears(w, l, &[Q, K, V], &n1, t, ad, ctx)?.into_iter();
+        let mut qkv = self
+            .linears(w, l, &[Q, K, V], &n1, t, ad, ctx, reuse_xa.as_mut())?
+            .into_iter();
         let (Some((mut q, xa_q)), Some((mut k, xa_k)), Some((v, xa_v))) =
             (qkv.next(), qkv.next(), qkv.next())
         else {
@@ -356,7 +370,11 @@ impl<B: Backend> Net<'_, B> {
             }
         };
         let (x_mid, xa_o) = match reuse_x_mid {
-            Some(x_mid) => (x_mid, self.linear_saved(w, l, O, &att, t, ad, ctx)?),
+            Some(x_mid) => {
+                let kept = reuse_xa.as_mut().and_then(|k| k[O].take());
+                let xa_o = self.linear_saved(w, l, O, &att, t, ad, ctx, kept)?;
+                (x_mid, xa_o)
+            }
             None => {
                 let (mut x_mid, xa_o) = self.linear(w, l, O, &att, t, ad, ctx)?;
                 be.add_assign(&mut x_mid, x)?;
@@ -365,7 +383,7 @@ impl<B: Backend> Net<'_, B> {
         };
         let (n2, rstd2) = be.rmsnorm_forward(&x_mid, &w.post_attention_layernorm, eps)?;
         let mut gu = self
-            .linears(w, l, &[GATE, UP], &n2, t, ad, ctx)?
+            .linears(w, l, &[GATE, UP], &n2, t, ad, ctx, reuse_xa.as_mut())?
             .into_iter();
         let (Some((g, xa_g)), Some((u, xa_u))) = (gu.next(), gu.next()) else {
             unreachable!("two modules in, two outputs out")
@@ -376,13 +394,15 @@ impl<B: Backend> Net<'_, B> {
             be.add_assign(&mut out, &x_mid)?;
             (Some(out), xa_d)
         } else {
-            (None, self.linear_saved(w, l, DOWN, &m, t, ad, ctx)?)
+            let kept = reuse_xa.as_mut().and_then(|k| k[DOWN].take());
+            (None, self.linear_saved(w, l, DOWN, &m, t, ad, ctx, kept)?)
         };
         if keep_parts {
             let kept = CkptKept {
                 att,
                 attn_saved,
                 x_mid,
+                xa: [xa_q, xa_k, xa_v, xa_o, xa_g, xa_u, xa_d].map(|s| s.map(|s| s.xa)),
             };
             return Ok(LayerParts {
                 out,

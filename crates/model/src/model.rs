@@ -123,14 +123,17 @@ pub(crate) struct LayerActs<B: Backend> {
 
 /// What a checkpointed layer keeps from its forward besides its input, so
 /// that the recompute before its backward skips the attention and the
-/// o-projection: the attention output and its log-sum-exp, and the residual
-/// stream after attention (per layer 2·T·h + heads·T floats, against the
-/// T·(6h + 3·I) of a whole set; the recompute then re-creates the q/k/v and
-/// MLP tensors only).
+/// o-projection: the attention output and its log-sum-exp, the residual
+/// stream after attention and the LoRA modules' `x·Aᵀ` (per layer 2·T·h +
+/// heads·T + 7·T·r floats, against the T·(6h + 3·I) of a whole set; the
+/// recompute then re-creates the q/k/v and MLP tensors only).
 pub(crate) struct CkptKept<B: Backend> {
     pub att: B::Buf,
     pub attn_saved: B::Buf,
     pub x_mid: B::Buf,
+    /// Each adapted module's `x·Aᵀ` (T·r): the recompute runs only the LoRA
+    /// up-projections (a DoRA module recomputes its own).
+    pub xa: [Option<B::Buf>; 7],
 }
 
 /// What the backward of Qwen3's q/k RMSNorm needs.

@@ -163,6 +163,18 @@ impl Backend for CpuBackend {
         let _t = profile::time(Op::LoraForward);
         Ok(lora_ref(op).forward(x, t, y))
     }
+    fn lora_up(
+        &self,
+        op: &LoraOp<Self>,
+        _x: &Vec<f32>,
+        xa: &Vec<f32>,
+        t: usize,
+        y: &mut Vec<f32>,
+    ) -> Result<()> {
+        let _t = profile::time(Op::LoraForward);
+        lora_ref(op).up(xa, t, y);
+        Ok(())
+    }
     fn lora_down(&self, op: &LoraOp<Self>, x: &Vec<f32>, t: usize) -> Result<Vec<f32>> {
         let _t = profile::time(Op::LoraForward);
         Ok(lora_ref(op).down(x, t))

@@ -320,6 +320,20 @@ pub trait Backend: Sized + Send + Sync {
         let mut y = self.zeros(t * op.out_features)?;
         self.lora_forward(op, x, t, &mut y)
     }
+    /// Adds the LoRA term `s·xa·Bᵀ` into `y` from a kept `xa` (as
+    /// [`Self::lora_forward`] returned it for this `x`): bit for bit what
+    /// `lora_forward` adds. The default runs the whole LoRA forward again.
+    fn lora_up(
+        &self,
+        op: &LoraOp<Self>,
+        x: &Self::Buf,
+        xa: &Self::Buf,
+        t: usize,
+        y: &mut Self::Buf,
+    ) -> Result<()> {
+        let _ = xa;
+        self.lora_forward(op, x, t, y).map(|_| ())
+    }
     /// Returns `(dA [r, in], dB [out, r])`; adds the LoRA input gradient into `dx`.
     fn lora_backward(
         &self,

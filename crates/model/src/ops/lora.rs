@@ -116,6 +116,38 @@ impl LoraRef<'_> {
         xa
     }
 
+    /// `y += s·xa·Bᵀ` from a kept `xa` (`[t, r]`): bit for bit what
+    /// [`Self::forward`] adds into `y` (same kernel, same row chunks).
+    pub fn up(&self, xa: &[f32], t: usize, y: &mut [f32]) {
+        let isa = Isa::best();
+        let (r, o) = (self.r, self.out_features);
+        assert!(
+            xa.len() >= t * r && y.len() >= t * o,
+            "lora: xa or y too short"
+        );
+        if t == 0 || r == 0 {
+            return;
+        }
+        let sbt = skinny::pack_transposed(self.b, o, r, self.scale); // [r, out]
+        let ch = chunk_rows(t);
+        let run = |(c, y): (usize, &mut [f32])| {
+            let rows = y.len() / o;
+            let xa = &xa[c * ch * r..(c * ch + rows) * r];
+            skinny::nn(isa, rows, o, r, xa, r, &sbt, y, o, true);
+        };
+        let pieces = split_rows(y, t, o, ch);
+        if may_fork(t, r * o) {
+            pieces
+                .into_iter()
+                .enumerate()
+                .collect::<Vec<_>>()
+                .into_par_iter()
+                .for_each(run);
+        } else {
+            pieces.into_iter().enumerate().for_each(run);
+        }
+    }
+
     /// `xa = dropout(x) Aᵀ` `[t, r]` alone: bit for bit the `xa`
     /// [`Self::forward`] returns (same kernels, same row chunks), without the
     /// up-projection into `y`.
