@@ -133,9 +133,12 @@ impl<B: Backend> Net<'_, B> {
                 }),
             ));
         }
-        let mut y = self.be.linear_forward(&w.linears[m], x, t)?;
-        let xa = self.be.lora_forward(&op, x, t, &mut y)?;
-        Ok((y, Some(LinSaved { xa, u: None })))
+        let (y, xa) = self
+            .be
+            .linear_lora_forward_many(&[&w.linears[m]], x, t, vec![Some((op, None))])?
+            .pop()
+            .expect("one linear, one output");
+        Ok((y, xa.map(|xa| LinSaved { xa, u: None })))
     }
 
     /// [`Self::linear`] for several modules reading the same input (q/k/v,
@@ -163,26 +166,19 @@ impl<B: Backend> Net<'_, B> {
                 .collect();
         }
         let lins: Vec<&B::Linear> = ms.iter().map(|&m| &w.linears[m]).collect();
-        let ys = self.be.linear_forward_many(&lins, x, t)?;
-        ms.iter()
-            .zip(ys)
-            .map(|(&m, mut y)| {
-                let saved = match self.lora_op(ad, ctx, l, m) {
-                    Some(op) => match kept.as_mut().and_then(|k| k[m].take()) {
-                        Some(xa) => {
-                            self.be.lora_up(&op, x, &xa, t, &mut y)?;
-                            Some(LinSaved { xa, u: None })
-                        }
-                        None => Some(LinSaved {
-                            xa: self.be.lora_forward(&op, x, t, &mut y)?,
-                            u: None,
-                        }),
-                    },
-                    None => None,
-                };
-                Ok((y, saved))
+        let loras = ms
+            .iter()
+            .map(|&m| {
+                let op = self.lora_op(ad, ctx, l, m)?;
+                Some((op, kept.as_mut().and_then(|k| k[m].take())))
             })
-            .collect()
+            .collect();
+        Ok(self
+            .be
+            .linear_lora_forward_many(&lins, x, t, loras)?
+            .into_iter()
+            .map(|(y, xa)| (y, xa.map(|xa| LinSaved { xa, u: None })))
+            .collect())
     }
 
     /// One decoder layer. With `kv` (batch 1), the new keys/values are appended

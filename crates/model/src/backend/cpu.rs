@@ -4,7 +4,7 @@
 
 use anyhow::Result;
 
-use super::{AdamWStep, Backend, CeOut, DoraOp, DoraSaved, LoraOp};
+use super::{AdamWStep, Backend, CeOut, DoraOp, DoraSaved, LinearLoraOut, LoraOp, LoraSlot};
 use crate::ops::attention::{self, AttnShape};
 use crate::ops::dora::DoraRef;
 use crate::ops::linear::{FrozenLinear, FrozenWeight};
@@ -178,6 +178,60 @@ impl Backend for CpuBackend {
     fn lora_down(&self, op: &LoraOp<Self>, x: &Vec<f32>, t: usize) -> Result<Vec<f32>> {
         let _t = profile::time(Op::LoraForward);
         Ok(lora_ref(op).down(x, t))
+    }
+    /// On the AMX path the up-projections are added inside the products,
+    /// each block while it is in cache ([`crate::ops::amx::LowRankAdd`]),
+    /// after the down-projections: no pass of its own over each output.
+    fn linear_lora_forward_many(
+        &self,
+        ws: &[&FrozenLinear],
+        x: &Vec<f32>,
+        t: usize,
+        loras: Vec<LoraSlot<Self>>,
+    ) -> Result<Vec<LinearLoraOut<Self>>> {
+        if !FrozenLinear::can_add_low_rank(ws, t) || loras.iter().all(Option::is_none) {
+            return super::linear_lora_forward_many_unfused(self, ws, x, t, loras);
+        }
+        // each module's x·Aᵀ (kept, or the down-projection now), s·Bᵀ, r
+        type Term = Option<(Vec<f32>, Vec<f32>, usize)>;
+        let terms: Vec<Term> = {
+            let _t = profile::time(Op::LoraForward);
+            loras
+                .into_iter()
+                .map(|lora| {
+                    lora.map(|(op, kept)| {
+                        let l = lora_ref(&op);
+                        let xa = kept.unwrap_or_else(|| l.down(x, t));
+                        (xa, l.up_operand(), l.r)
+                    })
+                })
+                .collect()
+        };
+        let adds: Vec<Option<crate::ops::amx::LowRankAdd>> = terms
+            .iter()
+            .zip(ws)
+            .map(|(term, w)| {
+                let (xa, p, r) = term.as_ref()?;
+                // rank 0 adds nothing (not even +0.0 to a -0.0), as `up` does
+                (*r > 0)
+                    .then(|| crate::ops::amx::LowRankAdd {
+                        xa,
+                        r: *r,
+                        p,
+                        ldp: p.len() / r,
+                    })
+                    .filter(|_| w.out_features > 0)
+            })
+            .collect();
+        let ys = {
+            let _t = profile::time(Op::LinearForward);
+            FrozenLinear::forward_many_add(ws, x, t, &adds)
+        };
+        Ok(ys
+            .into_iter()
+            .zip(terms)
+            .map(|(y, term)| (y, term.map(|(xa, _, _)| xa)))
+            .collect())
     }
     fn lora_backward(
         &self,

@@ -231,6 +231,40 @@ pub struct CeOut<B: Backend> {
     pub dx: Option<B::Buf>,
 }
 
+/// A linear's LoRA module in [`Backend::linear_lora_forward_many`]: its op
+/// and the `x·Aᵀ` a checkpointed forward kept, if any (`None`: no LoRA).
+pub type LoraSlot<'a, B> = Option<(LoraOp<'a, B>, Option<<B as Backend>::Buf>)>;
+/// An output of [`Backend::linear_lora_forward_many`]: `y` and its LoRA
+/// module's `x·Aᵀ`.
+pub type LinearLoraOut<B> = (<B as Backend>::Buf, Option<<B as Backend>::Buf>);
+
+/// [`Backend::linear_lora_forward_many`] as separate steps: the products,
+/// then each module's LoRA forward (or up-projection from a kept `xa`).
+pub(crate) fn linear_lora_forward_many_unfused<B: Backend>(
+    be: &B,
+    ws: &[&B::Linear],
+    x: &B::Buf,
+    t: usize,
+    loras: Vec<LoraSlot<B>>,
+) -> Result<Vec<LinearLoraOut<B>>> {
+    assert_eq!(ws.len(), loras.len(), "one LoRA slot per linear");
+    let ys = be.linear_forward_many(ws, x, t)?;
+    ys.into_iter()
+        .zip(loras)
+        .map(|(mut y, lora)| {
+            let xa = match lora {
+                None => None,
+                Some((op, Some(xa))) => {
+                    be.lora_up(&op, x, &xa, t, &mut y)?;
+                    Some(xa)
+                }
+                Some((op, None)) => Some(be.lora_forward(&op, x, t, &mut y)?),
+            };
+            Ok((y, xa))
+        })
+        .collect()
+}
+
 /// The operations the decoder needs, on buffers that live on one device.
 ///
 /// Shapes are row-major and the same as [`crate::ops`] documents; `t` is the
@@ -333,6 +367,22 @@ pub trait Backend: Sized + Send + Sync {
     ) -> Result<()> {
         let _ = xa;
         self.lora_forward(op, x, t, y).map(|_| ())
+    }
+    /// The base products of several linears reading `x` (as
+    /// [`Self::linear_forward_many`]), each with its module's LoRA term where
+    /// `loras[k]` has one: `(op, kept)`, `kept` the `x·Aᵀ` a checkpointed
+    /// forward kept. Returns each output and its module's `xa`. Bit for bit
+    /// the products, then [`Self::lora_forward`] (or [`Self::lora_up`] from
+    /// the kept `xa`) per module; a backend may add the up-projections inside
+    /// the products instead of in passes of their own.
+    fn linear_lora_forward_many(
+        &self,
+        ws: &[&Self::Linear],
+        x: &Self::Buf,
+        t: usize,
+        loras: Vec<LoraSlot<Self>>,
+    ) -> Result<Vec<LinearLoraOut<Self>>> {
+        linear_lora_forward_many_unfused(self, ws, x, t, loras)
     }
     /// Returns `(dA [r, in], dB [out, r])`; adds the LoRA input gradient into `dx`.
     fn lora_backward(

@@ -212,6 +212,46 @@ impl FrozenLinear {
         ys
     }
 
+    /// Whether [`Self::forward_many_add`] runs for these linears: all on the
+    /// AMX path with one input width, and none with a bias (a low-rank term
+    /// is added after the bias elsewhere; here it would come first).
+    pub fn can_add_low_rank(ws: &[&FrozenLinear], t: usize) -> bool {
+        let i = ws.first().map_or(0, |w| w.in_features);
+        ws.iter()
+            .all(|w| w.use_amx(t) && w.in_features == i && w.bias.is_none())
+    }
+
+    /// [`Self::forward_many`] with a low-rank term added into each output
+    /// that has one (`adds[k]`; LoRA's up-projection), block by block while
+    /// the product's output is in cache: bit for bit the forward followed by
+    /// [`super::skinny::nn`] adding the term in a pass of its own.
+    ///
+    /// # Panics
+    /// Unless [`Self::can_add_low_rank`]; if the sizes do not match.
+    pub fn forward_many_add(
+        ws: &[&FrozenLinear],
+        x: &[f32],
+        t: usize,
+        adds: &[Option<super::amx::LowRankAdd>],
+    ) -> Vec<Vec<f32>> {
+        assert!(
+            Self::can_add_low_rank(ws, t),
+            "forward_many_add: not on the AMX path, or a bias"
+        );
+        let i = ws.first().map_or(0, |w| w.in_features);
+        assert_eq!(x.len(), t * i, "linear forward: input size");
+        let sources: Vec<_> = ws
+            .iter()
+            .map(|w| move |s: usize, out: &mut [u16]| w.weight.elems_bf16(s, out))
+            .collect();
+        let outs: Vec<(usize, &super::amx::WeightBf16)> = ws
+            .iter()
+            .zip(&sources)
+            .map(|(w, f)| (w.out_features, f as &super::amx::WeightBf16))
+            .collect();
+        super::amx::linear_forward_multi_add(i, t, x, &outs, adds)
+    }
+
     fn add_bias(&self, y: &mut [f32]) {
         if let Some(b) = &self.bias {
             y.par_chunks_mut(self.out_features)

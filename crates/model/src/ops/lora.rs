@@ -148,6 +148,13 @@ impl LoraRef<'_> {
         }
     }
 
+    /// `s·Bᵀ` packed as [`Self::up`] multiplies it (`[r, padded(out)]`),
+    /// for a caller that adds the up-projection itself
+    /// ([`super::amx::LowRankAdd`]: the same kernel, so the same bits).
+    pub fn up_operand(&self) -> Vec<f32> {
+        skinny::pack_transposed(self.b, self.out_features, self.r, self.scale)
+    }
+
     /// `xa = dropout(x) Aᵀ` `[t, r]` alone: bit for bit the `xa`
     /// [`Self::forward`] returns (same kernels, same row chunks), without the
     /// up-projection into `y`.

@@ -138,6 +138,7 @@ pub fn linear_backward(o: usize, i: usize, t: usize, dy: &[f32], dx: &mut [f32],
                             c: SendPtr(dxp.get().wrapping_add(nb * 32)),
                             ldc: i,
                             nn: 32.min(i - nb * 32),
+                            add: None,
                         })
                         .collect();
                     // SAFETY: A (dy packed, t rows) is read from its k0/32-th

@@ -348,3 +348,108 @@ fn row_interleave_matches_the_plain_loop() {
         }
     }
 }
+
+/// The low-rank term added inside the forward ([`LowRankAdd`], LoRA's
+/// up-projection) gives bit for bit the forward followed by the term's own
+/// pass ([`crate::ops::skinny::nn`]): on the column split and the row split
+/// (with K passes), partial row blocks and panels, ranks that are not a
+/// whole vector, several outputs with and without a term, and 1-3 threads.
+#[test]
+fn low_rank_term_inside_the_forward_equals_its_own_pass_bit_for_bit() {
+    use crate::ops::fastmath::Isa;
+    use crate::ops::skinny;
+    if !available() {
+        eprintln!("SKIPPED: AMX-BF16 is not available on this CPU; the AMX kernels were not run");
+        return;
+    }
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    // (i, t, [(o, r or 0 for no term)]): column split (small x), row split
+    // (x >= 1 MiB packed, >= 8 row blocks), row split with two K passes.
+    type Case = (usize, usize, &'static [(usize, usize)]);
+    let cases: &[Case] = &[
+        (96, 40, &[(70, 16)]),
+        (45, 7, &[(33, 3), (20, 0), (64, 17)]),
+        (576, 100, &[(576, 16), (192, 8), (192, 0)]),
+        (1100, 480, &[(1200, 16), (70, 33)]),
+        (4200, 300, &[(45, 16), (100, 1)]),
+        (64, 32, &[(1, 2)]),
+    ];
+    for (n, &(i, t, outs)) in cases.iter().enumerate() {
+        let seed = 100 * n as u64;
+        let x = rand_vec(t * i, seed, 1.0);
+        let ws: Vec<Vec<f32>> = outs
+            .iter()
+            .enumerate()
+            .map(|(k, &(o, _))| rand_vec(o * i, seed + 1 + k as u64, 1.0))
+            .collect();
+        let srcs: Vec<_> = ws
+            .iter()
+            .map(|wv| {
+                move |start: usize, out: &mut [u16]| {
+                    for (d, v) in out.iter_mut().zip(&wv[start..]) {
+                        *d = bf16_bits(*v);
+                    }
+                }
+            })
+            .collect();
+        let wouts: Vec<(usize, &WeightBf16)> = outs
+            .iter()
+            .zip(&srcs)
+            .map(|(&(o, _), f)| (o, f as &WeightBf16))
+            .collect();
+        // xa [t, r] and p = s·Bᵀ [r, padded(o)] per output with a term
+        type Term = Option<(Vec<f32>, Vec<f32>, usize)>;
+        let terms: Vec<Term> = outs
+            .iter()
+            .enumerate()
+            .map(|(k, &(o, r))| {
+                (r > 0).then(|| {
+                    let b = rand_vec(o * r, seed + 50 + k as u64, 0.5);
+                    let xa = rand_vec(t * r, seed + 60 + k as u64, 2.0);
+                    (xa, skinny::pack_transposed(&b, o, r, 1.7), r)
+                })
+            })
+            .collect();
+        let adds: Vec<Option<LowRankAdd>> = terms
+            .iter()
+            .map(|tm| {
+                tm.as_ref().map(|(xa, p, r)| LowRankAdd {
+                    xa,
+                    r: *r,
+                    p,
+                    ldp: p.len() / r,
+                })
+            })
+            .collect();
+        // the reference: the products, then each term in a pass of its own
+        let mut want = linear_forward_multi(i, t, &x, &wouts);
+        for ((y, &(o, _)), tm) in want.iter_mut().zip(outs).zip(&terms) {
+            if let Some((xa, p, r)) = tm {
+                skinny::nn(Isa::best(), t, o, *r, xa, *r, p, y, o, true);
+            }
+        }
+        for threads in [1, 2, 3] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .expect("pool");
+            let got = pool.install(|| linear_forward_multi_add(i, t, &x, &wouts, &adds));
+            for (k, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert_eq!(
+                    bits(g),
+                    bits(w),
+                    "output {k} of case {n} (i {i}, t {t}), {threads} threads"
+                );
+            }
+        }
+        // and the term really was added (not a no-op on both sides)
+        let plain = linear_forward_multi(i, t, &x, &wouts);
+        for (k, tm) in terms.iter().enumerate() {
+            assert_eq!(
+                tm.is_some(),
+                max_abs_diff(&plain[k], &want[k]) > 1e-3,
+                "case {n} output {k}"
+            );
+        }
+    }
+}

@@ -215,7 +215,7 @@ unsafe fn nn_tile<L: Lanes, const MR: usize, const NV: usize>(
     lda: usize,
     p: &[f32],
     np: usize,
-    c: &mut [f32],
+    c: *mut f32,
     ldc: usize,
     accumulate: bool,
 ) {
@@ -227,7 +227,7 @@ unsafe fn nn_tile<L: Lanes, const MR: usize, const NV: usize>(
         for rr in 0..MR {
             for v in 0..NV {
                 L::prefetch(
-                    c.as_ptr()
+                    c.cast_const()
                         .wrapping_add((i0 + rr) * ldc + j0 + (2 * NV + v) * W),
                 );
             }
@@ -252,7 +252,7 @@ unsafe fn nn_tile<L: Lanes, const MR: usize, const NV: usize>(
             }
         }
     }
-    let cp = c.as_mut_ptr();
+    let cp = c;
     for (rr, acc_r) in acc.iter().enumerate() {
         for (v, acc_v) in acc_r.iter().enumerate() {
             let c0 = j0 + v * W;
@@ -264,57 +264,62 @@ unsafe fn nn_tile<L: Lanes, const MR: usize, const NV: usize>(
     }
 }
 
-/// [`nn`] with `MR`-row tiles of `NV` vectors where `P` is wider than one
-/// vector, `MR1`-row tiles of one vector where it is one vector wide.
+/// [`nn`] with `MR`-row tiles of `NV` vectors (then of 2 and 1) where `P`
+/// is wider than one vector, `MR1`-row tiles of one vector where it is one
+/// vector wide. The tiles only group the work: every element is the same
+/// `Σ_k` in `k` order whatever tile computes it.
+///
+/// SAFETY (caller): rows `0..m` of `a` hold `kk` elements at stride `lda`;
+/// `p` holds `kk` rows of stride `np` with columns up to `padded(n)`; `c`
+/// is valid for reads and writes of rows `0..m`, columns `0..n` at stride
+/// `ldc`, not written by anyone else meanwhile.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn nn_body<L: Lanes, const MR1: usize, const MR: usize, const NV: usize>(
+unsafe fn nn_body<L: Lanes, const MR1: usize, const MR: usize, const NV: usize>(
     m: usize,
     n: usize,
     kk: usize,
     a: &[f32],
     lda: usize,
     p: &[f32],
-    c: &mut [f32],
+    np: usize,
+    c: *mut f32,
     ldc: usize,
     accumulate: bool,
 ) {
-    let np = padded(n);
     if m == 0 || n == 0 {
         return;
     }
-    assert!(lda >= kk && ldc >= n, "skinny::nn: leading dimensions");
-    assert!(a.len() >= (m - 1) * lda + kk, "skinny::nn: lhs too short");
-    assert!(p.len() >= kk * np, "skinny::nn: packed rhs too short");
-    assert!(c.len() >= (m - 1) * ldc + n, "skinny::nn: dst too short");
-    // SAFETY: the asserts above bound every row and column the tiles touch.
-    unsafe {
-        let mut i = 0;
-        if np == W {
-            while i + MR1 <= m {
-                nn_tile::<L, MR1, 1>(i, 0, n, kk, a, lda, p, np, c, ldc, accumulate);
-                i += MR1;
-            }
-        } else {
-            while i + MR <= m {
-                let mut j = 0;
-                while j + NV * W <= np {
-                    nn_tile::<L, MR, NV>(i, j, n, kk, a, lda, p, np, c, ldc, accumulate);
-                    j += NV * W;
-                }
-                while j < np {
-                    nn_tile::<L, MR, 1>(i, j, n, kk, a, lda, p, np, c, ldc, accumulate);
-                    j += W;
-                }
-                i += MR;
-            }
+    let npad = padded(n);
+    let mut i = 0;
+    if npad == W {
+        while i + MR1 <= m {
+            nn_tile::<L, MR1, 1>(i, 0, n, kk, a, lda, p, np, c, ldc, accumulate);
+            i += MR1;
         }
-        for i in i..m {
+    } else {
+        while i + MR <= m {
             let mut j = 0;
-            while j < np {
-                nn_tile::<L, 1, 1>(i, j, n, kk, a, lda, p, np, c, ldc, accumulate);
+            while j + NV * W <= npad {
+                nn_tile::<L, MR, NV>(i, j, n, kk, a, lda, p, np, c, ldc, accumulate);
+                j += NV * W;
+            }
+            if NV > 2 && j + 2 * W <= npad {
+                nn_tile::<L, MR, 2>(i, j, n, kk, a, lda, p, np, c, ldc, accumulate);
+                j += 2 * W;
+            }
+            while j < npad {
+                nn_tile::<L, MR, 1>(i, j, n, kk, a, lda, p, np, c, ldc, accumulate);
                 j += W;
             }
+            i += MR;
+        }
+    }
+    for i in i..m {
+        let mut j = 0;
+        while j < npad {
+            nn_tile::<L, 1, 1>(i, j, n, kk, a, lda, p, np, c, ldc, accumulate);
+            j += W;
         }
     }
 }
@@ -481,6 +486,29 @@ macro_rules! per_isa {
     }};
 }
 
+/// [`per_isa!`] for an `unsafe` `$body` (the caller's contract carries over).
+macro_rules! per_isa_unsafe {
+    ($isa:expr, $body:ident, [$($v4:tt)*], [$($v3:tt)*], [$($gen:tt)*], ($($arg:ident : $ty:ty),*)) => {{
+        #[cfg(target_arch = "x86_64")]
+        {
+            #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+            unsafe fn v4($($arg: $ty),*) { unsafe { $body::<x86::Z, $($v4)*>($($arg),*) } }
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn v3($($arg: $ty),*) { unsafe { $body::<x86::Y, $($v3)*>($($arg),*) } }
+            match $isa {
+                // SAFETY: `isa` is one this CPU has (asserted by the caller);
+                // the caller's contract covers the operands.
+                Isa::V4 => return unsafe { v4($($arg),*) },
+                // SAFETY: as above.
+                Isa::V3 => return unsafe { v3($($arg),*) },
+                Isa::Generic => {}
+            }
+        }
+        // SAFETY: the caller's contract.
+        unsafe { $body::<Plain, $($gen)*>($($arg),*) }
+    }};
+}
+
 /// `c[i·ldc + j] (+)= Σ_k a[i·lda + k] · p[k·padded(n) + j]` for `i < m`,
 /// `j < n`, `k < kk` (`p` from [`pack_rows`] / [`pack_transposed`]); adds
 /// into `c` when `accumulate`, else overwrites it.
@@ -497,9 +525,63 @@ pub fn nn(
     ldc: usize,
     accumulate: bool,
 ) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(c.len() >= (m - 1) * ldc + n, "skinny::nn: dst too short");
+    // SAFETY: `c` is an exclusive slice covering every element written.
+    unsafe {
+        nn_strided(
+            isa,
+            m,
+            n,
+            kk,
+            a,
+            lda,
+            p,
+            padded(n),
+            c.as_mut_ptr(),
+            ldc,
+            accumulate,
+        )
+    }
+}
+
+/// [`nn`] with `P`'s row stride `ldp` given (a column range of a wider
+/// packed `P`: pass `&p[j0..]`) and `C` through a pointer, for callers that
+/// fill disjoint blocks of one output from several threads (the AMX
+/// forward's LoRA term). Each element is computed exactly as [`nn`] does.
+///
+/// # Safety
+/// `c` must be valid for reads and writes of rows `0..m`, columns `0..n` at
+/// stride `ldc`, and no other thread may access those elements meanwhile.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn nn_strided(
+    isa: Isa,
+    m: usize,
+    n: usize,
+    kk: usize,
+    a: &[f32],
+    lda: usize,
+    p: &[f32],
+    ldp: usize,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+) {
     assert!(isa.available(), "{isa:?} is not available on this CPU");
-    per_isa!(isa, nn_body, [12, 4, 4], [6, 3, 2], [2, 1, 2],
-        (m: usize, n: usize, kk: usize, a: &[f32], lda: usize, p: &[f32], c: &mut [f32], ldc: usize, accumulate: bool))
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(lda >= kk && ldc >= n, "skinny::nn: leading dimensions");
+    assert!(ldp >= padded(n), "skinny::nn: packed rhs stride");
+    assert!(a.len() >= (m - 1) * lda + kk, "skinny::nn: lhs too short");
+    assert!(
+        kk == 0 || p.len() >= (kk - 1) * ldp + padded(n),
+        "skinny::nn: packed rhs too short"
+    );
+    per_isa_unsafe!(isa, nn_body, [12, 4, 4], [6, 3, 2], [2, 1, 2],
+        (m: usize, n: usize, kk: usize, a: &[f32], lda: usize, p: &[f32], ldp: usize, c: *mut f32, ldc: usize, accumulate: bool))
 }
 
 /// `c[i·ldc + j] (+)= Σ_k l[k·ldl + i] · r[k·ldr + j]` for `i < m`, `j < n`,
