@@ -227,15 +227,17 @@ impl<B: Backend> Net<'_, B> {
             grads[m] = Some((da, db, Some(dm)));
             return Ok(());
         }
-        if need_dx {
-            self.be.linear_backward_input(&w.linears[m], dy, t, dx)?;
-        }
-        if let Some(op) = lora {
-            let xa = &saved.as_ref().expect("LoRA forward saved x·Aᵀ").xa;
-            // The LoRA input gradient is cheap; always add it (dx is discarded when unused).
-            let (da, db) = self.be.lora_backward(&op, x, xa, dy, t, dx)?;
-            grads[m] = Some((da, db, None));
-        }
+        let Some(op) = lora else {
+            if need_dx {
+                self.be.linear_backward_input(&w.linears[m], dy, t, dx)?;
+            }
+            return Ok(());
+        };
+        let xa = &saved.as_ref().expect("LoRA forward saved x·Aᵀ").xa;
+        let (da, db) =
+            self.be
+                .linear_lora_backward(&w.linears[m], &op, x, xa, dy, t, dx, need_dx)?;
+        grads[m] = Some((da, db, None));
         Ok(())
     }
 

@@ -233,6 +233,47 @@ impl Backend for CpuBackend {
             .map(|(y, term)| (y, term.map(|(xa, _, _)| xa)))
             .collect())
     }
+    /// On the AMX path (no dropout) the LoRA input gradient `dxa·A` is added
+    /// inside the base input-gradient product, block by block: no pass of
+    /// its own over `dx`.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_lora_backward(
+        &self,
+        w: &FrozenLinear,
+        op: &LoraOp<Self>,
+        x: &Vec<f32>,
+        xa: &Vec<f32>,
+        dy: &Vec<f32>,
+        t: usize,
+        dx: &mut Vec<f32>,
+        need_dx: bool,
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        let l = lora_ref(op);
+        if !need_dx || l.dropout > 0.0 || l.r == 0 || !FrozenLinear::can_add_low_rank(&[w], t) {
+            if need_dx {
+                self.linear_backward_input(w, dy, t, dx)?;
+            }
+            return self.lora_backward(op, x, xa, dy, t, dx);
+        }
+        let (da, db, dxa) = {
+            let _t = profile::time(Op::LoraBackward);
+            l.backward_parts(x, xa, dy, t)
+        };
+        let p = l.input_grad_operand();
+        let _t = profile::time(Op::LinearBackward);
+        w.backward_input_add(
+            dy,
+            t,
+            dx,
+            crate::ops::amx::LowRankAdd {
+                xa: &dxa,
+                r: l.r,
+                p: &p,
+                ldp: p.len() / l.r,
+            },
+        );
+        Ok((da, db))
+    }
     fn lora_backward(
         &self,
         op: &LoraOp<Self>,

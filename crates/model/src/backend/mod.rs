@@ -384,6 +384,27 @@ pub trait Backend: Sized + Send + Sync {
     ) -> Result<Vec<LinearLoraOut<Self>>> {
         linear_lora_forward_many_unfused(self, ws, x, t, loras)
     }
+    /// A frozen linear's input gradient (when `need_dx`) and its LoRA
+    /// module's backward: returns `(dA, dB)`. Bit for bit
+    /// [`Self::linear_backward_input`] then [`Self::lora_backward`]; a backend
+    /// may add the LoRA input gradient inside the base product.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_lora_backward(
+        &self,
+        w: &Self::Linear,
+        op: &LoraOp<Self>,
+        x: &Self::Buf,
+        xa: &Self::Buf,
+        dy: &Self::Buf,
+        t: usize,
+        dx: &mut Self::Buf,
+        need_dx: bool,
+    ) -> Result<(Self::Buf, Self::Buf)> {
+        if need_dx {
+            self.linear_backward_input(w, dy, t, dx)?;
+        }
+        self.lora_backward(op, x, xa, dy, t, dx)
+    }
     /// Returns `(dA [r, in], dB [out, r])`; adds the LoRA input gradient into `dx`.
     fn lora_backward(
         &self,

@@ -296,6 +296,35 @@ impl FrozenLinear {
     }
 
     /// `dx[t, in] += dy[t, out] W`: the input gradient only.
+    /// [`Self::backward_input`] plus a low-rank term (LoRA's input gradient
+    /// `dxa · A`) added into `dx` block by block once the product is final:
+    /// bit for bit the two in turn. On the AMX path only
+    /// ([`Self::can_add_low_rank`]).
+    ///
+    /// # Panics
+    /// Off the AMX path; if the sizes do not match.
+    pub fn backward_input_add(
+        &self,
+        dy: &[f32],
+        t: usize,
+        dx: &mut [f32],
+        add: super::amx::LowRankAdd,
+    ) {
+        let (o, i) = (self.out_features, self.in_features);
+        assert!(self.use_amx(t), "backward_input_add: not on the AMX path");
+        assert_eq!(dy.len(), t * o, "linear backward: dy size");
+        assert_eq!(dx.len(), t * i, "linear backward: dx size");
+        super::amx::linear_backward_add(
+            o,
+            i,
+            t,
+            dy,
+            dx,
+            &|s, out| self.weight.elems_bf16(s, out),
+            Some(add),
+        );
+    }
+
     pub fn backward_input(&self, dy: &[f32], t: usize, dx: &mut [f32]) {
         let (o, i) = (self.out_features, self.in_features);
         assert_eq!(dy.len(), t * o, "linear backward: dy size");

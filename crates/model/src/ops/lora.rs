@@ -234,47 +234,96 @@ impl LoraRef<'_> {
         t: usize,
         dx: &mut [f32],
     ) -> (Vec<f32>, Vec<f32>) {
-        let (r, i, o) = (self.r, self.in_features, self.out_features);
+        let (da, db, _) = self.backward_impl(isa, x, xa, dy, t, Some(dx));
+        (da, db)
+    }
+
+    /// [`Self::backward`] without the input gradient: `(dA, dB, dxa)` with
+    /// `dxa = s·dy B` `[t, r]`, for a caller that adds `dxa A` into `dx`
+    /// itself ([`super::amx::LowRankAdd`] with [`Self::input_grad_operand`]:
+    /// the same kernel, so the same bits). Without dropout only: with it,
+    /// the input gradient is masked (`dropout'(dxa A)`), not a plain product.
+    pub fn backward_parts(
+        &self,
+        x: &[f32],
+        xa: &[f32],
+        dy: &[f32],
+        t: usize,
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
         assert!(
-            x.len() >= t * i && dx.len() >= t * i,
-            "lora: x or dx too short"
+            self.dropout <= 0.0,
+            "lora: the input gradient under dropout is not a low-rank product"
         );
+        self.backward_impl(Isa::best(), x, xa, dy, t, None)
+    }
+
+    /// `A` packed as [`Self::backward`] multiplies it into `dx`
+    /// (`[r, padded(in)]`).
+    pub fn input_grad_operand(&self) -> Vec<f32> {
+        skinny::pack_rows(self.a, self.r, self.in_features, 1.0)
+    }
+
+    /// The backward's row blocks; adds into `dx` when given. Returns `dA`,
+    /// `dB` and `dxa`.
+    fn backward_impl(
+        &self,
+        isa: Isa,
+        x: &[f32],
+        xa: &[f32],
+        dy: &[f32],
+        t: usize,
+        dx: Option<&mut [f32]>,
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let (r, i, o) = (self.r, self.in_features, self.out_features);
+        assert!(x.len() >= t * i, "lora: x too short");
+        if let Some(dx) = &dx {
+            assert!(dx.len() >= t * i, "lora: dx too short");
+        }
         assert!(
             xa.len() >= t * r && dy.len() >= t * o,
             "lora: xa or dy too short"
         );
         let (mut da, mut db) = (vec![0f32; r * i], vec![0f32; o * r]);
+        let mut dxa_all = vec![0f32; t * r];
         if t == 0 || r == 0 {
-            return (da, db);
+            return (da, db, dxa_all);
         }
         let sb = skinny::pack_rows(self.b, o, r, self.scale); // [out, r]
-        let ap = skinny::pack_rows(self.a, r, i, 1.0); // [r, in]
+        let ap = dx.as_ref().map(|_| self.input_grad_operand()); // [r, in]
         let ch = chunk_rows(t);
-        let run = |(c, dx): (usize, &mut [f32])| {
+        let run = |(c, (dxa, dx)): (usize, (&mut [f32], Option<&mut [f32]>))| {
             let (k0, rows) = (c * ch, ch.min(t - c * ch));
             let (dy, xa) = (&dy[k0 * o..(k0 + rows) * o], &xa[k0 * r..(k0 + rows) * r]);
-            let mut dxa = vec![0f32; rows * r];
-            skinny::nn(isa, rows, r, o, dy, o, &sb, &mut dxa, r, false);
+            skinny::nn(isa, rows, r, o, dy, o, &sb, dxa, r, false);
             // [dA | dBᵀ] of this block: [r, in + out]
             let mut part = vec![0f32; r * (i + o)];
             skinny::tn(isa, r, o, rows, xa, r, dy, o, &mut part[i..], i + o, false);
             let mut buf = vec![];
             let xin = self.input_rows(x, k0, rows, &mut buf);
-            skinny::tn(isa, r, i, rows, &dxa, r, xin, i, &mut part, i + o, false);
-            if self.dropout <= 0.0 {
-                skinny::nn(isa, rows, i, r, &dxa, r, &ap, dx, i, true);
-            } else {
-                let mut tmp = vec![0f32; rows * i];
-                skinny::nn(isa, rows, i, r, &dxa, r, &ap, &mut tmp, i, false);
-                for (e, (d, v)) in dx.iter_mut().zip(&tmp).enumerate() {
-                    let f =
-                        dropout_factor(self.dropout_key, self.mask_index(k0 * i + e), self.dropout);
-                    *d += v * f;
+            skinny::tn(isa, r, i, rows, dxa, r, xin, i, &mut part, i + o, false);
+            if let (Some(dx), Some(ap)) = (dx, &ap) {
+                if self.dropout <= 0.0 {
+                    skinny::nn(isa, rows, i, r, dxa, r, ap, dx, i, true);
+                } else {
+                    let mut tmp = vec![0f32; rows * i];
+                    skinny::nn(isa, rows, i, r, dxa, r, ap, &mut tmp, i, false);
+                    for (e, (d, v)) in dx.iter_mut().zip(&tmp).enumerate() {
+                        let f = dropout_factor(
+                            self.dropout_key,
+                            self.mask_index(k0 * i + e),
+                            self.dropout,
+                        );
+                        *d += v * f;
+                    }
                 }
             }
             part
         };
-        let pieces = split_rows(dx, t, i, ch).into_iter().enumerate();
+        let dx_blocks: Vec<Option<&mut [f32]>> = match dx {
+            Some(dx) => split_rows(dx, t, i, ch).into_iter().map(Some).collect(),
+            None => (0..t.div_ceil(ch)).map(|_| None).collect(),
+        };
+        let pieces = dxa_all.chunks_mut(ch * r).zip(dx_blocks).enumerate();
         let parts: Vec<Vec<f32>> = if may_fork(t, r * (i + o)) {
             pieces
                 .collect::<Vec<_>>()
@@ -298,7 +347,7 @@ impl LoraRef<'_> {
                 db[q * r + j] = v * self.scale;
             }
         }
-        (da, db)
+        (da, db, dxa_all)
     }
 
     /// Plain reference of [`Self::forward`] (general `ops::matmul`), for tests.
@@ -502,6 +551,48 @@ mod tests {
                     assert!(max_abs_diff(&db, &db_ref) < 1e-3, "dB {what}");
                 }
             }
+        }
+    }
+
+    /// The split backward (`dA`, `dB`, `dxa`; the caller adds `dxa·A`)
+    /// gives bit for bit the whole one's `dA`, `dB` and `dx`.
+    #[test]
+    fn split_backward_equals_the_whole_one_bit_for_bit() {
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        for (n, &(t, i, o, r)) in [
+            (512usize, 576usize, 192usize, 16usize),
+            (37, 20, 50, 3),
+            (300, 40, 120, 17),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let seed = 40 + 10 * n as u64;
+            let (a, b) = (rand_vec(r * i, seed, 0.3), rand_vec(o * r, seed + 1, 0.3));
+            let l = LoraRef {
+                a: &a,
+                b: &b,
+                r,
+                in_features: i,
+                out_features: o,
+                scale: 2.0,
+                dropout: 0.0,
+                dropout_key: 3,
+                mask_rows: None,
+            };
+            let x = rand_vec(t * i, seed + 2, 1.0);
+            let xa = rand_vec(t * r, seed + 3, 1.0);
+            let dy = rand_vec(t * o, seed + 4, 1.0);
+            let init = rand_vec(t * i, seed + 5, 1.0);
+            let mut dx = init.clone();
+            let (da, db) = l.backward(&x, &xa, &dy, t, &mut dx);
+            let (da2, db2, dxa) = l.backward_parts(&x, &xa, &dy, t);
+            assert_eq!(bits(&da2), bits(&da), "dA t{t} i{i} o{o} r{r}");
+            assert_eq!(bits(&db2), bits(&db), "dB t{t} i{i} o{o} r{r}");
+            let mut dx2 = init;
+            let p = l.input_grad_operand();
+            skinny::nn(Isa::best(), t, i, r, &dxa, r, &p, &mut dx2, i, true);
+            assert_eq!(bits(&dx2), bits(&dx), "dx t{t} i{i} o{o} r{r}");
         }
     }
 

@@ -4,8 +4,8 @@
 use rayon::prelude::*;
 
 use super::{
-    available, imp, pack_a, products_by_rows, round_up, row_slices, with_scratch, PanelOut,
-    SendPtr, WeightBf16, CHUNK_ELEMS, SCRATCH_A, SCRATCH_B, SCRATCH_C, TILE_U16,
+    available, imp, pack_a, products_by_rows, round_up, row_slices, with_scratch, LowRankAdd,
+    PanelOut, SendPtr, WeightBf16, CHUNK_ELEMS, SCRATCH_A, SCRATCH_B, SCRATCH_C, TILE_U16,
 };
 
 /// For each 16-column group g of a pair of weight rows, the 32 words
@@ -89,10 +89,43 @@ pub(super) unsafe fn interleave_chunk(
 /// # Panics
 /// If AMX is not [`available`] or the sizes do not match.
 pub fn linear_backward(o: usize, i: usize, t: usize, dy: &[f32], dx: &mut [f32], w: &WeightBf16) {
+    linear_backward_add(o, i, t, dy, dx, w, None)
+}
+
+/// [`linear_backward`], then a low-rank term added into `dx` (`add`: LoRA's
+/// input gradient `dxa · A`), block by block once each block's product is
+/// final: bit for bit [`linear_backward`] followed by the term in a pass of
+/// its own ([`super::super::skinny::nn`]).
+///
+/// # Panics
+/// If AMX is not [`available`] or the sizes do not match.
+pub fn linear_backward_add(
+    o: usize,
+    i: usize,
+    t: usize,
+    dy: &[f32],
+    dx: &mut [f32],
+    w: &WeightBf16,
+    add: Option<LowRankAdd>,
+) {
     assert!(available(), "AMX bf16 path called without AMX");
     assert_eq!(dy.len(), t * o, "amx backward: dy size");
     assert_eq!(dx.len(), t * i, "amx backward: dx size");
-    if t == 0 || o == 0 || i == 0 {
+    if let Some(add) = &add {
+        assert!(add.xa.len() >= t * add.r, "amx backward: low-rank xa size");
+        assert!(
+            add.ldp >= crate::ops::skinny::padded(i),
+            "amx backward: low-rank term narrower than dx"
+        );
+    }
+    if t == 0 || i == 0 {
+        return;
+    }
+    if o == 0 {
+        if let Some(add) = add {
+            // SAFETY: dx is t·i floats, exclusively borrowed.
+            unsafe { add.apply(0, t, 0, i, dx.as_mut_ptr(), i) };
+        }
         return;
     }
     let kp = round_up(o, 32);
@@ -138,7 +171,7 @@ pub fn linear_backward(o: usize, i: usize, t: usize, dy: &[f32], dx: &mut [f32],
                             c: SendPtr(dxp.get().wrapping_add(nb * 32)),
                             ldc: i,
                             nn: 32.min(i - nb * 32),
-                            add: None,
+                            add: add.filter(|_| k1 == o).map(|a| (a, nb * 32)),
                         })
                         .collect();
                     // SAFETY: A (dy packed, t rows) is read from its k0/32-th
@@ -170,6 +203,10 @@ pub fn linear_backward(o: usize, i: usize, t: usize, dy: &[f32], dx: &mut [f32],
                             nn,
                             true,
                         );
+                        // SAFETY: columns n0..n0+nn of dx are this task's.
+                        if let Some(add) = add.filter(|_| k1 == o) {
+                            add.apply(0, t, n0, nn, dxp.get().add(n0), i);
+                        }
                     }
                 });
                 k0 = k1;

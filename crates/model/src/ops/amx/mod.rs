@@ -70,7 +70,15 @@ impl LowRankAdd<'_> {
     /// # Safety
     /// `c` is valid for reads and writes of that block and nobody else
     /// touches it meanwhile.
-    unsafe fn apply(&self, r0: usize, rows: usize, n0: usize, nn: usize, c: *mut f32, ldc: usize) {
+    pub(super) unsafe fn apply(
+        &self,
+        r0: usize,
+        rows: usize,
+        n0: usize,
+        nn: usize,
+        c: *mut f32,
+        ldc: usize,
+    ) {
         let r = self.r;
         // SAFETY: the caller's contract; `nn_strided` checks the operands.
         unsafe {
@@ -114,7 +122,7 @@ mod tile_buf;
 pub(crate) use tile_buf::TileBuf;
 
 mod backward;
-pub use backward::linear_backward;
+pub use backward::{linear_backward, linear_backward_add};
 
 mod packed;
 pub use packed::PackedWeight;

@@ -453,3 +453,65 @@ fn low_rank_term_inside_the_forward_equals_its_own_pass_bit_for_bit() {
         }
     }
 }
+
+/// The low-rank term added inside the input gradient (LoRA's `dxa · A`)
+/// gives bit for bit the product followed by the term's own pass: column
+/// split, row split, two weight chunks, partial blocks, 1-3 threads.
+#[test]
+fn low_rank_term_inside_the_input_gradient_equals_its_own_pass_bit_for_bit() {
+    use crate::ops::fastmath::Isa;
+    use crate::ops::skinny;
+    if !available() {
+        eprintln!("SKIPPED: AMX-BF16 is not available on this CPU; the AMX kernels were not run");
+        return;
+    }
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    // (o, i, t, r): column split; row split (dy >= 1 MiB packed); two
+    // chunks of weight rows (o·i > CHUNK_ELEMS) on the row split; tiny.
+    for (n, &(o, i, t, r)) in [
+        (70usize, 96usize, 40usize, 16usize),
+        (1100, 100, 480, 17),
+        (2500, 1100, 400, 16),
+        (33, 45, 7, 3),
+        (1, 64, 32, 2),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let seed = 300 + 10 * n as u64;
+        let wv = rand_vec(o * i, seed, 1.0);
+        let w = |start: usize, out: &mut [u16]| {
+            for (d, v) in out.iter_mut().zip(&wv[start..]) {
+                *d = bf16_bits(*v);
+            }
+        };
+        let dy = rand_vec(t * o, seed + 1, 1.0);
+        let init = rand_vec(t * i, seed + 2, 1.0);
+        let dxa = rand_vec(t * r, seed + 3, 2.0);
+        let p = skinny::pack_rows(&rand_vec(r * i, seed + 4, 0.5), r, i, 1.0);
+        let mut want = init.clone();
+        linear_backward(o, i, t, &dy, &mut want, &w);
+        let base = want.clone();
+        skinny::nn(Isa::best(), t, i, r, &dxa, r, &p, &mut want, i, true);
+        assert!(max_abs_diff(&base, &want) > 1e-3, "the term adds something");
+        for threads in [1, 2, 3] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .expect("pool");
+            let mut got = init.clone();
+            let add = LowRankAdd {
+                xa: &dxa,
+                r,
+                p: &p,
+                ldp: p.len() / r,
+            };
+            pool.install(|| linear_backward_add(o, i, t, &dy, &mut got, &w, Some(add)));
+            assert_eq!(
+                bits(&got),
+                bits(&want),
+                "{o}x{i}x{t} r {r}, {threads} threads"
+            );
+        }
+    }
+}
