@@ -107,6 +107,59 @@ fn rows_forward_backward(
         .collect()
 }
 
+/// [`rows_forward_backward`] that also writes each row's gradient as bf16
+/// into `a`, laid out as [`super::amx::pack_a`] would pack the whole chunk
+/// (`kp` columns; the padding rows zero), while the row is in cache: the
+/// AMX head's input gradient then reads it as it is, instead of a pack pass
+/// reading the chunk's f32 gradient back from memory (SmolLM2: 25 MiB per
+/// 128-position chunk). The same bits as packing afterwards.
+#[allow(clippy::too_many_arguments)]
+fn rows_forward_backward_packed(
+    logits: &mut [f32],
+    labels: &[i64],
+    s: usize,
+    vocab: usize,
+    p0: usize,
+    inv: f32,
+    a: &mut super::amx::TileBuf,
+    kp: usize,
+) -> Vec<Option<f64>> {
+    #[derive(Clone, Copy)]
+    struct Dst(*mut u16);
+    // SAFETY: each task writes the rows of A it owns (see below).
+    unsafe impl Send for Dst {}
+    unsafe impl Sync for Dst {}
+    impl Dst {
+        fn get(self) -> *mut u16 {
+            self.0
+        }
+    }
+    let rows = logits.len() / vocab.max(1);
+    let mp = rows.div_ceil(32) * 32;
+    a.resize(mp * kp);
+    let dst = Dst(a.as_mut_ptr());
+    for r in rows..mp {
+        // SAFETY: `a` is [mp, kp] in pack_a's layout; padding row r is written here only.
+        unsafe { super::amx::pack_a_row(&[], r, kp, dst.get()) };
+    }
+    logits
+        .par_chunks_mut(vocab)
+        .enumerate()
+        .map(|(p, row)| {
+            let t = target(labels, s, p0 + p);
+            let loss = if t == IGNORE_INDEX {
+                row.fill(0.0);
+                None
+            } else {
+                Some(row_forward_backward(row, t as usize, inv))
+            };
+            // SAFETY: row p of the [mp, kp] layout, written by this task only.
+            unsafe { super::amx::pack_a_row(row, p, kp, dst.get()) };
+            loss
+        })
+        .collect()
+}
+
 /// At most this many f32 logits exist at once in [`head_forward_backward`].
 const HEAD_CHUNK_LOGITS: usize = 1 << 23;
 
@@ -170,14 +223,21 @@ pub fn head_forward_backward(
         logits.resize((r1 - r0) * vocab, 0.0);
         let (x, dx) = (&nf[r0 * h..r1 * h], &mut dnf[r0 * h..r1 * h]);
         match &packed {
-            Some(pw) => pw.forward(x, r1 - r0, &mut logits),
-            None => head.forward_into(x, r1 - r0, &mut logits),
-        }
-        let p = rows_forward_backward(&mut logits, labels, s, vocab, r0, inv);
-        per[r0..r1].copy_from_slice(&p);
-        match &packed {
-            Some(pw) => pw.backward(&logits, r1 - r0, dx),
-            None => head.backward_input(&logits, r1 - r0, dx),
+            Some(pw) => {
+                pw.forward(x, r1 - r0, &mut logits);
+                // the loss's gradient goes straight into the product's A
+                pw.backward_packed(r1 - r0, dx, &mut |a, kp| {
+                    let p =
+                        rows_forward_backward_packed(&mut logits, labels, s, vocab, r0, inv, a, kp);
+                    per[r0..r1].copy_from_slice(&p);
+                });
+            }
+            None => {
+                head.forward_into(x, r1 - r0, &mut logits);
+                let p = rows_forward_backward(&mut logits, labels, s, vocab, r0, inv);
+                per[r0..r1].copy_from_slice(&p);
+                head.backward_input(&logits, r1 - r0, dx);
+            }
         }
         r0 = r1;
     }
@@ -270,5 +330,44 @@ mod tests {
         assert!((fd - dot(&g, &dir)).abs() < 1e-5);
         assert!(check_labels(&labels, v).is_ok());
         assert!(check_labels(&[11], v).is_err());
+    }
+
+    /// The loss's gradient written straight into the AMX A layout equals
+    /// the f32 gradient packed afterwards, bit for bit, with the same
+    /// losses: ignored rows, rows not a multiple of 32, a vocabulary that is
+    /// not a multiple of 32 (padding columns), one row.
+    #[test]
+    fn gradient_written_packed_equals_packing_it_afterwards() {
+        use super::super::amx::{pack_a, TileBuf};
+        for (n, &(rows, vocab)) in [(45usize, 1000usize), (128, 4096), (1, 33), (64, 32)]
+            .iter()
+            .enumerate()
+        {
+            let seed = 500 + n as u64;
+            let logits = rand_vec(rows * vocab, seed, 4.0);
+            let labels: Vec<i64> = (0..rows + 1)
+                .map(|p| {
+                    if p % 7 == 3 {
+                        IGNORE_INDEX
+                    } else {
+                        ((p * 31 + 5) % vocab) as i64
+                    }
+                })
+                .collect();
+            let kp = vocab.div_ceil(32) * 32;
+            let (p0, s) = (0, rows + 1); // one sequence: position p's target is labels[p + 1]
+            let mut want_l = logits.clone();
+            let want = rows_forward_backward(&mut want_l, &labels, s, vocab, p0, 0.25);
+            let mut want_a = TileBuf::new();
+            pack_a(&want_l, rows, vocab, vocab, 0, kp, &mut want_a);
+            let mut got_l = logits.clone();
+            let mut got_a = TileBuf::new();
+            let got = rows_forward_backward_packed(
+                &mut got_l, &labels, s, vocab, p0, 0.25, &mut got_a, kp,
+            );
+            assert_eq!(got, want, "losses, {rows} x {vocab}");
+            assert_eq!(&got_a[..], &want_a[..], "packed gradient, {rows} x {vocab}");
+            assert!(got.iter().flatten().count() > 0);
+        }
     }
 }

@@ -134,21 +134,42 @@ impl PackedWeight {
     /// # Panics
     /// If AMX is not [`available`] or the sizes do not match.
     pub fn backward(&self, dy: &[f32], t: usize, dx: &mut [f32]) {
+        let o = self.o;
+        assert_eq!(dy.len(), t * o, "packed backward: dy size");
+        self.backward_packed(t, dx, &mut |a: &mut TileBuf, kp: usize| {
+            pack_a(dy, t, o, o, 0, kp, a)
+        });
+    }
+
+    /// [`Self::backward`] with `dy` packed by `fill(a, kp)`: it makes `a`
+    /// what [`pack_a`] would of `dy` (`[round_up(t, 32), kp]`, `kp` =
+    /// `o` rounded up to 32), for a producer that writes `dy` straight into
+    /// that layout while it has it in cache (the loss's gradient).
+    ///
+    /// # Panics
+    /// If AMX is not [`available`] or the sizes do not match.
+    pub(crate) fn backward_packed(
+        &self,
+        t: usize,
+        dx: &mut [f32],
+        fill: &mut dyn FnMut(&mut TileBuf, usize),
+    ) {
         let (o, i) = (self.o, self.i);
         assert!(available(), "AMX bf16 path called without AMX");
-        assert_eq!(dy.len(), t * o, "packed backward: dy size");
         assert_eq!(dx.len(), t * i, "packed backward: dx size");
-        if t == 0 || o == 0 || i == 0 {
-            return;
-        }
         let (kp, mp) = (round_up(o, 32), round_up(t, 32));
         let kst = kp / 32;
         let stream = kst * TILE_U16;
-        // k-steps per pass: A's rows x 32 columns x 2 bytes each
-        let pass = (BACKWARD_PASS_A_BYTES / (mp * 64)).clamp(1, kst);
         let dxp = SendPtr(dx.as_mut_ptr());
         with_scratch(&SCRATCH_A, |a| {
-            pack_a(dy, t, o, o, 0, kp, a);
+            // `fill` always runs: its producer may have more to do than pack
+            fill(a, kp);
+            if t == 0 || o == 0 || i == 0 {
+                return;
+            }
+            // k-steps per pass: A's rows x 32 columns x 2 bytes each
+            let pass = (BACKWARD_PASS_A_BYTES / (mp * 64)).clamp(1, kst);
+            assert_eq!(a.len(), mp * kp, "packed backward: A as pack_a lays it out");
             let a = &a[..];
             let mut k0 = 0;
             while k0 < kst {
