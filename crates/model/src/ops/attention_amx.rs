@@ -30,7 +30,9 @@ fn grow(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
     &mut v[..n]
 }
 
-/// Per-thread f32 buffers of a group's blocks, kept between calls.
+/// Per-thread buffers of a group's blocks, kept between calls: f32 ones,
+/// and the packed bf16 operands (every user rewrites what it reads; fresh
+/// zeroed ones per group and block were ~10% of the attention's samples).
 #[derive(Default)]
 struct Bufs {
     q: Vec<f32>,
@@ -38,6 +40,17 @@ struct Bufs {
     s: Vec<f32>,
     t: Vec<f32>,
     o: Vec<f32>,
+    /// K as the forward's B panels, V / dO / Q / dSᵀ as row-pair B operands.
+    kpan: TileBuf,
+    pairs: TileBuf,
+    /// The backward's B panels of the stacked queries and output gradients.
+    bq: TileBuf,
+    bdo: TileBuf,
+    /// Packed A operands.
+    a1: TileBuf,
+    a2: TileBuf,
+    a3: TileBuf,
+    a4: TileBuf,
 }
 
 thread_local! {
@@ -67,10 +80,9 @@ pub fn usable(sh: &AttnShape) -> bool {
 /// Rows `0..nr` of a strided f32 matrix (`d` columns from `col0`, row stride
 /// `ld`) as B panels for `X · rowsᵀ` (the forward layout): per 32 rows,
 /// `[2 streams][ceil(d/32)][512]`.
-fn pack_rows_forward(src: &[f32], nr: usize, d: usize, ld: usize, col0: usize) -> TileBuf {
+fn pack_rows_forward(src: &[f32], nr: usize, d: usize, ld: usize, col0: usize, out: &mut TileBuf) {
     let ksd = d.div_ceil(32);
     let per = 2 * ksd * TILE_U16;
-    let mut out = TileBuf::new();
     out.resize(nr.div_ceil(32) * per);
     let mut rows = vec![0u16; 32 * d];
     for (p, panel) in out.chunks_mut(per).enumerate() {
@@ -81,7 +93,6 @@ fn pack_rows_forward(src: &[f32], nr: usize, d: usize, ld: usize, col0: usize) -
         }
         pack_b_forward(&rows[..nn * d], nn, d, ksd, panel);
     }
-    out
 }
 
 /// One group's stacked queries into `g` (`[n_rep·rows, d]`, every element
@@ -195,27 +206,27 @@ fn forward_group(
     let (d, s, n_rep) = (sh.d, sh.q_len, sh.heads / sh.kv_heads);
     let kvd = sh.kv_heads * d;
     let base = bi * s * kvd;
-    let kpan = pack_rows_forward(&k[base..], s, d, kvd, kvh * d);
-    let mut vpair = TileBuf::new();
-    let vks = pack_b_pairs(&v[base + kvh * d..], s, d, kvd, round_up(s, 32), &mut vpair);
     let kpd = round_up(d, 32);
     let mut o = vec![0f32; n_rep * s * d];
     let mut lse = vec![0f32; n_rep * s];
-    let (mut aq, mut ap) = (TileBuf::new(), TileBuf::new());
     with_bufs(|b| {
+        pack_rows_forward(&k[base..], s, d, kvd, kvh * d, &mut b.kpan);
+        let vpair = &mut b.pairs;
+        let vks = pack_b_pairs(&v[base + kvh * d..], s, d, kvd, round_up(s, 32), vpair);
+        let (kpan, vpair, aq, ap) = (&b.kpan, &b.pairs, &mut b.a1, &mut b.a2);
         for i0 in (0..s).step_by(Q_BLOCK) {
             let rows = Q_BLOCK.min(s - i0);
             let kl = i0 + rows;
             let mq = n_rep * rows;
             let qg = grow(&mut b.q, mq * d);
             gather(sh, q, bi, kvh, i0, rows, sh.scale(), qg);
-            pack_a(qg, mq, d, d, 0, kpd, &mut aq);
+            pack_a(qg, mq, d, d, 0, kpd, aq);
             let p = grow(&mut b.s, mq * kl);
-            let l = probabilities(sh, seg, bi, i0, rows, &aq, &kpan, kl, p);
+            let l = probabilities(sh, seg, bi, i0, rows, aq, kpan, kl, p);
             let kpk = round_up(kl, 32);
-            pack_a(p, mq, kl, kl, 0, kpk, &mut ap);
+            pack_a(p, mq, kl, kl, 0, kpk, ap);
             let og = grow(&mut b.o, mq * d);
-            mul(&ap, kpk, mq, &vpair, kpk / 32, vks, og, d, false);
+            mul(ap, kpk, mq, vpair, kpk / 32, vks, og, d, false);
             for r in 0..n_rep {
                 for ii in 0..rows {
                     o[(r * s + i0 + ii) * d..][..d]
@@ -306,16 +317,17 @@ pub(crate) fn backward_group(
     let base = bi * s * kvd;
     let kpd = round_up(d, 32);
     let kps = round_up(s, 32);
-    let (mut ak, mut av, mut akt) = (TileBuf::new(), TileBuf::new(), TileBuf::new());
-    pack_a(&k[base..], s, d, kvd, kvh * d, kpd, &mut ak);
-    pack_a(&v[base..], s, d, kvd, kvh * d, kpd, &mut av);
     let kt = transpose(&k[base..], s, d, kvd, kvh * d);
-    pack_a(&kt, d, s, s, 0, kps, &mut akt);
     let mut dq = vec![0f32; n_rep * s * d];
     let mut dk = vec![0f32; s * d];
     let mut dv = vec![0f32; s * d];
-    let (mut a_t, mut b_rows) = (TileBuf::new(), TileBuf::new());
     with_bufs(|b| {
+        let (ak, av, akt, a_t) = (&mut b.a1, &mut b.a2, &mut b.a3, &mut b.a4);
+        pack_a(&k[base..], s, d, kvd, kvh * d, kpd, ak);
+        pack_a(&v[base..], s, d, kvd, kvh * d, kpd, av);
+        pack_a(&kt, d, s, s, 0, kps, akt);
+        let (ak, av, akt) = (&*ak, &*av, &*akt);
+        let b_rows = &mut b.pairs;
         for i0 in (0..s).step_by(Q_BLOCK) {
             let rows = Q_BLOCK.min(s - i0);
             let kl = i0 + rows;
@@ -345,11 +357,12 @@ pub(crate) fn backward_group(
                     .map(|(a, b)| a * b)
                     .sum();
             }
-            let bq = pack_rows_forward(qg, mq, d, d, 0);
-            let bdo = pack_rows_forward(dog, mq, d, d, 0);
+            pack_rows_forward(qg, mq, d, d, 0, &mut b.bq);
+            pack_rows_forward(dog, mq, d, d, 0, &mut b.bdo);
+            let (bq, bdo) = (&b.bq, &b.bdo);
             // Pᵀ = exp(K Qᵀ − lse), zero where the key is not visible.
             let pt = grow(&mut b.s, kl * mq);
-            times_rows(&ak, kpd, kl, &bq, mq, pt);
+            times_rows(ak, kpd, kl, bq, mq, pt);
             for (j, row) in pt.chunks_mut(mq).enumerate() {
                 row.iter_mut().zip(&shift).for_each(|(x, l)| *x -= l);
                 for r in 0..n_rep {
@@ -369,7 +382,7 @@ pub(crate) fn backward_group(
             }
             // dSᵀ = Pᵀ ⊙ (V dOᵀ − Σ dO ⊙ O)
             let dst = grow(&mut b.t, kl * mq);
-            times_rows(&av, kpd, kl, &bdo, mq, dst);
+            times_rows(av, kpd, kl, bdo, mq, dst);
             for (drow, prow) in dst.chunks_mut(mq).zip(pt.chunks(mq)) {
                 drow.iter_mut()
                     .zip(prow)
@@ -377,16 +390,16 @@ pub(crate) fn backward_group(
                     .for_each(|((x, p), ds)| *x = p * (*x - ds));
             }
             // dV[0..kl] += Pᵀ dO ; dK[0..kl] += dSᵀ (scale·Q)
-            pack_a(pt, kl, mq, mq, 0, kpm, &mut a_t);
-            let ks = pack_b_pairs(dog, mq, d, d, kpm, &mut b_rows);
-            mul(&a_t, kpm, kl, &b_rows, ks, ks, &mut dv[..kl * d], d, true);
-            pack_a(dst, kl, mq, mq, 0, kpm, &mut a_t);
-            let ks = pack_b_pairs(qg, mq, d, d, kpm, &mut b_rows);
-            mul(&a_t, kpm, kl, &b_rows, ks, ks, &mut dk[..kl * d], d, true);
+            pack_a(pt, kl, mq, mq, 0, kpm, a_t);
+            let ks = pack_b_pairs(dog, mq, d, d, kpm, b_rows);
+            mul(a_t, kpm, kl, b_rows, ks, ks, &mut dv[..kl * d], d, true);
+            pack_a(dst, kl, mq, mq, 0, kpm, a_t);
+            let ks = pack_b_pairs(qg, mq, d, d, kpm, b_rows);
+            mul(a_t, kpm, kl, b_rows, ks, ks, &mut dk[..kl * d], d, true);
             // dQᵀ = Kᵀ dSᵀ (keys 0..kl of Kᵀ), dq = scale · dQ
-            let ks = pack_b_pairs(dst, kl, mq, mq, kpk, &mut b_rows);
+            let ks = pack_b_pairs(dst, kl, mq, mq, kpk, b_rows);
             let dqt = grow(&mut b.o, d * mq);
-            mul(&akt, kps, d, &b_rows, ks, ks, dqt, mq, false);
+            mul(akt, kps, d, b_rows, ks, ks, dqt, mq, false);
             for c in 0..mq {
                 let (r, ii) = (c / rows, c % rows);
                 let dst_row = &mut dq[(r * s + i0 + ii) * d..][..d];
