@@ -179,9 +179,12 @@ impl Backend for CpuBackend {
         let _t = profile::time(Op::LoraForward);
         Ok(lora_ref(op).down(x, t))
     }
-    /// On the AMX path the up-projections are added inside the products,
-    /// each block while it is in cache ([`crate::ops::amx::LowRankAdd`]),
-    /// after the down-projections: no pass of its own over each output.
+    /// On the AMX path the down-projections run on each group of input
+    /// rows while the pack has it in cache, and the up-projections inside
+    /// the products, each output block while it is in cache
+    /// ([`crate::ops::amx::linear_forward_lora`]): no pass of their own over
+    /// the input or the outputs. (The op timers count both in the base
+    /// forward then.)
     fn linear_lora_forward_many(
         &self,
         ws: &[&FrozenLinear],
@@ -192,46 +195,47 @@ impl Backend for CpuBackend {
         if !FrozenLinear::can_add_low_rank(ws, t) || loras.iter().all(Option::is_none) {
             return super::linear_lora_forward_many_unfused(self, ws, x, t, loras);
         }
-        // each module's x·Aᵀ (kept, or the down-projection now), s·Bᵀ, r
-        type Term = Option<(Vec<f32>, Vec<f32>, usize)>;
-        let terms: Vec<Term> = {
-            let _t = profile::time(Op::LoraForward);
-            loras
-                .into_iter()
-                .map(|lora| {
-                    lora.map(|(op, kept)| {
-                        let l = lora_ref(&op);
-                        let xa = kept.unwrap_or_else(|| l.down(x, t));
-                        (xa, l.up_operand(), l.r)
-                    })
+        // each module's kept x·Aᵀ (made now under dropout: its input is
+        // masked), Aᵀ and s·Bᵀ; the down-projections run inside the pack
+        let ops: Vec<Option<(LoraRef, Option<Vec<f32>>)>> = loras
+            .into_iter()
+            .map(|lora| {
+                lora.map(|(op, kept)| {
+                    let l = lora_ref(&op);
+                    let kept = match kept {
+                        None if l.dropout > 0.0 => {
+                            let _t = profile::time(Op::LoraForward);
+                            Some(l.down(x, t))
+                        }
+                        kept => kept,
+                    };
+                    (l, kept)
                 })
-                .collect()
-        };
-        let adds: Vec<Option<crate::ops::amx::LowRankAdd>> = terms
-            .iter()
-            .zip(ws)
-            .map(|(term, w)| {
-                let (xa, p, r) = term.as_ref()?;
-                // rank 0 adds nothing (not even +0.0 to a -0.0), as `up` does
-                (*r > 0)
-                    .then(|| crate::ops::amx::LowRankAdd {
-                        xa,
-                        r: *r,
-                        p,
-                        ldp: p.len() / r,
-                    })
-                    .filter(|_| w.out_features > 0)
             })
             .collect();
-        let ys = {
-            let _t = profile::time(Op::LinearForward);
-            FrozenLinear::forward_many_add(ws, x, t, &adds)
-        };
-        Ok(ys
+        let operands: Vec<Option<(Vec<f32>, Vec<f32>)>> = ops
+            .iter()
+            .map(|o| o.as_ref().map(|(l, _)| (l.down_operand(), l.up_operand())))
+            .collect();
+        let terms: Vec<Option<crate::ops::amx::LoraTerm>> = ops
             .into_iter()
-            .zip(terms)
-            .map(|(y, term)| (y, term.map(|(xa, _, _)| xa)))
-            .collect())
+            .zip(&operands)
+            .map(|(o, ops)| {
+                let ((l, kept), (at, p)) = (o?, ops.as_ref()?);
+                let r = l.r;
+                Some(crate::ops::amx::LoraTerm {
+                    kept,
+                    at,
+                    ldat: crate::ops::skinny::padded(r),
+                    r,
+                    p,
+                    ldp: crate::ops::skinny::padded(l.out_features),
+                })
+            })
+            .collect();
+        let _t = profile::time(Op::LinearForward);
+        let (ys, xas) = FrozenLinear::forward_many_lora(ws, x, t, terms);
+        Ok(ys.into_iter().zip(xas).collect())
     }
     /// On the AMX path (no dropout) the LoRA input gradient `dxa·A` is added
     /// inside the base input-gradient product, block by block: no pass of

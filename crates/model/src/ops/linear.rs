@@ -252,6 +252,35 @@ impl FrozenLinear {
         super::amx::linear_forward_multi_add(i, t, x, &outs, adds)
     }
 
+    /// [`Self::forward_many_add`] with the LoRA down-projections made
+    /// during the input's pack ([`super::amx::linear_forward_lora`]):
+    /// returns the outputs and each module's `x·Aᵀ`.
+    ///
+    /// # Panics
+    /// Unless [`Self::can_add_low_rank`]; if the sizes do not match.
+    pub fn forward_many_lora(
+        ws: &[&FrozenLinear],
+        x: &[f32],
+        t: usize,
+        terms: Vec<Option<super::amx::LoraTerm>>,
+    ) -> (Vec<Vec<f32>>, Vec<Option<Vec<f32>>>) {
+        assert!(
+            Self::can_add_low_rank(ws, t),
+            "forward_many_lora: not on the AMX path, or a bias"
+        );
+        let i = ws.first().map_or(0, |w| w.in_features);
+        let sources: Vec<_> = ws
+            .iter()
+            .map(|w| move |s: usize, out: &mut [u16]| w.weight.elems_bf16(s, out))
+            .collect();
+        let outs: Vec<(usize, &super::amx::WeightBf16)> = ws
+            .iter()
+            .zip(&sources)
+            .map(|(w, f)| (w.out_features, f as &super::amx::WeightBf16))
+            .collect();
+        super::amx::linear_forward_lora(i, t, x, &outs, terms)
+    }
+
     fn add_bias(&self, y: &mut [f32]) {
         if let Some(b) = &self.bias {
             y.par_chunks_mut(self.out_features)

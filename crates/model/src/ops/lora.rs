@@ -155,6 +155,13 @@ impl LoraRef<'_> {
         skinny::pack_transposed(self.b, self.out_features, self.r, self.scale)
     }
 
+    /// `Aᵀ` packed as [`Self::down`] multiplies it (`[in, padded(r)]`), for
+    /// a caller that makes `x·Aᵀ` itself ([`super::amx::LoraTerm`]: the same
+    /// kernel, so the same bits; without dropout).
+    pub fn down_operand(&self) -> Vec<f32> {
+        skinny::pack_transposed(self.a, self.r, self.in_features, 1.0)
+    }
+
     /// `xa = dropout(x) Aᵀ` `[t, r]` alone: bit for bit the `xa`
     /// [`Self::forward`] returns (same kernels, same row chunks), without the
     /// up-projection into `y`.

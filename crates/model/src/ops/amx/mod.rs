@@ -172,12 +172,38 @@ pub(crate) fn pack_a(
     kp: usize,
     a: &mut TileBuf,
 ) {
+    pack_a_hooked(src, rows, cols, ld, col0, kp, a, None)
+}
+
+/// Work on a group of rows of A's source while the group is in cache:
+/// `hook(rows)` after [`pack_a_hooked`] has packed them.
+pub type RowsHook<'a> = dyn Fn(std::ops::Range<usize>) + Sync + 'a;
+
+/// [`pack_a`], calling `hook` on each group of real rows (16 at a time,
+/// every row in exactly one call, in parallel) right after packing it.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn pack_a_hooked(
+    src: &[f32],
+    rows: usize,
+    cols: usize,
+    ld: usize,
+    col0: usize,
+    kp: usize,
+    a: &mut TileBuf,
+    hook: Option<&RowsHook>,
+) {
     let mp = round_up(rows, 32);
     a.resize(mp * kp);
     a[..mp * kp]
         .par_chunks_mut(kp * 16)
         .enumerate()
         .for_each(|(g, dst)| {
+            if let Some(hook) = hook {
+                if g * 16 < rows {
+                    // before the pack: the rows come into cache for both
+                    hook(g * 16..rows.min(g * 16 + 16));
+                }
+            }
             with_scratch(&SCRATCH_ROW, |row_buf| {
                 row_buf.resize(kp);
                 for r in 0..16 {
@@ -321,6 +347,19 @@ unsafe fn linear_forward_raw_multi(i: usize, t: usize, x: &[f32], outs: &[Forwar
         return;
     }
     let kp = round_up(i, 32);
+    with_scratch(&SCRATCH_A, |a| {
+        pack_a(x, t, i, i, 0, kp, a);
+        forward_packed(&a[..], i, t, outs);
+    });
+}
+
+/// The products of [`linear_forward_raw_multi`] from `x` already packed
+/// ([`pack_a`], `t` rows, `i` columns; `t`, `i` > 0).
+///
+/// # Safety
+/// As [`linear_forward_raw_multi`].
+unsafe fn forward_packed(a: &[u16], i: usize, t: usize, outs: &[ForwardOut]) {
+    let kp = round_up(i, 32);
     let ksteps = kp / 32;
     let mp = round_up(t, 32);
     // panel index -> (output, panel within it)
@@ -329,47 +368,43 @@ unsafe fn linear_forward_raw_multi(i: usize, t: usize, x: &[f32], outs: &[Forwar
         .enumerate()
         .flat_map(|(k, &(o, _, _, _))| (0..o.div_ceil(32)).map(move |nb| (k, nb)))
         .collect();
-    with_scratch(&SCRATCH_A, |a| {
-        pack_a(x, t, i, i, 0, kp, a);
-        let a = &a[..];
-        if let Some(slices) = row_slices(mp, kp) {
-            return forward_by_rows(a, i, t, ksteps, &slices, &panels, outs);
-        }
-        panels.into_par_iter().for_each(|(k, nb)| {
-            let (o, yp, w, add) = outs[k];
-            with_scratch(&SCRATCH_B, |sc| {
-                let n0 = nb * 32;
-                let nn = 32.min(o - n0);
-                // [2 streams][ksteps][512] B panel, then nn·i weight elements.
-                let bl = 2 * ksteps * TILE_U16;
-                sc.resize(bl + nn * i);
-                let (b, wrows) = sc.split_at_mut(bl);
-                let wrows = &mut wrows[..nn * i];
-                w(n0 * i, wrows);
-                pack_b_forward(wrows, nn, i, ksteps, b);
-                // SAFETY: AMX is available (checked above) and permitted; every
-                // tile load stays inside `a` ([mp, kp]) and `b` (2·ksteps tiles);
-                // C blocks are disjoint per task (columns n0..n0+nn of y_k).
-                unsafe {
-                    imp::run_blocks(
-                        a.as_ptr(),
-                        kp,
-                        mp,
-                        t,
-                        b.as_ptr(),
-                        ksteps,
-                        ksteps,
-                        yp.get().add(n0),
-                        o,
-                        nn,
-                        false,
-                    );
-                    // SAFETY: columns n0..n0+nn of y_k are this task's.
-                    if let Some(add) = add {
-                        add.apply(0, t, n0, nn, yp.get().add(n0), o);
-                    }
+    if let Some(slices) = row_slices(mp, kp) {
+        return forward_by_rows(a, i, t, ksteps, &slices, &panels, outs);
+    }
+    panels.into_par_iter().for_each(|(k, nb)| {
+        let (o, yp, w, add) = outs[k];
+        with_scratch(&SCRATCH_B, |sc| {
+            let n0 = nb * 32;
+            let nn = 32.min(o - n0);
+            // [2 streams][ksteps][512] B panel, then nn·i weight elements.
+            let bl = 2 * ksteps * TILE_U16;
+            sc.resize(bl + nn * i);
+            let (b, wrows) = sc.split_at_mut(bl);
+            let wrows = &mut wrows[..nn * i];
+            w(n0 * i, wrows);
+            pack_b_forward(wrows, nn, i, ksteps, b);
+            // SAFETY: AMX is available (checked above) and permitted; every
+            // tile load stays inside `a` ([mp, kp]) and `b` (2·ksteps tiles);
+            // C blocks are disjoint per task (columns n0..n0+nn of y_k).
+            unsafe {
+                imp::run_blocks(
+                    a.as_ptr(),
+                    kp,
+                    mp,
+                    t,
+                    b.as_ptr(),
+                    ksteps,
+                    ksteps,
+                    yp.get().add(n0),
+                    o,
+                    nn,
+                    false,
+                );
+                // SAFETY: columns n0..n0+nn of y_k are this task's.
+                if let Some(add) = add {
+                    add.apply(0, t, n0, nn, yp.get().add(n0), o);
                 }
-            });
+            }
         });
     });
 }
@@ -636,6 +671,149 @@ pub fn linear_forward_multi_add(
         }
     }
     ys
+}
+
+/// A LoRA module on one output of [`linear_forward_lora`]: its `x·Aᵀ`
+/// kept from an earlier forward, or else made from `x` with `at` (`Aᵀ`,
+/// `[i, ldat]` as [`super::skinny::pack_transposed`] lays it out); and its
+/// up-projection operand `p = s·Bᵀ` (`[r, ldp]`).
+pub struct LoraTerm<'a> {
+    pub kept: Option<Vec<f32>>,
+    pub at: &'a [f32],
+    pub ldat: usize,
+    pub r: usize,
+    pub p: &'a [f32],
+    pub ldp: usize,
+}
+
+/// The products of several weights sharing `x` with their LoRA modules:
+/// each module's down-projection `x·Aᵀ` is made on each group of rows of
+/// `x` while the pack has it in cache (no pass of its own over `x` per
+/// module), its up-projection added inside the product as
+/// [`linear_forward_multi_add`] does. Returns the outputs and each module's
+/// `x·Aᵀ`, bit for bit [`super::skinny::nn`] over `x` then
+/// [`linear_forward_multi_add`].
+///
+/// # Panics
+/// If AMX is not [`available`], `t` or `i` is 0, or the sizes do not match.
+pub fn linear_forward_lora(
+    i: usize,
+    t: usize,
+    x: &[f32],
+    outs: &[(usize, &WeightBf16)],
+    mut terms: Vec<Option<LoraTerm>>,
+) -> (Vec<Vec<f32>>, Vec<Option<Vec<f32>>>) {
+    assert!(available(), "AMX bf16 path called without AMX");
+    assert!(t > 0 && i > 0, "amx forward with LoRA: empty product");
+    assert_eq!(x.len(), t * i, "amx forward: x size");
+    assert_eq!(
+        terms.len(),
+        outs.len(),
+        "amx forward: one LoRA slot per output"
+    );
+    for (tm, &(o, _)) in terms
+        .iter()
+        .zip(outs)
+        .filter_map(|(tm, o)| Some((tm.as_ref()?, o)))
+    {
+        assert!(
+            tm.ldp >= super::skinny::padded(o) && tm.p.len() >= tm.r * tm.ldp,
+            "amx forward: LoRA up operand"
+        );
+        match &tm.kept {
+            Some(xa) => assert!(xa.len() >= t * tm.r, "amx forward: kept x·Aᵀ size"),
+            None => assert!(
+                tm.ldat >= super::skinny::padded(tm.r) && tm.at.len() >= i * tm.ldat,
+                "amx forward: LoRA down operand"
+            ),
+        }
+    }
+    // each module's x·Aᵀ: kept, or a buffer the pack's hook fills
+    let mut xas: Vec<Option<Vec<f32>>> = terms
+        .iter_mut()
+        .map(|tm| {
+            let tm = tm.as_mut()?;
+            Some(
+                tm.kept
+                    .take()
+                    .unwrap_or_else(|| Vec::with_capacity(t * tm.r)),
+            )
+        })
+        .collect();
+    let downs: Vec<(SendPtr<f32>, &[f32], usize, usize)> = terms
+        .iter()
+        .zip(&mut xas)
+        .filter_map(|(tm, xa)| {
+            let (tm, xa) = (tm.as_ref()?, xa.as_mut()?);
+            (xa.is_empty() && tm.r > 0).then_some((SendPtr(xa.as_mut_ptr()), tm.at, tm.ldat, tm.r))
+        })
+        .collect();
+    let isa = super::fastmath::Isa::best();
+    let hook = |rows: std::ops::Range<usize>| {
+        for (xa, at, ldat, r) in &downs {
+            let (r, xin) = (*r, &x[rows.start * i..rows.end * i]);
+            // SAFETY: rows `rows` of this x·Aᵀ ([t, r], capacity t·r) are
+            // this group's alone.
+            unsafe {
+                super::skinny::nn_strided(
+                    isa,
+                    rows.len(),
+                    r,
+                    i,
+                    xin,
+                    i,
+                    at,
+                    *ldat,
+                    xa.get().add(rows.start * r),
+                    r,
+                    false,
+                )
+            };
+        }
+    };
+    let kp = round_up(i, 32);
+    let mut ys: Vec<Vec<f32>> = outs
+        .iter()
+        .map(|&(o, _)| Vec::with_capacity(t * o))
+        .collect();
+    with_scratch(&SCRATCH_A, |a| {
+        pack_a_hooked(x, t, i, i, 0, kp, a, Some(&hook));
+        for (tm, xa) in terms.iter().zip(&mut xas) {
+            if let (Some(tm), Some(xa)) = (tm, xa) {
+                if xa.is_empty() {
+                    // SAFETY: the hook wrote all t·r values (every row once).
+                    unsafe { xa.set_len(t * tm.r) };
+                }
+            }
+        }
+        let adds: Vec<Option<LowRankAdd>> = terms
+            .iter()
+            .zip(&xas)
+            .map(|(tm, xa)| {
+                let (tm, xa) = (tm.as_ref()?, xa.as_ref()?);
+                (tm.r > 0).then_some(LowRankAdd {
+                    xa,
+                    r: tm.r,
+                    p: tm.p,
+                    ldp: tm.ldp,
+                })
+            })
+            .collect();
+        let raw: Vec<ForwardOut> = ys
+            .iter_mut()
+            .zip(outs)
+            .zip(adds)
+            .map(|((y, &(o, w)), add)| (o, SendPtr(y.as_mut_ptr()), w, add))
+            .collect();
+        // SAFETY: each y_k has capacity t·o_k, distinct allocations; the
+        // products write every element before `set_len`.
+        unsafe { forward_packed(&a[..], i, t, &raw) };
+    });
+    for (y, &(o, _)) in ys.iter_mut().zip(outs) {
+        // SAFETY: see above.
+        unsafe { y.set_len(t * o) };
+    }
+    (ys, xas)
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -515,3 +515,122 @@ fn low_rank_term_inside_the_input_gradient_equals_its_own_pass_bit_for_bit() {
         }
     }
 }
+
+/// The LoRA down-projections made inside the input's pack
+/// ([`linear_forward_lora`]) and the up-projections inside the products
+/// give bit for bit the down-projection over `x` ([`crate::ops::skinny::nn`])
+/// then [`linear_forward_multi_add`]: outputs and `x·Aᵀ`, kept and made
+/// ones mixed, rank 0, column and row splits, 1-3 threads.
+#[test]
+fn lora_down_inside_the_pack_equals_its_own_pass_bit_for_bit() {
+    use crate::ops::fastmath::Isa;
+    use crate::ops::skinny;
+    if !available() {
+        eprintln!("SKIPPED: AMX-BF16 is not available on this CPU; the AMX kernels were not run");
+        return;
+    }
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    type Case = (usize, usize, &'static [(usize, usize, bool)]);
+    // (i, t, [(o, r, kept)])
+    let cases: &[Case] = &[
+        (
+            576,
+            100,
+            &[(576, 16, false), (192, 8, true), (192, 0, false)],
+        ),
+        (1100, 480, &[(1200, 16, false), (70, 33, false)]),
+        (45, 7, &[(33, 3, false), (20, 5, true)]),
+    ];
+    for (n, &(i, t, mods)) in cases.iter().enumerate() {
+        let seed = 900 + 10 * n as u64;
+        let x = rand_vec(t * i, seed, 1.0);
+        let ws: Vec<Vec<f32>> = mods
+            .iter()
+            .enumerate()
+            .map(|(k, &(o, _, _))| rand_vec(o * i, seed + 1 + k as u64, 0.3))
+            .collect();
+        let srcs: Vec<_> = ws
+            .iter()
+            .map(|wv| {
+                move |start: usize, out: &mut [u16]| {
+                    for (d, v) in out.iter_mut().zip(&wv[start..]) {
+                        *d = bf16_bits(*v);
+                    }
+                }
+            })
+            .collect();
+        let outs: Vec<(usize, &WeightBf16)> = mods
+            .iter()
+            .zip(&srcs)
+            .map(|(&(o, _, _), f)| (o, f as &WeightBf16))
+            .collect();
+        let ats: Vec<Vec<f32>> = mods
+            .iter()
+            .enumerate()
+            .map(|(k, &(_, r, _))| {
+                skinny::pack_transposed(&rand_vec(r * i, seed + 20 + k as u64, 0.3), r, i, 1.0)
+            })
+            .collect();
+        let ps: Vec<Vec<f32>> = mods
+            .iter()
+            .enumerate()
+            .map(|(k, &(o, r, _))| {
+                skinny::pack_transposed(&rand_vec(o * r, seed + 40 + k as u64, 0.3), o, r, 2.0)
+            })
+            .collect();
+        // the reference: x·Aᵀ by its own pass (or kept), then the products
+        let want_xa: Vec<Vec<f32>> = mods
+            .iter()
+            .enumerate()
+            .map(|(k, &(_, r, kept))| {
+                if kept {
+                    rand_vec(t * r, seed + 60 + k as u64, 1.0)
+                } else {
+                    let mut xa = vec![0f32; t * r];
+                    skinny::nn(Isa::best(), t, r, i, &x, i, &ats[k], &mut xa, r, false);
+                    xa
+                }
+            })
+            .collect();
+        let adds: Vec<Option<LowRankAdd>> = mods
+            .iter()
+            .enumerate()
+            .map(|(k, &(o, r, _))| {
+                (r > 0).then(|| LowRankAdd {
+                    xa: &want_xa[k],
+                    r,
+                    p: &ps[k],
+                    ldp: skinny::padded(o),
+                })
+            })
+            .collect();
+        let want = linear_forward_multi_add(i, t, &x, &outs, &adds);
+        for threads in [1, 2, 3] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .expect("pool");
+            let terms: Vec<Option<LoraTerm>> = mods
+                .iter()
+                .enumerate()
+                .map(|(k, &(o, r, kept))| {
+                    Some(LoraTerm {
+                        kept: kept.then(|| want_xa[k].clone()),
+                        at: &ats[k],
+                        ldat: skinny::padded(r),
+                        r,
+                        p: &ps[k],
+                        ldp: skinny::padded(o),
+                    })
+                })
+                .collect();
+            let (ys, xas) = pool.install(|| linear_forward_lora(i, t, &x, &outs, terms));
+            for k in 0..mods.len() {
+                let what = format!("case {n} output {k}, {threads} threads");
+                assert_eq!(bits(&ys[k]), bits(&want[k]), "y {what}");
+                let xa = xas[k].as_ref().expect("a LoRA module's x·Aᵀ");
+                assert_eq!(bits(xa), bits(&want_xa[k]), "x·Aᵀ {what}");
+            }
+        }
+    }
+}
