@@ -241,6 +241,43 @@ impl<B: Backend> Net<'_, B> {
         Ok(())
     }
 
+    /// [`Self::linear_backward`] into a fresh input gradient of `n` values
+    /// (the first module writing a block's input gradient): the backend may
+    /// write it without zeroing it first.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_backward_new(
+        &self,
+        w: &LayerW<B>,
+        l: usize,
+        m: usize,
+        x: &B::Buf,
+        saved: &Option<LinSaved<B>>,
+        dy: &B::Buf,
+        n: usize,
+        ctx: &Ctx<B>,
+        ad: &AdapterView<B>,
+        grads: &mut LayerGrads<B>,
+    ) -> Result<B::Buf> {
+        let t = ctx.t();
+        if self.dora_op(Some(ad), l, m).is_some() {
+            let mut dx = self.be.zeros(n)?;
+            self.linear_backward(w, l, m, x, saved, dy, &mut dx, ctx, ad, grads, true)?;
+            return Ok(dx);
+        }
+        let op = self.lora_op(Some(ad), ctx, l, m);
+        let lora = op.as_ref().map(|op| {
+            let xa = &saved.as_ref().expect("LoRA forward saved x·Aᵀ").xa;
+            (op, x, xa)
+        });
+        let (dx, g) = self
+            .be
+            .linear_lora_backward_new(&w.linears[m], lora, dy, t, n)?;
+        if let Some((da, db)) = g {
+            grads[m] = Some((da, db, None));
+        }
+        Ok(dx)
+    }
+
     /// Backward of layer `l`: given `d loss / d output`, returns `d loss / d input`.
     #[allow(clippy::too_many_arguments)]
     fn layer_backward(
@@ -267,36 +304,22 @@ impl<B: Backend> Net<'_, B> {
         let w = &*layer;
 
         // MLP block: out = x_mid + down(silu(gate(n2)) ⊙ up(n2)).
-        let mut dm = be.zeros(t * inter)?;
-        self.linear_backward(
+        let dm = self.linear_backward_new(
             w,
             l,
             DOWN,
             &a.m,
             &a.xa[DOWN],
             &dout,
-            &mut dm,
+            t * inter,
             ctx,
             ad,
             grads,
-            true,
         )?;
         let (dg, du) = be.swiglu_backward(&dm, &a.g, &a.u)?;
         drop(dm);
-        let mut dn2 = be.zeros(t * h)?;
-        self.linear_backward(
-            w,
-            l,
-            GATE,
-            &a.n2,
-            &a.xa[GATE],
-            &dg,
-            &mut dn2,
-            ctx,
-            ad,
-            grads,
-            true,
-        )?;
+        let mut dn2 =
+            self.linear_backward_new(w, l, GATE, &a.n2, &a.xa[GATE], &dg, t * h, ctx, ad, grads)?;
         self.linear_backward(
             w, l, UP, &a.n2, &a.xa[UP], &du, &mut dn2, ctx, ad, grads, true,
         )?;
@@ -312,9 +335,17 @@ impl<B: Backend> Net<'_, B> {
         drop(dn2);
 
         // Attention block: x_mid = x_in + o(attn(rope(q(n1)), rope(k(n1)), v(n1))).
-        let mut datt = be.zeros(t * nh * d)?;
-        self.linear_backward(
-            w, l, O, &a.att, &a.xa[O], &dx_mid, &mut datt, ctx, ad, grads, true,
+        let datt = self.linear_backward_new(
+            w,
+            l,
+            O,
+            &a.att,
+            &a.xa[O],
+            &dx_mid,
+            t * nh * d,
+            ctx,
+            ad,
+            grads,
         )?;
         let sh = AttnShape {
             b: ctx.b,
@@ -353,10 +384,15 @@ impl<B: Backend> Net<'_, B> {
             dq = dq_pre;
             dk = dk_pre;
         }
-        let mut dn1 = be.zeros(t * h)?;
-        self.linear_backward(
-            w, l, Q, &a.n1, &a.xa[Q], &dq, &mut dn1, ctx, ad, grads, need_dx,
-        )?;
+        let mut dn1 = if need_dx {
+            self.linear_backward_new(w, l, Q, &a.n1, &a.xa[Q], &dq, t * h, ctx, ad, grads)?
+        } else {
+            let mut dn1 = be.zeros(t * h)?;
+            self.linear_backward(
+                w, l, Q, &a.n1, &a.xa[Q], &dq, &mut dn1, ctx, ad, grads, false,
+            )?;
+            dn1
+        };
         self.linear_backward(
             w, l, K, &a.n1, &a.xa[K], &dk, &mut dn1, ctx, ad, grads, need_dx,
         )?;

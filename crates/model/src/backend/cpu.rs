@@ -4,7 +4,9 @@
 
 use anyhow::Result;
 
-use super::{AdamWStep, Backend, CeOut, DoraOp, DoraSaved, LinearLoraOut, LoraOp, LoraSlot};
+use super::{
+    AdamWStep, Backend, CeOut, DoraOp, DoraSaved, InputGradOut, LinearLoraOut, LoraOp, LoraSlot,
+};
 use crate::ops::attention::{self, AttnShape};
 use crate::ops::dora::DoraRef;
 use crate::ops::linear::{FrozenLinear, FrozenWeight};
@@ -277,6 +279,55 @@ impl Backend for CpuBackend {
             },
         );
         Ok((da, db))
+    }
+    /// On the AMX path the products write the fresh gradient whole (zero
+    /// tiles to start from, not a zeroed buffer to load).
+    fn linear_lora_backward_new(
+        &self,
+        w: &FrozenLinear,
+        lora: Option<(&LoraOp<Self>, &Vec<f32>, &Vec<f32>)>,
+        dy: &Vec<f32>,
+        t: usize,
+        n: usize,
+    ) -> Result<InputGradOut<Self>> {
+        let fused = FrozenLinear::can_add_low_rank(&[w], t)
+            && n == t * w.in_features
+            && lora.is_none_or(|(op, _, _)| op.dropout <= 0.0 && op.r > 0);
+        if !fused {
+            let mut dx = self.zeros(n)?;
+            let grads = match lora {
+                None => {
+                    self.linear_backward_input(w, dy, t, &mut dx)?;
+                    None
+                }
+                Some((op, x, xa)) => {
+                    Some(self.linear_lora_backward(w, op, x, xa, dy, t, &mut dx, true)?)
+                }
+            };
+            return Ok((dx, grads));
+        }
+        let Some((op, x, xa)) = lora else {
+            let _t = profile::time(Op::LinearBackward);
+            return Ok((w.backward_input_new(dy, t, None), None));
+        };
+        let l = lora_ref(op);
+        let (da, db, dxa) = {
+            let _t = profile::time(Op::LoraBackward);
+            l.backward_parts(x, xa, dy, t)
+        };
+        let p = l.input_grad_operand();
+        let _t = profile::time(Op::LinearBackward);
+        let dx = w.backward_input_new(
+            dy,
+            t,
+            Some(crate::ops::amx::LowRankAdd {
+                xa: &dxa,
+                r: l.r,
+                p: &p,
+                ldp: p.len() / l.r,
+            }),
+        );
+        Ok((dx, Some((da, db))))
     }
     fn lora_backward(
         &self,

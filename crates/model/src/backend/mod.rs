@@ -238,6 +238,13 @@ pub type LoraSlot<'a, B> = Option<(LoraOp<'a, B>, Option<<B as Backend>::Buf>)>;
 /// module's `x·Aᵀ`.
 pub type LinearLoraOut<B> = (<B as Backend>::Buf, Option<<B as Backend>::Buf>);
 
+/// What [`Backend::linear_lora_backward_new`] returns: the input gradient
+/// and the LoRA module's `(dA, dB)`, if it has one.
+pub type InputGradOut<B> = (
+    <B as Backend>::Buf,
+    Option<(<B as Backend>::Buf, <B as Backend>::Buf)>,
+);
+
 /// [`Backend::linear_lora_forward_many`] as separate steps: the products,
 /// then each module's LoRA forward (or up-projection from a kept `xa`).
 pub(crate) fn linear_lora_forward_many_unfused<B: Backend>(
@@ -404,6 +411,31 @@ pub trait Backend: Sized + Send + Sync {
             self.linear_backward_input(w, dy, t, dx)?;
         }
         self.lora_backward(op, x, xa, dy, t, dx)
+    }
+    /// A frozen linear's input gradient into a fresh buffer of `n` values
+    /// (`t·in`), with its LoRA module's backward when `lora` has one
+    /// (`(op, x, xa)`; returns `(dA, dB)`). Bit for bit zeros then
+    /// [`Self::linear_backward_input`] / [`Self::linear_lora_backward`]; a
+    /// backend may write the gradient without zeroing the buffer first.
+    fn linear_lora_backward_new(
+        &self,
+        w: &Self::Linear,
+        lora: Option<(&LoraOp<Self>, &Self::Buf, &Self::Buf)>,
+        dy: &Self::Buf,
+        t: usize,
+        n: usize,
+    ) -> Result<InputGradOut<Self>> {
+        let mut dx = self.zeros(n)?;
+        let grads = match lora {
+            None => {
+                self.linear_backward_input(w, dy, t, &mut dx)?;
+                None
+            }
+            Some((op, x, xa)) => {
+                Some(self.linear_lora_backward(w, op, x, xa, dy, t, &mut dx, true)?)
+            }
+        };
+        Ok((dx, grads))
     }
     /// Returns `(dA [r, in], dB [out, r])`; adds the LoRA input gradient into `dx`.
     fn lora_backward(

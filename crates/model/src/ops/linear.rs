@@ -354,6 +354,23 @@ impl FrozenLinear {
         );
     }
 
+    /// `dy W` (plus a low-rank term) as a fresh vector, on the AMX path:
+    /// written whole without zeroing it first; bit for bit
+    /// [`Self::backward_input`] (and the term) into zeros.
+    ///
+    /// # Panics
+    /// Off the AMX path; if the sizes do not match.
+    pub fn backward_input_new(
+        &self,
+        dy: &[f32],
+        t: usize,
+        add: Option<super::amx::LowRankAdd>,
+    ) -> Vec<f32> {
+        let (o, i) = (self.out_features, self.in_features);
+        assert!(self.use_amx(t), "backward_input_new: not on the AMX path");
+        super::amx::linear_backward_new(o, i, t, dy, &|s, out| self.weight.elems_bf16(s, out), add)
+    }
+
     pub fn backward_input(&self, dy: &[f32], t: usize, dx: &mut [f32]) {
         let (o, i) = (self.out_features, self.in_features);
         assert_eq!(dy.len(), t * o, "linear backward: dy size");

@@ -108,9 +108,55 @@ pub fn linear_backward_add(
     w: &WeightBf16,
     add: Option<LowRankAdd>,
 ) {
+    assert_eq!(dx.len(), t * i, "amx backward: dx size");
+    // SAFETY: dx is t·i floats, exclusively borrowed.
+    unsafe { backward_raw(o, i, t, dy, dx.as_mut_ptr(), w, add, false) }
+}
+
+/// `dx = dy · W` (+ the low-rank term) into a fresh vector: the first
+/// weight chunk's products start from zero tiles instead of loading a
+/// zeroed `dx` (no zeroing pass, no read of it). Bit for bit
+/// [`linear_backward_add`] into zeros (both start the sums at +0).
+///
+/// # Panics
+/// If AMX is not [`available`] or the sizes do not match.
+pub fn linear_backward_new(
+    o: usize,
+    i: usize,
+    t: usize,
+    dy: &[f32],
+    w: &WeightBf16,
+    add: Option<LowRankAdd>,
+) -> Vec<f32> {
+    let mut dx: Vec<f32> = Vec::with_capacity(t * i);
+    // SAFETY: capacity t·i; `backward_raw` in overwrite mode writes every
+    // element (the products whole, zeros when o = 0) before `set_len`.
+    unsafe {
+        backward_raw(o, i, t, dy, dx.as_mut_ptr(), w, add, true);
+        dx.set_len(t * i);
+    }
+    dx
+}
+
+/// [`linear_backward_add`] through a raw `dx`; with `overwrite`, `dx` is
+/// not read before the products write it (it may be uninitialized).
+///
+/// # Safety
+/// `dx` is valid for reads and writes of `t·i` floats (writes only, until
+/// written, with `overwrite`) and not aliased.
+#[allow(clippy::too_many_arguments)]
+unsafe fn backward_raw(
+    o: usize,
+    i: usize,
+    t: usize,
+    dy: &[f32],
+    dx: *mut f32,
+    w: &WeightBf16,
+    add: Option<LowRankAdd>,
+    overwrite: bool,
+) {
     assert!(available(), "AMX bf16 path called without AMX");
     assert_eq!(dy.len(), t * o, "amx backward: dy size");
-    assert_eq!(dx.len(), t * i, "amx backward: dx size");
     if let Some(add) = &add {
         assert!(add.xa.len() >= t * add.r, "amx backward: low-rank xa size");
         assert!(
@@ -122,9 +168,14 @@ pub fn linear_backward_add(
         return;
     }
     if o == 0 {
-        if let Some(add) = add {
-            // SAFETY: dx is t·i floats, exclusively borrowed.
-            unsafe { add.apply(0, t, 0, i, dx.as_mut_ptr(), i) };
+        // SAFETY: dx is t·i floats (the caller's contract).
+        unsafe {
+            if overwrite {
+                std::ptr::write_bytes(dx, 0, t * i);
+            }
+            if let Some(add) = add {
+                add.apply(0, t, 0, i, dx, i);
+            }
         }
         return;
     }
@@ -137,9 +188,12 @@ pub fn linear_backward_add(
         pack_a(dy, t, o, o, 0, kp, a);
         let a = &a[..];
         with_scratch(&SCRATCH_C, |chunk| {
-            let dxp = SendPtr(dx.as_mut_ptr());
+            let dxp = SendPtr(dx);
             let mut k0 = 0;
             while k0 < o {
+                // the first chunk's products start from zero tiles when
+                // overwriting, the others add to what the earlier ones wrote
+                let acc = !(overwrite && k0 == 0);
                 let k1 = (k0 + kc).min(o);
                 let ksc = (k1 - k0).div_ceil(32);
                 // [nblocks][2 streams][ksc][512]
@@ -178,7 +232,7 @@ pub fn linear_backward_add(
                     // k-step for ksc; every panel's B is ksc tiles per stream
                     // of the packed chunk; the panels' C columns are disjoint.
                     unsafe {
-                        products_by_rows(a, kp, t, k0 / 32, ksc, &slices, &panels, true, &|_| {})
+                        products_by_rows(a, kp, t, k0 / 32, ksc, &slices, &panels, acc, &|_| {})
                     };
                     k0 = k1;
                     continue;
@@ -201,7 +255,7 @@ pub fn linear_backward_add(
                             dxp.get().add(n0),
                             i,
                             nn,
-                            true,
+                            acc,
                         );
                         // SAFETY: columns n0..n0+nn of dx are this task's.
                         if let Some(add) = add.filter(|_| k1 == o) {

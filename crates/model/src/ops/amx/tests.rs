@@ -634,3 +634,59 @@ fn lora_down_inside_the_pack_equals_its_own_pass_bit_for_bit() {
         }
     }
 }
+
+/// The input gradient written into a fresh buffer (zero tiles to start,
+/// no zeroed buffer to load) equals the product added into zeros, bit for
+/// bit, with and without a low-rank term: column and row splits, two
+/// weight chunks, partial blocks, an empty K, 1-3 threads.
+#[test]
+fn fresh_input_gradient_equals_the_product_into_zeros_bit_for_bit() {
+    use crate::ops::skinny;
+    if !available() {
+        eprintln!("SKIPPED: AMX-BF16 is not available on this CPU; the AMX kernels were not run");
+        return;
+    }
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    for (n, &(o, i, t, r)) in [
+        (70usize, 96usize, 40usize, 16usize),
+        (1100, 100, 480, 0),
+        (2500, 1100, 400, 16),
+        (33, 45, 7, 3),
+        (0, 64, 32, 2),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let seed = 1100 + 10 * n as u64;
+        let wv = rand_vec(o * i, seed, 1.0);
+        let w = |start: usize, out: &mut [u16]| {
+            for (d, v) in out.iter_mut().zip(&wv[start..]) {
+                *d = bf16_bits(*v);
+            }
+        };
+        let dy = rand_vec(t * o, seed + 1, 1.0);
+        let dxa = rand_vec(t * r, seed + 2, 2.0);
+        let p = skinny::pack_rows(&rand_vec(r * i, seed + 3, 0.5), r, i, 1.0);
+        let add = (r > 0).then(|| LowRankAdd {
+            xa: &dxa,
+            r,
+            p: &p,
+            ldp: p.len() / r,
+        });
+        let mut want = vec![0f32; t * i];
+        linear_backward_add(o, i, t, &dy, &mut want, &w, add);
+        assert!(o == 0 && r == 0 || want.iter().any(|v| *v != 0.0));
+        for threads in [1, 2, 3] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .expect("pool");
+            let got = pool.install(|| linear_backward_new(o, i, t, &dy, &w, add));
+            assert_eq!(
+                bits(&got),
+                bits(&want),
+                "{o}x{i}x{t} r {r}, {threads} threads"
+            );
+        }
+    }
+}
