@@ -297,6 +297,12 @@ unsafe fn nn_body<L: Lanes, const MR1: usize, const MR: usize, const NV: usize>(
             nn_tile::<L, MR1, 1>(i, 0, n, kk, a, lda, p, np, c, ldc, accumulate);
             i += MR1;
         }
+        // the rest in MR-row tiles before single rows (a block of 16 rows
+        // is 12 + 4: four single-row tiles ran at a sixth of the rate)
+        while i + MR <= m {
+            nn_tile::<L, MR, 1>(i, 0, n, kk, a, lda, p, np, c, ldc, accumulate);
+            i += MR;
+        }
     } else {
         while i + MR <= m {
             let mut j = 0;
