@@ -18,6 +18,41 @@ use crate::ops::{cross_entropy, rmsnorm, rope, swiglu};
 #[derive(Debug, Clone, Copy, Default)]
 pub struct CpuBackend;
 
+/// A LoRA module's backward on the AMX path (no dropout, `r > 0`): `dA`,
+/// `dB` and `dxa` from [`LoraRef::backward_parts`], then the base input
+/// gradient with `dxa·A` added inside its products, into `dx` or (`None`)
+/// a fresh buffer, returned. Returns `(fresh dx, dA, dB)`.
+fn fused_linear_lora_backward(
+    w: &FrozenLinear,
+    l: &LoraRef,
+    x: &[f32],
+    xa: &[f32],
+    dy: &[f32],
+    t: usize,
+    dx: Option<&mut Vec<f32>>,
+) -> (Option<Vec<f32>>, Vec<f32>, Vec<f32>) {
+    let (da, db, dxa) = {
+        let _t = profile::time(Op::LoraBackward);
+        l.backward_parts(x, xa, dy, t)
+    };
+    let p = l.input_grad_operand();
+    let add = crate::ops::amx::LowRankAdd {
+        xa: &dxa,
+        r: l.r,
+        p: &p,
+        ldp: crate::ops::skinny::padded(l.in_features),
+    };
+    let _t = profile::time(Op::LinearBackward);
+    let fresh = match dx {
+        Some(dx) => {
+            w.backward_input_add(dy, t, dx, add);
+            None
+        }
+        None => Some(w.backward_input_new(dy, t, Some(add))),
+    };
+    (fresh, da, db)
+}
+
 fn lora_ref<'a>(op: &LoraOp<'a, CpuBackend>) -> LoraRef<'a> {
     LoraRef {
         a: op.a,
@@ -261,23 +296,7 @@ impl Backend for CpuBackend {
             }
             return self.lora_backward(op, x, xa, dy, t, dx);
         }
-        let (da, db, dxa) = {
-            let _t = profile::time(Op::LoraBackward);
-            l.backward_parts(x, xa, dy, t)
-        };
-        let p = l.input_grad_operand();
-        let _t = profile::time(Op::LinearBackward);
-        w.backward_input_add(
-            dy,
-            t,
-            dx,
-            crate::ops::amx::LowRankAdd {
-                xa: &dxa,
-                r: l.r,
-                p: &p,
-                ldp: p.len() / l.r,
-            },
-        );
+        let (_, da, db) = fused_linear_lora_backward(w, &l, x, xa, dy, t, Some(dx));
         Ok((da, db))
     }
     /// On the AMX path the products write the fresh gradient whole (zero
@@ -294,40 +313,14 @@ impl Backend for CpuBackend {
             && n == t * w.in_features
             && lora.is_none_or(|(op, _, _)| op.dropout <= 0.0 && op.r > 0);
         if !fused {
-            let mut dx = self.zeros(n)?;
-            let grads = match lora {
-                None => {
-                    self.linear_backward_input(w, dy, t, &mut dx)?;
-                    None
-                }
-                Some((op, x, xa)) => {
-                    Some(self.linear_lora_backward(w, op, x, xa, dy, t, &mut dx, true)?)
-                }
-            };
-            return Ok((dx, grads));
+            return super::linear_lora_backward_new_unfused(self, w, lora, dy, t, n);
         }
         let Some((op, x, xa)) = lora else {
             let _t = profile::time(Op::LinearBackward);
             return Ok((w.backward_input_new(dy, t, None), None));
         };
-        let l = lora_ref(op);
-        let (da, db, dxa) = {
-            let _t = profile::time(Op::LoraBackward);
-            l.backward_parts(x, xa, dy, t)
-        };
-        let p = l.input_grad_operand();
-        let _t = profile::time(Op::LinearBackward);
-        let dx = w.backward_input_new(
-            dy,
-            t,
-            Some(crate::ops::amx::LowRankAdd {
-                xa: &dxa,
-                r: l.r,
-                p: &p,
-                ldp: p.len() / l.r,
-            }),
-        );
-        Ok((dx, Some((da, db))))
+        let (dx, da, db) = fused_linear_lora_backward(w, &lora_ref(op), x, xa, dy, t, None);
+        Ok((dx.expect("a fresh input gradient"), Some((da, db))))
     }
     fn lora_backward(
         &self,

@@ -245,6 +245,27 @@ pub type InputGradOut<B> = (
     Option<(<B as Backend>::Buf, <B as Backend>::Buf)>,
 );
 
+/// [`Backend::linear_lora_backward_new`] as separate steps: a zeroed
+/// buffer, then the base input gradient and the LoRA backward into it.
+pub(crate) fn linear_lora_backward_new_unfused<B: Backend>(
+    be: &B,
+    w: &B::Linear,
+    lora: Option<(&LoraOp<B>, &B::Buf, &B::Buf)>,
+    dy: &B::Buf,
+    t: usize,
+    n: usize,
+) -> Result<InputGradOut<B>> {
+    let mut dx = be.zeros(n)?;
+    let grads = match lora {
+        None => {
+            be.linear_backward_input(w, dy, t, &mut dx)?;
+            None
+        }
+        Some((op, x, xa)) => Some(be.linear_lora_backward(w, op, x, xa, dy, t, &mut dx, true)?),
+    };
+    Ok((dx, grads))
+}
+
 /// [`Backend::linear_lora_forward_many`] as separate steps: the products,
 /// then each module's LoRA forward (or up-projection from a kept `xa`).
 pub(crate) fn linear_lora_forward_many_unfused<B: Backend>(
@@ -425,17 +446,7 @@ pub trait Backend: Sized + Send + Sync {
         t: usize,
         n: usize,
     ) -> Result<InputGradOut<Self>> {
-        let mut dx = self.zeros(n)?;
-        let grads = match lora {
-            None => {
-                self.linear_backward_input(w, dy, t, &mut dx)?;
-                None
-            }
-            Some((op, x, xa)) => {
-                Some(self.linear_lora_backward(w, op, x, xa, dy, t, &mut dx, true)?)
-            }
-        };
-        Ok((dx, grads))
+        linear_lora_backward_new_unfused(self, w, lora, dy, t, n)
     }
     /// Returns `(dA [r, in], dB [out, r])`; adds the LoRA input gradient into `dx`.
     fn lora_backward(

@@ -196,6 +196,19 @@ impl FrozenLinear {
             return ws.iter().map(|w| w.forward(x, t)).collect();
         }
         assert_eq!(x.len(), t * i, "linear forward: input size");
+        let mut ys =
+            Self::with_bf16_sources(ws, |outs| super::amx::linear_forward_multi(i, t, x, outs));
+        for (w, y) in ws.iter().zip(&mut ys) {
+            w.add_bias(y);
+        }
+        ys
+    }
+
+    /// `(out_features, bf16 source)` of each linear, for the AMX products.
+    fn with_bf16_sources<R>(
+        ws: &[&FrozenLinear],
+        f: impl FnOnce(&[(usize, &super::amx::WeightBf16)]) -> R,
+    ) -> R {
         let sources: Vec<_> = ws
             .iter()
             .map(|w| move |s: usize, out: &mut [u16]| w.weight.elems_bf16(s, out))
@@ -205,15 +218,12 @@ impl FrozenLinear {
             .zip(&sources)
             .map(|(w, f)| (w.out_features, f as &super::amx::WeightBf16))
             .collect();
-        let mut ys = super::amx::linear_forward_multi(i, t, x, &outs);
-        for (w, y) in ws.iter().zip(&mut ys) {
-            w.add_bias(y);
-        }
-        ys
+        f(&outs)
     }
 
-    /// Whether [`Self::forward_many_add`] runs for these linears: all on the
-    /// AMX path with one input width, and none with a bias (a low-rank term
+    /// Whether the LoRA terms can go inside these linears' products
+    /// ([`Self::forward_many_lora`], [`Self::backward_input_add`]): all on
+    /// the AMX path with one input width, and none with a bias (a LoRA term
     /// is added after the bias elsewhere; here it would come first).
     pub fn can_add_low_rank(ws: &[&FrozenLinear], t: usize) -> bool {
         let i = ws.first().map_or(0, |w| w.in_features);
@@ -221,40 +231,10 @@ impl FrozenLinear {
             .all(|w| w.use_amx(t) && w.in_features == i && w.bias.is_none())
     }
 
-    /// [`Self::forward_many`] with a low-rank term added into each output
-    /// that has one (`adds[k]`; LoRA's up-projection), block by block while
-    /// the product's output is in cache: bit for bit the forward followed by
-    /// [`super::skinny::nn`] adding the term in a pass of its own.
-    ///
-    /// # Panics
-    /// Unless [`Self::can_add_low_rank`]; if the sizes do not match.
-    pub fn forward_many_add(
-        ws: &[&FrozenLinear],
-        x: &[f32],
-        t: usize,
-        adds: &[Option<super::amx::LowRankAdd>],
-    ) -> Vec<Vec<f32>> {
-        assert!(
-            Self::can_add_low_rank(ws, t),
-            "forward_many_add: not on the AMX path, or a bias"
-        );
-        let i = ws.first().map_or(0, |w| w.in_features);
-        assert_eq!(x.len(), t * i, "linear forward: input size");
-        let sources: Vec<_> = ws
-            .iter()
-            .map(|w| move |s: usize, out: &mut [u16]| w.weight.elems_bf16(s, out))
-            .collect();
-        let outs: Vec<(usize, &super::amx::WeightBf16)> = ws
-            .iter()
-            .zip(&sources)
-            .map(|(w, f)| (w.out_features, f as &super::amx::WeightBf16))
-            .collect();
-        super::amx::linear_forward_multi_add(i, t, x, &outs, adds)
-    }
-
-    /// [`Self::forward_many_add`] with the LoRA down-projections made
-    /// during the input's pack ([`super::amx::linear_forward_lora`]):
-    /// returns the outputs and each module's `x·Aᵀ`.
+    /// [`Self::forward_many`] with each LoRA module's down-projection made
+    /// during the input's pack and its up-projection added inside the
+    /// product ([`super::amx::linear_forward_lora`]): returns the outputs
+    /// and each module's `x·Aᵀ`, bit for bit the separate passes.
     ///
     /// # Panics
     /// Unless [`Self::can_add_low_rank`]; if the sizes do not match.
@@ -269,16 +249,9 @@ impl FrozenLinear {
             "forward_many_lora: not on the AMX path, or a bias"
         );
         let i = ws.first().map_or(0, |w| w.in_features);
-        let sources: Vec<_> = ws
-            .iter()
-            .map(|w| move |s: usize, out: &mut [u16]| w.weight.elems_bf16(s, out))
-            .collect();
-        let outs: Vec<(usize, &super::amx::WeightBf16)> = ws
-            .iter()
-            .zip(&sources)
-            .map(|(w, f)| (w.out_features, f as &super::amx::WeightBf16))
-            .collect();
-        super::amx::linear_forward_lora(i, t, x, &outs, terms)
+        Self::with_bf16_sources(ws, |outs| {
+            super::amx::linear_forward_lora(i, t, x, outs, terms)
+        })
     }
 
     fn add_bias(&self, y: &mut [f32]) {
@@ -324,7 +297,6 @@ impl FrozenLinear {
         }
     }
 
-    /// `dx[t, in] += dy[t, out] W`: the input gradient only.
     /// [`Self::backward_input`] plus a low-rank term (LoRA's input gradient
     /// `dxa · A`) added into `dx` block by block once the product is final:
     /// bit for bit the two in turn. On the AMX path only
@@ -371,6 +343,7 @@ impl FrozenLinear {
         super::amx::linear_backward_new(o, i, t, dy, &|s, out| self.weight.elems_bf16(s, out), add)
     }
 
+    /// `dx[t, in] += dy[t, out] W`: the input gradient only.
     pub fn backward_input(&self, dy: &[f32], t: usize, dx: &mut [f32]) {
         let (o, i) = (self.out_features, self.in_features);
         assert_eq!(dy.len(), t * o, "linear backward: dy size");

@@ -93,8 +93,8 @@ impl LoraRef<'_> {
         if t == 0 || r == 0 {
             return xa;
         }
-        let at = skinny::pack_transposed(self.a, r, i, 1.0); // [in, r]
-        let sbt = skinny::pack_transposed(self.b, o, r, self.scale); // [r, out]
+        let at = self.down_operand(); // [in, r]
+        let sbt = self.up_operand(); // [r, out]
         let ch = chunk_rows(t);
         let run = |(c, (xa, y)): (usize, (&mut [f32], &mut [f32]))| {
             let (k0, rows) = (c * ch, xa.len() / r);
@@ -128,7 +128,7 @@ impl LoraRef<'_> {
         if t == 0 || r == 0 {
             return;
         }
-        let sbt = skinny::pack_transposed(self.b, o, r, self.scale); // [r, out]
+        let sbt = self.up_operand(); // [r, out]
         let ch = chunk_rows(t);
         let run = |(c, y): (usize, &mut [f32])| {
             let rows = y.len() / o;
@@ -173,7 +173,7 @@ impl LoraRef<'_> {
         if t == 0 || r == 0 {
             return xa;
         }
-        let at = skinny::pack_transposed(self.a, r, i, 1.0); // [in, r]
+        let at = self.down_operand(); // [in, r]
         let ch = chunk_rows(t);
         let run = |(c, xa): (usize, &mut [f32])| {
             let (k0, rows) = (c * ch, xa.len() / r);

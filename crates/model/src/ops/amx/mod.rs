@@ -176,11 +176,11 @@ pub(crate) fn pack_a(
 }
 
 /// Work on a group of rows of A's source while the group is in cache:
-/// `hook(rows)` after [`pack_a_hooked`] has packed them.
+/// `hook(rows)`, which [`pack_a_hooked`] calls right before packing them.
 pub type RowsHook<'a> = dyn Fn(std::ops::Range<usize>) + Sync + 'a;
 
 /// [`pack_a`], calling `hook` on each group of real rows (16 at a time,
-/// every row in exactly one call, in parallel) right after packing it.
+/// every row in exactly one call, in parallel) right before packing it.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn pack_a_hooked(
     src: &[f32],

@@ -1,6 +1,15 @@
 use super::super::testutil::*;
 use super::*;
 
+/// A weight source giving `wv`'s elements as bf16.
+fn bf16_source(wv: &[f32]) -> impl Fn(usize, &mut [u16]) + Sync + '_ {
+    move |start, out| {
+        for (d, v) in out.iter_mut().zip(&wv[start..]) {
+            *d = bf16_bits(*v);
+        }
+    }
+}
+
 fn bf(v: f32) -> f64 {
     f32::from_bits((bf16_bits(v) as u32) << 16) as f64
 }
@@ -109,11 +118,7 @@ fn amx_forward_and_backward_match_bf16_reference() {
         let wv = rand_vec(o * i, 21, 1.0);
         let x = rand_vec(t * i, 22, 1.0);
         let dy = rand_vec(t * o, 23, 1.0);
-        let w = |start: usize, out: &mut [u16]| {
-            for (d, v) in out.iter_mut().zip(&wv[start..]) {
-                *d = bf16_bits(*v);
-            }
-        };
+        let w = bf16_source(&wv);
         let mut y = vec![f32::NAN; t * o];
         linear_forward(o, i, t, &x, &mut y, &w);
         // the fresh-vector form writes every element (nothing zeroed first)
@@ -224,16 +229,7 @@ fn shared_input_forward_equals_separate_forwards() {
             .enumerate()
             .map(|(k, &o)| rand_vec(o * i, 52 + k as u64, 1.0))
             .collect();
-        let srcs: Vec<_> = ws
-            .iter()
-            .map(|wv| {
-                move |start: usize, out: &mut [u16]| {
-                    for (d, v) in out.iter_mut().zip(&wv[start..]) {
-                        *d = bf16_bits(*v);
-                    }
-                }
-            })
-            .collect();
+        let srcs: Vec<_> = ws.iter().map(|wv| bf16_source(wv)).collect();
         let outs: Vec<(usize, &WeightBf16)> = os
             .iter()
             .zip(&srcs)
@@ -287,11 +283,7 @@ fn row_split_products_equal_the_column_split_bit_for_bit() {
         let x = rand_vec(t * i, 62, 1.0);
         let dy = rand_vec(t * o, 63, 1.0);
         let init = rand_vec(t * i, 64, 1.0);
-        let w = |start: usize, out: &mut [u16]| {
-            for (d, v) in out.iter_mut().zip(&wv[start..]) {
-                *d = bf16_bits(*v);
-            }
-        };
+        let w = bf16_source(&wv);
         let run = |n: usize| {
             pool(n).install(|| {
                 let by_rows = |k: usize| row_slices(round_up(t, 32), k).is_some();
@@ -382,16 +374,7 @@ fn low_rank_term_inside_the_forward_equals_its_own_pass_bit_for_bit() {
             .enumerate()
             .map(|(k, &(o, _))| rand_vec(o * i, seed + 1 + k as u64, 1.0))
             .collect();
-        let srcs: Vec<_> = ws
-            .iter()
-            .map(|wv| {
-                move |start: usize, out: &mut [u16]| {
-                    for (d, v) in out.iter_mut().zip(&wv[start..]) {
-                        *d = bf16_bits(*v);
-                    }
-                }
-            })
-            .collect();
+        let srcs: Vec<_> = ws.iter().map(|wv| bf16_source(wv)).collect();
         let wouts: Vec<(usize, &WeightBf16)> = outs
             .iter()
             .zip(&srcs)
@@ -480,11 +463,7 @@ fn low_rank_term_inside_the_input_gradient_equals_its_own_pass_bit_for_bit() {
     {
         let seed = 300 + 10 * n as u64;
         let wv = rand_vec(o * i, seed, 1.0);
-        let w = |start: usize, out: &mut [u16]| {
-            for (d, v) in out.iter_mut().zip(&wv[start..]) {
-                *d = bf16_bits(*v);
-            }
-        };
+        let w = bf16_source(&wv);
         let dy = rand_vec(t * o, seed + 1, 1.0);
         let init = rand_vec(t * i, seed + 2, 1.0);
         let dxa = rand_vec(t * r, seed + 3, 2.0);
@@ -549,16 +528,7 @@ fn lora_down_inside_the_pack_equals_its_own_pass_bit_for_bit() {
             .enumerate()
             .map(|(k, &(o, _, _))| rand_vec(o * i, seed + 1 + k as u64, 0.3))
             .collect();
-        let srcs: Vec<_> = ws
-            .iter()
-            .map(|wv| {
-                move |start: usize, out: &mut [u16]| {
-                    for (d, v) in out.iter_mut().zip(&wv[start..]) {
-                        *d = bf16_bits(*v);
-                    }
-                }
-            })
-            .collect();
+        let srcs: Vec<_> = ws.iter().map(|wv| bf16_source(wv)).collect();
         let outs: Vec<(usize, &WeightBf16)> = mods
             .iter()
             .zip(&srcs)
@@ -659,11 +629,7 @@ fn fresh_input_gradient_equals_the_product_into_zeros_bit_for_bit() {
     {
         let seed = 1100 + 10 * n as u64;
         let wv = rand_vec(o * i, seed, 1.0);
-        let w = |start: usize, out: &mut [u16]| {
-            for (d, v) in out.iter_mut().zip(&wv[start..]) {
-                *d = bf16_bits(*v);
-            }
-        };
+        let w = bf16_source(&wv);
         let dy = rand_vec(t * o, seed + 1, 1.0);
         let dxa = rand_vec(t * r, seed + 2, 2.0);
         let p = skinny::pack_rows(&rand_vec(r * i, seed + 3, 0.5), r, i, 1.0);
