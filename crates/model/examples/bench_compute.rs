@@ -150,7 +150,15 @@ fn shapes(tiny: bool) {
             ops::amx::linear_forward(o, i, tt, &x, &mut y, &w);
             bf = bf.min(t0.elapsed().as_secs_f64());
             let t0 = Instant::now();
-            ops::amx::linear_backward(o, i, tt, &dy, &mut dx, &w);
+            // the 4-bit weight's rows written in pairs, as a step does
+            let pairs = |r0: usize, nr: usize, out: &mut [u16], stride: usize| {
+                q.as_ref()
+                    .expect("pairs only for 4-bit weights")
+                    .dequantize_rows_interleaved_bf16(r0, nr, out, stride)
+            };
+            let pairs = (q.is_some() && std::env::var_os("NO_PAIRS").is_none())
+                .then_some(&pairs as &ops::amx::RowsInterleavedBf16);
+            ops::amx::linear_backward_add(o, i, tt, &dy, &mut dx, &w, pairs, None);
             bb = bb.min(t0.elapsed().as_secs_f64());
         }
         println!(

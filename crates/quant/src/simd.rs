@@ -57,6 +57,15 @@ impl Backend {
         v
     }
 
+    /// Whether this is the AVX-512 (F + BW) backend.
+    pub fn has_avx512(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if self == Backend::Avx512 {
+            return true;
+        }
+        false
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Backend::Scalar => "scalar",

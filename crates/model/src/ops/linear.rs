@@ -315,6 +315,7 @@ impl FrozenLinear {
         assert!(self.use_amx(t), "backward_input_add: not on the AMX path");
         assert_eq!(dy.len(), t * o, "linear backward: dy size");
         assert_eq!(dx.len(), t * i, "linear backward: dx size");
+        let pairs = self.row_pairs();
         super::amx::linear_backward_add(
             o,
             i,
@@ -322,8 +323,30 @@ impl FrozenLinear {
             dy,
             dx,
             &|s, out| self.weight.elems_bf16(s, out),
+            pairs
+                .as_ref()
+                .map(|p| p as &super::amx::RowsInterleavedBf16),
             Some(add),
         );
+    }
+
+    /// A writer of the weight's rows straight into the AMX input gradient's
+    /// B layout ([`super::amx::RowsInterleavedBf16`]), for 4-bit weights
+    /// with a vectorized kernel for it (no bf16 copy of the rows in between).
+    fn row_pairs(&self) -> Option<impl Fn(usize, usize, &mut [u16], usize) + Sync + '_> {
+        match &self.weight {
+            FrozenWeight::Quant(q)
+                if q.shape.as_slice() == [self.out_features, self.in_features]
+                    && q.rows_interleaved_fast() =>
+            {
+                Some(
+                    move |r0: usize, nr: usize, out: &mut [u16], stride: usize| {
+                        q.dequantize_rows_interleaved_bf16(r0, nr, out, stride)
+                    },
+                )
+            }
+            _ => None,
+        }
     }
 
     /// `dy W` (plus a low-rank term) as a fresh vector, on the AMX path:
@@ -340,7 +363,18 @@ impl FrozenLinear {
     ) -> Vec<f32> {
         let (o, i) = (self.out_features, self.in_features);
         assert!(self.use_amx(t), "backward_input_new: not on the AMX path");
-        super::amx::linear_backward_new(o, i, t, dy, &|s, out| self.weight.elems_bf16(s, out), add)
+        let pairs = self.row_pairs();
+        super::amx::linear_backward_new(
+            o,
+            i,
+            t,
+            dy,
+            &|s, out| self.weight.elems_bf16(s, out),
+            pairs
+                .as_ref()
+                .map(|p| p as &super::amx::RowsInterleavedBf16),
+            add,
+        )
     }
 
     /// `dx[t, in] += dy[t, out] W`: the input gradient only.
@@ -349,7 +383,19 @@ impl FrozenLinear {
         assert_eq!(dy.len(), t * o, "linear backward: dy size");
         assert_eq!(dx.len(), t * i, "linear backward: dx size");
         if self.use_amx(t) {
-            super::amx::linear_backward(o, i, t, dy, dx, &|s, out| self.weight.elems_bf16(s, out));
+            let pairs = self.row_pairs();
+            super::amx::linear_backward_add(
+                o,
+                i,
+                t,
+                dy,
+                dx,
+                &|s, out| self.weight.elems_bf16(s, out),
+                pairs
+                    .as_ref()
+                    .map(|p| p as &super::amx::RowsInterleavedBf16),
+                None,
+            );
             return;
         }
         match &self.weight {

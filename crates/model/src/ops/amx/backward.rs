@@ -84,21 +84,61 @@ pub(super) unsafe fn interleave_chunk(
     }
 }
 
+/// Weight rows `r0..r0 + nr` (at most 32) straight into the input
+/// gradient's B layout: for each group g of 16 columns and pair p, the 32
+/// words `W[r0 + 2p][16g + j], W[r0 + 2p + 1][16g + j]` at
+/// `out[g·stride + 32p ..]` (a row past `nr` as zeros; what
+/// [`interleave_chunk`] makes of the rows), so a 4-bit weight skips the
+/// row-major bf16 copy in between and each tile is written in order. Only
+/// used when the row length is a multiple of 16.
+pub type RowsInterleavedBf16<'a> = dyn Fn(usize, usize, &mut [u16], usize) + Sync + 'a;
+
+/// [`interleave_chunk`] through a [`RowsInterleavedBf16`] writer.
+///
+/// # Safety
+/// As [`interleave_chunk`]; `i` is a multiple of 16.
+#[allow(clippy::too_many_arguments)]
+unsafe fn rows_chunk(
+    rows: &RowsInterleavedBf16,
+    r0: usize,
+    nr: usize,
+    i: usize,
+    ks: usize,
+    stream: usize,
+    dst: *mut u16,
+    len: usize,
+) {
+    assert!(nr <= 32 && i.is_multiple_of(16) && stream >= TILE_U16);
+    let groups = i / 16;
+    if groups == 0 || nr == 0 {
+        return;
+    }
+    let n = (groups - 1) * stream + 32 * nr.div_ceil(2);
+    assert!(ks * TILE_U16 + n <= len);
+    // SAFETY: inside the buffer (asserted); tile `ks` of every stream is
+    // this caller's alone, and the writer only touches tile rows of it.
+    let d = unsafe { std::slice::from_raw_parts_mut(dst.add(ks * TILE_U16), n) };
+    rows(r0, nr, d, stream);
+}
+
 /// `dx[t, i] += dy[t, o] · W`, W `[o, i]` given by `w`.
 ///
 /// # Panics
 /// If AMX is not [`available`] or the sizes do not match.
 pub fn linear_backward(o: usize, i: usize, t: usize, dy: &[f32], dx: &mut [f32], w: &WeightBf16) {
-    linear_backward_add(o, i, t, dy, dx, w, None)
+    linear_backward_add(o, i, t, dy, dx, w, None, None)
 }
 
 /// [`linear_backward`], then a low-rank term added into `dx` (`add`: LoRA's
 /// input gradient `dxa · A`), block by block once each block's product is
 /// final: bit for bit [`linear_backward`] followed by the term in a pass of
-/// its own ([`super::super::skinny::nn`]).
+/// its own ([`super::super::skinny::nn`]). `pairs`, when given, writes the
+/// weight's rows into the B operand instead of `w` and
+/// [`interleave_chunk`] (the same values).
 ///
 /// # Panics
 /// If AMX is not [`available`] or the sizes do not match.
+#[allow(clippy::too_many_arguments)]
 pub fn linear_backward_add(
     o: usize,
     i: usize,
@@ -106,11 +146,12 @@ pub fn linear_backward_add(
     dy: &[f32],
     dx: &mut [f32],
     w: &WeightBf16,
+    pairs: Option<&RowsInterleavedBf16>,
     add: Option<LowRankAdd>,
 ) {
     assert_eq!(dx.len(), t * i, "amx backward: dx size");
     // SAFETY: dx is t·i floats, exclusively borrowed.
-    unsafe { backward_raw(o, i, t, dy, dx.as_mut_ptr(), w, add, false) }
+    unsafe { backward_raw(o, i, t, dy, dx.as_mut_ptr(), w, pairs, add, false) }
 }
 
 /// `dx = dy · W` (+ the low-rank term) into a fresh vector: the first
@@ -126,13 +167,14 @@ pub fn linear_backward_new(
     t: usize,
     dy: &[f32],
     w: &WeightBf16,
+    pairs: Option<&RowsInterleavedBf16>,
     add: Option<LowRankAdd>,
 ) -> Vec<f32> {
     let mut dx: Vec<f32> = Vec::with_capacity(t * i);
     // SAFETY: capacity t·i; `backward_raw` in overwrite mode writes every
     // element (the products whole, zeros when o = 0) before `set_len`.
     unsafe {
-        backward_raw(o, i, t, dy, dx.as_mut_ptr(), w, add, true);
+        backward_raw(o, i, t, dy, dx.as_mut_ptr(), w, pairs, add, true);
         dx.set_len(t * i);
     }
     dx
@@ -152,6 +194,7 @@ unsafe fn backward_raw(
     dy: &[f32],
     dx: *mut f32,
     w: &WeightBf16,
+    pairs: Option<&RowsInterleavedBf16>,
     add: Option<LowRankAdd>,
     overwrite: bool,
 ) {
@@ -204,7 +247,15 @@ unsafe fn backward_raw(
                     chunk[..need].fill(0);
                 }
                 let cp = SendPtr(chunk.as_mut_ptr());
+                let pairs = pairs.filter(|_| i.is_multiple_of(16));
                 (0..ksc).into_par_iter().for_each(|ks| {
+                    if let Some(pairs) = pairs {
+                        let r0 = k0 + ks * 32;
+                        let nr = 32.min(k1 - r0);
+                        // SAFETY: as below.
+                        unsafe { rows_chunk(pairs, r0, nr, i, ks, stream, cp.get(), need) };
+                        return;
+                    }
                     with_scratch(&SCRATCH_B, |sc| {
                         let r0 = k0 + ks * 32;
                         let nr = 32.min(k1 - r0);

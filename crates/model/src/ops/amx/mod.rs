@@ -122,7 +122,9 @@ mod tile_buf;
 pub(crate) use tile_buf::TileBuf;
 
 mod backward;
-pub use backward::{linear_backward, linear_backward_add, linear_backward_new};
+pub use backward::{
+    linear_backward, linear_backward_add, linear_backward_new, RowsInterleavedBf16,
+};
 
 mod packed;
 pub use packed::PackedWeight;

@@ -485,7 +485,7 @@ fn low_rank_term_inside_the_input_gradient_equals_its_own_pass_bit_for_bit() {
                 p: &p,
                 ldp: p.len() / r,
             };
-            pool.install(|| linear_backward_add(o, i, t, &dy, &mut got, &w, Some(add)));
+            pool.install(|| linear_backward_add(o, i, t, &dy, &mut got, &w, None, Some(add)));
             assert_eq!(
                 bits(&got),
                 bits(&want),
@@ -640,18 +640,77 @@ fn fresh_input_gradient_equals_the_product_into_zeros_bit_for_bit() {
             ldp: p.len() / r,
         });
         let mut want = vec![0f32; t * i];
-        linear_backward_add(o, i, t, &dy, &mut want, &w, add);
+        linear_backward_add(o, i, t, &dy, &mut want, &w, None, add);
         assert!(o == 0 && r == 0 || want.iter().any(|v| *v != 0.0));
         for threads in [1, 2, 3] {
             let pool = rayon::ThreadPoolBuilder::new()
                 .num_threads(threads)
                 .build()
                 .expect("pool");
-            let got = pool.install(|| linear_backward_new(o, i, t, &dy, &w, add));
+            let got = pool.install(|| linear_backward_new(o, i, t, &dy, &w, None, add));
             assert_eq!(
                 bits(&got),
                 bits(&want),
                 "{o}x{i}x{t} r {r}, {threads} threads"
+            );
+        }
+    }
+}
+
+/// The input gradient with a 4-bit weight's rows written straight into the
+/// B operand in pairs ([`RowsInterleavedBf16`]) equals the one through the weight's
+/// bf16 rows, bit for bit: row and column splits, several weight chunks, an
+/// odd row count (the last pair half zeros), columns not a multiple of 16
+/// (the writer unused), fresh and accumulating, 1-3 threads.
+#[test]
+fn row_pair_writer_gives_the_same_input_gradient_bit_for_bit() {
+    use qlora_quant::{quantize_4bit, Input, QuantOptions, QuantType};
+    if !available() {
+        eprintln!("SKIPPED: AMX-BF16 is not available on this CPU; the AMX kernels were not run");
+        return;
+    }
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    for (n, &(o, i, t, qt)) in [
+        (70usize, 96usize, 40usize, QuantType::Nf4),
+        (1101, 128, 480, QuantType::Fp4),
+        (2500, 1104, 400, QuantType::Nf4),
+        (33, 48, 7, QuantType::Nf4),
+        (64, 40, 50, QuantType::Nf4),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let seed = 1300 + 10 * n as u64;
+        let wv = rand_vec(o * i, seed, 1.0);
+        let opts = QuantOptions {
+            quant_type: qt,
+            ..Default::default()
+        };
+        let q = quantize_4bit(Input::F32(&wv), &[o, i], &opts).expect("quantize");
+        let w = |s: usize, out: &mut [u16]| {
+            q.dequantize_range::<half::bf16>(s, bytemuck::cast_slice_mut(out))
+        };
+        let pairs = |r0: usize, nr: usize, out: &mut [u16], stride: usize| {
+            q.dequantize_rows_interleaved_bf16(r0, nr, out, stride)
+        };
+        let dy = rand_vec(t * o, seed + 1, 1.0);
+        let dx0 = rand_vec(t * i, seed + 2, 1.0);
+        let mut want = dx0.clone();
+        linear_backward_add(o, i, t, &dy, &mut want, &w, None, None);
+        let want_new = linear_backward_new(o, i, t, &dy, &w, None, None);
+        for threads in [1, 2, 3] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .expect("pool");
+            let mut got = dx0.clone();
+            pool.install(|| linear_backward_add(o, i, t, &dy, &mut got, &w, Some(&pairs), None));
+            assert_eq!(bits(&got), bits(&want), "{o}x{i}x{t}, {threads} threads");
+            let got = pool.install(|| linear_backward_new(o, i, t, &dy, &w, Some(&pairs), None));
+            assert_eq!(
+                bits(&got),
+                bits(&want_new),
+                "fresh {o}x{i}x{t}, {threads} threads"
             );
         }
     }

@@ -1,0 +1,371 @@
+//! Two consecutive rows of a 4-bit matrix dequantized to bf16 and interleaved
+//! element by element, 16 columns at a time: the B operand of an AMX product
+//! along the weight's rows (the input gradient `dy · W` pairs rows `2p` and
+//! `2p + 1` in each 32-bit lane), written straight from the 4-bit codes
+//! instead of through a row-major copy.
+
+use crate::simd::Backend;
+use crate::{DType, Quantized4};
+
+/// Block columns handled at a time (their tables on the stack).
+const SEG_BLOCKS: usize = 16;
+/// Row pairs per call of the AVX-512 kernel (one AMX tile's 16 rows).
+const MAX_PAIRS: usize = 16;
+
+impl Quantized4 {
+    /// Rows `r0..r0 + nr` of a 2-D `[rows, cols]` tensor as bf16 bits, two
+    /// consecutive rows interleaved element by element, 16 columns at a time:
+    /// for each group `g < cols / 16` and pair `p < ceil(nr / 2)`, the 32
+    /// words at `out[g·stride + 32p ..]` are `W[r0 + 2p][16g + j]`,
+    /// `W[r0 + 2p + 1][16g + j]` for `j = 0..16` (`+0.0` for a row past
+    /// `nr`). That is an AMX B tile along the weight's rows (the input
+    /// gradient `dy · W`): each group's tile rows are written one after the
+    /// other, straight from the 4-bit codes. Each value is bit for bit what
+    /// [`Self::dequantize_range`] gives as bf16; words past a group's pairs
+    /// are not written.
+    ///
+    /// # Panics
+    /// If the tensor is not 2-D, `cols` is not a multiple of 16, the rows
+    /// are outside it, `stride < 32·ceil(nr / 2)`, or `out` is too short.
+    pub fn dequantize_rows_interleaved_bf16(
+        &self,
+        r0: usize,
+        nr: usize,
+        out: &mut [u16],
+        stride: usize,
+    ) {
+        self.dequantize_rows_interleaved_bf16_with(Backend::detect(), r0, nr, out, stride)
+    }
+
+    /// Whether [`Self::dequantize_rows_interleaved_bf16`] has a vectorized
+    /// kernel for this tensor on this CPU (2-D, rows a whole number of
+    /// blocks, AVX-512); otherwise it runs a plain loop, slower than
+    /// dequantizing the rows and interleaving them.
+    pub fn rows_interleaved_fast(&self) -> bool {
+        matches!(self.shape.as_slice(), &[_, cols] if cols % 16 == 0 && cols % self.blocksize == 0)
+            && Backend::detect().has_avx512()
+    }
+
+    /// [`Self::dequantize_rows_interleaved_bf16`] with an explicit backend (tests).
+    #[doc(hidden)]
+    pub fn dequantize_rows_interleaved_bf16_with(
+        &self,
+        backend: Backend,
+        r0: usize,
+        nr: usize,
+        out: &mut [u16],
+        stride: usize,
+    ) {
+        let &[rows, cols] = self.shape.as_slice() else {
+            panic!(
+                "dequantize_rows_interleaved_bf16 needs a 2-D tensor, shape is {:?}",
+                self.shape
+            )
+        };
+        assert!(
+            cols.is_multiple_of(16),
+            "dequantize_rows_interleaved_bf16: {cols} columns, not a multiple of 16"
+        );
+        assert!(
+            r0 <= rows && nr <= rows - r0,
+            "rows {r0}..{} outside the tensor's {rows}",
+            r0 + nr
+        );
+        let (groups, npairs) = (cols / 16, nr.div_ceil(2));
+        if groups == 0 || npairs == 0 {
+            return;
+        }
+        assert!(
+            stride >= 32 * npairs,
+            "dequantize_rows_interleaved_bf16: stride {stride} < {}",
+            32 * npairs
+        );
+        assert!(
+            out.len() >= (groups - 1) * stride + 32 * npairs,
+            "dequantize_rows_interleaved_bf16: output of {} words, {} needed",
+            out.len(),
+            (groups - 1) * stride + 32 * npairs
+        );
+        let map = self.quant_map();
+        let bs = self.blocksize;
+        #[cfg(target_arch = "x86_64")]
+        if backend.has_avx512() && cols.is_multiple_of(bs) {
+            for p0 in (0..npairs).step_by(MAX_PAIRS) {
+                let rows_here = (nr - 2 * p0).min(2 * MAX_PAIRS);
+                // SAFETY: `has_avx512` holds only after run-time detection of
+                // AVX-512 F and BW; the sizes were checked above.
+                unsafe {
+                    rows_avx512(
+                        self,
+                        &map,
+                        r0 + 2 * p0,
+                        rows_here,
+                        &mut out[32 * p0..],
+                        stride,
+                    )
+                }
+            }
+            return;
+        }
+        let _ = backend;
+        for g in 0..groups {
+            for p in 0..npairs {
+                let (re, odd) = (r0 + 2 * p, 2 * p + 1 < nr);
+                let (ee, eo) = (re * cols + 16 * g, (re + usize::from(odd)) * cols + 16 * g);
+                let a_e = self.absmax.at(ee / bs);
+                let a_o = if odd { self.absmax.at(eo / bs) } else { 0.0 };
+                let d = &mut out[g * stride + 32 * p..g * stride + 32 * p + 32];
+                group_scalar(&self.packed, &map, ee / 2, eo / 2, a_e, a_o, odd, d);
+            }
+        }
+    }
+}
+
+/// One group: 16 elements from byte `pe` on (absmax `a_e`) and, with `odd`,
+/// from byte `po` on (`a_o`), interleaved into `d`'s 32 words.
+#[allow(clippy::too_many_arguments)]
+fn group_scalar(
+    packed: &[u8],
+    map: &[f32; 16],
+    pe: usize,
+    po: usize,
+    a_e: f32,
+    a_o: f32,
+    odd: bool,
+    d: &mut [u16],
+) {
+    let mut e = [half::bf16::ZERO; 16];
+    let mut o = [half::bf16::ZERO; 16];
+    crate::dequantize::expand_scalar(&packed[pe..pe + 8], map, a_e, DType::F32, &mut e);
+    if odd {
+        crate::dequantize::expand_scalar(&packed[po..po + 8], map, a_o, DType::F32, &mut o);
+    }
+    for j in 0..16 {
+        d[2 * j] = e[j].to_bits();
+        d[2 * j + 1] = o[j].to_bits();
+    }
+}
+
+/// The AVX-512 kernel of [`Quantized4::dequantize_rows_interleaved_bf16`]
+/// for `nr <= 32` rows whose length is a whole number of blocks: per block
+/// column and pair a 32-entry table (the even row's 16 products in words
+/// 0..16, the odd row's in 16..32), then per group and pair one word
+/// permute by indices made from the two rows' 8 code bytes, so each group's
+/// tile rows are stored one after the other. A block pair with a non-finite
+/// absmax goes through the scalar kernel (as `expand_blocks_bf16` does).
+///
+/// # Safety
+/// AVX-512 F and BW are available; the caller checked the sizes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn rows_avx512(
+    q: &Quantized4,
+    map: &[f32; 16],
+    r0: usize,
+    nr: usize,
+    out: &mut [u16],
+    stride: usize,
+) {
+    use std::arch::x86_64::*;
+    let cols = q.shape[1];
+    let bs = q.blocksize;
+    let npairs = nr.div_ceil(2);
+    let groups = cols / 16;
+    let packed = &q.packed;
+    assert!(npairs <= MAX_PAIRS && cols.is_multiple_of(bs));
+    assert!(out.len() >= (groups - 1) * stride + 32 * npairs);
+    assert!((r0 + nr) * cols / 2 <= packed.len());
+    let m = _mm512_loadu_ps(map.as_ptr());
+    let table = |a: f32| {
+        // bf16(map · a), round to nearest even, one word per entry
+        let f = _mm512_castps_si512(_mm512_mul_ps(m, _mm512_set1_ps(a)));
+        let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(f), _mm512_set1_epi32(1));
+        let r = _mm512_srli_epi32::<16>(_mm512_add_epi32(
+            _mm512_add_epi32(f, _mm512_set1_epi32(0x7fff)),
+            lsb,
+        ));
+        _mm512_cvtepi32_epi16(r)
+    };
+    let low = _mm_set1_epi8(0x0f);
+    // +16 on the odd row's words: they index the table's upper half
+    let upper = _mm512_set1_epi32(16 << 16);
+    let nblocks = cols / bs;
+    let gpb = bs / 16;
+    let mut absmax = [[0f32; SEG_BLOCKS]; 2 * MAX_PAIRS];
+    let mut luts = [[_mm512_setzero_si512(); SEG_BLOCKS]; MAX_PAIRS];
+    let mut finite = [[true; SEG_BLOCKS]; MAX_PAIRS];
+    let mut b0 = 0;
+    while b0 < nblocks {
+        let nb = SEG_BLOCKS.min(nblocks - b0);
+        for (k, am) in absmax.iter_mut().enumerate().take(nr) {
+            q.absmax.range_f32((r0 + k) * nblocks + b0, &mut am[..nb]);
+        }
+        for p in 0..npairs {
+            let odd = 2 * p + 1 < nr;
+            for b in 0..nb {
+                let a_e = absmax[2 * p][b];
+                let a_o = if odd { absmax[2 * p + 1][b] } else { 0.0 };
+                finite[p][b] = a_e.is_finite() && a_o.is_finite();
+                let hi = if odd {
+                    table(a_o)
+                } else {
+                    _mm256_setzero_si256()
+                };
+                luts[p][b] = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(table(a_e)), hi);
+            }
+        }
+        for g in b0 * gpb..(b0 + nb) * gpb {
+            let b = g / gpb - b0;
+            let dst = out.as_mut_ptr().add(g * stride);
+            for p in 0..npairs {
+                let (re, odd) = (r0 + 2 * p, 2 * p + 1 < nr);
+                let ee = re * cols + 16 * g;
+                let eo = if odd { ee + cols } else { ee };
+                if !finite[p][b] {
+                    let d = std::slice::from_raw_parts_mut(dst.add(32 * p), 32);
+                    let (a_e, a_o) = (
+                        absmax[2 * p][b],
+                        if odd { absmax[2 * p + 1][b] } else { 0.0 },
+                    );
+                    group_scalar(packed, map, ee / 2, eo / 2, a_e, a_o, odd, d);
+                    continue;
+                }
+                let e8 = _mm_loadl_epi64(packed.as_ptr().add(ee / 2) as *const __m128i);
+                let o8 = _mm_loadl_epi64(packed.as_ptr().add(eo / 2) as *const __m128i);
+                // bytes e0 o0 e1 o1 ...; byte m holds elements 2m (high nibble), 2m+1
+                let x = _mm_unpacklo_epi8(e8, o8);
+                let hi = _mm_and_si128(_mm_srli_epi16::<4>(x), low);
+                let lo = _mm_and_si128(x, low);
+                // hi(e_m) hi(o_m) lo(e_m) lo(o_m): elements 2m, 2m+1 of both rows
+                let w0 = _mm_unpacklo_epi16(hi, lo);
+                let w1 = _mm_unpackhi_epi16(hi, lo);
+                let idx = _mm512_or_si512(_mm512_cvtepu8_epi16(_mm256_set_m128i(w1, w0)), upper);
+                let v = _mm512_permutexvar_epi16(idx, luts[p][b]);
+                _mm512_storeu_si512(dst.add(32 * p) as *mut _, v);
+            }
+        }
+        b0 += nb;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{quantize_4bit, Input, QuantOptions, QuantType};
+
+    fn matrix(rows: usize, cols: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..rows * cols)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 33) as f32 / (1u64 << 31) as f32 - 0.5) * 0.2
+            })
+            .collect()
+    }
+
+    /// The rows through `dequantize_range` to bf16, interleaved by hand.
+    fn expected(q: &Quantized4, r0: usize, nr: usize, stride: usize) -> Vec<u16> {
+        let cols = q.shape[1];
+        let mut rows = vec![half::bf16::ZERO; nr * cols];
+        q.dequantize_range(r0 * cols, &mut rows);
+        let groups = cols / 16;
+        let mut out = vec![0xdeadu16; groups.max(1) * stride];
+        for g in 0..groups {
+            for p in 0..nr.div_ceil(2) {
+                for j in 0..16 {
+                    let at = g * stride + 32 * p + 2 * j;
+                    out[at] = rows[2 * p * cols + 16 * g + j].to_bits();
+                    out[at + 1] = if 2 * p + 1 < nr {
+                        rows[(2 * p + 1) * cols + 16 * g + j].to_bits()
+                    } else {
+                        0
+                    };
+                }
+            }
+        }
+        out
+    }
+
+    fn check(q: &Quantized4, what: &str) {
+        let rows = q.shape[0];
+        for backend in Backend::available() {
+            for (r0, nr) in [
+                (0, rows),
+                (0, 1),
+                (1, rows - 1),
+                (rows - 3, 3),
+                (2, 2),
+                (0, 0),
+            ] {
+                if nr > 40 || r0 + nr > rows {
+                    continue;
+                }
+                for extra in [0, 32, 96] {
+                    let stride = 32 * nr.div_ceil(2) + extra;
+                    let want = expected(q, r0, nr, stride.max(32));
+                    let mut got = vec![0xdeadu16; want.len()];
+                    q.dequantize_rows_interleaved_bf16_with(
+                        backend,
+                        r0,
+                        nr,
+                        &mut got,
+                        stride.max(32),
+                    );
+                    assert_eq!(
+                        got, want,
+                        "{what} {backend:?} rows {r0}+{nr} stride {stride}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn interleaved_rows_equal_the_rows_dequantized_then_interleaved() {
+        for (rows, cols, bs) in [
+            (5, 64, 64),
+            (33, 48, 32),
+            (7, 576, 64),
+            (3, 80, 128),
+            (32, 2048, 64),
+            (4, 208, 4096),
+            (3, 16 * 67 * 64, 64),
+            (36, 1536, 128),
+        ] {
+            for qt in [QuantType::Nf4, QuantType::Fp4] {
+                for dq in [false, true] {
+                    let w = matrix(rows, cols, (rows * cols + bs) as u64);
+                    let opts = QuantOptions {
+                        quant_type: qt,
+                        blocksize: bs,
+                        double_quant: dq,
+                        ..Default::default()
+                    };
+                    let q = quantize_4bit(Input::F32(&w), &[rows, cols], &opts).unwrap();
+                    check(&q, &format!("{qt:?} dq {dq} bs {bs} {rows}x{cols}"));
+                }
+            }
+        }
+        println!("checked on {:?}", Backend::available());
+    }
+
+    #[test]
+    fn interleaved_rows_with_non_finite_blocks_match_the_plain_dequantization() {
+        let (rows, cols) = (6, 256);
+        let w = matrix(rows, cols, 3);
+        let opts = QuantOptions {
+            double_quant: false,
+            ..Default::default()
+        };
+        let mut q = quantize_4bit(Input::F32(&w), &[rows, cols], &opts).unwrap();
+        if let crate::Absmax::Plain(v) = &mut q.absmax {
+            v[1] = f32::INFINITY;
+            v[6] = f32::NAN;
+            v[9] = f32::NEG_INFINITY;
+            v[23] = f32::NAN;
+        }
+        check(&q, "non-finite");
+    }
+}
