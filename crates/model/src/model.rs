@@ -346,6 +346,21 @@ impl Model {
     }
 
     /// Check an adapter against this model and put its matrices on backend `be` as f32.
+    /// Each projection linear's module path (`model.layers.{l}.self_attn.q_proj`,
+    /// ...) to its (layer, index in [`LINEAR_NAMES`]): one lookup per adapter
+    /// module instead of formatting every path for each (210 x 210 strings
+    /// per step at SmolLM2's 30 layers, ~5 ms).
+    fn linear_index(&self) -> std::collections::HashMap<String, (usize, usize)> {
+        (0..self.layers.len())
+            .flat_map(|l| {
+                LINEAR_NAMES
+                    .iter()
+                    .enumerate()
+                    .map(move |(m, n)| (ModelConfig::linear_path(l, n), (l, m)))
+            })
+            .collect()
+    }
+
     pub(crate) fn adapter_view<B: Backend>(
         &self,
         be: &B,
@@ -356,14 +371,9 @@ impl Model {
             (0..nl).map(|_| Default::default()).collect();
         let mut dora: Vec<[Option<DoraMats<B>>; 7]> = (0..nl).map(|_| Default::default()).collect();
         let scale = adapter.scaling() as f32;
+        let index = self.linear_index();
         for (path, w) in &adapter.layers {
-            let found = (0..nl).find_map(|l| {
-                LINEAR_NAMES
-                    .iter()
-                    .position(|n| ModelConfig::linear_path(l, n) == *path)
-                    .map(|m| (l, m))
-            });
-            let Some((l, m)) = found else {
+            let Some(&(l, m)) = index.get(path.as_str()) else {
                 bail!(
                     "adapter module `{path}` is not one of this model's projection linears \
                      (model.layers.<0..{nl}>.self_attn.{{q,k,v,o}}_proj / mlp.{{gate,up,down}}_proj)"
@@ -423,16 +433,12 @@ impl Model {
             self.shards.is_none(),
             "DoRA adapters with --shard full are not supported (DoRA's weight norm needs the whole base weight); use --shard none"
         );
-        let nl = self.layers.len();
         let scale = adapter.scaling() as f32;
+        let index = self.linear_index();
         for (path, w) in adapter.layers.iter_mut() {
-            let lin = (0..nl)
-                .find_map(|l| {
-                    LINEAR_NAMES
-                        .iter()
-                        .position(|n| ModelConfig::linear_path(l, n) == *path)
-                        .map(|m| &self.layers[l].linears[m])
-                })
+            let lin = index
+                .get(path.as_str())
+                .map(|&(l, m)| &self.layers[l].linears[m])
                 .ok_or_else(|| {
                     anyhow::anyhow!("adapter module `{path}` is not a projection of this model")
                 })?;
