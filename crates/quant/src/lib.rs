@@ -80,7 +80,7 @@ pub mod blockwise8;
 mod dequantize;
 mod quantize;
 pub mod reference;
-mod row_pairs;
+mod rows_interleaved;
 mod simd;
 mod tables;
 pub mod torch_mean;

@@ -315,7 +315,7 @@ impl FrozenLinear {
         assert!(self.use_amx(t), "backward_input_add: not on the AMX path");
         assert_eq!(dy.len(), t * o, "linear backward: dy size");
         assert_eq!(dx.len(), t * i, "linear backward: dx size");
-        let pairs = self.row_pairs();
+        let rows = self.rows_interleaved();
         super::amx::linear_backward_add(
             o,
             i,
@@ -323,9 +323,7 @@ impl FrozenLinear {
             dy,
             dx,
             &|s, out| self.weight.elems_bf16(s, out),
-            pairs
-                .as_ref()
-                .map(|p| p as &super::amx::RowsInterleavedBf16),
+            rows.as_ref().map(|p| p as &super::amx::RowsInterleavedBf16),
             Some(add),
         );
     }
@@ -333,7 +331,7 @@ impl FrozenLinear {
     /// A writer of the weight's rows straight into the AMX input gradient's
     /// B layout ([`super::amx::RowsInterleavedBf16`]), for 4-bit weights
     /// with a vectorized kernel for it (no bf16 copy of the rows in between).
-    fn row_pairs(&self) -> Option<impl Fn(usize, usize, &mut [u16], usize) + Sync + '_> {
+    fn rows_interleaved(&self) -> Option<impl Fn(usize, usize, &mut [u16], usize) + Sync + '_> {
         match &self.weight {
             FrozenWeight::Quant(q)
                 if q.shape.as_slice() == [self.out_features, self.in_features]
@@ -363,16 +361,14 @@ impl FrozenLinear {
     ) -> Vec<f32> {
         let (o, i) = (self.out_features, self.in_features);
         assert!(self.use_amx(t), "backward_input_new: not on the AMX path");
-        let pairs = self.row_pairs();
+        let rows = self.rows_interleaved();
         super::amx::linear_backward_new(
             o,
             i,
             t,
             dy,
             &|s, out| self.weight.elems_bf16(s, out),
-            pairs
-                .as_ref()
-                .map(|p| p as &super::amx::RowsInterleavedBf16),
+            rows.as_ref().map(|p| p as &super::amx::RowsInterleavedBf16),
             add,
         )
     }
@@ -383,7 +379,7 @@ impl FrozenLinear {
         assert_eq!(dy.len(), t * o, "linear backward: dy size");
         assert_eq!(dx.len(), t * i, "linear backward: dx size");
         if self.use_amx(t) {
-            let pairs = self.row_pairs();
+            let rows = self.rows_interleaved();
             super::amx::linear_backward_add(
                 o,
                 i,
@@ -391,9 +387,7 @@ impl FrozenLinear {
                 dy,
                 dx,
                 &|s, out| self.weight.elems_bf16(s, out),
-                pairs
-                    .as_ref()
-                    .map(|p| p as &super::amx::RowsInterleavedBf16),
+                rows.as_ref().map(|p| p as &super::amx::RowsInterleavedBf16),
                 None,
             );
             return;

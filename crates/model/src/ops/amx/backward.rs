@@ -132,7 +132,7 @@ pub fn linear_backward(o: usize, i: usize, t: usize, dy: &[f32], dx: &mut [f32],
 /// [`linear_backward`], then a low-rank term added into `dx` (`add`: LoRA's
 /// input gradient `dxa · A`), block by block once each block's product is
 /// final: bit for bit [`linear_backward`] followed by the term in a pass of
-/// its own ([`super::super::skinny::nn`]). `pairs`, when given, writes the
+/// its own ([`super::super::skinny::nn`]). `rows`, when given, writes the
 /// weight's rows into the B operand instead of `w` and
 /// [`interleave_chunk`] (the same values).
 ///
@@ -146,12 +146,12 @@ pub fn linear_backward_add(
     dy: &[f32],
     dx: &mut [f32],
     w: &WeightBf16,
-    pairs: Option<&RowsInterleavedBf16>,
+    rows: Option<&RowsInterleavedBf16>,
     add: Option<LowRankAdd>,
 ) {
     assert_eq!(dx.len(), t * i, "amx backward: dx size");
     // SAFETY: dx is t·i floats, exclusively borrowed.
-    unsafe { backward_raw(o, i, t, dy, dx.as_mut_ptr(), w, pairs, add, false) }
+    unsafe { backward_raw(o, i, t, dy, dx.as_mut_ptr(), w, rows, add, false) }
 }
 
 /// `dx = dy · W` (+ the low-rank term) into a fresh vector: the first
@@ -167,14 +167,14 @@ pub fn linear_backward_new(
     t: usize,
     dy: &[f32],
     w: &WeightBf16,
-    pairs: Option<&RowsInterleavedBf16>,
+    rows: Option<&RowsInterleavedBf16>,
     add: Option<LowRankAdd>,
 ) -> Vec<f32> {
     let mut dx: Vec<f32> = Vec::with_capacity(t * i);
     // SAFETY: capacity t·i; `backward_raw` in overwrite mode writes every
     // element (the products whole, zeros when o = 0) before `set_len`.
     unsafe {
-        backward_raw(o, i, t, dy, dx.as_mut_ptr(), w, pairs, add, true);
+        backward_raw(o, i, t, dy, dx.as_mut_ptr(), w, rows, add, true);
         dx.set_len(t * i);
     }
     dx
@@ -194,7 +194,7 @@ unsafe fn backward_raw(
     dy: &[f32],
     dx: *mut f32,
     w: &WeightBf16,
-    pairs: Option<&RowsInterleavedBf16>,
+    rows: Option<&RowsInterleavedBf16>,
     add: Option<LowRankAdd>,
     overwrite: bool,
 ) {
@@ -247,13 +247,13 @@ unsafe fn backward_raw(
                     chunk[..need].fill(0);
                 }
                 let cp = SendPtr(chunk.as_mut_ptr());
-                let pairs = pairs.filter(|_| i.is_multiple_of(16));
+                let rows_writer = rows.filter(|_| i.is_multiple_of(16));
                 (0..ksc).into_par_iter().for_each(|ks| {
-                    if let Some(pairs) = pairs {
+                    if let Some(writer) = rows_writer {
                         let r0 = k0 + ks * 32;
                         let nr = 32.min(k1 - r0);
                         // SAFETY: as below.
-                        unsafe { rows_chunk(pairs, r0, nr, i, ks, stream, cp.get(), need) };
+                        unsafe { rows_chunk(writer, r0, nr, i, ks, stream, cp.get(), need) };
                         return;
                     }
                     with_scratch(&SCRATCH_B, |sc| {

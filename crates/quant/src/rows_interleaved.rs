@@ -1,8 +1,8 @@
-//! Two consecutive rows of a 4-bit matrix dequantized to bf16 and interleaved
-//! element by element, 16 columns at a time: the B operand of an AMX product
-//! along the weight's rows (the input gradient `dy · W` pairs rows `2p` and
-//! `2p + 1` in each 32-bit lane), written straight from the 4-bit codes
-//! instead of through a row-major copy.
+//! Rows of a 4-bit matrix dequantized to bf16 with consecutive rows
+//! interleaved element by element, 16 columns at a time: the B operand of an
+//! AMX product along the weight's rows (the input gradient `dy · W` pairs
+//! rows `2p` and `2p + 1` in each 32-bit lane), written tile by tile straight
+//! from the 4-bit codes instead of through a row-major copy.
 
 use crate::simd::Backend;
 use crate::{DType, Quantized4};
