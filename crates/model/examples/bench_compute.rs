@@ -135,6 +135,27 @@ fn shapes(tiny: bool) {
             Some(q) => q.dequantize_range::<half::bf16>(s, bytemuck::cast_slice_mut(out)),
             None => out.copy_from_slice(&wv[s..s + out.len()]),
         };
+        // a 4-bit weight read as a step reads it: interleaved rows for the
+        // input gradient (NO_WRITERS=1: its elements only, the path before)
+        struct Nf4<'a>(&'a qlora_quant::Quantized4, bool);
+        impl ops::amx::WeightSource for Nf4<'_> {
+            fn elems(&self, s: usize, out: &mut [u16]) {
+                self.0
+                    .dequantize_range::<half::bf16>(s, bytemuck::cast_slice_mut(out))
+            }
+            fn has_rows_interleaved(&self) -> bool {
+                self.1 && self.0.rows_interleaved_fast()
+            }
+            fn rows_interleaved(&self, _: usize, r0: usize, nr: usize, out: &mut [u16], st: usize) {
+                self.0.dequantize_rows_interleaved_bf16(r0, nr, out, st)
+            }
+        }
+        let writers = std::env::var_os("NO_WRITERS").is_none();
+        let nf4_src = q.as_ref().map(|q| Nf4(q, writers));
+        let src: &ops::amx::WeightBf16 = match &nf4_src {
+            Some(n) => n,
+            None => &w,
+        };
         let x = rng.vec(tt * i, 1.0);
         let dy = rng.vec(tt * o, 1.0);
         let mut y = vec![0f32; tt * o];
@@ -147,18 +168,10 @@ fn shapes(tiny: bool) {
             .unwrap_or(5);
         for _ in 0..reps {
             let t0 = Instant::now();
-            ops::amx::linear_forward(o, i, tt, &x, &mut y, &w);
+            ops::amx::linear_forward(o, i, tt, &x, &mut y, src);
             bf = bf.min(t0.elapsed().as_secs_f64());
             let t0 = Instant::now();
-            // the 4-bit weight's rows written in pairs, as a step does
-            let pairs = |r0: usize, nr: usize, out: &mut [u16], stride: usize| {
-                q.as_ref()
-                    .expect("pairs only for 4-bit weights")
-                    .dequantize_rows_interleaved_bf16(r0, nr, out, stride)
-            };
-            let pairs = (q.is_some() && std::env::var_os("NO_PAIRS").is_none())
-                .then_some(&pairs as &ops::amx::RowsInterleavedBf16);
-            ops::amx::linear_backward_add(o, i, tt, &dy, &mut dx, &w, pairs, None);
+            ops::amx::linear_backward(o, i, tt, &dy, &mut dx, src);
             bb = bb.min(t0.elapsed().as_secs_f64());
         }
         println!(

@@ -164,7 +164,7 @@ impl FrozenLinear {
             Arc::new(super::amx::PackedWeight::new(
                 self.out_features,
                 self.in_features,
-                &|s, out| self.weight.elems_bf16(s, out),
+                &Bf16Source(self),
             ))
         });
         Some(p.clone())
@@ -209,10 +209,7 @@ impl FrozenLinear {
         ws: &[&FrozenLinear],
         f: impl FnOnce(&[(usize, &super::amx::WeightBf16)]) -> R,
     ) -> R {
-        let sources: Vec<_> = ws
-            .iter()
-            .map(|w| move |s: usize, out: &mut [u16]| w.weight.elems_bf16(s, out))
-            .collect();
+        let sources: Vec<Bf16Source> = ws.iter().map(|w| Bf16Source(w)).collect();
         let outs: Vec<(usize, &super::amx::WeightBf16)> = ws
             .iter()
             .zip(&sources)
@@ -268,7 +265,7 @@ impl FrozenLinear {
         assert_eq!(y.len(), t * o, "linear forward: output size");
         let xv = View::mat(x, t, i, false);
         if self.use_amx(t) {
-            super::amx::linear_forward(o, i, t, x, y, &|s, out| self.weight.elems_bf16(s, out));
+            super::amx::linear_forward(o, i, t, x, y, &Bf16Source(self));
         } else {
             self.forward_f32(xv, t, y);
         }
@@ -315,36 +312,7 @@ impl FrozenLinear {
         assert!(self.use_amx(t), "backward_input_add: not on the AMX path");
         assert_eq!(dy.len(), t * o, "linear backward: dy size");
         assert_eq!(dx.len(), t * i, "linear backward: dx size");
-        let rows = self.rows_interleaved();
-        super::amx::linear_backward_add(
-            o,
-            i,
-            t,
-            dy,
-            dx,
-            &|s, out| self.weight.elems_bf16(s, out),
-            rows.as_ref().map(|p| p as &super::amx::RowsInterleavedBf16),
-            Some(add),
-        );
-    }
-
-    /// A writer of the weight's rows straight into the AMX input gradient's
-    /// B layout ([`super::amx::RowsInterleavedBf16`]), for 4-bit weights
-    /// with a vectorized kernel for it (no bf16 copy of the rows in between).
-    fn rows_interleaved(&self) -> Option<impl Fn(usize, usize, &mut [u16], usize) + Sync + '_> {
-        match &self.weight {
-            FrozenWeight::Quant(q)
-                if q.shape.as_slice() == [self.out_features, self.in_features]
-                    && q.rows_interleaved_fast() =>
-            {
-                Some(
-                    move |r0: usize, nr: usize, out: &mut [u16], stride: usize| {
-                        q.dequantize_rows_interleaved_bf16(r0, nr, out, stride)
-                    },
-                )
-            }
-            _ => None,
-        }
+        super::amx::linear_backward_add(o, i, t, dy, dx, &Bf16Source(self), Some(add));
     }
 
     /// `dy W` (plus a low-rank term) as a fresh vector, on the AMX path:
@@ -361,16 +329,7 @@ impl FrozenLinear {
     ) -> Vec<f32> {
         let (o, i) = (self.out_features, self.in_features);
         assert!(self.use_amx(t), "backward_input_new: not on the AMX path");
-        let rows = self.rows_interleaved();
-        super::amx::linear_backward_new(
-            o,
-            i,
-            t,
-            dy,
-            &|s, out| self.weight.elems_bf16(s, out),
-            rows.as_ref().map(|p| p as &super::amx::RowsInterleavedBf16),
-            add,
-        )
+        super::amx::linear_backward_new(o, i, t, dy, &Bf16Source(self), add)
     }
 
     /// `dx[t, in] += dy[t, out] W`: the input gradient only.
@@ -379,17 +338,7 @@ impl FrozenLinear {
         assert_eq!(dy.len(), t * o, "linear backward: dy size");
         assert_eq!(dx.len(), t * i, "linear backward: dx size");
         if self.use_amx(t) {
-            let rows = self.rows_interleaved();
-            super::amx::linear_backward_add(
-                o,
-                i,
-                t,
-                dy,
-                dx,
-                &|s, out| self.weight.elems_bf16(s, out),
-                rows.as_ref().map(|p| p as &super::amx::RowsInterleavedBf16),
-                None,
-            );
+            super::amx::linear_backward(o, i, t, dy, dx, &Bf16Source(self));
             return;
         }
         match &self.weight {
@@ -443,6 +392,45 @@ impl FrozenLinear {
         self.weight
             .rows_f32(0, self.out_features, self.in_features, &mut w);
         w
+    }
+}
+
+/// A frozen linear's weight as the AMX products read it: bf16 elements
+/// from any storage, and for 4-bit weights the interleaved rows writer
+/// straight from the codes (no row-major bf16 copy between).
+struct Bf16Source<'a>(&'a FrozenLinear);
+
+impl Bf16Source<'_> {
+    /// The 4-bit weight, when it is stored so (2-D, `[out, in]`).
+    fn quant(&self) -> Option<&qlora_quant::Quantized4> {
+        match &self.0.weight {
+            FrozenWeight::Quant(q)
+                if q.shape.as_slice() == [self.0.out_features, self.0.in_features] =>
+            {
+                Some(q)
+            }
+            _ => None,
+        }
+    }
+}
+
+impl super::amx::WeightSource for Bf16Source<'_> {
+    fn elems(&self, start: usize, out: &mut [u16]) {
+        self.0.weight.elems_bf16(start, out)
+    }
+
+    fn has_rows_interleaved(&self) -> bool {
+        self.quant().is_some_and(|q| q.rows_interleaved_fast())
+    }
+
+    fn rows_interleaved(&self, cols: usize, r0: usize, nr: usize, out: &mut [u16], stride: usize) {
+        match self.quant() {
+            Some(q) => q.dequantize_rows_interleaved_bf16(r0, nr, out, stride),
+            None => {
+                let plain = |s: usize, o: &mut [u16]| self.elems(s, o);
+                super::amx::WeightSource::rows_interleaved(&plain, cols, r0, nr, out, stride)
+            }
+        }
     }
 }
 

@@ -84,22 +84,15 @@ pub(super) unsafe fn interleave_chunk(
     }
 }
 
-/// Weight rows `r0..r0 + nr` (at most 32) straight into the input
-/// gradient's B layout: for each group g of 16 columns and pair p, the 32
-/// words `W[r0 + 2p][16g + j], W[r0 + 2p + 1][16g + j]` at
-/// `out[g·stride + 32p ..]` (a row past `nr` as zeros; what
-/// [`interleave_chunk`] makes of the rows), so a 4-bit weight skips the
-/// row-major bf16 copy in between and each tile is written in order. Only
-/// used when the row length is a multiple of 16.
-pub type RowsInterleavedBf16<'a> = dyn Fn(usize, usize, &mut [u16], usize) + Sync + 'a;
-
-/// [`interleave_chunk`] through a [`RowsInterleavedBf16`] writer.
+/// Weight rows `r0..r0 + nr` as k-step `ks` of the input gradient's B
+/// layout through [`super::WeightSource::rows_interleaved`] (what
+/// [`interleave_chunk`] makes of the rows, each tile written in order).
 ///
 /// # Safety
 /// As [`interleave_chunk`]; `i` is a multiple of 16.
 #[allow(clippy::too_many_arguments)]
 unsafe fn rows_chunk(
-    rows: &RowsInterleavedBf16,
+    w: &WeightBf16,
     r0: usize,
     nr: usize,
     i: usize,
@@ -118,7 +111,7 @@ unsafe fn rows_chunk(
     // SAFETY: inside the buffer (asserted); tile `ks` of every stream is
     // this caller's alone, and the writer only touches tile rows of it.
     let d = unsafe { std::slice::from_raw_parts_mut(dst.add(ks * TILE_U16), n) };
-    rows(r0, nr, d, stream);
+    w.rows_interleaved(i, r0, nr, d, stream);
 }
 
 /// `dx[t, i] += dy[t, o] · W`, W `[o, i]` given by `w`.
@@ -126,19 +119,16 @@ unsafe fn rows_chunk(
 /// # Panics
 /// If AMX is not [`available`] or the sizes do not match.
 pub fn linear_backward(o: usize, i: usize, t: usize, dy: &[f32], dx: &mut [f32], w: &WeightBf16) {
-    linear_backward_add(o, i, t, dy, dx, w, None, None)
+    linear_backward_add(o, i, t, dy, dx, w, None)
 }
 
 /// [`linear_backward`], then a low-rank term added into `dx` (`add`: LoRA's
 /// input gradient `dxa · A`), block by block once each block's product is
 /// final: bit for bit [`linear_backward`] followed by the term in a pass of
-/// its own ([`super::super::skinny::nn`]). `rows`, when given, writes the
-/// weight's rows into the B operand instead of `w` and
-/// [`interleave_chunk`] (the same values).
+/// its own ([`super::super::skinny::nn`]).
 ///
 /// # Panics
 /// If AMX is not [`available`] or the sizes do not match.
-#[allow(clippy::too_many_arguments)]
 pub fn linear_backward_add(
     o: usize,
     i: usize,
@@ -146,12 +136,11 @@ pub fn linear_backward_add(
     dy: &[f32],
     dx: &mut [f32],
     w: &WeightBf16,
-    rows: Option<&RowsInterleavedBf16>,
     add: Option<LowRankAdd>,
 ) {
     assert_eq!(dx.len(), t * i, "amx backward: dx size");
     // SAFETY: dx is t·i floats, exclusively borrowed.
-    unsafe { backward_raw(o, i, t, dy, dx.as_mut_ptr(), w, rows, add, false) }
+    unsafe { backward_raw(o, i, t, dy, dx.as_mut_ptr(), w, add, false) }
 }
 
 /// `dx = dy · W` (+ the low-rank term) into a fresh vector: the first
@@ -167,14 +156,13 @@ pub fn linear_backward_new(
     t: usize,
     dy: &[f32],
     w: &WeightBf16,
-    rows: Option<&RowsInterleavedBf16>,
     add: Option<LowRankAdd>,
 ) -> Vec<f32> {
     let mut dx: Vec<f32> = Vec::with_capacity(t * i);
     // SAFETY: capacity t·i; `backward_raw` in overwrite mode writes every
     // element (the products whole, zeros when o = 0) before `set_len`.
     unsafe {
-        backward_raw(o, i, t, dy, dx.as_mut_ptr(), w, rows, add, true);
+        backward_raw(o, i, t, dy, dx.as_mut_ptr(), w, add, true);
         dx.set_len(t * i);
     }
     dx
@@ -194,7 +182,6 @@ unsafe fn backward_raw(
     dy: &[f32],
     dx: *mut f32,
     w: &WeightBf16,
-    rows: Option<&RowsInterleavedBf16>,
     add: Option<LowRankAdd>,
     overwrite: bool,
 ) {
@@ -247,13 +234,13 @@ unsafe fn backward_raw(
                     chunk[..need].fill(0);
                 }
                 let cp = SendPtr(chunk.as_mut_ptr());
-                let rows_writer = rows.filter(|_| i.is_multiple_of(16));
+                let by_rows = w.has_rows_interleaved() && i.is_multiple_of(16);
                 (0..ksc).into_par_iter().for_each(|ks| {
-                    if let Some(writer) = rows_writer {
+                    if by_rows {
                         let r0 = k0 + ks * 32;
                         let nr = 32.min(k1 - r0);
                         // SAFETY: as below.
-                        unsafe { rows_chunk(writer, r0, nr, i, ks, stream, cp.get(), need) };
+                        unsafe { rows_chunk(w, r0, nr, i, ks, stream, cp.get(), need) };
                         return;
                     }
                     with_scratch(&SCRATCH_B, |sc| {
@@ -261,7 +248,7 @@ unsafe fn backward_raw(
                         let nr = 32.min(k1 - r0);
                         sc.resize(nr * i);
                         let sc = &mut sc[..nr * i];
-                        w(r0 * i, sc);
+                        w.elems(r0 * i, sc);
                         // SAFETY: k-step ks of a [nblocks][2][ksc][512]
                         // buffer of `need` elements; tasks write disjoint `ks` tiles.
                         unsafe { interleave_chunk(sc, nr, i, ks, stream, cp.get(), need) };

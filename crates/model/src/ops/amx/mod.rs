@@ -44,9 +44,63 @@ pub fn available() -> bool {
     })
 }
 
-/// A weight source: writes elements `start .. start + out.len()` of the
-/// row-major `[rows, cols]` weight as bf16 bits into `out`.
-pub type WeightBf16<'a> = dyn Fn(usize, &mut [u16]) + Sync + 'a;
+/// A frozen weight as the AMX products read it: its bf16 elements and,
+/// where its storage has one, a writer straight into the input gradient's
+/// operand layout (a 4-bit weight then skips a row-major bf16 copy in
+/// between). [`Self::has_rows_interleaved`] says whether that writer is
+/// fast; the default goes through [`Self::elems`] and gives the same values.
+pub trait WeightSource: Sync {
+    /// Writes elements `start .. start + out.len()` of the row-major
+    /// `[rows, cols]` weight as bf16 bits into `out`.
+    fn elems(&self, start: usize, out: &mut [u16]);
+
+    /// Whether [`Self::rows_interleaved`] has a writer of its own.
+    fn has_rows_interleaved(&self) -> bool {
+        false
+    }
+
+    /// Rows `r0..r0 + nr` (at most 32; `cols` per row, a multiple of 16) in
+    /// the input gradient's B layout: for each group g of 16 columns and pair
+    /// p, the 32 words `W[r0 + 2p][16g + j], W[r0 + 2p + 1][16g + j]` at
+    /// `out[g·stride + 32p ..]` (a row past `nr` as zeros).
+    fn rows_interleaved(&self, cols: usize, r0: usize, nr: usize, out: &mut [u16], stride: usize) {
+        let mut rows = vec![0u16; nr * cols];
+        self.elems(r0 * cols, &mut rows);
+        let zeros = vec![0u16; cols];
+        for p in 0..nr.div_ceil(2) {
+            let even = &rows[2 * p * cols..(2 * p + 1) * cols];
+            let odd = if 2 * p + 1 < nr {
+                &rows[(2 * p + 1) * cols..(2 * p + 2) * cols]
+            } else {
+                &zeros[..]
+            };
+            backward::interleave_rows_ref(even, odd, &mut out[32 * p..], stride);
+        }
+    }
+}
+
+impl<F: Fn(usize, &mut [u16]) + Sync> WeightSource for F {
+    fn elems(&self, start: usize, out: &mut [u16]) {
+        self(start, out)
+    }
+}
+
+/// A weight source as the products take it (a closure writing bf16
+/// elements is one).
+pub type WeightBf16<'a> = dyn WeightSource + 'a;
+
+/// Panel `nb` (output rows `32nb..`, `nn` of them) of the forward's B
+/// operand into `b`: the rows' bf16 elements, then [`pack_b_forward`]. (A
+/// 4-bit weight written 16 rows x 256 columns at a time and transposed
+/// while in L1 was 5% faster here: the dequantization and the transpose
+/// are compute-bound, not the scratch's round trip through L2.)
+fn forward_panel(w: &WeightBf16, nb: usize, nn: usize, i: usize, ksteps: usize, b: &mut [u16]) {
+    with_scratch(&SCRATCH_B, |sc| {
+        sc.resize(nn * i);
+        w.elems(nb * 32 * i, &mut sc[..nn * i]);
+        pack_b_forward(&sc[..nn * i], nn, i, ksteps, b);
+    });
+}
 
 /// A low-rank term a forward product adds to its output while each finished
 /// block of it is still in cache: `y[t, o] += xa[t, r] · p[r, o]`, `p` with
@@ -122,9 +176,7 @@ mod tile_buf;
 pub(crate) use tile_buf::TileBuf;
 
 mod backward;
-pub use backward::{
-    linear_backward, linear_backward_add, linear_backward_new, RowsInterleavedBf16,
-};
+pub use backward::{linear_backward, linear_backward_add, linear_backward_new};
 
 mod packed;
 pub use packed::PackedWeight;
@@ -137,6 +189,7 @@ thread_local! {
     static SCRATCH_C: RefCell<TileBuf> = const { RefCell::new(TileBuf::new()) };
     static SCRATCH_ROW: RefCell<TileBuf> = const { RefCell::new(TileBuf::new()) };
     static SCRATCH_GROUP: RefCell<TileBuf> = const { RefCell::new(TileBuf::new()) };
+    static SCRATCH_PANEL: RefCell<TileBuf> = const { RefCell::new(TileBuf::new()) };
 }
 
 fn with_scratch<R>(
@@ -375,16 +428,12 @@ unsafe fn forward_packed(a: &[u16], i: usize, t: usize, outs: &[ForwardOut]) {
     }
     panels.into_par_iter().for_each(|(k, nb)| {
         let (o, yp, w, add) = outs[k];
-        with_scratch(&SCRATCH_B, |sc| {
+        with_scratch(&SCRATCH_PANEL, |b| {
             let n0 = nb * 32;
             let nn = 32.min(o - n0);
-            // [2 streams][ksteps][512] B panel, then nn·i weight elements.
-            let bl = 2 * ksteps * TILE_U16;
-            sc.resize(bl + nn * i);
-            let (b, wrows) = sc.split_at_mut(bl);
-            let wrows = &mut wrows[..nn * i];
-            w(n0 * i, wrows);
-            pack_b_forward(wrows, nn, i, ksteps, b);
+            // [2 streams][ksteps][512] B panel
+            b.resize(2 * ksteps * TILE_U16);
+            forward_panel(w, nb, nn, i, ksteps, b);
             // SAFETY: AMX is available (checked above) and permitted; every
             // tile load stays inside `a` ([mp, kp]) and `b` (2·ksteps tiles);
             // C blocks are disjoint per task (columns n0..n0+nn of y_k).
@@ -568,16 +617,12 @@ unsafe fn forward_by_rows(
             let pack = |j: usize| {
                 let (k, nb) = chunk[j];
                 let (o, _, w, _) = outs[k];
-                let (n0, nn) = (nb * 32, 32.min(o - nb * 32));
+                let nn = 32.min(o - nb * 32);
                 // SAFETY: panel j's slot of the round buffer; j was claimed
                 // by this thread alone (`next`), and nobody reads it before
                 // `done[j]` is set.
                 let b = unsafe { std::slice::from_raw_parts_mut(gp.get().add(j * panel), panel) };
-                with_scratch(&SCRATCH_B, |sc| {
-                    sc.resize(nn * i);
-                    w(n0 * i, &mut sc[..nn * i]);
-                    pack_b_forward(&sc[..nn * i], nn, i, ksteps, b);
-                });
+                forward_panel(w, nb, nn, i, ksteps, b);
                 done[j].store(true, Ordering::Release);
             };
             let ready = |j: usize| {

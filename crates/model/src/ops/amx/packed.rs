@@ -54,7 +54,7 @@ impl PackedWeight {
             let (n0, nn) = (p * 32, 32.min(o - p * 32));
             with_scratch(&SCRATCH_B, |sc| {
                 sc.resize(nn * i);
-                w(n0 * i, &mut sc[..nn * i]);
+                w.elems(n0 * i, &mut sc[..nn * i]);
                 pack_b_forward(&sc[..nn * i], nn, i, ksi, b);
             });
         });
@@ -67,7 +67,7 @@ impl PackedWeight {
             with_scratch(&SCRATCH_B, |sc| {
                 let (r0, nr) = (ks * 32, 32.min(o - ks * 32));
                 sc.resize(nr * i);
-                w(r0 * i, &mut sc[..nr * i]);
+                w.elems(r0 * i, &mut sc[..nr * i]);
                 // SAFETY: k-step ks of the [i/32][2][o/32][512] buffer of
                 // `len` elements; tasks write disjoint k-steps.
                 unsafe {

@@ -485,7 +485,7 @@ fn low_rank_term_inside_the_input_gradient_equals_its_own_pass_bit_for_bit() {
                 p: &p,
                 ldp: p.len() / r,
             };
-            pool.install(|| linear_backward_add(o, i, t, &dy, &mut got, &w, None, Some(add)));
+            pool.install(|| linear_backward_add(o, i, t, &dy, &mut got, &w, Some(add)));
             assert_eq!(
                 bits(&got),
                 bits(&want),
@@ -640,14 +640,14 @@ fn fresh_input_gradient_equals_the_product_into_zeros_bit_for_bit() {
             ldp: p.len() / r,
         });
         let mut want = vec![0f32; t * i];
-        linear_backward_add(o, i, t, &dy, &mut want, &w, None, add);
+        linear_backward_add(o, i, t, &dy, &mut want, &w, add);
         assert!(o == 0 && r == 0 || want.iter().any(|v| *v != 0.0));
         for threads in [1, 2, 3] {
             let pool = rayon::ThreadPoolBuilder::new()
                 .num_threads(threads)
                 .build()
                 .expect("pool");
-            let got = pool.install(|| linear_backward_new(o, i, t, &dy, &w, None, add));
+            let got = pool.install(|| linear_backward_new(o, i, t, &dy, &w, add));
             assert_eq!(
                 bits(&got),
                 bits(&want),
@@ -657,13 +657,30 @@ fn fresh_input_gradient_equals_the_product_into_zeros_bit_for_bit() {
     }
 }
 
-/// The input gradient with a 4-bit weight's rows written straight into the
-/// B operand in pairs ([`RowsInterleavedBf16`]) equals the one through the weight's
-/// bf16 rows, bit for bit: row and column splits, several weight chunks, an
-/// odd row count (the last pair half zeros), columns not a multiple of 16
-/// (the writer unused), fresh and accumulating, 1-3 threads.
+/// A 4-bit weight with its own writer of interleaved rows
+/// ([`WeightSource::rows_interleaved`]) straight from the codes.
+struct Nf4Source<'a>(&'a qlora_quant::Quantized4);
+
+impl WeightSource for Nf4Source<'_> {
+    fn elems(&self, start: usize, out: &mut [u16]) {
+        self.0
+            .dequantize_range::<half::bf16>(start, bytemuck::cast_slice_mut(out))
+    }
+    fn has_rows_interleaved(&self) -> bool {
+        true
+    }
+    fn rows_interleaved(&self, _cols: usize, r0: usize, nr: usize, out: &mut [u16], stride: usize) {
+        self.0.dequantize_rows_interleaved_bf16(r0, nr, out, stride)
+    }
+}
+
+/// Products through a 4-bit weight's own writer (the input gradient's tiles
+/// from interleaved rows) equal the ones through its bf16 elements, bit for
+/// bit: row and column splits, several weight chunks, odd row counts, widths
+/// off the 16 grid (the writer unused), the trait's default writer, fresh
+/// and accumulating, 1-3 threads (and the forward, which reads elements).
 #[test]
-fn row_pair_writer_gives_the_same_input_gradient_bit_for_bit() {
+fn weight_writers_give_the_same_products_bit_for_bit() {
     use qlora_quant::{quantize_4bit, Input, QuantOptions, QuantType};
     if !available() {
         eprintln!("SKIPPED: AMX-BF16 is not available on this CPU; the AMX kernels were not run");
@@ -676,6 +693,8 @@ fn row_pair_writer_gives_the_same_input_gradient_bit_for_bit() {
         (2500, 1104, 400, QuantType::Nf4),
         (33, 48, 7, QuantType::Nf4),
         (64, 40, 50, QuantType::Nf4),
+        (96, 576, 512, QuantType::Nf4),
+        (64, 2048, 520, QuantType::Nf4),
     ]
     .iter()
     .enumerate()
@@ -690,28 +709,40 @@ fn row_pair_writer_gives_the_same_input_gradient_bit_for_bit() {
         let w = |s: usize, out: &mut [u16]| {
             q.dequantize_range::<half::bf16>(s, bytemuck::cast_slice_mut(out))
         };
-        let pairs = |r0: usize, nr: usize, out: &mut [u16], stride: usize| {
-            q.dequantize_rows_interleaved_bf16(r0, nr, out, stride)
-        };
+        // the trait's default writers, through the elements
+        struct Defaults<'a>(&'a (dyn Fn(usize, &mut [u16]) + Sync));
+        impl WeightSource for Defaults<'_> {
+            fn elems(&self, start: usize, out: &mut [u16]) {
+                (self.0)(start, out)
+            }
+            fn has_rows_interleaved(&self) -> bool {
+                true
+            }
+        }
+        let nf4 = Nf4Source(&q);
+        let defaults = Defaults(&w);
+        let x = rand_vec(t * i, seed + 3, 1.0);
         let dy = rand_vec(t * o, seed + 1, 1.0);
         let dx0 = rand_vec(t * i, seed + 2, 1.0);
+        let want_y = linear_forward_new(o, i, t, &x, &w);
         let mut want = dx0.clone();
-        linear_backward_add(o, i, t, &dy, &mut want, &w, None, None);
-        let want_new = linear_backward_new(o, i, t, &dy, &w, None, None);
-        for threads in [1, 2, 3] {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .expect("pool");
-            let mut got = dx0.clone();
-            pool.install(|| linear_backward_add(o, i, t, &dy, &mut got, &w, Some(&pairs), None));
-            assert_eq!(bits(&got), bits(&want), "{o}x{i}x{t}, {threads} threads");
-            let got = pool.install(|| linear_backward_new(o, i, t, &dy, &w, Some(&pairs), None));
-            assert_eq!(
-                bits(&got),
-                bits(&want_new),
-                "fresh {o}x{i}x{t}, {threads} threads"
-            );
+        linear_backward_add(o, i, t, &dy, &mut want, &w, None);
+        let want_new = linear_backward_new(o, i, t, &dy, &w, None);
+        for (name, src) in [("4-bit", &nf4 as &WeightBf16), ("defaults", &defaults)] {
+            for threads in [1, 2, 3] {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .expect("pool");
+                let what = format!("{name} {o}x{i}x{t}, {threads} threads");
+                let y = pool.install(|| linear_forward_new(o, i, t, &x, src));
+                assert_eq!(bits(&y), bits(&want_y), "forward {what}");
+                let mut got = dx0.clone();
+                pool.install(|| linear_backward_add(o, i, t, &dy, &mut got, src, None));
+                assert_eq!(bits(&got), bits(&want), "input gradient {what}");
+                let got = pool.install(|| linear_backward_new(o, i, t, &dy, src, None));
+                assert_eq!(bits(&got), bits(&want_new), "fresh input gradient {what}");
+            }
         }
     }
 }
