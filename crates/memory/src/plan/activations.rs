@@ -28,7 +28,24 @@ pub const HEAD_BF16_COPY_MAX_BYTES: u64 = 4 * 4 * HEAD_CHUNK_LOGITS;
 
 /// Weight elements per chunk of the AMX input gradient (`qlora-model`
 /// `ops/amx`, `CHUNK_ELEMS`), converted to bf16 at once.
-pub const AMX_CHUNK_ELEMS: u64 = 1 << 21;
+pub const AMX_CHUNK_ELEMS: u64 = 1 << 22;
+
+/// The largest bf16 weight chunk the AMX input gradient holds for this
+/// model's linears (`qlora-model` `ops/amx/backward.rs`, `backward_raw`):
+/// `kc` rows (`AMX_CHUNK_ELEMS / in` rounded down to 32, at least 32, at most
+/// `out` rounded up to 32) of `in` rounded up to 32.
+pub fn amx_chunk_elems(c: &ModelConfig) -> u64 {
+    let up = |x: u64| x.div_ceil(32) * 32;
+    c.linear_shapes()
+        .iter()
+        .map(|&(_, [o, i])| {
+            let (o, i) = (o as u64, i as u64);
+            let kc = ((AMX_CHUNK_ELEMS / i.max(1)) / 32 * 32).clamp(32, up(o).max(32));
+            kc * up(i)
+        })
+        .max()
+        .unwrap_or(0)
+}
 
 /// Weight elements per round of the AMX forward's row split (`qlora-model`
 /// `ops/amx`, `ROW_SPLIT_ROUND_ELEMS`): its packed bf16 panels, at most.

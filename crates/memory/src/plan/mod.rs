@@ -460,14 +460,14 @@ pub fn plan(inv: &Inventory, c: &ModelConfig, p: &PlanInput) -> Result<Plan, Mem
         // the compute dtype before the matmul (FORMATS.md §6.2).
         Method::Qlora if p.gpu => (p.compute.size_in_bytes() as u64) * largest_linear,
         // CPU, bf16 compute (AMX): the input gradient's bf16 weight chunk
-        // (2^21 elements), the forward's round of packed panels (2^20) and
+        // (up to 2^22 elements), the forward's round of packed panels (2^20) and
         // the largest bf16 activation pack: the head's chunk of logit
         // gradients (rows x V) or a layer's widest input.
         _ if !p.gpu && p.compute == DType::BF16 && p.method != Method::Full => {
             let t = p.batch * p.seq;
             let rows = activations::head_chunk_rows(c.vocab_size as u64, t);
             let widest = (c.hidden_size.max(c.intermediate_size) as u64) * t;
-            2 * (activations::AMX_CHUNK_ELEMS + activations::AMX_ROUND_ELEMS)
+            2 * (activations::amx_chunk_elems(c) + activations::AMX_ROUND_ELEMS)
                 + 2 * (rows * c.vocab_size as u64).max(widest)
         }
         Method::Qlora => {

@@ -454,9 +454,10 @@ fn sharded_load_peak_counts_the_tokenizer_build() {
 
 /// `--compute bf16` on the CPU trainer (AMX): storage as in f32 (an f32
 /// checkpoint stays f32), plus the lm_head's bf16 copy kept after the first
-/// step (packed twice: the forward's and the input gradient's layouts), plus the AMX workspace (the input gradient's 2^21-element bf16
-/// weight chunk, the forward's 2^20-element round of panels and the
-/// largest bf16 activation pack). Measured on the
+/// step (packed twice: the forward's and the input gradient's layouts),
+/// plus the AMX workspace (the input gradient's bf16 weight chunk, at most
+/// 2^22 elements, as big as the model's linears make it; the forward's
+/// 2^20-element round of panels and the largest bf16 activation pack). Measured on the
 /// SmolLM2 shape without checkpointing: plan 950 MiB, trainer 944 MiB
 /// (BENCHMARKS.md).
 #[test]
@@ -477,13 +478,26 @@ fn cpu_bf16_compute_counts_the_head_copy_and_the_amx_workspace() {
     );
     // the untied lm_head, 320 x 64, as bf16, packed for both directions
     assert_eq!(b.frozen_weights - a.frozen_weights, 2 * 320 * 64 * 2);
-    // chunk 2^21 bf16 + the forward's round of panels 2^20 bf16 + the larger
-    // of the head's logit-gradient pack (128 rows x 320) and the widest
-    // layer input (128 x 160), bf16
+    // the weight chunk (gate/up: all 160 rows of 64; down: 64 rows of 160),
+    // bf16 + the forward's round of panels 2^20 bf16 + the larger of the
+    // head's logit-gradient pack (128 rows x 320) and the widest layer
+    // input (128 x 160), bf16
+    assert_eq!(activations::amx_chunk_elems(&c), 160 * 64);
     assert_eq!(
         b.dequant_workspace,
-        2 * (1 << 21) + 2 * (1 << 20) + 2 * 128 * 320
+        2 * 160 * 64 + 2 * (1 << 20) + 2 * 128 * 320
     );
+    // TinyLlama's shapes fill the chunk: q/o and gate/up 2048 rows of 2048,
+    // down 736 rows of 5632
+    let tl = ModelConfig::from_json(
+        &serde_json::json!({
+            "vocab_size": 32000, "hidden_size": 2048, "intermediate_size": 5632,
+            "num_hidden_layers": 22, "num_attention_heads": 32, "num_key_value_heads": 4,
+        }),
+        "tinyllama",
+    )
+    .unwrap();
+    assert_eq!(activations::amx_chunk_elems(&tl), 2048 * 2048);
     assert_eq!(
         (b.activations, b.logits_and_loss, b.layer_workspace),
         (a.activations, a.logits_and_loss, a.layer_workspace)

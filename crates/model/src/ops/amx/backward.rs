@@ -212,7 +212,7 @@ unsafe fn backward_raw(
     let kp = round_up(o, 32);
     let mp = round_up(t, 32);
     let nblocks = i.div_ceil(32);
-    // Weight rows per chunk: a multiple of 32.
+    // Weight rows per chunk: a multiple of 32 (see `backward_chunk_elems`).
     let kc = ((CHUNK_ELEMS / i) / 32 * 32).clamp(32, kp);
     with_scratch(&SCRATCH_A, |a| {
         pack_a(dy, t, o, o, 0, kp, a);

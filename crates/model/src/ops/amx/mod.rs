@@ -24,12 +24,15 @@ use rayon::prelude::*;
 /// One tile: 16 rows of 64 bytes = 512 bf16.
 pub(crate) const TILE_U16: usize = 512;
 /// Rows of the weight dequantized per backward chunk (a multiple of 32):
-/// about this many elements at a time (4 MiB of bf16). Every chunk reloads
-/// and stores the output tiles, so fewer chunks save passes over `dx`, while
-/// a chunk's `dy` columns (`t` × its rows, bf16: 1 MiB at TinyLlama's 512
-/// tokens) should stay in L2: 2^20 was 14% slower at TinyLlama's input
-/// gradients (in a step, 3 rounds), 2^22 and 2^24 no better.
-const CHUNK_ELEMS: usize = 1 << 21;
+/// about this many elements at a time (8 MiB of bf16; the planner mirrors it
+/// as `AMX_CHUNK_ELEMS`). Every chunk reloads and stores the output tiles,
+/// so fewer chunks save passes over `dx`: 2^20 was 14% slower than 2^21 at
+/// TinyLlama's input gradients (in a step, 3 rounds); 2^22 was no better
+/// while the chunk went through a row-major copy, and 7-10% faster than 2^21
+/// once 4-bit rows were written into it directly (the input gradients
+/// 452-472 -> 382-428 ms per 8-layer step, alternating, 3 rounds); 2^23 no
+/// better than 2^22.
+const CHUNK_ELEMS: usize = 1 << 22;
 
 pub use super::fastmath::bf16_bits;
 
