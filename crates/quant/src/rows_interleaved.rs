@@ -176,16 +176,7 @@ unsafe fn rows_avx512(
     assert!(out.len() >= (groups - 1) * stride + 32 * npairs);
     assert!((r0 + nr) * cols / 2 <= packed.len());
     let m = _mm512_loadu_ps(map.as_ptr());
-    let table = |a: f32| {
-        // bf16(map · a), round to nearest even, one word per entry
-        let f = _mm512_castps_si512(_mm512_mul_ps(m, _mm512_set1_ps(a)));
-        let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(f), _mm512_set1_epi32(1));
-        let r = _mm512_srli_epi32::<16>(_mm512_add_epi32(
-            _mm512_add_epi32(f, _mm512_set1_epi32(0x7fff)),
-            lsb,
-        ));
-        _mm512_cvtepi32_epi16(r)
-    };
+    let table = |a: f32| crate::simd::x86_512::bf16_table(m, a);
     let low = _mm_set1_epi8(0x0f);
     // +16 on the odd row's words: they index the table's upper half
     let upper = _mm512_set1_epi32(16 << 16);

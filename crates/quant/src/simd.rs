@@ -426,6 +426,21 @@ pub(crate) mod x86_512 {
 
     use std::arch::x86_64::*;
 
+    /// A block's 16-entry table: `bf16(map[k] · a)` rounded to nearest even
+    /// (the same f32 product and rounding as `half::bf16::from_f32`, for a
+    /// finite `a`), one word per entry.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub(crate) unsafe fn bf16_table(map: __m512, a: f32) -> __m256i {
+        let f = _mm512_castps_si512(_mm512_mul_ps(map, _mm512_set1_ps(a)));
+        let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(f), _mm512_set1_epi32(1));
+        let r = _mm512_srli_epi32::<16>(_mm512_add_epi32(
+            _mm512_add_epi32(f, _mm512_set1_epi32(0x7fff)),
+            lsb,
+        ));
+        _mm512_cvtepi32_epi16(r)
+    }
+
     /// Whole blocks of `bs` elements (`bs` a multiple of 32) dequantized to bf16 bits:
     /// block `k` is `bytes[k·bs/2 ..][.. bs/2]` with absmax `absmax[k]`, written to
     /// `out[k·bs ..][.. bs]`. Element `2j` is the high nibble of byte `j`, `2j + 1` the
@@ -444,8 +459,6 @@ pub(crate) mod x86_512 {
         assert!(bs.is_multiple_of(32));
         assert!(bytes.len() >= absmax.len() * bs / 2 && out.len() >= absmax.len() * bs);
         let m = _mm512_loadu_ps(map.as_ptr());
-        let one = _mm512_set1_epi32(1);
-        let half_ulp = _mm512_set1_epi32(0x7fff);
         let low = _mm512_set1_epi32(0x0f);
         for (k, &a) in absmax.iter().enumerate() {
             let src = &bytes[k * bs / 2..(k + 1) * bs / 2];
@@ -454,12 +467,9 @@ pub(crate) mod x86_512 {
                 crate::dequantize::expand_scalar(src, map, a, crate::DType::F32, dst);
                 continue;
             }
-            // The block's table: 16 f32 products, rounded to bf16 bits in the low
-            // words of the first 16 lanes (a word permute only reads lanes 0..16).
-            let f = _mm512_castps_si512(_mm512_mul_ps(m, _mm512_set1_ps(a)));
-            let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(f), one);
-            let r = _mm512_srli_epi32::<16>(_mm512_add_epi32(_mm512_add_epi32(f, half_ulp), lsb));
-            let lut = _mm512_castsi256_si512(_mm512_cvtepi32_epi16(r));
+            // The block's table in the first 16 words (a word permute of
+            // them reads only lanes 0..16).
+            let lut = _mm512_castsi256_si512(bf16_table(m, a));
             for (c, o) in src.chunks_exact(16).zip(dst.chunks_exact_mut(32)) {
                 // dword j = high nibble | low nibble << 16: words 2j, 2j+1 in order
                 let d = _mm512_cvtepu8_epi32(_mm_loadu_si128(c.as_ptr() as *const __m128i));

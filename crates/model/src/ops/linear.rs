@@ -426,10 +426,7 @@ impl super::amx::WeightSource for Bf16Source<'_> {
     fn rows_interleaved(&self, cols: usize, r0: usize, nr: usize, out: &mut [u16], stride: usize) {
         match self.quant() {
             Some(q) => q.dequantize_rows_interleaved_bf16(r0, nr, out, stride),
-            None => {
-                let plain = |s: usize, o: &mut [u16]| self.elems(s, o);
-                super::amx::WeightSource::rows_interleaved(&plain, cols, r0, nr, out, stride)
-            }
+            None => super::amx::rows_interleaved_via_elems(self, cols, r0, nr, out, stride),
         }
     }
 }

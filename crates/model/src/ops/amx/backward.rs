@@ -39,8 +39,9 @@ pub(super) fn interleave_rows_ref(even: &[u16], odd: &[u16], dst: &mut [u16], st
 ///
 /// # Safety
 /// `dst` is valid for writes of `len` u16 and every written element,
-/// `(g·stream + ks·TILE + p·32 + 32)` for the last group g, is below `len`
-/// (asserted); no other thread writes tile `ks` meanwhile.
+/// below `g·stream + ks·TILE + p·32 + 32` for the last column's group g and
+/// the last pair p, is below `len` (asserted); no other thread writes tile
+/// `ks` meanwhile.
 pub(super) unsafe fn interleave_chunk(
     rows: &[u16],
     nr: usize,
@@ -51,7 +52,10 @@ pub(super) unsafe fn interleave_chunk(
     len: usize,
 ) {
     assert!(nr <= 32 && rows.len() >= nr * i);
-    assert!(i == 0 || (i.div_ceil(32) * 2 - 1) * stream + (ks + 1) * TILE_U16 <= len);
+    // the last column's group ends its last pair's 32 words there
+    assert!(
+        i == 0 || nr == 0 || (i - 1) / 16 * stream + ks * TILE_U16 + 32 * nr.div_ceil(2) <= len
+    );
     let zeros = vec![0u16; if nr % 2 == 1 { i } else { 0 }];
     for p in 0..nr.div_ceil(2) {
         let r_even = &rows[2 * p * i..(2 * p + 1) * i];
@@ -82,6 +86,24 @@ pub(super) unsafe fn interleave_chunk(
             }
         }
     }
+}
+
+/// [`super::WeightSource::rows_interleaved`] through the weight's bf16
+/// elements: the rows copied out, then [`interleave_chunk`] (the default
+/// for storages without a writer of their own).
+pub(crate) fn rows_interleaved_via_elems<W: super::WeightSource + ?Sized>(
+    w: &W,
+    cols: usize,
+    r0: usize,
+    nr: usize,
+    out: &mut [u16],
+    stride: usize,
+) {
+    let mut rows = vec![0u16; nr * cols];
+    w.elems(r0 * cols, &mut rows);
+    // SAFETY: `out` is a valid slice; `interleave_chunk` asserts that every
+    // element it writes (k-step 0 of `stride`-apart groups) is inside it.
+    unsafe { interleave_chunk(&rows, nr, cols, 0, stride, out.as_mut_ptr(), out.len()) }
 }
 
 /// Weight rows `r0..r0 + nr` as k-step `ks` of the input gradient's B

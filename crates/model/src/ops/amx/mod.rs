@@ -67,18 +67,7 @@ pub trait WeightSource: Sync {
     /// p, the 32 words `W[r0 + 2p][16g + j], W[r0 + 2p + 1][16g + j]` at
     /// `out[g·stride + 32p ..]` (a row past `nr` as zeros).
     fn rows_interleaved(&self, cols: usize, r0: usize, nr: usize, out: &mut [u16], stride: usize) {
-        let mut rows = vec![0u16; nr * cols];
-        self.elems(r0 * cols, &mut rows);
-        let zeros = vec![0u16; cols];
-        for p in 0..nr.div_ceil(2) {
-            let even = &rows[2 * p * cols..(2 * p + 1) * cols];
-            let odd = if 2 * p + 1 < nr {
-                &rows[(2 * p + 1) * cols..(2 * p + 2) * cols]
-            } else {
-                &zeros[..]
-            };
-            backward::interleave_rows_ref(even, odd, &mut out[32 * p..], stride);
-        }
+        backward::rows_interleaved_via_elems(self, cols, r0, nr, out, stride)
     }
 }
 
@@ -179,6 +168,7 @@ mod tile_buf;
 pub(crate) use tile_buf::TileBuf;
 
 mod backward;
+pub(crate) use backward::rows_interleaved_via_elems;
 pub use backward::{linear_backward, linear_backward_add, linear_backward_new};
 
 mod packed;
