@@ -26,6 +26,10 @@ pub const HEAD_CHUNK_LOGITS: u64 = 1 << 23;
 /// `ops/cross_entropy.rs`, `HEAD_BF16_COPY_MAX_BYTES`, 4x the logits chunk's bytes).
 pub const HEAD_BF16_COPY_MAX_BYTES: u64 = 4 * 4 * HEAD_CHUNK_LOGITS;
 
+/// Vocabulary columns per block of the head's one pass (`qlora-model`
+/// `ops/cross_entropy/online.rs`, `VOCAB_BLOCK`).
+pub const HEAD_VOCAB_BLOCK: u64 = 256;
+
 /// Weight elements per chunk of the AMX input gradient (`qlora-model`
 /// `ops/amx`, `CHUNK_ELEMS`), converted to bf16 at once.
 pub const AMX_CHUNK_ELEMS: u64 = 1 << 22;
@@ -350,17 +354,40 @@ pub fn head_chunk_rows(vocab: u64, tokens: u64) -> u64 {
 /// `cross_entropy::head_forward_backward`): the last layer's output `x`
 /// (T·h), the final norm output `nf` and 1/rms (T·h + T), the gradient `dnf`
 /// (T·h; `nf` is dropped after the loss and `dx` takes its place), the
-/// per-position losses (`Vec<Option<f64>>`, 16 B each) and one chunk of f32
-/// logits ([`head_chunk_rows`] × V, turned into their gradient in place) —
-/// never all T × V logits. GPU plans keep the full logits (no chunking there).
-pub fn logits_and_loss(c: &ModelConfig, p: &PlanInput) -> u64 {
+/// per-position losses (`Vec<Option<f64>>`, 16 B each), and either the
+/// one pass's scratch ([`head_pass_scratch`], `one_pass`: a head packed for
+/// AMX) or one chunk of f32 logits ([`head_chunk_rows`] × V, turned into their
+/// gradient in place) — never all T × V logits. GPU plans keep the full
+/// logits (no chunking there).
+pub fn logits_and_loss(c: &ModelConfig, p: &PlanInput, one_pass: bool) -> u64 {
     let t = p.batch * p.seq;
     let (h, v) = (c.hidden_size as u64, c.vocab_size as u64);
     let e = act_bytes(p);
     if p.gpu {
         return 3 * t * h * e + t * 4 + t * v * 4;
     }
-    3 * t * h * e + t * 4 + t * 16 + head_chunk_rows(v, t) * v * 4
+    let work = if one_pass {
+        head_pass_scratch(c, p)
+    } else {
+        head_chunk_rows(v, t) * v * 4
+    };
+    3 * t * h * e + t * 4 + t * 16 + work
+}
+
+/// The head's one pass over the vocabulary (`qlora-model`
+/// `ops/cross_entropy/online.rs`), with every position counted: the counted
+/// positions (16 B each); per slice of positions (one per worker thread,
+/// whole 32-row blocks) its inputs and a block's probabilities as bf16
+/// (`rows × h` and `rows × HEAD_VOCAB_BLOCK`, padded rows and columns), and
+/// for its real rows a block of f32 logits and the f32 gradient
+/// accumulator (`× HEAD_VOCAB_BLOCK`, `× h`), all alive together.
+pub fn head_pass_scratch(c: &ModelConfig, p: &PlanInput) -> u64 {
+    let t = p.batch * p.seq;
+    let h = c.hidden_size as u64;
+    let up = |x: u64| x.div_ceil(32) * 32;
+    let rows = up(t.div_ceil(p.threads.max(1)));
+    let padded = t.div_ceil(rows.max(1)) * rows;
+    16 * t + padded * 2 * (up(h) + HEAD_VOCAB_BLOCK) + t * 4 * (HEAD_VOCAB_BLOCK + h)
 }
 
 /// Depth of the `gemm` crate's packed blocks: `kernel_params` (gemm-common

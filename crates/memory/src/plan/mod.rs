@@ -438,7 +438,9 @@ pub fn plan(inv: &Inventory, c: &ModelConfig, p: &PlanInput) -> Result<Plan, Mem
         dm.l * saved
     };
     b.layer_workspace = layer_workspace(c, p);
-    b.logits_and_loss = logits_and_loss(c, p);
+    // bf16 compute packs the head for AMX and takes the loss in one pass
+    let head_one_pass = weights::cpu_bf16_head_copy(inv, p) > 0;
+    b.logits_and_loss = logits_and_loss(c, p, head_one_pass);
     if p.checkpointing && !p.gpu {
         // With checkpointing the forward frees each layer's tensors as soon
         // as the next layer's input exists. glibc serves them from its heap
@@ -461,14 +463,20 @@ pub fn plan(inv: &Inventory, c: &ModelConfig, p: &PlanInput) -> Result<Plan, Mem
         Method::Qlora if p.gpu => (p.compute.size_in_bytes() as u64) * largest_linear,
         // CPU, bf16 compute (AMX): the input gradient's bf16 weight chunk
         // (up to 2^22 elements), the forward's round of packed panels (2^20) and
-        // the largest bf16 activation pack: the head's chunk of logit
-        // gradients (rows x V) or a layer's widest input.
+        // the largest bf16 activation pack: a layer's widest input, or the
+        // chunked head's logit gradients (rows x V) where the head is not
+        // packed (its one pass packs in its own scratch).
         _ if !p.gpu && p.compute == DType::BF16 && p.method != Method::Full => {
             let t = p.batch * p.seq;
             let rows = activations::head_chunk_rows(c.vocab_size as u64, t);
             let widest = (c.hidden_size.max(c.intermediate_size) as u64) * t;
+            let head = if head_one_pass {
+                0
+            } else {
+                rows * c.vocab_size as u64
+            };
             2 * (activations::amx_chunk_elems(c) + activations::AMX_ROUND_ELEMS)
-                + 2 * (rows * c.vocab_size as u64).max(widest)
+                + 2 * head.max(widest)
         }
         Method::Qlora => {
             4 * largest_linear.min(DEQUANT_TILE_ELEMS.max(

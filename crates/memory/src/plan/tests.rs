@@ -110,7 +110,7 @@ fn tiny_terms_by_hand() {
     // per-position losses (16 B each) and one chunk of f32 logits: with
     // V = 320 the chunk (2^23 / 320 rows) covers all 2048 positions.
     assert_eq!(
-        logits_and_loss(&c, &p),
+        logits_and_loss(&c, &p, false),
         3 * 2048 * 64 * 4 + 2048 * 4 + 2048 * 16 + 2048 * 320 * 4
     );
 }
@@ -137,7 +137,7 @@ fn head_chunk_rows_follow_the_trainer() {
     let smol = ModelConfig::from_json(&j, "smollm2").unwrap();
     let t = 4096u64;
     assert_eq!(
-        logits_and_loss(&smol, &input(1, 4096, false)),
+        logits_and_loss(&smol, &input(1, 4096, false), false),
         3 * t * 576 * 4 + t * 4 + t * 16 + 160 * 49_152 * 4
     );
 }
@@ -479,13 +479,20 @@ fn cpu_bf16_compute_counts_the_head_copy_and_the_amx_workspace() {
     // the untied lm_head, 320 x 64, as bf16, packed for both directions
     assert_eq!(b.frozen_weights - a.frozen_weights, 2 * 320 * 64 * 2);
     // the weight chunk (gate/up: all 160 rows of 64; down: 64 rows of 160),
-    // bf16 + the forward's round of panels 2^20 bf16 + the larger of the
-    // head's logit-gradient pack (128 rows x 320) and the widest layer
-    // input (128 x 160), bf16
+    // bf16 + the forward's round of panels 2^20 bf16 + the widest layer
+    // input (128 x 160), bf16: the packed head's one pass packs its own
     assert_eq!(activations::amx_chunk_elems(&c), 160 * 64);
     assert_eq!(
         b.dequant_workspace,
-        2 * 160 * 64 + 2 * (1 << 20) + 2 * 128 * 320
+        2 * 160 * 64 + 2 * (1 << 20) + 2 * 128 * 160
+    );
+    // the head phase: no chunk of 128 x 320 f32 logits, the one pass's
+    // scratch instead: 128 counted positions (16 B), 2 slices of 64 rows
+    // with their bf16 inputs (64 wide) and probabilities (a block of 256),
+    // f32 logits of a block and the gradient accumulator
+    assert_eq!(
+        b.logits_and_loss + 128 * 320 * 4,
+        a.logits_and_loss + 128 * 16 + 2 * 64 * 2 * (64 + 256) + 128 * 4 * (256 + 64)
     );
     // TinyLlama's shapes fill the chunk: q/o and gate/up 2048 rows of 2048,
     // down 736 rows of 5632
@@ -499,8 +506,8 @@ fn cpu_bf16_compute_counts_the_head_copy_and_the_amx_workspace() {
     .unwrap();
     assert_eq!(activations::amx_chunk_elems(&tl), 2048 * 2048);
     assert_eq!(
-        (b.activations, b.logits_and_loss, b.layer_workspace),
-        (a.activations, a.logits_and_loss, a.layer_workspace)
+        (b.activations, b.layer_workspace),
+        (a.activations, a.layer_workspace)
     );
     // GPU plans keep their meaning of --compute (16-bit storage and activations)
     let gpu = PlanInput {

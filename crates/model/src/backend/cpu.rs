@@ -452,12 +452,9 @@ impl Backend for CpuBackend {
         grad_denominator: Option<f32>,
     ) -> Result<CeOut<Self>> {
         let _t = profile::time(Op::Head);
-        let t = labels.len();
-        let vocab = lm_head.out_features;
         Ok(match grad_denominator {
             None => {
-                let logits = lm_head.forward(x, t);
-                let (sum, count) = cross_entropy::forward(&logits, labels, s, vocab);
+                let (sum, count) = cross_entropy::head_loss(lm_head, x, labels, s);
                 CeOut {
                     sum,
                     count,

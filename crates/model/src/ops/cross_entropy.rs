@@ -8,6 +8,8 @@ use rayon::prelude::*;
 use super::fastmath;
 use super::linear::FrozenLinear;
 
+mod online;
+
 pub const IGNORE_INDEX: i64 = -100;
 
 /// Target of flattened position `p` (row length `s`), if counted.
@@ -107,59 +109,6 @@ fn rows_forward_backward(
         .collect()
 }
 
-/// [`rows_forward_backward`] that also writes each row's gradient as bf16
-/// into `a`, laid out as [`super::amx::pack_a`] would pack the whole chunk
-/// (`kp` columns; the padding rows zero), while the row is in cache: the
-/// AMX head's input gradient then reads it as it is, instead of a pack pass
-/// reading the chunk's f32 gradient back from memory (SmolLM2: 25 MiB per
-/// 128-position chunk). The same bits as packing afterwards.
-#[allow(clippy::too_many_arguments)]
-fn rows_forward_backward_packed(
-    logits: &mut [f32],
-    labels: &[i64],
-    s: usize,
-    vocab: usize,
-    p0: usize,
-    inv: f32,
-    a: &mut super::amx::TileBuf,
-    kp: usize,
-) -> Vec<Option<f64>> {
-    #[derive(Clone, Copy)]
-    struct Dst(*mut u16);
-    // SAFETY: each task writes the rows of A it owns (see below).
-    unsafe impl Send for Dst {}
-    unsafe impl Sync for Dst {}
-    impl Dst {
-        fn get(self) -> *mut u16 {
-            self.0
-        }
-    }
-    let rows = logits.len() / vocab.max(1);
-    let mp = rows.div_ceil(32) * 32;
-    a.resize(mp * kp);
-    let dst = Dst(a.as_mut_ptr());
-    for r in rows..mp {
-        // SAFETY: `a` is [mp, kp] in pack_a's layout; padding row r is written here only.
-        unsafe { super::amx::pack_a_row(&[], r, kp, dst.get()) };
-    }
-    logits
-        .par_chunks_mut(vocab)
-        .enumerate()
-        .map(|(p, row)| {
-            let t = target(labels, s, p0 + p);
-            let loss = if t == IGNORE_INDEX {
-                row.fill(0.0);
-                None
-            } else {
-                Some(row_forward_backward(row, t as usize, inv))
-            };
-            // SAFETY: row p of the [mp, kp] layout, written by this task only.
-            unsafe { super::amx::pack_a_row(row, p, kp, dst.get()) };
-            loss
-        })
-        .collect()
-}
-
 /// At most this many f32 logits exist at once in [`head_forward_backward`].
 const HEAD_CHUNK_LOGITS: usize = 1 << 23;
 
@@ -184,10 +133,37 @@ fn head_chunk_rows(vocab: usize, t: usize) -> usize {
 /// (128 MiB, 4x the logits chunk's bytes).
 const HEAD_BF16_COPY_MAX_BYTES: usize = 4 * 4 * HEAD_CHUNK_LOGITS;
 
-/// The lm_head, the loss and their backward, a chunk of positions at a time:
-/// never all `[b·s, vocab]` logits at once. `nf [b·s, hidden]` is the final
-/// norm's output. Returns `(sum, count, d(sum / denominator)/d nf)`; chunks
-/// without a counted target are skipped. The sum is taken in position order.
+/// The head packed for AMX (bf16 compute): the weight rounded to bf16 and
+/// packed for both directions once (kept from step to step: +4 bytes per
+/// weight element) when its bf16 is at most [`HEAD_BF16_COPY_MAX_BYTES`]:
+/// SmolLM2's 49152 x 576 head (2 x 54 MiB), TinyLlama's 32000 x 2048 (2 x 125
+/// MiB), never the 250 MiB to 1 GiB of a 7B-8B model's head.
+fn packed_head(head: &FrozenLinear, t: usize) -> Option<std::sync::Arc<super::amx::PackedWeight>> {
+    (head.out_features * head.in_features * 2 <= HEAD_BF16_COPY_MAX_BYTES)
+        .then(|| head.packed_for_amx(t))
+        .flatten()
+}
+
+/// The lm_head and the loss without the backward (evaluation): `(sum,
+/// count)` as [`forward`] of the whole logits gives them, which only the
+/// head's plain path materializes (`[b·s, vocab]` f32); a head packed for
+/// AMX takes the one pass over the vocabulary ([`online`]), no logits kept.
+pub fn head_loss(head: &FrozenLinear, nf: &[f32], labels: &[i64], s: usize) -> (f64, usize) {
+    let t = labels.len();
+    assert_eq!(nf.len(), t * head.in_features, "head: input size");
+    if let Some(pw) = packed_head(head, t) {
+        return sum_in_order(&online::head_pass(&pw, nf, labels, s, None).per);
+    }
+    let logits = head.forward(nf, t);
+    forward(&logits, labels, s, head.out_features)
+}
+
+/// The lm_head, the loss and their backward, never all `[b·s, vocab]`
+/// logits at once. `nf [b·s, hidden]` is the final norm's output. Returns
+/// `(sum, count, d(sum / denominator)/d nf)`; the sum is taken in position
+/// order. A head packed for AMX takes one pass over the vocabulary for all
+/// positions ([`online`]); otherwise a chunk of positions at a time (chunks
+/// without a counted target skipped).
 pub fn head_forward_backward(
     head: &FrozenLinear,
     nf: &[f32],
@@ -199,20 +175,16 @@ pub fn head_forward_backward(
     let (vocab, h) = (head.out_features, head.in_features);
     let t = labels.len();
     assert_eq!(nf.len(), t * h, "head: input size");
+    let inv = 1.0 / denominator;
+    if let Some(pw) = packed_head(head, t) {
+        let pass = online::head_pass(&pw, nf, labels, s, Some(inv));
+        let (sum, count) = sum_in_order(&pass.per);
+        return (sum, count, pass.dx.expect("the pass ran its backward"));
+    }
     let rows = head_chunk_rows(vocab, t);
-    // bf16 compute: the weight rounded to bf16 and packed for both
-    // directions once (kept from step to step: +4 bytes per weight element),
-    // not per chunk and direction, when its bf16 is at most 4x the logits
-    // chunk's bytes: SmolLM2's 49152 x 576 head (2 x 54 MiB), TinyLlama's
-    // 32000 x 2048 (2 x 125 MiB), never the 250 MiB to 1 GiB of a 7B-8B
-    // model's head.
-    let packed = (vocab * h * 2 <= HEAD_BF16_COPY_MAX_BYTES)
-        .then(|| head.packed_for_amx(t))
-        .flatten();
     let mut dnf = vec![0f32; t * h];
     let mut per: Vec<Option<f64>> = vec![None; t];
     let mut logits: Vec<f32> = Vec::new();
-    let inv = 1.0 / denominator;
     let mut r0 = 0;
     while r0 < t {
         let r1 = (r0 + rows).min(t);
@@ -222,23 +194,10 @@ pub fn head_forward_backward(
         }
         logits.resize((r1 - r0) * vocab, 0.0);
         let (x, dx) = (&nf[r0 * h..r1 * h], &mut dnf[r0 * h..r1 * h]);
-        match &packed {
-            Some(pw) => {
-                pw.forward(x, r1 - r0, &mut logits);
-                // the loss's gradient goes straight into the product's A
-                pw.backward_packed(r1 - r0, dx, &mut |a, kp| {
-                    let p =
-                        rows_forward_backward_packed(&mut logits, labels, s, vocab, r0, inv, a, kp);
-                    per[r0..r1].copy_from_slice(&p);
-                });
-            }
-            None => {
-                head.forward_into(x, r1 - r0, &mut logits);
-                let p = rows_forward_backward(&mut logits, labels, s, vocab, r0, inv);
-                per[r0..r1].copy_from_slice(&p);
-                head.backward_input(&logits, r1 - r0, dx);
-            }
-        }
+        head.forward_into(x, r1 - r0, &mut logits);
+        let p = rows_forward_backward(&mut logits, labels, s, vocab, r0, inv);
+        per[r0..r1].copy_from_slice(&p);
+        head.backward_input(&logits, r1 - r0, dx);
         r0 = r1;
     }
     let (sum, count) = sum_in_order(&per);
@@ -330,44 +289,5 @@ mod tests {
         assert!((fd - dot(&g, &dir)).abs() < 1e-5);
         assert!(check_labels(&labels, v).is_ok());
         assert!(check_labels(&[11], v).is_err());
-    }
-
-    /// The loss's gradient written straight into the AMX A layout equals
-    /// the f32 gradient packed afterwards, bit for bit, with the same
-    /// losses: ignored rows, rows not a multiple of 32, a vocabulary that is
-    /// not a multiple of 32 (padding columns), one row.
-    #[test]
-    fn gradient_written_packed_equals_packing_it_afterwards() {
-        use super::super::amx::{pack_a, TileBuf};
-        for (n, &(rows, vocab)) in [(45usize, 1000usize), (128, 4096), (1, 33), (64, 32)]
-            .iter()
-            .enumerate()
-        {
-            let seed = 500 + n as u64;
-            let logits = rand_vec(rows * vocab, seed, 4.0);
-            let labels: Vec<i64> = (0..rows + 1)
-                .map(|p| {
-                    if p % 7 == 3 {
-                        IGNORE_INDEX
-                    } else {
-                        ((p * 31 + 5) % vocab) as i64
-                    }
-                })
-                .collect();
-            let kp = vocab.div_ceil(32) * 32;
-            let (p0, s) = (0, rows + 1); // one sequence: position p's target is labels[p + 1]
-            let mut want_l = logits.clone();
-            let want = rows_forward_backward(&mut want_l, &labels, s, vocab, p0, 0.25);
-            let mut want_a = TileBuf::new();
-            pack_a(&want_l, rows, vocab, vocab, 0, kp, &mut want_a);
-            let mut got_l = logits.clone();
-            let mut got_a = TileBuf::new();
-            let got = rows_forward_backward_packed(
-                &mut got_l, &labels, s, vocab, p0, 0.25, &mut got_a, kp,
-            );
-            assert_eq!(got, want, "losses, {rows} x {vocab}");
-            assert_eq!(&got_a[..], &want_a[..], "packed gradient, {rows} x {vocab}");
-            assert!(got.iter().flatten().count() > 0);
-        }
     }
 }

@@ -276,27 +276,6 @@ pub(crate) fn a_index(r: usize, c: usize, kp: usize) -> usize {
     ((r / 16) * (kp / 32) + c / 32) * TILE_U16 + (r % 16) * 32 + c % 32
 }
 
-/// Row `r` of A, `row` (f32, at most `kp` values), as [`pack_a`] packs it:
-/// bf16, zeros up to `kp`.
-///
-/// # Safety
-/// `a` is a [`pack_a`] layout with `kp` columns and at least `r + 1` rows
-/// (rounded up to 32), valid for writes; nobody else writes row `r`.
-pub(crate) unsafe fn pack_a_row(row: &[f32], r: usize, kp: usize, a: *mut u16) {
-    assert!(row.len() <= kp && kp.is_multiple_of(32));
-    with_scratch(&SCRATCH_ROW, |buf| {
-        buf.resize(kp);
-        super::fastmath::to_bf16(row, &mut buf[..row.len()]);
-        buf[row.len()..].fill(0);
-        for (ks, chunk) in buf.chunks_exact(32).enumerate() {
-            // SAFETY: the caller's contract: 32 elements of row r's tile row.
-            unsafe {
-                std::ptr::copy_nonoverlapping(chunk.as_ptr(), a.add(a_index(r, ks * 32, kp)), 32)
-            };
-        }
-    })
-}
-
 /// The forward's B panel of 32 weight rows (`wrows`, `nn <= 32` rows of `i`
 /// bf16): `b` is `[2 streams][ksteps][16 × 32]`, element `(q, j)` of tile
 /// `(s, ks)` holding the pair `wrows[16s + j][2(16ks + q) ..][..2]`, zero

@@ -1,7 +1,8 @@
 //! A frozen weight packed once, in both directions' B layouts, for a linear
-//! the step runs many times (the lm_head: a forward and an input gradient
-//! per chunk of positions). The per-call path packs every panel again each
-//! time; at SmolLM2's 49152 × 576 head in chunks of 160 positions that
+//! the step runs many times over (the lm_head: the loss's one pass takes
+//! its vocabulary a block of rows at a time, forward and input gradient,
+//! in every slice of positions). The per-call path packs every panel again
+//! each time; at SmolLM2's 49152 × 576 head in chunks of 160 positions that
 //! packing cost about as much as the products.
 //!
 //! The products are the per-call path's, k-step for k-step, so the results
@@ -11,8 +12,8 @@ use rayon::prelude::*;
 
 use super::backward::interleave_chunk;
 use super::{
-    available, imp, pack_a, pack_b_forward, round_up, with_scratch, SendPtr, TileBuf, WeightBf16,
-    SCRATCH_A, SCRATCH_B, TILE_U16,
+    available, imp, pack_a, pack_b_forward, product, round_up, with_scratch, SendPtr, TileBuf,
+    WeightBf16, SCRATCH_A, SCRATCH_B, TILE_U16,
 };
 
 /// Bytes of A (the packed input gradient of the output) one pass over the
@@ -83,6 +84,117 @@ impl PackedWeight {
         2 * (self.fwd.len() + self.bwd.len())
     }
 
+    /// `(o, i)`: W's rows and columns.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.o, self.i)
+    }
+
+    /// Row `n` of W (its bf16 values, as f32) into `out` (`i` values), read
+    /// back from the forward's panels.
+    ///
+    /// # Panics
+    /// If `n >= o` or `out` is not `i` long.
+    pub fn row_into(&self, n: usize, out: &mut [f32]) {
+        assert!(n < self.o, "packed weight: row {n} of {}", self.o);
+        assert_eq!(out.len(), self.i, "packed weight: row size");
+        let ksteps = round_up(self.i, 32) / 32;
+        let (p, s, j) = (n / 32, (n % 32) / 16, n % 16);
+        let panel = &self.fwd[(p * 2 + s) * ksteps * TILE_U16..][..ksteps * TILE_U16];
+        // element k of the row: pair q = k / 2 of its tile row, column j
+        for (k, o) in out.iter_mut().enumerate() {
+            let (ks, q, e) = (k / 32, (k % 32) / 2, k % 2);
+            *o = f32::from_bits((panel[ks * TILE_U16 + q * 32 + j * 2 + e] as u32) << 16);
+        }
+    }
+
+    /// `c[0..m, 0..n] = A · W[n0..n0 + n]ᵀ` on the calling thread: A packed
+    /// by [`pack_a`] (`mp` rows, `round_up(i, 32)` columns, its first `m`
+    /// real), `n0` a multiple of 32, `c` with row stride `ldc`.
+    ///
+    /// # Panics
+    /// If AMX is not [`available`] or an operand is out of range.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn forward_block(
+        &self,
+        a: &[u16],
+        mp: usize,
+        m: usize,
+        n0: usize,
+        n: usize,
+        c: &mut [f32],
+        ldc: usize,
+    ) {
+        assert!(
+            n0.is_multiple_of(32) && n0 + n <= self.o,
+            "packed forward block: columns"
+        );
+        let kp = round_up(self.i, 32);
+        let ksteps = kp / 32;
+        let panel = 2 * ksteps * TILE_U16;
+        for p in n0 / 32..(n0 + n).div_ceil(32) {
+            let nn = 32.min(n0 + n - p * 32);
+            let b = &self.fwd[p * panel..(p + 1) * panel];
+            product(
+                a,
+                kp,
+                mp,
+                m,
+                0,
+                b,
+                ksteps,
+                ksteps,
+                &mut c[p * 32 - n0..],
+                ldc,
+                nn,
+                false,
+            );
+        }
+    }
+
+    /// `dx[0..m, 0..i] += A · W[k0..k0 + 32·ks, ..]` on the calling thread: A
+    /// packed by [`pack_a`] (`mp` rows, `kpa` columns, its first `ks`
+    /// k-steps: W's rows `k0..`), `k0` a multiple of 32, `dx` `[m, i]`.
+    ///
+    /// # Panics
+    /// If AMX is not [`available`] or an operand is out of range.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn backward_block(
+        &self,
+        a: &[u16],
+        kpa: usize,
+        mp: usize,
+        m: usize,
+        k0: usize,
+        ks: usize,
+        dx: &mut [f32],
+    ) {
+        let i = self.i;
+        let kst = round_up(self.o, 32) / 32;
+        assert!(
+            k0.is_multiple_of(32) && k0 / 32 + ks <= kst,
+            "packed backward block: rows of W"
+        );
+        let stream = kst * TILE_U16;
+        for nb in 0..i.div_ceil(32) {
+            let nn = 32.min(i - nb * 32);
+            let b = &self.bwd[nb * 2 * stream + (k0 / 32) * TILE_U16..];
+            product(
+                a,
+                kpa,
+                mp,
+                m,
+                0,
+                b,
+                ks,
+                kst,
+                &mut dx[nb * 32..],
+                i,
+                nn,
+                true,
+            );
+        }
+    }
+
     /// `y[t, o] = x[t, i] · Wᵀ` (y overwritten).
     ///
     /// # Panics
@@ -134,42 +246,21 @@ impl PackedWeight {
     /// # Panics
     /// If AMX is not [`available`] or the sizes do not match.
     pub fn backward(&self, dy: &[f32], t: usize, dx: &mut [f32]) {
-        let o = self.o;
-        assert_eq!(dy.len(), t * o, "packed backward: dy size");
-        self.backward_packed(t, dx, &mut |a: &mut TileBuf, kp: usize| {
-            pack_a(dy, t, o, o, 0, kp, a)
-        });
-    }
-
-    /// [`Self::backward`] with `dy` packed by `fill(a, kp)`: it makes `a`
-    /// what [`pack_a`] would of `dy` (`[round_up(t, 32), kp]`, `kp` =
-    /// `o` rounded up to 32), for a producer that writes `dy` straight into
-    /// that layout while it has it in cache (the loss's gradient).
-    ///
-    /// # Panics
-    /// If AMX is not [`available`] or the sizes do not match.
-    pub(crate) fn backward_packed(
-        &self,
-        t: usize,
-        dx: &mut [f32],
-        fill: &mut dyn FnMut(&mut TileBuf, usize),
-    ) {
         let (o, i) = (self.o, self.i);
         assert!(available(), "AMX bf16 path called without AMX");
+        assert_eq!(dy.len(), t * o, "packed backward: dy size");
         assert_eq!(dx.len(), t * i, "packed backward: dx size");
+        if t == 0 || o == 0 || i == 0 {
+            return;
+        }
         let (kp, mp) = (round_up(o, 32), round_up(t, 32));
         let kst = kp / 32;
         let stream = kst * TILE_U16;
         let dxp = SendPtr(dx.as_mut_ptr());
         with_scratch(&SCRATCH_A, |a| {
-            // `fill` always runs: its producer may have more to do than pack
-            fill(a, kp);
-            if t == 0 || o == 0 || i == 0 {
-                return;
-            }
+            pack_a(dy, t, o, o, 0, kp, a);
             // k-steps per pass: A's rows x 32 columns x 2 bytes each
             let pass = (BACKWARD_PASS_A_BYTES / (mp * 64)).clamp(1, kst);
-            assert_eq!(a.len(), mp * kp, "packed backward: A as pack_a lays it out");
             let a = &a[..];
             let mut k0 = 0;
             while k0 < kst {
