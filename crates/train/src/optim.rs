@@ -9,6 +9,7 @@
 //! p += -(lr/bc1) · m / (sqrt(v)/sqrt(bc2) + eps)
 //! ```
 
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 /// Hyper-parameters (the learning rate is passed per step by the schedule).
@@ -89,7 +90,11 @@ impl AdamW {
 
     /// One update of `p` with gradient `g`; `step` is the 1-based step count
     /// after this update (torch increments it before using it).
-    pub fn update(&self, p: &mut [f32], g: &[f32], st: &mut Moments, lr: f64, step: u64) {
+    ///
+    /// Returns whether every updated value (parameter and both moments) is
+    /// finite, found while they are in registers: the step's check for a
+    /// diverged update without another pass over them.
+    pub fn update(&self, p: &mut [f32], g: &[f32], st: &mut Moments, lr: f64, step: u64) -> bool {
         assert_eq!(p.len(), g.len());
         assert_eq!(p.len(), st.m.len());
         if self.weight_decay != 0.0 {
@@ -104,6 +109,7 @@ impl AdamW {
         let step_size = (-(lr / bc1)) as f32;
         let bc2_sqrt = bc2.sqrt() as f32;
         let eps = self.eps as f32;
+        let mut finite = true;
         for i in 0..p.len() {
             let gi = g[i];
             let m = lerp(st.m[i], gi, w1);
@@ -112,15 +118,20 @@ impl AdamW {
             st.v[i] = v;
             let denom = v.sqrt() / bc2_sqrt + eps;
             p[i] += step_size * m / denom;
+            finite &= p[i].is_finite() & m.is_finite() & v.is_finite();
         }
+        finite
     }
 }
 
 /// Global L2 norm over several gradient tensors, torch's way: the norm of the
-/// per-tensor norms (each rounded to f32). Accumulates in f64.
+/// per-tensor norms (each rounded to f32). Accumulates in f64. The tensors'
+/// norms are taken in parallel, each summed in element order, so the result
+/// is the same whatever the thread count.
 pub fn global_grad_norm<'a>(grads: impl IntoIterator<Item = &'a [f32]>) -> f32 {
+    let grads: Vec<&[f32]> = grads.into_iter().collect();
     let norms: Vec<f32> = grads
-        .into_iter()
+        .par_iter()
         .map(|g| g.iter().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt() as f32)
         .collect();
     norms
@@ -184,7 +195,7 @@ mod tests {
             let g: Vec<f32> = (0..n).map(|_| lcg(&mut s) * 0.1).collect();
             let gr: Vec<f64> = g.iter().map(|&x| x as f64).collect();
             let lr = 1e-3 * (1.0 + t as f64 / 10.0);
-            o.update(&mut p, &g, &mut st, lr, t);
+            assert!(o.update(&mut p, &g, &mut st, lr, t), "finite step {t}");
             reference(&mut pr, &gr, &mut m, &mut v, &o, lr, t);
         }
         let max = p
@@ -195,6 +206,32 @@ mod tests {
         assert!(max < 1e-6, "max diff {max}");
         // and it moved: 20 steps of ~1e-3
         assert!(p.iter().zip(&pr).all(|(a, _)| a.is_finite()));
+    }
+
+    /// The update reports a non-finite parameter or moment wherever it
+    /// appears: an infinite gradient (v overflows), a NaN gradient, a
+    /// learning rate that overflows the parameter.
+    #[test]
+    fn update_reports_non_finite_values() {
+        let o = AdamW::default();
+        for (g, lr, at) in [
+            (f32::INFINITY, 0.1, 3usize),
+            (f32::NAN, 0.1, 0),
+            (1.0, 1e39, 40),
+            (1e22, 0.1, 17),
+        ] {
+            let mut p: Vec<f32> = (0..41).map(|i| i as f32 * 0.1).collect();
+            let mut gs = vec![0.5f32; 41];
+            gs[at] = g;
+            let mut st = Moments::zeros(41);
+            assert!(
+                !o.update(&mut p, &gs, &mut st, lr, 1),
+                "g {g} lr {lr} at {at}"
+            );
+            let mut p2: Vec<f32> = (0..41).map(|i| i as f32 * 0.1).collect();
+            let mut st2 = Moments::zeros(41);
+            assert!(o.update(&mut p2, &[0.5; 41], &mut st2, 0.1, 1));
+        }
     }
 
     #[test]

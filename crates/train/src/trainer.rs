@@ -10,6 +10,7 @@ use qlora_dist::{Collectives, Communicator, SingleProcess};
 use qlora_lora::{Adapter, PeftConfig};
 use qlora_model::ops::lora::splitmix64;
 use qlora_model::{Batch, DropoutRows, Model, StepOptions};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::batch::{batch_targets, collate, row_targets};
@@ -380,23 +381,34 @@ impl<'m> Trainer<'m> {
             bail!("non-finite gradient (global norm {norm}) at step {step1}");
         }
         let coef = match self.cfg.max_grad_norm {
-            Some(m) if m > 0.0 => {
-                let c = clip_coef(norm, m);
-                grads
-                    .iter_mut()
-                    .for_each(|g| g.iter_mut().for_each(|x| *x *= c));
-                c
-            }
-            _ => 1.0,
+            Some(m) if m > 0.0 => Some(clip_coef(norm, m)),
+            _ => None,
         };
         let lr = self.cfg.schedule().lr_at(self.step);
-        for ((p, g), m) in self.params.iter_mut().zip(&grads).zip(&mut self.moments) {
-            self.cfg.adamw.update(&mut p.data, g, m, lr, step1);
-        }
+        // Clip and update tensor by tensor, in parallel (each tensor's
+        // elements in order, as one thread would): the same bits.
+        let adamw = &self.cfg.adamw;
+        let finite = self
+            .params
+            .par_iter_mut()
+            .zip(grads.par_iter_mut())
+            .zip(self.moments.par_iter_mut())
+            .map(|((p, g), m)| {
+                if let Some(c) = coef {
+                    g.iter_mut().for_each(|x| *x *= c);
+                }
+                adamw.update(&mut p.data, g, m, lr, step1)
+            })
+            .reduce(|| true, |a, b| a & b);
+        let coef = coef.unwrap_or(1.0);
         // A finite loss and gradient can still give an inf/NaN update (a huge
-        // learning rate): stop here, before the adapter or any checkpoint sees it.
-        self.check_finite()
-            .with_context(|| format!("non-finite update at step {step1} (lr {lr:e})"))?;
+        // learning rate): stop here, before the adapter or any checkpoint sees
+        // it (`check_finite` names the first tensor that is not finite).
+        if !finite {
+            self.check_finite()
+                .with_context(|| format!("non-finite update at step {step1} (lr {lr:e})"))?;
+            bail!("non-finite update at step {step1} (lr {lr:e})");
+        }
         store_params(&mut self.adapter, &self.params)?;
         self.step = step1;
         self.tokens_seen += tokens as u64;
@@ -438,6 +450,15 @@ impl<'m> Trainer<'m> {
     /// Every parameter and AdamW moment is finite; the error names the first
     /// tensor that is not. Checked after every update and before any write.
     pub fn check_finite(&self) -> Result<()> {
+        let finite = |v: &[f32]| v.iter().all(|x| x.is_finite());
+        let all_finite = self
+            .params
+            .par_iter()
+            .zip(self.moments.par_iter())
+            .all(|(p, m)| finite(&p.data) && finite(&m.m) && finite(&m.v));
+        if all_finite {
+            return Ok(());
+        }
         for (p, m) in self.params.iter().zip(&self.moments) {
             for (what, v) in [("", &p.data), (" exp_avg", &m.m), (" exp_avg_sq", &m.v)] {
                 if let Some(i) = v.iter().position(|x| !x.is_finite()) {
