@@ -247,132 +247,155 @@ pub fn backward(
     let scale = sh.scale();
     let hd = heads * d;
     // Per (batch, kv head) group: dq of its n_rep query heads, dk, dv.
-    let groups: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = (0..b * kv_heads)
-        .into_par_iter()
-        .map(|g| {
-            super::in_task(|| {
-                let (bi, kvh) = (g / kv_heads, g % kv_heads);
-                if super::attention_amx::usable(sh) {
-                    return super::attention_amx::backward_group(
-                        sh, q, k, v, out, lse, dout, seg, bi, kvh,
-                    );
-                }
-                let mut dq = vec![0f32; n_rep * q_len * d];
-                let mut dk = vec![0f32; k_len * d];
-                let mut dv = vec![0f32; k_len * d];
-                let mut p: Vec<f32> = Vec::new();
-                let mut dp: Vec<f32> = Vec::new();
-                for r in 0..n_rep {
-                    let hi = kvh * n_rep + r;
-                    for i0 in (0..q_len).step_by(Q_BLOCK) {
-                        let i1 = (i0 + Q_BLOCK).min(q_len);
-                        let rows = i1 - i0;
-                        let (ks, ke) = sh.key_range(i0, i1);
-                        let kl = ke - ks;
-                        if kl == 0 {
+    let group = |g: usize| -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        super::in_task(|| {
+            let (bi, kvh) = (g / kv_heads, g % kv_heads);
+            if super::attention_amx::usable(sh) {
+                return super::attention_amx::backward_group(
+                    sh, q, k, v, out, lse, dout, seg, bi, kvh,
+                );
+            }
+            let mut dq = vec![0f32; n_rep * q_len * d];
+            let mut dk = vec![0f32; k_len * d];
+            let mut dv = vec![0f32; k_len * d];
+            let mut p: Vec<f32> = Vec::new();
+            let mut dp: Vec<f32> = Vec::new();
+            for r in 0..n_rep {
+                let hi = kvh * n_rep + r;
+                for i0 in (0..q_len).step_by(Q_BLOCK) {
+                    let i1 = (i0 + Q_BLOCK).min(q_len);
+                    let rows = i1 - i0;
+                    let (ks, ke) = sh.key_range(i0, i1);
+                    let kl = ke - ks;
+                    if kl == 0 {
+                        continue;
+                    }
+                    p.resize(rows * kl, 0.0);
+                    dp.resize(rows * kl, 0.0);
+                    let mut qv = sh.q_view(q, bi, hi);
+                    qv.off += i0 * qv.rs;
+                    let mut dov = sh.q_view(dout, bi, hi);
+                    dov.off += i0 * dov.rs;
+                    let mut kt = sh.kv_view(k, bi, kvh, true);
+                    kt.off += ks * kt.cs;
+                    let mut vt = sh.kv_view(v, bi, kvh, true);
+                    vt.off += ks * vt.cs;
+                    // P = exp(scale · Q Kᵀ − lse) on visible keys.
+                    gemm_view(rows, kl, d, qv, kt, &mut p, 0, kl, false, scale);
+                    for (rr, row) in p.chunks_mut(kl).enumerate() {
+                        let qi = q_offset + i0 + rr;
+                        let l = lse[(bi * heads + hi) * q_len + i0 + rr];
+                        if l == f32::NEG_INFINITY {
+                            row.fill(0.0);
                             continue;
                         }
-                        p.resize(rows * kl, 0.0);
-                        dp.resize(rows * kl, 0.0);
-                        let mut qv = sh.q_view(q, bi, hi);
-                        qv.off += i0 * qv.rs;
-                        let mut dov = sh.q_view(dout, bi, hi);
-                        dov.off += i0 * dov.rs;
-                        let mut kt = sh.kv_view(k, bi, kvh, true);
-                        kt.off += ks * kt.cs;
-                        let mut vt = sh.kv_view(v, bi, kvh, true);
-                        vt.off += ks * vt.cs;
-                        // P = exp(scale · Q Kᵀ − lse) on visible keys.
-                        gemm_view(rows, kl, d, qv, kt, &mut p, 0, kl, false, scale);
-                        for (rr, row) in p.chunks_mut(kl).enumerate() {
-                            let qi = q_offset + i0 + rr;
-                            let l = lse[(bi * heads + hi) * q_len + i0 + rr];
-                            if l == f32::NEG_INFINITY {
-                                row.fill(0.0);
-                                continue;
-                            }
-                            sh.mask_row(seg, bi, qi, ks, row);
-                            fastmath::exp_shift_sum(row, l);
-                        }
-                        // dP = dO Vᵀ
-                        gemm_view(rows, kl, d, dov, vt, &mut dp, 0, kl, false, 1.0);
-                        // dV += Pᵀ dO
-                        gemm_view(
-                            kl,
-                            d,
-                            rows,
-                            View::mat(&p, kl, rows, true),
-                            dov,
-                            &mut dv,
-                            ks * d,
-                            d,
-                            true,
-                            1.0,
-                        );
-                        // dS = P ⊙ (dP − rowsum(dO ⊙ O))
-                        for rr in 0..rows {
-                            let at = (bi * q_len + i0 + rr) * hd + hi * d;
-                            let dsum: f32 = dout[at..at + d]
-                                .iter()
-                                .zip(&out[at..at + d])
-                                .map(|(a, b)| a * b)
-                                .sum();
-                            let pr = &p[rr * kl..(rr + 1) * kl];
-                            let dr = &mut dp[rr * kl..(rr + 1) * kl];
-                            dr.iter_mut()
-                                .zip(pr)
-                                .for_each(|(x, pv)| *x = pv * (*x - dsum));
-                        }
-                        // dQ = scale · dS K ; dK += scale · dSᵀ Q
-                        let mut kn = sh.kv_view(k, bi, kvh, false);
-                        kn.off += ks * kn.rs;
-                        gemm_view(
-                            rows,
-                            d,
-                            kl,
-                            View::mat(&dp, rows, kl, false),
-                            kn,
-                            &mut dq,
-                            (r * q_len + i0) * d,
-                            d,
-                            false,
-                            scale,
-                        );
-                        gemm_view(
-                            kl,
-                            d,
-                            rows,
-                            View::mat(&dp, kl, rows, true),
-                            qv,
-                            &mut dk,
-                            ks * d,
-                            d,
-                            true,
-                            scale,
-                        );
+                        sh.mask_row(seg, bi, qi, ks, row);
+                        fastmath::exp_shift_sum(row, l);
                     }
+                    // dP = dO Vᵀ
+                    gemm_view(rows, kl, d, dov, vt, &mut dp, 0, kl, false, 1.0);
+                    // dV += Pᵀ dO
+                    gemm_view(
+                        kl,
+                        d,
+                        rows,
+                        View::mat(&p, kl, rows, true),
+                        dov,
+                        &mut dv,
+                        ks * d,
+                        d,
+                        true,
+                        1.0,
+                    );
+                    // dS = P ⊙ (dP − rowsum(dO ⊙ O))
+                    for rr in 0..rows {
+                        let at = (bi * q_len + i0 + rr) * hd + hi * d;
+                        let dsum: f32 = dout[at..at + d]
+                            .iter()
+                            .zip(&out[at..at + d])
+                            .map(|(a, b)| a * b)
+                            .sum();
+                        let pr = &p[rr * kl..(rr + 1) * kl];
+                        let dr = &mut dp[rr * kl..(rr + 1) * kl];
+                        dr.iter_mut()
+                            .zip(pr)
+                            .for_each(|(x, pv)| *x = pv * (*x - dsum));
+                    }
+                    // dQ = scale · dS K ; dK += scale · dSᵀ Q
+                    let mut kn = sh.kv_view(k, bi, kvh, false);
+                    kn.off += ks * kn.rs;
+                    gemm_view(
+                        rows,
+                        d,
+                        kl,
+                        View::mat(&dp, rows, kl, false),
+                        kn,
+                        &mut dq,
+                        (r * q_len + i0) * d,
+                        d,
+                        false,
+                        scale,
+                    );
+                    gemm_view(
+                        kl,
+                        d,
+                        rows,
+                        View::mat(&dp, kl, rows, true),
+                        qv,
+                        &mut dk,
+                        ks * d,
+                        d,
+                        true,
+                        scale,
+                    );
                 }
-                (dq, dk, dv)
-            })
+            }
+            (dq, dk, dv)
         })
-        .collect();
-    let mut dq = vec![0f32; q.len()];
-    let mut dk = vec![0f32; k.len()];
-    let mut dv = vec![0f32; v.len()];
+    };
+    // Every group writes its heads' columns of dq and its kv head's of dk
+    // and dv, inside its own task (all of them, each element once): no
+    // zeroed outputs, no serial scatter after the parallel region.
+    let (mut dq, mut dk, mut dv) = (
+        Vec::<f32>::with_capacity(q.len()),
+        Vec::<f32>::with_capacity(k.len()),
+        Vec::<f32>::with_capacity(v.len()),
+    );
+    let (pq, pk, pv) = (
+        super::amx::SendPtr(dq.as_mut_ptr()),
+        super::amx::SendPtr(dk.as_mut_ptr()),
+        super::amx::SendPtr(dv.as_mut_ptr()),
+    );
     let kvd = kv_heads * d;
-    for (g, (gq, gk, gv)) in groups.iter().enumerate() {
+    (0..b * kv_heads).into_par_iter().for_each(|g| {
+        let (gq, gk, gv) = group(g);
         let (bi, kvh) = (g / kv_heads, g % kv_heads);
-        for r in 0..n_rep {
-            let hi = kvh * n_rep + r;
-            for i in 0..q_len {
-                dq[(bi * q_len + i) * heads * d + hi * d..][..d]
-                    .copy_from_slice(&gq[(r * q_len + i) * d..][..d]);
+        // SAFETY: the rows and head columns below are this group's alone and
+        // inside the capacities (q.len(), k.len(), v.len()).
+        unsafe {
+            for r in 0..n_rep {
+                let hi = kvh * n_rep + r;
+                for i in 0..q_len {
+                    std::ptr::copy_nonoverlapping(
+                        gq[(r * q_len + i) * d..].as_ptr(),
+                        pq.get().add((bi * q_len + i) * heads * d + hi * d),
+                        d,
+                    );
+                }
+            }
+            for j in 0..k_len {
+                let at = (bi * k_len + j) * kvd + kvh * d;
+                std::ptr::copy_nonoverlapping(gk[j * d..].as_ptr(), pk.get().add(at), d);
+                std::ptr::copy_nonoverlapping(gv[j * d..].as_ptr(), pv.get().add(at), d);
             }
         }
-        for j in 0..k_len {
-            dk[(bi * k_len + j) * kvd + kvh * d..][..d].copy_from_slice(&gk[j * d..][..d]);
-            dv[(bi * k_len + j) * kvd + kvh * d..][..d].copy_from_slice(&gv[j * d..][..d]);
-        }
+    });
+    // SAFETY: the groups wrote every element: b·kv_heads groups, each its
+    // n_rep heads of every query row and its kv head of every key row.
+    unsafe {
+        dq.set_len(q.len());
+        dk.set_len(k.len());
+        dv.set_len(v.len());
     }
     (dq, dk, dv)
 }

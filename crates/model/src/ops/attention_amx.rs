@@ -51,6 +51,9 @@ struct Bufs {
     a2: TileBuf,
     a3: TileBuf,
     a4: TileBuf,
+    a5: TileBuf,
+    /// dSᵀ as the B operand along keys.
+    bds: TileBuf,
 }
 
 thread_local! {
@@ -92,6 +95,37 @@ fn pack_rows_forward(src: &[f32], nr: usize, d: usize, ld: usize, col0: usize, o
             fastmath::to_bf16(&src[at..at + d], &mut rows[r * d..(r + 1) * d]);
         }
         pack_b_forward(&rows[..nn * d], nn, d, ksd, panel);
+    }
+}
+
+/// `src` as bf16 into the front of `dst`, zeros after it.
+fn to_bf16_padded(src: &[f32], dst: &mut [u16]) {
+    fastmath::to_bf16(src, &mut dst[..src.len()]);
+    dst[src.len()..].fill(0);
+}
+
+/// Row `r` of a [`pack_a`] layout with `kp` columns from `row` (bf16, `kp`
+/// values).
+fn put_a_row(a: &mut [u16], r: usize, kp: usize, row: &[u16]) {
+    for (ks, chunk) in row[..kp].chunks_exact(32).enumerate() {
+        a[amx::a_index(r, ks * 32, kp)..][..32].copy_from_slice(chunk);
+    }
+}
+
+/// Rows `jp`, `jp + 1` (`jp` even) of a [`pack_b_pairs`] layout with
+/// `ksteps` k-steps from two bf16 rows (`lo`, `hi`: every column of the
+/// padded layout): each group of 16 columns is one 64-byte tile row of
+/// interleaved pairs.
+fn put_b_pair(b: &mut [u16], jp: usize, ksteps: usize, lo: &[u16], hi: &[u16]) {
+    let stream = ksteps * TILE_U16;
+    let (ks, q) = (jp / 32, (jp % 32) / 2);
+    for (g, (l, h)) in lo.chunks_exact(16).zip(hi.chunks_exact(16)).enumerate() {
+        let (nb, s) = (g / 2, g % 2);
+        let dst = &mut b[(nb * 2 + s) * stream + ks * TILE_U16 + q * 32..][..32];
+        for jj in 0..16 {
+            dst[2 * jj] = l[jj];
+            dst[2 * jj + 1] = h[jj];
+        }
     }
 }
 
@@ -168,7 +202,9 @@ fn mul(
 
 /// The scores of a group's stacked queries against keys `0..kl` into `s`
 /// (`[m, kl]`, scale folded into `qg`), masked, soft-maxed to
-/// probabilities; returns their log-sum-exp per row.
+/// probabilities, which also go into `ap` as bf16 (the A operand of `P V`,
+/// [`pack_a`]'s layout with `round_up(kl, 32)` columns) while each row is in
+/// L1; returns their log-sum-exp per row.
 #[allow(clippy::too_many_arguments)]
 fn probabilities(
     sh: &AttnShape,
@@ -180,14 +216,24 @@ fn probabilities(
     kpan: &[u16],
     kl: usize,
     s: &mut [f32],
+    ap: &mut TileBuf,
 ) -> Vec<f32> {
     let mq = (sh.heads / sh.kv_heads) * rows;
     times_rows(aq, round_up(sh.d, 32), mq, kpan, kl, s);
+    let kpk = round_up(kl, 32);
+    ap.resize(round_up(mq, 32) * kpk);
+    let mut bf = vec![0u16; kpk];
     let mut l_out = vec![0f32; mq];
     for (row_i, row) in s.chunks_mut(kl).enumerate() {
         let qi = i0 + row_i % rows;
         sh.mask_row(seg, bi, qi, 0, row);
         l_out[row_i] = softmax_row(row);
+        to_bf16_padded(row, &mut bf);
+        put_a_row(ap, row_i, kpk, &bf);
+    }
+    bf.fill(0);
+    for r in mq..round_up(mq, 32) {
+        put_a_row(ap, r, kpk, &bf);
     }
     l_out
 }
@@ -222,9 +268,8 @@ fn forward_group(
             gather(sh, q, bi, kvh, i0, rows, sh.scale(), qg);
             pack_a(qg, mq, d, d, 0, kpd, aq);
             let p = grow(&mut b.s, mq * kl);
-            let l = probabilities(sh, seg, bi, i0, rows, aq, kpan, kl, p);
+            let l = probabilities(sh, seg, bi, i0, rows, aq, kpan, kl, p, ap);
             let kpk = round_up(kl, 32);
-            pack_a(p, mq, kl, kl, 0, kpk, ap);
             let og = grow(&mut b.o, mq * d);
             mul(ap, kpk, mq, vpair, kpk / 32, vks, og, d, false);
             for r in 0..n_rep {
@@ -253,22 +298,41 @@ pub fn forward(
     assert_eq!(k.len(), b * s * kvh * d);
     assert_eq!(v.len(), k.len());
     let n_rep = heads / kvh;
-    let groups: Vec<(Vec<f32>, Vec<f32>)> = (0..b * kvh)
-        .into_par_iter()
-        .map(|g| super::in_task(|| forward_group(sh, q, k, v, seg, g / kvh, g % kvh)))
-        .collect();
-    let mut out = vec![0f32; q.len()];
-    let mut lse = vec![0f32; b * heads * s];
-    for (g, (og, lg)) in groups.iter().enumerate() {
+    // Each group writes its heads' columns of `out` and rows of `lse` in its
+    // own task (every element once): no zeroed outputs, no serial scatter.
+    let mut out = Vec::<f32>::with_capacity(q.len());
+    let mut lse = Vec::<f32>::with_capacity(b * heads * s);
+    let (po, pl) = (
+        amx::SendPtr(out.as_mut_ptr()),
+        amx::SendPtr(lse.as_mut_ptr()),
+    );
+    (0..b * kvh).into_par_iter().for_each(|g| {
         let (bi, kv) = (g / kvh, g % kvh);
-        for r in 0..n_rep {
-            let hi = kv * n_rep + r;
-            for i in 0..s {
-                out[(bi * s + i) * heads * d + hi * d..][..d]
-                    .copy_from_slice(&og[(r * s + i) * d..][..d]);
+        let (og, lg) = super::in_task(|| forward_group(sh, q, k, v, seg, bi, kv));
+        // SAFETY: heads kv·n_rep.. of batch row bi are this group's alone,
+        // inside the capacities.
+        unsafe {
+            for r in 0..n_rep {
+                let hi = kv * n_rep + r;
+                for i in 0..s {
+                    std::ptr::copy_nonoverlapping(
+                        og[(r * s + i) * d..].as_ptr(),
+                        po.get().add((bi * s + i) * heads * d + hi * d),
+                        d,
+                    );
+                }
+                std::ptr::copy_nonoverlapping(
+                    lg[r * s..].as_ptr(),
+                    pl.get().add((bi * heads + hi) * s),
+                    s,
+                );
             }
-            lse[(bi * heads + hi) * s..][..s].copy_from_slice(&lg[r * s..][..s]);
         }
+    });
+    // SAFETY: the b·kvh groups wrote every head of every row, and every lse.
+    unsafe {
+        out.set_len(q.len());
+        lse.set_len(b * heads * s);
     }
     (out, lse)
 }
@@ -300,6 +364,150 @@ fn transpose(src: &[f32], rows: usize, cols: usize, ld: usize, col0: usize) -> V
 /// and only `dQᵀ = Kᵀ dSᵀ` needs K transposed (once per group).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn backward_group(
+    sh: &AttnShape,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    out: &[f32],
+    lse: &[f32],
+    dout: &[f32],
+    seg: Option<&[u32]>,
+    bi: usize,
+    kvh: usize,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let (d, s, heads, n_rep) = (sh.d, sh.q_len, sh.heads, sh.heads / sh.kv_heads);
+    let (kvd, hd) = (sh.kv_heads * d, heads * d);
+    let scale = sh.scale();
+    let base = bi * s * kvd;
+    let kpd = round_up(d, 32);
+    let kps = round_up(s, 32);
+    let kt = transpose(&k[base..], s, d, kvd, kvh * d);
+    let mut dq = vec![0f32; n_rep * s * d];
+    let mut dk = vec![0f32; s * d];
+    let mut dv = vec![0f32; s * d];
+    with_bufs(|b| {
+        let (ak, av, akt) = (&mut b.a1, &mut b.a2, &mut b.a3);
+        pack_a(&k[base..], s, d, kvd, kvh * d, kpd, ak);
+        pack_a(&v[base..], s, d, kvd, kvh * d, kpd, av);
+        pack_a(&kt, d, s, s, 0, kps, akt);
+        let (ak, av, akt) = (&*ak, &*av, &*akt);
+        let b_rows = &mut b.pairs;
+        for i0 in (0..s).step_by(Q_BLOCK) {
+            let rows = Q_BLOCK.min(s - i0);
+            let kl = i0 + rows;
+            let mq = n_rep * rows;
+            let (kpk, kpm) = (round_up(kl, 32), round_up(mq, 32));
+            let qg = grow(&mut b.q, mq * d);
+            gather(sh, q, bi, kvh, i0, rows, scale, qg);
+            let dog = grow(&mut b.d, mq * d);
+            gather(sh, dout, bi, kvh, i0, rows, 1.0, dog);
+            // Per stacked query c: its lse (+inf where it sees nothing, so that
+            // its probabilities come out 0) and Σ dO ⊙ O.
+            let mut shift = vec![0f32; mq];
+            let mut dsum = vec![0f32; mq];
+            for c in 0..mq {
+                let (r, ii) = (c / rows, c % rows);
+                let hi = kvh * n_rep + r;
+                let l = lse[(bi * heads + hi) * s + i0 + ii];
+                shift[c] = if l == f32::NEG_INFINITY {
+                    f32::INFINITY
+                } else {
+                    l
+                };
+                let at = (bi * s + i0 + ii) * hd + hi * d;
+                dsum[c] = dout[at..at + d]
+                    .iter()
+                    .zip(&out[at..at + d])
+                    .map(|(a, b)| a * b)
+                    .sum();
+            }
+            pack_rows_forward(qg, mq, d, d, 0, &mut b.bq);
+            pack_rows_forward(dog, mq, d, d, 0, &mut b.bdo);
+            let (bq, bdo) = (&b.bq, &b.bdo);
+            // Sᵀ = K Qᵀ and dPᵀ = V dOᵀ, then one pass per pair of key rows:
+            // Pᵀ = exp(Sᵀ − lse) (zero where the key is not visible), dSᵀ =
+            // Pᵀ ⊙ (dPᵀ − Σ dO ⊙ O), written as bf16 straight into the three
+            // operands that use them (Pᵀ and dSᵀ as A, dSᵀ as B along keys)
+            // while the rows are in L1, instead of passes over the f32 blocks
+            // for the softmax, the gradient and three packs.
+            let pt = grow(&mut b.s, kl * mq);
+            times_rows(ak, kpd, kl, bq, mq, pt);
+            let dst = grow(&mut b.t, kl * mq);
+            times_rows(av, kpd, kl, bdo, mq, dst);
+            let (a_p, a_ds, b_ds) = (&mut b.a4, &mut b.a5, &mut b.bds);
+            a_p.resize(kpk * kpm);
+            a_ds.resize(kpk * kpm);
+            b_ds.resize(kpm * kpk);
+            let mut bf = [vec![0u16; kpm], vec![0u16; kpm], vec![0u16; kpm]];
+            for jp in (0..kpk).step_by(2) {
+                for e in 0..2 {
+                    let j = jp + e;
+                    let [p_bf, ds_lo, ds_hi] = &mut bf;
+                    let ds_bf = if e == 0 { ds_lo } else { ds_hi };
+                    if j >= kl {
+                        p_bf.fill(0);
+                        ds_bf.fill(0);
+                    } else {
+                        let row = &mut pt[j * mq..(j + 1) * mq];
+                        for r in 0..n_rep {
+                            let blk = &mut row[r * rows..(r + 1) * rows];
+                            match seg {
+                                None => {
+                                    blk[..j.saturating_sub(i0).min(rows)].fill(f32::NEG_INFINITY)
+                                }
+                                Some(_) => {
+                                    for (ii, x) in blk.iter_mut().enumerate() {
+                                        if !sh.visible(seg, bi, i0 + ii, j) {
+                                            *x = f32::NEG_INFINITY;
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                        let drow = &mut dst[j * mq..(j + 1) * mq];
+                        fastmath::exp_sub_grad(row, &shift, drow, &dsum);
+                        to_bf16_padded(row, p_bf);
+                        to_bf16_padded(drow, ds_bf);
+                    }
+                    put_a_row(a_p, j, kpm, p_bf);
+                    put_a_row(a_ds, j, kpm, ds_bf);
+                }
+                put_b_pair(b_ds, jp, kpk / 32, &bf[1], &bf[2]);
+            }
+            // dV[0..kl] += Pᵀ dO ; dK[0..kl] += dSᵀ (scale·Q)
+            let ks = pack_b_pairs(dog, mq, d, d, kpm, b_rows);
+            mul(a_p, kpm, kl, b_rows, ks, ks, &mut dv[..kl * d], d, true);
+            let ks = pack_b_pairs(qg, mq, d, d, kpm, b_rows);
+            mul(a_ds, kpm, kl, b_rows, ks, ks, &mut dk[..kl * d], d, true);
+            // dQᵀ = Kᵀ dSᵀ (keys 0..kl of Kᵀ), dq = scale · dQ
+            let ks = kpk / 32;
+            let dqt = grow(&mut b.o, d * mq);
+            mul(akt, kps, d, b_ds, ks, ks, dqt, mq, false);
+            for c in 0..mq {
+                let (r, ii) = (c / rows, c % rows);
+                let dst_row = &mut dq[(r * s + i0 + ii) * d..][..d];
+                for (dd, o) in dst_row.iter_mut().enumerate() {
+                    *o = scale * dqt[dd * mq + c];
+                }
+            }
+        }
+    });
+    (dq, dk, dv)
+}
+
+#[cfg(test)]
+#[allow(clippy::too_many_arguments)]
+/// The backward as it was before its elementwise passes were fused
+/// ([`backward_group`] must give the same bits): kept as the reference.
+/// Backward of one (batch row, kv head) group: `(dq [n_rep][q_len][d],
+/// dk [k_len][d], dv [k_len][d])`, the layout [`super::attention::backward`]
+/// scatters.
+///
+/// Everything is computed key-major (`Sᵀ = K Qᵀ`, `Pᵀ`, `dPᵀ = V dOᵀ`,
+/// `dSᵀ`): then `Pᵀ` and `dSᵀ` are the A operands of `dV = Pᵀ dO` and
+/// `dK = dSᵀ Q` as they are, K and V are A operands packed once per group,
+/// and only `dQᵀ = Kᵀ dSᵀ` needs K transposed (once per group).
+fn backward_group_unfused(
     sh: &AttnShape,
     q: &[f32],
     k: &[f32],
@@ -477,6 +685,112 @@ mod tests {
             assert!(rel(&dq, &dq32) < 2e-2, "dq {shape}: {}", rel(&dq, &dq32));
             assert!(rel(&dk, &dk32) < 2e-2, "dk {shape}: {}", rel(&dk, &dk32));
             assert!(rel(&dv, &dv32) < 2e-2, "dv {shape}: {}", rel(&dv, &dv32));
+        }
+    }
+
+    /// The backward with its elementwise passes fused into one per pair of
+    /// key rows gives the same bits as the passes one after the other:
+    /// GQA / MHA, lengths and head sizes off the 32 and 64 grids (odd key
+    /// counts: a last pair half padding), packed segments.
+    #[test]
+    fn fused_backward_equals_the_unfused_one_bit_for_bit() {
+        if !amx::available() {
+            eprintln!(
+                "SKIPPED: AMX-BF16 is not available on this CPU; the AMX attention was not run"
+            );
+            return;
+        }
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        for &(b, s, heads, kvh, d, with_seg) in &[
+            (2usize, 256usize, 9usize, 3usize, 64usize, false),
+            (1, 70, 4, 2, 48, false),
+            (2, 33, 2, 1, 16, true),
+            (1, 130, 3, 3, 80, true),
+            (1, 5, 1, 1, 8, false),
+            (1, 97, 8, 1, 64, false),
+        ] {
+            let sh = AttnShape {
+                b,
+                q_len: s,
+                k_len: s,
+                q_offset: 0,
+                heads,
+                kv_heads: kvh,
+                d,
+                window: None,
+                bf16: true,
+            };
+            let q = rand_vec(b * s * heads * d, 11, 1.5);
+            let k = rand_vec(b * s * kvh * d, 12, 1.5);
+            let v = rand_vec(b * s * kvh * d, 13, 1.0);
+            let dout = rand_vec(b * s * heads * d, 14, 1.0);
+            let seg: Option<Vec<u32>> =
+                with_seg.then(|| (0..b * s).map(|i| ((i % s) / 10) as u32).collect());
+            let seg = seg.as_deref();
+            let (o, l) = forward(&sh, &q, &k, &v, seg);
+            for bi in 0..b {
+                for g in 0..kvh {
+                    let got = backward_group(&sh, &q, &k, &v, &o, &l, &dout, seg, bi, g);
+                    let want = backward_group_unfused(&sh, &q, &k, &v, &o, &l, &dout, seg, bi, g);
+                    let shape = format!(
+                        "b {b} s {s} heads {heads}/{kvh} d {d} seg {with_seg}, group {bi}/{g}"
+                    );
+                    assert_eq!(bits(&got.0), bits(&want.0), "dq {shape}");
+                    assert_eq!(bits(&got.1), bits(&want.1), "dk {shape}");
+                    assert_eq!(bits(&got.2), bits(&want.2), "dv {shape}");
+                    assert!(got.0.iter().chain(&got.1).chain(&got.2).any(|x| *x != 0.0));
+                }
+            }
+        }
+    }
+
+    /// The probabilities written as bf16 inside the softmax's loop are
+    /// what packing the f32 probabilities afterwards gives, padding included.
+    #[test]
+    fn probabilities_written_packed_equal_packing_them_afterwards() {
+        if !amx::available() {
+            eprintln!(
+                "SKIPPED: AMX-BF16 is not available on this CPU; the AMX attention was not run"
+            );
+            return;
+        }
+        for &(s, heads, kvh, d, i0, rows, with_seg) in &[
+            (256usize, 9usize, 3usize, 64usize, 192usize, 64usize, false),
+            (70, 4, 2, 48, 64, 6, true),
+            (5, 1, 1, 8, 0, 5, false),
+        ] {
+            let sh = AttnShape {
+                b: 1,
+                q_len: s,
+                k_len: s,
+                q_offset: 0,
+                heads,
+                kv_heads: kvh,
+                d,
+                window: None,
+                bf16: true,
+            };
+            let q = rand_vec(s * heads * d, 21, 1.5);
+            let k = rand_vec(s * kvh * d, 22, 1.5);
+            let seg: Option<Vec<u32>> = with_seg.then(|| (0..s).map(|i| (i / 10) as u32).collect());
+            let seg = seg.as_deref();
+            let (n_rep, kl, kpd) = (heads / kvh, i0 + rows, round_up(d, 32));
+            let mq = n_rep * rows;
+            let mut kpan = TileBuf::new();
+            pack_rows_forward(&k, s, d, kvh * d, 0, &mut kpan);
+            let mut qg = vec![0f32; mq * d];
+            gather(&sh, &q, 0, 0, i0, rows, sh.scale(), &mut qg);
+            let mut aq = TileBuf::new();
+            pack_a(&qg, mq, d, d, 0, kpd, &mut aq);
+            let mut p = vec![0f32; mq * kl];
+            let mut ap = TileBuf::new();
+            ap.resize(7);
+            ap.fill(9);
+            probabilities(&sh, seg, 0, i0, rows, &aq, &kpan, kl, &mut p, &mut ap);
+            let mut want = TileBuf::new();
+            pack_a(&p, mq, kl, kl, 0, round_up(kl, 32), &mut want);
+            assert_eq!(&ap[..], &want[..], "s {s} heads {heads}/{kvh} i0 {i0}");
+            assert!(p.iter().any(|x| *x > 0.0));
         }
     }
 

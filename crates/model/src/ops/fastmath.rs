@@ -150,6 +150,19 @@ multiversion! {
 }
 
 multiversion! {
+    /// One key row of attention's backward: the probabilities `s[c] =
+    /// exp(s[c] − shift[c])` (the scores minus each query's log-sum-exp) and
+    /// the scores' gradient `dp[c] = s[c]·(dp[c] − dsum[c])`, in place.
+    pub fn exp_sub_grad(s: &mut [f32], shift: &[f32], dp: &mut [f32], dsum: &[f32]) -> () {
+        for (((x, l), g), d) in s.iter_mut().zip(shift).zip(dp.iter_mut()).zip(dsum) {
+            let p = exp(*x - l);
+            *x = p;
+            *g = p * (*g - d);
+        }
+    }
+}
+
+multiversion! {
     /// Maximum of a slice (−∞ when empty).
     pub fn max(row: &[f32]) -> f32 {
         let mut acc = [f32::NEG_INFINITY; 16];

@@ -154,12 +154,13 @@ type ForwardOut<'a> = (
     Option<LowRankAdd<'a>>,
 );
 
+/// A raw pointer tasks may share, each writing its own disjoint part.
 #[derive(Clone, Copy)]
-struct SendPtr<T>(*mut T);
+pub(crate) struct SendPtr<T>(pub(crate) *mut T);
 unsafe impl<T> Send for SendPtr<T> {}
 unsafe impl<T> Sync for SendPtr<T> {}
 impl<T> SendPtr<T> {
-    fn get(self) -> *mut T {
+    pub(crate) fn get(self) -> *mut T {
         self.0
     }
 }
