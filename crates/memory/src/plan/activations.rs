@@ -26,9 +26,15 @@ pub const HEAD_CHUNK_LOGITS: u64 = 1 << 23;
 /// `ops/cross_entropy.rs`, `HEAD_BF16_COPY_MAX_BYTES`, 4x the logits chunk's bytes).
 pub const HEAD_BF16_COPY_MAX_BYTES: u64 = 4 * 4 * HEAD_CHUNK_LOGITS;
 
-/// Vocabulary columns per block of the head's one pass (`qlora-model`
-/// `ops/cross_entropy/online.rs`, `VOCAB_BLOCK`).
-pub const HEAD_VOCAB_BLOCK: u64 = 256;
+/// Vocabulary columns per block of the head's one pass at hidden size `h`
+/// (`qlora-model` `ops/cross_entropy/online.rs`, `vocab_block`).
+pub fn head_vocab_block(h: u64) -> u64 {
+    if h > 1024 {
+        1024
+    } else {
+        256
+    }
+}
 
 /// Weight elements per chunk of the AMX input gradient (`qlora-model`
 /// `ops/amx`, `CHUNK_ELEMS`), converted to bf16 at once.
@@ -378,16 +384,17 @@ pub fn logits_and_loss(c: &ModelConfig, p: &PlanInput, one_pass: bool) -> u64 {
 /// `ops/cross_entropy/online.rs`), with every position counted: the counted
 /// positions (16 B each); per slice of positions (one per worker thread,
 /// whole 32-row blocks) its inputs and a block's probabilities as bf16
-/// (`rows × h` and `rows × HEAD_VOCAB_BLOCK`, padded rows and columns), and
-/// for its real rows a block of f32 logits and the f32 gradient
-/// accumulator (`× HEAD_VOCAB_BLOCK`, `× h`), all alive together.
+/// (`rows × h` and `rows ×` [`head_vocab_block`], padded rows and columns),
+/// and for its real rows a block of f32 logits and the f32 gradient
+/// accumulator (`× head_vocab_block`, `× h`), all alive together.
 pub fn head_pass_scratch(c: &ModelConfig, p: &PlanInput) -> u64 {
     let t = p.batch * p.seq;
     let h = c.hidden_size as u64;
     let up = |x: u64| x.div_ceil(32) * 32;
     let rows = up(t.div_ceil(p.threads.max(1)));
     let padded = t.div_ceil(rows.max(1)) * rows;
-    16 * t + padded * 2 * (up(h) + HEAD_VOCAB_BLOCK) + t * 4 * (HEAD_VOCAB_BLOCK + h)
+    let vb = head_vocab_block(h);
+    16 * t + padded * 2 * (up(h) + vb) + t * 4 * (vb + h)
 }
 
 /// Depth of the `gemm` crate's packed blocks: `kernel_params` (gemm-common

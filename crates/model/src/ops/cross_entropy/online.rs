@@ -6,7 +6,7 @@
 //! memory twice (SmolLM2: 2 x 54 MiB per chunk, ~430 MB a step) and keeps a
 //! chunk of f32 logits (25 MiB) plus its bf16 gradient. Here each thread
 //! takes a slice of the counted positions and walks the vocabulary in
-//! blocks of [`VOCAB_BLOCK`] columns, everything of a block in its L2: the
+//! blocks of [`vocab_block`] columns, everything of a block in its L2: the
 //! logits of the block, a softmax with a running maximum and sum per
 //! position (flash-attention's online softmax), and the input gradient's
 //! product with the block's probabilities, `dx += exp(L − m)·W_block`, the
@@ -29,11 +29,21 @@ use super::super::amx::{a_index, round_up, PackedWeight, TileBuf};
 use super::super::fastmath;
 use super::{target, IGNORE_INDEX};
 
-/// Vocabulary columns per block: a slice of 256 positions of SmolLM2 then
-/// keeps its inputs (288 KiB bf16), the block's logits (256 KiB), their
-/// bf16 probabilities (128 KiB), both directions' weight blocks (2 x 288
-/// KiB) and its gradient accumulator (576 KiB) in a 2 MiB L2.
-pub(crate) const VOCAB_BLOCK: usize = 256;
+/// Vocabulary columns per block for hidden size `h`. At SmolLM2's 576, 256:
+/// a slice of 256 positions keeps its inputs (288 KiB bf16), the block's
+/// logits (256 KiB), their bf16 probabilities (128 KiB), both directions'
+/// weight blocks (2 x 288 KiB) and its gradient accumulator (576 KiB) in a
+/// 2 MiB L2 (256, 512 and 1024 measured alike there). Above h = 1024 the
+/// accumulator leaves L2 and every block loads and stores it from L3, so the
+/// blocks get 4x wider: TinyLlama's head (h 2048) 100-103 ms a step at 256,
+/// 92-95 at 512, 86-92 at 1024, 85-88 at 2048 (the planner mirrors this).
+pub(crate) fn vocab_block(h: usize) -> usize {
+    if h > 1024 {
+        1024
+    } else {
+        256
+    }
+}
 
 /// What one pass returns: per flat position its loss (None where ignored)
 /// and, with the backward, `d(sum / denominator)/d x` (`[t, h]`, zero rows
@@ -99,8 +109,9 @@ fn slice_pass(
 ) -> (Vec<f64>, Vec<f32>) {
     let (vocab, h) = pw.dims();
     let m = slice.len();
+    let vb = vocab_block(h);
     let (mp, kp) = (round_up(m, 32), round_up(h, 32));
-    let mut bf = vec![0u16; kp.max(VOCAB_BLOCK)];
+    let mut bf = vec![0u16; kp.max(vb)];
     // the slice's inputs as bf16 A (padding rows zero)
     let mut a = TileBuf::new();
     a.resize(mp * kp);
@@ -113,21 +124,21 @@ fn slice_pass(
     // the block's probabilities as bf16 A; padding rows zero, written once
     let mut pa = TileBuf::new();
     if inv.is_some() {
-        pa.resize(mp * VOCAB_BLOCK);
+        pa.resize(mp * vb);
         for r in m..mp {
-            put_row(&mut pa, r, VOCAB_BLOCK, &[], &mut bf);
+            put_row(&mut pa, r, vb, &[], &mut bf);
         }
     }
-    let mut logits = vec![0f32; m * VOCAB_BLOCK];
+    let mut logits = vec![0f32; m * vb];
     let mut acc = vec![0f32; if inv.is_some() { m * h } else { 0 }];
     let mut run_max = vec![f32::NEG_INFINITY; m];
     let mut z = vec![0f64; m];
     let mut target_logit = vec![0f32; m];
-    for v0 in (0..vocab).step_by(VOCAB_BLOCK) {
-        let w = VOCAB_BLOCK.min(vocab - v0);
-        pw.forward_block(&a, mp, m, v0, w, &mut logits, VOCAB_BLOCK);
+    for v0 in (0..vocab).step_by(vb) {
+        let w = vb.min(vocab - v0);
+        pw.forward_block(&a, mp, m, v0, w, &mut logits, vb);
         for (r, &(_, tg)) in slice.iter().enumerate() {
-            let row = &mut logits[r * VOCAB_BLOCK..r * VOCAB_BLOCK + w];
+            let row = &mut logits[r * vb..r * vb + w];
             if (v0..v0 + w).contains(&tg) {
                 target_logit[r] = row[tg - v0];
             }
@@ -145,11 +156,11 @@ fn slice_pass(
             }
             z[r] += fastmath::exp_shift_sum(row, run_max[r]);
             if inv.is_some() {
-                put_row(&mut pa, r, VOCAB_BLOCK, row, &mut bf);
+                put_row(&mut pa, r, vb, row, &mut bf);
             }
         }
         if inv.is_some() {
-            pw.backward_block(&pa, VOCAB_BLOCK, mp, m, v0, w.div_ceil(32), &mut acc);
+            pw.backward_block(&pa, vb, mp, m, v0, w.div_ceil(32), &mut acc);
         }
     }
     let losses: Vec<f64> = (0..m)
@@ -241,6 +252,8 @@ mod tests {
             (33, 40, 7, 7, 1.0),
             (600, 576, 300, 150, 0.5),
             (257, 32, 70, 35, 8.0),
+            // wide hidden size: 1024-column blocks, a partial last one
+            (2500, 1100, 40, 20, 0.5),
         ]
         .iter()
         .enumerate()
