@@ -265,10 +265,10 @@ pub fn plan_model(
 
 impl crate::plan::Breakdown {
     /// The per-device table `qlora plan` prints, in order: (label, bytes). The larger of
-    /// the two transient phases (layer backward workspace, logits and loss with heap
-    /// retention), the only one the total counts, is marked `*`.
+    /// the two transient phases (layer backward workspace, logits and loss), the only
+    /// one the total counts, is marked `*`; heap retention counts on top of it.
     pub fn rows(&self) -> Vec<(&'static str, u64)> {
-        let layer_wins = self.layer_workspace >= self.logits_and_loss + self.heap_retention;
+        let layer_wins = self.layer_workspace >= self.logits_and_loss;
         vec![
             ("frozen weights", self.frozen_weights),
             ("  of which quant stats", self.quant_stats),
@@ -292,7 +292,7 @@ impl crate::plan::Breakdown {
                 },
                 self.logits_and_loss,
             ),
-            ("  + heap retention", self.heap_retention),
+            ("heap retention (checkpointing)", self.heap_retention),
             ("dequantization workspace", self.dequant_workspace),
             ("tokenizer", self.tokenizer),
             ("worker-thread arenas", self.worker_arenas),

@@ -104,9 +104,14 @@ proptest! {
         }
     }
 
-    /// Gradient checkpointing never needs more.
+    /// Gradient checkpointing never needs more, from two layers on. With one
+    /// layer it saves nothing (it keeps the input and re-creates the only
+    /// layer) and on the CPU the forward's freed set stays in the heap under
+    /// the re-created one (measured: the layer backward's buffers come on
+    /// top of that retention), so there it costs that set.
     #[test]
     fn checkpointing_never_needs_more(c in cfg_strategy(), p in input_strategy()) {
+        prop_assume!(c.num_hidden_layers >= 2);
         let on = PlanInput { checkpointing: true, ..p.clone() };
         let off = PlanInput { checkpointing: false, ..p };
         prop_assert!(total(&c, &on) <= total(&c, &off));
