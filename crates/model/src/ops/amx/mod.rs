@@ -1018,11 +1018,37 @@ mod imp {
                 acc,
             );
         }
+        if full < mp / 32 {
+            partial_blocks(a, kp, mp, m, b, b1, ksteps, c, ldc, nn, acc, full);
+        }
+        asm!("tilerelease", options(nostack, nomem));
+    }
+
+    /// The blocks of [`run_blocks`] from `first` on, through an aligned
+    /// scratch (partial rows or columns, or a C not on cache lines): kept
+    /// out of `run_blocks` so that its 4 KiB scratch is not zeroed on every
+    /// call that has no such block (most of them; they are ~20k a step).
+    #[allow(clippy::too_many_arguments)]
+    #[inline(never)]
+    unsafe fn partial_blocks(
+        a: *const u16,
+        kp: usize,
+        mp: usize,
+        m: usize,
+        b: *const u16,
+        b1: *const u16,
+        ksteps: usize,
+        c: *mut f32,
+        ldc: usize,
+        nn: usize,
+        acc: bool,
+        first: usize,
+    ) {
         #[repr(C, align(64))]
         struct Scratch([f32; 32 * 32]);
         let mut scratch = Scratch([0f32; 32 * 32]);
         let scratch = &mut scratch.0;
-        for mb in full..mp / 32 {
+        for mb in first..mp / 32 {
             let r0 = mb * 32;
             let ab = a.add(r0 * kp);
             let cb = c.add(r0 * ldc);
@@ -1044,7 +1070,6 @@ mod imp {
                 std::ptr::copy_nonoverlapping(scratch.as_ptr().add(r * 32), cb.add(r * ldc), nn);
             }
         }
-        asm!("tilerelease", options(nostack, nomem));
     }
 }
 
