@@ -380,21 +380,27 @@ pub fn logits_and_loss(c: &ModelConfig, p: &PlanInput, one_pass: bool) -> u64 {
     3 * t * h * e + t * 4 + t * 16 + work
 }
 
+/// Positions per slice of the head's one pass at most (`qlora-model`
+/// `ops/cross_entropy/online.rs`, `MAX_SLICE_ROWS`).
+pub const HEAD_MAX_SLICE_ROWS: u64 = 256;
+
 /// The head's one pass over the vocabulary (`qlora-model`
 /// `ops/cross_entropy/online.rs`), with every position counted: the counted
-/// positions (16 B each); per slice of positions (one per worker thread,
-/// whole 32-row blocks) its inputs and a block's probabilities as bf16
-/// (`rows × h` and `rows ×` [`head_vocab_block`], padded rows and columns),
-/// and for its real rows a block of f32 logits and the f32 gradient
-/// accumulator (`× head_vocab_block`, `× h`), all alive together.
+/// positions (16 B each) and every slice's f32 gradient accumulator (`t × h`
+/// in all, kept until the slices are gathered); per slice running at once
+/// (one per worker thread; slices of whole 32-row blocks, at most
+/// [`HEAD_MAX_SLICE_ROWS`]) its inputs and a block's probabilities as bf16
+/// (`rows × h` and `rows ×` [`head_vocab_block`], padded) and a block of f32
+/// logits.
 pub fn head_pass_scratch(c: &ModelConfig, p: &PlanInput) -> u64 {
     let t = p.batch * p.seq;
     let h = c.hidden_size as u64;
     let up = |x: u64| x.div_ceil(32) * 32;
-    let rows = up(t.div_ceil(p.threads.max(1)));
-    let padded = t.div_ceil(rows.max(1)) * rows;
+    let threads = p.threads.max(1);
+    let rows = up(t.div_ceil(threads)).clamp(32, HEAD_MAX_SLICE_ROWS);
+    let live = t.div_ceil(rows).min(threads);
     let vb = head_vocab_block(h);
-    16 * t + padded * 2 * (up(h) + vb) + t * 4 * (vb + h)
+    16 * t + t * 4 * h + live * rows * (2 * (up(h) + vb) + 4 * vb)
 }
 
 /// Depth of the `gemm` crate's packed blocks: `kernel_params` (gemm-common

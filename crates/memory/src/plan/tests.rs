@@ -142,6 +142,37 @@ fn head_chunk_rows_follow_the_trainer() {
     );
 }
 
+/// The one pass's scratch (`cross_entropy/online.rs`): slices of at most
+/// 256 positions, as many at once as threads, every slice's gradient
+/// accumulator kept until they are gathered.
+#[test]
+fn head_pass_scratch_follows_the_trainer() {
+    let j = serde_json::json!({
+        "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536,
+        "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
+        "head_dim": 64, "tie_word_embeddings": true,
+    });
+    let smol = ModelConfig::from_json(&j, "smollm2").unwrap();
+    // 512 positions, 2 threads: two slices of 256
+    let t = 512u64;
+    assert_eq!(
+        activations::head_pass_scratch(&smol, &input(2, 256, false)),
+        16 * t + t * 4 * 576 + 2 * 256 * (2 * (576 + 256) + 4 * 256)
+    );
+    // 4096 positions: slices capped at 256, two of them alive at once
+    let t = 4096u64;
+    assert_eq!(
+        activations::head_pass_scratch(&smol, &input(1, 4096, false)),
+        16 * t + t * 4 * 576 + 2 * 256 * (2 * (576 + 256) + 4 * 256)
+    );
+    // 40 positions, 2 threads: one slice of 32 padded rows and one of 8 real in 32
+    let t = 40u64;
+    assert_eq!(
+        activations::head_pass_scratch(&smol, &input(1, 40, false)),
+        16 * t + t * 4 * 576 + 2 * 32 * (2 * (576 + 256) + 4 * 256)
+    );
+}
+
 /// Checkpointing keeps the L layer inputs through the whole backward (the
 /// CPU trainer also each layer's attention output, its log-sum-exp, the
 /// residual after attention and the LoRA x·Aᵀ); one layer's other tensors

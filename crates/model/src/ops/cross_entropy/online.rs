@@ -45,6 +45,15 @@ pub(crate) fn vocab_block(h: usize) -> usize {
     }
 }
 
+/// Positions per slice at most: a longer slice's inputs and gradient
+/// accumulator leave L2 and every vocabulary block streams them from L3,
+/// which costs more than reading the head once more per extra slice. At
+/// 4096 positions (2 threads): SmolLM2's head 515 ms a pass with one slice
+/// per thread, 395 / 407 / 393 ms at 256 / 512 / 1024 positions a slice;
+/// TinyLlama's 1209 ms, 747 / 820 / 989. At 512 positions (256 a thread)
+/// it does not bind. The planner mirrors it.
+pub(crate) const MAX_SLICE_ROWS: usize = 256;
+
 /// What one pass returns: per flat position its loss (None where ignored)
 /// and, with the backward, `d(sum / denominator)/d x` (`[t, h]`, zero rows
 /// where ignored).
@@ -77,13 +86,14 @@ pub(crate) fn head_pass(
     if counted.is_empty() {
         return HeadPass { per, dx };
     }
-    // one slice per thread, whole 32-row blocks (each slice reads the head once)
+    // one slice per thread, whole 32-row blocks (each slice reads the head
+    // once), at most MAX_SLICE_ROWS positions
     let threads = if super::super::may_parallelize() {
         rayon::current_num_threads().max(1)
     } else {
         1
     };
-    let rows = round_up(counted.len().div_ceil(threads), 32);
+    let rows = round_up(counted.len().div_ceil(threads), 32).min(MAX_SLICE_ROWS);
     let slices: Vec<(Vec<f64>, Vec<f32>)> = counted
         .par_chunks(rows)
         .map(|slice| super::super::in_task(|| slice_pass(pw, x, slice, inv)))
@@ -254,6 +264,8 @@ mod tests {
             (257, 32, 70, 35, 8.0),
             // wide hidden size: 1024-column blocks, a partial last one
             (2500, 1100, 40, 20, 0.5),
+            // more positions than MAX_SLICE_ROWS per thread: several slices each
+            (300, 64, 1100, 550, 2.0),
         ]
         .iter()
         .enumerate()
