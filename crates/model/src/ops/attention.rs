@@ -217,6 +217,41 @@ pub fn forward(
     (out, lse)
 }
 
+/// Heads `h0..h0 + nh` of batch row `bi` into a `[b·len, heads·d]` matrix
+/// at `dst`, from `src` laid out `[nh][len][d]` (one group's result).
+///
+/// # Safety
+/// `dst` is valid for writes of those rows' head columns, which nobody else
+/// writes meanwhile.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn write_heads(
+    dst: *mut f32,
+    src: &[f32],
+    bi: usize,
+    len: usize,
+    heads: usize,
+    h0: usize,
+    nh: usize,
+    d: usize,
+) {
+    assert!(
+        src.len() >= nh * len * d && h0 + nh <= heads,
+        "attention: group outside the heads"
+    );
+    for r in 0..nh {
+        for i in 0..len {
+            // SAFETY: the caller's contract; the source row is inside `src`.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    src[(r * len + i) * d..].as_ptr(),
+                    dst.add((bi * len + i) * heads * d + (h0 + r) * d),
+                    d,
+                )
+            };
+        }
+    }
+}
+
 /// Backward from the forward's `out` and `lse`: the probabilities of each
 /// block of queries are recomputed (`exp(scale·q·k − lse)`), never kept.
 /// Returns `(dq, dk, dv)` in the layouts of `q, k, v`.
@@ -366,28 +401,15 @@ pub fn backward(
         super::amx::SendPtr(dk.as_mut_ptr()),
         super::amx::SendPtr(dv.as_mut_ptr()),
     );
-    let kvd = kv_heads * d;
     (0..b * kv_heads).into_par_iter().for_each(|g| {
         let (gq, gk, gv) = group(g);
         let (bi, kvh) = (g / kv_heads, g % kv_heads);
         // SAFETY: the rows and head columns below are this group's alone and
         // inside the capacities (q.len(), k.len(), v.len()).
         unsafe {
-            for r in 0..n_rep {
-                let hi = kvh * n_rep + r;
-                for i in 0..q_len {
-                    std::ptr::copy_nonoverlapping(
-                        gq[(r * q_len + i) * d..].as_ptr(),
-                        pq.get().add((bi * q_len + i) * heads * d + hi * d),
-                        d,
-                    );
-                }
-            }
-            for j in 0..k_len {
-                let at = (bi * k_len + j) * kvd + kvh * d;
-                std::ptr::copy_nonoverlapping(gk[j * d..].as_ptr(), pk.get().add(at), d);
-                std::ptr::copy_nonoverlapping(gv[j * d..].as_ptr(), pv.get().add(at), d);
-            }
+            write_heads(pq.get(), &gq, bi, q_len, heads, kvh * n_rep, n_rep, d);
+            write_heads(pk.get(), &gk, bi, k_len, kv_heads, kvh, 1, d);
+            write_heads(pv.get(), &gv, bi, k_len, kv_heads, kvh, 1, d);
         }
     });
     // SAFETY: the groups wrote every element: b·kv_heads groups, each its

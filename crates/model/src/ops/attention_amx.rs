@@ -14,7 +14,8 @@
 use rayon::prelude::*;
 
 use super::amx::{
-    self, pack_a, pack_b_forward, pack_b_pairs, product, round_up, TileBuf, TILE_U16,
+    self, pack_a, pack_b_forward, pack_b_pairs, product, put_a_row, round_up, to_bf16_padded,
+    TileBuf, TILE_U16,
 };
 use super::attention::{softmax_row, AttnShape, Q_BLOCK};
 use super::fastmath;
@@ -95,20 +96,6 @@ fn pack_rows_forward(src: &[f32], nr: usize, d: usize, ld: usize, col0: usize, o
             fastmath::to_bf16(&src[at..at + d], &mut rows[r * d..(r + 1) * d]);
         }
         pack_b_forward(&rows[..nn * d], nn, d, ksd, panel);
-    }
-}
-
-/// `src` as bf16 into the front of `dst`, zeros after it.
-fn to_bf16_padded(src: &[f32], dst: &mut [u16]) {
-    fastmath::to_bf16(src, &mut dst[..src.len()]);
-    dst[src.len()..].fill(0);
-}
-
-/// Row `r` of a [`pack_a`] layout with `kp` columns from `row` (bf16, `kp`
-/// values).
-fn put_a_row(a: &mut [u16], r: usize, kp: usize, row: &[u16]) {
-    for (ks, chunk) in row[..kp].chunks_exact(32).enumerate() {
-        a[amx::a_index(r, ks * 32, kp)..][..32].copy_from_slice(chunk);
     }
 }
 
@@ -312,21 +299,13 @@ pub fn forward(
         // SAFETY: heads kv·n_rep.. of batch row bi are this group's alone,
         // inside the capacities.
         unsafe {
-            for r in 0..n_rep {
-                let hi = kv * n_rep + r;
-                for i in 0..s {
-                    std::ptr::copy_nonoverlapping(
-                        og[(r * s + i) * d..].as_ptr(),
-                        po.get().add((bi * s + i) * heads * d + hi * d),
-                        d,
-                    );
-                }
-                std::ptr::copy_nonoverlapping(
-                    lg[r * s..].as_ptr(),
-                    pl.get().add((bi * heads + hi) * s),
-                    s,
-                );
-            }
+            super::attention::write_heads(po.get(), &og, bi, s, heads, kv * n_rep, n_rep, d);
+            // lse is [b][heads][s]: the group's n_rep heads are consecutive
+            std::ptr::copy_nonoverlapping(
+                lg.as_ptr(),
+                pl.get().add((bi * heads + kv * n_rep) * s),
+                n_rep * s,
+            );
         }
     });
     // SAFETY: the b·kvh groups wrote every head of every row, and every lse.
@@ -354,6 +333,82 @@ fn transpose(src: &[f32], rows: usize, cols: usize, ld: usize, col0: usize) -> V
     t
 }
 
+/// Per stacked query `c` of a block (`n_rep` heads × `rows` queries from
+/// `i0`): its lse, `+∞` where it sees nothing so that its probabilities
+/// come out 0, and `Σ dO ⊙ O`.
+#[allow(clippy::too_many_arguments)]
+fn block_stats(
+    sh: &AttnShape,
+    out: &[f32],
+    lse: &[f32],
+    dout: &[f32],
+    bi: usize,
+    kvh: usize,
+    i0: usize,
+    rows: usize,
+) -> (Vec<f32>, Vec<f32>) {
+    let (d, s, heads, n_rep) = (sh.d, sh.q_len, sh.heads, sh.heads / sh.kv_heads);
+    let hd = heads * d;
+    let mq = n_rep * rows;
+    let mut shift = vec![0f32; mq];
+    let mut dsum = vec![0f32; mq];
+    for c in 0..mq {
+        let (r, ii) = (c / rows, c % rows);
+        let hi = kvh * n_rep + r;
+        let l = lse[(bi * heads + hi) * s + i0 + ii];
+        shift[c] = if l == f32::NEG_INFINITY {
+            f32::INFINITY
+        } else {
+            l
+        };
+        let at = (bi * s + i0 + ii) * hd + hi * d;
+        dsum[c] = dout[at..at + d]
+            .iter()
+            .zip(&out[at..at + d])
+            .map(|(a, b)| a * b)
+            .sum();
+    }
+    (shift, dsum)
+}
+
+/// Key `j`'s key-major row of a block's scores (`n_rep` heads × `rows`
+/// queries from `i0`): −∞ where a query does not see the key.
+fn mask_key_row(
+    sh: &AttnShape,
+    seg: Option<&[u32]>,
+    bi: usize,
+    i0: usize,
+    rows: usize,
+    j: usize,
+    row: &mut [f32],
+) {
+    for blk in row.chunks_mut(rows) {
+        match seg {
+            None => blk[..j.saturating_sub(i0).min(rows)].fill(f32::NEG_INFINITY),
+            Some(_) => {
+                for (ii, x) in blk.iter_mut().enumerate() {
+                    if !sh.visible(seg, bi, i0 + ii, j) {
+                        *x = f32::NEG_INFINITY;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A block's rows of the group's `dq` (`[n_rep][s][d]`): `scale · dQ` from
+/// `dQᵀ` (`[d, n_rep·rows]`).
+fn write_dq(dq: &mut [f32], dqt: &[f32], s: usize, i0: usize, rows: usize, d: usize, scale: f32) {
+    let mq = dqt.len() / d.max(1);
+    for c in 0..mq {
+        let (r, ii) = (c / rows, c % rows);
+        let dst_row = &mut dq[(r * s + i0 + ii) * d..][..d];
+        for (dd, o) in dst_row.iter_mut().enumerate() {
+            *o = scale * dqt[dd * mq + c];
+        }
+    }
+}
+
 /// Backward of one (batch row, kv head) group: `(dq [n_rep][q_len][d],
 /// dk [k_len][d], dv [k_len][d])`, the layout [`super::attention::backward`]
 /// scatters.
@@ -375,8 +430,8 @@ pub(crate) fn backward_group(
     bi: usize,
     kvh: usize,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    let (d, s, heads, n_rep) = (sh.d, sh.q_len, sh.heads, sh.heads / sh.kv_heads);
-    let (kvd, hd) = (sh.kv_heads * d, heads * d);
+    let (d, s, n_rep) = (sh.d, sh.q_len, sh.heads / sh.kv_heads);
+    let kvd = sh.kv_heads * d;
     let scale = sh.scale();
     let base = bi * s * kvd;
     let kpd = round_up(d, 32);
@@ -401,26 +456,7 @@ pub(crate) fn backward_group(
             gather(sh, q, bi, kvh, i0, rows, scale, qg);
             let dog = grow(&mut b.d, mq * d);
             gather(sh, dout, bi, kvh, i0, rows, 1.0, dog);
-            // Per stacked query c: its lse (+inf where it sees nothing, so that
-            // its probabilities come out 0) and Σ dO ⊙ O.
-            let mut shift = vec![0f32; mq];
-            let mut dsum = vec![0f32; mq];
-            for c in 0..mq {
-                let (r, ii) = (c / rows, c % rows);
-                let hi = kvh * n_rep + r;
-                let l = lse[(bi * heads + hi) * s + i0 + ii];
-                shift[c] = if l == f32::NEG_INFINITY {
-                    f32::INFINITY
-                } else {
-                    l
-                };
-                let at = (bi * s + i0 + ii) * hd + hi * d;
-                dsum[c] = dout[at..at + d]
-                    .iter()
-                    .zip(&out[at..at + d])
-                    .map(|(a, b)| a * b)
-                    .sum();
-            }
+            let (shift, dsum) = block_stats(sh, out, lse, dout, bi, kvh, i0, rows);
             pack_rows_forward(qg, mq, d, d, 0, &mut b.bq);
             pack_rows_forward(dog, mq, d, d, 0, &mut b.bdo);
             let (bq, bdo) = (&b.bq, &b.bdo);
@@ -449,21 +485,7 @@ pub(crate) fn backward_group(
                         ds_bf.fill(0);
                     } else {
                         let row = &mut pt[j * mq..(j + 1) * mq];
-                        for r in 0..n_rep {
-                            let blk = &mut row[r * rows..(r + 1) * rows];
-                            match seg {
-                                None => {
-                                    blk[..j.saturating_sub(i0).min(rows)].fill(f32::NEG_INFINITY)
-                                }
-                                Some(_) => {
-                                    for (ii, x) in blk.iter_mut().enumerate() {
-                                        if !sh.visible(seg, bi, i0 + ii, j) {
-                                            *x = f32::NEG_INFINITY;
-                                        }
-                                    }
-                                }
-                            }
-                        }
+                        mask_key_row(sh, seg, bi, i0, rows, j, row);
                         let drow = &mut dst[j * mq..(j + 1) * mq];
                         fastmath::exp_sub_grad(row, &shift, drow, &dsum);
                         to_bf16_padded(row, p_bf);
@@ -483,13 +505,7 @@ pub(crate) fn backward_group(
             let ks = kpk / 32;
             let dqt = grow(&mut b.o, d * mq);
             mul(akt, kps, d, b_ds, ks, ks, dqt, mq, false);
-            for c in 0..mq {
-                let (r, ii) = (c / rows, c % rows);
-                let dst_row = &mut dq[(r * s + i0 + ii) * d..][..d];
-                for (dd, o) in dst_row.iter_mut().enumerate() {
-                    *o = scale * dqt[dd * mq + c];
-                }
-            }
+            write_dq(&mut dq, dqt, s, i0, rows, d, scale);
         }
     });
     (dq, dk, dv)
@@ -519,8 +535,8 @@ fn backward_group_unfused(
     bi: usize,
     kvh: usize,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    let (d, s, heads, n_rep) = (sh.d, sh.q_len, sh.heads, sh.heads / sh.kv_heads);
-    let (kvd, hd) = (sh.kv_heads * d, heads * d);
+    let (d, s, n_rep) = (sh.d, sh.q_len, sh.heads / sh.kv_heads);
+    let kvd = sh.kv_heads * d;
     let scale = sh.scale();
     let base = bi * s * kvd;
     let kpd = round_up(d, 32);
@@ -545,26 +561,7 @@ fn backward_group_unfused(
             gather(sh, q, bi, kvh, i0, rows, scale, qg);
             let dog = grow(&mut b.d, mq * d);
             gather(sh, dout, bi, kvh, i0, rows, 1.0, dog);
-            // Per stacked query c: its lse (+inf where it sees nothing, so that
-            // its probabilities come out 0) and Σ dO ⊙ O.
-            let mut shift = vec![0f32; mq];
-            let mut dsum = vec![0f32; mq];
-            for c in 0..mq {
-                let (r, ii) = (c / rows, c % rows);
-                let hi = kvh * n_rep + r;
-                let l = lse[(bi * heads + hi) * s + i0 + ii];
-                shift[c] = if l == f32::NEG_INFINITY {
-                    f32::INFINITY
-                } else {
-                    l
-                };
-                let at = (bi * s + i0 + ii) * hd + hi * d;
-                dsum[c] = dout[at..at + d]
-                    .iter()
-                    .zip(&out[at..at + d])
-                    .map(|(a, b)| a * b)
-                    .sum();
-            }
+            let (shift, dsum) = block_stats(sh, out, lse, dout, bi, kvh, i0, rows);
             pack_rows_forward(qg, mq, d, d, 0, &mut b.bq);
             pack_rows_forward(dog, mq, d, d, 0, &mut b.bdo);
             let (bq, bdo) = (&b.bq, &b.bdo);
@@ -573,19 +570,7 @@ fn backward_group_unfused(
             times_rows(ak, kpd, kl, bq, mq, pt);
             for (j, row) in pt.chunks_mut(mq).enumerate() {
                 row.iter_mut().zip(&shift).for_each(|(x, l)| *x -= l);
-                for r in 0..n_rep {
-                    let blk = &mut row[r * rows..(r + 1) * rows];
-                    match seg {
-                        None => blk[..j.saturating_sub(i0).min(rows)].fill(f32::NEG_INFINITY),
-                        Some(_) => {
-                            for (ii, x) in blk.iter_mut().enumerate() {
-                                if !sh.visible(seg, bi, i0 + ii, j) {
-                                    *x = f32::NEG_INFINITY;
-                                }
-                            }
-                        }
-                    }
-                }
+                mask_key_row(sh, seg, bi, i0, rows, j, row);
                 fastmath::exp_shift_sum(row, 0.0);
             }
             // dSᵀ = Pᵀ ⊙ (V dOᵀ − Σ dO ⊙ O)
@@ -608,13 +593,7 @@ fn backward_group_unfused(
             let ks = pack_b_pairs(dst, kl, mq, mq, kpk, b_rows);
             let dqt = grow(&mut b.o, d * mq);
             mul(akt, kps, d, b_rows, ks, ks, dqt, mq, false);
-            for c in 0..mq {
-                let (r, ii) = (c / rows, c % rows);
-                let dst_row = &mut dq[(r * s + i0 + ii) * d..][..d];
-                for (dd, o) in dst_row.iter_mut().enumerate() {
-                    *o = scale * dqt[dd * mq + c];
-                }
-            }
+            write_dq(&mut dq, dqt, s, i0, rows, d, scale);
         }
     });
     (dq, dk, dv)

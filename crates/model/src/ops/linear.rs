@@ -516,13 +516,19 @@ mod tests {
             ..lin.clone()
         };
         assert!(biased.packed_for_amx(t).is_none());
+        use super::super::amx::{pack_a, round_up, TileBuf};
+        let (kpi, kpo, mp) = (round_up(i, 32), round_up(o, 32), round_up(t, 32));
         let x = rand_vec(t * i, 42, 1.0);
+        let mut xa = TileBuf::new();
+        pack_a(&x, t, i, i, 0, kpi, &mut xa);
         let mut y = vec![f32::NAN; t * o];
-        copy.forward(&x, t, &mut y);
+        copy.forward_block(&xa, mp, t, 0, o, &mut y, o);
         assert_eq!(y, lin.forward(&x, t));
         let dy = rand_vec(t * o, 43, 1.0);
+        let mut dya = TileBuf::new();
+        pack_a(&dy, t, o, o, 0, kpo, &mut dya);
         let (mut a, mut b) = (vec![0.5f32; t * i], vec![0.5f32; t * i]);
-        copy.backward(&dy, t, &mut a);
+        copy.backward_block(&dya, kpo, mp, t, 0, kpo / 32, &mut a);
         lin.backward_input(&dy, t, &mut b);
         assert_eq!(a, b);
     }

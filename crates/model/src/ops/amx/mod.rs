@@ -260,16 +260,29 @@ pub(crate) fn pack_a_hooked(
                     if row >= rows {
                         row_buf.fill(0);
                     } else {
-                        let s = &src[row * ld + col0..row * ld + col0 + cols];
-                        super::fastmath::to_bf16(s, &mut row_buf[..cols]);
-                        row_buf[cols..].fill(0);
+                        to_bf16_padded(&src[row * ld + col0..][..cols], row_buf);
                     }
-                    for (ks, chunk) in row_buf.chunks_exact(32).enumerate() {
-                        dst[ks * TILE_U16 + r * 32..][..32].copy_from_slice(chunk);
-                    }
+                    // this group's 16 rows: rows 0..16 of its own slice
+                    put_a_row(dst, r, kp, row_buf);
                 }
             })
         });
+}
+
+/// `src` as bf16 into the front of `dst`, zeros after it (a row padded to
+/// an operand's width).
+pub(crate) fn to_bf16_padded(src: &[f32], dst: &mut [u16]) {
+    super::fastmath::to_bf16(src, &mut dst[..src.len()]);
+    dst[src.len()..].fill(0);
+}
+
+/// Row `r` of a [`pack_a`] layout with `kp` columns from `row` (bf16, its
+/// first `kp` values): a producer that has the row in cache writes it into
+/// the tiles itself instead of a pack pass reading it back.
+pub(crate) fn put_a_row(a: &mut [u16], r: usize, kp: usize, row: &[u16]) {
+    for (ks, chunk) in row[..kp].chunks_exact(32).enumerate() {
+        a[a_index(r, ks * 32, kp)..][..32].copy_from_slice(chunk);
+    }
 }
 
 /// Where [`pack_a`] puts element `(r, c)` of A (`kp` padded columns).

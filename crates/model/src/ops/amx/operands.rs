@@ -2,7 +2,7 @@
 //! attention's products): one bounds-checked block product and the B layout
 //! whose K dimension runs along a matrix's rows.
 
-use super::{available, imp, TileBuf, TILE_U16};
+use super::{available, imp, to_bf16_padded, TileBuf, TILE_U16};
 
 /// `C[0..m, 0..nn] (+)= A · B` for one 32-column block of B, bounds-checked:
 /// A packed by [`pack_a`] (`mp` rows, `kp` columns; read from its `ks0`-th
@@ -87,9 +87,9 @@ pub(crate) fn pack_b_pairs(
     let rows = nr.min(kp_rows);
     for pr in 0..rows.div_ceil(2) {
         let (r0, r1) = (2 * pr, 2 * pr + 1);
-        to_bf16_row(&src[r0 * ld..r0 * ld + n], &mut even);
+        to_bf16_padded(&src[r0 * ld..r0 * ld + n], &mut even);
         if r1 < rows {
-            to_bf16_row(&src[r1 * ld..r1 * ld + n], &mut odd);
+            to_bf16_padded(&src[r1 * ld..r1 * ld + n], &mut odd);
         } else {
             odd.fill(0);
         }
@@ -106,10 +106,4 @@ pub(crate) fn pack_b_pairs(
         }
     }
     ksteps
-}
-
-/// `src` as bf16 into the front of `dst`, zeros after it.
-fn to_bf16_row(src: &[f32], dst: &mut [u16]) {
-    crate::ops::fastmath::to_bf16(src, &mut dst[..src.len()]);
-    dst[src.len()..].fill(0);
 }

@@ -5,21 +5,18 @@
 //! each time; at SmolLM2's 49152 × 576 head in chunks of 160 positions that
 //! packing cost about as much as the products.
 //!
-//! The products are the per-call path's, k-step for k-step, so the results
-//! are bit-identical to [`super::linear_forward`] / [`super::linear_backward`].
+//! The products ([`PackedWeight::forward_block`],
+//! [`PackedWeight::backward_block`]) are the per-call path's, k-step for
+//! k-step, so the results are bit-identical to [`super::linear_forward`] /
+//! [`super::linear_backward`].
 
 use rayon::prelude::*;
 
 use super::backward::interleave_chunk;
 use super::{
-    available, imp, pack_a, pack_b_forward, product, round_up, with_scratch, SendPtr, TileBuf,
-    WeightBf16, SCRATCH_A, SCRATCH_B, TILE_U16,
+    pack_b_forward, product, round_up, with_scratch, SendPtr, TileBuf, WeightBf16, SCRATCH_B,
+    TILE_U16,
 };
-
-/// Bytes of A (the packed input gradient of the output) one pass over the
-/// weight's panels reads in the backward: kept in L2 while every panel of
-/// the output uses it.
-const BACKWARD_PASS_A_BYTES: usize = 1 << 20;
 
 /// W `[o, i]` as bf16 in the forward's panels (`[o/32][2][i/32][512]`) and
 /// the input gradient's (`[i/32][2][o/32][512]`), both zero-padded to
@@ -194,114 +191,18 @@ impl PackedWeight {
             );
         }
     }
-
-    /// `y[t, o] = x[t, i] · Wᵀ` (y overwritten).
-    ///
-    /// # Panics
-    /// If AMX is not [`available`] or the sizes do not match.
-    pub fn forward(&self, x: &[f32], t: usize, y: &mut [f32]) {
-        let (o, i) = (self.o, self.i);
-        assert!(available(), "AMX bf16 path called without AMX");
-        assert_eq!(x.len(), t * i, "packed forward: x size");
-        assert_eq!(y.len(), t * o, "packed forward: y size");
-        if t == 0 {
-            return;
-        }
-        if i == 0 {
-            y.fill(0.0);
-            return;
-        }
-        let (kp, mp) = (round_up(i, 32), round_up(t, 32));
-        let ksteps = kp / 32;
-        let panel = 2 * ksteps * TILE_U16;
-        let yp = SendPtr(y.as_mut_ptr());
-        with_scratch(&SCRATCH_A, |a| {
-            pack_a(x, t, i, i, 0, kp, a);
-            let a = &a[..];
-            (0..o.div_ceil(32)).into_par_iter().for_each(|p| {
-                let (n0, nn) = (p * 32, 32.min(o - p * 32));
-                // SAFETY: AMX is available; A is [mp, kp], panel p holds
-                // 2·ksteps tiles; each task writes columns n0..n0+nn of y.
-                unsafe {
-                    imp::run_blocks(
-                        a.as_ptr(),
-                        kp,
-                        mp,
-                        t,
-                        self.fwd[p * panel..].as_ptr(),
-                        ksteps,
-                        ksteps,
-                        yp.get().add(n0),
-                        o,
-                        nn,
-                        false,
-                    );
-                }
-            });
-        });
-    }
-
-    /// `dx[t, i] += dy[t, o] · W`.
-    ///
-    /// # Panics
-    /// If AMX is not [`available`] or the sizes do not match.
-    pub fn backward(&self, dy: &[f32], t: usize, dx: &mut [f32]) {
-        let (o, i) = (self.o, self.i);
-        assert!(available(), "AMX bf16 path called without AMX");
-        assert_eq!(dy.len(), t * o, "packed backward: dy size");
-        assert_eq!(dx.len(), t * i, "packed backward: dx size");
-        if t == 0 || o == 0 || i == 0 {
-            return;
-        }
-        let (kp, mp) = (round_up(o, 32), round_up(t, 32));
-        let kst = kp / 32;
-        let stream = kst * TILE_U16;
-        let dxp = SendPtr(dx.as_mut_ptr());
-        with_scratch(&SCRATCH_A, |a| {
-            pack_a(dy, t, o, o, 0, kp, a);
-            // k-steps per pass: A's rows x 32 columns x 2 bytes each
-            let pass = (BACKWARD_PASS_A_BYTES / (mp * 64)).clamp(1, kst);
-            let a = &a[..];
-            let mut k0 = 0;
-            while k0 < kst {
-                let kk = pass.min(kst - k0);
-                (0..i.div_ceil(32)).into_par_iter().for_each(|nb| {
-                    let (n0, nn) = (nb * 32, 32.min(i - nb * 32));
-                    // SAFETY: AMX is available; A is read from its k0-th
-                    // k-step for kk (inside kp), block nb's streams from
-                    // their k0-th tile (`kst` per stream); each task writes
-                    // columns n0..n0+nn of dx.
-                    unsafe {
-                        imp::run_blocks(
-                            a.as_ptr().add(k0 * TILE_U16),
-                            kp,
-                            mp,
-                            t,
-                            self.bwd[nb * 2 * stream + k0 * TILE_U16..].as_ptr(),
-                            kk,
-                            kst,
-                            dxp.get().add(n0),
-                            i,
-                            nn,
-                            true,
-                        );
-                    }
-                });
-                k0 += kk;
-            }
-        });
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::super::super::testutil::*;
-    use super::super::{bf16_bits, linear_backward, linear_forward};
+    use super::super::{available, bf16_bits, linear_backward, linear_forward, pack_a};
     use super::*;
 
-    /// Bit for bit the per-call products, on shapes with partial row and
-    /// column blocks, odd row counts, several backward passes and i not a
-    /// multiple of 16.
+    /// Bit for bit the per-call products, through the blocks the loss's one
+    /// pass runs (all of W's rows at once, and in blocks of 256 with a
+    /// partial last one), on shapes with partial row and column blocks, odd
+    /// row counts and i not a multiple of 16; `row_into` reads W's rows back.
     #[test]
     fn packed_products_equal_the_per_call_ones_bit_for_bit() {
         if !available() {
@@ -326,17 +227,43 @@ mod tests {
             };
             let p = PackedWeight::new(o, i, &w);
             assert_eq!(p.bytes(), 4 * round_up(o, 32) * round_up(i, 32));
+            assert_eq!(p.dims(), (o, i));
+            let mut row = vec![0f32; i];
+            for n in [0, o / 2, o - 1] {
+                p.row_into(n, &mut row);
+                let want: Vec<f32> = wv[n * i..(n + 1) * i]
+                    .iter()
+                    .map(|v| f32::from_bits((bf16_bits(*v) as u32) << 16))
+                    .collect();
+                assert_eq!(bits(&row), bits(&want), "row {n} of {o}x{i}");
+            }
+            let (kpi, kpo, mp) = (round_up(i, 32), round_up(o, 32), round_up(t, 32));
             let x = rand_vec(t * i, 72, 1.0);
-            let (mut y1, mut y2) = (vec![f32::NAN; t * o], vec![f32::NAN; t * o]);
-            linear_forward(o, i, t, &x, &mut y1, &w);
-            p.forward(&x, t, &mut y2);
-            assert_eq!(bits(&y2), bits(&y1), "forward {o}x{i}x{t}");
+            let mut want = vec![f32::NAN; t * o];
+            linear_forward(o, i, t, &x, &mut want, &w);
+            let mut a = TileBuf::new();
+            pack_a(&x, t, i, i, 0, kpi, &mut a);
+            for block in [o, 256] {
+                let mut got = vec![f32::NAN; t * o];
+                for n0 in (0..o).step_by(block) {
+                    let n = block.min(o - n0);
+                    p.forward_block(&a, mp, t, n0, n, &mut got[n0..], o);
+                }
+                assert_eq!(
+                    bits(&got),
+                    bits(&want),
+                    "forward {o}x{i}x{t}, blocks of {block}"
+                );
+            }
             let dy = rand_vec(t * o, 73, 1.0);
             let init = rand_vec(t * i, 74, 1.0);
-            let (mut d1, mut d2) = (init.clone(), init);
-            linear_backward(o, i, t, &dy, &mut d1, &w);
-            p.backward(&dy, t, &mut d2);
-            assert_eq!(bits(&d2), bits(&d1), "input gradient {o}x{i}x{t}");
+            let mut want = init.clone();
+            linear_backward(o, i, t, &dy, &mut want, &w);
+            let mut a = TileBuf::new();
+            pack_a(&dy, t, o, o, 0, kpo, &mut a);
+            let mut got = init.clone();
+            p.backward_block(&a, kpo, mp, t, 0, kpo / 32, &mut got);
+            assert_eq!(bits(&got), bits(&want), "input gradient {o}x{i}x{t}");
         }
     }
 }

@@ -25,7 +25,7 @@
 
 use rayon::prelude::*;
 
-use super::super::amx::{a_index, round_up, PackedWeight, TileBuf};
+use super::super::amx::{put_a_row, round_up, to_bf16_padded, PackedWeight, TileBuf};
 use super::super::fastmath;
 use super::{target, IGNORE_INDEX};
 
@@ -192,12 +192,8 @@ fn slice_pass(
 /// Row `r` of a [`super::super::amx::pack_a`] layout with `kp` columns:
 /// `row` as bf16, zeros after it (`buf` at least `kp` long, scratch).
 fn put_row(a: &mut [u16], r: usize, kp: usize, row: &[f32], buf: &mut [u16]) {
-    let buf = &mut buf[..kp];
-    fastmath::to_bf16(row, &mut buf[..row.len()]);
-    buf[row.len()..].fill(0);
-    for (ks, chunk) in buf.chunks_exact(32).enumerate() {
-        a[a_index(r, ks * 32, kp)..][..32].copy_from_slice(chunk);
-    }
+    to_bf16_padded(row, &mut buf[..kp]);
+    put_a_row(a, r, kp, buf);
 }
 
 #[cfg(test)]
