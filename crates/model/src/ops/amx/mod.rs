@@ -919,7 +919,13 @@ mod imp {
     /// C (32×32 f32 at `c`, row stride `ldc` bytes) (+)= A (two tile streams:
     /// rows 0..16 from `a`, rows 16..32 from `a + group` bf16, one 1024-byte
     /// tile per k-step each, as [`super::pack_a`] lays them out) · B (two tile
-    /// streams `b0`, `b1`, likewise). Tile config must be loaded.
+    /// streams `b0`, `b1`, likewise). Tile config must be loaded. `next_c`
+    /// (or null): the next block's C (same `ldc`), whose 64 lines are
+    /// prefetched for writing over the k-steps: a block's tile stores (and
+    /// loads) otherwise wait on memory line by line, 16 lines a row stride
+    /// apart, which no hardware prefetcher follows. Measured here: the
+    /// products over 30 layers' inputs and fresh outputs 626 -> 786 GFLOP/s
+    /// (q/o), 782 -> 1171-1216 (gate/up); a SmolLM2 step +3.7%.
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     unsafe fn kernel(
@@ -931,7 +937,9 @@ mod imp {
         c: *mut f32,
         ldc: usize,
         acc: bool,
+        next_c: *const f32,
     ) {
+        const TILE: usize = super::TILE_U16;
         let a1 = a.add(group);
         let c01 = c.add(16);
         let c10 = c.byte_add(16 * ldc);
@@ -955,30 +963,44 @@ mod imp {
                 options(nostack, nomem),
             );
         }
-        asm!(
-            "2:",
-            "tileloadd tmm4, [{a0} + {s64}*1]",
-            "tileloadd tmm6, [{b0} + {s64}*1]",
-            "tdpbf16ps tmm0, tmm4, tmm6",
-            "tileloadd tmm7, [{b1} + {s64}*1]",
-            "tdpbf16ps tmm1, tmm4, tmm7",
-            "tileloadd tmm5, [{a1} + {s64}*1]",
-            "tdpbf16ps tmm2, tmm5, tmm6",
-            "tdpbf16ps tmm3, tmm5, tmm7",
-            "add {a0}, 1024",
-            "add {a1}, 1024",
-            "add {b0}, 1024",
-            "add {b1}, 1024",
-            "dec {ks}",
-            "jnz 2b",
-            a0 = inout(reg) a => _,
-            a1 = inout(reg) a1 => _,
-            b0 = inout(reg) b0 => _,
-            b1 = inout(reg) b1 => _,
-            s64 = in(reg) 64usize,
-            ks = inout(reg) ksteps => _,
-            options(nostack, readonly),
-        );
+        // Spread over the k-steps: prefetch-for-write the next block's C
+        // lines (32 rows x 2 lines), so its stores (and loads) do not wait
+        // on memory one line at a time.
+        let per_step = if next_c.is_null() {
+            0
+        } else {
+            64usize.div_ceil(ksteps)
+        };
+        let (mut a0, mut a1, mut b0, mut b1) = (a, a1, b0, b1);
+        let mut line = 0usize;
+        for _ in 0..ksteps {
+            asm!(
+                "tileloadd tmm4, [{a0} + {s64}*1]",
+                "tileloadd tmm6, [{b0} + {s64}*1]",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tileloadd tmm7, [{b1} + {s64}*1]",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                "tileloadd tmm5, [{a1} + {s64}*1]",
+                "tdpbf16ps tmm2, tmm5, tmm6",
+                "tdpbf16ps tmm3, tmm5, tmm7",
+                a0 = in(reg) a0,
+                a1 = in(reg) a1,
+                b0 = in(reg) b0,
+                b1 = in(reg) b1,
+                s64 = in(reg) 64usize,
+                options(nostack, readonly),
+            );
+            a0 = a0.add(TILE);
+            a1 = a1.add(TILE);
+            b0 = b0.add(TILE);
+            b1 = b1.add(TILE);
+            let end = (line + per_step).min(64);
+            while line < end {
+                let p = next_c.byte_add((line / 2) * ldc + (line % 2) * 64);
+                asm!("prefetchw [{}]", in(reg) p, options(nostack, readonly, preserves_flags));
+                line += 1;
+            }
+        }
         asm!(
             "tilestored [{c00} + {ldc}*1], tmm0",
             "tilestored [{c01} + {ldc}*1], tmm1",
@@ -1029,6 +1051,11 @@ mod imp {
                 c.add(r0 * ldc),
                 ldc * 4,
                 acc,
+                if mb + 1 < full {
+                    c.add((r0 + 32) * ldc)
+                } else {
+                    std::ptr::null()
+                },
             );
         }
         if full < mp / 32 {
@@ -1078,7 +1105,17 @@ mod imp {
                     );
                 }
             }
-            kernel(ab, 16 * kp, b, b1, ksteps, scratch.as_mut_ptr(), 128, acc);
+            kernel(
+                ab,
+                16 * kp,
+                b,
+                b1,
+                ksteps,
+                scratch.as_mut_ptr(),
+                128,
+                acc,
+                std::ptr::null(),
+            );
             for r in 0..rows {
                 std::ptr::copy_nonoverlapping(scratch.as_ptr().add(r * 32), cb.add(r * ldc), nn);
             }
