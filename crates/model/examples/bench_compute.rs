@@ -6,12 +6,13 @@
 //! `... --example bench_compute -- peak [n]`: the f32 (gemm) and bf16 (AMX) matmul peak reached here.
 //! `... --example bench_compute -- shapes [tinyllama]`: the AMX products at a step's shapes
 //! (`SHAPE=name` runs one of them, `REPS=n` takes the best of n instead of 5, `NF4=1` dequantizes
-//! an NF4 + DQ weight per panel as a step does instead of copying bf16).
+//! an NF4 + DQ weight per panel as a step does instead of copying bf16; with `NF4=1`, `COLD=1` adds
+//! the forward over 30 weights and inputs in turn with fresh outputs, out of cache as in a step).
 //! `... --example bench_compute -- lora [tinyllama]`: the six f32 LoRA products of one linear (r 16,
 //! t 512), then old and new `LoraRef` on a layer's linears (cold buffers) and the kernels one by one.
 //! `... --example bench_compute -- elementwise`: RMSNorm, SwiGLU, RoPE at the step's shapes.
 //! `... --example bench_compute -- attention`: causal attention forward and backward at the step's shape
-//! (`BF16=1`: the bf16 compute mode's AMX products).
+//! (`BF16=1`: the bf16 compute mode's AMX products; `COLD=1`: 30 layers' inputs in turn, the median).
 //! Prints tokens/s and the process peak RSS (VmHWM), so run one mode per process.
 
 use std::collections::BTreeMap;
@@ -174,6 +175,39 @@ fn shapes(tiny: bool) {
             ops::amx::linear_backward(o, i, tt, &dy, &mut dx, src);
             bb = bb.min(t0.elapsed().as_secs_f64());
         }
+        if std::env::var_os("COLD").is_some() && q.is_some() {
+            // 30 weights and inputs in turn and a fresh output per call, as a
+            // step meets them (out of cache): the median pass over the 30
+            let qs: Vec<_> = (0..30)
+                .map(|_| {
+                    let wf = rng.vec(o * i, 0.05);
+                    qlora_quant::quantize_4bit(
+                        qlora_quant::Input::F32(&wf),
+                        &[o, i],
+                        &qlora_quant::QuantOptions::default(),
+                    )
+                    .expect("quantize")
+                })
+                .collect();
+            let srcs: Vec<Nf4> = qs.iter().map(|q| Nf4(q, writers)).collect();
+            let xs: Vec<Vec<f32>> = (0..30).map(|_| rng.vec(tt * i, 1.0)).collect();
+            let mut times = vec![];
+            for _ in 0..reps {
+                let t0 = Instant::now();
+                let ys: Vec<Vec<f32>> = srcs
+                    .iter()
+                    .zip(&xs)
+                    .map(|(w, x)| ops::amx::linear_forward_new(o, i, tt, x, w))
+                    .collect();
+                times.push(t0.elapsed().as_secs_f64() / 30.0);
+                drop(std::hint::black_box(ys));
+            }
+            times.sort_by(f64::total_cmp);
+            println!(
+                "{name:>14} [{o}x{i}] t {tt}, cold: forward {:.0} GFLOP/s (median of {reps})",
+                flop / times[times.len() / 2] / 1e9
+            );
+        }
         println!(
             "{name:>14} [{o}x{i}] t {tt}: forward {:.0} GFLOP/s, input gradient {:.0} GFLOP/s",
             flop / bf / 1e9,
@@ -326,21 +360,36 @@ fn attention_bench() {
         window: None,
         bf16: std::env::var_os("BF16").is_some(),
     };
-    let q = rng.vec(b * s * heads * d, 1.0);
-    let k = rng.vec(b * s * kvh * d, 1.0);
-    let v = rng.vec(b * s * kvh * d, 1.0);
-    let dout = rng.vec(b * s * heads * d, 1.0);
-    let (mut bf, mut bb) = (f64::MAX, f64::MAX);
-    for _ in 0..20 {
+    // COLD=1: 30 layers' inputs in turn (out of cache, as a step meets
+    // them), the median call; else one set, the best of 20
+    let cold = std::env::var_os("COLD").is_some();
+    let sets: Vec<[Vec<f32>; 4]> = (0..if cold { 30 } else { 1 })
+        .map(|_| {
+            [
+                rng.vec(b * s * heads * d, 1.0),
+                rng.vec(b * s * kvh * d, 1.0),
+                rng.vec(b * s * kvh * d, 1.0),
+                rng.vec(b * s * heads * d, 1.0),
+            ]
+        })
+        .collect();
+    let (mut tf, mut tb) = (vec![], vec![]);
+    for rep in 0..if cold { 90 } else { 20 } {
+        let [q, k, v, dout] = &sets[rep % sets.len()];
         let t0 = Instant::now();
-        let (out, lse) = attention::forward(&sh, &q, &k, &v, None);
-        bf = bf.min(t0.elapsed().as_secs_f64());
+        let (out, lse) = attention::forward(&sh, q, k, v, None);
+        tf.push(t0.elapsed().as_secs_f64());
         let t0 = Instant::now();
-        std::hint::black_box(attention::backward(
-            &sh, &q, &k, &v, &out, &lse, &dout, None,
-        ));
-        bb = bb.min(t0.elapsed().as_secs_f64());
+        std::hint::black_box(attention::backward(&sh, q, k, v, &out, &lse, dout, None));
+        tb.push(t0.elapsed().as_secs_f64());
     }
+    tf.sort_by(f64::total_cmp);
+    tb.sort_by(f64::total_cmp);
+    let (bf, bb) = if cold {
+        (tf[tf.len() / 2], tb[tb.len() / 2])
+    } else {
+        (tf[0], tb[0])
+    };
     // keys seen per 64-query block: (qb + 1)·64 -> 10/16 of s² per product
     let prod = 2.0 * (b * heads) as f64 * (s * s * d) as f64 * 10.0 / 16.0;
     println!(
