@@ -302,6 +302,104 @@ multiversion! {
 }
 
 multiversion! {
+    /// Whole rows of [`super::rmsnorm::forward`]: `y` (uninitialized, every
+    /// element written) and `rstd` from `x`, rows of `w.len()`.
+    pub fn rmsnorm_forward_rows / rmsnorm_forward_rows_isa(
+        x: &[f32],
+        w: &[f32],
+        eps: f32,
+        y: &mut [std::mem::MaybeUninit<f32>],
+        rstd: &mut [f32]
+    ) -> () {
+        let h = w.len();
+        for ((yr, rs), xr) in y.chunks_exact_mut(h).zip(rstd.iter_mut()).zip(x.chunks_exact(h)) {
+            let ss = super::rmsnorm::dot_f64(xr, xr, None);
+            let var = (ss / h as f64) as f32;
+            let r = 1.0 / (var + eps).sqrt();
+            *rs = r;
+            for ((o, xv), wv) in yr.iter_mut().zip(xr).zip(w) {
+                o.write(wv * (xv * r));
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// Whole rows of [`super::rmsnorm::backward_add`].
+    pub fn rmsnorm_backward_rows / rmsnorm_backward_rows_isa(
+        dy: &[f32],
+        x: &[f32],
+        w: &[f32],
+        rstd: &[f32],
+        dx: &mut [f32]
+    ) -> () {
+        let h = w.len();
+        for (((dxr, dyr), xr), &r) in dx
+            .chunks_exact_mut(h)
+            .zip(dy.chunks_exact(h))
+            .zip(x.chunks_exact(h))
+            .zip(rstd)
+        {
+            let m = (super::rmsnorm::dot_f64(dyr, xr, Some(w)) * r as f64 / h as f64) as f32;
+            for (((o, d), xv), wv) in dxr.iter_mut().zip(dyr).zip(xr).zip(w) {
+                *o += r * (d * wv - xv * r * m);
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// Whole rows (`heads·d` values each) of [`super::rope::apply`], with
+    /// their rows of the `[.., d/2]` tables.
+    pub fn rope_rows / rope_rows_isa(
+        x: &mut [f32],
+        heads: usize,
+        d: usize,
+        cos: &[f32],
+        sin: &[f32],
+        inverse: bool
+    ) -> () {
+        let half = d / 2;
+        for (row, (c, s)) in x
+            .chunks_exact_mut(heads * d)
+            .zip(cos.chunks_exact(half).zip(sin.chunks_exact(half)))
+        {
+            for hd in row.chunks_exact_mut(d) {
+                let (lo, hi) = hd.split_at_mut(half);
+                for j in 0..half {
+                    let (x1, x2) = (lo[j], hi[j]);
+                    if inverse {
+                        lo[j] = x1 * c[j] + x2 * s[j];
+                        hi[j] = x2 * c[j] - x1 * s[j];
+                    } else {
+                        lo[j] = x1 * c[j] - x2 * s[j];
+                        hi[j] = x2 * c[j] + x1 * s[j];
+                    }
+                }
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// `Σ x²` in f64, over eight interleaved partial sums (a fixed order:
+    /// the same bits on every instruction-set level and thread count).
+    pub fn sum_squares_f64 / sum_squares_f64_isa(x: &[f32]) -> f64 {
+        super::rmsnorm::dot_f64(x, x, None)
+    }
+}
+
+multiversion! {
+    /// `acc[j] += x[j]`.
+    pub fn add_assign / add_assign_isa(acc: &mut [f32], x: &[f32]) -> () {
+        assert_eq!(acc.len(), x.len(), "add_assign: sizes");
+        for (a, b) in acc.iter_mut().zip(x) {
+            *a += b;
+        }
+    }
+}
+
+multiversion! {
     /// `row[j] *= k`.
     pub fn scale(row: &mut [f32], k: f32) -> () {
         for v in row.iter_mut() {
@@ -423,5 +521,104 @@ mod tests {
         let mut b = v.clone();
         scale(&mut b, 0.5);
         assert!(b.iter().zip(&v).all(|(x, y)| *x == y * 0.5));
+    }
+
+    /// The row kernels of RMSNorm and RoPE, the residual add and the sum of
+    /// squares on every instruction-set level this CPU has: bit for bit the
+    /// plain compilation, which matches the formulas in f64 (RMSNorm's
+    /// statistic and the sum of squares, both in f64 over eight partial
+    /// sums) or exactly (RoPE, the add).
+    #[test]
+    fn row_kernels_are_the_same_bits_on_every_isa() {
+        use std::mem::MaybeUninit;
+        let mut s = 7u64;
+        let mut rnd = |n: usize, scale: f32| -> Vec<f32> {
+            (0..n)
+                .map(|_| {
+                    s = s
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * scale
+                })
+                .collect()
+        };
+        for (rows, h) in [(1, 1), (3, 7), (5, 64), (9, 576), (2, 1000)] {
+            let x = rnd(rows * h, 4.0);
+            let w = rnd(h, 2.0);
+            let dy = rnd(rows * h, 1.0);
+            let dx0 = rnd(rows * h, 1.0);
+            let run = |isa: Isa| {
+                let mut y = vec![MaybeUninit::new(f32::NAN); rows * h];
+                let mut rstd = vec![0f32; rows];
+                rmsnorm_forward_rows_isa(isa, &x, &w, 1e-5, &mut y, &mut rstd);
+                // SAFETY: every element was written (initialized above anyway)
+                let y: Vec<f32> = y.iter().map(|v| unsafe { v.assume_init() }).collect();
+                let mut dx = dx0.clone();
+                rmsnorm_backward_rows_isa(isa, &dy, &x, &w, &rstd, &mut dx);
+                let mut acc = dx0.clone();
+                add_assign_isa(isa, &mut acc, &x);
+                (y, rstd, dx, acc, sum_squares_f64_isa(isa, &x))
+            };
+            let want = run(Isa::Generic);
+            // the plain compilation against the formulas
+            for r in 0..rows {
+                let xr = &x[r * h..(r + 1) * h];
+                let ss: f64 = xr.iter().map(|v| *v as f64 * *v as f64).sum();
+                let rs = 1.0 / ((ss / h as f64) as f32 + 1e-5).sqrt();
+                assert!(
+                    (want.1[r] - rs).abs() <= 4.0 * f32::EPSILON * rs,
+                    "rstd row {r}"
+                );
+                for j in 0..h {
+                    assert_eq!(want.0[r * h + j], w[j] * (xr[j] * want.1[r]));
+                    assert_eq!(want.3[r * h + j], dx0[r * h + j] + xr[j]);
+                }
+            }
+            let ss: f64 = x.iter().map(|v| *v as f64 * *v as f64).sum();
+            assert!((want.4 - ss).abs() <= 1e-12 * ss);
+            for isa in [Isa::V4, Isa::V3] {
+                if !isa.available() {
+                    eprintln!("SKIPPED: {isa:?} is not available on this CPU");
+                    continue;
+                }
+                assert!(
+                    run(isa) == want,
+                    "{isa:?} differs from the plain compilation ({rows}x{h})"
+                );
+            }
+        }
+        for (rows, heads, d) in [(3, 2, 8), (5, 9, 64), (2, 4, 128)] {
+            let x = rnd(rows * heads * d, 2.0);
+            let cos = rnd(rows * d / 2, 2.0);
+            let sin = rnd(rows * d / 2, 2.0);
+            for inverse in [false, true] {
+                let run = |isa: Isa| {
+                    let mut y = x.clone();
+                    rope_rows_isa(isa, &mut y, heads, d, &cos, &sin, inverse);
+                    y
+                };
+                let want = run(Isa::Generic);
+                let half = d / 2;
+                for (r, (xr, yr)) in x.chunks(heads * d).zip(want.chunks(heads * d)).enumerate() {
+                    let (c, s) = (&cos[r * half..], &sin[r * half..]);
+                    for (xh, yh) in xr.chunks(d).zip(yr.chunks(d)) {
+                        for j in 0..half {
+                            let (x1, x2) = (xh[j], xh[j + half]);
+                            let (a, b) = if inverse {
+                                (x1 * c[j] + x2 * s[j], x2 * c[j] - x1 * s[j])
+                            } else {
+                                (x1 * c[j] - x2 * s[j], x2 * c[j] + x1 * s[j])
+                            };
+                            assert_eq!((yh[j], yh[j + half]), (a, b));
+                        }
+                    }
+                }
+                for isa in [Isa::V4, Isa::V3] {
+                    if isa.available() {
+                        assert!(run(isa) == want, "RoPE {isa:?} ({rows}x{heads}x{d})");
+                    }
+                }
+            }
+        }
     }
 }

@@ -6,7 +6,8 @@ use rayon::prelude::*;
 
 /// `Σ a·b(·c)` in f64 over eight independent partial sums: one running sum
 /// was a chain of dependent f64 adds, the whole cost of the norm.
-fn dot_f64(a: &[f32], b: &[f32], c: Option<&[f32]>) -> f64 {
+#[inline(always)]
+pub(crate) fn dot_f64(a: &[f32], b: &[f32], c: Option<&[f32]>) -> f64 {
     const L: usize = 8;
     let mut acc = [0f64; L];
     let n = a.len() / L * L;
@@ -41,36 +42,33 @@ fn dot_f64(a: &[f32], b: &[f32], c: Option<&[f32]>) -> f64 {
 pub fn forward(x: &[f32], w: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>) {
     let h = w.len();
     let t = x.len() / h;
-    let mut y = super::par_zeros(x.len());
+    assert_eq!(x.len(), t * h, "rmsnorm: x is not whole rows");
+    // every element written once by its rows' task: no zeroing pass first
+    let mut y: Vec<f32> = Vec::with_capacity(x.len());
     let mut rstd = vec![0f32; t];
-    y.par_chunks_mut(h)
-        .zip(rstd.par_iter_mut())
-        .zip(x.par_chunks(h))
-        .for_each(|((yr, rs), xr)| {
-            let ss = dot_f64(xr, xr, None);
-            let var = (ss / h as f64) as f32;
-            let r = 1.0 / (var + eps).sqrt();
-            *rs = r;
-            for ((o, xv), wv) in yr.iter_mut().zip(xr).zip(w) {
-                *o = wv * (xv * r);
-            }
-        });
+    y.spare_capacity_mut()[..x.len()]
+        .par_chunks_mut(h * ROWS)
+        .zip(rstd.par_chunks_mut(ROWS))
+        .zip(x.par_chunks(h * ROWS))
+        .for_each(|((yr, rs), xr)| super::fastmath::rmsnorm_forward_rows(xr, w, eps, yr, rs));
+    // SAFETY: the chunks cover all t·h elements, each written above.
+    unsafe { y.set_len(x.len()) };
     (y, rstd)
 }
+
+/// Rows per parallel task (a task of one 576-float row was mostly overhead).
+const ROWS: usize = 8;
 
 /// `dx = rstd · (g − x̂ · mean(g ⊙ x̂))` with `g = dy ⊙ w`, `x̂ = x · rstd`;
 /// added into `dx` (the residual stream's gradient).
 pub fn backward_add(dy: &[f32], x: &[f32], w: &[f32], rstd: &[f32], dx: &mut [f32]) {
     let h = w.len();
-    dx.par_chunks_mut(h)
-        .zip(dy.par_chunks(h))
-        .zip(x.par_chunks(h))
-        .zip(rstd.par_iter())
-        .for_each(|(((dxr, dyr), xr), &r)| {
-            let m = (dot_f64(dyr, xr, Some(w)) * r as f64 / h as f64) as f32;
-            for (((o, d), xv), wv) in dxr.iter_mut().zip(dyr).zip(xr).zip(w) {
-                *o += r * (d * wv - xv * r * m);
-            }
+    dx.par_chunks_mut(h * ROWS)
+        .zip(dy.par_chunks(h * ROWS))
+        .zip(x.par_chunks(h * ROWS))
+        .zip(rstd.par_chunks(ROWS))
+        .for_each(|(((dxr, dyr), xr), r)| {
+            super::fastmath::rmsnorm_backward_rows(dyr, xr, w, r, dxr)
         });
 }
 

@@ -26,23 +26,16 @@ pub fn tables(inv_freq: &[f32], positions: &[u32]) -> (Vec<f32>, Vec<f32>) {
 /// is the backward: the rotation is orthogonal).
 pub fn apply(x: &mut [f32], heads: usize, d: usize, cos: &[f32], sin: &[f32], inverse: bool) {
     let half = d / 2;
-    x.par_chunks_mut(heads * d)
-        .zip(cos.par_chunks(half).zip(sin.par_chunks(half)))
-        .for_each(|(row, (c, s))| {
-            for hd in row.chunks_mut(d) {
-                for j in 0..half {
-                    let (x1, x2) = (hd[j], hd[j + half]);
-                    if inverse {
-                        hd[j] = x1 * c[j] + x2 * s[j];
-                        hd[j + half] = x2 * c[j] - x1 * s[j];
-                    } else {
-                        hd[j] = x1 * c[j] - x2 * s[j];
-                        hd[j + half] = x2 * c[j] + x1 * s[j];
-                    }
-                }
-            }
-        });
+    if x.is_empty() || half == 0 {
+        return;
+    }
+    x.par_chunks_mut(heads * d * ROWS)
+        .zip(cos.par_chunks(half * ROWS).zip(sin.par_chunks(half * ROWS)))
+        .for_each(|(rows, (c, s))| super::fastmath::rope_rows(rows, heads, d, c, s, inverse));
 }
+
+/// Rows per parallel task.
+const ROWS: usize = 8;
 
 #[cfg(test)]
 mod tests {
