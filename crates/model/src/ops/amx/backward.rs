@@ -292,7 +292,18 @@ unsafe fn backward_raw(
                     // k-step for ksc; every panel's B is ksc tiles per stream
                     // of the packed chunk; the panels' C columns are disjoint.
                     unsafe {
-                        products_by_rows(a, kp, t, k0 / 32, ksc, &slices, &panels, acc, &|_| {})
+                        products_by_rows(
+                            a,
+                            kp,
+                            t,
+                            k0 / 32,
+                            ksc,
+                            &slices,
+                            &panels,
+                            acc,
+                            &|_| {},
+                            &|_| true,
+                        )
                     };
                     k0 = k1;
                     continue;

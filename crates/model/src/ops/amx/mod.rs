@@ -523,6 +523,7 @@ unsafe fn products_by_rows(
     panels: &[PanelOut],
     acc: bool,
     ready: &(dyn Fn(usize) + Sync),
+    is_ready: &(dyn Fn(usize) -> bool + Sync),
 ) {
     slices.par_iter().for_each(|rows| {
         let r0 = rows.start * 32;
@@ -538,10 +539,17 @@ unsafe fn products_by_rows(
                 if k0 == 0 {
                     ready(j);
                 }
+                let next = panels
+                    .get(j + 1)
+                    .filter(|_| is_ready(j + 1))
+                    .map(|q| unsafe {
+                        let b = q.b.add(k0 * TILE_U16);
+                        (b, b.add(q.bstride * TILE_U16))
+                    });
                 // SAFETY: the caller's contract; rows r0.. of A and C are
                 // this slice's own, k-steps k0..k0+kk inside every operand.
                 unsafe {
-                    imp::run_blocks(
+                    imp::run_blocks_pf(
                         a.as_ptr().add(r0 * kp + (ks0 + k0) * TILE_U16),
                         kp,
                         rows.len() * 32,
@@ -553,6 +561,7 @@ unsafe fn products_by_rows(
                         p.ldc,
                         p.nn,
                         acc || k0 > 0,
+                        next,
                     );
                     if k0 + kk == ksteps {
                         if let Some((add, n0)) = p.add {
@@ -638,7 +647,10 @@ unsafe fn forward_by_rows(
                     }
                 })
                 .collect();
-            products_by_rows(a, kp, t, 0, ksteps, slices, &outs_p, false, &ready);
+            let is_ready = |j: usize| done[j].load(Ordering::Acquire);
+            products_by_rows(
+                a, kp, t, 0, ksteps, slices, &outs_p, false, &ready, &is_ready,
+            );
         }
     });
 }
@@ -916,6 +928,35 @@ mod imp {
         TileCfg(c)
     };
 
+    /// Lines `from..to` of a region of two tile streams (`s0`, `s1`, `half`
+    /// lines each) to prefetch into L2 over a kernel's k-steps.
+    #[derive(Clone, Copy)]
+    pub struct PfLines {
+        s0: *const u8,
+        s1: *const u8,
+        half: usize,
+        from: usize,
+        to: usize,
+    }
+
+    impl PfLines {
+        pub const NONE: PfLines = PfLines {
+            s0: std::ptr::null(),
+            s1: std::ptr::null(),
+            half: 0,
+            from: 0,
+            to: 0,
+        };
+
+        fn at(&self, l: usize) -> *const u8 {
+            if l < self.half {
+                self.s0.wrapping_add(l * 64)
+            } else {
+                self.s1.wrapping_add((l - self.half) * 64)
+            }
+        }
+    }
+
     /// C (32×32 f32 at `c`, row stride `ldc` bytes) (+)= A (two tile streams:
     /// rows 0..16 from `a`, rows 16..32 from `a + group` bf16, one 1024-byte
     /// tile per k-step each, as [`super::pack_a`] lays them out) · B (two tile
@@ -938,6 +979,7 @@ mod imp {
         ldc: usize,
         acc: bool,
         next_c: *const f32,
+        pf: PfLines,
     ) {
         const TILE: usize = super::TILE_U16;
         let a1 = a.add(group);
@@ -971,6 +1013,8 @@ mod imp {
         } else {
             64usize.div_ceil(ksteps)
         };
+        let pf_step = (pf.to - pf.from).div_ceil(ksteps);
+        let mut pf_line = pf.from;
         let (mut a0, mut a1, mut b0, mut b1) = (a, a1, b0, b1);
         let mut line = 0usize;
         for _ in 0..ksteps {
@@ -994,6 +1038,11 @@ mod imp {
             a1 = a1.add(TILE);
             b0 = b0.add(TILE);
             b1 = b1.add(TILE);
+            let pf_end = (pf_line + pf_step).min(pf.to);
+            while pf_line < pf_end {
+                asm!("prefetcht1 [{}]", in(reg) pf.at(pf_line), options(nostack, readonly, preserves_flags));
+                pf_line += 1;
+            }
             let end = (line + per_step).min(64);
             while line < end {
                 let p = next_c.byte_add((line / 2) * ldc + (line % 2) * 64);
@@ -1032,6 +1081,29 @@ mod imp {
         nn: usize,
         acc: bool,
     ) {
+        run_blocks_pf(a, kp, mp, m, b, ksteps, bstride, c, ldc, nn, acc, None)
+    }
+
+    /// [`run_blocks`], prefetching into L2 over its k-steps the `ksteps`
+    /// tiles of each stream of another B (`next`: its two streams' first
+    /// tiles): the next panel a row-split product multiplies, which the
+    /// other core may have packed (its lines then come from that core's
+    /// cache, one tile load at a time, when the kernel first reads them).
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn run_blocks_pf(
+        a: *const u16,
+        kp: usize,
+        mp: usize,
+        m: usize,
+        b: *const u16,
+        ksteps: usize,
+        bstride: usize,
+        c: *mut f32,
+        ldc: usize,
+        nn: usize,
+        acc: bool,
+        next: Option<(*const u16, *const u16)>,
+    ) {
         asm!("ldtilecfg [{}]", in(reg) CFG.0.as_ptr(), options(nostack, readonly));
         let b1 = b.add(bstride * super::TILE_U16);
         // C tiles straight from / to the output only when its rows are
@@ -1040,8 +1112,24 @@ mod imp {
         // ~2·ksteps KiB of operand tiles it loads).
         let c_aligned = (c as usize).is_multiple_of(64) && (ldc * 4).is_multiple_of(64);
         let full = if nn == 32 && c_aligned { m / 32 } else { 0 };
+        let half = ksteps * super::TILE_U16 * 2 / 64;
+        let per_block = if full > 0 {
+            (2 * half).div_ceil(full)
+        } else {
+            0
+        };
         for mb in 0..full {
             let r0 = mb * 32;
+            let pf = match next {
+                Some((s0, s1)) => PfLines {
+                    s0: s0 as *const u8,
+                    s1: s1 as *const u8,
+                    half,
+                    from: (mb * per_block).min(2 * half),
+                    to: ((mb + 1) * per_block).min(2 * half),
+                },
+                None => PfLines::NONE,
+            };
             kernel(
                 a.add(r0 * kp),
                 16 * kp,
@@ -1056,6 +1144,7 @@ mod imp {
                 } else {
                     std::ptr::null()
                 },
+                pf,
             );
         }
         if full < mp / 32 {
@@ -1115,6 +1204,7 @@ mod imp {
                 128,
                 acc,
                 std::ptr::null(),
+                PfLines::NONE,
             );
             for r in 0..rows {
                 std::ptr::copy_nonoverlapping(scratch.as_ptr().add(r * 32), cb.add(r * ldc), nn);
