@@ -238,8 +238,14 @@ pub(crate) unsafe fn write_heads(
         src.len() >= nh * len * d && h0 + nh <= heads,
         "attention: group outside the heads"
     );
+    let pf = super::attention_amx::PF_ROWS;
     for r in 0..nh {
         for i in 0..len {
+            if i + pf < len {
+                // the rows a stride apart in fresh memory: ask for them early
+                let ahead = ((bi * len + i + pf) * heads + h0 + r) * d;
+                super::fastmath::prefetch_w(dst.wrapping_add(ahead), d);
+            }
             // SAFETY: the caller's contract; the source row is inside `src`.
             unsafe {
                 std::ptr::copy_nonoverlapping(

@@ -270,6 +270,48 @@ pub fn bf16_bits(v: f32) -> u16 {
     }
 }
 
+/// Hints the cache lines of `n` floats from `p` into L1 (a prefetch never
+/// faults, whatever the address).
+#[inline(always)]
+pub(crate) fn prefetch(p: *const f32, n: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let mut k = 0;
+        while k < n {
+            // SAFETY: a hint only; `wrapping_add` keeps the address arithmetic defined.
+            unsafe {
+                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                    p.wrapping_add(k) as *const i8,
+                )
+            };
+            k += 16;
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (p, n);
+}
+
+/// [`prefetch`] with intent to write (the lines come in exclusive: the
+/// stores that follow do not wait on them).
+#[inline(always)]
+pub(crate) fn prefetch_w(p: *const f32, n: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let mut k = 0;
+        while k < n {
+            // SAFETY: as in `prefetch`.
+            unsafe {
+                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_ET0 }>(
+                    p.wrapping_add(k) as *const i8,
+                )
+            };
+            k += 16;
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (p, n);
+}
+
 multiversion! {
     /// SwiGLU forward: `m[j] = silu(g[j]) · u[j]` with torch's
     /// `silu(z) = z / (1 + e^{-z})`, on the vectorized [`exp`].

@@ -87,6 +87,11 @@ pub(crate) fn pack_b_pairs(
     let rows = nr.min(kp_rows);
     for pr in 0..rows.div_ceil(2) {
         let (r0, r1) = (2 * pr, 2 * pr + 1);
+        let ahead = r0 + super::super::attention_amx::PF_ROWS;
+        if ahead + 1 < rows {
+            super::super::fastmath::prefetch(src[ahead * ld..].as_ptr(), n);
+            super::super::fastmath::prefetch(src[(ahead + 1) * ld..].as_ptr(), n);
+        }
         to_bf16_padded(&src[r0 * ld..r0 * ld + n], &mut even);
         if r1 < rows {
             to_bf16_padded(&src[r1 * ld..r1 * ld + n], &mut odd);
