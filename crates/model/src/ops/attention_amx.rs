@@ -333,6 +333,9 @@ fn transpose(src: &[f32], rows: usize, cols: usize, ld: usize, col0: usize) -> V
     const B: usize = 16;
     let mut t = vec![0f32; rows * cols];
     for r0 in (0..rows).step_by(B) {
+        for r in r0 + B..(r0 + 2 * B).min(rows) {
+            fastmath::prefetch(src[r * ld + col0..].as_ptr(), cols);
+        }
         for c0 in (0..cols).step_by(B) {
             for r in r0..(r0 + B).min(rows) {
                 for c in c0..(c0 + B).min(cols) {
