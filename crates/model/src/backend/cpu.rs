@@ -19,9 +19,10 @@ use crate::ops::{cross_entropy, rmsnorm, rope, swiglu};
 pub struct CpuBackend;
 
 /// A LoRA module's backward on the AMX path (no dropout, `r > 0`): `dA`,
-/// `dB` and `dxa` from [`LoraRef::backward_parts`], then the base input
-/// gradient with `dxa·A` added inside its products, into `dx` or (`None`)
-/// a fresh buffer, returned. Returns `(fresh dx, dA, dB)`.
+/// `dB` and `dxa` from [`LoraRef::backward_parts`] (f32), then the base input
+/// gradient with the term `dxa·A` as extra k-steps of its products (bf16
+/// operands, f32 sums, as the base), into `dx` or (`None`) a fresh buffer,
+/// returned. Returns `(fresh dx, dA, dB)`.
 fn fused_linear_lora_backward(
     w: &FrozenLinear,
     l: &LoraRef,
@@ -35,21 +36,17 @@ fn fused_linear_lora_backward(
         let _t = profile::time(Op::LoraBackward);
         l.backward_parts(x, xa, dy, t)
     };
-    let p = l.input_grad_operand();
-    let add = crate::ops::amx::LowRankAdd {
-        xa: &dxa,
+    let a: Vec<u16> = l.a[..l.r * l.in_features]
+        .iter()
+        .map(|v| crate::ops::fastmath::bf16_bits(*v))
+        .collect();
+    let up = crate::ops::amx::InputUpTerm {
+        dxa: &dxa,
+        a: &a,
         r: l.r,
-        p: &p,
-        ldp: crate::ops::skinny::padded(l.in_features),
     };
     let _t = profile::time(Op::LinearBackward);
-    let fresh = match dx {
-        Some(dx) => {
-            w.backward_input_add(dy, t, dx, add);
-            None
-        }
-        None => Some(w.backward_input_new(dy, t, Some(add))),
-    };
+    let fresh = w.backward_input_up(dy, t, dx.map(|d| &mut d[..]), up);
     (fresh, da, db)
 }
 
@@ -222,11 +219,10 @@ impl Backend for CpuBackend {
         Ok(lora_ref(op).down(x, t))
     }
     /// On the AMX path the down-projections run on each group of input
-    /// rows while the pack has it in cache, and the up-projections inside
-    /// the products, each output block while it is in cache
-    /// ([`crate::ops::amx::linear_forward_lora`]): no pass of their own over
-    /// the input or the outputs. (The op timers count both in the base
-    /// forward then.)
+    /// rows while the pack has it in cache, and the up-projections as extra
+    /// k-steps of the products ([`crate::ops::amx::linear_forward_lora`]):
+    /// no pass of their own over the input or the outputs. (The op timers
+    /// count both in the base forward then.)
     fn linear_lora_forward_many(
         &self,
         ws: &[&FrozenLinear],
@@ -279,9 +275,9 @@ impl Backend for CpuBackend {
         let (ys, xas) = FrozenLinear::forward_many_lora(ws, x, t, terms);
         Ok(ys.into_iter().zip(xas).collect())
     }
-    /// On the AMX path (no dropout) the LoRA input gradient `dxa·A` is added
-    /// inside the base input-gradient product, block by block: no pass of
-    /// its own over `dx`.
+    /// On the AMX path (no dropout) the LoRA input gradient `dxa·A` rides
+    /// in the base input-gradient products as extra k-steps: no pass of its
+    /// own over `dx`.
     #[allow(clippy::too_many_arguments)]
     fn linear_lora_backward(
         &self,

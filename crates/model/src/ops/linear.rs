@@ -332,6 +332,24 @@ impl FrozenLinear {
         super::amx::linear_backward_new(o, i, t, dy, &Bf16Source(self), add)
     }
 
+    /// The input gradient with a LoRA module's term `dxa·A` in the same
+    /// products ([`super::amx::linear_backward_up`]): into `dx` (added) or
+    /// a fresh vector, returned.
+    ///
+    /// # Panics
+    /// Off the AMX path; if the sizes do not match.
+    pub fn backward_input_up(
+        &self,
+        dy: &[f32],
+        t: usize,
+        dx: Option<&mut [f32]>,
+        up: super::amx::InputUpTerm,
+    ) -> Option<Vec<f32>> {
+        let (o, i) = (self.out_features, self.in_features);
+        assert!(self.use_amx(t), "backward_input_up: not on the AMX path");
+        super::amx::linear_backward_up(o, i, t, dy, dx, &Bf16Source(self), up)
+    }
+
     /// `dx[t, in] += dy[t, out] W`: the input gradient only.
     pub fn backward_input(&self, dy: &[f32], t: usize, dx: &mut [f32]) {
         let (o, i) = (self.out_features, self.in_features);

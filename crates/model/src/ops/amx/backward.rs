@@ -4,9 +4,61 @@
 use rayon::prelude::*;
 
 use super::{
-    available, imp, pack_a, products_by_rows, round_up, row_slices, with_scratch, LowRankAdd,
-    PanelOut, SendPtr, WeightBf16, CHUNK_ELEMS, SCRATCH_A, SCRATCH_B, SCRATCH_C, TILE_U16,
+    available, bf16_bits, imp, pack_a_hooked, products_by_rows, round_up, row_slices, with_scratch,
+    LowRankAdd, PanelOut, SendPtr, WeightBf16, CHUNK_ELEMS, SCRATCH_A, SCRATCH_B, SCRATCH_C,
+    TILE_U16,
 };
+
+/// A LoRA module's input-gradient term `dxa · A` as extra k-steps of the
+/// input gradient: `bf16(dxa)` (`[t, r]`) in A's columns past `dy`'s, the
+/// module's `A` (`a`: bf16 `[r, i]`) as extra weight rows in the last
+/// chunk's B, so the tiles add the term with the base product (bf16
+/// operands, f32 sums, like the base; `dxa` itself, which `dA` uses, stays
+/// f32).
+#[derive(Clone, Copy)]
+pub struct InputUpTerm<'a> {
+    pub dxa: &'a [f32],
+    pub a: &'a [u16],
+    pub r: usize,
+}
+
+/// `dx (+)= dy · W + dxa · A` ([`InputUpTerm`]): into `dx` (added), or
+/// without one into a fresh vector, returned.
+///
+/// # Panics
+/// If AMX is not [`available`] or the sizes do not match.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_backward_up(
+    o: usize,
+    i: usize,
+    t: usize,
+    dy: &[f32],
+    dx: Option<&mut [f32]>,
+    w: &WeightBf16,
+    up: InputUpTerm,
+) -> Option<Vec<f32>> {
+    assert!(
+        up.dxa.len() >= t * up.r && up.a.len() >= up.r * i,
+        "amx backward: LoRA term sizes"
+    );
+    match dx {
+        Some(dx) => {
+            assert_eq!(dx.len(), t * i, "amx backward: dx size");
+            // SAFETY: dx is t·i floats, exclusively borrowed.
+            unsafe { backward_raw(o, i, t, dy, dx.as_mut_ptr(), w, None, Some(up), false) };
+            None
+        }
+        None => {
+            let mut dx: Vec<f32> = Vec::with_capacity(t * i);
+            // SAFETY: as in `linear_backward_new`.
+            unsafe {
+                backward_raw(o, i, t, dy, dx.as_mut_ptr(), w, None, Some(up), true);
+                dx.set_len(t * i);
+            }
+            Some(dx)
+        }
+    }
+}
 
 /// For each 16-column group g of a pair of weight rows, the 32 words
 /// `even[16g + j], odd[16g + j]` (j = 0..16, pairs in order) at
@@ -162,7 +214,7 @@ pub fn linear_backward_add(
 ) {
     assert_eq!(dx.len(), t * i, "amx backward: dx size");
     // SAFETY: dx is t·i floats, exclusively borrowed.
-    unsafe { backward_raw(o, i, t, dy, dx.as_mut_ptr(), w, add, false) }
+    unsafe { backward_raw(o, i, t, dy, dx.as_mut_ptr(), w, add, None, false) }
 }
 
 /// `dx = dy · W` (+ the low-rank term) into a fresh vector: the first
@@ -184,7 +236,7 @@ pub fn linear_backward_new(
     // SAFETY: capacity t·i; `backward_raw` in overwrite mode writes every
     // element (the products whole, zeros when o = 0) before `set_len`.
     unsafe {
-        backward_raw(o, i, t, dy, dx.as_mut_ptr(), w, add, true);
+        backward_raw(o, i, t, dy, dx.as_mut_ptr(), w, add, None, true);
         dx.set_len(t * i);
     }
     dx
@@ -205,6 +257,7 @@ unsafe fn backward_raw(
     dx: *mut f32,
     w: &WeightBf16,
     add: Option<LowRankAdd>,
+    up: Option<InputUpTerm>,
     overwrite: bool,
 ) {
     assert!(available(), "AMX bf16 path called without AMX");
@@ -220,6 +273,7 @@ unsafe fn backward_raw(
         return;
     }
     if o == 0 {
+        assert!(up.is_none(), "amx backward: a LoRA term on an empty weight");
         // SAFETY: dx is t·i floats (the caller's contract).
         unsafe {
             if overwrite {
@@ -231,13 +285,25 @@ unsafe fn backward_raw(
         }
         return;
     }
-    let kp = round_up(o, 32);
+    let ko = round_up(o, 32);
+    // the LoRA term's k-steps, after dy's (in the last chunk)
+    let ext = up.map_or(0, |u| u.r.div_ceil(32));
+    let kp = ko + 32 * ext;
     let mp = round_up(t, 32);
     let nblocks = i.div_ceil(32);
     // Weight rows per chunk: a multiple of 32 (see `backward_chunk_elems`).
-    let kc = ((CHUNK_ELEMS / i) / 32 * 32).clamp(32, kp);
+    let kc = ((CHUNK_ELEMS / i) / 32 * 32).clamp(32, ko);
+    let extra = |row: usize, buf: &mut [u16]| {
+        if let Some(u) = &up {
+            let v = &u.dxa[row * u.r..(row + 1) * u.r];
+            for (d, x) in buf[ko..ko + u.r].iter_mut().zip(v) {
+                *d = bf16_bits(*x);
+            }
+        }
+    };
     with_scratch(&SCRATCH_A, |a| {
-        pack_a(dy, t, o, o, 0, kp, a);
+        let extra: Option<&super::RowExtra> = up.is_some().then_some(&extra);
+        pack_a_hooked(dy, t, o, o, 0, kp, a, None, extra);
         let a = &a[..];
         with_scratch(&SCRATCH_C, |chunk| {
             let dxp = SendPtr(dx);
@@ -247,17 +313,41 @@ unsafe fn backward_raw(
                 // overwriting, the others add to what the earlier ones wrote
                 let acc = !(overwrite && k0 == 0);
                 let k1 = (k0 + kc).min(o);
-                let ksc = (k1 - k0).div_ceil(32);
+                let ksw = (k1 - k0).div_ceil(32);
+                // the last chunk also carries the LoRA term's rows
+                let ksc = ksw + if k1 == o { ext } else { 0 };
                 // [nblocks][2 streams][ksc][512]
                 let stream = ksc * TILE_U16;
                 let need = nblocks * 2 * stream;
                 chunk.resize(need);
                 if !i.is_multiple_of(32) || !(k1 - k0).is_multiple_of(32) {
                     chunk[..need].fill(0);
+                } else if ksc > ksw {
+                    // only the term's tiles: its rows fill part of them
+                    for g in 0..nblocks * 2 {
+                        chunk[g * stream + ksw * TILE_U16..(g + 1) * stream].fill(0);
+                    }
                 }
                 let cp = SendPtr(chunk.as_mut_ptr());
+                if let (Some(u), true) = (&up, ksc > ksw) {
+                    for (e, rows) in u.a[..u.r * i].chunks(32 * i).enumerate() {
+                        // SAFETY: k-step ksw + e of the chunk (inside `need`,
+                        // asserted by `interleave_chunk`); no task writes it.
+                        unsafe {
+                            interleave_chunk(
+                                rows,
+                                rows.len() / i,
+                                i,
+                                ksw + e,
+                                stream,
+                                cp.get(),
+                                need,
+                            )
+                        };
+                    }
+                }
                 let by_rows = w.has_rows_interleaved() && i.is_multiple_of(16);
-                (0..ksc).into_par_iter().for_each(|ks| {
+                (0..ksw).into_par_iter().for_each(|ks| {
                     if by_rows {
                         let r0 = k0 + ks * 32;
                         let nr = 32.min(k1 - r0);

@@ -97,6 +97,58 @@ fn forward_panel(w: &WeightBf16, nb: usize, nn: usize, i: usize, ksteps: usize, 
     });
 }
 
+/// A LoRA module's up-projection `xa · (s·Bᵀ)` as extra k-steps of a
+/// forward product: A carries `bf16(xa)` in its columns `kx + off ..
+/// kx + off + r` (`kx` = the input's padded width), the output's B panels
+/// `bf16(s·B)` in the same K positions, so the tiles add the term with the
+/// base product (bf16 operands, f32 sums, like the base; the module's `xa`
+/// itself, which its gradients use, stays f32). `p` is `s·Bᵀ` as
+/// [`super::skinny::pack_transposed`] lays it out (`[r, ldp]`).
+#[derive(Clone, Copy)]
+pub(crate) struct UpTerm<'a> {
+    pub(crate) p: &'a [f32],
+    pub(crate) ldp: usize,
+    pub(crate) r: usize,
+    /// This module's first column in the extra K range.
+    pub(crate) off: usize,
+}
+
+impl UpTerm<'_> {
+    /// Writes the term's B values for the panel of output rows `n0 ..
+    /// n0 + nn` into `b` (forward layout, `ksteps` per stream), the extra K
+    /// range starting at k-step `ks0`; every other extra position is left as
+    /// it is (zero).
+    fn write_panel(&self, n0: usize, nn: usize, ks0: usize, ksteps: usize, b: &mut [u16]) {
+        for jj in 0..nn {
+            let (s, j) = (jj / 16, jj % 16);
+            for c in 0..self.r {
+                let kx = self.off + c;
+                let (ks, q, h) = (ks0 + kx / 32, (kx % 32) / 2, kx % 2);
+                b[(s * ksteps + ks) * TILE_U16 + q * 32 + j * 2 + h] =
+                    bf16_bits(self.p[c * self.ldp + n0 + jj]);
+            }
+        }
+    }
+}
+
+/// [`forward_panel`] with the up-projection's extra k-steps (`ks0` on).
+#[allow(clippy::too_many_arguments)]
+fn forward_panel_up(
+    w: &WeightBf16,
+    nb: usize,
+    nn: usize,
+    i: usize,
+    ksteps: usize,
+    ks0: usize,
+    up: Option<&UpTerm>,
+    b: &mut [u16],
+) {
+    forward_panel(w, nb, nn, i, ksteps, b);
+    if let Some(up) = up {
+        up.write_panel(nb * 32, nn, ks0, ksteps, b);
+    }
+}
+
 /// A low-rank term a forward product adds to its output while each finished
 /// block of it is still in cache: `y[t, o] += xa[t, r] · p[r, o]`, `p` with
 /// row stride `ldp` (LoRA's up-projection, `p = s·Bᵀ` as
@@ -224,15 +276,20 @@ pub(crate) fn pack_a(
     kp: usize,
     a: &mut TileBuf,
 ) {
-    pack_a_hooked(src, rows, cols, ld, col0, kp, a, None)
+    pack_a_hooked(src, rows, cols, ld, col0, kp, a, None, None)
 }
+
+/// Writes a packed row's columns past the source's (`(row, the row's kp
+/// bf16 values)`), after the source's values and their zero padding.
+pub type RowExtra<'a> = dyn Fn(usize, &mut [u16]) + Sync + 'a;
 
 /// Work on a group of rows of A's source while the group is in cache:
 /// `hook(rows)`, which [`pack_a_hooked`] calls right before packing them.
 pub type RowsHook<'a> = dyn Fn(std::ops::Range<usize>) + Sync + 'a;
 
 /// [`pack_a`], calling `hook` on each group of real rows (16 at a time,
-/// every row in exactly one call, in parallel) right before packing it.
+/// every row in exactly one call, in parallel) right before packing it,
+/// and `extra` on each real row's values before they go into the tiles.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn pack_a_hooked(
     src: &[f32],
@@ -243,6 +300,7 @@ pub(crate) fn pack_a_hooked(
     kp: usize,
     a: &mut TileBuf,
     hook: Option<&RowsHook>,
+    extra: Option<&RowExtra>,
 ) {
     let mp = round_up(rows, 32);
     a.resize(mp * kp);
@@ -272,6 +330,9 @@ pub(crate) fn pack_a_hooked(
                         row_buf.fill(0);
                     } else {
                         to_bf16_padded(&src[row * ld + col0..][..cols], row_buf);
+                        if let Some(extra) = extra {
+                            extra(row, &mut row_buf[..kp]);
+                        }
                     }
                     // this group's 16 rows: rows 0..16 of its own slice
                     put_a_row(dst, r, kp, row_buf);
@@ -319,7 +380,7 @@ pub(crate) fn pack_b_forward(wrows: &[u16], nn: usize, i: usize, ksteps: usize, 
 /// Plain reference of [`pack_b_forward`].
 fn pack_b_forward_ref(wrows: &[u16], nn: usize, i: usize, ksteps: usize, b: &mut [u16]) {
     assert!(nn <= 32 && wrows.len() >= nn * i && b.len() >= 2 * ksteps * TILE_U16);
-    if nn < 32 || !i.is_multiple_of(32) {
+    if nn < 32 || !i.is_multiple_of(32) || 32 * ksteps > i {
         b[..2 * ksteps * TILE_U16].fill(0);
     }
     // Column jj of the panel: the pairs of weight row jj.
@@ -342,6 +403,7 @@ fn pack_b_forward_ref(wrows: &[u16], nn: usize, i: usize, ksteps: usize, b: &mut
 mod transpose;
 
 mod operands;
+pub use backward::{linear_backward_up, InputUpTerm};
 pub(crate) use operands::{pack_b_pairs, product};
 
 /// `y[t, o] = x[t, i] · Wᵀ` (y overwritten), W `[o, i]` given by `w`.
@@ -401,18 +463,28 @@ unsafe fn linear_forward_raw_multi(i: usize, t: usize, x: &[f32], outs: &[Forwar
     let kp = round_up(i, 32);
     with_scratch(&SCRATCH_A, |a| {
         pack_a(x, t, i, i, 0, kp, a);
-        forward_packed(&a[..], i, t, outs);
+        forward_packed(&a[..], i, kp, t, outs, &[]);
     });
 }
 
 /// The products of [`linear_forward_raw_multi`] from `x` already packed
-/// ([`pack_a`], `t` rows, `i` columns; `t`, `i` > 0).
+/// ([`pack_a`], `t` rows, `i` columns, `kp` padded ones; `t`, `i` > 0): `kp`
+/// past `round_up(i, 32)` holds the up-projections' `xa` for the outputs
+/// whose `ups[k]` has a term (`ups` empty: none).
 ///
 /// # Safety
 /// As [`linear_forward_raw_multi`].
-unsafe fn forward_packed(a: &[u16], i: usize, t: usize, outs: &[ForwardOut]) {
-    let kp = round_up(i, 32);
+unsafe fn forward_packed(
+    a: &[u16],
+    i: usize,
+    kp: usize,
+    t: usize,
+    outs: &[ForwardOut],
+    ups: &[Option<UpTerm>],
+) {
     let ksteps = kp / 32;
+    let ks0 = round_up(i, 32) / 32;
+    let up = |k: usize| ups.get(k).and_then(|u| u.as_ref());
     let mp = round_up(t, 32);
     // panel index -> (output, panel within it)
     let panels: Vec<(usize, usize)> = outs
@@ -421,7 +493,7 @@ unsafe fn forward_packed(a: &[u16], i: usize, t: usize, outs: &[ForwardOut]) {
         .flat_map(|(k, &(o, _, _, _))| (0..o.div_ceil(32)).map(move |nb| (k, nb)))
         .collect();
     if let Some(slices) = row_slices(mp, kp) {
-        return forward_by_rows(a, i, t, ksteps, &slices, &panels, outs);
+        return forward_by_rows(a, i, t, ksteps, &slices, &panels, outs, ups);
     }
     panels.into_par_iter().for_each(|(k, nb)| {
         let (o, yp, w, add) = outs[k];
@@ -430,7 +502,7 @@ unsafe fn forward_packed(a: &[u16], i: usize, t: usize, outs: &[ForwardOut]) {
             let nn = 32.min(o - n0);
             // [2 streams][ksteps][512] B panel
             b.resize(2 * ksteps * TILE_U16);
-            forward_panel(w, nb, nn, i, ksteps, b);
+            forward_panel_up(w, nb, nn, i, ksteps, ks0, up(k), b);
             // SAFETY: AMX is available (checked above) and permitted; every
             // tile load stays inside `a` ([mp, kp]) and `b` (2·ksteps tiles);
             // C blocks are disjoint per task (columns n0..n0+nn of y_k).
@@ -601,6 +673,7 @@ const PACK_AHEAD: usize = 2;
 ///
 /// # Safety
 /// As [`linear_forward_raw_multi`]; `a` is x packed (`t` rows, `ksteps`).
+#[allow(clippy::too_many_arguments)]
 unsafe fn forward_by_rows(
     a: &[u16],
     i: usize,
@@ -609,9 +682,11 @@ unsafe fn forward_by_rows(
     slices: &[std::ops::Range<usize>],
     panels: &[(usize, usize)],
     outs: &[ForwardOut],
+    ups: &[Option<UpTerm>],
 ) {
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     let kp = ksteps * 32;
+    let ks0 = round_up(i, 32) / 32;
     let panel = 2 * ksteps * TILE_U16;
     let round = (ROW_SPLIT_ROUND_ELEMS / (32 * kp)).clamp(1, panels.len());
     with_scratch(&SCRATCH_GROUP, |g| {
@@ -628,7 +703,8 @@ unsafe fn forward_by_rows(
                 // by this thread alone (`next`), and nobody reads it before
                 // `done[j]` is set.
                 let b = unsafe { std::slice::from_raw_parts_mut(gp.get().add(j * panel), panel) };
-                forward_panel(w, nb, nn, i, ksteps, b);
+                let up = ups.get(k).and_then(|u| u.as_ref());
+                forward_panel_up(w, nb, nn, i, ksteps, ks0, up, b);
                 done[j].store(true, Ordering::Release);
             };
             let ready = |j: usize| {
@@ -743,12 +819,13 @@ pub struct LoraTerm<'a> {
 }
 
 /// The products of several weights sharing `x` with their LoRA modules:
-/// each module's down-projection `x·Aᵀ` is made on each group of rows of
-/// `x` while the pack has it in cache (no pass of its own over `x` per
-/// module), its up-projection added inside the product as
-/// [`linear_forward_multi_add`] does. Returns the outputs and each module's
-/// `x·Aᵀ`, bit for bit [`super::skinny::nn`] over `x` then
-/// [`linear_forward_multi_add`].
+/// each module's down-projection `x·Aᵀ` (f32, bit for bit
+/// [`super::skinny::nn`] over `x`) is made on each group of rows of `x`
+/// while the pack has it in cache, and its up-projection rides in the
+/// products as extra k-steps ([`UpTerm`]: `bf16(xa)` in A, `bf16(s·B)` in
+/// the output's panels; a pass of f32 FMAs over every output block cost
+/// SmolLM2's forward ~15 ms a step, the k-steps ~5). Returns the outputs
+/// and each module's `x·Aᵀ`.
 ///
 /// # Panics
 /// If AMX is not [`available`], `t` or `i` is 0, or the sizes do not match.
@@ -827,13 +904,57 @@ pub fn linear_forward_lora(
             };
         }
     };
-    let kp = round_up(i, 32);
+    // The up-projections ride in the products as extra k-steps: each
+    // module's `xa` (bf16) in A's columns past the input's, its `s·B` in
+    // its output's panels at the same K; one k-step holds 32 columns, so
+    // q/k/v's three rank-16 modules take two, gate/up's two take one.
+    let mut offs = Vec::with_capacity(terms.len());
+    let mut r_tot = 0;
+    for tm in &terms {
+        offs.push(r_tot);
+        r_tot += tm.as_ref().map_or(0, |tm| tm.r);
+    }
+    let kx = round_up(i, 32);
+    let kp = kx + round_up(r_tot, 32);
+    let ups: Vec<Option<UpTerm>> = terms
+        .iter()
+        .zip(&offs)
+        .map(|(tm, &off)| {
+            let tm = tm.as_ref()?;
+            (tm.r > 0).then_some(UpTerm {
+                p: tm.p,
+                ldp: tm.ldp,
+                r: tm.r,
+                off,
+            })
+        })
+        .collect();
+    // each module's xa rows, as the products' A reads them (bf16)
+    let xa_ptrs: Vec<Option<(SendPtr<f32>, usize, usize)>> = xas
+        .iter_mut()
+        .zip(&terms)
+        .zip(&offs)
+        .map(|((xa, tm), &off)| {
+            let (xa, tm) = (xa.as_mut()?, tm.as_ref()?);
+            (tm.r > 0).then_some((SendPtr(xa.as_mut_ptr()), tm.r, off))
+        })
+        .collect();
+    let extra = |row: usize, buf: &mut [u16]| {
+        for &(xa, r, off) in xa_ptrs.iter().flatten() {
+            // SAFETY: row `row` of this x·Aᵀ (`t·r` values) was written (kept,
+            // or by the hook on this row's group, which ran first in this task).
+            let v = unsafe { std::slice::from_raw_parts(xa.get().add(row * r), r) };
+            for (d, x) in buf[kx + off..kx + off + r].iter_mut().zip(v) {
+                *d = bf16_bits(*x);
+            }
+        }
+    };
     let mut ys: Vec<Vec<f32>> = outs
         .iter()
         .map(|&(o, _)| Vec::with_capacity(t * o))
         .collect();
     with_scratch(&SCRATCH_A, |a| {
-        pack_a_hooked(x, t, i, i, 0, kp, a, Some(&hook));
+        pack_a_hooked(x, t, i, i, 0, kp, a, Some(&hook), Some(&extra));
         for (tm, xa) in terms.iter().zip(&mut xas) {
             if let (Some(tm), Some(xa)) = (tm, xa) {
                 if xa.is_empty() {
@@ -842,28 +963,14 @@ pub fn linear_forward_lora(
                 }
             }
         }
-        let adds: Vec<Option<LowRankAdd>> = terms
-            .iter()
-            .zip(&xas)
-            .map(|(tm, xa)| {
-                let (tm, xa) = (tm.as_ref()?, xa.as_ref()?);
-                (tm.r > 0).then_some(LowRankAdd {
-                    xa,
-                    r: tm.r,
-                    p: tm.p,
-                    ldp: tm.ldp,
-                })
-            })
-            .collect();
         let raw: Vec<ForwardOut> = ys
             .iter_mut()
             .zip(outs)
-            .zip(adds)
-            .map(|((y, &(o, w)), add)| (o, SendPtr(y.as_mut_ptr()), w, add))
+            .map(|(y, &(o, w))| (o, SendPtr(y.as_mut_ptr()), w, None))
             .collect();
         // SAFETY: each y_k has capacity t·o_k, distinct allocations; the
         // products write every element before `set_len`.
-        unsafe { forward_packed(&a[..], i, t, &raw) };
+        unsafe { forward_packed(&a[..], i, kp, t, &raw, &ups) };
     });
     for (y, &(o, _)) in ys.iter_mut().zip(outs) {
         // SAFETY: see above.

@@ -495,13 +495,16 @@ fn low_rank_term_inside_the_input_gradient_equals_its_own_pass_bit_for_bit() {
     }
 }
 
-/// The LoRA down-projections made inside the input's pack
-/// ([`linear_forward_lora`]) and the up-projections inside the products
-/// give bit for bit the down-projection over `x` ([`crate::ops::skinny::nn`])
-/// then [`linear_forward_multi_add`]: outputs and `x·Aᵀ`, kept and made
-/// ones mixed, rank 0, column and row splits, 1-3 threads.
+/// [`linear_forward_lora`]: each module's `x·Aᵀ` made inside the input's
+/// pack equals its own pass ([`crate::ops::skinny::nn`]) bit for bit (kept
+/// ones are returned as given), and each output is the base product plus
+/// its module's up-projection `bf16(xa)·bf16(s·Bᵀ)` as extra k-steps: within
+/// f32 summation of the f64 sum over both (several modules sharing the
+/// extra k-steps, ranks above and below 16, rank 0, kept and made `xa`,
+/// column and row splits, 1-3 threads, the same bits for every thread
+/// count).
 #[test]
-fn lora_down_inside_the_pack_equals_its_own_pass_bit_for_bit() {
+fn lora_forward_adds_the_up_projection_in_the_products() {
     use crate::ops::fastmath::Isa;
     use crate::ops::skinny;
     if !available() {
@@ -519,6 +522,7 @@ fn lora_down_inside_the_pack_equals_its_own_pass_bit_for_bit() {
         ),
         (1100, 480, &[(1200, 16, false), (70, 33, false)]),
         (45, 7, &[(33, 3, false), (20, 5, true)]),
+        (64, 40, &[(96, 16, false), (64, 16, false), (32, 16, false)]),
     ];
     for (n, &(i, t, mods)) in cases.iter().enumerate() {
         let seed = 900 + 10 * n as u64;
@@ -548,7 +552,7 @@ fn lora_down_inside_the_pack_equals_its_own_pass_bit_for_bit() {
                 skinny::pack_transposed(&rand_vec(o * r, seed + 40 + k as u64, 0.3), o, r, 2.0)
             })
             .collect();
-        // the reference: x·Aᵀ by its own pass (or kept), then the products
+        // x·Aᵀ by its own pass (or kept)
         let want_xa: Vec<Vec<f32>> = mods
             .iter()
             .enumerate()
@@ -562,19 +566,31 @@ fn lora_down_inside_the_pack_equals_its_own_pass_bit_for_bit() {
                 }
             })
             .collect();
-        let adds: Vec<Option<LowRankAdd>> = mods
+        // per output, the f64 sum of each element and of its terms' magnitudes
+        let want: Vec<Vec<(f64, f64)>> = mods
             .iter()
             .enumerate()
             .map(|(k, &(o, r, _))| {
-                (r > 0).then(|| LowRankAdd {
-                    xa: &want_xa[k],
-                    r,
-                    p: &ps[k],
-                    ldp: skinny::padded(o),
-                })
+                let ldp = skinny::padded(o);
+                let mut w = vec![(0f64, 0f64); t * o];
+                for row in 0..t {
+                    for c in 0..o {
+                        let (mut sum, mut mag) = (0f64, 0f64);
+                        for kk in 0..i {
+                            let v = bf(x[row * i + kk]) * bf(ws[k][c * i + kk]);
+                            (sum, mag) = (sum + v, mag + v.abs());
+                        }
+                        for j in 0..r {
+                            let v = bf(want_xa[k][row * r + j]) * bf(ps[k][j * ldp + c]);
+                            (sum, mag) = (sum + v, mag + v.abs());
+                        }
+                        w[row * o + c] = (sum, mag);
+                    }
+                }
+                w
             })
             .collect();
-        let want = linear_forward_multi_add(i, t, &x, &outs, &adds);
+        let mut first: Option<Vec<Vec<f32>>> = None;
         for threads in [1, 2, 3] {
             let pool = rayon::ThreadPoolBuilder::new()
                 .num_threads(threads)
@@ -597,9 +613,116 @@ fn lora_down_inside_the_pack_equals_its_own_pass_bit_for_bit() {
             let (ys, xas) = pool.install(|| linear_forward_lora(i, t, &x, &outs, terms));
             for k in 0..mods.len() {
                 let what = format!("case {n} output {k}, {threads} threads");
-                assert_eq!(bits(&ys[k]), bits(&want[k]), "y {what}");
                 let xa = xas[k].as_ref().expect("a LoRA module's x·Aᵀ");
                 assert_eq!(bits(xa), bits(&want_xa[k]), "x·Aᵀ {what}");
+                let mut worst = 0f64;
+                for (got, &(sum, mag)) in ys[k].iter().zip(&want[k]) {
+                    let err = (*got as f64 - sum).abs();
+                    worst = worst.max(err / (mag * f32::EPSILON as f64 * 4.0).max(1e-30));
+                }
+                assert!(worst <= 1.0, "y {what}: {worst} of the f32 summation bound");
+            }
+            match &first {
+                None => first = Some(ys),
+                Some(f) => {
+                    for k in 0..mods.len() {
+                        assert_eq!(
+                            bits(&ys[k]),
+                            bits(&f[k]),
+                            "case {n} output {k}: {threads} threads"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// [`linear_backward_up`]: the input gradient plus a LoRA module's term
+/// `bf16(dxa)·bf16(A)` as extra k-steps of the products, against the f64
+/// sum over both within f32 summation, added into a gradient and into a
+/// fresh one (the same bits as into zeros), on the column split, the row
+/// split and two weight chunks, ranks 16, 7 and 40, 1-3 threads.
+#[test]
+fn lora_input_gradient_term_in_the_products_matches_the_f64_sum() {
+    if !available() {
+        eprintln!("SKIPPED: AMX-BF16 is not available on this CPU; the AMX kernels were not run");
+        return;
+    }
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    // (o, i, t, r): column split; row split (dy >= 1 MiB packed); two
+    // chunks of weight rows (o·i > CHUNK_ELEMS) on the row split; tiny.
+    for (n, &(o, i, t, r)) in [
+        (70usize, 96usize, 40usize, 16usize),
+        (1100, 100, 480, 7),
+        (2500, 1100, 400, 16),
+        (33, 45, 7, 40),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let seed = 1300 + 10 * n as u64;
+        let wv = rand_vec(o * i, seed, 1.0);
+        let w = bf16_source(&wv);
+        let dy = rand_vec(t * o, seed + 1, 1.0);
+        let init = rand_vec(t * i, seed + 2, 1.0);
+        let dxa = rand_vec(t * r, seed + 3, 2.0);
+        let af = rand_vec(r * i, seed + 4, 0.5);
+        let a: Vec<u16> = af.iter().map(|v| bf16_bits(*v)).collect();
+        let up = InputUpTerm {
+            dxa: &dxa,
+            a: &a,
+            r,
+        };
+        // the f64 sum of each element and of its terms' magnitudes
+        let mut want = vec![(0f64, 0f64); t * i];
+        for row in 0..t {
+            for c in 0..i {
+                let (mut sum, mut mag) = (init[row * i + c] as f64, init[row * i + c].abs() as f64);
+                for k in 0..o {
+                    let v = bf(dy[row * o + k]) * bf(wv[k * i + c]);
+                    (sum, mag) = (sum + v, mag + v.abs());
+                }
+                for j in 0..r {
+                    let v = bf(dxa[row * r + j]) * bf(af[j * i + c]);
+                    (sum, mag) = (sum + v, mag + v.abs());
+                }
+                want[row * i + c] = (sum, mag);
+            }
+        }
+        let mut first: Option<(Vec<f32>, Vec<f32>)> = None;
+        for threads in [1, 2, 3] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .expect("pool");
+            let mut added = init.clone();
+            pool.install(|| linear_backward_up(o, i, t, &dy, Some(&mut added), &w, up));
+            let fresh = pool
+                .install(|| linear_backward_up(o, i, t, &dy, None, &w, up))
+                .expect("a fresh gradient");
+            let mut zeros = vec![0f32; t * i];
+            pool.install(|| linear_backward_up(o, i, t, &dy, Some(&mut zeros), &w, up));
+            assert_eq!(
+                bits(&fresh),
+                bits(&zeros),
+                "{o}x{i}x{t} r {r}: fresh vs into zeros"
+            );
+            let mut worst = 0f64;
+            for (got, &(sum, mag)) in added.iter().zip(&want) {
+                let err = (*got as f64 - sum).abs();
+                worst = worst.max(err / (mag * f32::EPSILON as f64 * 4.0).max(1e-30));
+            }
+            assert!(
+                worst <= 1.0,
+                "{o}x{i}x{t} r {r}, {threads} threads: {worst} of the bound"
+            );
+            match &first {
+                None => first = Some((added, fresh)),
+                Some(f) => assert!(
+                    bits(&f.0) == bits(&added) && bits(&f.1) == bits(&fresh),
+                    "{o}x{i}x{t} r {r}: {threads} threads differ"
+                ),
             }
         }
     }

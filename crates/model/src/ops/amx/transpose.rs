@@ -64,6 +64,11 @@ pub(super) unsafe fn pack_b_forward_avx512(
     let full_streams = if i.is_multiple_of(2) { nn / 16 } else { 0 };
     if full_streams == 2 && full_k == ksteps {
         // The common case: every tile is a full transpose.
+    } else if full_streams == 2 && i == 32 * full_k {
+        // Whole tiles, and k-steps past the row: those are zeros.
+        for s in 0..2 {
+            b[(s * ksteps + full_k) * TILE_U16..(s + 1) * ksteps * TILE_U16].fill(0);
+        }
     } else {
         super::pack_b_forward_ref(wrows, nn, i, ksteps, b);
         if full_streams == 0 {
