@@ -318,7 +318,7 @@ impl Backend for CpuBackend {
         }
         let Some((op, x, xa)) = lora else {
             let _t = profile::time(Op::LinearBackward);
-            return Ok((w.backward_input_new(dy, t, None), None));
+            return Ok((w.backward_input_new(dy, t), None));
         };
         let (dx, da, db) = fused_linear_lora_backward(w, &lora_ref(op), x, xa, dy, t, None);
         Ok((dx.expect("a fresh input gradient"), Some((da, db))))

@@ -219,7 +219,7 @@ impl FrozenLinear {
     }
 
     /// Whether the LoRA terms can go inside these linears' products
-    /// ([`Self::forward_many_lora`], [`Self::backward_input_add`]): all on
+    /// ([`Self::forward_many_lora`], [`Self::backward_input_up`]): all on
     /// the AMX path with one input width, and none with a bias (a LoRA term
     /// is added after the bias elsewhere; here it would come first).
     pub fn can_add_low_rank(ws: &[&FrozenLinear], t: usize) -> bool {
@@ -294,42 +294,15 @@ impl FrozenLinear {
         }
     }
 
-    /// [`Self::backward_input`] plus a low-rank term (LoRA's input gradient
-    /// `dxa · A`) added into `dx` block by block once the product is final:
-    /// bit for bit the two in turn. On the AMX path only
-    /// ([`Self::can_add_low_rank`]).
+    /// `dy W` as a fresh vector, on the AMX path: written whole without
+    /// zeroing it first; bit for bit [`Self::backward_input`] into zeros.
     ///
     /// # Panics
     /// Off the AMX path; if the sizes do not match.
-    pub fn backward_input_add(
-        &self,
-        dy: &[f32],
-        t: usize,
-        dx: &mut [f32],
-        add: super::amx::LowRankAdd,
-    ) {
-        let (o, i) = (self.out_features, self.in_features);
-        assert!(self.use_amx(t), "backward_input_add: not on the AMX path");
-        assert_eq!(dy.len(), t * o, "linear backward: dy size");
-        assert_eq!(dx.len(), t * i, "linear backward: dx size");
-        super::amx::linear_backward_add(o, i, t, dy, dx, &Bf16Source(self), Some(add));
-    }
-
-    /// `dy W` (plus a low-rank term) as a fresh vector, on the AMX path:
-    /// written whole without zeroing it first; bit for bit
-    /// [`Self::backward_input`] (and the term) into zeros.
-    ///
-    /// # Panics
-    /// Off the AMX path; if the sizes do not match.
-    pub fn backward_input_new(
-        &self,
-        dy: &[f32],
-        t: usize,
-        add: Option<super::amx::LowRankAdd>,
-    ) -> Vec<f32> {
+    pub fn backward_input_new(&self, dy: &[f32], t: usize) -> Vec<f32> {
         let (o, i) = (self.out_features, self.in_features);
         assert!(self.use_amx(t), "backward_input_new: not on the AMX path");
-        super::amx::linear_backward_new(o, i, t, dy, &Bf16Source(self), add)
+        super::amx::linear_backward_new(o, i, t, dy, &Bf16Source(self))
     }
 
     /// The input gradient with a LoRA module's term `dxa·A` in the same

@@ -149,8 +149,8 @@ impl LoraRef<'_> {
     }
 
     /// `s·Bᵀ` packed as [`Self::up`] multiplies it (`[r, padded(out)]`),
-    /// for a caller that adds the up-projection itself
-    /// ([`super::amx::LowRankAdd`]: the same kernel, so the same bits).
+    /// for a caller that adds the up-projection itself (the AMX forward,
+    /// as extra k-steps of its products: `super::amx::linear_forward_lora`).
     pub fn up_operand(&self) -> Vec<f32> {
         skinny::pack_transposed(self.b, self.out_features, self.r, self.scale)
     }
@@ -247,9 +247,9 @@ impl LoraRef<'_> {
 
     /// [`Self::backward`] without the input gradient: `(dA, dB, dxa)` with
     /// `dxa = s·dy B` `[t, r]`, for a caller that adds `dxa A` into `dx`
-    /// itself ([`super::amx::LowRankAdd`] with [`Self::input_grad_operand`]:
-    /// the same kernel, so the same bits). Without dropout only: with it,
-    /// the input gradient is masked (`dropout'(dxa A)`), not a plain product.
+    /// itself (the AMX input gradient, as extra k-steps of its products:
+    /// [`super::amx::InputUpTerm`]). Without dropout only: with it, the
+    /// input gradient is masked (`dropout'(dxa A)`), not a plain product.
     pub fn backward_parts(
         &self,
         x: &[f32],

@@ -5,8 +5,7 @@ use rayon::prelude::*;
 
 use super::{
     available, bf16_bits, imp, pack_a_hooked, products_by_rows, round_up, row_slices, with_scratch,
-    LowRankAdd, PanelOut, SendPtr, WeightBf16, CHUNK_ELEMS, SCRATCH_A, SCRATCH_B, SCRATCH_C,
-    TILE_U16,
+    PanelOut, SendPtr, WeightBf16, CHUNK_ELEMS, SCRATCH_A, SCRATCH_B, SCRATCH_C, TILE_U16,
 };
 
 /// A LoRA module's input-gradient term `dxa · A` as extra k-steps of the
@@ -45,14 +44,14 @@ pub fn linear_backward_up(
         Some(dx) => {
             assert_eq!(dx.len(), t * i, "amx backward: dx size");
             // SAFETY: dx is t·i floats, exclusively borrowed.
-            unsafe { backward_raw(o, i, t, dy, dx.as_mut_ptr(), w, None, Some(up), false) };
+            unsafe { backward_raw(o, i, t, dy, dx.as_mut_ptr(), w, Some(up), false) };
             None
         }
         None => {
             let mut dx: Vec<f32> = Vec::with_capacity(t * i);
             // SAFETY: as in `linear_backward_new`.
             unsafe {
-                backward_raw(o, i, t, dy, dx.as_mut_ptr(), w, None, Some(up), true);
+                backward_raw(o, i, t, dy, dx.as_mut_ptr(), w, Some(up), true);
                 dx.set_len(t * i);
             }
             Some(dx)
@@ -193,56 +192,30 @@ unsafe fn rows_chunk(
 /// # Panics
 /// If AMX is not [`available`] or the sizes do not match.
 pub fn linear_backward(o: usize, i: usize, t: usize, dy: &[f32], dx: &mut [f32], w: &WeightBf16) {
-    linear_backward_add(o, i, t, dy, dx, w, None)
-}
-
-/// [`linear_backward`], then a low-rank term added into `dx` (`add`: LoRA's
-/// input gradient `dxa · A`), block by block once each block's product is
-/// final: bit for bit [`linear_backward`] followed by the term in a pass of
-/// its own ([`super::super::skinny::nn`]).
-///
-/// # Panics
-/// If AMX is not [`available`] or the sizes do not match.
-pub fn linear_backward_add(
-    o: usize,
-    i: usize,
-    t: usize,
-    dy: &[f32],
-    dx: &mut [f32],
-    w: &WeightBf16,
-    add: Option<LowRankAdd>,
-) {
     assert_eq!(dx.len(), t * i, "amx backward: dx size");
     // SAFETY: dx is t·i floats, exclusively borrowed.
-    unsafe { backward_raw(o, i, t, dy, dx.as_mut_ptr(), w, add, None, false) }
+    unsafe { backward_raw(o, i, t, dy, dx.as_mut_ptr(), w, None, false) }
 }
 
-/// `dx = dy · W` (+ the low-rank term) into a fresh vector: the first
-/// weight chunk's products start from zero tiles instead of loading a
-/// zeroed `dx` (no zeroing pass, no read of it). Bit for bit
-/// [`linear_backward_add`] into zeros (both start the sums at +0).
+/// `dx = dy · W` into a fresh vector: the first weight chunk's products
+/// start from zero tiles instead of loading a zeroed `dx` (no zeroing pass,
+/// no read of it). Bit for bit [`linear_backward`] into zeros (both start
+/// the sums at +0).
 ///
 /// # Panics
 /// If AMX is not [`available`] or the sizes do not match.
-pub fn linear_backward_new(
-    o: usize,
-    i: usize,
-    t: usize,
-    dy: &[f32],
-    w: &WeightBf16,
-    add: Option<LowRankAdd>,
-) -> Vec<f32> {
+pub fn linear_backward_new(o: usize, i: usize, t: usize, dy: &[f32], w: &WeightBf16) -> Vec<f32> {
     let mut dx: Vec<f32> = Vec::with_capacity(t * i);
     // SAFETY: capacity t·i; `backward_raw` in overwrite mode writes every
     // element (the products whole, zeros when o = 0) before `set_len`.
     unsafe {
-        backward_raw(o, i, t, dy, dx.as_mut_ptr(), w, add, None, true);
+        backward_raw(o, i, t, dy, dx.as_mut_ptr(), w, None, true);
         dx.set_len(t * i);
     }
     dx
 }
 
-/// [`linear_backward_add`] through a raw `dx`; with `overwrite`, `dx` is
+/// [`linear_backward`] (with a LoRA term) through a raw `dx`; with `overwrite`, `dx` is
 /// not read before the products write it (it may be uninitialized).
 ///
 /// # Safety
@@ -256,19 +229,11 @@ unsafe fn backward_raw(
     dy: &[f32],
     dx: *mut f32,
     w: &WeightBf16,
-    add: Option<LowRankAdd>,
     up: Option<InputUpTerm>,
     overwrite: bool,
 ) {
     assert!(available(), "AMX bf16 path called without AMX");
     assert_eq!(dy.len(), t * o, "amx backward: dy size");
-    if let Some(add) = &add {
-        assert!(add.xa.len() >= t * add.r, "amx backward: low-rank xa size");
-        assert!(
-            add.ldp >= crate::ops::skinny::padded(i),
-            "amx backward: low-rank term narrower than dx"
-        );
-    }
     if t == 0 || i == 0 {
         return;
     }
@@ -278,9 +243,6 @@ unsafe fn backward_raw(
         unsafe {
             if overwrite {
                 std::ptr::write_bytes(dx, 0, t * i);
-            }
-            if let Some(add) = add {
-                add.apply(0, t, 0, i, dx, i);
             }
         }
         return;
@@ -375,7 +337,6 @@ unsafe fn backward_raw(
                             c: SendPtr(dxp.get().wrapping_add(nb * 32)),
                             ldc: i,
                             nn: 32.min(i - nb * 32),
-                            add: add.filter(|_| k1 == o).map(|a| (a, nb * 32)),
                         })
                         .collect();
                     // SAFETY: A (dy packed, t rows) is read from its k0/32-th
@@ -418,10 +379,6 @@ unsafe fn backward_raw(
                             nn,
                             acc,
                         );
-                        // SAFETY: columns n0..n0+nn of dx are this task's.
-                        if let Some(add) = add.filter(|_| k1 == o) {
-                            add.apply(0, t, n0, nn, dxp.get().add(n0), i);
-                        }
                     }
                 });
                 k0 = k1;

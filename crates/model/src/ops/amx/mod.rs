@@ -149,65 +149,8 @@ fn forward_panel_up(
     }
 }
 
-/// A low-rank term a forward product adds to its output while each finished
-/// block of it is still in cache: `y[t, o] += xa[t, r] · p[r, o]`, `p` with
-/// row stride `ldp` (LoRA's up-projection, `p = s·Bᵀ` as
-/// [`super::skinny::pack_transposed`] lays it out). Each element gets
-/// exactly what [`super::skinny::nn`] would add to it in a pass of its own
-/// (the base product's value plus the rank-`r` sum in `r` order), without
-/// that pass's read and write of the whole output.
-#[derive(Clone, Copy)]
-pub struct LowRankAdd<'a> {
-    pub xa: &'a [f32],
-    pub r: usize,
-    pub p: &'a [f32],
-    pub ldp: usize,
-}
-
-impl LowRankAdd<'_> {
-    /// Adds the term into rows `r0..r0 + rows`, columns `n0..n0 + nn` of
-    /// the output, `c` pointing at element `(r0, n0)`, row stride `ldc`.
-    ///
-    /// # Safety
-    /// `c` is valid for reads and writes of that block and nobody else
-    /// touches it meanwhile.
-    pub(super) unsafe fn apply(
-        &self,
-        r0: usize,
-        rows: usize,
-        n0: usize,
-        nn: usize,
-        c: *mut f32,
-        ldc: usize,
-    ) {
-        let r = self.r;
-        // SAFETY: the caller's contract; `nn_strided` checks the operands.
-        unsafe {
-            super::skinny::nn_strided(
-                super::fastmath::Isa::best(),
-                rows,
-                nn,
-                r,
-                &self.xa[r0 * r..(r0 + rows) * r],
-                r,
-                &self.p[n0..],
-                self.ldp,
-                c,
-                ldc,
-                true,
-            )
-        }
-    }
-}
-
-/// One output of a forward product: its width, where it goes, its weight,
-/// and the low-rank term to add into it, if any.
-type ForwardOut<'a> = (
-    usize,
-    SendPtr<f32>,
-    &'a WeightBf16<'a>,
-    Option<LowRankAdd<'a>>,
-);
+/// One output of a forward product: its width, where it goes, its weight.
+type ForwardOut<'a> = (usize, SendPtr<f32>, &'a WeightBf16<'a>);
 
 /// A raw pointer tasks may share, each writing its own disjoint part.
 #[derive(Clone, Copy)]
@@ -225,7 +168,7 @@ pub(crate) use tile_buf::TileBuf;
 
 mod backward;
 pub(crate) use backward::rows_interleaved_via_elems;
-pub use backward::{linear_backward, linear_backward_add, linear_backward_new};
+pub use backward::{linear_backward, linear_backward_new};
 
 mod packed;
 pub use packed::PackedWeight;
@@ -436,7 +379,7 @@ pub fn linear_forward_new(o: usize, i: usize, t: usize, x: &[f32], w: &WeightBf1
 /// # Safety
 /// `y` must be valid for writes of `t·o` floats and not aliased.
 unsafe fn linear_forward_raw(o: usize, i: usize, t: usize, x: &[f32], y: *mut f32, w: &WeightBf16) {
-    linear_forward_raw_multi(i, t, x, &[(o, SendPtr(y), w, None)]);
+    linear_forward_raw_multi(i, t, x, &[(o, SendPtr(y), w)]);
 }
 
 /// `y_k[t, o_k] = x[t, i] · W_kᵀ` for several weights sharing the input: `x`
@@ -452,11 +395,8 @@ unsafe fn linear_forward_raw_multi(i: usize, t: usize, x: &[f32], outs: &[Forwar
         return;
     }
     if i == 0 {
-        for &(o, y, _, add) in outs {
+        for &(o, y, _) in outs {
             std::ptr::write_bytes(y.get(), 0, t * o);
-            if let Some(add) = add {
-                add.apply(0, t, 0, o, y.get(), o);
-            }
         }
         return;
     }
@@ -490,13 +430,13 @@ unsafe fn forward_packed(
     let panels: Vec<(usize, usize)> = outs
         .iter()
         .enumerate()
-        .flat_map(|(k, &(o, _, _, _))| (0..o.div_ceil(32)).map(move |nb| (k, nb)))
+        .flat_map(|(k, &(o, _, _))| (0..o.div_ceil(32)).map(move |nb| (k, nb)))
         .collect();
     if let Some(slices) = row_slices(mp, kp) {
         return forward_by_rows(a, i, t, ksteps, &slices, &panels, outs, ups);
     }
     panels.into_par_iter().for_each(|(k, nb)| {
-        let (o, yp, w, add) = outs[k];
+        let (o, yp, w) = outs[k];
         with_scratch(&SCRATCH_PANEL, |b| {
             let n0 = nb * 32;
             let nn = 32.min(o - n0);
@@ -520,10 +460,6 @@ unsafe fn forward_packed(
                     nn,
                     false,
                 );
-                // SAFETY: columns n0..n0+nn of y_k are this task's.
-                if let Some(add) = add {
-                    add.apply(0, t, n0, nn, yp.get().add(n0), o);
-                }
             }
         });
     });
@@ -571,18 +507,15 @@ fn row_slices(mp: usize, kp: usize) -> Option<Vec<std::ops::Range<usize>>> {
 /// `c` (row stride `ldc`), its B tiles at `b` (two streams `bstride` tiles
 /// apart).
 #[derive(Clone, Copy)]
-struct PanelOut<'a> {
+struct PanelOut {
     b: *const u16,
     bstride: usize,
     c: SendPtr<f32>,
     ldc: usize,
     nn: usize,
-    /// A low-rank term to add once the panel's product is final, and the
-    /// panel's first column in the term's output.
-    add: Option<(LowRankAdd<'a>, usize)>,
 }
-unsafe impl Send for PanelOut<'_> {}
-unsafe impl Sync for PanelOut<'_> {}
+unsafe impl Send for PanelOut {}
+unsafe impl Sync for PanelOut {}
 
 /// `C_p (+)= A · B_p` for every panel p, by rows: each thread takes one of
 /// `slices` (32-row blocks of A) through all the panels, in K passes of
@@ -646,12 +579,6 @@ unsafe fn products_by_rows(
                         acc || k0 > 0,
                         next,
                     );
-                    if k0 + kk == ksteps {
-                        if let Some((add, n0)) = p.add {
-                            // SAFETY: as above: this slice's rows of panel j.
-                            add.apply(r0, mr, n0, p.nn, p.c.get().add(r0 * p.ldc), p.ldc);
-                        }
-                    }
                 }
             }
             k0 += kk;
@@ -697,7 +624,7 @@ unsafe fn forward_by_rows(
             let next = AtomicUsize::new(0);
             let pack = |j: usize| {
                 let (k, nb) = chunk[j];
-                let (o, _, w, _) = outs[k];
+                let (o, _, w) = outs[k];
                 let nn = 32.min(o - nb * 32);
                 // SAFETY: panel j's slot of the round buffer; j was claimed
                 // by this thread alone (`next`), and nobody reads it before
@@ -723,14 +650,13 @@ unsafe fn forward_by_rows(
                 .iter()
                 .enumerate()
                 .map(|(j, &(k, nb))| {
-                    let (o, yp, _, add) = outs[k];
+                    let (o, yp, _) = outs[k];
                     PanelOut {
                         b: gp.get().add(j * panel),
                         bstride: ksteps,
                         c: SendPtr(yp.get().add(nb * 32)),
                         ldc: o,
                         nn: 32.min(o - nb * 32),
-                        add: add.map(|a| (a, nb * 32)),
                     }
                 })
                 .collect();
@@ -745,45 +671,15 @@ unsafe fn forward_by_rows(
 /// [`linear_forward_new`] for several weights with the same input: one pack
 /// of `x`, one parallel region over every output's panels. `outs[k] = (o_k,
 /// W_k)`; returns the `y_k`.
+///
+/// # Panics
+/// If AMX is not [`available`] or the sizes do not match.
 pub fn linear_forward_multi(
     i: usize,
     t: usize,
     x: &[f32],
     outs: &[(usize, &WeightBf16)],
 ) -> Vec<Vec<f32>> {
-    let adds = vec![None; outs.len()];
-    linear_forward_multi_add(i, t, x, outs, &adds)
-}
-
-/// [`linear_forward_multi`] with a low-rank term added into each output
-/// that has one (`adds[k]` for output k; `xa` `t` rows, `p` at least `o_k`
-/// columns), block by block as the products finish.
-///
-/// # Panics
-/// If AMX is not [`available`] or the sizes do not match.
-pub fn linear_forward_multi_add(
-    i: usize,
-    t: usize,
-    x: &[f32],
-    outs: &[(usize, &WeightBf16)],
-    adds: &[Option<LowRankAdd>],
-) -> Vec<Vec<f32>> {
-    assert_eq!(
-        adds.len(),
-        outs.len(),
-        "amx forward: one term slot per output"
-    );
-    for (add, &(o, _)) in adds
-        .iter()
-        .zip(outs)
-        .filter_map(|(a, o)| Some((a.as_ref()?, o)))
-    {
-        assert!(add.xa.len() >= t * add.r, "amx forward: low-rank xa size");
-        assert!(
-            add.ldp >= super::skinny::padded(o),
-            "amx forward: low-rank term narrower than its output"
-        );
-    }
     let mut ys: Vec<Vec<f32>> = outs
         .iter()
         .map(|&(o, _)| Vec::with_capacity(t * o))
@@ -791,8 +687,7 @@ pub fn linear_forward_multi_add(
     let raw: Vec<ForwardOut> = ys
         .iter_mut()
         .zip(outs)
-        .zip(adds)
-        .map(|((y, &(o, w)), add)| (o, SendPtr(y.as_mut_ptr()), w, *add))
+        .map(|(y, &(o, w))| (o, SendPtr(y.as_mut_ptr()), w))
         .collect();
     // SAFETY: each y_k has capacity t·o_k, distinct allocations; every element
     // is written (see `linear_forward_new`) before `set_len`.
@@ -966,7 +861,7 @@ pub fn linear_forward_lora(
         let raw: Vec<ForwardOut> = ys
             .iter_mut()
             .zip(outs)
-            .map(|(y, &(o, w))| (o, SendPtr(y.as_mut_ptr()), w, None))
+            .map(|(y, &(o, w))| (o, SendPtr(y.as_mut_ptr()), w))
             .collect();
         // SAFETY: each y_k has capacity t·o_k, distinct allocations; the
         // products write every element before `set_len`.

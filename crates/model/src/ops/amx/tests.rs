@@ -341,160 +341,6 @@ fn row_interleave_matches_the_plain_loop() {
     }
 }
 
-/// The low-rank term added inside the forward ([`LowRankAdd`], LoRA's
-/// up-projection) gives bit for bit the forward followed by the term's own
-/// pass ([`crate::ops::skinny::nn`]): on the column split and the row split
-/// (with K passes), partial row blocks and panels, ranks that are not a
-/// whole vector, several outputs with and without a term, and 1-3 threads.
-#[test]
-fn low_rank_term_inside_the_forward_equals_its_own_pass_bit_for_bit() {
-    use crate::ops::fastmath::Isa;
-    use crate::ops::skinny;
-    if !available() {
-        eprintln!("SKIPPED: AMX-BF16 is not available on this CPU; the AMX kernels were not run");
-        return;
-    }
-    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-    // (i, t, [(o, r or 0 for no term)]): column split (small x), row split
-    // (x >= 1 MiB packed, >= 8 row blocks), row split with two K passes.
-    type Case = (usize, usize, &'static [(usize, usize)]);
-    let cases: &[Case] = &[
-        (96, 40, &[(70, 16)]),
-        (45, 7, &[(33, 3), (20, 0), (64, 17)]),
-        (576, 100, &[(576, 16), (192, 8), (192, 0)]),
-        (1100, 480, &[(1200, 16), (70, 33)]),
-        (4200, 300, &[(45, 16), (100, 1)]),
-        (64, 32, &[(1, 2)]),
-    ];
-    for (n, &(i, t, outs)) in cases.iter().enumerate() {
-        let seed = 100 * n as u64;
-        let x = rand_vec(t * i, seed, 1.0);
-        let ws: Vec<Vec<f32>> = outs
-            .iter()
-            .enumerate()
-            .map(|(k, &(o, _))| rand_vec(o * i, seed + 1 + k as u64, 1.0))
-            .collect();
-        let srcs: Vec<_> = ws.iter().map(|wv| bf16_source(wv)).collect();
-        let wouts: Vec<(usize, &WeightBf16)> = outs
-            .iter()
-            .zip(&srcs)
-            .map(|(&(o, _), f)| (o, f as &WeightBf16))
-            .collect();
-        // xa [t, r] and p = s·Bᵀ [r, padded(o)] per output with a term
-        type Term = Option<(Vec<f32>, Vec<f32>, usize)>;
-        let terms: Vec<Term> = outs
-            .iter()
-            .enumerate()
-            .map(|(k, &(o, r))| {
-                (r > 0).then(|| {
-                    let b = rand_vec(o * r, seed + 50 + k as u64, 0.5);
-                    let xa = rand_vec(t * r, seed + 60 + k as u64, 2.0);
-                    (xa, skinny::pack_transposed(&b, o, r, 1.7), r)
-                })
-            })
-            .collect();
-        let adds: Vec<Option<LowRankAdd>> = terms
-            .iter()
-            .map(|tm| {
-                tm.as_ref().map(|(xa, p, r)| LowRankAdd {
-                    xa,
-                    r: *r,
-                    p,
-                    ldp: p.len() / r,
-                })
-            })
-            .collect();
-        // the reference: the products, then each term in a pass of its own
-        let mut want = linear_forward_multi(i, t, &x, &wouts);
-        for ((y, &(o, _)), tm) in want.iter_mut().zip(outs).zip(&terms) {
-            if let Some((xa, p, r)) = tm {
-                skinny::nn(Isa::best(), t, o, *r, xa, *r, p, y, o, true);
-            }
-        }
-        for threads in [1, 2, 3] {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .expect("pool");
-            let got = pool.install(|| linear_forward_multi_add(i, t, &x, &wouts, &adds));
-            for (k, (g, w)) in got.iter().zip(&want).enumerate() {
-                assert_eq!(
-                    bits(g),
-                    bits(w),
-                    "output {k} of case {n} (i {i}, t {t}), {threads} threads"
-                );
-            }
-        }
-        // and the term really was added (not a no-op on both sides)
-        let plain = linear_forward_multi(i, t, &x, &wouts);
-        for (k, tm) in terms.iter().enumerate() {
-            assert_eq!(
-                tm.is_some(),
-                max_abs_diff(&plain[k], &want[k]) > 1e-3,
-                "case {n} output {k}"
-            );
-        }
-    }
-}
-
-/// The low-rank term added inside the input gradient (LoRA's `dxa · A`)
-/// gives bit for bit the product followed by the term's own pass: column
-/// split, row split, two weight chunks, partial blocks, 1-3 threads.
-#[test]
-fn low_rank_term_inside_the_input_gradient_equals_its_own_pass_bit_for_bit() {
-    use crate::ops::fastmath::Isa;
-    use crate::ops::skinny;
-    if !available() {
-        eprintln!("SKIPPED: AMX-BF16 is not available on this CPU; the AMX kernels were not run");
-        return;
-    }
-    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-    // (o, i, t, r): column split; row split (dy >= 1 MiB packed); two
-    // chunks of weight rows (o·i > CHUNK_ELEMS) on the row split; tiny.
-    for (n, &(o, i, t, r)) in [
-        (70usize, 96usize, 40usize, 16usize),
-        (1100, 100, 480, 17),
-        (2500, 1100, 400, 16),
-        (33, 45, 7, 3),
-        (1, 64, 32, 2),
-    ]
-    .iter()
-    .enumerate()
-    {
-        let seed = 300 + 10 * n as u64;
-        let wv = rand_vec(o * i, seed, 1.0);
-        let w = bf16_source(&wv);
-        let dy = rand_vec(t * o, seed + 1, 1.0);
-        let init = rand_vec(t * i, seed + 2, 1.0);
-        let dxa = rand_vec(t * r, seed + 3, 2.0);
-        let p = skinny::pack_rows(&rand_vec(r * i, seed + 4, 0.5), r, i, 1.0);
-        let mut want = init.clone();
-        linear_backward(o, i, t, &dy, &mut want, &w);
-        let base = want.clone();
-        skinny::nn(Isa::best(), t, i, r, &dxa, r, &p, &mut want, i, true);
-        assert!(max_abs_diff(&base, &want) > 1e-3, "the term adds something");
-        for threads in [1, 2, 3] {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .expect("pool");
-            let mut got = init.clone();
-            let add = LowRankAdd {
-                xa: &dxa,
-                r,
-                p: &p,
-                ldp: p.len() / r,
-            };
-            pool.install(|| linear_backward_add(o, i, t, &dy, &mut got, &w, Some(add)));
-            assert_eq!(
-                bits(&got),
-                bits(&want),
-                "{o}x{i}x{t} r {r}, {threads} threads"
-            );
-        }
-    }
-}
-
 /// [`linear_forward_lora`]: each module's `x·Aᵀ` made inside the input's
 /// pack equals its own pass ([`crate::ops::skinny::nn`]) bit for bit (kept
 /// ones are returned as given), and each output is the base product plus
@@ -734,7 +580,6 @@ fn lora_input_gradient_term_in_the_products_matches_the_f64_sum() {
 /// weight chunks, partial blocks, an empty K, 1-3 threads.
 #[test]
 fn fresh_input_gradient_equals_the_product_into_zeros_bit_for_bit() {
-    use crate::ops::skinny;
     if !available() {
         eprintln!("SKIPPED: AMX-BF16 is not available on this CPU; the AMX kernels were not run");
         return;
@@ -755,27 +600,39 @@ fn fresh_input_gradient_equals_the_product_into_zeros_bit_for_bit() {
         let w = bf16_source(&wv);
         let dy = rand_vec(t * o, seed + 1, 1.0);
         let dxa = rand_vec(t * r, seed + 2, 2.0);
-        let p = skinny::pack_rows(&rand_vec(r * i, seed + 3, 0.5), r, i, 1.0);
-        let add = (r > 0).then(|| LowRankAdd {
-            xa: &dxa,
+        let a: Vec<u16> = rand_vec(r * i, seed + 3, 0.5)
+            .iter()
+            .map(|v| bf16_bits(*v))
+            .collect();
+        let up = InputUpTerm {
+            dxa: &dxa,
+            a: &a,
             r,
-            p: &p,
-            ldp: p.len() / r,
-        });
+        };
         let mut want = vec![0f32; t * i];
-        linear_backward_add(o, i, t, &dy, &mut want, &w, add);
-        assert!(o == 0 && r == 0 || want.iter().any(|v| *v != 0.0));
+        linear_backward(o, i, t, &dy, &mut want, &w);
+        assert!(o == 0 || want.iter().any(|v| *v != 0.0));
+        let mut want_up = vec![0f32; t * i];
+        if o > 0 {
+            linear_backward_up(o, i, t, &dy, Some(&mut want_up), &w, up);
+        }
         for threads in [1, 2, 3] {
             let pool = rayon::ThreadPoolBuilder::new()
                 .num_threads(threads)
                 .build()
                 .expect("pool");
-            let got = pool.install(|| linear_backward_new(o, i, t, &dy, &w, add));
-            assert_eq!(
-                bits(&got),
-                bits(&want),
-                "{o}x{i}x{t} r {r}, {threads} threads"
-            );
+            let got = pool.install(|| linear_backward_new(o, i, t, &dy, &w));
+            assert_eq!(bits(&got), bits(&want), "{o}x{i}x{t}, {threads} threads");
+            if o > 0 {
+                let got = pool
+                    .install(|| linear_backward_up(o, i, t, &dy, None, &w, up))
+                    .expect("a fresh gradient");
+                assert_eq!(
+                    bits(&got),
+                    bits(&want_up),
+                    "{o}x{i}x{t} r {r} with the LoRA term, {threads} threads"
+                );
+            }
         }
     }
 }
@@ -849,8 +706,8 @@ fn weight_writers_give_the_same_products_bit_for_bit() {
         let dx0 = rand_vec(t * i, seed + 2, 1.0);
         let want_y = linear_forward_new(o, i, t, &x, &w);
         let mut want = dx0.clone();
-        linear_backward_add(o, i, t, &dy, &mut want, &w, None);
-        let want_new = linear_backward_new(o, i, t, &dy, &w, None);
+        linear_backward(o, i, t, &dy, &mut want, &w);
+        let want_new = linear_backward_new(o, i, t, &dy, &w);
         for (name, src) in [("4-bit", &nf4 as &WeightBf16), ("defaults", &defaults)] {
             for threads in [1, 2, 3] {
                 let pool = rayon::ThreadPoolBuilder::new()
@@ -861,9 +718,9 @@ fn weight_writers_give_the_same_products_bit_for_bit() {
                 let y = pool.install(|| linear_forward_new(o, i, t, &x, src));
                 assert_eq!(bits(&y), bits(&want_y), "forward {what}");
                 let mut got = dx0.clone();
-                pool.install(|| linear_backward_add(o, i, t, &dy, &mut got, src, None));
+                pool.install(|| linear_backward(o, i, t, &dy, &mut got, src));
                 assert_eq!(bits(&got), bits(&want), "input gradient {what}");
-                let got = pool.install(|| linear_backward_new(o, i, t, &dy, src, None));
+                let got = pool.install(|| linear_backward_new(o, i, t, &dy, src));
                 assert_eq!(bits(&got), bits(&want_new), "fresh input gradient {what}");
             }
         }

@@ -556,7 +556,8 @@ pub fn nn(
 /// [`nn`] with `P`'s row stride `ldp` given (a column range of a wider
 /// packed `P`: pass `&p[j0..]`) and `C` through a pointer, for callers that
 /// fill disjoint blocks of one output from several threads (the AMX
-/// forward's LoRA term). Each element is computed exactly as [`nn`] does.
+/// forward's LoRA down-projections, row groups of `x·Aᵀ` inside the pack).
+/// Each element is computed exactly as [`nn`] does.
 ///
 /// # Safety
 /// `c` must be valid for reads and writes of rows `0..m`, columns `0..n` at
