@@ -6,8 +6,10 @@ use crate::ops::linear::BaseCompute;
 impl Model {
     /// Compute every frozen linear (the seven per layer and the lm_head) in
     /// `compute`: [`BaseCompute::Bf16`] rounds weights and activations to bf16
-    /// and accumulates in f32 (AMX tiles where the CPU has them); norms,
-    /// softmax, the loss, LoRA and the optimizer stay f32 either way.
+    /// and accumulates in f32 (AMX tiles where the CPU has them; there
+    /// LoRA's up-projection and input-gradient term join the products as
+    /// extra k-steps); norms, softmax, the loss, LoRA's weights, `x·Aᵀ` and
+    /// gradients, and the optimizer stay f32 either way.
     pub fn set_base_compute(&mut self, compute: BaseCompute) {
         for l in &mut self.layers {
             for lin in &mut l.linears {
