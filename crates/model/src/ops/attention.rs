@@ -238,7 +238,7 @@ pub(crate) unsafe fn write_heads(
         src.len() >= nh * len * d && h0 + nh <= heads,
         "attention: group outside the heads"
     );
-    let pf = super::attention_amx::PF_ROWS;
+    let pf = super::fastmath::PREFETCH_ROWS;
     for r in 0..nh {
         for i in 0..len {
             if i + pf < len {

@@ -93,8 +93,8 @@ fn pack_rows_forward(src: &[f32], nr: usize, d: usize, ld: usize, col0: usize, o
         let nn = 32.min(nr - p * 32);
         for r in 0..nn {
             let at = (p * 32 + r) * ld + col0;
-            if p * 32 + r + PF_ROWS < nr {
-                fastmath::prefetch(src[at + PF_ROWS * ld..].as_ptr(), d);
+            if p * 32 + r + fastmath::PREFETCH_ROWS < nr {
+                fastmath::prefetch(src[at + fastmath::PREFETCH_ROWS * ld..].as_ptr(), d);
             }
             fastmath::to_bf16(&src[at..at + d], &mut rows[r * d..(r + 1) * d]);
         }
@@ -119,11 +119,6 @@ fn put_b_pair(b: &mut [u16], jp: usize, ksteps: usize, lo: &[u16], hi: &[u16]) {
     }
 }
 
-/// Rows ahead that the strided row readers prefetch: a head's row is a
-/// few lines a whole row stride from the next, in a new page every row or
-/// two, which the hardware prefetchers do not follow.
-pub(crate) const PF_ROWS: usize = 8;
-
 /// One group's stacked queries into `g` (`[n_rep·rows, d]`, every element
 /// written): row `r·rows + ii` = `scale · q` of head `kvh·n_rep + r`, query
 /// `i0 + ii`.
@@ -144,8 +139,8 @@ fn gather(
         let hi = kvh * n_rep + r;
         for ii in 0..rows {
             let at = (bi * sh.q_len + i0 + ii) * hd + hi * d;
-            if ii + PF_ROWS < rows {
-                fastmath::prefetch(x[at + PF_ROWS * hd..].as_ptr(), d);
+            if ii + fastmath::PREFETCH_ROWS < rows {
+                fastmath::prefetch(x[at + fastmath::PREFETCH_ROWS * hd..].as_ptr(), d);
             }
             let dst = &mut g[(r * rows + ii) * d..][..d];
             dst.iter_mut()
@@ -376,9 +371,9 @@ fn block_stats(
             l
         };
         let at = (bi * s + i0 + ii) * hd + hi * d;
-        if ii + PF_ROWS < rows {
-            fastmath::prefetch(dout[at + PF_ROWS * hd..].as_ptr(), d);
-            fastmath::prefetch(out[at + PF_ROWS * hd..].as_ptr(), d);
+        if ii + fastmath::PREFETCH_ROWS < rows {
+            fastmath::prefetch(dout[at + fastmath::PREFETCH_ROWS * hd..].as_ptr(), d);
+            fastmath::prefetch(out[at + fastmath::PREFETCH_ROWS * hd..].as_ptr(), d);
         }
         dsum[c] = dout[at..at + d]
             .iter()

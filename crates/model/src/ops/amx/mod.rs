@@ -21,9 +21,6 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
-/// Rows ahead that the strided row readers prefetch.
-const PF_ROWS: usize = super::attention_amx::PF_ROWS;
-
 /// One tile: 16 rows of 64 bytes = 512 bf16.
 pub(crate) const TILE_U16: usize = 512;
 /// Rows of the weight dequantized per backward chunk (a multiple of 32):
@@ -263,9 +260,9 @@ pub(crate) fn pack_a_hooked(
                     let row = g * 16 + r;
                     // a strided source (a head's columns): rows a stride
                     // apart, which the hardware prefetchers do not follow
-                    if ld > cols && row + PF_ROWS < rows {
+                    if ld > cols && row + super::fastmath::PREFETCH_ROWS < rows {
                         super::fastmath::prefetch(
-                            src[(row + PF_ROWS) * ld + col0..].as_ptr(),
+                            src[(row + super::fastmath::PREFETCH_ROWS) * ld + col0..].as_ptr(),
                             cols,
                         );
                     }

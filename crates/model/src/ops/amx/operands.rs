@@ -87,7 +87,7 @@ pub(crate) fn pack_b_pairs(
     let rows = nr.min(kp_rows);
     for pr in 0..rows.div_ceil(2) {
         let (r0, r1) = (2 * pr, 2 * pr + 1);
-        let ahead = r0 + super::super::attention_amx::PF_ROWS;
+        let ahead = r0 + super::super::fastmath::PREFETCH_ROWS;
         if ahead + 1 < rows {
             super::super::fastmath::prefetch(src[ahead * ld..].as_ptr(), n);
             super::super::fastmath::prefetch(src[(ahead + 1) * ld..].as_ptr(), n);
