@@ -36,10 +36,8 @@ fn fused_linear_lora_backward(
         let _t = profile::time(Op::LoraBackward);
         l.backward_parts(x, xa, dy, t)
     };
-    let a: Vec<u16> = l.a[..l.r * l.in_features]
-        .iter()
-        .map(|v| crate::ops::fastmath::bf16_bits(*v))
-        .collect();
+    let mut a = vec![0u16; l.r * l.in_features];
+    crate::ops::fastmath::to_bf16(&l.a[..a.len()], &mut a);
     let up = crate::ops::amx::InputUpTerm {
         dxa: &dxa,
         a: &a,

@@ -524,18 +524,11 @@ pub(crate) fn backward_group(
     (dq, dk, dv)
 }
 
+/// [`backward_group`] as it was before its elementwise passes were fused
+/// (softmax, gradient and the three packs each a pass of their own over
+/// the f32 blocks), kept as the reference it must equal bit for bit.
 #[cfg(test)]
 #[allow(clippy::too_many_arguments)]
-/// The backward as it was before its elementwise passes were fused
-/// ([`backward_group`] must give the same bits): kept as the reference.
-/// Backward of one (batch row, kv head) group: `(dq [n_rep][q_len][d],
-/// dk [k_len][d], dv [k_len][d])`, the layout [`super::attention::backward`]
-/// scatters.
-///
-/// Everything is computed key-major (`Sᵀ = K Qᵀ`, `Pᵀ`, `dPᵀ = V dOᵀ`,
-/// `dSᵀ`): then `Pᵀ` and `dSᵀ` are the A operands of `dV = Pᵀ dO` and
-/// `dK = dSᵀ Q` as they are, K and V are A operands packed once per group,
-/// and only `dQᵀ = Kᵀ dSᵀ` needs K transposed (once per group).
 fn backward_group_unfused(
     sh: &AttnShape,
     q: &[f32],

@@ -281,18 +281,7 @@ pub(crate) const PREFETCH_ROWS: usize = 8;
 #[inline(always)]
 pub(crate) fn prefetch(p: *const f32, n: usize) {
     #[cfg(target_arch = "x86_64")]
-    {
-        let mut k = 0;
-        while k < n {
-            // SAFETY: a hint only; `wrapping_add` keeps the address arithmetic defined.
-            unsafe {
-                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
-                    p.wrapping_add(k) as *const i8,
-                )
-            };
-            k += 16;
-        }
-    }
+    prefetch_lines::<{ std::arch::x86_64::_MM_HINT_T0 }>(p, n);
     #[cfg(not(target_arch = "x86_64"))]
     let _ = (p, n);
 }
@@ -302,20 +291,19 @@ pub(crate) fn prefetch(p: *const f32, n: usize) {
 #[inline(always)]
 pub(crate) fn prefetch_w(p: *const f32, n: usize) {
     #[cfg(target_arch = "x86_64")]
-    {
-        let mut k = 0;
-        while k < n {
-            // SAFETY: as in `prefetch`.
-            unsafe {
-                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_ET0 }>(
-                    p.wrapping_add(k) as *const i8,
-                )
-            };
-            k += 16;
-        }
-    }
+    prefetch_lines::<{ std::arch::x86_64::_MM_HINT_ET0 }>(p, n);
     #[cfg(not(target_arch = "x86_64"))]
     let _ = (p, n);
+}
+
+/// One `_mm_prefetch` with `HINT` per cache line of `n` floats from `p`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn prefetch_lines<const HINT: i32>(p: *const f32, n: usize) {
+    for k in (0..n).step_by(16) {
+        // SAFETY: a hint only; `wrapping_add` keeps the address arithmetic defined.
+        unsafe { std::arch::x86_64::_mm_prefetch::<HINT>(p.wrapping_add(k) as *const i8) };
+    }
 }
 
 multiversion! {

@@ -4,8 +4,8 @@
 use rayon::prelude::*;
 
 use super::{
-    available, bf16_bits, imp, pack_a_hooked, products_by_rows, round_up, row_slices, with_scratch,
-    PanelOut, SendPtr, WeightBf16, CHUNK_ELEMS, SCRATCH_A, SCRATCH_B, SCRATCH_C, TILE_U16,
+    available, imp, pack_a_hooked, products_by_rows, round_up, row_slices, with_scratch, PanelOut,
+    SendPtr, WeightBf16, CHUNK_ELEMS, SCRATCH_A, SCRATCH_B, SCRATCH_C, TILE_U16,
 };
 
 /// A LoRA module's input-gradient term `dxa · A` as extra k-steps of the
@@ -258,9 +258,7 @@ unsafe fn backward_raw(
     let extra = |row: usize, buf: &mut [u16]| {
         if let Some(u) = &up {
             let v = &u.dxa[row * u.r..(row + 1) * u.r];
-            for (d, x) in buf[ko..ko + u.r].iter_mut().zip(v) {
-                *d = bf16_bits(*x);
-            }
+            crate::ops::fastmath::to_bf16(v, &mut buf[ko..ko + u.r]);
         }
     };
     with_scratch(&SCRATCH_A, |a| {

@@ -836,9 +836,7 @@ pub fn linear_forward_lora(
             // SAFETY: row `row` of this x·Aᵀ (`t·r` values) was written (kept,
             // or by the hook on this row's group, which ran first in this task).
             let v = unsafe { std::slice::from_raw_parts(xa.get().add(row * r), r) };
-            for (d, x) in buf[kx + off..kx + off + r].iter_mut().zip(v) {
-                *d = bf16_bits(*x);
-            }
+            super::fastmath::to_bf16(v, &mut buf[kx + off..kx + off + r]);
         }
     };
     let mut ys: Vec<Vec<f32>> = outs
