@@ -150,6 +150,13 @@ fn shapes(tiny: bool) {
             fn rows_interleaved(&self, _: usize, r0: usize, nr: usize, out: &mut [u16], st: usize) {
                 self.0.dequantize_rows_interleaved_bf16(r0, nr, out, st)
             }
+            fn forward_panel(&self, c: usize, r0: usize, nr: usize, ks: usize, out: &mut [u16]) {
+                if self.1 && self.0.rows_as_tile_columns_fast() {
+                    self.0.dequantize_rows_as_tile_columns_bf16(r0, nr, ks, out)
+                } else {
+                    ops::amx::forward_panel_via_elems(self, c, r0, nr, ks, out)
+                }
+            }
         }
         let writers = std::env::var_os("NO_WRITERS").is_none();
         let nf4_src = q.as_ref().map(|q| Nf4(q, writers));
@@ -423,6 +430,20 @@ fn dequant_bench() {
         }
         println!(
             "NF4+DQ -> bf16, 32 x {i}: {:.1} us, {:.2} ns/element",
+            best * 1e6,
+            best * 1e9 / (32 * i) as f64
+        );
+        // the forward's B panel straight from the codes (rows as tile columns)
+        let ks = i.div_ceil(32);
+        let mut panel = vec![0u16; 2 * ks * 512];
+        let mut best = f64::MAX;
+        for _ in 0..200 {
+            let t0 = Instant::now();
+            q.dequantize_rows_as_tile_columns_bf16(0, 32, ks, &mut panel);
+            best = best.min(t0.elapsed().as_secs_f64());
+        }
+        println!(
+            "NF4+DQ -> forward panel, 32 x {i}: {:.1} us, {:.2} ns/element",
             best * 1e6,
             best * 1e9 / (32 * i) as f64
         );

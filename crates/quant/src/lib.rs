@@ -80,6 +80,7 @@ pub mod blockwise8;
 mod dequantize;
 mod quantize;
 pub mod reference;
+mod rows_as_columns;
 mod rows_interleaved;
 mod simd;
 mod tables;

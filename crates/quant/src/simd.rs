@@ -441,6 +441,51 @@ pub(crate) mod x86_512 {
         _mm512_cvtepi32_epi16(r)
     }
 
+    /// Stores the 16 × 16 matrix of u32 whose row `k` is `r[k]` transposed:
+    /// row `q` of the result (16 u32 at `dst + 16q`) is lane `q` of every
+    /// `r[k]`. Three rounds of in-lane unpacks and 128-bit shuffles (64
+    /// shuffles for the 16 rows).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub(crate) unsafe fn transpose16x16_u32(r: &[__m512i; 16], dst: *mut u32) {
+        let mut t = [_mm512_setzero_si512(); 16];
+        for k in 0..8 {
+            t[2 * k] = _mm512_unpacklo_epi32(r[2 * k], r[2 * k + 1]);
+            t[2 * k + 1] = _mm512_unpackhi_epi32(r[2 * k], r[2 * k + 1]);
+        }
+        // u[4g + m]: column 4L + m of rows 4g .. 4g+4, in 128-bit lane L.
+        let mut u = [_mm512_setzero_si512(); 16];
+        for g in 0..4 {
+            let (a, b, c, d) = (t[4 * g], t[4 * g + 1], t[4 * g + 2], t[4 * g + 3]);
+            u[4 * g] = _mm512_unpacklo_epi64(a, c);
+            u[4 * g + 1] = _mm512_unpackhi_epi64(a, c);
+            u[4 * g + 2] = _mm512_unpacklo_epi64(b, d);
+            u[4 * g + 3] = _mm512_unpackhi_epi64(b, d);
+        }
+        for m in 0..4 {
+            let a = _mm512_shuffle_i32x4::<0x88>(u[m], u[4 + m]);
+            let b = _mm512_shuffle_i32x4::<0xdd>(u[m], u[4 + m]);
+            let c = _mm512_shuffle_i32x4::<0x88>(u[8 + m], u[12 + m]);
+            let d = _mm512_shuffle_i32x4::<0xdd>(u[8 + m], u[12 + m]);
+            _mm512_storeu_si512(
+                dst.add(m * 16) as *mut _,
+                _mm512_shuffle_i32x4::<0x88>(a, c),
+            );
+            _mm512_storeu_si512(
+                dst.add((8 + m) * 16) as *mut _,
+                _mm512_shuffle_i32x4::<0xdd>(a, c),
+            );
+            _mm512_storeu_si512(
+                dst.add((4 + m) * 16) as *mut _,
+                _mm512_shuffle_i32x4::<0x88>(b, d),
+            );
+            _mm512_storeu_si512(
+                dst.add((12 + m) * 16) as *mut _,
+                _mm512_shuffle_i32x4::<0xdd>(b, d),
+            );
+        }
+    }
+
     /// Whole blocks of `bs` elements (`bs` a multiple of 32) dequantized to bf16 bits:
     /// block `k` is `bytes[k·bs/2 ..][.. bs/2]` with absmax `absmax[k]`, written to
     /// `out[k·bs ..][.. bs]`. Element `2j` is the high nibble of byte `j`, `2j + 1` the

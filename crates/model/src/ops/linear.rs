@@ -420,6 +420,15 @@ impl super::amx::WeightSource for Bf16Source<'_> {
             None => super::amx::rows_interleaved_via_elems(self, cols, r0, nr, out, stride),
         }
     }
+
+    fn forward_panel(&self, cols: usize, r0: usize, nr: usize, ksteps: usize, out: &mut [u16]) {
+        match self.quant() {
+            Some(q) if q.rows_as_tile_columns_fast() => {
+                q.dequantize_rows_as_tile_columns_bf16(r0, nr, ksteps, out)
+            }
+            _ => super::amx::forward_panel_via_elems(self, cols, r0, nr, ksteps, out),
+        }
+    }
 }
 
 #[cfg(test)]

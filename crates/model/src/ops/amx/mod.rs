@@ -69,6 +69,32 @@ pub trait WeightSource: Sync {
     fn rows_interleaved(&self, cols: usize, r0: usize, nr: usize, out: &mut [u16], stride: usize) {
         backward::rows_interleaved_via_elems(self, cols, r0, nr, out, stride)
     }
+
+    /// Rows `r0..r0 + nr` (at most 32; `cols` per row) as the forward's B
+    /// panel ([`pack_b_forward`]'s layout, `ksteps` tiles per stream, zeros
+    /// past the rows and columns). The default goes through
+    /// [`Self::elems`] and a transpose; a 4-bit weight writes the tiles
+    /// straight from its codes.
+    fn forward_panel(&self, cols: usize, r0: usize, nr: usize, ksteps: usize, out: &mut [u16]) {
+        forward_panel_via_elems(self, cols, r0, nr, ksteps, out)
+    }
+}
+
+/// [`WeightSource::forward_panel`] through the weight's elements: the rows
+/// as bf16 in a scratch, then [`pack_b_forward`].
+pub fn forward_panel_via_elems<W: WeightSource + ?Sized>(
+    w: &W,
+    cols: usize,
+    r0: usize,
+    nr: usize,
+    ksteps: usize,
+    out: &mut [u16],
+) {
+    with_scratch(&SCRATCH_B, |sc| {
+        sc.resize(nr * cols);
+        w.elems(r0 * cols, &mut sc[..nr * cols]);
+        pack_b_forward(&sc[..nr * cols], nr, cols, ksteps, out);
+    });
 }
 
 impl<F: Fn(usize, &mut [u16]) + Sync> WeightSource for F {
@@ -82,16 +108,9 @@ impl<F: Fn(usize, &mut [u16]) + Sync> WeightSource for F {
 pub type WeightBf16<'a> = dyn WeightSource + 'a;
 
 /// Panel `nb` (output rows `32nb..`, `nn` of them) of the forward's B
-/// operand into `b`: the rows' bf16 elements, then [`pack_b_forward`]. (A
-/// 4-bit weight written 16 rows x 256 columns at a time and transposed
-/// while in L1 was 5% faster here: the dequantization and the transpose
-/// are compute-bound, not the scratch's round trip through L2.)
+/// operand into `b` ([`WeightSource::forward_panel`]).
 fn forward_panel(w: &WeightBf16, nb: usize, nn: usize, i: usize, ksteps: usize, b: &mut [u16]) {
-    with_scratch(&SCRATCH_B, |sc| {
-        sc.resize(nn * i);
-        w.elems(nb * 32 * i, &mut sc[..nn * i]);
-        pack_b_forward(&sc[..nn * i], nn, i, ksteps, b);
-    });
+    w.forward_panel(i, nb * 32, nn, ksteps, b);
 }
 
 /// A LoRA module's up-projection `xa · (s·Bᵀ)` as extra k-steps of a

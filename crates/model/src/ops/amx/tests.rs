@@ -662,6 +662,10 @@ impl WeightSource for Nf4Source<'_> {
     fn rows_interleaved(&self, _cols: usize, r0: usize, nr: usize, out: &mut [u16], stride: usize) {
         self.0.dequantize_rows_interleaved_bf16(r0, nr, out, stride)
     }
+    fn forward_panel(&self, _cols: usize, r0: usize, nr: usize, ksteps: usize, out: &mut [u16]) {
+        self.0
+            .dequantize_rows_as_tile_columns_bf16(r0, nr, ksteps, out)
+    }
 }
 
 /// Products through a 4-bit weight's own writer (the input gradient's tiles
