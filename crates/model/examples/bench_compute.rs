@@ -147,8 +147,23 @@ fn shapes(tiny: bool) {
             fn has_rows_interleaved(&self) -> bool {
                 self.1 && self.0.rows_interleaved_fast()
             }
-            fn rows_interleaved(&self, _: usize, r0: usize, nr: usize, out: &mut [u16], st: usize) {
-                self.0.dequantize_rows_interleaved_bf16(r0, nr, out, st)
+            fn rows_interleaved(
+                &self,
+                _: usize,
+                rows: std::ops::Range<usize>,
+                cols: std::ops::Range<usize>,
+                out: &mut [u16],
+                st: usize,
+            ) {
+                let (r0, c0) = (rows.start, cols.start);
+                self.0.dequantize_rows_interleaved_bf16_cols(
+                    r0,
+                    rows.len(),
+                    c0,
+                    cols.len(),
+                    out,
+                    st,
+                )
             }
             fn forward_panel(&self, c: usize, r0: usize, nr: usize, ks: usize, out: &mut [u16]) {
                 if self.1 && self.0.rows_as_tile_columns_fast() {

@@ -37,6 +37,25 @@ impl Quantized4 {
         self.dequantize_rows_interleaved_bf16_with(Backend::detect(), r0, nr, out, stride)
     }
 
+    /// [`Self::dequantize_rows_interleaved_bf16`] for the columns `c0 .. c0
+    /// + ncols` only (both multiples of 16): group `g` of the range (columns
+    /// `c0 + 16g ..`) at `out[g·stride ..]`.
+    ///
+    /// # Panics
+    /// As [`Self::dequantize_rows_interleaved_bf16`], or if the columns are
+    /// outside the tensor or not on the 16-column grid.
+    pub fn dequantize_rows_interleaved_bf16_cols(
+        &self,
+        r0: usize,
+        nr: usize,
+        c0: usize,
+        ncols: usize,
+        out: &mut [u16],
+        stride: usize,
+    ) {
+        self.rows_interleaved_with(Backend::detect(), r0, nr, c0, ncols, out, stride)
+    }
+
     /// Whether [`Self::dequantize_rows_interleaved_bf16`] has a vectorized
     /// kernel for this tensor on this CPU (2-D, rows a whole number of
     /// blocks, AVX-512); otherwise it runs a plain loop, slower than
@@ -56,6 +75,23 @@ impl Quantized4 {
         out: &mut [u16],
         stride: usize,
     ) {
+        let cols = self.shape.get(1).copied().unwrap_or(0);
+        self.rows_interleaved_with(backend, r0, nr, 0, cols, out, stride)
+    }
+
+    /// [`Self::dequantize_rows_interleaved_bf16_cols`] with an explicit backend (tests).
+    #[doc(hidden)]
+    #[allow(clippy::too_many_arguments)]
+    pub fn rows_interleaved_with(
+        &self,
+        backend: Backend,
+        r0: usize,
+        nr: usize,
+        c0: usize,
+        ncols: usize,
+        out: &mut [u16],
+        stride: usize,
+    ) {
         let &[rows, cols] = self.shape.as_slice() else {
             panic!(
                 "dequantize_rows_interleaved_bf16 needs a 2-D tensor, shape is {:?}",
@@ -67,11 +103,16 @@ impl Quantized4 {
             "dequantize_rows_interleaved_bf16: {cols} columns, not a multiple of 16"
         );
         assert!(
+            c0.is_multiple_of(16) && ncols.is_multiple_of(16) && c0 <= cols && ncols <= cols - c0,
+            "dequantize_rows_interleaved_bf16: columns {c0}..{} of {cols}",
+            c0 + ncols
+        );
+        assert!(
             r0 <= rows && nr <= rows - r0,
             "rows {r0}..{} outside the tensor's {rows}",
             r0 + nr
         );
-        let (groups, npairs) = (cols / 16, nr.div_ceil(2));
+        let (groups, npairs) = (ncols / 16, nr.div_ceil(2));
         if groups == 0 || npairs == 0 {
             return;
         }
@@ -100,6 +141,8 @@ impl Quantized4 {
                         &map,
                         r0 + 2 * p0,
                         rows_here,
+                        c0 / 16,
+                        groups,
                         &mut out[32 * p0..],
                         stride,
                     )
@@ -111,7 +154,8 @@ impl Quantized4 {
         for g in 0..groups {
             for p in 0..npairs {
                 let (re, odd) = (r0 + 2 * p, 2 * p + 1 < nr);
-                let (ee, eo) = (re * cols + 16 * g, (re + usize::from(odd)) * cols + 16 * g);
+                let col = c0 + 16 * g;
+                let (ee, eo) = (re * cols + col, (re + usize::from(odd)) * cols + col);
                 let a_e = self.absmax.at(ee / bs);
                 let a_o = if odd { self.absmax.at(eo / bs) } else { 0.0 };
                 let d = &mut out[g * stride + 32 * p..g * stride + 32 * p + 32];
@@ -158,11 +202,14 @@ fn group_scalar(
 /// AVX-512 F and BW are available; the caller checked the sizes.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw")]
+#[allow(clippy::too_many_arguments)]
 unsafe fn rows_avx512(
     q: &Quantized4,
     map: &[f32; 16],
     r0: usize,
     nr: usize,
+    g0: usize,
+    groups: usize,
     out: &mut [u16],
     stride: usize,
 ) {
@@ -170,9 +217,9 @@ unsafe fn rows_avx512(
     let cols = q.shape[1];
     let bs = q.blocksize;
     let npairs = nr.div_ceil(2);
-    let groups = cols / 16;
     let packed = &q.packed;
     assert!(npairs <= MAX_PAIRS && cols.is_multiple_of(bs));
+    assert!(groups > 0 && 16 * (g0 + groups) <= cols);
     assert!(out.len() >= (groups - 1) * stride + 32 * npairs);
     assert!((r0 + nr) * cols / 2 <= packed.len());
     let m = _mm512_loadu_ps(map.as_ptr());
@@ -185,9 +232,11 @@ unsafe fn rows_avx512(
     let mut absmax = [[0f32; SEG_BLOCKS]; 2 * MAX_PAIRS];
     let mut luts = [[_mm512_setzero_si512(); SEG_BLOCKS]; MAX_PAIRS];
     let mut finite = [[true; SEG_BLOCKS]; MAX_PAIRS];
-    let mut b0 = 0;
-    while b0 < nblocks {
-        let nb = SEG_BLOCKS.min(nblocks - b0);
+    // the blocks of the column range
+    let (first, last) = (16 * g0 / bs, (16 * (g0 + groups) - 1) / bs + 1);
+    let mut b0 = first;
+    while b0 < last {
+        let nb = SEG_BLOCKS.min(last - b0);
         for (k, am) in absmax.iter_mut().enumerate().take(nr) {
             q.absmax.range_f32((r0 + k) * nblocks + b0, &mut am[..nb]);
         }
@@ -205,9 +254,9 @@ unsafe fn rows_avx512(
                 luts[p][b] = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(table(a_e)), hi);
             }
         }
-        for g in b0 * gpb..(b0 + nb) * gpb {
+        for g in (b0 * gpb).max(g0)..((b0 + nb) * gpb).min(g0 + groups) {
             let b = g / gpb - b0;
-            let dst = out.as_mut_ptr().add(g * stride);
+            let dst = out.as_mut_ptr().add((g - g0) * stride);
             for p in 0..npairs {
                 let (re, odd) = (r0 + 2 * p, 2 * p + 1 < nr);
                 let ee = re * cols + 16 * g;
@@ -279,7 +328,65 @@ mod tests {
         out
     }
 
+    /// Column ranges on the 16 grid: whole, from the second group, a middle
+    /// stretch across block boundaries, the last group.
+    fn column_ranges(cols: usize) -> Vec<(usize, usize)> {
+        let mut v = vec![(0, cols)];
+        if cols >= 32 {
+            v.push((16, cols - 16));
+            v.push((cols / 32 * 16, 16 * (cols / 64).max(1)));
+            v.push((cols - 16, 16));
+        }
+        v.retain(|&(c0, n)| n > 0 && c0 + n <= cols);
+        v
+    }
+
+    /// [`expected`] for the columns `c0 .. c0 + ncols`: the whole rows'
+    /// groups from `c0 / 16` on, moved to the front.
+    fn expected_cols(
+        q: &Quantized4,
+        r0: usize,
+        nr: usize,
+        c0: usize,
+        ncols: usize,
+        stride: usize,
+    ) -> Vec<u16> {
+        let cols = q.shape[1];
+        let whole = expected(q, r0, nr, stride);
+        let mut out = vec![0xdeadu16; (ncols / 16).max(1) * stride];
+        for g in 0..ncols / 16 {
+            let src = (c0 / 16 + g) * stride;
+            out[g * stride..(g + 1) * stride].copy_from_slice(&whole[src..src + stride]);
+        }
+        assert!(c0 + ncols <= cols);
+        out
+    }
+
+    fn check_cols(q: &Quantized4, what: &str) {
+        let (rows, cols) = (q.shape[0], q.shape[1]);
+        for backend in Backend::available() {
+            for (c0, ncols) in column_ranges(cols) {
+                for (r0, nr) in [(0, rows.min(32)), (rows - 3, 3), (1, 1)] {
+                    let stride = 32 * nr.div_ceil(2) + 32;
+                    let want = expected_cols(q, r0, nr, c0, ncols, stride);
+                    let mut got = vec![0xdeadu16; want.len()];
+                    q.rows_interleaved_with(backend, r0, nr, c0, ncols, &mut got, stride);
+                    // words past each group's pairs are not written
+                    for g in 0..ncols / 16 {
+                        let n = 32 * nr.div_ceil(2);
+                        assert_eq!(
+                            got[g * stride..g * stride + n],
+                            want[g * stride..g * stride + n],
+                            "{what} {backend:?} rows {r0}+{nr} columns {c0}+{ncols}, group {g}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
     fn check(q: &Quantized4, what: &str) {
+        check_cols(q, what);
         let rows = q.shape[0];
         for backend in Backend::available() {
             for (r0, nr) in [

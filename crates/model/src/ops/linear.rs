@@ -414,10 +414,24 @@ impl super::amx::WeightSource for Bf16Source<'_> {
         self.quant().is_some_and(|q| q.rows_interleaved_fast())
     }
 
-    fn rows_interleaved(&self, cols: usize, r0: usize, nr: usize, out: &mut [u16], stride: usize) {
+    fn rows_interleaved(
+        &self,
+        width: usize,
+        rows: std::ops::Range<usize>,
+        cols: std::ops::Range<usize>,
+        out: &mut [u16],
+        stride: usize,
+    ) {
         match self.quant() {
-            Some(q) => q.dequantize_rows_interleaved_bf16(r0, nr, out, stride),
-            None => super::amx::rows_interleaved_via_elems(self, cols, r0, nr, out, stride),
+            Some(q) if width.is_multiple_of(16) => q.dequantize_rows_interleaved_bf16_cols(
+                rows.start,
+                rows.len(),
+                cols.start,
+                cols.len(),
+                out,
+                stride,
+            ),
+            _ => super::amx::rows_interleaved_via_elems(self, width, rows, cols, out, stride),
         }
     }
 

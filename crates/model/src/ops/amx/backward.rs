@@ -4,8 +4,8 @@
 use rayon::prelude::*;
 
 use super::{
-    available, imp, pack_a_hooked, products_by_rows, round_up, row_slices, with_scratch, PanelOut,
-    SendPtr, WeightBf16, CHUNK_ELEMS, SCRATCH_A, SCRATCH_B, SCRATCH_C, TILE_U16,
+    available, groups, imp, pack_a_hooked, products_by_rows, round_up, row_slices, with_scratch,
+    PanelOut, SendPtr, WeightBf16, CHUNK_ELEMS, SCRATCH_A, SCRATCH_B, SCRATCH_C, TILE_U16,
 };
 
 /// A LoRA module's input-gradient term `dxa · A` as extra k-steps of the
@@ -144,17 +144,26 @@ pub(super) unsafe fn interleave_chunk(
 /// for storages without a writer of their own).
 pub(crate) fn rows_interleaved_via_elems<W: super::WeightSource + ?Sized>(
     w: &W,
-    cols: usize,
-    r0: usize,
-    nr: usize,
+    width: usize,
+    rows: std::ops::Range<usize>,
+    cols: std::ops::Range<usize>,
     out: &mut [u16],
     stride: usize,
 ) {
-    let mut rows = vec![0u16; nr * cols];
-    w.elems(r0 * cols, &mut rows);
+    let (nr, nc) = (rows.len(), cols.len());
+    let mut whole = vec![0u16; nr * width];
+    w.elems(rows.start * width, &mut whole);
+    let part: Vec<u16> = if nc == width {
+        whole
+    } else {
+        whole
+            .chunks_exact(width.max(1))
+            .flat_map(|r| r[cols.clone()].iter().copied())
+            .collect()
+    };
     // SAFETY: `out` is a valid slice; `interleave_chunk` asserts that every
     // element it writes (k-step 0 of `stride`-apart groups) is inside it.
-    unsafe { interleave_chunk(&rows, nr, cols, 0, stride, out.as_mut_ptr(), out.len()) }
+    unsafe { interleave_chunk(&part, nr, nc, 0, stride, out.as_mut_ptr(), out.len()) }
 }
 
 /// Weight rows `r0..r0 + nr` as k-step `ks` of the input gradient's B
@@ -184,7 +193,116 @@ unsafe fn rows_chunk(
     // SAFETY: inside the buffer (asserted); tile `ks` of every stream is
     // this caller's alone, and the writer only touches tile rows of it.
     let d = unsafe { std::slice::from_raw_parts_mut(dst.add(ks * TILE_U16), n) };
-    w.rows_interleaved(i, r0, nr, d, stream);
+    w.rows_interleaved(i, r0..r0 + nr, 0..i, d, stream);
+}
+
+/// Rows of W per pass of [`backward_by_groups`]: the output is reloaded
+/// once per pass, and a panel holds 64 bytes per row, so a group of
+/// [`groups::GROUP_PANEL_BYTES`] has at least 8 panels.
+const GROUP_PASS_ROWS: usize = 2048;
+
+/// The input gradient's products by [`groups`]: panel j is columns
+/// `32j..32j + 32` of W, over W's rows in passes of [`GROUP_PASS_ROWS`]
+/// (dy's k-steps; the last pass then the LoRA term's rows of `A`), written
+/// by the weight's interleaved-rows writer for the group's columns.
+///
+/// # Safety
+/// AMX is available; `a` is dy packed with the term's columns (`t` rows,
+/// `kp = round_up(o, 32) + 32·ceil(r / 32)` columns); `dx` is `t·i`
+/// writable floats; `i` is a multiple of 32.
+#[allow(clippy::too_many_arguments)]
+unsafe fn backward_by_groups(
+    a: &[u16],
+    kp: usize,
+    o: usize,
+    i: usize,
+    t: usize,
+    w: &WeightBf16,
+    up: Option<InputUpTerm>,
+    dx: *mut f32,
+    acc: bool,
+) {
+    let ext = up.map_or(0, |u| u.r.div_ceil(32));
+    let dx = SendPtr(dx);
+    let out = |j: usize| groups::GroupOut {
+        c: SendPtr(dx.get().wrapping_add(j * 32)),
+        ldc: i,
+        nn: 32,
+    };
+    let mut k0 = 0;
+    while k0 < o {
+        let k1 = (k0 + GROUP_PASS_ROWS).min(o);
+        let last = k1 == o;
+        let ksw = (k1 - k0).div_ceil(32);
+        let ksc = ksw + if last { ext } else { 0 };
+        let stream = ksc * TILE_U16;
+        let pack = |js: std::ops::Range<usize>, b: &mut [u16]| {
+            let cols = js.start * 32..js.end * 32;
+            // tile rows no writer reaches: pairs past a partial last k-step
+            // of W's rows, the term's k-steps past its rows
+            let zero_from = if (k1 - k0).is_multiple_of(32) {
+                ksw * TILE_U16
+            } else {
+                (ksw - 1) * TILE_U16 + 32 * ((k1 - k0) % 32).div_ceil(2)
+            };
+            for gg in 0..2 * js.len() {
+                b[gg * stream + zero_from..(gg + 1) * stream].fill(0);
+            }
+            for ks in 0..ksw {
+                let r0 = k0 + ks * 32;
+                let nr = 32.min(k1 - r0);
+                let n = (2 * js.len() - 1) * stream + 32 * nr.div_ceil(2);
+                w.rows_interleaved(
+                    i,
+                    r0..r0 + nr,
+                    cols.clone(),
+                    &mut b[ks * TILE_U16..][..n],
+                    stream,
+                );
+            }
+            if let (Some(u), true) = (&up, last) {
+                let width = cols.len();
+                let part: Vec<u16> = u.a[..u.r * i]
+                    .chunks_exact(i)
+                    .flat_map(|row| row[cols.clone()].iter().copied())
+                    .collect();
+                for (e, rows) in part.chunks(32 * width).enumerate() {
+                    // SAFETY: k-step ksw + e of the group's streams (inside
+                    // `b`, asserted by `interleave_chunk`).
+                    unsafe {
+                        interleave_chunk(
+                            rows,
+                            rows.len() / width,
+                            width,
+                            ksw + e,
+                            stream,
+                            b.as_mut_ptr(),
+                            b.len(),
+                        )
+                    };
+                }
+            }
+        };
+        let g = groups::panels_per_group(i / 32, 2 * stream * 2);
+        // SAFETY: the caller's contract; A's k-steps k0/32 .. k0/32 + ksc
+        // are this pass's rows of W (and, last, the term's); panel j's C
+        // is dx's columns 32j.. .
+        unsafe {
+            groups::run_groups(
+                a,
+                kp,
+                k0 / 32,
+                t,
+                ksc,
+                i / 32,
+                g,
+                acc || k0 > 0,
+                &pack,
+                &out,
+            )
+        };
+        k0 = k1;
+    }
 }
 
 /// `dx[t, i] += dy[t, o] · W`, W `[o, i]` given by `w`.
@@ -265,6 +383,16 @@ unsafe fn backward_raw(
         let extra: Option<&super::RowExtra> = up.is_some().then_some(&extra);
         pack_a_hooked(dy, t, o, o, 0, kp, a, None, extra);
         let a = &a[..];
+        // A too big for a core's L2: groups of whole-K panels (see `groups`)
+        // a pass's panel: 32 columns of W over GROUP_PASS_ROWS of its rows
+        // (and the term's)
+        let pass_panel = 2 * (o.min(GROUP_PASS_ROWS).div_ceil(32) + ext) * TILE_U16 * 2;
+        let grouped = groups::group_size(mp * kp * 2, nblocks, pass_panel).is_some();
+        if grouped && i.is_multiple_of(32) && w.has_rows_interleaved() {
+            // SAFETY: as below; every panel is 32 whole columns of dx.
+            unsafe { backward_by_groups(a, kp, o, i, t, w, up, dx, !overwrite) };
+            return;
+        }
         with_scratch(&SCRATCH_C, |chunk| {
             let dxp = SendPtr(dx);
             let mut k0 = 0;

@@ -62,12 +62,21 @@ pub trait WeightSource: Sync {
         false
     }
 
-    /// Rows `r0..r0 + nr` (at most 32; `cols` per row, a multiple of 16) in
-    /// the input gradient's B layout: for each group g of 16 columns and pair
-    /// p, the 32 words `W[r0 + 2p][16g + j], W[r0 + 2p + 1][16g + j]` at
-    /// `out[g·stride + 32p ..]` (a row past `nr` as zeros).
-    fn rows_interleaved(&self, cols: usize, r0: usize, nr: usize, out: &mut [u16], stride: usize) {
-        backward::rows_interleaved_via_elems(self, cols, r0, nr, out, stride)
+    /// Rows `rows` (at most 32 of them; `width` per row, a multiple of 16),
+    /// columns `cols` (on the 16-column grid), in the input gradient's B
+    /// layout: for each group g of 16 columns of the range and pair p, the
+    /// 32 words `W[r0 + 2p][c0 + 16g + j], W[r0 + 2p + 1][c0 + 16g + j]` at
+    /// `out[g·stride + 32p ..]` (a row past the range as zeros; `r0`, `c0`
+    /// the ranges' starts).
+    fn rows_interleaved(
+        &self,
+        width: usize,
+        rows: std::ops::Range<usize>,
+        cols: std::ops::Range<usize>,
+        out: &mut [u16],
+        stride: usize,
+    ) {
+        backward::rows_interleaved_via_elems(self, width, rows, cols, out, stride)
     }
 
     /// Rows `r0..r0 + nr` (at most 32; `cols` per row) as the forward's B
@@ -183,6 +192,7 @@ mod tile_buf;
 pub(crate) use tile_buf::TileBuf;
 
 mod backward;
+mod groups;
 pub(crate) use backward::rows_interleaved_via_elems;
 pub use backward::{linear_backward, linear_backward_new};
 
@@ -448,6 +458,31 @@ unsafe fn forward_packed(
         .enumerate()
         .flat_map(|(k, &(o, _, _))| (0..o.div_ceil(32)).map(move |nb| (k, nb)))
         .collect();
+    let panel = 2 * ksteps * TILE_U16;
+    if let Some(g) = groups::group_size(mp * kp * 2, panels.len(), panel * 2) {
+        let pack = |js: std::ops::Range<usize>, b: &mut [u16]| {
+            for (j, b) in js.zip(b.chunks_exact_mut(panel)) {
+                let (k, nb) = panels[j];
+                let (o, _, w) = outs[k];
+                forward_panel_up(w, nb, 32.min(o - nb * 32), i, ksteps, ks0, up(k), b);
+            }
+        };
+        let out = |j: usize| {
+            let (k, nb) = panels[j];
+            let (o, yp, _) = outs[k];
+            groups::GroupOut {
+                c: SendPtr(yp.get().wrapping_add(nb * 32)),
+                ldc: o,
+                nn: 32.min(o - nb * 32),
+            }
+        };
+        // SAFETY: AMX is available (checked by the callers); A is x packed
+        // (t rows, ksteps); every panel's C is columns nb·32.. of its own
+        // output, t rows of o.
+        return unsafe {
+            groups::run_groups(a, kp, 0, t, ksteps, panels.len(), g, false, &pack, &out)
+        };
+    }
     if let Some(slices) = row_slices(mp, kp) {
         return forward_by_rows(a, i, t, ksteps, &slices, &panels, outs, ups);
     }
@@ -483,8 +518,9 @@ unsafe fn forward_packed(
 
 /// Below this many bytes of packed A, the products split the output's
 /// columns among the threads (every thread streams all of A once per 32
-/// columns, from its L2); above it they split A's rows, so that each core
-/// re-reads only its share. At TinyLlama's 512 x 2048 (2 MiB of bf16, a
+/// columns, from its L2); above it, where the output has too few panels
+/// for [`groups`], they split A's rows, so that each core re-reads only
+/// its share. At TinyLlama's 512 x 2048 (2 MiB of bf16, a
 /// whole L2 here) the column split streams A from L3: a micro-benchmark of
 /// the two (B panels packed beforehand, both cores) 1.73-2.14 vs 2.52-2.66
 /// TFLOP/s.
@@ -1176,6 +1212,45 @@ mod imp {
         }
         if full < mp / 32 {
             partial_blocks(a, kp, mp, m, b, b1, ksteps, c, ldc, nn, acc, full);
+        }
+        asm!("tilerelease", options(nostack, nomem));
+    }
+
+    /// One 32-row block of [`run_blocks`] (`m <= 32` real rows at `a`),
+    /// prefetching `next_c` (a 32 x 32 f32 block, row stride `ldc`, or
+    /// null) for writing over its k-steps.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn run_block(
+        a: *const u16,
+        kp: usize,
+        m: usize,
+        b: *const u16,
+        ksteps: usize,
+        bstride: usize,
+        c: *mut f32,
+        ldc: usize,
+        nn: usize,
+        acc: bool,
+        next_c: *const f32,
+    ) {
+        asm!("ldtilecfg [{}]", in(reg) CFG.0.as_ptr(), options(nostack, readonly));
+        let b1 = b.add(bstride * super::TILE_U16);
+        let c_aligned = (c as usize).is_multiple_of(64) && (ldc * 4).is_multiple_of(64);
+        if nn == 32 && m == 32 && c_aligned {
+            kernel(
+                a,
+                16 * kp,
+                b,
+                b1,
+                ksteps,
+                c,
+                ldc * 4,
+                acc,
+                next_c,
+                PfLines::NONE,
+            );
+        } else {
+            partial_blocks(a, kp, 32, m, b, b1, ksteps, c, ldc, nn, acc, 0);
         }
         asm!("tilerelease", options(nostack, nomem));
     }

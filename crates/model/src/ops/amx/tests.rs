@@ -265,15 +265,31 @@ fn shared_input_forward_equals_separate_forwards() {
     }
 }
 
-/// The row split (A's rows shared out among the threads; forward panels
-/// packed on demand in rounds, K in passes) gives bit for bit what the
-/// column split gives: both accumulate every output's k-steps in the same
-/// order in f32 tiles. Run in pools of 1 (column split), 2 and 3 threads,
-/// at shapes with partial row and column blocks, several forward rounds
-/// and (at K 4200 with 3 threads) K passes; one shape is also checked
-/// against the bf16 reference.
+/// A bf16 weight whose input-gradient writer is the trait's default
+/// (through its elements, any column range), announced as its own: the
+/// products take the paths of a weight with a writer.
+struct WithWriter<'a>(&'a (dyn Fn(usize, &mut [u16]) + Sync));
+
+impl WeightSource for WithWriter<'_> {
+    fn elems(&self, start: usize, out: &mut [u16]) {
+        (self.0)(start, out)
+    }
+    fn has_rows_interleaved(&self) -> bool {
+        true
+    }
+}
+
+/// The column groups (A too big for a core's L2: each thread packs a
+/// group of panels and runs all of A's rows through them; see `groups`)
+/// give bit for bit what one task per panel gives: both accumulate every
+/// output's k-steps in the same order in f32 tiles. Pools of 1-3 threads
+/// (group sizes differ with the thread count), shapes with partial row
+/// blocks, partial forward panels, W's rows off the 32 grid, a LoRA term
+/// (the input gradient's extra k-steps), weights with and without their
+/// own writers; one shape also against the bf16 reference.
 #[test]
-fn row_split_products_equal_the_column_split_bit_for_bit() {
+fn group_products_equal_one_task_per_panel_bit_for_bit() {
+    use std::sync::atomic::Ordering;
     if !available() {
         eprintln!("SKIPPED: AMX-BF16 is not available on this CPU; the AMX kernels were not run");
         return;
@@ -285,55 +301,84 @@ fn row_split_products_equal_the_column_split_bit_for_bit() {
             .expect("pool")
     };
     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-    // (o, i, t), all with at least 12 row blocks; the forward splits rows
-    // where x packed (t x i) has ROW_SPLIT_MIN_A_BYTES, the input gradient
-    // where dy's columns of one weight chunk do (the last two shapes; the
-    // last one's second chunk, 612 rows, goes back to the column split).
-    for &(o, i, t) in &[
-        (70usize, 1400usize, 353usize),
-        (45, 4200, 390),
-        (1200, 1100, 480),
-        (2500, 1100, 400),
+    // (o, i, t, r, (forward, input gradient) in groups with 2 threads):
+    // groups need A packed >= 1 MiB
+    // and enough panels; the rest take the row split (forward: few
+    // panels; input gradient: i off the 32 grid); o = 1100 is off the 32
+    // grid, o = 2500 takes two passes of W's rows
+    for &(o, i, t, r, grouped) in &[
+        (1600usize, 1344usize, 393usize, 0usize, (true, true)),
+        (1100, 1536, 480, 19, (true, true)),
+        (2500, 1120, 400, 40, (false, true)),
+        (1200, 1100, 480, 0, (true, false)),
+        (70, 1400, 353, 0, (false, false)),
+        (45, 4200, 390, 5, (false, false)),
     ] {
         let kp = round_up(i, 32);
-        assert!(t > 11 * 32);
         let wv = rand_vec(o * i, 61, 1.0);
         let x = rand_vec(t * i, 62, 1.0);
         let dy = rand_vec(t * o, 63, 1.0);
         let init = rand_vec(t * i, 64, 1.0);
-        let w = bf16_source(&wv);
-        let run = |n: usize| {
-            pool(n).install(|| {
-                let by_rows = |k: usize| row_slices(round_up(t, 32), k).is_some();
-                assert_eq!(by_rows(kp) || by_rows(round_up(o.min(1888), 32)), n > 1);
-                let y = linear_forward_new(o, i, t, &x, &w);
+        let dxa = rand_vec(t * r, 65, 1.0);
+        let la: Vec<u16> = rand_vec(r * i, 66, 0.1)
+            .iter()
+            .map(|v| bf16_bits(*v))
+            .collect();
+        let closure = bf16_source(&wv);
+        let with_writer = WithWriter(&closure);
+        let mp = round_up(t, 32);
+        let uses_groups = pool(2).install(|| {
+            let fwd = groups::group_size(mp * kp * 2, o.div_ceil(32), 64 * kp);
+            let bwd = groups::group_size(mp * round_up(o, 32) * 2, i / 32, 64 * o.min(2048));
+            (fwd.is_some(), bwd.is_some() && i.is_multiple_of(32))
+        });
+        assert_eq!(uses_groups, grouped, "{o}x{i}x{t}: groups");
+        let run = |n: usize, off: bool, src: &WeightBf16| {
+            groups::GROUPS_OFF.store(off, Ordering::SeqCst);
+            let got = pool(n).install(|| {
+                let y = linear_forward_new(o, i, t, &x, src);
                 let mut dx = init.clone();
-                linear_backward(o, i, t, &dy, &mut dx, &w);
-                (y, dx)
-            })
+                linear_backward(o, i, t, &dy, &mut dx, src);
+                let fresh = if r > 0 {
+                    let term = InputUpTerm {
+                        dxa: &dxa,
+                        a: &la,
+                        r,
+                    };
+                    linear_backward_up(o, i, t, &dy, None, src, term).expect("fresh")
+                } else {
+                    linear_backward_new(o, i, t, &dy, src)
+                };
+                (y, dx, fresh)
+            });
+            groups::GROUPS_OFF.store(false, Ordering::SeqCst);
+            got
         };
-        let (y1, dx1) = run(1);
-        for n in [2, 3] {
-            let (y, dx) = run(n);
-            assert_eq!(bits(&y), bits(&y1), "forward {o}x{i}x{t}, {n} threads");
-            assert_eq!(
-                bits(&dx),
-                bits(&dx1),
-                "input gradient {o}x{i}x{t}, {n} threads"
-            );
-        }
-        if o == 70 {
-            let mut worst = 0f64;
-            for r in 0..t {
-                for c in 0..o {
-                    let s: f64 = (0..i).map(|k| bf(x[r * i + k]) * bf(wv[c * i + k])).sum();
-                    worst = worst.max((s - y1[r * o + c] as f64).abs());
-                }
+        for (name, src) in [
+            ("closure", &closure as &WeightBf16),
+            ("writer", &with_writer),
+        ] {
+            let (y1, dx1, f1) = run(1, true, src);
+            for n in [1, 2, 3] {
+                let (y, dx, f) = run(n, false, src);
+                let what = format!("{name} {o}x{i}x{t} r {r}, {n} threads");
+                assert_eq!(bits(&y), bits(&y1), "forward {what}");
+                assert_eq!(bits(&dx), bits(&dx1), "input gradient {what}");
+                assert_eq!(bits(&f), bits(&f1), "fresh input gradient {what}");
             }
-            assert!(
-                worst < 1e-4 * (i as f64).sqrt(),
-                "forward reference: {worst}"
-            );
+            if o == 70 {
+                let mut worst = 0f64;
+                for rr in 0..t {
+                    for c in 0..o {
+                        let s: f64 = (0..i).map(|k| bf(x[rr * i + k]) * bf(wv[c * i + k])).sum();
+                        worst = worst.max((s - y1[rr * o + c] as f64).abs());
+                    }
+                }
+                assert!(
+                    worst < 1e-4 * (i as f64).sqrt(),
+                    "forward reference: {worst}"
+                );
+            }
         }
     }
 }
@@ -659,8 +704,22 @@ impl WeightSource for Nf4Source<'_> {
     fn has_rows_interleaved(&self) -> bool {
         true
     }
-    fn rows_interleaved(&self, _cols: usize, r0: usize, nr: usize, out: &mut [u16], stride: usize) {
-        self.0.dequantize_rows_interleaved_bf16(r0, nr, out, stride)
+    fn rows_interleaved(
+        &self,
+        _width: usize,
+        rows: std::ops::Range<usize>,
+        cols: std::ops::Range<usize>,
+        out: &mut [u16],
+        stride: usize,
+    ) {
+        self.0.dequantize_rows_interleaved_bf16_cols(
+            rows.start,
+            rows.len(),
+            cols.start,
+            cols.len(),
+            out,
+            stride,
+        )
     }
     fn forward_panel(&self, _cols: usize, r0: usize, nr: usize, ksteps: usize, out: &mut [u16]) {
         self.0
