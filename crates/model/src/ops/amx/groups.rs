@@ -117,6 +117,9 @@ pub(super) unsafe fn run_groups(
                 // SAFETY: row mb·32 of panel j's C (inside it, mb·32 < t)
                 unsafe { o.c.get().add(mb * 32 * o.ldc) }
             };
+            // SAFETY: AMX is available (the caller's contract); only the
+            // blocks below use the tiles while `tiles` lives.
+            let tiles = unsafe { imp::Tiles::configure() };
             for mb in 0..mp / 32 {
                 let rows = 32.min(t - mb * 32);
                 for (n, j) in js.clone().enumerate() {
@@ -134,6 +137,7 @@ pub(super) unsafe fn run_groups(
                     // panel's B (all `ksteps`) are inside `a` and `buf`.
                     unsafe {
                         imp::run_block(
+                            &tiles,
                             a.as_ptr().add(mb * 32 * kp + ks0 * TILE_U16),
                             kp,
                             rows,

@@ -1216,11 +1216,36 @@ mod imp {
         asm!("tilerelease", options(nostack, nomem));
     }
 
+    /// The tile configuration loaded on this thread for as long as it
+    /// lives (released when dropped): blocks run one after another under
+    /// one `ldtilecfg` / `tilerelease` pair instead of one per block.
+    pub struct Tiles(());
+
+    impl Tiles {
+        /// Loads the configuration.
+        ///
+        /// # Safety
+        /// AMX is available and permitted; nothing else on this thread
+        /// uses the tiles while the value lives.
+        pub unsafe fn configure() -> Tiles {
+            asm!("ldtilecfg [{}]", in(reg) CFG.0.as_ptr(), options(nostack, readonly));
+            Tiles(())
+        }
+    }
+
+    impl Drop for Tiles {
+        fn drop(&mut self) {
+            // SAFETY: the configuration was loaded by `configure`.
+            unsafe { asm!("tilerelease", options(nostack, nomem)) };
+        }
+    }
+
     /// One 32-row block of [`run_blocks`] (`m <= 32` real rows at `a`),
     /// prefetching `next_c` (a 32 x 32 f32 block, row stride `ldc`, or
-    /// null) for writing over its k-steps.
+    /// null) for writing over its k-steps, under `_tiles`' configuration.
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn run_block(
+        _tiles: &Tiles,
         a: *const u16,
         kp: usize,
         m: usize,
@@ -1233,7 +1258,6 @@ mod imp {
         acc: bool,
         next_c: *const f32,
     ) {
-        asm!("ldtilecfg [{}]", in(reg) CFG.0.as_ptr(), options(nostack, readonly));
         let b1 = b.add(bstride * super::TILE_U16);
         let c_aligned = (c as usize).is_multiple_of(64) && (ldc * 4).is_multiple_of(64);
         if nn == 32 && m == 32 && c_aligned {
@@ -1252,7 +1276,6 @@ mod imp {
         } else {
             partial_blocks(a, kp, 32, m, b, b1, ksteps, c, ldc, nn, acc, 0);
         }
-        asm!("tilerelease", options(nostack, nomem));
     }
 
     /// The blocks of [`run_blocks`] from `first` on, through an aligned
