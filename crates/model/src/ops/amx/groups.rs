@@ -33,11 +33,12 @@ pub(super) const GROUP_MIN_A_BYTES: usize = 1 << 20;
 /// panels and A's blocks no longer both fit the 2 MiB L2).
 pub(super) const GROUP_PANEL_BYTES: usize = 1 << 20;
 
-/// Fewest panels per group: with fewer (a few wide panels, or a few
-/// panels in all), streaming A once per group costs more than the row
-/// split's sharing of B (SmolLM2's down projection, 18 panels of K 1536:
-/// groups of 3 were 3-10% slower there).
-const MIN_GROUP: usize = 4;
+/// Fewest output panels for groups: with fewer, streaming A once per
+/// group costs more than the row split's sharing of B. Measured here:
+/// SmolLM2's down projection and gate/up input gradient (18 panels of K
+/// 1536, groups of 3) 3-10% slower in groups; TinyLlama's down projection
+/// (64 panels of K 5632, groups of 2) 15% faster, its step +2-4%.
+const MIN_PANELS: usize = 32;
 
 /// Panels per group for `npanels` panels of `panel_bytes` each: about
 /// [`GROUP_PANEL_BYTES`] of them, and at least four groups per thread so
@@ -50,15 +51,15 @@ pub(super) fn panels_per_group(npanels: usize, panel_bytes: usize) -> usize {
 }
 
 /// [`panels_per_group`] when A (`a_bytes` packed) calls for groups: too
-/// big for a core's L2, and at least [`MIN_GROUP`] panels per group;
-/// `None` otherwise.
+/// big for a core's L2, and at least [`MIN_PANELS`] panels; `None`
+/// otherwise.
 pub(super) fn group_size(a_bytes: usize, npanels: usize, panel_bytes: usize) -> Option<usize> {
     #[cfg(test)]
     if GROUPS_OFF.load(std::sync::atomic::Ordering::SeqCst) {
         return None;
     }
     let g = panels_per_group(npanels, panel_bytes);
-    (a_bytes >= GROUP_MIN_A_BYTES && g >= MIN_GROUP).then_some(g)
+    (a_bytes >= GROUP_MIN_A_BYTES && npanels >= MIN_PANELS).then_some(g)
 }
 
 /// Tests: one task per panel whatever A's size (the products' bits must
