@@ -40,16 +40,36 @@ pub fn head_vocab_block(h: u64) -> u64 {
 /// `ops/amx`, `CHUNK_ELEMS`), converted to bf16 at once.
 pub const AMX_CHUNK_ELEMS: u64 = 1 << 22;
 
+/// Packed A bytes from which, with at least [`AMX_GROUP_MIN_PANELS`]
+/// output panels, the AMX products run in column groups (`qlora-model`
+/// `ops/amx/groups.rs`, `GROUP_MIN_A_BYTES`, `MIN_PANELS`): a 4-bit
+/// weight's input gradient is then packed a group of columns at a time
+/// into the threads' group buffers, never as a chunk of rows.
+pub const AMX_GROUP_MIN_A_BYTES: u64 = 1 << 20;
+/// See [`AMX_GROUP_MIN_A_BYTES`] (panels of 32 columns).
+pub const AMX_GROUP_MIN_PANELS: u64 = 32;
+
+/// Whether the input gradient of an `[o, i]` 4-bit linear over `t`
+/// positions (LoRA rank `r` riding as extra k-steps) runs in column
+/// groups (`qlora-model` `ops/amx/backward.rs`, `backward_raw`).
+fn input_gradient_grouped(o: u64, i: u64, t: u64, r: u64) -> bool {
+    let up = |x: u64| x.div_ceil(32) * 32;
+    let a_bytes = up(t) * (up(o) + 32 * r.div_ceil(32)) * 2;
+    i.is_multiple_of(32) && i / 32 >= AMX_GROUP_MIN_PANELS && a_bytes >= AMX_GROUP_MIN_A_BYTES
+}
+
 /// The largest bf16 weight chunk the AMX input gradient holds for this
 /// model's linears (`qlora-model` `ops/amx/backward.rs`, `backward_raw`):
 /// `kc` rows (`AMX_CHUNK_ELEMS / in` rounded down to 32, at least 32, at most
-/// `out` rounded up to 32) of `in` rounded up to 32.
-pub fn amx_chunk_elems(c: &ModelConfig) -> u64 {
+/// `out` rounded up to 32) of `in` rounded up to 32, over the linears not
+/// in column groups (`four_bit` weights over `t` positions, rank `r`).
+pub fn amx_chunk_elems(c: &ModelConfig, t: u64, r: u64, four_bit: bool) -> u64 {
     let up = |x: u64| x.div_ceil(32) * 32;
     c.linear_shapes()
         .iter()
-        .map(|&(_, [o, i])| {
-            let (o, i) = (o as u64, i as u64);
+        .map(|&(_, [o, i])| (o as u64, i as u64))
+        .filter(|&(o, i)| !(four_bit && input_gradient_grouped(o, i, t, r)))
+        .map(|(o, i)| {
             let kc = ((AMX_CHUNK_ELEMS / i.max(1)) / 32 * 32).clamp(32, up(o).max(32));
             kc * up(i)
         })
@@ -59,6 +79,8 @@ pub fn amx_chunk_elems(c: &ModelConfig) -> u64 {
 
 /// Weight elements per round of the AMX forward's row split (`qlora-model`
 /// `ops/amx`, `ROW_SPLIT_ROUND_ELEMS`): its packed bf16 panels, at most.
+/// The column groups' buffers (`GROUP_PANEL_BYTES`, 1 MiB per thread) come
+/// to the same 2 MiB on two threads and are not counted apart.
 pub const AMX_ROUND_ELEMS: u64 = 1 << 20;
 
 /// The dimensions the planner needs.

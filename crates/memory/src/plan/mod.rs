@@ -464,7 +464,7 @@ pub fn plan(inv: &Inventory, c: &ModelConfig, p: &PlanInput) -> Result<Plan, Mem
         // the compute dtype before the matmul (FORMATS.md §6.2).
         Method::Qlora if p.gpu => (p.compute.size_in_bytes() as u64) * largest_linear,
         // CPU, bf16 compute (AMX): the input gradient's bf16 weight chunk
-        // (up to 2^22 elements), the forward's round of packed panels (2^20) and
+        // (up to 2^22 elements; none for products in column groups), the forward's round of packed panels (2^20) and
         // the largest bf16 activation pack: a layer's widest input, or the
         // chunked head's logit gradients (rows x V) where the head is not
         // packed (its one pass packs in its own scratch).
@@ -477,8 +477,8 @@ pub fn plan(inv: &Inventory, c: &ModelConfig, p: &PlanInput) -> Result<Plan, Mem
             } else {
                 rows * c.vocab_size as u64
             };
-            2 * (activations::amx_chunk_elems(c) + activations::AMX_ROUND_ELEMS)
-                + 2 * head.max(widest)
+            let chunk = activations::amx_chunk_elems(c, t, p.rank, p.method == Method::Qlora);
+            2 * (chunk + activations::AMX_ROUND_ELEMS) + 2 * head.max(widest)
         }
         Method::Qlora => {
             4 * largest_linear.min(DEQUANT_TILE_ELEMS.max(

@@ -512,7 +512,7 @@ fn cpu_bf16_compute_counts_the_head_copy_and_the_amx_workspace() {
     // the weight chunk (gate/up: all 160 rows of 64; down: 64 rows of 160),
     // bf16 + the forward's round of panels 2^20 bf16 + the widest layer
     // input (128 x 160), bf16: the packed head's one pass packs its own
-    assert_eq!(activations::amx_chunk_elems(&c), 160 * 64);
+    assert_eq!(activations::amx_chunk_elems(&c, 128, 8, true), 160 * 64);
     assert_eq!(
         b.dequant_workspace,
         2 * 160 * 64 + 2 * (1 << 20) + 2 * 128 * 160
@@ -526,7 +526,9 @@ fn cpu_bf16_compute_counts_the_head_copy_and_the_amx_workspace() {
         a.logits_and_loss + 128 * 16 + 2 * 64 * 2 * (64 + 256) + 128 * 4 * (256 + 64)
     );
     // TinyLlama's shapes fill the chunk: q/o and gate/up 2048 rows of 2048,
-    // down 736 rows of 5632
+    // down 736 rows of 5632; a 4-bit base over 512 positions runs those in
+    // column groups (dy packed >= 1 MiB, >= 32 panels), k/v's 256 rows of
+    // 2048 stay (dy 512 x 288 packed is 288 KiB)
     let tl = ModelConfig::from_json(
         &serde_json::json!({
             "vocab_size": 32000, "hidden_size": 2048, "intermediate_size": 5632,
@@ -535,7 +537,17 @@ fn cpu_bf16_compute_counts_the_head_copy_and_the_amx_workspace() {
         "tinyllama",
     )
     .unwrap();
-    assert_eq!(activations::amx_chunk_elems(&tl), 2048 * 2048);
+    assert_eq!(
+        activations::amx_chunk_elems(&tl, 512, 16, false),
+        2048 * 2048
+    );
+    assert_eq!(activations::amx_chunk_elems(&tl, 512, 16, true), 256 * 2048);
+    // over 128 positions dy packed is 128 x 5664 x 2 = 1.4 MiB for gate/up
+    // (grouped), 128 x 2080 x 2 = 520 KiB for q/o and down (chunks)
+    assert_eq!(
+        activations::amx_chunk_elems(&tl, 128, 16, true),
+        2048 * 2048
+    );
     assert_eq!(
         (b.activations, b.layer_workspace),
         (a.activations, a.layer_workspace)
