@@ -25,19 +25,22 @@ use rayon::prelude::*;
 use super::{imp, with_scratch, SendPtr, TileBuf, SCRATCH_GROUP, TILE_U16};
 
 /// Below this many bytes of packed A (it fits a core's L2 beside the
-/// panels), the products keep one task per panel.
+/// panels) no groups: one task per panel (the planner mirrors it,
+/// `AMX_GROUP_MIN_A_BYTES`).
 pub(super) const GROUP_MIN_A_BYTES: usize = 1 << 20;
-/// Bytes of B panels a thread packs per group (the planner mirrors it:
-/// `AMX_ROUND_ELEMS`, for two threads). Measured at TinyLlama's shapes:
-/// 512 KiB -> 1 MiB +3-10% (gate/up, down), 1.5 MiB slower again (the
-/// panels and A's blocks no longer both fit the 2 MiB L2).
+/// Bytes of B panels a thread packs per group (the planner counts them in
+/// `AMX_ROUND_ELEMS`, for two threads). Measured at TinyLlama's shapes
+/// (cold): 512 KiB -> 1 MiB gate/up forward +3-7%, down +26-29%; 1.5 MiB
+/// 5-10% slower than 1 MiB (the panels and A's blocks no longer both fit
+/// the 2 MiB L2).
 pub(super) const GROUP_PANEL_BYTES: usize = 1 << 20;
 
 /// Fewest output panels for groups: with fewer, streaming A once per
 /// group costs more than the row split's sharing of B. Measured here:
 /// SmolLM2's down projection and gate/up input gradient (18 panels of K
 /// 1536, groups of 3) 3-10% slower in groups; TinyLlama's down projection
-/// (64 panels of K 5632, groups of 2) 15% faster, its step +2-4%.
+/// (64 panels of K 5632, groups of 2) 15% faster, its step +2-4%. (The
+/// planner mirrors it, `AMX_GROUP_MIN_PANELS`.)
 const MIN_PANELS: usize = 32;
 
 /// Panels per group for `npanels` panels of `panel_bytes` each: about
