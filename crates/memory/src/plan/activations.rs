@@ -45,7 +45,7 @@ pub const AMX_CHUNK_ELEMS: u64 = 1 << 22;
 /// `ops/amx/groups.rs`, `GROUP_MIN_A_BYTES`, `MIN_PANELS`): a 4-bit
 /// weight's input gradient is then packed a group of columns at a time
 /// into the threads' group buffers, never as a chunk of rows.
-pub const AMX_GROUP_MIN_A_BYTES: u64 = 1 << 20;
+pub const AMX_GROUP_MIN_A_BYTES: u64 = 1 << 19;
 /// See [`AMX_GROUP_MIN_A_BYTES`] (panels of 32 columns).
 pub const AMX_GROUP_MIN_PANELS: u64 = 32;
 

@@ -527,7 +527,7 @@ fn cpu_bf16_compute_counts_the_head_copy_and_the_amx_workspace() {
     );
     // TinyLlama's shapes fill the chunk: q/o and gate/up 2048 rows of 2048,
     // down 736 rows of 5632; a 4-bit base over 512 positions runs those in
-    // column groups (dy packed >= 1 MiB, >= 32 panels), k/v's 256 rows of
+    // column groups (dy packed >= 512 KiB, >= 32 panels), k/v's 256 rows of
     // 2048 stay (dy 512 x 288 packed is 288 KiB)
     let tl = ModelConfig::from_json(
         &serde_json::json!({
@@ -542,12 +542,9 @@ fn cpu_bf16_compute_counts_the_head_copy_and_the_amx_workspace() {
         2048 * 2048
     );
     assert_eq!(activations::amx_chunk_elems(&tl, 512, 16, true), 256 * 2048);
-    // over 128 positions dy packed is 128 x 5664 x 2 = 1.4 MiB for gate/up
-    // (grouped), 128 x 2080 x 2 = 520 KiB for q/o and down (chunks)
-    assert_eq!(
-        activations::amx_chunk_elems(&tl, 128, 16, true),
-        2048 * 2048
-    );
+    // over 64 positions dy packed is 64 x 5664 x 2 = 708 KiB for gate/up
+    // (grouped), 64 x 2080 x 2 = 260 KiB for q/o and down (chunks)
+    assert_eq!(activations::amx_chunk_elems(&tl, 64, 16, true), 2048 * 2048);
     assert_eq!(
         (b.activations, b.layer_workspace),
         (a.activations, a.layer_workspace)

@@ -24,10 +24,14 @@ use rayon::prelude::*;
 
 use super::{imp, with_scratch, SendPtr, TileBuf, SCRATCH_GROUP, TILE_U16};
 
-/// Below this many bytes of packed A (it fits a core's L2 beside the
-/// panels) no groups: one task per panel (the planner mirrors it,
-/// `AMX_GROUP_MIN_A_BYTES`).
-pub(super) const GROUP_MIN_A_BYTES: usize = 1 << 20;
+/// Below this many bytes of packed A (it fits a core's L2 beside a
+/// group's panels) no groups: one task per panel (the planner mirrors it,
+/// `AMX_GROUP_MIN_A_BYTES`). Measured (bench steps, medians of 5): 1 MiB
+/// -> 512 KiB SmolLM2 1031 -> 1048 tok/s (its gate/up forward and down
+/// input gradient, A 576-608 KiB, join the groups), TinyLlama equal;
+/// 256 KiB SmolLM2 alike, TinyLlama 1% slower (its k/v input gradients,
+/// A 288 KiB, in groups).
+pub(super) const GROUP_MIN_A_BYTES: usize = 1 << 19;
 /// Bytes of B panels a thread packs per group (the planner counts them in
 /// `AMX_ROUND_ELEMS`, for two threads). Measured at TinyLlama's shapes
 /// (cold): 512 KiB -> 1 MiB gate/up forward +3-7%, down +26-29%; 1.5 MiB

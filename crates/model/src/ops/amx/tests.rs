@@ -302,14 +302,14 @@ fn group_products_equal_one_task_per_panel_bit_for_bit() {
     };
     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
     // (o, i, t, r, (forward, input gradient) in groups with 2 threads):
-    // groups need A packed >= 1 MiB
+    // groups need A packed >= 512 KiB
     // and enough panels; the rest take the row split (forward: few
     // panels; input gradient: i off the 32 grid); o = 1100 is off the 32
     // grid, o = 2500 takes two passes of W's rows
     for &(o, i, t, r, grouped) in &[
         (1600usize, 1344usize, 393usize, 0usize, (true, true)),
         (1100, 1536, 480, 19, (true, true)),
-        (2500, 1120, 400, 40, (false, true)),
+        (2500, 1120, 400, 40, (true, true)),
         (1200, 1100, 480, 0, (true, false)),
         (70, 1400, 353, 0, (false, false)),
         (45, 4200, 390, 5, (false, false)),
