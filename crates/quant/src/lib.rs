@@ -95,6 +95,11 @@ pub use quantize::quantize_4bit_with;
 pub use quantize::{
     block_absmax, double_quant, double_quant_with_offset, dq_offset, quantize_4bit,
 };
+/// The 16 × 16 u32 register transpose the tile writers use (`qlora-model`'s
+/// AMX packing shares it). AVX-512 F; see its own documentation.
+#[cfg(target_arch = "x86_64")]
+#[doc(hidden)]
+pub use simd::x86_512::transpose16x16_u32;
 pub use simd::Backend;
 pub use tables::{code_table, dynamic_map, thresholds, zero_code};
 
@@ -502,6 +507,20 @@ impl Quantized4 {
         }
         Ok(())
     }
+}
+
+/// A deterministic `[rows, cols]` test matrix in [-0.1, 0.1) (an LCG).
+#[cfg(test)]
+pub(crate) fn test_matrix(rows: usize, cols: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed;
+    (0..rows * cols)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 33) as f32 / (1u64 << 31) as f32 - 0.5) * 0.2
+        })
+        .collect()
 }
 
 #[cfg(test)]

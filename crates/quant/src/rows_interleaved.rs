@@ -291,19 +291,7 @@ unsafe fn rows_avx512(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{quantize_4bit, Input, QuantOptions, QuantType};
-
-    fn matrix(rows: usize, cols: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..rows * cols)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 33) as f32 / (1u64 << 31) as f32 - 0.5) * 0.2
-            })
-            .collect()
-    }
+    use crate::{quantize_4bit, test_matrix as matrix, Input, QuantOptions, QuantType};
 
     /// The rows through `dequantize_range` to bf16, interleaved by hand.
     fn expected(q: &Quantized4, r0: usize, nr: usize, stride: usize) -> Vec<u16> {

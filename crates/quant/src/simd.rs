@@ -445,9 +445,12 @@ pub(crate) mod x86_512 {
     /// row `q` of the result (16 u32 at `dst + 16q`) is lane `q` of every
     /// `r[k]`. Three rounds of in-lane unpacks and 128-bit shuffles (64
     /// shuffles for the 16 rows).
+    ///
+    /// # Safety
+    /// AVX-512 F is available; `dst` is valid for writes of 256 u32.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    pub(crate) unsafe fn transpose16x16_u32(r: &[__m512i; 16], dst: *mut u32) {
+    pub unsafe fn transpose16x16_u32(r: &[__m512i; 16], dst: *mut u32) {
         let mut t = [_mm512_setzero_si512(); 16];
         for k in 0..8 {
             t[2 * k] = _mm512_unpacklo_epi32(r[2 * k], r[2 * k + 1]);

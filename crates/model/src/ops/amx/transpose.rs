@@ -3,7 +3,8 @@ use std::arch::x86_64::*;
 use super::TILE_U16;
 
 /// Transposes the 16 × 16 u32 block at `src` (row stride `ld` u32) into
-/// the 16 contiguous rows of 16 u32 at `dst`.
+/// the 16 contiguous rows of 16 u32 at `dst` (the register transpose is
+/// `qlora-quant`'s, which its 4-bit tile writer uses too).
 #[inline]
 #[target_feature(enable = "avx512f")]
 unsafe fn t16x16(src: *const u32, ld: usize, dst: *mut u32) {
@@ -11,42 +12,7 @@ unsafe fn t16x16(src: *const u32, ld: usize, dst: *mut u32) {
     for (k, v) in r.iter_mut().enumerate() {
         *v = _mm512_loadu_si512(src.add(k * ld) as *const _);
     }
-    let mut t = [_mm512_setzero_si512(); 16];
-    for k in 0..8 {
-        t[2 * k] = _mm512_unpacklo_epi32(r[2 * k], r[2 * k + 1]);
-        t[2 * k + 1] = _mm512_unpackhi_epi32(r[2 * k], r[2 * k + 1]);
-    }
-    // u[4g + m]: column 4L + m of rows 4g .. 4g+4, in 128-bit lane L.
-    let mut u = [_mm512_setzero_si512(); 16];
-    for g in 0..4 {
-        let (a, b, c, d) = (t[4 * g], t[4 * g + 1], t[4 * g + 2], t[4 * g + 3]);
-        u[4 * g] = _mm512_unpacklo_epi64(a, c);
-        u[4 * g + 1] = _mm512_unpackhi_epi64(a, c);
-        u[4 * g + 2] = _mm512_unpacklo_epi64(b, d);
-        u[4 * g + 3] = _mm512_unpackhi_epi64(b, d);
-    }
-    for m in 0..4 {
-        let a = _mm512_shuffle_i32x4::<0x88>(u[m], u[4 + m]);
-        let b = _mm512_shuffle_i32x4::<0xdd>(u[m], u[4 + m]);
-        let c = _mm512_shuffle_i32x4::<0x88>(u[8 + m], u[12 + m]);
-        let d = _mm512_shuffle_i32x4::<0xdd>(u[8 + m], u[12 + m]);
-        _mm512_storeu_si512(
-            dst.add(m * 16) as *mut _,
-            _mm512_shuffle_i32x4::<0x88>(a, c),
-        );
-        _mm512_storeu_si512(
-            dst.add((8 + m) * 16) as *mut _,
-            _mm512_shuffle_i32x4::<0xdd>(a, c),
-        );
-        _mm512_storeu_si512(
-            dst.add((4 + m) * 16) as *mut _,
-            _mm512_shuffle_i32x4::<0x88>(b, d),
-        );
-        _mm512_storeu_si512(
-            dst.add((12 + m) * 16) as *mut _,
-            _mm512_shuffle_i32x4::<0xdd>(b, d),
-        );
-    }
+    qlora_quant::transpose16x16_u32(&r, dst);
 }
 
 /// [`super::pack_b_forward`] with AVX-512: whole 16-row streams and
