@@ -194,9 +194,7 @@ pub fn par_new(n: usize, chunk: usize, f: impl Fn(usize, &mut [f32]) + Sync + Se
         .par_chunks_mut(chunk.max(1))
         .enumerate()
         .for_each(|(c, s)| {
-            for x in s.iter_mut() {
-                x.write(0.0);
-            }
+            zero_uninit(s);
             // SAFETY: every element of `s` was just initialized, and
             // MaybeUninit<f32> has f32's layout.
             let s = unsafe { &mut *(s as *mut [std::mem::MaybeUninit<f32>] as *mut [f32]) };
@@ -205,6 +203,14 @@ pub fn par_new(n: usize, chunk: usize, f: impl Fn(usize, &mut [f32]) + Sync + Se
     // SAFETY: the chunks cover 0..n, each initialized above.
     unsafe { v.set_len(n) };
     v
+}
+
+/// Writes 0.0 to every element: one `memset` (the element loop over a
+/// chained iterator compiled to 4-byte stores, ~1.5% of a TinyLlama step
+/// in the SwiGLU backward's buffers).
+fn zero_uninit(s: &mut [std::mem::MaybeUninit<f32>]) {
+    // SAFETY: all-zero bits are 0.0f32; `s` is valid for `s.len()` writes.
+    unsafe { std::ptr::write_bytes(s.as_mut_ptr(), 0, s.len()) };
 }
 
 /// [`par_new`] for two vectors filled together: `f(chunk index, a, b)`.
@@ -220,9 +226,8 @@ pub fn par_new2(
         .zip(b.spare_capacity_mut()[..n].par_chunks_mut(chunk.max(1)))
         .enumerate()
         .for_each(|(c, (sa, sb))| {
-            for x in sa.iter_mut().chain(sb.iter_mut()) {
-                x.write(0.0);
-            }
+            zero_uninit(sa);
+            zero_uninit(sb);
             // SAFETY: as in `par_new`.
             let (sa, sb) = unsafe {
                 (
