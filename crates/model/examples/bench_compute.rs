@@ -11,7 +11,7 @@
 //! `... --example bench_compute -- lora [tinyllama]`: the six f32 LoRA products of one linear (r 16,
 //! t 512), then old and new `LoraRef` on a layer's linears (cold buffers) and the kernels one by one.
 //! `... --example bench_compute -- elementwise`: RMSNorm, SwiGLU, RoPE at the step's shapes.
-//! `... --example bench_compute -- attention`: causal attention forward and backward at the step's shape
+//! `... --example bench_compute -- attention [tinyllama]`: causal attention forward and backward at the step's shape
 //! (`BF16=1`: the bf16 compute mode's AMX products; `COLD=1`: 30 layers' inputs in turn, the median).
 //! Prints tokens/s and the process peak RSS (VmHWM), so run one mode per process.
 
@@ -365,12 +365,16 @@ fn elementwise() {
 }
 
 /// Causal attention forward and backward at the step's shape (b 2, s 256,
-/// 9 heads, 3 kv heads, d 64), best of 20, and the GFLOP/s of its products
+/// 9 heads, 3 kv heads, d 64; `tinyllama`: 32 heads, 4 kv heads), best of 20, and the GFLOP/s of its products
 /// (the causal half of the score and value products, 64-query blocks).
-fn attention_bench() {
+fn attention_bench(tinyllama: bool) {
     use qlora_model::ops::attention::{self, AttnShape};
     let mut rng = Lcg(11);
-    let (b, s, heads, kvh, d) = (2, 256, 9, 3, 64);
+    let (b, s, heads, kvh, d) = if tinyllama {
+        (2, 256, 32, 4, 64)
+    } else {
+        (2, 256, 9, 3, 64)
+    };
     let sh = AttnShape {
         b,
         q_len: s,
@@ -501,7 +505,7 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     if args.get(1).is_some_and(|s| s == "attention") {
-        attention_bench();
+        attention_bench(args.get(2).is_some_and(|s| s == "tinyllama"));
         return Ok(());
     }
     if args.get(1).is_some_and(|s| s == "elementwise") {

@@ -163,6 +163,26 @@ multiversion! {
 }
 
 multiversion! {
+    /// `Σ a[j]·b[j]` over 16 interleaved f32 partial sums, then those in
+    /// order: a fixed order, the same bits on every instruction-set level
+    /// (a sequential sum's chain of dependent adds does not vectorize).
+    pub fn dot / dot_isa(a: &[f32], b: &[f32]) -> f32 {
+        assert_eq!(a.len(), b.len(), "dot: sizes");
+        let mut acc = [0f32; 16];
+        let (mut ca, mut cb) = (a.chunks_exact(16), b.chunks_exact(16));
+        for (x, y) in (&mut ca).zip(&mut cb) {
+            for ((s, p), q) in acc.iter_mut().zip(x).zip(y) {
+                *s += p * q;
+            }
+        }
+        for ((s, p), q) in acc.iter_mut().zip(ca.remainder()).zip(cb.remainder()) {
+            *s += p * q;
+        }
+        acc.iter().sum()
+    }
+}
+
+multiversion! {
     /// Maximum of a slice (−∞ when empty).
     pub fn max(row: &[f32]) -> f32 {
         let mut acc = [f32::NEG_INFINITY; 16];
@@ -621,6 +641,20 @@ mod tests {
                     run(isa) == want,
                     "{isa:?} differs from the plain compilation ({rows}x{h})"
                 );
+            }
+        }
+        // the dot product (attention's Σ dO ⊙ O): lengths around the 16
+        // lanes, within f32 summation of the f64 sum
+        for n in [0usize, 1, 15, 16, 17, 64, 80, 1000] {
+            let (a, b) = (rnd(n, 4.0), rnd(n, 2.0));
+            let want = dot_isa(Isa::Generic, &a, &b);
+            let exact: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
+            let mag: f64 = a.iter().zip(&b).map(|(x, y)| (*x as f64 * *y as f64).abs()).sum();
+            assert!((want as f64 - exact).abs() <= 1e-6 * (1.0 + mag), "dot {n}");
+            for isa in [Isa::V4, Isa::V3] {
+                if isa.available() {
+                    assert_eq!(dot_isa(isa, &a, &b).to_bits(), want.to_bits(), "dot {n} {isa:?}");
+                }
             }
         }
         for (rows, heads, d) in [(3, 2, 8), (5, 9, 64), (2, 4, 128)] {
