@@ -213,8 +213,9 @@ impl<B: Backend> Net<'_, B> {
     }
 
     /// A checkpointed layer's recompute before its backward: the activations
-    /// only, from its input and what its forward kept. Neither the attention
-    /// nor the o-projection runs again ([`CkptKept`]), nor the layer's output
+    /// only, from its input and what its forward kept. Neither the q/k/v
+    /// products, RoPE, the attention nor the o-projection runs again
+    /// ([`CkptKept`]), nor the layer's output
     /// (the next layer's input, kept): no base down projection, no LoRA
     /// up-projection of it, no residual add (SmolLM2: ~4% of a checkpointed
     /// step); the o and down projections' `x·Aᵀ` are, as the backward needs
@@ -275,9 +276,14 @@ impl<B: Backend> Net<'_, B> {
             Pass::Recompute(_) => (true, false),
         };
         let keep_parts = matches!(pass, Pass::Checkpointed);
-        let (reuse_attn, reuse_x_mid, mut reuse_xa) = match pass {
-            Pass::Recompute(k) => (Some((k.att, k.attn_saved)), Some(k.x_mid), Some(k.xa)),
-            _ => (None, None, None),
+        let (reuse_qkv, reuse_attn, reuse_x_mid, mut reuse_xa) = match pass {
+            Pass::Recompute(k) => (
+                Some((k.q, k.k, k.v, k.qk_pre)),
+                Some((k.att, k.attn_saved)),
+                Some(k.x_mid),
+                Some(k.xa),
+            ),
+            _ => (None, None, None, None),
         };
         let be = self.be;
         let cfg = &self.m.config;
@@ -291,31 +297,47 @@ impl<B: Backend> Net<'_, B> {
         let w = &*layer;
         let eps = self.m.eps();
         let (n1, rstd1) = be.rmsnorm_forward(x, &w.input_layernorm, eps)?;
-        let mut qkv = self
-            .linears(w, l, &[Q, K, V], &n1, t, ad, ctx, reuse_xa.as_mut())?
-            .into_iter();
-        let (Some((mut q, xa_q)), Some((mut k, xa_k)), Some((v, xa_v))) =
-            (qkv.next(), qkv.next(), qkv.next())
-        else {
-            unreachable!("three modules in, three outputs out")
-        };
-        // Qwen3: RMSNorm over each head's `head_dim` values (rows of `d`) before RoPE.
-        let qk_pre = match &w.qk_norm {
-            Some((wq, wk)) => {
-                let (qn, rstd_q) = be.rmsnorm_forward(&q, wq, eps)?;
-                let (kn, rstd_k) = be.rmsnorm_forward(&k, wk, eps)?;
-                let pre = QkPre {
-                    q: std::mem::replace(&mut q, qn),
-                    rstd_q,
-                    k: std::mem::replace(&mut k, kn),
-                    rstd_k,
+        let (q, k, v, qk_pre, xa_q, xa_k, xa_v) = match reuse_qkv {
+            Some((q, k, v, qk_pre)) => {
+                // kept by the checkpointed forward: only what the backward
+                // needs of the modules (`x·Aᵀ`, kept too; DoRA's own state)
+                let mut saved = |m: usize| {
+                    let kept = reuse_xa.as_mut().and_then(|k| k[m].take());
+                    self.linear_saved(w, l, m, &n1, t, ad, ctx, kept)
                 };
-                keep.then_some(pre)
+                let (xa_q, xa_k, xa_v) = (saved(Q)?, saved(K)?, saved(V)?);
+                (q, k, v, qk_pre, xa_q, xa_k, xa_v)
             }
-            None => None,
+            None => {
+                let mut qkv = self
+                    .linears(w, l, &[Q, K, V], &n1, t, ad, ctx, reuse_xa.as_mut())?
+                    .into_iter();
+                let (Some((mut q, xa_q)), Some((mut k, xa_k)), Some((v, xa_v))) =
+                    (qkv.next(), qkv.next(), qkv.next())
+                else {
+                    unreachable!("three modules in, three outputs out")
+                };
+                // Qwen3: RMSNorm over each head's `head_dim` values (rows of
+                // `d`) before RoPE.
+                let qk_pre = match &w.qk_norm {
+                    Some((wq, wk)) => {
+                        let (qn, rstd_q) = be.rmsnorm_forward(&q, wq, eps)?;
+                        let (kn, rstd_k) = be.rmsnorm_forward(&k, wk, eps)?;
+                        let pre = QkPre {
+                            q: std::mem::replace(&mut q, qn),
+                            rstd_q,
+                            k: std::mem::replace(&mut k, kn),
+                            rstd_k,
+                        };
+                        (keep || keep_parts).then_some(pre)
+                    }
+                    None => None,
+                };
+                be.rope(&mut q, nh, d, &ctx.cos, &ctx.sin, false)?;
+                be.rope(&mut k, nkv, d, &ctx.cos, &ctx.sin, false)?;
+                (q, k, v, qk_pre, xa_q, xa_k, xa_v)
+            }
         };
-        be.rope(&mut q, nh, d, &ctx.cos, &ctx.sin, false)?;
-        be.rope(&mut k, nkv, d, &ctx.cos, &ctx.sin, false)?;
         let (att, attn_saved) = match (reuse_attn, kv) {
             (Some(kept), _) => kept,
             (None, None) => {
@@ -395,6 +417,10 @@ impl<B: Backend> Net<'_, B> {
         };
         if keep_parts {
             let kept = CkptKept {
+                q,
+                k,
+                v,
+                qk_pre,
                 att,
                 attn_saved,
                 x_mid,

@@ -174,9 +174,21 @@ fn qwen3_qk_norm_backward_matches_finite_differences() {
     }
     let ids = rows(&expected()[name]["input_ids"]);
     let b = batch(&ids, 3);
-    let (_, _, grads) = m
+    let (loss, _, grads) = m
         .forward_backward(&b, &make(&vals), &StepOptions::default())
         .unwrap();
+    // checkpointing (q/k before their norms kept with q, k, v, no recompute
+    // of the attention block) gives the same bits
+    let ckpt = StepOptions {
+        checkpointing: true,
+        ..Default::default()
+    };
+    let (loss_ck, _, grads_ck) = m.forward_backward(&b, &make(&vals), &ckpt).unwrap();
+    assert_eq!(loss.to_bits(), loss_ck.to_bits());
+    for (k, g) in &grads {
+        assert_eq!(g.a.data(), grads_ck[k].a.data(), "{k} A, checkpointed");
+        assert_eq!(g.b.data(), grads_ck[k].b.data(), "{k} B, checkpointed");
+    }
     // <grad, dir> against the central difference of the summed loss along dir.
     let mut dir_vals = BTreeMap::new();
     let mut predicted = 0f64;

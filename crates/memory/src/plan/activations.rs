@@ -255,17 +255,20 @@ fn dora_backward_workspace(c: &ModelConfig, p: &PlanInput) -> u64 {
 /// What gradient checkpointing keeps per layer. GPU plans model PyTorch's
 /// checkpointing, as they model PyTorch elsewhere: the layer's input `x`
 /// (T·h). CPU plans model this project's trainer (`qlora-model` `CkptKept`,
-/// on every backend): the input, the attention output, its log-sum-exp, the
-/// residual after attention and the LoRA modules' `x·Aᵀ`, so the recompute
-/// skips the attention, the o-projection and the LoRA down-projections (of
-/// [`saved_per_layer`]: `layer_input`, `attn_out`, `attn_lse`, `residual1`,
-/// `lora_xa`).
+/// on every backend): the input, q/k (after RoPE; Qwen3 also their norms'
+/// inputs) and v, the attention output, its log-sum-exp, the residual after
+/// attention and the LoRA modules' `x·Aᵀ`, so the recompute skips the whole
+/// attention block but its first norm, and the LoRA down-projections (of
+/// [`saved_per_layer`]: `layer_input`, `q_k_v_rope`, `qk_norm_inputs`,
+/// `attn_out`, `attn_lse`, `residual1`, `lora_xa`).
 pub(crate) fn checkpoint_kept_bytes(c: &ModelConfig, p: &PlanInput) -> u64 {
     let kept: &[&str] = if p.gpu {
         &["layer_input"]
     } else {
         &[
             "layer_input",
+            "q_k_v_rope",
+            "qk_norm_inputs",
             "attn_out",
             "attn_lse",
             "residual1",

@@ -174,18 +174,19 @@ fn head_pass_scratch_follows_the_trainer() {
 }
 
 /// Checkpointing keeps the L layer inputs through the whole backward (the
-/// CPU trainer also each layer's attention output, its log-sum-exp, the
-/// residual after attention and the LoRA x·Aᵀ); one layer's other tensors
-/// exist only inside that layer's backward.
+/// CPU trainer also each layer's q, k, v, attention output, its
+/// log-sum-exp, the residual after attention and the LoRA x·Aᵀ); one
+/// layer's other tensors exist only inside that layer's backward.
 #[test]
 fn checkpointing_recomputes_one_layer_inside_its_backward() {
     let c = tiny();
     let inv = Inventory::from_config(&c);
     let off = plan(&inv, &c, &input(4, 512, false)).unwrap().per_device;
     let on = plan(&inv, &c, &input(4, 512, true)).unwrap().per_device;
-    // input, attention output, residual (T x 64 each), lse (4 x 4 heads x
-    // 512), the 7 targets' x·Aᵀ (T x rank 8)
-    let input_bytes = 3 * 2048 * 64 * 4 + 4 * 4 * 512 * 4 + 7 * 2048 * 8 * 4;
+    // input, attention output, residual (T x 64 each), q, k, v (T x (4 +
+    // 2 + 2 heads) x 16), lse (4 x 4 heads x 512), the 7 targets' x·Aᵀ (T x
+    // rank 8)
+    let input_bytes = 3 * 2048 * 64 * 4 + 2048 * 128 * 4 + 4 * 4 * 512 * 4 + 7 * 2048 * 8 * 4;
     assert_eq!(off.activations, 2 * 8_110_080);
     assert_eq!(on.activations, 2 * input_bytes);
     assert_eq!(
@@ -220,9 +221,10 @@ fn head_phase_under_checkpointing_counts_heap_retention() {
         .iter()
         .map(|s| s.bytes)
         .sum();
-    // kept: input, attention output, residual (128 x 64 each), lse (4 x 128),
-    // the 7 targets' x·Aᵀ (128 x rank 8)
-    let kept = 3 * 128 * 64 * 4 + 4 * 128 * 4 + 7 * 128 * 8 * 4;
+    // kept: input, attention output, residual (128 x 64 each), q, k, v
+    // (128 x (4 + 2 + 2 heads) x 16), lse (4 x 128), the 7 targets' x·Aᵀ
+    // (128 x rank 8)
+    let kept = 3 * 128 * 64 * 4 + 128 * 128 * 4 + 4 * 128 * 4 + 7 * 128 * 8 * 4;
     assert_eq!(b.heap_retention, one_layer - kept);
     assert_eq!(
         b.train_peak,

@@ -418,14 +418,17 @@ fn write_dq(dq: &mut [f32], dqt: &[f32], s: usize, i0: usize, rows: usize, d: us
         let nc = B.min(mq - c0);
         for d0 in (0..d).step_by(B) {
             let nd = B.min(d - d0);
-            for (k, trow) in tile.iter_mut().enumerate().take(nd) {
-                trow[..nc].copy_from_slice(&dqt[(d0 + k) * mq + c0..][..nc]);
+            // tile[c][k] = dQᵀ[d0 + k][c0 + c]
+            for k in 0..nd {
+                for (c, &v) in dqt[(d0 + k) * mq + c0..][..nc].iter().enumerate() {
+                    tile[c][k] = v;
+                }
             }
-            for c in 0..nc {
+            for (c, trow) in tile.iter().enumerate().take(nc) {
                 let (r, ii) = ((c0 + c) / rows, (c0 + c) % rows);
                 let dst = &mut dq[(r * s + i0 + ii) * d + d0..][..nd];
-                for (k, o) in dst.iter_mut().enumerate() {
-                    *o = scale * tile[k][c];
+                for (o, v) in dst.iter_mut().zip(trow) {
+                    *o = scale * v;
                 }
             }
         }

@@ -649,11 +649,19 @@ mod tests {
             let (a, b) = (rnd(n, 4.0), rnd(n, 2.0));
             let want = dot_isa(Isa::Generic, &a, &b);
             let exact: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
-            let mag: f64 = a.iter().zip(&b).map(|(x, y)| (*x as f64 * *y as f64).abs()).sum();
+            let mag: f64 = a
+                .iter()
+                .zip(&b)
+                .map(|(x, y)| (*x as f64 * *y as f64).abs())
+                .sum();
             assert!((want as f64 - exact).abs() <= 1e-6 * (1.0 + mag), "dot {n}");
             for isa in [Isa::V4, Isa::V3] {
                 if isa.available() {
-                    assert_eq!(dot_isa(isa, &a, &b).to_bits(), want.to_bits(), "dot {n} {isa:?}");
+                    assert_eq!(
+                        dot_isa(isa, &a, &b).to_bits(),
+                        want.to_bits(),
+                        "dot {n} {isa:?}"
+                    );
                 }
             }
         }
