@@ -234,6 +234,23 @@ unsafe fn rows_avx512(
     let mut finite = [[true; SEG_BLOCKS]; MAX_PAIRS];
     // the blocks of the column range
     let (first, last) = (16 * g0 / bs, (16 * (g0 + groups) - 1) / bs + 1);
+    // The next call's rows (the caller walks the weight 32 rows at a time,
+    // a strip of columns of each): their code lines asked for now. Strips a
+    // row apart are a stride no hardware prefetcher follows, and the codes
+    // come from memory (the writer ran 2-3x slower in a step than hot).
+    let rows = q.shape[0];
+    for r in r0 + 32..(r0 + 64).min(rows) {
+        let (lo, hi) = ((r * cols + 16 * g0) / 2, (r * cols + 16 * (g0 + groups)) / 2);
+        let mut at = lo & !63;
+        while at < hi {
+            _mm_prefetch::<_MM_HINT_T0>(packed.as_ptr().wrapping_add(at) as *const i8);
+            at += 64;
+        }
+        if let crate::Absmax::Double(d) = &q.absmax {
+            let c = d.codes.as_ptr().wrapping_add(r * nblocks + first);
+            _mm_prefetch::<_MM_HINT_T0>(c as *const i8);
+        }
+    }
     let mut b0 = first;
     while b0 < last {
         let nb = SEG_BLOCKS.min(last - b0);
