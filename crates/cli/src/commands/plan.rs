@@ -46,7 +46,8 @@ pub struct Args {
     /// Gradient accumulation steps (no extra memory: gradients persist anyway).
     #[arg(long, default_value_t = 1)]
     pub grad_accum: u64,
-    /// Gradient checkpointing (keep only each layer's input): `--gradient-checkpointing`,
+    /// Gradient checkpointing (the CPU trainer keeps each layer's input and attention tensors
+    /// and recomputes its MLP; --gpu plans keep the input only): `--gradient-checkpointing`,
     /// `--gradient-checkpointing true|false` [default: as `qlora train`, on for > 4 layers].
     #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
     pub gradient_checkpointing: Option<bool>,

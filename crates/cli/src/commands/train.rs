@@ -144,7 +144,8 @@ pub struct Args {
     /// Save a checkpoint every N steps (always one at the end) [default: 0 = end only].
     #[arg(long)]
     pub save_every: Option<u64>,
-    /// Gradient checkpointing: recompute each layer in the backward [default: on for > 4 layers].
+    /// Gradient checkpointing: keep each layer's input and attention tensors, recompute its MLP
+    /// in the backward [default: on for > 4 layers].
     #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
     pub gradient_checkpointing: Option<bool>,
     /// Under `mpirun -n N` (N > 1): how the frozen base is split across the
