@@ -240,7 +240,10 @@ unsafe fn rows_avx512(
     // come from memory (the writer ran 2-3x slower in a step than hot).
     let rows = q.shape[0];
     for r in r0 + 32..(r0 + 64).min(rows) {
-        let (lo, hi) = ((r * cols + 16 * g0) / 2, (r * cols + 16 * (g0 + groups)) / 2);
+        let (lo, hi) = (
+            (r * cols + 16 * g0) / 2,
+            (r * cols + 16 * (g0 + groups)) / 2,
+        );
         let mut at = lo & !63;
         while at < hi {
             _mm_prefetch::<_MM_HINT_T0>(packed.as_ptr().wrapping_add(at) as *const i8);
