@@ -165,6 +165,10 @@ unsafe fn stream_avx512(q: &Quantized4, r0: usize, rs: usize, ksteps: usize, dst
                 let mut r = [_mm512_setzero_si512(); 16];
                 for j in 0..rs {
                     let e = (r0 + j) * cols + 32 * ks;
+                    if ks % 4 == 0 {
+                        // this row's codes two lines ahead, into L1
+                        _mm_prefetch::<_MM_HINT_T0>(packed.wrapping_add(e / 2 + 128) as *const i8);
+                    }
                     let codes = _mm_loadu_si128(packed.add(e / 2) as *const __m128i);
                     // dword k = high nibble | low nibble << 16: elements 2k, 2k+1
                     let d = _mm512_cvtepu8_epi32(codes);
