@@ -165,7 +165,7 @@ unsafe fn stream_avx512(q: &Quantized4, r0: usize, rs: usize, ksteps: usize, dst
                 let mut r = [_mm512_setzero_si512(); 16];
                 for j in 0..rs {
                     let e = (r0 + j) * cols + 32 * ks;
-                    if ks % 4 == 0 {
+                    if ks.is_multiple_of(4) {
                         // this row's codes two lines ahead, into L1
                         _mm_prefetch::<_MM_HINT_T0>(packed.wrapping_add(e / 2 + 128) as *const i8);
                     }
