@@ -14,10 +14,11 @@ const MAX_PAIRS: usize = 16;
 
 impl Quantized4 {
     /// Rows `r0..r0 + nr` of a 2-D `[rows, cols]` tensor as bf16 bits, two
-    /// consecutive rows interleaved element by element, 16 columns at a time:
-    /// for each group `g < cols / 16` and pair `p < ceil(nr / 2)`, the 32
-    /// words at `out[g·stride + 32p ..]` are `W[r0 + 2p][16g + j]`,
-    /// `W[r0 + 2p + 1][16g + j]` for `j = 0..16` (`+0.0` for a row past
+    /// consecutive rows interleaved element by element, 16 columns at a time,
+    /// for the columns `c0 .. c0 + ncols` (both multiples of 16): for each
+    /// group `g < ncols / 16` and pair `p < ceil(nr / 2)`, the 32 words at
+    /// `out[g·stride + 32p ..]` are `W[r0 + 2p][c0 + 16g + j]`,
+    /// `W[r0 + 2p + 1][c0 + 16g + j]` for `j = 0..16` (`+0.0` for a row past
     /// `nr`). That is an AMX B tile along the weight's rows (the input
     /// gradient `dy · W`): each group's tile rows are written one after the
     /// other, straight from the 4-bit codes. Each value is bit for bit what
@@ -25,25 +26,9 @@ impl Quantized4 {
     /// are not written.
     ///
     /// # Panics
-    /// If the tensor is not 2-D, `cols` is not a multiple of 16, the rows
-    /// are outside it, `stride < 32·ceil(nr / 2)`, or `out` is too short.
-    pub fn dequantize_rows_interleaved_bf16(
-        &self,
-        r0: usize,
-        nr: usize,
-        out: &mut [u16],
-        stride: usize,
-    ) {
-        self.dequantize_rows_interleaved_bf16_with(Backend::detect(), r0, nr, out, stride)
-    }
-
-    /// [`Self::dequantize_rows_interleaved_bf16`] for the columns `c0 .. c0
-    /// + ncols` only (both multiples of 16): group `g` of the range (columns
-    /// `c0 + 16g ..`) at `out[g·stride ..]`.
-    ///
-    /// # Panics
-    /// As [`Self::dequantize_rows_interleaved_bf16`], or if the columns are
-    /// outside the tensor or not on the 16-column grid.
+    /// If the tensor is not 2-D, `cols` is not a multiple of 16, the rows or
+    /// columns are outside it or off the 16-column grid, `stride <
+    /// 32·ceil(nr / 2)`, or `out` is too short.
     pub fn dequantize_rows_interleaved_bf16_cols(
         &self,
         r0: usize,
@@ -56,27 +41,13 @@ impl Quantized4 {
         self.rows_interleaved_with(Backend::detect(), r0, nr, c0, ncols, out, stride)
     }
 
-    /// Whether [`Self::dequantize_rows_interleaved_bf16`] has a vectorized
+    /// Whether [`Self::dequantize_rows_interleaved_bf16_cols`] has a vectorized
     /// kernel for this tensor on this CPU (2-D, rows a whole number of
     /// blocks, AVX-512); otherwise it runs a plain loop, slower than
     /// dequantizing the rows and interleaving them.
     pub fn rows_interleaved_fast(&self) -> bool {
         matches!(self.shape.as_slice(), &[_, cols] if cols % 16 == 0 && cols % self.blocksize == 0)
             && Backend::detect().has_avx512()
-    }
-
-    /// [`Self::dequantize_rows_interleaved_bf16`] with an explicit backend (tests).
-    #[doc(hidden)]
-    pub fn dequantize_rows_interleaved_bf16_with(
-        &self,
-        backend: Backend,
-        r0: usize,
-        nr: usize,
-        out: &mut [u16],
-        stride: usize,
-    ) {
-        let cols = self.shape.get(1).copied().unwrap_or(0);
-        self.rows_interleaved_with(backend, r0, nr, 0, cols, out, stride)
     }
 
     /// [`Self::dequantize_rows_interleaved_bf16_cols`] with an explicit backend (tests).
@@ -94,17 +65,17 @@ impl Quantized4 {
     ) {
         let &[rows, cols] = self.shape.as_slice() else {
             panic!(
-                "dequantize_rows_interleaved_bf16 needs a 2-D tensor, shape is {:?}",
+                "dequantize_rows_interleaved_bf16_cols needs a 2-D tensor, shape is {:?}",
                 self.shape
             )
         };
         assert!(
             cols.is_multiple_of(16),
-            "dequantize_rows_interleaved_bf16: {cols} columns, not a multiple of 16"
+            "dequantize_rows_interleaved_bf16_cols: {cols} columns, not a multiple of 16"
         );
         assert!(
             c0.is_multiple_of(16) && ncols.is_multiple_of(16) && c0 <= cols && ncols <= cols - c0,
-            "dequantize_rows_interleaved_bf16: columns {c0}..{} of {cols}",
+            "dequantize_rows_interleaved_bf16_cols: columns {c0}..{} of {cols}",
             c0 + ncols
         );
         assert!(
@@ -118,12 +89,12 @@ impl Quantized4 {
         }
         assert!(
             stride >= 32 * npairs,
-            "dequantize_rows_interleaved_bf16: stride {stride} < {}",
+            "dequantize_rows_interleaved_bf16_cols: stride {stride} < {}",
             32 * npairs
         );
         assert!(
             out.len() >= (groups - 1) * stride + 32 * npairs,
-            "dequantize_rows_interleaved_bf16: output of {} words, {} needed",
+            "dequantize_rows_interleaved_bf16_cols: output of {} words, {} needed",
             out.len(),
             (groups - 1) * stride + 32 * npairs
         );
@@ -190,7 +161,7 @@ fn group_scalar(
     }
 }
 
-/// The AVX-512 kernel of [`Quantized4::dequantize_rows_interleaved_bf16`]
+/// The AVX-512 kernel of [`Quantized4::dequantize_rows_interleaved_bf16_cols`]
 /// for `nr <= 32` rows whose length is a whole number of blocks: per block
 /// column and pair a 32-entry table (the even row's 16 products in words
 /// 0..16, the odd row's in 16..32), then per group and pair one word
@@ -419,10 +390,12 @@ mod tests {
                     let stride = 32 * nr.div_ceil(2) + extra;
                     let want = expected(q, r0, nr, stride.max(32));
                     let mut got = vec![0xdeadu16; want.len()];
-                    q.dequantize_rows_interleaved_bf16_with(
+                    q.rows_interleaved_with(
                         backend,
                         r0,
                         nr,
+                        0,
+                        q.shape[1],
                         &mut got,
                         stride.max(32),
                     );

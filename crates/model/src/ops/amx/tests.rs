@@ -27,6 +27,27 @@ fn bf(v: f32) -> f64 {
     f32::from_bits((bf16_bits(v) as u32) << 16) as f64
 }
 
+/// `y` (`[t, o]`) against `x · Wᵀ` summed in f64 over the bf16-rounded
+/// operands (`x` `[t, i]`, `W` `[o, i]`), within f32 summation of `i` terms.
+fn assert_forward_matches_bf16_reference(
+    x: &[f32],
+    w: &[f32],
+    y: &[f32],
+    t: usize,
+    i: usize,
+    o: usize,
+    what: &str,
+) {
+    let mut worst = 0f64;
+    for r in 0..t {
+        for c in 0..o {
+            let s: f64 = (0..i).map(|k| bf(x[r * i + k]) * bf(w[c * i + k])).sum();
+            worst = worst.max((s - y[r * o + c] as f64).abs());
+        }
+    }
+    assert!(worst < 1e-4 * (i as f64).sqrt(), "{what}: {worst}");
+}
+
 #[test]
 fn bf16_rounding_matches_half() {
     for v in rand_vec(10_000, 7, 100.0).into_iter().chain([
@@ -146,16 +167,14 @@ fn amx_forward_and_backward_match_bf16_reference() {
             y.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
             "fresh forward {o}x{i}x{t}"
         );
-        let mut worst = 0f64;
-        for r in 0..t {
-            for c in 0..o {
-                let s: f64 = (0..i).map(|k| bf(x[r * i + k]) * bf(wv[c * i + k])).sum();
-                worst = worst.max((s - y[r * o + c] as f64).abs());
-            }
-        }
-        assert!(
-            worst < 1e-4 * (i as f64).sqrt(),
-            "forward {o}x{i}x{t}: {worst}"
+        assert_forward_matches_bf16_reference(
+            &x,
+            &wv,
+            &y,
+            t,
+            i,
+            o,
+            &format!("forward {o}x{i}x{t}"),
         );
         let init = rand_vec(t * i, 24, 1.0);
         let mut dx = init.clone();
@@ -367,17 +386,7 @@ fn group_products_equal_one_task_per_panel_bit_for_bit() {
                 assert_eq!(bits(&f), bits(&f1), "fresh input gradient {what}");
             }
             if o == 70 {
-                let mut worst = 0f64;
-                for rr in 0..t {
-                    for c in 0..o {
-                        let s: f64 = (0..i).map(|k| bf(x[rr * i + k]) * bf(wv[c * i + k])).sum();
-                        worst = worst.max((s - y1[rr * o + c] as f64).abs());
-                    }
-                }
-                assert!(
-                    worst < 1e-4 * (i as f64).sqrt(),
-                    "forward reference: {worst}"
-                );
+                assert_forward_matches_bf16_reference(&x, &wv, &y1, t, i, o, "forward reference");
             }
         }
     }
