@@ -18,11 +18,12 @@ use crate::ops::{cross_entropy, rmsnorm, rope, swiglu};
 #[derive(Debug, Clone, Copy, Default)]
 pub struct CpuBackend;
 
-/// A LoRA module's backward on the AMX path (no dropout, `r > 0`): `dA`,
-/// `dB` and `dxa` from [`LoraRef::backward_parts`] (f32), then the base input
-/// gradient with the term `dxa·A` as extra k-steps of its products (bf16
-/// operands, f32 sums, as the base), into `dx` or (`None`) a fresh buffer,
-/// returned. Returns `(fresh dx, dA, dB)`.
+/// A LoRA module's backward on the AMX path (no dropout, `r > 0`): the
+/// base input gradient with the module's `dy` products on the tile unit
+/// (`dxa = s·dy·B`, `dB = s·dyᵀ·xa`, and `dxa·A` as extra k-steps of the
+/// input gradient; bf16 operands, f32 sums, as the base), into `dx` or
+/// (`None`) a fresh buffer, returned; then `dA = dxaᵀ·x` in f32. Returns
+/// `(fresh dx, dA, dB)`.
 fn fused_linear_lora_backward(
     w: &FrozenLinear,
     l: &LoraRef,
@@ -32,20 +33,22 @@ fn fused_linear_lora_backward(
     t: usize,
     dx: Option<&mut Vec<f32>>,
 ) -> (Option<Vec<f32>>, Vec<f32>, Vec<f32>) {
-    let (da, db, dxa) = {
-        let _t = profile::time(Op::LoraBackward);
-        l.backward_parts(x, xa, dy, t)
-    };
     let mut a = vec![0u16; l.r * l.in_features];
     crate::ops::fastmath::to_bf16(&l.a[..a.len()], &mut a);
-    let up = crate::ops::amx::InputUpTerm {
-        dxa: &dxa,
+    let lora = crate::ops::amx::LowRankBackward {
+        b: l.b,
+        scale: l.scale,
+        xa,
         a: &a,
         r: l.r,
     };
-    let _t = profile::time(Op::LinearBackward);
-    let fresh = w.backward_input_up(dy, t, dx.map(|d| &mut d[..]), up);
-    (fresh, da, db)
+    let (fresh, g) = {
+        let _t = profile::time(Op::LinearBackward);
+        w.backward_input_lora(dy, t, dx.map(|d| &mut d[..]), lora)
+    };
+    let _t = profile::time(Op::LoraBackward);
+    let da = l.a_grad(x, &g.dxa, t);
+    (fresh, da, g.db)
 }
 
 fn lora_ref<'a>(op: &LoraOp<'a, CpuBackend>) -> LoraRef<'a> {

@@ -323,6 +323,25 @@ impl FrozenLinear {
         super::amx::linear_backward_up(o, i, t, dy, dx, &Bf16Source(self), up)
     }
 
+    /// The input gradient with a LoRA module's whole `dy` side on the tile
+    /// unit ([`super::amx::linear_backward_lora`]): `dx` (+)= `dy·W +
+    /// s·dy·B·A`, into `dx` or a fresh vector (returned first), and the
+    /// module's `dxa`, `dB`.
+    ///
+    /// # Panics
+    /// Off the AMX path; if the sizes do not match.
+    pub fn backward_input_lora(
+        &self,
+        dy: &[f32],
+        t: usize,
+        dx: Option<&mut [f32]>,
+        lora: super::amx::LowRankBackward,
+    ) -> (Option<Vec<f32>>, super::amx::LowRankGrads) {
+        let (o, i) = (self.out_features, self.in_features);
+        assert!(self.use_amx(t), "backward_input_lora: not on the AMX path");
+        super::amx::linear_backward_lora(o, i, t, dy, dx, &Bf16Source(self), lora)
+    }
+
     /// `dx[t, in] += dy[t, out] W`: the input gradient only.
     pub fn backward_input(&self, dy: &[f32], t: usize, dx: &mut [f32]) {
         let (o, i) = (self.out_features, self.in_features);

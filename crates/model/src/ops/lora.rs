@@ -245,23 +245,46 @@ impl LoraRef<'_> {
         (da, db)
     }
 
-    /// [`Self::backward`] without the input gradient: `(dA, dB, dxa)` with
-    /// `dxa = s·dy B` `[t, r]`, for a caller that adds `dxa A` into `dx`
-    /// itself (the AMX input gradient, as extra k-steps of its products:
-    /// [`super::amx::InputUpTerm`]). Without dropout only: with it, the
-    /// input gradient is masked (`dropout'(dxa A)`), not a plain product.
-    pub fn backward_parts(
-        &self,
-        x: &[f32],
-        xa: &[f32],
-        dy: &[f32],
-        t: usize,
-    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    /// `dA = dxaᵀ·x` `[r, in]` alone from a given `dxa` `[t, r]`, for a
+    /// caller that computed `dxa` and `dB` itself (the AMX input gradient,
+    /// [`super::amx::linear_backward_lora`]): the row blocks and their
+    /// summation order of [`Self::backward`]. Without dropout only.
+    pub fn a_grad(&self, x: &[f32], dxa: &[f32], t: usize) -> Vec<f32> {
         assert!(
             self.dropout <= 0.0,
-            "lora: the input gradient under dropout is not a low-rank product"
+            "lora: a_grad takes the input without dropout"
         );
-        self.backward_impl(Isa::best(), x, xa, dy, t, None)
+        let (r, i) = (self.r, self.in_features);
+        assert!(
+            x.len() >= t * i && dxa.len() >= t * r,
+            "lora: x or dxa too short"
+        );
+        if t == 0 || r == 0 {
+            return vec![0f32; r * i];
+        }
+        let isa = Isa::best();
+        let ch = chunk_rows(t);
+        let run = |c: usize| {
+            let (k0, rows) = (c * ch, ch.min(t - c * ch));
+            let mut part = vec![0f32; r * i];
+            let (dxa, x) = (&dxa[k0 * r..(k0 + rows) * r], &x[k0 * i..(k0 + rows) * i]);
+            skinny::tn(isa, r, i, rows, dxa, r, x, i, &mut part, i, false);
+            part
+        };
+        let blocks = t.div_ceil(ch);
+        let parts: Vec<Vec<f32>> = if may_fork(t, r * i) {
+            (0..blocks).into_par_iter().map(run).collect()
+        } else {
+            (0..blocks).map(run).collect()
+        };
+        let mut parts = parts.into_iter();
+        let mut sum = parts.next().unwrap_or_default();
+        for part in parts {
+            for (d, v) in sum.iter_mut().zip(&part) {
+                *d += v;
+            }
+        }
+        sum
     }
 
     /// `A` packed as [`Self::backward`] multiplies it into `dx`
@@ -561,8 +584,9 @@ mod tests {
         }
     }
 
-    /// The split backward (`dA`, `dB`, `dxa`; the caller adds `dxa·A`)
-    /// gives bit for bit the whole one's `dA`, `dB` and `dx`.
+    /// The backward without `dx` (`dA`, `dB`, `dxa`; the caller adds
+    /// `dxa·A`), and `dA` from a given `dxa` alone ([`LoraRef::a_grad`]),
+    /// give bit for bit the whole one's `dA`, `dB` and `dx`.
     #[test]
     fn split_backward_equals_the_whole_one_bit_for_bit() {
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
@@ -593,8 +617,10 @@ mod tests {
             let init = rand_vec(t * i, seed + 5, 1.0);
             let mut dx = init.clone();
             let (da, db) = l.backward(&x, &xa, &dy, t, &mut dx);
-            let (da2, db2, dxa) = l.backward_parts(&x, &xa, &dy, t);
+            let (da2, db2, dxa) = l.backward_impl(Isa::best(), &x, &xa, &dy, t, None);
             assert_eq!(bits(&da2), bits(&da), "dA t{t} i{i} o{o} r{r}");
+            let da3 = l.a_grad(&x, &dxa, t);
+            assert_eq!(bits(&da3), bits(&da), "dA from dxa t{t} i{i} o{o} r{r}");
             assert_eq!(bits(&db2), bits(&db), "dB t{t} i{i} o{o} r{r}");
             let mut dx2 = init;
             let p = l.input_grad_operand();

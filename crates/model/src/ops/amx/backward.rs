@@ -21,6 +21,74 @@ pub struct InputUpTerm<'a> {
     pub r: usize,
 }
 
+/// A LoRA module's backward beside its base input gradient: from `dy` as
+/// the input gradient packs it (bf16), `dxa = s·dy·B` and `dB = s·dyᵀ·xa`
+/// on the tile unit ([`super::low_rank`]), then `dxa·A` as the extra
+/// k-steps of [`InputUpTerm`]. The bf16 operands are those the module's
+/// products already use (`dy` as the input gradient takes it, `B` and `xa`
+/// as the forward's up-projection does); the sums are f32.
+#[derive(Clone, Copy)]
+pub struct LowRankBackward<'a> {
+    /// LoRA's B `[o, r]` and its scale `s`.
+    pub b: &'a [f32],
+    pub scale: f32,
+    /// The forward's `x·Aᵀ` `[t, r]`.
+    pub xa: &'a [f32],
+    /// LoRA's A as bf16 `[r, i]`.
+    pub a: &'a [u16],
+    pub r: usize,
+}
+
+/// What [`linear_backward_lora`] computes besides `dx`: `dxa = s·dy·B`
+/// `[t, r]` (for `dA = dxaᵀ·x`) and `dB` `[o, r]`.
+#[derive(Debug)]
+pub struct LowRankGrads {
+    pub dxa: Vec<f32>,
+    pub db: Vec<f32>,
+}
+
+/// `dx (+)= dy · W + s·dy·B·A` with the module's `dxa` and `dB`
+/// ([`LowRankBackward`]): into `dx` (added), or without one into a fresh
+/// vector, returned first.
+///
+/// # Panics
+/// If AMX is not [`available`] or the sizes do not match.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_backward_lora(
+    o: usize,
+    i: usize,
+    t: usize,
+    dy: &[f32],
+    dx: Option<&mut [f32]>,
+    w: &WeightBf16,
+    lora: LowRankBackward,
+) -> (Option<Vec<f32>>, LowRankGrads) {
+    let r = lora.r;
+    assert!(
+        lora.b.len() >= o * r && lora.xa.len() >= t * r && lora.a.len() >= r * i && r > 0,
+        "amx backward: LoRA sizes"
+    );
+    match dx {
+        Some(dx) => {
+            assert_eq!(dx.len(), t * i, "amx backward: dx size");
+            // SAFETY: dx is t·i floats, exclusively borrowed.
+            let g =
+                unsafe { backward_raw(o, i, t, dy, dx.as_mut_ptr(), w, None, Some(lora), false) };
+            (None, g.expect("LoRA gradients"))
+        }
+        None => {
+            let mut dx: Vec<f32> = Vec::with_capacity(t * i);
+            // SAFETY: as in `linear_backward_new`.
+            let g = unsafe {
+                let g = backward_raw(o, i, t, dy, dx.as_mut_ptr(), w, None, Some(lora), true);
+                dx.set_len(t * i);
+                g
+            };
+            (Some(dx), g.expect("LoRA gradients"))
+        }
+    }
+}
+
 /// `dx (+)= dy · W + dxa · A` ([`InputUpTerm`]): into `dx` (added), or
 /// without one into a fresh vector, returned.
 ///
@@ -44,14 +112,14 @@ pub fn linear_backward_up(
         Some(dx) => {
             assert_eq!(dx.len(), t * i, "amx backward: dx size");
             // SAFETY: dx is t·i floats, exclusively borrowed.
-            unsafe { backward_raw(o, i, t, dy, dx.as_mut_ptr(), w, Some(up), false) };
+            unsafe { backward_raw(o, i, t, dy, dx.as_mut_ptr(), w, Some(up), None, false) };
             None
         }
         None => {
             let mut dx: Vec<f32> = Vec::with_capacity(t * i);
             // SAFETY: as in `linear_backward_new`.
             unsafe {
-                backward_raw(o, i, t, dy, dx.as_mut_ptr(), w, Some(up), true);
+                backward_raw(o, i, t, dy, dx.as_mut_ptr(), w, Some(up), None, true);
                 dx.set_len(t * i);
             }
             Some(dx)
@@ -312,7 +380,7 @@ unsafe fn backward_by_groups(
 pub fn linear_backward(o: usize, i: usize, t: usize, dy: &[f32], dx: &mut [f32], w: &WeightBf16) {
     assert_eq!(dx.len(), t * i, "amx backward: dx size");
     // SAFETY: dx is t·i floats, exclusively borrowed.
-    unsafe { backward_raw(o, i, t, dy, dx.as_mut_ptr(), w, None, false) }
+    unsafe { backward_raw(o, i, t, dy, dx.as_mut_ptr(), w, None, None, false) };
 }
 
 /// `dx = dy · W` into a fresh vector: the first weight chunk's products
@@ -327,7 +395,7 @@ pub fn linear_backward_new(o: usize, i: usize, t: usize, dy: &[f32], w: &WeightB
     // SAFETY: capacity t·i; `backward_raw` in overwrite mode writes every
     // element (the products whole, zeros when o = 0) before `set_len`.
     unsafe {
-        backward_raw(o, i, t, dy, dx.as_mut_ptr(), w, None, true);
+        backward_raw(o, i, t, dy, dx.as_mut_ptr(), w, None, None, true);
         dx.set_len(t * i);
     }
     dx
@@ -348,26 +416,31 @@ unsafe fn backward_raw(
     dx: *mut f32,
     w: &WeightBf16,
     up: Option<InputUpTerm>,
+    lora: Option<LowRankBackward>,
     overwrite: bool,
-) {
+) -> Option<LowRankGrads> {
     assert!(available(), "AMX bf16 path called without AMX");
     assert_eq!(dy.len(), t * o, "amx backward: dy size");
-    if t == 0 || i == 0 {
-        return;
-    }
-    if o == 0 {
-        assert!(up.is_none(), "amx backward: a LoRA term on an empty weight");
-        // SAFETY: dx is t·i floats (the caller's contract).
-        unsafe {
-            if overwrite {
-                std::ptr::write_bytes(dx, 0, t * i);
-            }
+    assert!(up.is_none() || lora.is_none());
+    if t == 0 || i == 0 || o == 0 {
+        // nothing for the tiles: a LoRA module's dxa and dB as plain sums
+        let grads = lora.map(|l| low_rank_plain(o, t, dy, l));
+        if i > 0 && t > 0 && overwrite {
+            // SAFETY: dx is t·i floats (the caller's contract).
+            unsafe { std::ptr::write_bytes(dx, 0, t * i) };
         }
-        return;
+        assert!(
+            up.is_none() || o > 0 || i == 0 || t == 0,
+            "amx backward: a LoRA term on an empty weight"
+        );
+        return grads;
     }
     let ko = round_up(o, 32);
     // the LoRA term's k-steps, after dy's (in the last chunk)
-    let ext = up.map_or(0, |u| u.r.div_ceil(32));
+    let ext = up
+        .map(|u| u.r)
+        .or(lora.map(|l| l.r))
+        .map_or(0, |r| r.div_ceil(32));
     let kp = ko + 32 * ext;
     let mp = round_up(t, 32);
     let nblocks = i.div_ceil(32);
@@ -381,7 +454,23 @@ unsafe fn backward_raw(
     };
     with_scratch(&SCRATCH_A, |a| {
         let extra: Option<&super::RowExtra> = up.is_some().then_some(&extra);
-        pack_a_hooked(dy, t, o, o, 0, kp, a, None, extra);
+        // a LoRA module's dy products come from the packed dy, its dxa
+        // then goes into the term's k-steps (as `extra` writes a given one)
+        let grads = match &lora {
+            Some(l) => Some(super::low_rank::pack_dy_with_lora(dy, t, o, kp, a, l)),
+            None => {
+                pack_a_hooked(dy, t, o, o, 0, kp, a, None, extra);
+                None
+            }
+        };
+        let up = up.or_else(|| {
+            let (g, l) = (grads.as_ref()?, lora?);
+            Some(InputUpTerm {
+                dxa: &g.dxa,
+                a: l.a,
+                r: l.r,
+            })
+        });
         let a = &a[..];
         // A too big for a core's L2: groups of whole-K panels (see `groups`)
         // a pass's panel: 32 columns of W over GROUP_PASS_ROWS of its rows
@@ -391,7 +480,7 @@ unsafe fn backward_raw(
         if grouped && i.is_multiple_of(32) && w.has_rows_interleaved() {
             // SAFETY: as below; every panel is 32 whole columns of dx.
             unsafe { backward_by_groups(a, kp, o, i, t, w, up, dx, !overwrite) };
-            return;
+            return grads;
         }
         with_scratch(&SCRATCH_C, |chunk| {
             let dxp = SendPtr(dx);
@@ -510,5 +599,24 @@ unsafe fn backward_raw(
                 k0 = k1;
             }
         });
-    });
+        grads
+    })
+}
+
+/// [`LowRankGrads`] as plain f32 sums, for shapes with nothing for the
+/// tiles (an empty `t`, `o` or input).
+fn low_rank_plain(o: usize, t: usize, dy: &[f32], l: LowRankBackward) -> LowRankGrads {
+    let r = l.r;
+    let mut dxa = vec![0f32; t * r];
+    let mut db = vec![0f32; o * r];
+    for row in 0..t {
+        for q in 0..o {
+            let g = dy[row * o + q] * l.scale;
+            for j in 0..r {
+                dxa[row * r + j] += g * l.b[q * r + j];
+                db[q * r + j] += g * l.xa[row * r + j];
+            }
+        }
+    }
+    LowRankGrads { dxa, db }
 }

@@ -283,31 +283,48 @@ pub(crate) fn pack_a_hooked(
                     hook(g * 16..rows.min(g * 16 + 16));
                 }
             }
-            with_scratch(&SCRATCH_ROW, |row_buf| {
-                row_buf.resize(kp);
-                for r in 0..16 {
-                    let row = g * 16 + r;
-                    // a strided source (a head's columns): rows a stride
-                    // apart, which the hardware prefetchers do not follow
-                    if ld > cols && row + super::fastmath::PREFETCH_ROWS < rows {
-                        super::fastmath::prefetch(
-                            src[(row + super::fastmath::PREFETCH_ROWS) * ld + col0..].as_ptr(),
-                            cols,
-                        );
-                    }
-                    if row >= rows {
-                        row_buf.fill(0);
-                    } else {
-                        to_bf16_padded(&src[row * ld + col0..][..cols], row_buf);
-                        if let Some(extra) = extra {
-                            extra(row, &mut row_buf[..kp]);
-                        }
-                    }
-                    // this group's 16 rows: rows 0..16 of its own slice
-                    put_a_row(dst, r, kp, row_buf);
-                }
-            })
+            pack_a_group(src, rows, cols, ld, col0, kp, g, dst, extra);
         });
+}
+
+/// Row group `g` (rows `16g..16g + 16`) of [`pack_a_hooked`]'s layout into
+/// `dst` (that group's `16·kp` elements).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn pack_a_group(
+    src: &[f32],
+    rows: usize,
+    cols: usize,
+    ld: usize,
+    col0: usize,
+    kp: usize,
+    g: usize,
+    dst: &mut [u16],
+    extra: Option<&RowExtra>,
+) {
+    with_scratch(&SCRATCH_ROW, |row_buf| {
+        row_buf.resize(kp);
+        for r in 0..16 {
+            let row = g * 16 + r;
+            // a strided source (a head's columns): rows a stride
+            // apart, which the hardware prefetchers do not follow
+            if ld > cols && row + super::fastmath::PREFETCH_ROWS < rows {
+                super::fastmath::prefetch(
+                    src[(row + super::fastmath::PREFETCH_ROWS) * ld + col0..].as_ptr(),
+                    cols,
+                );
+            }
+            if row >= rows {
+                row_buf.fill(0);
+            } else {
+                to_bf16_padded(&src[row * ld + col0..][..cols], row_buf);
+                if let Some(extra) = extra {
+                    extra(row, &mut row_buf[..kp]);
+                }
+            }
+            // this group's 16 rows: rows 0..16 of its own slice
+            put_a_row(dst, r, kp, row_buf);
+        }
+    })
 }
 
 /// `src` as bf16 into the front of `dst`, zeros after it (a row padded to
@@ -371,8 +388,11 @@ fn pack_b_forward_ref(wrows: &[u16], nn: usize, i: usize, ksteps: usize, b: &mut
 #[cfg(target_arch = "x86_64")]
 mod transpose;
 
+mod low_rank;
 mod operands;
-pub use backward::{linear_backward_up, InputUpTerm};
+pub use backward::{
+    linear_backward_lora, linear_backward_up, InputUpTerm, LowRankBackward, LowRankGrads,
+};
 pub(crate) use operands::{pack_b_pairs, product};
 
 /// `y[t, o] = x[t, i] · Wᵀ` (y overwritten), W `[o, i]` given by `w`.

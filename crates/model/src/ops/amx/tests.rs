@@ -808,3 +808,118 @@ fn weight_writers_give_the_same_products_bit_for_bit() {
         }
     }
 }
+
+/// [`linear_backward_lora`]: a LoRA module's `dxa = s·dy·B` and
+/// `dB = s·dyᵀ·xa` from the packed `dy` (the parity products for `dB`),
+/// against f64 sums over the bf16-rounded operands within f32 summation,
+/// and the input gradient with the term `bf16(dxa)·A`; ranks below, at and
+/// above one and two 16-row tiles, `t` and `o` off the tile sizes (an odd
+/// count of 32-column blocks), `dy` in one chunk and in several, the
+/// column split, the row split and groups; into `dx` and fresh (the same
+/// bits as into zeros), the same bits on 1-3 threads.
+#[test]
+fn lora_dy_products_on_the_tiles_match_the_f64_sums() {
+    if !available() {
+        eprintln!("SKIPPED: AMX-BF16 is not available on this CPU; the AMX kernels were not run");
+        return;
+    }
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    for (n, &(o, i, t, r)) in [
+        (70usize, 96usize, 40usize, 16usize),
+        (1100, 100, 480, 7),
+        (33, 45, 7, 40),
+        (96, 64, 300, 33),
+        (5632, 32, 129, 8),
+        (1024, 1024, 256, 16),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let seed = 1700 + 10 * n as u64;
+        let wv = rand_vec(o * i, seed, 1.0);
+        let w = bf16_source(&wv);
+        let dy = rand_vec(t * o, seed + 1, 1.0);
+        let init = rand_vec(t * i, seed + 2, 1.0);
+        let b = rand_vec(o * r, seed + 3, 0.5);
+        let xa = rand_vec(t * r, seed + 4, 2.0);
+        let af = rand_vec(r * i, seed + 5, 0.5);
+        let a: Vec<u16> = af.iter().map(|v| bf16_bits(*v)).collect();
+        let scale = 1.75f32;
+        let lora = LowRankBackward {
+            b: &b,
+            scale,
+            xa: &xa,
+            a: &a,
+            r,
+        };
+        // the 1-thread run's dx (added, fresh), dxa and dB
+        let mut first: Option<[Vec<f32>; 4]> = None;
+        for threads in [1, 2, 3] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .expect("pool");
+            let what = format!("{o}x{i}x{t} r {r}, {threads} threads");
+            let mut added = init.clone();
+            let (none, g) =
+                pool.install(|| linear_backward_lora(o, i, t, &dy, Some(&mut added), &w, lora));
+            assert!(none.is_none());
+            let (fresh, _) = pool.install(|| linear_backward_lora(o, i, t, &dy, None, &w, lora));
+            let fresh = fresh.expect("a fresh gradient");
+            let mut zeros = vec![0f32; t * i];
+            pool.install(|| linear_backward_lora(o, i, t, &dy, Some(&mut zeros), &w, lora));
+            assert_eq!(bits(&fresh), bits(&zeros), "{what}: fresh vs into zeros");
+            if let Some(f) = &first {
+                assert!(
+                    bits(&f[0]) == bits(&added)
+                        && bits(&f[1]) == bits(&fresh)
+                        && bits(&f[2]) == bits(&g.dxa)
+                        && bits(&f[3]) == bits(&g.db),
+                    "{what}: differs from 1 thread"
+                );
+                continue;
+            }
+            assert_eq!((g.dxa.len(), g.db.len()), (t * r, o * r), "{what}: sizes");
+            // dxa = Σ_k bf(dy)·bf(s·B), dB = s·Σ_t bf(dy)·bf(xa)
+            let mut want_dxa = vec![(0f64, 0f64); t * r];
+            let mut want_db = vec![(0f64, 0f64); o * r];
+            for row in 0..t {
+                for k in 0..o {
+                    let d = bf(dy[row * o + k]);
+                    for j in 0..r {
+                        let v = d * bf(b[k * r + j] * scale);
+                        let e = &mut want_dxa[row * r + j];
+                        *e = (e.0 + v, e.1 + v.abs());
+                        let v = d * bf(xa[row * r + j]) * scale as f64;
+                        let e = &mut want_db[k * r + j];
+                        *e = (e.0 + v, e.1 + v.abs());
+                    }
+                }
+            }
+            let worst = worst_vs_f32_summation(&g.dxa, &want_dxa);
+            assert!(worst <= 1.0, "{what}: dxa {worst} of the bound");
+            let worst = worst_vs_f32_summation(&g.db, &want_db);
+            assert!(worst <= 1.0, "{what}: dB {worst} of the bound");
+            // dx = init + dy·W + bf16(dxa)·A
+            let mut want = vec![(0f64, 0f64); t * i];
+            for row in 0..t {
+                for c in 0..i {
+                    let (mut sum, mut mag) =
+                        (init[row * i + c] as f64, init[row * i + c].abs() as f64);
+                    for k in 0..o {
+                        let v = bf(dy[row * o + k]) * bf(wv[k * i + c]);
+                        (sum, mag) = (sum + v, mag + v.abs());
+                    }
+                    for j in 0..r {
+                        let v = bf(g.dxa[row * r + j]) * bf(af[j * i + c]);
+                        (sum, mag) = (sum + v, mag + v.abs());
+                    }
+                    want[row * i + c] = (sum, mag);
+                }
+            }
+            let worst = worst_vs_f32_summation(&added, &want);
+            assert!(worst <= 1.0, "{what}: dx {worst} of the bound");
+            first = Some([added, fresh, g.dxa, g.db]);
+        }
+    }
+}
