@@ -316,14 +316,55 @@ impl<B: Backend> Net<'_, B> {
             ad,
             grads,
         )?;
-        let (dg, du) = be.swiglu_backward(&dm, &a.g, &a.u)?;
-        drop(dm);
-        let mut dn2 =
-            self.linear_backward_new(w, l, GATE, &a.n2, &a.xa[GATE], &dg, t * h, ctx, ad, grads)?;
-        self.linear_backward(
-            w, l, UP, &a.n2, &a.xa[UP], &du, &mut dn2, ctx, ad, grads, true,
-        )?;
-        drop((dg, du));
+        let dora =
+            self.dora_op(Some(ad), l, GATE).is_some() || self.dora_op(Some(ad), l, UP).is_some();
+        let dn2 = if dora {
+            let (dg, du) = be.swiglu_backward(&dm, &a.g, &a.u)?;
+            drop(dm);
+            let mut dn2 = self.linear_backward_new(
+                w,
+                l,
+                GATE,
+                &a.n2,
+                &a.xa[GATE],
+                &dg,
+                t * h,
+                ctx,
+                ad,
+                grads,
+            )?;
+            self.linear_backward(
+                w, l, UP, &a.n2, &a.xa[UP], &du, &mut dn2, ctx, ad, grads, true,
+            )?;
+            dn2
+        } else {
+            // SwiGLU's backward with both input gradients: a backend may
+            // make dg, du inside them
+            let (og, ou) = (
+                self.lora_op(Some(ad), ctx, l, GATE),
+                self.lora_op(Some(ad), ctx, l, UP),
+            );
+            let xa = |m: usize| &a.xa[m].as_ref().expect("LoRA forward saved x·Aᵀ").xa;
+            let (dn2, gg, gu) = be.swiglu_gate_up_backward(
+                &w.linears[GATE],
+                &w.linears[UP],
+                og.as_ref().map(|op| (op, xa(GATE))),
+                ou.as_ref().map(|op| (op, xa(UP))),
+                &a.n2,
+                &dm,
+                &a.g,
+                &a.u,
+                t,
+                t * h,
+            )?;
+            drop(dm);
+            for (m, gr) in [(GATE, gg), (UP, gu)] {
+                if let Some((da, db)) = gr {
+                    grads[m] = Some((da, db, None));
+                }
+            }
+            dn2
+        };
         let mut dx_mid = dout;
         be.rmsnorm_backward_add(
             &dn2,

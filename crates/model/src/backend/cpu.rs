@@ -6,6 +6,7 @@ use anyhow::Result;
 
 use super::{
     AdamWStep, Backend, CeOut, DoraOp, DoraSaved, InputGradOut, LinearLoraOut, LoraOp, LoraSlot,
+    SwigluPairOut,
 };
 use crate::ops::attention::{self, AttnShape};
 use crate::ops::dora::DoraRef;
@@ -323,6 +324,76 @@ impl Backend for CpuBackend {
         };
         let (dx, da, db) = fused_linear_lora_backward(w, &lora_ref(op), x, xa, dy, t, None);
         Ok((dx.expect("a fresh input gradient"), Some((da, db))))
+    }
+    /// On the AMX path (no dropout, gate and up ranks in the same k-steps)
+    /// SwiGLU's backward is made and packed one row group at a time inside
+    /// the input gradient: `dg`, `du` never exist as f32 arrays (profiled as
+    /// the input gradient's time).
+    #[allow(clippy::too_many_arguments)]
+    fn swiglu_gate_up_backward(
+        &self,
+        wg: &FrozenLinear,
+        wu: &FrozenLinear,
+        lg: Option<(&LoraOp<Self>, &Vec<f32>)>,
+        lu: Option<(&LoraOp<Self>, &Vec<f32>)>,
+        x: &Vec<f32>,
+        dm: &Vec<f32>,
+        g: &Vec<f32>,
+        u: &Vec<f32>,
+        t: usize,
+        n: usize,
+    ) -> Result<SwigluPairOut<Self>> {
+        let (lgr, lur) = (
+            lg.map(|(op, _)| lora_ref(op)),
+            lu.map(|(op, _)| lora_ref(op)),
+        );
+        let fused = FrozenLinear::can_add_low_rank(&[wg, wu], t)
+            && wg.out_features == wu.out_features
+            && n == t * wg.in_features
+            && [&lgr, &lur].into_iter().flatten().all(|l| l.dropout <= 0.0)
+            && crate::ops::amx::swiglu_pair_fits(lgr.map(|l| l.r), lur.map(|l| l.r));
+        if !fused {
+            return super::swiglu_gate_up_backward_unfused(self, wg, wu, lg, lu, x, dm, g, u, t, n);
+        }
+        let bf16_a = |l: &LoraRef| {
+            let mut a = vec![0u16; l.r * l.in_features];
+            crate::ops::fastmath::to_bf16(&l.a[..a.len()], &mut a);
+            a
+        };
+        let (ag, au) = (lgr.as_ref().map(bf16_a), lur.as_ref().map(bf16_a));
+        fn low<'a>(
+            l: &'a Option<LoraRef<'a>>,
+            xa: Option<&'a Vec<f32>>,
+            a: &'a Option<Vec<u16>>,
+        ) -> Option<crate::ops::amx::LowRankBackward<'a>> {
+            let (l, xa, a) = (l.as_ref()?, xa?, a.as_ref()?);
+            Some(crate::ops::amx::LowRankBackward {
+                b: l.b,
+                scale: l.scale,
+                xa,
+                a,
+                r: l.r,
+            })
+        }
+        let (dx, gg, gu) = {
+            let _t = profile::time(Op::LinearBackward);
+            FrozenLinear::backward_swiglu_pair(
+                wg,
+                wu,
+                dm,
+                g,
+                u,
+                t,
+                low(&lgr, lg.map(|(_, xa)| xa), &ag),
+                low(&lur, lu.map(|(_, xa)| xa), &au),
+            )
+        };
+        let _t = profile::time(Op::LoraBackward);
+        let grads = |l: &Option<LoraRef>, gr: Option<crate::ops::amx::LowRankGrads>| {
+            let (l, gr) = (l.as_ref()?, gr?);
+            Some((l.a_grad(x, &gr.dxa, t), gr.db))
+        };
+        Ok((dx, grads(&lgr, gg), grads(&lur, gu)))
     }
     fn lora_backward(
         &self,

@@ -238,6 +238,43 @@ pub type LoraSlot<'a, B> = Option<(LoraOp<'a, B>, Option<<B as Backend>::Buf>)>;
 /// module's `x·Aᵀ`.
 pub type LinearLoraOut<B> = (<B as Backend>::Buf, Option<<B as Backend>::Buf>);
 
+/// [`Backend::swiglu_gate_up_backward`] op by op (its default).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn swiglu_gate_up_backward_unfused<B: Backend>(
+    be: &B,
+    wg: &B::Linear,
+    wu: &B::Linear,
+    lg: Option<(&LoraOp<B>, &B::Buf)>,
+    lu: Option<(&LoraOp<B>, &B::Buf)>,
+    x: &B::Buf,
+    dm: &B::Buf,
+    g: &B::Buf,
+    u: &B::Buf,
+    t: usize,
+    n: usize,
+) -> Result<SwigluPairOut<B>> {
+    let (dg, du) = be.swiglu_backward(dm, g, u)?;
+    let (mut dx, grads_g) =
+        be.linear_lora_backward_new(wg, lg.map(|(op, xa)| (op, x, xa)), &dg, t, n)?;
+    drop(dg);
+    let grads_u = match lu {
+        Some((op, xa)) => Some(be.linear_lora_backward(wu, op, x, xa, &du, t, &mut dx, true)?),
+        None => {
+            be.linear_backward_input(wu, &du, t, &mut dx)?;
+            None
+        }
+    };
+    Ok((dx, grads_g, grads_u))
+}
+
+/// What [`Backend::swiglu_gate_up_backward`] returns: the input gradient
+/// and the gate's and the up's `(dA, dB)`, for modules with LoRA.
+pub type SwigluPairOut<B> = (
+    <B as Backend>::Buf,
+    Option<(<B as Backend>::Buf, <B as Backend>::Buf)>,
+    Option<(<B as Backend>::Buf, <B as Backend>::Buf)>,
+);
+
 /// What [`Backend::linear_lora_backward_new`] returns: the input gradient
 /// and the LoRA module's `(dA, dB)`, if it has one.
 pub type InputGradOut<B> = (
@@ -447,6 +484,30 @@ pub trait Backend: Sized + Send + Sync {
         n: usize,
     ) -> Result<InputGradOut<Self>> {
         linear_lora_backward_new_unfused(self, w, lora, dy, t, n)
+    }
+    /// The MLP's SwiGLU backward (`dm` at `g`, `u`) and its gate and up
+    /// projections' input gradient into a fresh `[t, in]` buffer of `n`
+    /// values, with their LoRA modules (`(op, xa)` each, input `x`):
+    /// returns the gradient and each module's `(dA, dB)`. Bit for bit
+    /// [`Self::swiglu_backward`], [`Self::linear_lora_backward_new`] for
+    /// gate, then [`Self::linear_backward_input`] /
+    /// [`Self::linear_lora_backward`] for up (this default); a backend may
+    /// never hold `dg` and `du` in memory.
+    #[allow(clippy::too_many_arguments)]
+    fn swiglu_gate_up_backward(
+        &self,
+        wg: &Self::Linear,
+        wu: &Self::Linear,
+        lg: Option<(&LoraOp<Self>, &Self::Buf)>,
+        lu: Option<(&LoraOp<Self>, &Self::Buf)>,
+        x: &Self::Buf,
+        dm: &Self::Buf,
+        g: &Self::Buf,
+        u: &Self::Buf,
+        t: usize,
+        n: usize,
+    ) -> Result<SwigluPairOut<Self>> {
+        swiglu_gate_up_backward_unfused(self, wg, wu, lg, lu, x, dm, g, u, t, n)
     }
     /// Returns `(dA [r, in], dB [out, r])`; adds the LoRA input gradient into `dx`.
     fn lora_backward(

@@ -342,6 +342,47 @@ impl FrozenLinear {
         super::amx::linear_backward_lora(o, i, t, dy, dx, &Bf16Source(self), lora)
     }
 
+    /// The MLP's gate (`wg`) and up (`wu`) input gradient from SwiGLU's
+    /// backward of `dm` at `g`, `u`, with their LoRA modules' `dy` side
+    /// ([`super::amx::linear_backward_swiglu_pair`]): a fresh `dx` and each
+    /// module's `dxa`, `dB`.
+    ///
+    /// # Panics
+    /// Off the AMX path; if the shapes do not match.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward_swiglu_pair(
+        wg: &FrozenLinear,
+        wu: &FrozenLinear,
+        dm: &[f32],
+        g: &[f32],
+        u: &[f32],
+        t: usize,
+        lg: Option<super::amx::LowRankBackward>,
+        lu: Option<super::amx::LowRankBackward>,
+    ) -> (
+        Vec<f32>,
+        Option<super::amx::LowRankGrads>,
+        Option<super::amx::LowRankGrads>,
+    ) {
+        let (o, i) = (wg.out_features, wg.in_features);
+        assert!(
+            Self::can_add_low_rank(&[wg, wu], t) && wu.out_features == o,
+            "backward_swiglu_pair: not a gate/up pair on the AMX path"
+        );
+        super::amx::linear_backward_swiglu_pair(
+            o,
+            i,
+            t,
+            dm,
+            g,
+            u,
+            &Bf16Source(wg),
+            &Bf16Source(wu),
+            lg,
+            lu,
+        )
+    }
+
     /// `dx[t, in] += dy[t, out] W`: the input gradient only.
     pub fn backward_input(&self, dy: &[f32], t: usize, dx: &mut [f32]) {
         let (o, i) = (self.out_features, self.in_features);

@@ -5,7 +5,8 @@ use rayon::prelude::*;
 
 use super::{
     available, groups, imp, pack_a_hooked, products_by_rows, round_up, row_slices, with_scratch,
-    PanelOut, SendPtr, WeightBf16, CHUNK_ELEMS, SCRATCH_A, SCRATCH_B, SCRATCH_C, TILE_U16,
+    PanelOut, SendPtr, WeightBf16, CHUNK_ELEMS, SCRATCH_A, SCRATCH_A2, SCRATCH_B, SCRATCH_C,
+    TILE_U16,
 };
 
 /// A LoRA module's input-gradient term `dxa · A` as extra k-steps of the
@@ -87,6 +88,125 @@ pub fn linear_backward_lora(
             (Some(dx), g.expect("LoRA gradients"))
         }
     }
+}
+
+/// The MLP's gate and up projections' input gradient from SwiGLU's
+/// backward: `dx = dg·Wg + du·Wu` (fresh) with each module's LoRA term
+/// and products ([`linear_backward_lora`]), where `(dg, du)` is SwiGLU's
+/// backward of `dm` at `g`, `u` (`[t, o]` each), made and packed one
+/// 16-row group at a time ([`super::low_rank::pack_swiglu_grads`]): never
+/// an f32 array in memory, nor zeroed, nor read back by a pack. Bit for
+/// bit `swiglu::backward` then [`linear_backward_lora`] (or the plain
+/// input gradient) for gate into a fresh `dx` and up into it. Returns `dx`
+/// and each module's [`LowRankGrads`].
+///
+/// # Panics
+/// If AMX is not [`available`], the sizes do not match, or the two
+/// modules' LoRA terms take different numbers of k-steps (ranks in
+/// different multiples of 32; callers check [`swiglu_pair_fits`]).
+#[allow(clippy::too_many_arguments)]
+pub fn linear_backward_swiglu_pair(
+    o: usize,
+    i: usize,
+    t: usize,
+    dm: &[f32],
+    g: &[f32],
+    u: &[f32],
+    wg: &WeightBf16,
+    wu: &WeightBf16,
+    lg: Option<LowRankBackward>,
+    lu: Option<LowRankBackward>,
+) -> (Vec<f32>, Option<LowRankGrads>, Option<LowRankGrads>) {
+    assert!(available(), "AMX bf16 path called without AMX");
+    assert!(
+        swiglu_pair_fits(lg.map(|l| l.r), lu.map(|l| l.r)),
+        "amx backward: LoRA ranks of gate and up"
+    );
+    assert!(
+        dm.len() == t * o && g.len() == t * o && u.len() == t * o,
+        "amx backward: SwiGLU sizes"
+    );
+    for l in [&lg, &lu].into_iter().flatten() {
+        assert!(
+            l.r > 0 && l.b.len() >= o * l.r && l.xa.len() >= t * l.r && l.a.len() >= l.r * i,
+            "amx backward: LoRA sizes"
+        );
+    }
+    if t == 0 || i == 0 || o == 0 {
+        let (dg, du) = crate::ops::swiglu::backward(dm, g, u);
+        let plain = |l: Option<LowRankBackward>, dy: &[f32]| l.map(|l| low_rank_plain(o, t, dy, l));
+        return (vec![0f32; t * i], plain(lg, &dg), plain(lu, &du));
+    }
+    let ko = round_up(o, 32);
+    let ext = lg.or(lu).map_or(0, |l| l.r.div_ceil(32));
+    let kp = ko + 32 * ext;
+    let mut dx: Vec<f32> = Vec::with_capacity(t * i);
+    let grads = with_scratch(&SCRATCH_A, |ag| {
+        with_scratch(&SCRATCH_A2, |au| {
+            let (gg, gu) = super::low_rank::pack_swiglu_grads(
+                dm,
+                g,
+                u,
+                t,
+                o,
+                kp,
+                ag,
+                au,
+                lg.as_ref(),
+                lu.as_ref(),
+            );
+            fn term<'a>(
+                gr: &'a Option<LowRankGrads>,
+                l: Option<LowRankBackward<'a>>,
+            ) -> Option<InputUpTerm<'a>> {
+                let (gr, l) = (gr.as_ref()?, l?);
+                Some(InputUpTerm {
+                    dxa: &gr.dxa,
+                    a: l.a,
+                    r: l.r,
+                })
+            }
+            // SAFETY: dx has capacity t·i; the gate's products write every
+            // element (overwrite) before the up's add to them; both A's are
+            // their dy packed with the term's columns (kp).
+            unsafe {
+                backward_packed(
+                    &ag[..],
+                    kp,
+                    o,
+                    i,
+                    t,
+                    wg,
+                    term(&gg, lg),
+                    dx.as_mut_ptr(),
+                    true,
+                );
+                backward_packed(
+                    &au[..],
+                    kp,
+                    o,
+                    i,
+                    t,
+                    wu,
+                    term(&gu, lu),
+                    dx.as_mut_ptr(),
+                    false,
+                );
+            }
+            (gg, gu)
+        })
+    });
+    // SAFETY: written whole by the gate's products (see above).
+    unsafe { dx.set_len(t * i) };
+    (dx, grads.0, grads.1)
+}
+
+/// Whether gate and up modules of these ranks (`None`: no LoRA) can go
+/// through [`linear_backward_swiglu_pair`]: their terms take the same
+/// number of k-steps, so both packs have the same columns.
+pub fn swiglu_pair_fits(rg: Option<usize>, ru: Option<usize>) -> bool {
+    let ext = |r: Option<usize>| r.map_or(0, |r| r.div_ceil(32));
+    rg != Some(0) && ru != Some(0) && ext(rg) == ext(ru)
 }
 
 /// `dx (+)= dy · W + dxa · A` ([`InputUpTerm`]): into `dx` (added), or
@@ -442,10 +562,6 @@ unsafe fn backward_raw(
         .or(lora.map(|l| l.r))
         .map_or(0, |r| r.div_ceil(32));
     let kp = ko + 32 * ext;
-    let mp = round_up(t, 32);
-    let nblocks = i.div_ceil(32);
-    // Weight rows per chunk: a multiple of 32 (see `backward_chunk_elems`).
-    let kc = ((CHUNK_ELEMS / i) / 32 * 32).clamp(32, ko);
     let extra = |row: usize, buf: &mut [u16]| {
         if let Some(u) = &up {
             let v = &u.dxa[row * u.r..(row + 1) * u.r];
@@ -471,136 +587,156 @@ unsafe fn backward_raw(
                 r: l.r,
             })
         });
-        let a = &a[..];
-        // A too big for a core's L2: groups of whole-K panels (see `groups`)
-        // a pass's panel: 32 columns of W over GROUP_PASS_ROWS of its rows
-        // (and the term's)
-        let pass_panel = 2 * (o.min(GROUP_PASS_ROWS).div_ceil(32) + ext) * TILE_U16 * 2;
-        let grouped = groups::group_size(mp * kp * 2, nblocks, pass_panel).is_some();
-        if grouped && i.is_multiple_of(32) && w.has_rows_interleaved() {
-            // SAFETY: as below; every panel is 32 whole columns of dx.
-            unsafe { backward_by_groups(a, kp, o, i, t, w, up, dx, !overwrite) };
-            return grads;
-        }
-        with_scratch(&SCRATCH_C, |chunk| {
-            let dxp = SendPtr(dx);
-            let mut k0 = 0;
-            while k0 < o {
-                // the first chunk's products start from zero tiles when
-                // overwriting, the others add to what the earlier ones wrote
-                let acc = !(overwrite && k0 == 0);
-                let k1 = (k0 + kc).min(o);
-                let ksw = (k1 - k0).div_ceil(32);
-                // the last chunk also carries the LoRA term's rows
-                let ksc = ksw + if k1 == o { ext } else { 0 };
-                // [nblocks][2 streams][ksc][512]
-                let stream = ksc * TILE_U16;
-                let need = nblocks * 2 * stream;
-                chunk.resize(need);
-                if !i.is_multiple_of(32) || !(k1 - k0).is_multiple_of(32) {
-                    chunk[..need].fill(0);
-                } else if ksc > ksw {
-                    // only the term's tiles: its rows fill part of them
-                    for g in 0..nblocks * 2 {
-                        chunk[g * stream + ksw * TILE_U16..(g + 1) * stream].fill(0);
-                    }
-                }
-                let cp = SendPtr(chunk.as_mut_ptr());
-                if let (Some(u), true) = (&up, ksc > ksw) {
-                    for (e, rows) in u.a[..u.r * i].chunks(32 * i).enumerate() {
-                        // SAFETY: k-step ksw + e of the chunk (inside `need`,
-                        // asserted by `interleave_chunk`); no task writes it.
-                        unsafe {
-                            interleave_chunk(
-                                rows,
-                                rows.len() / i,
-                                i,
-                                ksw + e,
-                                stream,
-                                cp.get(),
-                                need,
-                            )
-                        };
-                    }
-                }
-                let by_rows = w.has_rows_interleaved() && i.is_multiple_of(16);
-                (0..ksw).into_par_iter().for_each(|ks| {
-                    if by_rows {
-                        let r0 = k0 + ks * 32;
-                        let nr = 32.min(k1 - r0);
-                        // SAFETY: as below.
-                        unsafe { rows_chunk(w, r0, nr, i, ks, stream, cp.get(), need) };
-                        return;
-                    }
-                    with_scratch(&SCRATCH_B, |sc| {
-                        let r0 = k0 + ks * 32;
-                        let nr = 32.min(k1 - r0);
-                        sc.resize(nr * i);
-                        let sc = &mut sc[..nr * i];
-                        w.elems(r0 * i, sc);
-                        // SAFETY: k-step ks of a [nblocks][2][ksc][512]
-                        // buffer of `need` elements; tasks write disjoint `ks` tiles.
-                        unsafe { interleave_chunk(sc, nr, i, ks, stream, cp.get(), need) };
-                    });
-                });
-                let chunk_ref = &chunk[..need];
-                if let Some(slices) = row_slices(mp, ksc * 32) {
-                    let panels: Vec<PanelOut> = (0..nblocks)
-                        .map(|nb| PanelOut {
-                            b: chunk_ref[nb * 2 * stream..].as_ptr(),
-                            bstride: ksc,
-                            c: SendPtr(dxp.get().wrapping_add(nb * 32)),
-                            ldc: i,
-                            nn: 32.min(i - nb * 32),
-                        })
-                        .collect();
-                    // SAFETY: A (dy packed, t rows) is read from its k0/32-th
-                    // k-step for ksc; every panel's B is ksc tiles per stream
-                    // of the packed chunk; the panels' C columns are disjoint.
-                    unsafe {
-                        products_by_rows(
-                            a,
-                            kp,
-                            t,
-                            k0 / 32,
-                            ksc,
-                            &slices,
-                            &panels,
-                            acc,
-                            &|_| {},
-                            &|_| true,
-                        )
-                    };
-                    k0 = k1;
-                    continue;
-                }
-                (0..nblocks).into_par_iter().for_each(|nb| {
-                    let n0 = nb * 32;
-                    let nn = 32.min(i - n0);
-                    // SAFETY: as in the forward; A is read from column k0 on, i.e.
-                    // from its k0/32-th tile of each row group (its padding columns
-                    // are zero, as are the chunk's padding rows).
-                    unsafe {
-                        imp::run_blocks(
-                            a.as_ptr().add(k0 / 32 * TILE_U16),
-                            kp,
-                            mp,
-                            t,
-                            chunk_ref.as_ptr().add(nb * 2 * stream),
-                            ksc,
-                            ksc,
-                            dxp.get().add(n0),
-                            i,
-                            nn,
-                            acc,
-                        );
-                    }
-                });
-                k0 = k1;
-            }
-        });
+        // SAFETY: the caller's contract; `a` is dy packed with the term's
+        // columns (kp of them).
+        unsafe { backward_packed(&a[..], kp, o, i, t, w, up, dx, overwrite) };
         grads
     })
+}
+
+/// The products of [`backward_raw`] from `dy` already packed (`a`, `kp`
+/// columns: dy's, then the LoRA term's `bf16(dxa)` when `up` is given).
+///
+/// # Safety
+/// AMX is available; `dx` as in [`backward_raw`]; `t`, `i`, `o` > 0.
+#[allow(clippy::too_many_arguments)]
+unsafe fn backward_packed(
+    a: &[u16],
+    kp: usize,
+    o: usize,
+    i: usize,
+    t: usize,
+    w: &WeightBf16,
+    up: Option<InputUpTerm>,
+    dx: *mut f32,
+    overwrite: bool,
+) {
+    let ko = round_up(o, 32);
+    let ext = up.map_or(0, |u| u.r.div_ceil(32));
+    assert!(kp == ko + 32 * ext && a.len() >= round_up(t, 32) * kp);
+    let mp = round_up(t, 32);
+    let nblocks = i.div_ceil(32);
+    // Weight rows per chunk: a multiple of 32 (see `backward_chunk_elems`).
+    let kc = ((CHUNK_ELEMS / i) / 32 * 32).clamp(32, ko);
+    // A too big for a core's L2: groups of whole-K panels (see `groups`)
+    // a pass's panel: 32 columns of W over GROUP_PASS_ROWS of its rows
+    // (and the term's)
+    let pass_panel = 2 * (o.min(GROUP_PASS_ROWS).div_ceil(32) + ext) * TILE_U16 * 2;
+    let grouped = groups::group_size(mp * kp * 2, nblocks, pass_panel).is_some();
+    if grouped && i.is_multiple_of(32) && w.has_rows_interleaved() {
+        // SAFETY: as below; every panel is 32 whole columns of dx.
+        unsafe { backward_by_groups(a, kp, o, i, t, w, up, dx, !overwrite) };
+        return;
+    }
+    with_scratch(&SCRATCH_C, |chunk| {
+        let dxp = SendPtr(dx);
+        let mut k0 = 0;
+        while k0 < o {
+            // the first chunk's products start from zero tiles when
+            // overwriting, the others add to what the earlier ones wrote
+            let acc = !(overwrite && k0 == 0);
+            let k1 = (k0 + kc).min(o);
+            let ksw = (k1 - k0).div_ceil(32);
+            // the last chunk also carries the LoRA term's rows
+            let ksc = ksw + if k1 == o { ext } else { 0 };
+            // [nblocks][2 streams][ksc][512]
+            let stream = ksc * TILE_U16;
+            let need = nblocks * 2 * stream;
+            chunk.resize(need);
+            if !i.is_multiple_of(32) || !(k1 - k0).is_multiple_of(32) {
+                chunk[..need].fill(0);
+            } else if ksc > ksw {
+                // only the term's tiles: its rows fill part of them
+                for g in 0..nblocks * 2 {
+                    chunk[g * stream + ksw * TILE_U16..(g + 1) * stream].fill(0);
+                }
+            }
+            let cp = SendPtr(chunk.as_mut_ptr());
+            if let (Some(u), true) = (&up, ksc > ksw) {
+                for (e, rows) in u.a[..u.r * i].chunks(32 * i).enumerate() {
+                    // SAFETY: k-step ksw + e of the chunk (inside `need`,
+                    // asserted by `interleave_chunk`); no task writes it.
+                    unsafe {
+                        interleave_chunk(rows, rows.len() / i, i, ksw + e, stream, cp.get(), need)
+                    };
+                }
+            }
+            let by_rows = w.has_rows_interleaved() && i.is_multiple_of(16);
+            (0..ksw).into_par_iter().for_each(|ks| {
+                if by_rows {
+                    let r0 = k0 + ks * 32;
+                    let nr = 32.min(k1 - r0);
+                    // SAFETY: as below.
+                    unsafe { rows_chunk(w, r0, nr, i, ks, stream, cp.get(), need) };
+                    return;
+                }
+                with_scratch(&SCRATCH_B, |sc| {
+                    let r0 = k0 + ks * 32;
+                    let nr = 32.min(k1 - r0);
+                    sc.resize(nr * i);
+                    let sc = &mut sc[..nr * i];
+                    w.elems(r0 * i, sc);
+                    // SAFETY: k-step ks of a [nblocks][2][ksc][512]
+                    // buffer of `need` elements; tasks write disjoint `ks` tiles.
+                    unsafe { interleave_chunk(sc, nr, i, ks, stream, cp.get(), need) };
+                });
+            });
+            let chunk_ref = &chunk[..need];
+            if let Some(slices) = row_slices(mp, ksc * 32) {
+                let panels: Vec<PanelOut> = (0..nblocks)
+                    .map(|nb| PanelOut {
+                        b: chunk_ref[nb * 2 * stream..].as_ptr(),
+                        bstride: ksc,
+                        c: SendPtr(dxp.get().wrapping_add(nb * 32)),
+                        ldc: i,
+                        nn: 32.min(i - nb * 32),
+                    })
+                    .collect();
+                // SAFETY: A (dy packed, t rows) is read from its k0/32-th
+                // k-step for ksc; every panel's B is ksc tiles per stream
+                // of the packed chunk; the panels' C columns are disjoint.
+                unsafe {
+                    products_by_rows(
+                        a,
+                        kp,
+                        t,
+                        k0 / 32,
+                        ksc,
+                        &slices,
+                        &panels,
+                        acc,
+                        &|_| {},
+                        &|_| true,
+                    )
+                };
+                k0 = k1;
+                continue;
+            }
+            (0..nblocks).into_par_iter().for_each(|nb| {
+                let n0 = nb * 32;
+                let nn = 32.min(i - n0);
+                // SAFETY: as in the forward; A is read from column k0 on, i.e.
+                // from its k0/32-th tile of each row group (its padding columns
+                // are zero, as are the chunk's padding rows).
+                unsafe {
+                    imp::run_blocks(
+                        a.as_ptr().add(k0 / 32 * TILE_U16),
+                        kp,
+                        mp,
+                        t,
+                        chunk_ref.as_ptr().add(nb * 2 * stream),
+                        ksc,
+                        ksc,
+                        dxp.get().add(n0),
+                        i,
+                        nn,
+                        acc,
+                    );
+                }
+            });
+            k0 = k1;
+        }
+    });
 }
 
 /// [`LowRankGrads`] as plain f32 sums, for shapes with nothing for the

@@ -48,10 +48,7 @@ pub(super) fn pack_dy_with_lora(
     let mp = round_up(t, 32);
     assert!(r > 0 && ko + 32 * r.div_ceil(32) <= kp && dy.len() >= t * o);
     assert!(l.b.len() >= o * r && l.xa.len() >= t * r);
-    let sb: Vec<f32> = l.b[..o * r].iter().map(|v| v * l.scale).collect();
-    let mut bt = TileBuf::new();
-    let ksteps = pack_b_pairs(&sb, o, r, r, ko, &mut bt);
-    let bt = &bt[..];
+    let prep = LoraPrep::new(l, o);
     let ch = chunk_rows(kp);
     a.resize(mp * kp);
     let mut dxa = vec![0f32; t * r];
@@ -61,43 +58,157 @@ pub(super) fn pack_dy_with_lora(
         .enumerate()
         .map(|(c, (dst, dxa))| {
             let r0 = c * ch;
-            let groups = dst.len() / (16 * kp);
             for (gi, gdst) in dst.chunks_mut(16 * kp).enumerate() {
                 super::pack_a_group(dy, t, o, o, 0, kp, r0 / 16 + gi, gdst, None);
             }
-            let rows = dxa.len() / r;
-            dy_times_b(dst, kp, rows, bt, ksteps, r, dxa);
-            // the term's k-steps: bf16(dxa), as `dxa·A` multiplies it
-            let mut dxa_bf = vec![0u16; r];
-            for (row, v) in dxa.chunks_exact(r).enumerate() {
-                to_bf16(v, &mut dxa_bf);
-                for (k, b) in dxa_bf.iter().enumerate() {
-                    dst[super::a_index(row, ko + k, kp)] = *b;
-                }
-            }
-            let mut part = vec![0f32; o * r];
-            dyt_times_xa(
-                dst,
-                kp,
-                groups,
-                rows,
-                o,
-                &l.xa[r0 * r..(r0 + rows) * r],
-                r,
-                &mut part,
-            );
-            part
+            prep.chunk(dst, kp, o, r0, dxa)
         })
         .collect();
-    let mut parts = parts.into_iter();
-    let mut db = parts.next().unwrap_or_default();
-    for part in parts {
-        for (d, v) in db.iter_mut().zip(&part) {
-            *d += v;
-        }
+    prep.finish(parts, dxa)
+}
+
+/// `v` (`[t, r]`) as `nchunks` slices of `ch` rows (empty ones when `r`
+/// is 0: a module without LoRA still gets one per chunk).
+fn chunk_slices(v: &mut [f32], t: usize, ch: usize, nchunks: usize, r: usize) -> Vec<&mut [f32]> {
+    let mut rest = v;
+    (0..nchunks)
+        .map(|c| {
+            let (head, tail) = std::mem::take(&mut rest).split_at_mut(ch.min(t - c * ch) * r);
+            rest = tail;
+            head
+        })
+        .collect()
+}
+
+/// A module's B as the `dxa` products' operand, prepared once per call.
+struct LoraPrep<'a> {
+    l: &'a LowRankBackward<'a>,
+    /// `bf16(s·B)` as B pairs, `ksteps` tiles a stream
+    bt: TileBuf,
+    ksteps: usize,
+}
+
+impl<'a> LoraPrep<'a> {
+    fn new(l: &'a LowRankBackward<'a>, o: usize) -> Self {
+        let r = l.r;
+        assert!(r > 0 && l.b.len() >= o * r);
+        let sb: Vec<f32> = l.b[..o * r].iter().map(|v| v * l.scale).collect();
+        let mut bt = TileBuf::new();
+        let ksteps = pack_b_pairs(&sb, o, r, r, round_up(o, 32), &mut bt);
+        LoraPrep { l, bt, ksteps }
     }
-    db.iter_mut().for_each(|v| *v *= l.scale);
-    LowRankGrads { dxa, db }
+
+    /// A chunk of packed `dy` (`dst`, rows `r0..`, `kp` columns): its
+    /// `dxa` rows into `dxa` and, as bf16, into the term's k-steps; returns
+    /// its part of `dBᵀ·(1/s)` (`[o, r]`).
+    fn chunk(&self, dst: &mut [u16], kp: usize, o: usize, r0: usize, dxa: &mut [f32]) -> Vec<f32> {
+        let (r, ko) = (self.l.r, round_up(o, 32));
+        let rows = dxa.len() / r;
+        let groups = dst.len() / (16 * kp);
+        dy_times_b(dst, kp, rows, &self.bt, self.ksteps, r, dxa);
+        // the term's k-steps: bf16(dxa), as `dxa·A` multiplies it
+        let mut dxa_bf = vec![0u16; r];
+        for (row, v) in dxa.chunks_exact(r).enumerate() {
+            to_bf16(v, &mut dxa_bf);
+            for (k, b) in dxa_bf.iter().enumerate() {
+                dst[super::a_index(row, ko + k, kp)] = *b;
+            }
+        }
+        let mut part = vec![0f32; o * r];
+        let xa = &self.l.xa[r0 * r..(r0 + rows) * r];
+        dyt_times_xa(dst, kp, groups, rows, o, xa, r, &mut part);
+        part
+    }
+
+    /// The chunks' parts summed in chunk order, scaled: `dB`.
+    fn finish(&self, parts: Vec<Vec<f32>>, dxa: Vec<f32>) -> LowRankGrads {
+        let mut parts = parts.into_iter();
+        let mut db = parts.next().unwrap_or_default();
+        for part in parts {
+            for (d, v) in db.iter_mut().zip(&part) {
+                *d += v;
+            }
+        }
+        db.iter_mut().for_each(|v| *v *= self.l.scale);
+        LowRankGrads { dxa, db }
+    }
+}
+
+/// The MLP's `dg`, `du` (SwiGLU's backward from `dm`, `g`, `u`, all `[t,
+/// o]`) packed as [`pack_dy_with_lora`] packs a `dy` (`kp` columns each,
+/// into `ag` and `au`) without ever being in memory as f32: each 16-row
+/// group is made in a small buffer and packed while in cache, and each
+/// chunk's LoRA products (`lg`, `lu`) run as in [`pack_dy_with_lora`] (the
+/// same chunks, so the same bits). Returns each module's `dxa` and `dB`.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn pack_swiglu_grads(
+    dm: &[f32],
+    g: &[f32],
+    u: &[f32],
+    t: usize,
+    o: usize,
+    kp: usize,
+    ag: &mut TileBuf,
+    au: &mut TileBuf,
+    lg: Option<&LowRankBackward>,
+    lu: Option<&LowRankBackward>,
+) -> (Option<LowRankGrads>, Option<LowRankGrads>) {
+    let mp = round_up(t, 32);
+    assert!(dm.len() >= t * o && g.len() >= t * o && u.len() >= t * o);
+    assert!(round_up(o, 32) <= kp);
+    let prep_g = lg.map(|l| LoraPrep::new(l, o));
+    let prep_u = lu.map(|l| LoraPrep::new(l, o));
+    let (rg, ru) = (lg.map_or(0, |l| l.r), lu.map_or(0, |l| l.r));
+    let ch = chunk_rows(kp);
+    ag.resize(mp * kp);
+    au.resize(mp * kp);
+    let mut dxa_g = vec![0f32; t * rg];
+    let mut dxa_u = vec![0f32; t * ru];
+    let nchunks = mp.div_ceil(ch);
+    let sg = chunk_slices(&mut dxa_g, t, ch, nchunks, rg);
+    let su = chunk_slices(&mut dxa_u, t, ch, nchunks, ru);
+    // each chunk's dB parts of gate and up (None: no LoRA)
+    type Parts = Vec<Option<Vec<f32>>>;
+    let (pg, pu): (Parts, Parts) = ag[..mp * kp]
+        .par_chunks_mut(ch * kp)
+        .zip(au[..mp * kp].par_chunks_mut(ch * kp))
+        .zip(sg.into_par_iter().zip(su.into_par_iter()))
+        .enumerate()
+        .map(|(c, ((dg_dst, du_dst), (dxg, dxu)))| {
+            let r0 = c * ch;
+            let mut sdg = vec![0f32; 16 * o];
+            let mut sdu = vec![0f32; 16 * o];
+            for (gi, (gg, gu)) in dg_dst
+                .chunks_mut(16 * kp)
+                .zip(du_dst.chunks_mut(16 * kp))
+                .enumerate()
+            {
+                let row0 = r0 + 16 * gi;
+                // rows past t (padding groups): nothing to make, zeros packed
+                let n = 16.min(t.saturating_sub(row0));
+                let e = if n == 0 {
+                    0..0
+                } else {
+                    row0 * o..(row0 + n) * o
+                };
+                crate::ops::fastmath::swiglu_backward(
+                    &dm[e.clone()],
+                    &g[e.clone()],
+                    &u[e],
+                    &mut sdg[..n * o],
+                    &mut sdu[..n * o],
+                );
+                super::pack_a_group(&sdg, n, o, o, 0, kp, 0, gg, None);
+                super::pack_a_group(&sdu, n, o, o, 0, kp, 0, gu, None);
+            }
+            let pg = prep_g.as_ref().map(|p| p.chunk(dg_dst, kp, o, r0, dxg));
+            let pu = prep_u.as_ref().map(|p| p.chunk(du_dst, kp, o, r0, dxu));
+            (pg, pu)
+        })
+        .unzip();
+    let grads_g = prep_g.map(|p| p.finish(pg.into_iter().flatten().collect(), dxa_g));
+    let grads_u = prep_u.map(|p| p.finish(pu.into_iter().flatten().collect(), dxa_u));
+    (grads_g, grads_u)
 }
 
 /// `dxa = dy·(s·B)` for a chunk's `rows` (`a`: their packed tiles, `kp`

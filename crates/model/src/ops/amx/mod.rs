@@ -203,6 +203,8 @@ thread_local! {
     /// Reused per-thread scratch buffers (taken out while in use, so a nested
     /// call on the same thread just starts with an empty one).
     static SCRATCH_A: RefCell<TileBuf> = const { RefCell::new(TileBuf::new()) };
+    // the second packed dy of the MLP's gate/up pair
+    static SCRATCH_A2: RefCell<TileBuf> = const { RefCell::new(TileBuf::new()) };
     static SCRATCH_B: RefCell<TileBuf> = const { RefCell::new(TileBuf::new()) };
     static SCRATCH_C: RefCell<TileBuf> = const { RefCell::new(TileBuf::new()) };
     static SCRATCH_ROW: RefCell<TileBuf> = const { RefCell::new(TileBuf::new()) };
@@ -391,7 +393,8 @@ mod transpose;
 mod low_rank;
 mod operands;
 pub use backward::{
-    linear_backward_lora, linear_backward_up, InputUpTerm, LowRankBackward, LowRankGrads,
+    linear_backward_lora, linear_backward_swiglu_pair, linear_backward_up, swiglu_pair_fits,
+    InputUpTerm, LowRankBackward, LowRankGrads,
 };
 pub(crate) use operands::{pack_b_pairs, product};
 

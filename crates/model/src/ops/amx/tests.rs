@@ -923,3 +923,98 @@ fn lora_dy_products_on_the_tiles_match_the_f64_sums() {
         }
     }
 }
+
+/// [`linear_backward_swiglu_pair`]: SwiGLU's backward made and packed per
+/// row group inside the gate/up input gradient is bit for bit
+/// `swiglu::backward`, then the gate's [`linear_backward_lora`] into a
+/// fresh gradient and the up's into it (or the plain input gradient for a
+/// module without LoRA): `dx` and both modules' `dxa`, `dB`; ranks in one
+/// and two k-steps, different ranks in the same k-steps, no LoRA, the row
+/// split and groups, one and several chunks of rows, 1-3 threads.
+#[test]
+fn swiglu_pair_equals_swiglu_then_both_input_gradients_bit_for_bit() {
+    if !available() {
+        eprintln!("SKIPPED: AMX-BF16 is not available on this CPU; the AMX kernels were not run");
+        return;
+    }
+    assert!(swiglu_pair_fits(Some(7), Some(32)) && swiglu_pair_fits(None, None));
+    assert!(!swiglu_pair_fits(Some(16), None) && !swiglu_pair_fits(Some(16), Some(33)));
+    assert!(!swiglu_pair_fits(Some(0), Some(0)));
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    for (n, &(o, i, t, rg, ru)) in [
+        (96usize, 64usize, 40usize, Some(16usize), Some(16usize)),
+        (1100, 100, 480, Some(7), Some(16)),
+        (70, 96, 300, None, None),
+        (1024, 1024, 256, Some(16), Some(16)),
+        (33, 45, 7, Some(40), Some(33)),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let seed = 2100 + 10 * n as u64;
+        let (wgv, wuv) = (rand_vec(o * i, seed, 1.0), rand_vec(o * i, seed + 1, 1.0));
+        let (wg, wu) = (bf16_source(&wgv), bf16_source(&wuv));
+        let dm = rand_vec(t * o, seed + 2, 1.0);
+        let g = rand_vec(t * o, seed + 3, 3.0);
+        let u = rand_vec(t * o, seed + 4, 2.0);
+        let module = |r: Option<usize>, s: u64| {
+            r.map(|r| {
+                let a: Vec<u16> = rand_vec(r * i, s, 0.5)
+                    .iter()
+                    .map(|v| bf16_bits(*v))
+                    .collect();
+                (
+                    rand_vec(o * r, s + 1, 0.5),
+                    rand_vec(t * r, s + 2, 2.0),
+                    a,
+                    r,
+                )
+            })
+        };
+        let (mg, mu) = (module(rg, seed + 10), module(ru, seed + 20));
+        type Module = (Vec<f32>, Vec<f32>, Vec<u16>, usize);
+        fn low(m: &Option<Module>) -> Option<LowRankBackward<'_>> {
+            m.as_ref().map(|(b, xa, a, r)| LowRankBackward {
+                b,
+                scale: 2.0,
+                xa,
+                a,
+                r: *r,
+            })
+        }
+        let (lg, lu) = (low(&mg), low(&mu));
+        let (dg, du) = crate::ops::swiglu::backward(&dm, &g, &u);
+        let (mut want, want_g) = match lg {
+            Some(l) => {
+                let (dx, gr) = linear_backward_lora(o, i, t, &dg, None, &wg, l);
+                (dx.expect("fresh"), Some(gr))
+            }
+            None => (linear_backward_new(o, i, t, &dg, &wg), None),
+        };
+        let want_u = match lu {
+            Some(l) => Some(linear_backward_lora(o, i, t, &du, Some(&mut want), &wu, l).1),
+            None => {
+                linear_backward(o, i, t, &du, &mut want, &wu);
+                None
+            }
+        };
+        let grads_bits =
+            |gr: &Option<LowRankGrads>| gr.as_ref().map(|g| (bits(&g.dxa), bits(&g.db)));
+        for threads in [1, 2, 3] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .expect("pool");
+            let (dx, gg, gu) = pool
+                .install(|| linear_backward_swiglu_pair(o, i, t, &dm, &g, &u, &wg, &wu, lg, lu));
+            let what = format!("{o}x{i}x{t} ranks {rg:?}/{ru:?}, {threads} threads");
+            assert_eq!(bits(&dx), bits(&want), "{what}: dx");
+            assert_eq!(
+                grads_bits(&gg),
+                grads_bits(&want_g),
+                "{what}: gate's dxa, dB"
+            );
+            assert_eq!(grads_bits(&gu), grads_bits(&want_u), "{what}: up's dxa, dB");
+        }
+    }
+}
