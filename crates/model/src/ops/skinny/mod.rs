@@ -39,7 +39,32 @@ pub fn pack_rows(src: &[f32], rows: usize, n: usize, s: f32) -> Vec<f32> {
 }
 
 /// The transpose of `src` `[n, rows]` times `s`, as `[rows, padded(n)]`.
+/// In 16 x 16 blocks: either loop order alone walks one side a whole row
+/// stride per element, and LoRA's `Aᵀ` (`n` = r = 16) wrote 16 floats a
+/// line apart per source row, its `s·Bᵀ` 16 rows a multiple of 4 KiB apart
+/// (one L1 set) per element, on the forward's serial path (the other
+/// thread waiting): 0.64 -> 0.32% of a TinyLlama step's samples.
 pub fn pack_transposed(src: &[f32], n: usize, rows: usize, s: f32) -> Vec<f32> {
+    const B: usize = 16;
+    let np = padded(n);
+    let mut p = vec![0f32; rows * np];
+    for j0 in (0..n).step_by(B) {
+        let j1 = (j0 + B).min(n);
+        for k0 in (0..rows).step_by(B) {
+            for k in k0..(k0 + B).min(rows) {
+                let dst = &mut p[k * np + j0..k * np + j1];
+                for (d, j) in dst.iter_mut().zip(j0..j1) {
+                    *d = src[j * rows + k] * s;
+                }
+            }
+        }
+    }
+    p
+}
+
+/// [`pack_transposed`] element by element, for the tests.
+#[cfg(test)]
+pub(crate) fn pack_transposed_ref(src: &[f32], n: usize, rows: usize, s: f32) -> Vec<f32> {
     let np = padded(n);
     let mut p = vec![0f32; rows * np];
     for j in 0..n {
