@@ -183,8 +183,8 @@ multiversion! {
 }
 
 multiversion! {
-    /// Maximum of a slice (−∞ when empty).
-    pub fn max(row: &[f32]) -> f32 {
+    /// Maximum of a slice (−∞ when empty; NaNs skipped, as `f32::max`).
+    pub fn max / max_isa(row: &[f32]) -> f32 {
         let mut acc = [f32::NEG_INFINITY; 16];
         let mut chunks = row.chunks_exact(16);
         for c in &mut chunks {
@@ -538,6 +538,37 @@ mod tests {
         assert_eq!(exp(f32::NEG_INFINITY), 0.0);
         assert_eq!(exp(-100.0), 0.0);
         assert_eq!(exp(0.0), 1.0);
+    }
+
+    /// `max` skips NaNs and treats ±∞ as `f32::max` does, on every
+    /// instruction-set level (NaNs in whole 16-lane chunks and the tail).
+    #[test]
+    fn max_matches_f32_max_with_nans_and_infinities() {
+        let mut cases: Vec<Vec<f32>> = vec![vec![], vec![f32::NEG_INFINITY; 40], vec![f32::NAN; 5]];
+        for n in [1usize, 15, 16, 17, 33, 100] {
+            let v: Vec<f32> = (0..n).map(|i| ((i * 37) % 23) as f32 - 11.0).collect();
+            let mut nan_first = v.clone();
+            nan_first[0] = f32::NAN;
+            let mut nan_last = v.clone();
+            nan_last[n - 1] = f32::NAN;
+            let mut inf = v.clone();
+            inf[n / 2] = f32::INFINITY;
+            cases.extend([v, nan_first, nan_last, inf]);
+        }
+        for isa in [Isa::V4, Isa::V3, Isa::Generic] {
+            if !isa.available() {
+                eprintln!("SKIPPED: {isa:?} is not available on this CPU");
+                continue;
+            }
+            for v in &cases {
+                let want = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let got = max_isa(isa, v);
+                assert!(
+                    got == want || (got.is_nan() && want.is_nan()),
+                    "{isa:?} {v:?}: {got} vs {want}"
+                );
+            }
+        }
     }
 
     #[test]
