@@ -1,7 +1,7 @@
 //! A LoRA module's `dy` products on the tile unit, from `dy` as the input
 //! gradient packs it ([`super::pack_a`], bf16): `dxa = s·dy·B` (`[t, r]`)
 //! and `dB = s·dyᵀ·xa` (`[out, r]`). The f32 skinny kernels these replace
-//! read `dy` (f32) twice and were bound by their FMAs (~7% of a TinyLlama
+//! read `dy` (f32) twice and ran at ~90 GFLOP/s a core (~7% of a TinyLlama
 //! step); here both read the packed tiles of each chunk of rows right after
 //! the pack wrote them. Measured (2-core Sapphire Rapids, 6-layer TinyLlama
 //! step): LoRA backward 42-46 -> 16-20 ms, the input gradient +10-15 ms (its
