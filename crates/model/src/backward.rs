@@ -351,13 +351,12 @@ impl<B: Backend> Net<'_, B> {
                 og.as_ref().map(|op| (op, xa(GATE))),
                 ou.as_ref().map(|op| (op, xa(UP))),
                 &a.n2,
-                &dm,
+                dm,
                 &a.g,
                 &a.u,
                 t,
                 t * h,
             )?;
-            drop(dm);
             for (m, gr) in [(GATE, gg), (UP, gu)] {
                 if let Some((da, db)) = gr {
                     grads[m] = Some((da, db, None));

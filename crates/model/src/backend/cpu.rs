@@ -34,15 +34,8 @@ fn fused_linear_lora_backward(
     t: usize,
     dx: Option<&mut Vec<f32>>,
 ) -> (Option<Vec<f32>>, Vec<f32>, Vec<f32>) {
-    let mut a = vec![0u16; l.r * l.in_features];
-    crate::ops::fastmath::to_bf16(&l.a[..a.len()], &mut a);
-    let lora = crate::ops::amx::LowRankBackward {
-        b: l.b,
-        scale: l.scale,
-        xa,
-        a: &a,
-        r: l.r,
-    };
+    let a = a_bf16(l);
+    let lora = low_rank(l, xa, &a);
     let (fresh, g) = {
         let _t = profile::time(Op::LinearBackward);
         w.backward_input_lora(dy, t, dx.map(|d| &mut d[..]), lora)
@@ -50,6 +43,29 @@ fn fused_linear_lora_backward(
     let _t = profile::time(Op::LoraBackward);
     let da = l.a_grad(x, &g.dxa, t);
     (fresh, da, g.db)
+}
+
+/// LoRA's A as bf16, the operand of its input-gradient term on the tiles.
+fn a_bf16(l: &LoraRef) -> Vec<u16> {
+    let mut a = vec![0u16; l.r * l.in_features];
+    crate::ops::fastmath::to_bf16(&l.a[..a.len()], &mut a);
+    a
+}
+
+/// A module's `dy` side on the tiles: its B, scale and rank, the forward's
+/// `xa`, and A as bf16 ([`a_bf16`]).
+fn low_rank<'a>(
+    l: &LoraRef<'a>,
+    xa: &'a [f32],
+    a: &'a [u16],
+) -> crate::ops::amx::LowRankBackward<'a> {
+    crate::ops::amx::LowRankBackward {
+        b: l.b,
+        scale: l.scale,
+        xa,
+        a,
+        r: l.r,
+    }
 }
 
 fn lora_ref<'a>(op: &LoraOp<'a, CpuBackend>) -> LoraRef<'a> {
@@ -337,7 +353,7 @@ impl Backend for CpuBackend {
         lg: Option<(&LoraOp<Self>, &Vec<f32>)>,
         lu: Option<(&LoraOp<Self>, &Vec<f32>)>,
         x: &Vec<f32>,
-        dm: &Vec<f32>,
+        dm: Vec<f32>,
         g: &Vec<f32>,
         u: &Vec<f32>,
         t: usize,
@@ -355,39 +371,23 @@ impl Backend for CpuBackend {
         if !fused {
             return super::swiglu_gate_up_backward_unfused(self, wg, wu, lg, lu, x, dm, g, u, t, n);
         }
-        let bf16_a = |l: &LoraRef| {
-            let mut a = vec![0u16; l.r * l.in_features];
-            crate::ops::fastmath::to_bf16(&l.a[..a.len()], &mut a);
-            a
-        };
-        let (ag, au) = (lgr.as_ref().map(bf16_a), lur.as_ref().map(bf16_a));
-        fn low<'a>(
-            l: &'a Option<LoraRef<'a>>,
-            xa: Option<&'a Vec<f32>>,
-            a: &'a Option<Vec<u16>>,
-        ) -> Option<crate::ops::amx::LowRankBackward<'a>> {
-            let (l, xa, a) = (l.as_ref()?, xa?, a.as_ref()?);
-            Some(crate::ops::amx::LowRankBackward {
-                b: l.b,
-                scale: l.scale,
-                xa,
-                a,
-                r: l.r,
-            })
-        }
+        let (ag, au) = (lgr.as_ref().map(a_bf16), lur.as_ref().map(a_bf16));
+        let lowg = lgr.as_ref().zip(lg).zip(ag.as_ref());
+        let lowu = lur.as_ref().zip(lu).zip(au.as_ref());
         let (dx, gg, gu) = {
             let _t = profile::time(Op::LinearBackward);
             FrozenLinear::backward_swiglu_pair(
                 wg,
                 wu,
-                dm,
+                &dm,
                 g,
                 u,
                 t,
-                low(&lgr, lg.map(|(_, xa)| xa), &ag),
-                low(&lur, lu.map(|(_, xa)| xa), &au),
+                lowg.map(|((l, (_, xa)), a)| low_rank(l, xa, a)),
+                lowu.map(|((l, (_, xa)), a)| low_rank(l, xa, a)),
             )
         };
+        drop(dm);
         let _t = profile::time(Op::LoraBackward);
         let grads = |l: &Option<LoraRef>, gr: Option<crate::ops::amx::LowRankGrads>| {
             let (l, gr) = (l.as_ref()?, gr?);

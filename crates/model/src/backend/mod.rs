@@ -247,13 +247,15 @@ pub(crate) fn swiglu_gate_up_backward_unfused<B: Backend>(
     lg: Option<(&LoraOp<B>, &B::Buf)>,
     lu: Option<(&LoraOp<B>, &B::Buf)>,
     x: &B::Buf,
-    dm: &B::Buf,
+    dm: B::Buf,
     g: &B::Buf,
     u: &B::Buf,
     t: usize,
     n: usize,
 ) -> Result<SwigluPairOut<B>> {
-    let (dg, du) = be.swiglu_backward(dm, g, u)?;
+    let (dg, du) = be.swiglu_backward(&dm, g, u)?;
+    // freed before the products, as the op-by-op backward did
+    drop(dm);
     let (mut dx, grads_g) =
         be.linear_lora_backward_new(wg, lg.map(|(op, xa)| (op, x, xa)), &dg, t, n)?;
     drop(dg);
@@ -485,7 +487,8 @@ pub trait Backend: Sized + Send + Sync {
     ) -> Result<InputGradOut<Self>> {
         linear_lora_backward_new_unfused(self, w, lora, dy, t, n)
     }
-    /// The MLP's SwiGLU backward (`dm` at `g`, `u`) and its gate and up
+    /// The MLP's SwiGLU backward (`dm` at `g`, `u`; `dm` is consumed, so
+    /// that it can be freed as soon as it is used) and its gate and up
     /// projections' input gradient into a fresh `[t, in]` buffer of `n`
     /// values, with their LoRA modules (`(op, xa)` each, input `x`):
     /// returns the gradient and each module's `(dA, dB)`. Bit for bit
@@ -501,7 +504,7 @@ pub trait Backend: Sized + Send + Sync {
         lg: Option<(&LoraOp<Self>, &Self::Buf)>,
         lu: Option<(&LoraOp<Self>, &Self::Buf)>,
         x: &Self::Buf,
-        dm: &Self::Buf,
+        dm: Self::Buf,
         g: &Self::Buf,
         u: &Self::Buf,
         t: usize,

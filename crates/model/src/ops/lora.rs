@@ -432,7 +432,7 @@ fn chunk_rows(t: usize) -> usize {
 }
 
 /// `buf` `[t, width]` cut into blocks of `ch` rows (empty blocks when `width == 0`).
-fn split_rows(buf: &mut [f32], t: usize, width: usize, ch: usize) -> Vec<&mut [f32]> {
+pub(crate) fn split_rows(buf: &mut [f32], t: usize, width: usize, ch: usize) -> Vec<&mut [f32]> {
     let mut rest = &mut buf[..t * width];
     let mut out = vec![];
     for k0 in (0..t).step_by(ch) {

@@ -67,19 +67,6 @@ pub(super) fn pack_dy_with_lora(
     prep.finish(parts, dxa)
 }
 
-/// `v` (`[t, r]`) as `nchunks` slices of `ch` rows (empty ones when `r`
-/// is 0: a module without LoRA still gets one per chunk).
-fn chunk_slices(v: &mut [f32], t: usize, ch: usize, nchunks: usize, r: usize) -> Vec<&mut [f32]> {
-    let mut rest = v;
-    (0..nchunks)
-        .map(|c| {
-            let (head, tail) = std::mem::take(&mut rest).split_at_mut(ch.min(t - c * ch) * r);
-            rest = tail;
-            head
-        })
-        .collect()
-}
-
 /// A module's B as the `dxa` products' operand, prepared once per call.
 struct LoraPrep<'a> {
     l: &'a LowRankBackward<'a>,
@@ -164,9 +151,9 @@ pub(super) fn pack_swiglu_grads(
     au.resize(mp * kp);
     let mut dxa_g = vec![0f32; t * rg];
     let mut dxa_u = vec![0f32; t * ru];
-    let nchunks = mp.div_ceil(ch);
-    let sg = chunk_slices(&mut dxa_g, t, ch, nchunks, rg);
-    let su = chunk_slices(&mut dxa_u, t, ch, nchunks, ru);
+    // one slice per chunk of rows (empty ones for a module without LoRA)
+    let sg = crate::ops::lora::split_rows(&mut dxa_g, t, rg, ch);
+    let su = crate::ops::lora::split_rows(&mut dxa_u, t, ru, ch);
     // each chunk's dB parts of gate and up (None: no LoRA)
     type Parts = Vec<Option<Vec<f32>>>;
     let (pg, pu): (Parts, Parts) = ag[..mp * kp]

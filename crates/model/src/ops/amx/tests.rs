@@ -552,6 +552,35 @@ fn lora_forward_adds_the_up_projection_in_the_products() {
     }
 }
 
+/// `init + dy·W + dxa·A` (`[t, i]`) over the bf16-rounded operands, as f64
+/// sums of each element and of its terms' magnitudes (for
+/// [`worst_vs_f32_summation`]); `(o, i, t, r)`: W `[o, i]`, A `[r, i]`.
+fn input_gradient_with_term_f64(
+    init: &[f32],
+    dy: &[f32],
+    wv: &[f32],
+    dxa: &[f32],
+    af: &[f32],
+    (o, i, t, r): (usize, usize, usize, usize),
+) -> Vec<(f64, f64)> {
+    let mut want = vec![(0f64, 0f64); t * i];
+    for row in 0..t {
+        for c in 0..i {
+            let (mut sum, mut mag) = (init[row * i + c] as f64, init[row * i + c].abs() as f64);
+            for k in 0..o {
+                let v = bf(dy[row * o + k]) * bf(wv[k * i + c]);
+                (sum, mag) = (sum + v, mag + v.abs());
+            }
+            for j in 0..r {
+                let v = bf(dxa[row * r + j]) * bf(af[j * i + c]);
+                (sum, mag) = (sum + v, mag + v.abs());
+            }
+            want[row * i + c] = (sum, mag);
+        }
+    }
+    want
+}
+
 /// [`linear_backward_up`]: the input gradient plus a LoRA module's term
 /// `bf16(dxa)·bf16(A)` as extra k-steps of the products, against the f64
 /// sum over both within f32 summation, added into a gradient and into a
@@ -588,22 +617,7 @@ fn lora_input_gradient_term_in_the_products_matches_the_f64_sum() {
             a: &a,
             r,
         };
-        // the f64 sum of each element and of its terms' magnitudes
-        let mut want = vec![(0f64, 0f64); t * i];
-        for row in 0..t {
-            for c in 0..i {
-                let (mut sum, mut mag) = (init[row * i + c] as f64, init[row * i + c].abs() as f64);
-                for k in 0..o {
-                    let v = bf(dy[row * o + k]) * bf(wv[k * i + c]);
-                    (sum, mag) = (sum + v, mag + v.abs());
-                }
-                for j in 0..r {
-                    let v = bf(dxa[row * r + j]) * bf(af[j * i + c]);
-                    (sum, mag) = (sum + v, mag + v.abs());
-                }
-                want[row * i + c] = (sum, mag);
-            }
-        }
+        let want = input_gradient_with_term_f64(&init, &dy, &wv, &dxa, &af, (o, i, t, r));
         let mut first: Option<(Vec<f32>, Vec<f32>)> = None;
         for threads in [1, 2, 3] {
             let pool = rayon::ThreadPoolBuilder::new()
@@ -901,22 +915,7 @@ fn lora_dy_products_on_the_tiles_match_the_f64_sums() {
             let worst = worst_vs_f32_summation(&g.db, &want_db);
             assert!(worst <= 1.0, "{what}: dB {worst} of the bound");
             // dx = init + dy·W + bf16(dxa)·A
-            let mut want = vec![(0f64, 0f64); t * i];
-            for row in 0..t {
-                for c in 0..i {
-                    let (mut sum, mut mag) =
-                        (init[row * i + c] as f64, init[row * i + c].abs() as f64);
-                    for k in 0..o {
-                        let v = bf(dy[row * o + k]) * bf(wv[k * i + c]);
-                        (sum, mag) = (sum + v, mag + v.abs());
-                    }
-                    for j in 0..r {
-                        let v = bf(g.dxa[row * r + j]) * bf(af[j * i + c]);
-                        (sum, mag) = (sum + v, mag + v.abs());
-                    }
-                    want[row * i + c] = (sum, mag);
-                }
-            }
+            let want = input_gradient_with_term_f64(&init, &dy, &wv, &g.dxa, &af, (o, i, t, r));
             let worst = worst_vs_f32_summation(&added, &want);
             assert!(worst <= 1.0, "{what}: dx {worst} of the bound");
             first = Some([added, fresh, g.dxa, g.db]);
