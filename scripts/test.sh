@@ -20,6 +20,9 @@ fi
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo test --workspace
+# The bf16 tile products once more on AVX512-BF16 (`VDPBF16PS`, same operand layouts), which a
+# CPU with AMX does not run above; skipped with a printed reason on a CPU without it.
+QLORA_TILE_ISA=avx512bf16 cargo test -p qlora-model --lib ops::
 
 # The CUDA backend, without a GPU or a CUDA toolkit: clippy with the feature, then NVRTC
 # (PyPI wheel, cached) compiles every kernel to PTX for compute_90; the GPU tests of the same

@@ -86,7 +86,8 @@ fn peak(n: usize) {
             best = best.min(t.elapsed().as_secs_f64());
         }
         println!(
-            "bf16 AMX {n}^3 (incl. rounding the operands): {:.0} GFLOP/s",
+            "bf16 tiles ({}) {n}^3 (incl. rounding the operands): {:.0} GFLOP/s",
+            ops::amx::isa().map_or("none", |i| i.name()),
             flop / best / 1e9
         );
     }
@@ -652,9 +653,9 @@ fn main() -> anyhow::Result<()> {
     }
     let fb_cpu = (cpu_seconds() - c0) / iters as f64;
     println!(
-        "quant {quant:?} compute {compute:?} (amx {}) checkpointing {ckpt} layers {layers}: forward {fwd:.0} tok/s, forward+backward {fb:.0} tok/s ({fb_cpu:.2} CPU s per step), \
+        "quant {quant:?} compute {compute:?} (tiles {}) checkpointing {ckpt} layers {layers}: forward {fwd:.0} tok/s, forward+backward {fb:.0} tok/s ({fb_cpu:.2} CPU s per step), \
          peak RSS after forward {rss_fwd:.0} MiB, after training steps {:.0} MiB, threads {}",
-        qlora_model::ops::amx::available(),
+        qlora_model::ops::amx::isa().map_or("none", |i| i.name()),
         rss_peak_mib(),
         rayon::current_num_threads()
     );

@@ -264,14 +264,18 @@ fn bf16_base_follows_the_f32_trajectory_within_bf16_precision() {
 }
 
 /// bf16 compute (weights and activations of every frozen linear rounded to
-/// bf16, f32 accumulation; AMX tiles where the CPU has them) follows the f32
+/// bf16, f32 accumulation; AMX tiles or AVX512-BF16 where the CPU has them,
+/// `QLORA_TILE_ISA` picks) follows the f32
 /// trajectory within the same bf16 bounds.
 #[test]
 fn bf16_compute_follows_the_f32_trajectory_within_bf16_precision() {
     let mut model = load_model("tiny_llama/model", QuantMode::None);
     model.set_base_compute(qlora_model::BaseCompute::Bf16);
-    if !qlora_model::ops::amx::available() {
-        eprintln!("NOTE: no AMX-BF16 here: bf16 compute ran the f32 fallback");
+    match qlora_model::ops::amx::isa() {
+        Some(isa) => eprintln!("bf16 compute on the {} tile products", isa.name()),
+        None => eprintln!(
+            "NOTE: no bf16 tile ISA (AMX, AVX512-BF16) here: bf16 compute ran the f32 fallback"
+        ),
     }
     follows_within_bf16_precision(model);
 }

@@ -632,7 +632,7 @@ mod tests {
     fn amx_attention_follows_the_f32_path_within_bf16_precision() {
         if !amx::available() {
             eprintln!(
-                "SKIPPED: AMX-BF16 is not available on this CPU; the AMX attention was not run"
+                "SKIPPED: no bf16 tile ISA here (AMX, AVX512-BF16; or QLORA_NO_AMX / QLORA_TILE_ISA): the tile attention was not run"
             );
             return;
         }
@@ -694,7 +694,7 @@ mod tests {
     fn fused_backward_equals_the_unfused_one_bit_for_bit() {
         if !amx::available() {
             eprintln!(
-                "SKIPPED: AMX-BF16 is not available on this CPU; the AMX attention was not run"
+                "SKIPPED: no bf16 tile ISA here (AMX, AVX512-BF16; or QLORA_NO_AMX / QLORA_TILE_ISA): the tile attention was not run"
             );
             return;
         }
@@ -748,7 +748,7 @@ mod tests {
     fn probabilities_written_packed_equal_packing_them_afterwards() {
         if !amx::available() {
             eprintln!(
-                "SKIPPED: AMX-BF16 is not available on this CPU; the AMX attention was not run"
+                "SKIPPED: no bf16 tile ISA here (AMX, AVX512-BF16; or QLORA_NO_AMX / QLORA_TILE_ISA): the tile attention was not run"
             );
             return;
         }

@@ -95,7 +95,7 @@ pub(super) type PackGroup<'a> = dyn Fn(std::ops::Range<usize>, &mut [u16]) + Syn
 /// is read from its k-step `ks0` for `ksteps`.
 ///
 /// # Safety
-/// AMX is available; `a` is packed by [`super::pack_a`] (`kp` padded
+/// The tile products are available ([`super::available`]); `a` is packed by [`super::pack_a`] (`kp` padded
 /// columns, `t` real rows, k-steps `ks0..ks0 + ksteps` inside); `out(j)`
 /// is `t` rows × `nn` writable floats, aliasing no other panel's.
 #[allow(clippy::too_many_arguments)]
@@ -125,7 +125,7 @@ pub(super) unsafe fn run_groups(
                 // SAFETY: row mb·32 of panel j's C (inside it, mb·32 < t)
                 unsafe { o.c.get().add(mb * 32 * o.ldc) }
             };
-            // SAFETY: AMX is available (the caller's contract); only the
+            // SAFETY: the tile products are available (the caller's contract); only the
             // blocks below use the tiles while `tiles` lives.
             let tiles = unsafe { imp::Tiles::configure() };
             for mb in 0..mp / 32 {

@@ -276,7 +276,7 @@ fn dyt_times_xa(
             let ob = 2 * pi;
             let second = ob + 1 < nob;
             let mut c = Tiles4([0f32; 4 * 256]);
-            // SAFETY: AMX is available (the caller packed on it); the parity
+            // SAFETY: the tile products are available (the caller packed on it); the parity
             // tiles are `groups` pairs; dy's tiles (g, ob) and (g, ob + 1)
             // for g < groups are inside `a` (ob + 1 < nob, else the first
             // block is read twice); `c` holds four 16 x 16 tiles.
@@ -320,10 +320,39 @@ struct Tiles4([f32; 4 * 256]);
 /// of packed `dy`, `dstride` bytes from one row group's tile to the next.
 ///
 /// # Safety
-/// AMX is available and permitted; every tile read is inside its operand;
+/// the tile products are available ([`super::available`]: AMX permitted, or AVX512-BF16); every tile read is inside its operand;
 /// `c` is valid for 4 KiB of writes.
 #[cfg(target_arch = "x86_64")]
 unsafe fn parity_kernel(
+    p: *const u16,
+    d0: *const u16,
+    d1: *const u16,
+    dstride: usize,
+    ng: usize,
+    c: *mut f32,
+) {
+    if super::on_amx() {
+        parity_kernel_amx(p, d0, d1, dstride, ng, c)
+    } else {
+        super::emulated::block(&super::emulated::Block {
+            // the AMX kernel's offsets below are in bytes
+            a0: p,
+            a1: p.add(TILE_U16),
+            a_step: 2 * TILE_U16,
+            b0: d0,
+            b1: d1,
+            b_step: dstride / 2,
+            ksteps: ng,
+            c: [c, c.byte_add(2048), c.byte_add(1024), c.byte_add(3072)],
+            ldc: 64,
+            acc: false,
+        })
+    }
+}
+
+/// [`parity_kernel`] on the AMX tiles.
+#[cfg(target_arch = "x86_64")]
+unsafe fn parity_kernel_amx(
     p: *const u16,
     d0: *const u16,
     d1: *const u16,

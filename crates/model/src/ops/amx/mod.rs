@@ -12,10 +12,17 @@
 //! - input gradient `dx[t, i] += dy[t, o] · W`: A = dy, B = W (two consecutive
 //!   weight rows interleaved).
 //!
+//! On CPUs with AVX512-BF16 but no AMX (AMD Zen 4, Intel Cooper Lake) the
+//! same operands, in the same layouts, go through `VDPBF16PS` instead
+//! ([`emulated`]): only the innermost 32 × 32 block differs, so every
+//! packing, chunking and fusion here serves both ([`TileIsa`]).
+//!
 //! Availability is decided at run time (CPUID AMX-TILE + AMX-BF16, then the
-//! Linux `arch_prctl(ARCH_REQ_XCOMP_PERM, XTILEDATA)` permission request);
-//! callers fall back to the f32 GEMM when it is not there. `QLORA_NO_AMX=1`
-//! turns it off (benchmarks, tests of the fallback).
+//! Linux `arch_prctl(ARCH_REQ_XCOMP_PERM, XTILEDATA)` permission request;
+//! else AVX-512 F + AVX512-BF16); callers fall back to the f32 GEMM when
+//! neither is there. `QLORA_NO_AMX=1` turns the bf16 tile path off
+//! (benchmarks, tests of the fallback); `QLORA_TILE_ISA=amx|avx512bf16`
+//! picks one of the two where the CPU has both (tests of the second).
 
 use std::cell::RefCell;
 
@@ -36,15 +43,70 @@ const CHUNK_ELEMS: usize = 1 << 22;
 
 pub use super::fastmath::bf16_bits;
 
-/// Whether the AMX bf16 path can run in this process (detected once).
-pub fn available() -> bool {
-    static AVAIL: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *AVAIL.get_or_init(|| {
-        if std::env::var_os("QLORA_NO_AMX").is_some_and(|v| v != "0") {
-            return false;
+/// The instructions the bf16 tile products run on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TileIsa {
+    /// Intel AMX (`TDPBF16PS` on 16 × 16 tiles): Sapphire Rapids and later.
+    Amx,
+    /// AVX512-BF16 (`VDPBF16PS`, [`emulated`]) on the same operand layouts.
+    Avx512Bf16,
+}
+
+impl TileIsa {
+    /// Whether this CPU (and, for AMX, the OS) can run it.
+    pub fn supported(self) -> bool {
+        match self {
+            TileIsa::Amx => {
+                static AMX: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+                *AMX.get_or_init(imp::detect)
+            }
+            TileIsa::Avx512Bf16 => super::fastmath::has_avx512_bf16(),
         }
-        imp::detect()
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            TileIsa::Amx => "amx",
+            TileIsa::Avx512Bf16 => "avx512bf16",
+        }
+    }
+}
+
+/// The tile ISA of this process (decided once): AMX where it runs, else
+/// AVX512-BF16, else none; `QLORA_NO_AMX=1` gives none, `QLORA_TILE_ISA`
+/// (`amx`, `avx512bf16`, `none`) asks for one (none if the CPU lacks it).
+pub fn isa() -> Option<TileIsa> {
+    static ISA: std::sync::OnceLock<Option<TileIsa>> = std::sync::OnceLock::new();
+    *ISA.get_or_init(|| {
+        if std::env::var_os("QLORA_NO_AMX").is_some_and(|v| v != "0") {
+            return None;
+        }
+        let wanted = std::env::var("QLORA_TILE_ISA").ok();
+        let candidates: &[TileIsa] = match wanted.as_deref() {
+            None | Some("") | Some("auto") => &[TileIsa::Amx, TileIsa::Avx512Bf16],
+            Some("amx") => &[TileIsa::Amx],
+            Some("avx512bf16") => &[TileIsa::Avx512Bf16],
+            Some("none") => &[],
+            Some(other) => {
+                eprintln!(
+                    "warning: QLORA_TILE_ISA={other} is not one of amx, avx512bf16, none, auto; using auto"
+                );
+                &[TileIsa::Amx, TileIsa::Avx512Bf16]
+            }
+        };
+        candidates.iter().copied().find(|i| i.supported())
     })
+}
+
+/// Whether the bf16 tile products can run in this process ([`isa`]).
+pub fn available() -> bool {
+    isa().is_some()
+}
+
+/// Whether the tile products run on AMX itself (not [`emulated`]).
+#[inline]
+fn on_amx() -> bool {
+    isa() == Some(TileIsa::Amx)
 }
 
 /// A frozen weight as the AMX products read it: its bf16 elements and,
@@ -190,6 +252,9 @@ impl<T> SendPtr<T> {
 
 mod tile_buf;
 pub(crate) use tile_buf::TileBuf;
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod emulated;
 
 mod backward;
 mod groups;
@@ -499,7 +564,7 @@ unsafe fn forward_packed(
                 nn: 32.min(o - nb * 32),
             }
         };
-        // SAFETY: AMX is available (checked by the callers); A is x packed
+        // SAFETY: the tile products are available (checked by the callers); A is x packed
         // (t rows, ksteps); every panel's C is columns nb·32.. of its own
         // output, t rows of o.
         return unsafe {
@@ -517,7 +582,7 @@ unsafe fn forward_packed(
             // [2 streams][ksteps][512] B panel
             b.resize(2 * ksteps * TILE_U16);
             forward_panel_up(w, nb, nn, i, ksteps, ks0, up(k), b);
-            // SAFETY: AMX is available (checked above) and permitted; every
+            // SAFETY: the tile products are available (checked above); every
             // tile load stays inside `a` ([mp, kp]) and `b` (2·ksteps tiles);
             // C blocks are disjoint per task (columns n0..n0+nn of y_k).
             unsafe {
@@ -598,7 +663,7 @@ unsafe impl Sync for PanelOut {}
 /// panel p's first use on each thread (the forward packs panels on demand).
 ///
 /// # Safety
-/// AMX is available; `a` is packed by [`pack_a`] (`kp` padded columns, at
+/// The tile products are available ([`available`]); `a` is packed by [`pack_a`] (`kp` padded columns, at
 /// least `slices`' rows; `m` real rows), read from k-step `ks0` for
 /// `ksteps`; every panel's B holds `ksteps` tiles per stream once `ready`
 /// returned, and its C is `m` rows × `nn` writable floats not aliased by
@@ -1067,6 +1132,40 @@ mod imp {
         next_c: *const f32,
         pf: PfLines,
     ) {
+        if super::on_amx() {
+            kernel_amx(a, group, b0, b1, ksteps, c, ldc, acc, next_c, pf)
+        } else {
+            let c10 = c.byte_add(16 * ldc);
+            super::emulated::block(&super::emulated::Block {
+                a0: a,
+                a1: a.add(group),
+                a_step: super::TILE_U16,
+                b0,
+                b1,
+                b_step: super::TILE_U16,
+                ksteps,
+                c: [c, c.add(16), c10, c10.add(16)],
+                ldc,
+                acc,
+            })
+        }
+    }
+
+    /// [`kernel`] on the AMX tiles.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    unsafe fn kernel_amx(
+        a: *const u16,
+        group: usize,
+        b0: *const u16,
+        b1: *const u16,
+        ksteps: usize,
+        c: *mut f32,
+        ldc: usize,
+        acc: bool,
+        next_c: *const f32,
+        pf: PfLines,
+    ) {
         const TILE: usize = super::TILE_U16;
         let a1 = a.add(group);
         let c01 = c.add(16);
@@ -1190,7 +1289,7 @@ mod imp {
         acc: bool,
         next: Option<(*const u16, *const u16)>,
     ) {
-        asm!("ldtilecfg [{}]", in(reg) CFG.0.as_ptr(), options(nostack, readonly));
+        let _tiles = Tiles::configure();
         let b1 = b.add(bstride * super::TILE_U16);
         // C tiles straight from / to the output only when its rows are
         // 64-byte aligned (see `TileBuf`); else every block goes through the
@@ -1236,30 +1335,35 @@ mod imp {
         if full < mp / 32 {
             partial_blocks(a, kp, mp, m, b, b1, ksteps, c, ldc, nn, acc, full);
         }
-        asm!("tilerelease", options(nostack, nomem));
     }
 
     /// The tile configuration loaded on this thread for as long as it
     /// lives (released when dropped): blocks run one after another under
-    /// one `ldtilecfg` / `tilerelease` pair instead of one per block.
-    pub struct Tiles(());
+    /// one `ldtilecfg` / `tilerelease` pair instead of one per block. Off
+    /// AMX (the [`super::emulated`] blocks) there is nothing to configure.
+    pub struct Tiles(bool);
 
     impl Tiles {
-        /// Loads the configuration.
+        /// Loads the configuration (on AMX).
         ///
         /// # Safety
-        /// AMX is available and permitted; nothing else on this thread
-        /// uses the tiles while the value lives.
+        /// The tile products are available ([`super::available`]); nothing
+        /// else on this thread uses the tiles while the value lives.
         pub unsafe fn configure() -> Tiles {
-            asm!("ldtilecfg [{}]", in(reg) CFG.0.as_ptr(), options(nostack, readonly));
-            Tiles(())
+            let amx = super::on_amx();
+            if amx {
+                asm!("ldtilecfg [{}]", in(reg) CFG.0.as_ptr(), options(nostack, readonly));
+            }
+            Tiles(amx)
         }
     }
 
     impl Drop for Tiles {
         fn drop(&mut self) {
-            // SAFETY: the configuration was loaded by `configure`.
-            unsafe { asm!("tilerelease", options(nostack, nomem)) };
+            if self.0 {
+                // SAFETY: the configuration was loaded by `configure`.
+                unsafe { asm!("tilerelease", options(nostack, nomem)) };
+            }
         }
     }
 

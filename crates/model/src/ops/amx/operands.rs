@@ -42,7 +42,7 @@ pub(crate) fn product(
         return;
     }
     assert!((m - 1) * ldc + nn <= c.len(), "amx product: C too short");
-    // SAFETY: AMX is available and permitted; the asserts keep every tile
+    // SAFETY: the tile products are available ([`super::available`]: AMX permitted, or AVX512-BF16); the asserts keep every tile
     // load inside `a` and `b` and every C row segment inside `c`.
     unsafe {
         imp::run_blocks(

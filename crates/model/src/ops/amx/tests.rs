@@ -128,7 +128,7 @@ fn forward_panel_packing_matches_the_plain_loop() {
 #[test]
 fn an_empty_inner_dimension_gives_zeros() {
     if !available() {
-        eprintln!("SKIPPED: AMX-BF16 is not available on this CPU; the AMX kernels were not run");
+        eprintln!("SKIPPED: no bf16 tile ISA here (AMX, AVX512-BF16; or QLORA_NO_AMX / QLORA_TILE_ISA): the tile kernels were not run");
         return;
     }
     let w = |_: usize, _: &mut [u16]| {};
@@ -139,10 +139,11 @@ fn an_empty_inner_dimension_gives_zeros() {
 /// f64 reference of `x Wᵀ` (forward) and `dy W` (backward) on bf16-rounded inputs.
 #[test]
 fn amx_forward_and_backward_match_bf16_reference() {
-    if !available() {
-        eprintln!("SKIPPED: AMX-BF16 is not available on this CPU (or QLORA_NO_AMX is set); the AMX kernels were not run");
+    let Some(isa) = isa() else {
+        eprintln!("SKIPPED: no bf16 tile ISA here (AMX, AVX512-BF16; or QLORA_NO_AMX / QLORA_TILE_ISA): the tile kernels were not run");
         return;
-    }
+    };
+    eprintln!("tile products on {}", isa.name());
     for &(o, i, t) in &[
         (32, 32, 32),
         (64, 96, 64),
@@ -255,7 +256,7 @@ fn tile_buffers_start_on_a_cache_line_and_keep_contents_while_not_growing() {
 #[test]
 fn shared_input_forward_equals_separate_forwards() {
     if !available() {
-        eprintln!("SKIPPED: AMX-BF16 is not available on this CPU; the AMX kernels were not run");
+        eprintln!("SKIPPED: no bf16 tile ISA here (AMX, AVX512-BF16; or QLORA_NO_AMX / QLORA_TILE_ISA): the tile kernels were not run");
         return;
     }
     for &(i, t) in &[(96usize, 40usize), (45, 33), (0, 5)] {
@@ -310,7 +311,7 @@ impl WeightSource for WithWriter<'_> {
 fn group_products_equal_one_task_per_panel_bit_for_bit() {
     use std::sync::atomic::Ordering;
     if !available() {
-        eprintln!("SKIPPED: AMX-BF16 is not available on this CPU; the AMX kernels were not run");
+        eprintln!("SKIPPED: no bf16 tile ISA here (AMX, AVX512-BF16; or QLORA_NO_AMX / QLORA_TILE_ISA): the tile kernels were not run");
         return;
     }
     let pool = |n: usize| {
@@ -426,7 +427,7 @@ fn lora_forward_adds_the_up_projection_in_the_products() {
     use crate::ops::fastmath::Isa;
     use crate::ops::skinny;
     if !available() {
-        eprintln!("SKIPPED: AMX-BF16 is not available on this CPU; the AMX kernels were not run");
+        eprintln!("SKIPPED: no bf16 tile ISA here (AMX, AVX512-BF16; or QLORA_NO_AMX / QLORA_TILE_ISA): the tile kernels were not run");
         return;
     }
     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
@@ -589,7 +590,7 @@ fn input_gradient_with_term_f64(
 #[test]
 fn lora_input_gradient_term_in_the_products_matches_the_f64_sum() {
     if !available() {
-        eprintln!("SKIPPED: AMX-BF16 is not available on this CPU; the AMX kernels were not run");
+        eprintln!("SKIPPED: no bf16 tile ISA here (AMX, AVX512-BF16; or QLORA_NO_AMX / QLORA_TILE_ISA): the tile kernels were not run");
         return;
     }
     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
@@ -659,7 +660,7 @@ fn lora_input_gradient_term_in_the_products_matches_the_f64_sum() {
 #[test]
 fn fresh_input_gradient_equals_the_product_into_zeros_bit_for_bit() {
     if !available() {
-        eprintln!("SKIPPED: AMX-BF16 is not available on this CPU; the AMX kernels were not run");
+        eprintln!("SKIPPED: no bf16 tile ISA here (AMX, AVX512-BF16; or QLORA_NO_AMX / QLORA_TILE_ISA): the tile kernels were not run");
         return;
     }
     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
@@ -759,7 +760,7 @@ impl WeightSource for Nf4Source<'_> {
 fn weight_writers_give_the_same_products_bit_for_bit() {
     use qlora_quant::{quantize_4bit, Input, QuantOptions, QuantType};
     if !available() {
-        eprintln!("SKIPPED: AMX-BF16 is not available on this CPU; the AMX kernels were not run");
+        eprintln!("SKIPPED: no bf16 tile ISA here (AMX, AVX512-BF16; or QLORA_NO_AMX / QLORA_TILE_ISA): the tile kernels were not run");
         return;
     }
     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
@@ -834,7 +835,7 @@ fn weight_writers_give_the_same_products_bit_for_bit() {
 #[test]
 fn lora_dy_products_on_the_tiles_match_the_f64_sums() {
     if !available() {
-        eprintln!("SKIPPED: AMX-BF16 is not available on this CPU; the AMX kernels were not run");
+        eprintln!("SKIPPED: no bf16 tile ISA here (AMX, AVX512-BF16; or QLORA_NO_AMX / QLORA_TILE_ISA): the tile kernels were not run");
         return;
     }
     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
@@ -933,7 +934,7 @@ fn lora_dy_products_on_the_tiles_match_the_f64_sums() {
 #[test]
 fn swiglu_pair_equals_swiglu_then_both_input_gradients_bit_for_bit() {
     if !available() {
-        eprintln!("SKIPPED: AMX-BF16 is not available on this CPU; the AMX kernels were not run");
+        eprintln!("SKIPPED: no bf16 tile ISA here (AMX, AVX512-BF16; or QLORA_NO_AMX / QLORA_TILE_ISA): the tile kernels were not run");
         return;
     }
     assert!(swiglu_pair_fits(Some(7), Some(32)) && swiglu_pair_fits(None, None));

@@ -1,0 +1,218 @@
+//! The tile products on AVX512-BF16 (`VDPBF16PS`) for CPUs without AMX (AMD
+//! Zen 4 and later, Intel Cooper Lake): the same operands, in the same
+//! layouts, as the AMX kernels read, so every packing routine, chunking and
+//! fusion of this module runs unchanged; only the innermost block differs.
+//!
+//! `TDPBF16PS C, A, B` on 16 × 16 tiles is, for each row `m` of A and each
+//! pair `p` of its 32 bf16 columns, `C[m][0..16] += A[m][2p]·B[p][·][0] +
+//! A[m][2p+1]·B[p][·][1]`: row `p` of a B tile (16 columns × a pair, 64
+//! bytes) is exactly one `VDPBF16PS` operand, and A's pair a broadcast
+//! dword. A 32 × 32 block (2 × 2 tiles) of f32 sums would need 64 vector
+//! registers, so it runs as four 8-row × 32-column quarters, each holding
+//! its 16 accumulators in registers over all k-steps (two B loads and eight
+//! broadcasts per sixteen `VDPBF16PS`; the B operand, re-read by the four
+//! quarters, comes from L1/L2).
+//!
+//! Each f32 sum is accumulated pair by pair in k order, like the tiles, so a
+//! product split over several calls (C stored and reloaded in f32) gives the
+//! same bits as one call: the fusions that rely on that on AMX stay bit for
+//! bit here. The instruction treats bf16 subnormals as zero and flushes f32
+//! subnormal results, as `TDPBF16PS` does.
+
+#![cfg(target_arch = "x86_64")]
+
+use std::arch::x86_64::*;
+
+/// A 32 × 32 block of tile products: the four f32 tiles `c[0]` = A0·B0,
+/// `c[1]` = A0·B1, `c[2]` = A1·B0, `c[3]` = A1·B1 (16 rows each, row stride
+/// `ldc` bytes) (+)= the sums over `ksteps` k-steps; A0/A1 (16 rows of 64
+/// bytes each) advance `a_step` and B0/B1 (16 pairs of 16 columns) `b_step`
+/// u16 per k-step.
+pub(super) struct Block {
+    pub a0: *const u16,
+    pub a1: *const u16,
+    pub a_step: usize,
+    pub b0: *const u16,
+    pub b1: *const u16,
+    pub b_step: usize,
+    pub ksteps: usize,
+    pub c: [*mut f32; 4],
+    pub ldc: usize,
+    /// Add to C's values (else overwrite them).
+    pub acc: bool,
+}
+
+/// Runs `blk` on AVX512-BF16.
+///
+/// # Safety
+/// AVX-512 F and AVX512-BF16 are available; every tile read and every C row
+/// written is inside its allocation.
+#[target_feature(enable = "avx512f,avx512bf16")]
+pub(super) unsafe fn block(blk: &Block) {
+    for half in 0..2 {
+        let a = if half == 0 { blk.a0 } else { blk.a1 };
+        for q in 0..2 {
+            quarter(
+                a.add(q * 8 * 32),
+                blk,
+                blk.c[2 * half].byte_add(q * 8 * blk.ldc),
+                blk.c[2 * half + 1].byte_add(q * 8 * blk.ldc),
+            );
+        }
+    }
+}
+
+/// Rows `0..8` from `a` (a tile's row 0 or 8) times both B streams into the
+/// C rows at `c0` (columns 0..16) and `c1` (16..32).
+#[inline(always)]
+unsafe fn quarter(a: *const u16, blk: &Block, c0: *mut f32, c1: *mut f32) {
+    let ldc = blk.ldc;
+    let mut s0 = [_mm512_setzero_ps(); 8];
+    let mut s1 = [_mm512_setzero_ps(); 8];
+    if blk.acc {
+        for r in 0..8 {
+            s0[r] = _mm512_loadu_ps(c0.byte_add(r * ldc));
+            s1[r] = _mm512_loadu_ps(c1.byte_add(r * ldc));
+        }
+    }
+    let (mut a, mut b0, mut b1) = (a, blk.b0, blk.b1);
+    for _ in 0..blk.ksteps {
+        for p in 0..16 {
+            let x0: __m512bh = std::mem::transmute(_mm512_loadu_si512(b0.add(32 * p).cast()));
+            let x1: __m512bh = std::mem::transmute(_mm512_loadu_si512(b1.add(32 * p).cast()));
+            for r in 0..8 {
+                let pair = (a.add(32 * r + 2 * p) as *const i32).read_unaligned();
+                let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(pair));
+                s0[r] = _mm512_dpbf16_ps(s0[r], av, x0);
+                s1[r] = _mm512_dpbf16_ps(s1[r], av, x1);
+            }
+        }
+        a = a.add(blk.a_step);
+        b0 = b0.add(blk.b_step);
+        b1 = b1.add(blk.b_step);
+    }
+    for r in 0..8 {
+        _mm512_storeu_ps(c0.byte_add(r * ldc), s0[r]);
+        _mm512_storeu_ps(c1.byte_add(r * ldc), s1[r]);
+    }
+}
+
+/// The plain reference of [`block`]: the same pairs in the same order, each
+/// pair's two products (exact in f32: 8-bit significands) added one at a
+/// time, odd element first, as the instruction's definition does; bf16
+/// subnormal inputs read as zero. Results differ from [`block`] only where
+/// an intermediate sum is subnormal (the instruction flushes it).
+///
+/// # Safety
+/// As [`block`], without the CPU requirement.
+#[cfg(test)]
+pub(super) unsafe fn block_ref(blk: &Block) {
+    let bf = |v: u16| {
+        let f = f32::from_bits((v as u32) << 16);
+        if f.is_subnormal() {
+            0.0
+        } else {
+            f
+        }
+    };
+    for (ci, &c) in blk.c.iter().enumerate() {
+        let a = if ci < 2 { blk.a0 } else { blk.a1 };
+        let b = if ci % 2 == 0 { blk.b0 } else { blk.b1 };
+        for m in 0..16 {
+            for n in 0..16 {
+                let out = c.byte_add(m * blk.ldc).add(n);
+                let mut s = if blk.acc { *out } else { 0.0 };
+                for ks in 0..blk.ksteps {
+                    let (at, bt) = (a.add(ks * blk.a_step), b.add(ks * blk.b_step));
+                    for p in 0..16 {
+                        let (a0, a1) = (*at.add(32 * m + 2 * p), *at.add(32 * m + 2 * p + 1));
+                        let (b0, b1) = (*bt.add(32 * p + 2 * n), *bt.add(32 * p + 2 * n + 1));
+                        s += bf(a1) * bf(b1);
+                        s += bf(a0) * bf(b0);
+                    }
+                }
+                *out = s;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::super::testutil::rand_vec;
+    use super::super::{bf16_bits, TILE_U16};
+    use super::*;
+
+    /// Random bf16 operands over six decades (and some exact zeros), so
+    /// that sums cancel and round in every way.
+    fn operand(n: usize, seed: u64) -> Vec<u16> {
+        let u = rand_vec(2 * n, seed, 1.0);
+        (0..n)
+            .map(|j| {
+                let mag = 10f32.powf(3.0 * u[2 * n - 1 - j]);
+                if j % 29 == 0 {
+                    0
+                } else {
+                    bf16_bits(u[j] * mag)
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn vdpbf16ps_block_equals_its_plain_definition_bit_for_bit() {
+        if !super::super::TileIsa::Avx512Bf16.supported() {
+            eprintln!("SKIPPED: AVX512-BF16 is not available on this CPU; the emulated tile kernel was not run");
+            return;
+        }
+        for (case, &(ksteps, a_tiles, b_tiles, ldc, acc)) in [
+            (1, 1, 1, 128, false),
+            (3, 1, 1, 128, true),
+            (5, 4, 2, 200, true),
+            (2, 2, 3, 64, false),
+            (17, 1, 1, 160, true),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let seed = 100 * case as u64;
+            // A: two streams `a_tiles` tiles apart per k-step; B likewise
+            let a = operand(2 * ksteps * a_tiles * TILE_U16, seed);
+            let b = operand(2 * ksteps * b_tiles * TILE_U16, seed + 1);
+            let c0 = rand_vec(32 * ldc, seed + 2, 1.0);
+            let (mut got, mut want) = (c0.clone(), c0.clone());
+            let run = |c: &mut [f32], f: unsafe fn(&Block)| {
+                let blk = Block {
+                    a0: a.as_ptr(),
+                    a1: a[ksteps * a_tiles * TILE_U16..].as_ptr(),
+                    a_step: a_tiles * TILE_U16,
+                    b0: b.as_ptr(),
+                    b1: b[ksteps * b_tiles * TILE_U16..].as_ptr(),
+                    b_step: b_tiles * TILE_U16,
+                    ksteps,
+                    // the four tiles of a 32 x 32 block in rows of `ldc` floats
+                    c: [0, 16, 16 * ldc, 16 * ldc + 16].map(|o| c[o..].as_mut_ptr()),
+                    ldc: 4 * ldc,
+                    acc,
+                };
+                // SAFETY: every pointer above is inside its vector
+                unsafe { f(&blk) }
+            };
+            run(&mut got, block);
+            run(&mut want, block_ref);
+            let differ = got
+                .iter()
+                .zip(&want)
+                .filter(|(g, w)| g.to_bits() != w.to_bits())
+                .count();
+            assert_eq!(differ, 0, "case {case}: {differ} of {} differ", got.len());
+            // columns past the block untouched
+            for r in 0..32 {
+                assert_eq!(
+                    got[r * ldc + 32..(r + 1) * ldc],
+                    c0[r * ldc + 32..(r + 1) * ldc]
+                );
+            }
+        }
+    }
+}
