@@ -61,8 +61,9 @@ pub struct Args {
     #[arg(long)]
     pub device: Option<String>,
     /// Arithmetic of the frozen base products: f32, or bf16 (weights and activations rounded
-    /// to bf16, f32 accumulation; AMX tiles where the CPU has them, where LoRA's products
-    /// with the output gradient take bf16 operands too) [default: f32].
+    /// to bf16, f32 accumulation; on AMX tiles or AVX512-BF16 where the CPU has them, where
+    /// LoRA's products with the output gradient take bf16 operands too; else the f32 products)
+    /// [default: f32].
     #[arg(long)]
     pub compute_dtype: Option<String>,
     /// LoRA rank [default: 16 (qlora_train::DEFAULT_RANK)].
