@@ -463,7 +463,7 @@ pub fn plan(inv: &Inventory, c: &ModelConfig, p: &PlanInput) -> Result<Plan, Mem
         // A GPU kernel path (bnb MatMul4Bit) dequantizes the whole weight to
         // the compute dtype before the matmul (FORMATS.md §6.2).
         Method::Qlora if p.gpu => (p.compute.size_in_bytes() as u64) * largest_linear,
-        // CPU, bf16 compute (AMX): the input gradient's bf16 weight chunk
+        // CPU, bf16 compute (AMX tiles, or AVX512-BF16 on their layouts): the input gradient's bf16 weight chunk
         // (up to 2^22 elements; none for products in column groups), the forward's round of packed panels (2^20) and
         // the largest bf16 activation pack: a layer's widest input, or the
         // chunked head's logit gradients (rows x V) where the head is not
