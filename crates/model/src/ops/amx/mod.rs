@@ -94,7 +94,16 @@ pub fn isa() -> Option<TileIsa> {
                 &[TileIsa::Amx, TileIsa::Avx512Bf16]
             }
         };
-        candidates.iter().copied().find(|i| i.supported())
+        let found = candidates.iter().copied().find(|i| i.supported());
+        if let (Some(w), None) = (wanted.as_deref(), found) {
+            if w != "none" {
+                eprintln!(
+                    "warning: QLORA_TILE_ISA={w}: this CPU (or OS) cannot run it; \
+                     bf16 compute falls back to the f32 products"
+                );
+            }
+        }
+        found
     })
 }
 
@@ -105,6 +114,7 @@ pub fn available() -> bool {
 
 /// Whether the tile products run on AMX itself (not [`emulated`]).
 #[inline]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 fn on_amx() -> bool {
     isa() == Some(TileIsa::Amx)
 }
