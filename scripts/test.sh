@@ -21,8 +21,12 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo test --workspace
 # The bf16 tile products once more on AVX512-BF16 (`VDPBF16PS`, same operand layouts), which a
-# CPU with AMX does not run above; skipped with a printed reason on a CPU without it.
+# CPU with AMX does not run above (skipped with a printed reason on a CPU without it), and on
+# the instruction's plain definition, which runs on any x86_64 CPU: every packing and fusion of
+# the tile path is tested even where the CPU has neither AMX nor AVX512-BF16.
 QLORA_TILE_ISA=avx512bf16 cargo test -p qlora-model --lib ops::
+QLORA_TILE_ISA=reference cargo test -p qlora-model --lib ops::
+QLORA_TILE_ISA=reference cargo test -p qlora-train --test trajectory bf16_compute
 
 # The CUDA backend, without a GPU or a CUDA toolkit: clippy with the feature, then NVRTC
 # (PyPI wheel, cached) compiles every kernel to PTX for compute_90; the GPU tests of the same

@@ -42,6 +42,20 @@ pub(super) struct Block {
     pub acc: bool,
 }
 
+/// Runs `blk` on the emulating instruction set in use ([`super::isa`]):
+/// AVX512-BF16, or its plain definition ([`block_ref`]) when asked for.
+///
+/// # Safety
+/// As [`block`] (AVX512-BF16 is available unless the reference runs).
+#[inline(always)]
+pub(super) unsafe fn run(blk: &Block) {
+    if super::isa() == Some(super::TileIsa::Reference) {
+        block_ref(blk)
+    } else {
+        block(blk)
+    }
+}
+
 /// Runs `blk` on AVX512-BF16.
 ///
 /// # Safety
@@ -105,7 +119,6 @@ unsafe fn quarter(a: *const u16, blk: &Block, c0: *mut f32, c1: *mut f32) {
 ///
 /// # Safety
 /// As [`block`], without the CPU requirement.
-#[cfg(test)]
 pub(super) unsafe fn block_ref(blk: &Block) {
     let bf = |v: u16| {
         let f = f32::from_bits((v as u32) << 16);
@@ -115,23 +128,41 @@ pub(super) unsafe fn block_ref(blk: &Block) {
             f
         }
     };
+    // each tile's operands as f32 once per k-step; every sum still takes
+    // its pairs in k order, odd product first
+    let (mut at, mut bt) = ([[0f32; 32]; 16], [[0f32; 32]; 16]);
     for (ci, &c) in blk.c.iter().enumerate() {
         let a = if ci < 2 { blk.a0 } else { blk.a1 };
         let b = if ci % 2 == 0 { blk.b0 } else { blk.b1 };
-        for m in 0..16 {
-            for n in 0..16 {
-                let out = c.byte_add(m * blk.ldc).add(n);
-                let mut s = if blk.acc { *out } else { 0.0 };
-                for ks in 0..blk.ksteps {
-                    let (at, bt) = (a.add(ks * blk.a_step), b.add(ks * blk.b_step));
+        let mut sums = [[0f32; 16]; 16];
+        if blk.acc {
+            for (m, row) in sums.iter_mut().enumerate() {
+                for (n, v) in row.iter_mut().enumerate() {
+                    *v = *c.byte_add(m * blk.ldc).add(n);
+                }
+            }
+        }
+        for ks in 0..blk.ksteps {
+            let (ak, bk) = (a.add(ks * blk.a_step), b.add(ks * blk.b_step));
+            for r in 0..16 {
+                for j in 0..32 {
+                    // A: row r, column j; B: pair row r, column j / 2, element j % 2
+                    at[r][j] = bf(*ak.add(32 * r + j));
+                    bt[r][j] = bf(*bk.add(32 * r + j));
+                }
+            }
+            for (m, row) in sums.iter_mut().enumerate() {
+                for (n, s) in row.iter_mut().enumerate() {
                     for p in 0..16 {
-                        let (a0, a1) = (*at.add(32 * m + 2 * p), *at.add(32 * m + 2 * p + 1));
-                        let (b0, b1) = (*bt.add(32 * p + 2 * n), *bt.add(32 * p + 2 * n + 1));
-                        s += bf(a1) * bf(b1);
-                        s += bf(a0) * bf(b0);
+                        *s += at[m][2 * p + 1] * bt[p][2 * n + 1];
+                        *s += at[m][2 * p] * bt[p][2 * n];
                     }
                 }
-                *out = s;
+            }
+        }
+        for (m, row) in sums.iter().enumerate() {
+            for (n, v) in row.iter().enumerate() {
+                *c.byte_add(m * blk.ldc).add(n) = *v;
             }
         }
     }

@@ -334,7 +334,7 @@ unsafe fn parity_kernel(
     if super::on_amx() {
         parity_kernel_amx(p, d0, d1, dstride, ng, c)
     } else {
-        super::emulated::block(&super::emulated::Block {
+        super::emulated::run(&super::emulated::Block {
             // the AMX kernel's offsets below are in bytes
             a0: p,
             a1: p.add(TILE_U16),

@@ -22,7 +22,9 @@
 //! else AVX-512 F + AVX512-BF16); callers fall back to the f32 GEMM when
 //! neither is there. `QLORA_NO_AMX=1` turns the bf16 tile path off
 //! (benchmarks, tests of the fallback); `QLORA_TILE_ISA=amx|avx512bf16`
-//! picks one of the two where the CPU has both (tests of the second).
+//! picks one of the two where the CPU has both (tests of the second), and
+//! `QLORA_TILE_ISA=reference` runs the instruction's plain definition on
+//! any x86_64 CPU (tests on CPUs with neither).
 
 use std::cell::RefCell;
 
@@ -50,6 +52,11 @@ pub enum TileIsa {
     Amx,
     /// AVX512-BF16 (`VDPBF16PS`, [`emulated`]) on the same operand layouts.
     Avx512Bf16,
+    /// The plain definition of the instruction ([`emulated::block_ref`]),
+    /// bit for bit [`Self::Avx512Bf16`]: never chosen by itself, only by
+    /// `QLORA_TILE_ISA=reference`, so that the tests run every packing and
+    /// fusion of this module on a CPU with neither (slowly).
+    Reference,
 }
 
 impl TileIsa {
@@ -61,6 +68,8 @@ impl TileIsa {
                 *AMX.get_or_init(imp::detect)
             }
             TileIsa::Avx512Bf16 => super::fastmath::has_avx512_bf16(),
+            // the blocks' driver (`imp`) is x86_64 code
+            TileIsa::Reference => cfg!(target_arch = "x86_64"),
         }
     }
 
@@ -68,13 +77,15 @@ impl TileIsa {
         match self {
             TileIsa::Amx => "amx",
             TileIsa::Avx512Bf16 => "avx512bf16",
+            TileIsa::Reference => "reference",
         }
     }
 }
 
 /// The tile ISA of this process (decided once): AMX where it runs, else
 /// AVX512-BF16, else none; `QLORA_NO_AMX=1` gives none, `QLORA_TILE_ISA`
-/// (`amx`, `avx512bf16`, `none`) asks for one (none if the CPU lacks it).
+/// (`amx`, `avx512bf16`, `reference`, `none`) asks for one (none if the CPU
+/// lacks it).
 pub fn isa() -> Option<TileIsa> {
     static ISA: std::sync::OnceLock<Option<TileIsa>> = std::sync::OnceLock::new();
     *ISA.get_or_init(|| {
@@ -86,10 +97,11 @@ pub fn isa() -> Option<TileIsa> {
             None | Some("") | Some("auto") => &[TileIsa::Amx, TileIsa::Avx512Bf16],
             Some("amx") => &[TileIsa::Amx],
             Some("avx512bf16") => &[TileIsa::Avx512Bf16],
+            Some("reference") => &[TileIsa::Reference],
             Some("none") => &[],
             Some(other) => {
                 eprintln!(
-                    "warning: QLORA_TILE_ISA={other} is not one of amx, avx512bf16, none, auto; using auto"
+                    "warning: QLORA_TILE_ISA={other} is not one of amx, avx512bf16, reference, none, auto; using auto"
                 );
                 &[TileIsa::Amx, TileIsa::Avx512Bf16]
             }
@@ -1146,7 +1158,7 @@ mod imp {
             kernel_amx(a, group, b0, b1, ksteps, c, ldc, acc, next_c, pf)
         } else {
             let c10 = c.byte_add(16 * ldc);
-            super::emulated::block(&super::emulated::Block {
+            super::emulated::run(&super::emulated::Block {
                 a0: a,
                 a1: a.add(group),
                 a_step: super::TILE_U16,
