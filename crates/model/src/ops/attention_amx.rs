@@ -630,10 +630,7 @@ mod tests {
     /// and packed segments.
     #[test]
     fn amx_attention_follows_the_f32_path_within_bf16_precision() {
-        if !amx::available() {
-            eprintln!(
-                "SKIPPED: no bf16 tile ISA here (AMX, AVX512-BF16; or QLORA_NO_AMX / QLORA_TILE_ISA): the tile attention was not run"
-            );
+        if amx::skip_without_tiles("the tile attention was") {
             return;
         }
         for &(b, s, heads, kvh, d, with_seg) in &[
@@ -692,10 +689,7 @@ mod tests {
     /// counts: a last pair half padding), packed segments.
     #[test]
     fn fused_backward_equals_the_unfused_one_bit_for_bit() {
-        if !amx::available() {
-            eprintln!(
-                "SKIPPED: no bf16 tile ISA here (AMX, AVX512-BF16; or QLORA_NO_AMX / QLORA_TILE_ISA): the tile attention was not run"
-            );
+        if amx::skip_without_tiles("the tile attention was") {
             return;
         }
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
@@ -746,10 +740,7 @@ mod tests {
     /// what packing the f32 probabilities afterwards gives, padding included.
     #[test]
     fn probabilities_written_packed_equal_packing_them_afterwards() {
-        if !amx::available() {
-            eprintln!(
-                "SKIPPED: no bf16 tile ISA here (AMX, AVX512-BF16; or QLORA_NO_AMX / QLORA_TILE_ISA): the tile attention was not run"
-            );
+        if amx::skip_without_tiles("the tile attention was") {
             return;
         }
         for &(s, heads, kvh, d, i0, rows, with_seg) in &[

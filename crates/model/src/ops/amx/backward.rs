@@ -395,9 +395,10 @@ const GROUP_PASS_ROWS: usize = 2048;
 /// by the weight's interleaved-rows writer for the group's columns.
 ///
 /// # Safety
-/// The tile products are available ([`super::available`]); `a` is dy packed with the term's columns (`t` rows,
-/// `kp = round_up(o, 32) + 32·ceil(r / 32)` columns); `dx` is `t·i`
-/// writable floats; `i` is a multiple of 32.
+/// The tile products are available ([`super::available`]); `a` is dy
+/// packed with the term's columns (`t` rows, `kp = round_up(o, 32) +
+/// 32·ceil(r / 32)` columns); `dx` is `t·i` writable floats; `i` is a
+/// multiple of 32.
 #[allow(clippy::too_many_arguments)]
 unsafe fn backward_by_groups(
     a: &[u16],
@@ -598,7 +599,8 @@ unsafe fn backward_raw(
 /// columns: dy's, then the LoRA term's `bf16(dxa)` when `up` is given).
 ///
 /// # Safety
-/// The tile products are available ([`super::available`]); `dx` as in [`backward_raw`]; `t`, `i`, `o` > 0.
+/// The tile products are available ([`super::available`]); `dx` as in
+/// [`backward_raw`]; `t`, `i`, `o` > 0.
 #[allow(clippy::too_many_arguments)]
 unsafe fn backward_packed(
     a: &[u16],

@@ -95,8 +95,8 @@ pub(super) type PackGroup<'a> = dyn Fn(std::ops::Range<usize>, &mut [u16]) + Syn
 /// is read from its k-step `ks0` for `ksteps`.
 ///
 /// # Safety
-/// The tile products are available ([`super::available`]); `a` is packed by [`super::pack_a`] (`kp` padded
-/// columns, `t` real rows, k-steps `ks0..ks0 + ksteps` inside); `out(j)`
+/// The tile products are available ([`super::available`]); `a` is packed
+/// by [`super::pack_a`] (`kp` padded columns, `t` real rows, k-steps `ks0..ks0 + ksteps` inside); `out(j)`
 /// is `t` rows × `nn` writable floats, aliasing no other panel's.
 #[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn run_groups(

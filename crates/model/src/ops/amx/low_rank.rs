@@ -276,7 +276,8 @@ fn dyt_times_xa(
             let ob = 2 * pi;
             let second = ob + 1 < nob;
             let mut c = Tiles4([0f32; 4 * 256]);
-            // SAFETY: the tile products are available (the caller packed on it); the parity
+            // SAFETY: the tile products are available (the caller packed for
+            // them); the parity
             // tiles are `groups` pairs; dy's tiles (g, ob) and (g, ob + 1)
             // for g < groups are inside `a` (ob + 1 < nob, else the first
             // block is read twice); `c` holds four 16 x 16 tiles.
@@ -320,8 +321,8 @@ struct Tiles4([f32; 4 * 256]);
 /// of packed `dy`, `dstride` bytes from one row group's tile to the next.
 ///
 /// # Safety
-/// the tile products are available ([`super::available`]: AMX permitted, or AVX512-BF16); every tile read is inside its operand;
-/// `c` is valid for 4 KiB of writes.
+/// The tile products are available ([`super::available`]); every tile read
+/// is inside its operand; `c` is valid for 4 KiB of writes.
 #[cfg(target_arch = "x86_64")]
 unsafe fn parity_kernel(
     p: *const u16,

@@ -107,13 +107,13 @@ pub fn isa() -> Option<TileIsa> {
             }
         };
         let found = candidates.iter().copied().find(|i| i.supported());
-        if let (Some(w), None) = (wanted.as_deref(), found) {
-            if w != "none" {
-                eprintln!(
-                    "warning: QLORA_TILE_ISA={w}: this CPU (or OS) cannot run it; \
-                     bf16 compute falls back to the f32 products"
-                );
-            }
+        // only where one instruction set was named (not auto, none or unknown)
+        if let ([named], None) = (candidates, found) {
+            eprintln!(
+                "warning: QLORA_TILE_ISA={}: this CPU (or OS) cannot run it; \
+                 bf16 compute falls back to the f32 products",
+                named.name()
+            );
         }
         found
     })
@@ -685,8 +685,8 @@ unsafe impl Sync for PanelOut {}
 /// panel p's first use on each thread (the forward packs panels on demand).
 ///
 /// # Safety
-/// The tile products are available ([`available`]); `a` is packed by [`pack_a`] (`kp` padded columns, at
-/// least `slices`' rows; `m` real rows), read from k-step `ks0` for
+/// The tile products are available ([`available`]); `a` is packed by
+/// [`pack_a`] (`kp` padded columns, at least `slices`' rows; `m` real rows), read from k-step `ks0` for
 /// `ksteps`; every panel's B holds `ksteps` tiles per stream once `ready`
 /// returned, and its C is `m` rows × `nn` writable floats not aliased by
 /// another panel's.
@@ -1139,7 +1139,8 @@ mod imp {
     /// loads) otherwise wait on memory line by line, 16 lines a row stride
     /// apart, which no hardware prefetcher follows. Measured here: the
     /// products over 30 layers' inputs and fresh outputs 626 -> 786 GFLOP/s
-    /// (q/o), 782 -> 1171-1216 (gate/up); a SmolLM2 step +3.7%.
+    /// (q/o), 782 -> 1171-1216 (gate/up); a SmolLM2 step +3.7%. Off AMX
+    /// ([`super::emulated`], bound by arithmetic) the prefetches are not made.
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     unsafe fn kernel(
@@ -1508,6 +1509,19 @@ mod imp {
     ) {
         unreachable!("AMX is x86_64 only")
     }
+}
+
+/// In tests: whether the tile products cannot run here, saying so (and what
+/// was not run) when they cannot.
+#[cfg(test)]
+pub(crate) fn skip_without_tiles(what: &str) -> bool {
+    let skip = !available();
+    if skip {
+        eprintln!(
+            "SKIPPED: no bf16 tile ISA here (AMX, AVX512-BF16; or QLORA_NO_AMX / QLORA_TILE_ISA): {what} not run"
+        );
+    }
+    skip
 }
 
 #[cfg(test)]

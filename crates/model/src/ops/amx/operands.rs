@@ -42,8 +42,9 @@ pub(crate) fn product(
         return;
     }
     assert!((m - 1) * ldc + nn <= c.len(), "amx product: C too short");
-    // SAFETY: the tile products are available ([`super::available`]: AMX permitted, or AVX512-BF16); the asserts keep every tile
-    // load inside `a` and `b` and every C row segment inside `c`.
+    // SAFETY: the tile products are available (AMX permitted, or
+    // AVX512-BF16); the asserts keep every tile load inside `a` and `b` and
+    // every C row segment inside `c`.
     unsafe {
         imp::run_blocks(
             a.as_ptr().add(ks0 * TILE_U16),

@@ -127,8 +127,7 @@ fn forward_panel_packing_matches_the_plain_loop() {
 
 #[test]
 fn an_empty_inner_dimension_gives_zeros() {
-    if !available() {
-        eprintln!("SKIPPED: no bf16 tile ISA here (AMX, AVX512-BF16; or QLORA_NO_AMX / QLORA_TILE_ISA): the tile kernels were not run");
+    if skip_without_tiles("the tile kernels were") {
         return;
     }
     let w = |_: usize, _: &mut [u16]| {};
@@ -255,8 +254,7 @@ fn tile_buffers_start_on_a_cache_line_and_keep_contents_while_not_growing() {
 /// (partial panels, an empty output, an empty inner dimension).
 #[test]
 fn shared_input_forward_equals_separate_forwards() {
-    if !available() {
-        eprintln!("SKIPPED: no bf16 tile ISA here (AMX, AVX512-BF16; or QLORA_NO_AMX / QLORA_TILE_ISA): the tile kernels were not run");
+    if skip_without_tiles("the tile kernels were") {
         return;
     }
     for &(i, t) in &[(96usize, 40usize), (45, 33), (0, 5)] {
@@ -310,8 +308,7 @@ impl WeightSource for WithWriter<'_> {
 #[test]
 fn group_products_equal_one_task_per_panel_bit_for_bit() {
     use std::sync::atomic::Ordering;
-    if !available() {
-        eprintln!("SKIPPED: no bf16 tile ISA here (AMX, AVX512-BF16; or QLORA_NO_AMX / QLORA_TILE_ISA): the tile kernels were not run");
+    if skip_without_tiles("the tile kernels were") {
         return;
     }
     let pool = |n: usize| {
@@ -426,8 +423,7 @@ fn row_interleave_matches_the_plain_loop() {
 fn lora_forward_adds_the_up_projection_in_the_products() {
     use crate::ops::fastmath::Isa;
     use crate::ops::skinny;
-    if !available() {
-        eprintln!("SKIPPED: no bf16 tile ISA here (AMX, AVX512-BF16; or QLORA_NO_AMX / QLORA_TILE_ISA): the tile kernels were not run");
+    if skip_without_tiles("the tile kernels were") {
         return;
     }
     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
@@ -589,8 +585,7 @@ fn input_gradient_with_term_f64(
 /// split and two weight chunks, ranks 16, 7 and 40, 1-3 threads.
 #[test]
 fn lora_input_gradient_term_in_the_products_matches_the_f64_sum() {
-    if !available() {
-        eprintln!("SKIPPED: no bf16 tile ISA here (AMX, AVX512-BF16; or QLORA_NO_AMX / QLORA_TILE_ISA): the tile kernels were not run");
+    if skip_without_tiles("the tile kernels were") {
         return;
     }
     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
@@ -659,8 +654,7 @@ fn lora_input_gradient_term_in_the_products_matches_the_f64_sum() {
 /// weight chunks, partial blocks, an empty K, 1-3 threads.
 #[test]
 fn fresh_input_gradient_equals_the_product_into_zeros_bit_for_bit() {
-    if !available() {
-        eprintln!("SKIPPED: no bf16 tile ISA here (AMX, AVX512-BF16; or QLORA_NO_AMX / QLORA_TILE_ISA): the tile kernels were not run");
+    if skip_without_tiles("the tile kernels were") {
         return;
     }
     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
@@ -759,8 +753,7 @@ impl WeightSource for Nf4Source<'_> {
 #[test]
 fn weight_writers_give_the_same_products_bit_for_bit() {
     use qlora_quant::{quantize_4bit, Input, QuantOptions, QuantType};
-    if !available() {
-        eprintln!("SKIPPED: no bf16 tile ISA here (AMX, AVX512-BF16; or QLORA_NO_AMX / QLORA_TILE_ISA): the tile kernels were not run");
+    if skip_without_tiles("the tile kernels were") {
         return;
     }
     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
@@ -834,8 +827,7 @@ fn weight_writers_give_the_same_products_bit_for_bit() {
 /// bits as into zeros), the same bits on 1-3 threads.
 #[test]
 fn lora_dy_products_on_the_tiles_match_the_f64_sums() {
-    if !available() {
-        eprintln!("SKIPPED: no bf16 tile ISA here (AMX, AVX512-BF16; or QLORA_NO_AMX / QLORA_TILE_ISA): the tile kernels were not run");
+    if skip_without_tiles("the tile kernels were") {
         return;
     }
     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
@@ -933,8 +925,7 @@ fn lora_dy_products_on_the_tiles_match_the_f64_sums() {
 /// split and groups, one and several chunks of rows, 1-3 threads.
 #[test]
 fn swiglu_pair_equals_swiglu_then_both_input_gradients_bit_for_bit() {
-    if !available() {
-        eprintln!("SKIPPED: no bf16 tile ISA here (AMX, AVX512-BF16; or QLORA_NO_AMX / QLORA_TILE_ISA): the tile kernels were not run");
+    if skip_without_tiles("the tile kernels were") {
         return;
     }
     assert!(swiglu_pair_fits(Some(7), Some(32)) && swiglu_pair_fits(None, None));
