@@ -41,6 +41,13 @@ pub(super) struct Block {
     pub ldc: usize,
     /// Add to C's values (else overwrite them).
     pub acc: bool,
+    /// The next block's C (same `ldc`; null: none): its 64 lines are
+    /// prefetched for writing over the first pass's k-steps, as the AMX
+    /// kernel does, so that the next block's loads and stores of C do not
+    /// wait on memory line by line.
+    pub next_c: *const f32,
+    /// Lines of the next B panel to bring into L2 meanwhile.
+    pub pf: super::imp::PfLines,
 }
 
 /// Runs `blk` on the emulating instruction set in use ([`super::isa`]):
@@ -69,8 +76,8 @@ pub(super) unsafe fn block(blk: &Block) {
     let (c00, c01) = (blk.c[0], blk.c[1]);
     let (c10, c11) = (blk.c[2], blk.c[3]);
     let row = |c: *mut f32, r: usize| c.byte_add(r * blk.ldc);
-    pass::<12, 0>(blk, a0, row(c00, 0), row(c01, 0), a1, c10, c11);
-    pass::<4, 8>(
+    pass::<12, 0, true>(blk, a0, row(c00, 0), row(c01, 0), a1, c10, c11);
+    pass::<4, 8, false>(
         blk,
         a0.add(12 * 32),
         row(c00, 12),
@@ -79,15 +86,16 @@ pub(super) unsafe fn block(blk: &Block) {
         c10,
         c11,
     );
-    pass::<0, 8>(blk, a0, c00, c01, a1.add(8 * 32), row(c10, 8), row(c11, 8));
+    pass::<0, 8, false>(blk, a0, c00, c01, a1.add(8 * 32), row(c10, 8), row(c11, 8));
 }
 
 /// `R0` rows from `a0` (into the C rows at `c00`/`c01`, columns 0..16 /
 /// 16..32) and `R1` rows from `a1` (into `c10`/`c11`) times both B streams,
-/// `2·(R0 + R1)` accumulators in registers over all k-steps.
+/// `2·(R0 + R1)` accumulators in registers over all k-steps; `PF`: this
+/// pass issues the block's prefetches ([`Block::next_c`], [`Block::pf`]).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn pass<const R0: usize, const R1: usize>(
+unsafe fn pass<const R0: usize, const R1: usize, const PF: bool>(
     blk: &Block,
     a0: *const u16,
     c00: *mut f32,
@@ -112,6 +120,18 @@ unsafe fn pass<const R0: usize, const R1: usize>(
         }
     }
     let (mut a0, mut a1, mut b0, mut b1) = (a0, a1, blk.b0, blk.b1);
+    // lines per k-step: the next C's 64, and the B lines asked for
+    let c_step = if PF && !blk.next_c.is_null() {
+        64usize.div_ceil(blk.ksteps.max(1))
+    } else {
+        0
+    };
+    let pf_step = if PF {
+        (blk.pf.to - blk.pf.from).div_ceil(blk.ksteps.max(1))
+    } else {
+        0
+    };
+    let (mut c_line, mut pf_line) = (0usize, blk.pf.from);
     for _ in 0..blk.ksteps {
         for p in 0..16 {
             let x0: __m512bh = std::mem::transmute(_mm512_loadu_si512(b0.add(32 * p).cast()));
@@ -133,6 +153,20 @@ unsafe fn pass<const R0: usize, const R1: usize>(
         a1 = a1.add(blk.a_step);
         b0 = b0.add(blk.b_step);
         b1 = b1.add(blk.b_step);
+        if PF {
+            let end = (pf_line + pf_step).min(blk.pf.to);
+            while pf_line < end {
+                _mm_prefetch::<_MM_HINT_T1>(blk.pf.at(pf_line).cast());
+                pf_line += 1;
+            }
+            let end = (c_line + c_step).min(64);
+            while c_line < end {
+                let p = blk.next_c.byte_add((c_line / 2) * ldc + (c_line % 2) * 64);
+                // prefetch for writing (PREFETCHW: every CPU with AVX512-BF16 has it)
+                std::arch::asm!("prefetchw [{}]", in(reg) p, options(nostack, readonly, preserves_flags));
+                c_line += 1;
+            }
+        }
     }
     for r in 0..R0 {
         _mm512_storeu_ps(c00.byte_add(r * ldc), s00[r]);
@@ -258,6 +292,9 @@ mod tests {
                     c: [0, 16, 16 * ldc, 16 * ldc + 16].map(|o| c[o..].as_mut_ptr()),
                     ldc: 4 * ldc,
                     acc,
+                    // prefetches change no value: a next C inside a vector
+                    next_c: c0.as_ptr(),
+                    pf: super::super::imp::PfLines::NONE,
                 };
                 // SAFETY: every pointer above is inside its vector
                 unsafe { f(&blk) }

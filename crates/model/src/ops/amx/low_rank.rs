@@ -347,6 +347,8 @@ unsafe fn parity_kernel(
             c: [c, c.byte_add(2048), c.byte_add(1024), c.byte_add(3072)],
             ldc: 64,
             acc: false,
+            next_c: std::ptr::null(),
+            pf: super::imp::PfLines::NONE,
         })
     }
 }
