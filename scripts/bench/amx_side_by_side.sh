@@ -6,12 +6,16 @@
 # Ours twice: bench_compute (forward+backward only) and `qlora train` end to end (median of the
 # steps after the first two). Peak RSS: /usr/bin/time's maximum resident set (bench_compute's
 # includes building its random f32 model, so memory comes from `qlora train`).
+# The peer also runs under torch.compile (scripts/bench/peft_compiled.py, "peer-compiled", once per
+# configuration; its first step compiles for minutes): on a Zen 4 it was the peer's best, 1.09-1.19x
+# its eager speed. COMPILED=0 leaves it out.
 #   PY=/path/to/peft-venv/bin/python scripts/bench/amx_side_by_side.sh
 # (build first: cargo build --release -p qlora-cli && cargo build --release -p qlora-model --example bench_compute)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 Q=$(realpath "${QLORA:-target/release/qlora}")
 B=$(realpath "${BENCH:-target/release/examples/bench_compute}")
+PEERC=$(realpath scripts/bench/peft_compiled.py)
 PY=${PY:-/work/pyenv/bin/python}
 PEER=$(realpath "${PEER:-../shared/bench/peft_baseline}")
 WORK=${WORK:-/tmp/qlora-amx-side-by-side}
@@ -31,6 +35,11 @@ load() { cut -d' ' -f1 /proc/loadavg; }
 peer() { local n=$1; shift
   /usr/bin/time -v "$PY" "$PEER/bench_lora.py" "$@" --json-out peer-$n.json > peer-$n.log 2>&1
   echo "peer $n: $(python3 -c "import json; print(round(json.load(open('peer-$n.json'))['tokens_per_s_median'], 1))") tok/s, peak $(rss peer-$n.log) (load $(load))"; }
+COMPILED=${COMPILED:-1}
+peerc() { local n=$1; shift
+  [ "$COMPILED" = 1 ] || return 0
+  PEER="$PEER" /usr/bin/time -v "$PY" "$PEERC" "$@" --json-out peerc-$n.json > peerc-$n.log 2>&1
+  echo "peer-compiled $n: $(python3 -c "import json; print(round(json.load(open('peerc-$n.json'))['tokens_per_s_median'], 1))") tok/s, peak $(rss peerc-$n.log) (load $(load))"; }
 ours() { local n=$1; shift
   "$B" "$@" > ours-$n.log 2>&1
   echo "ours $n: $(grep -oE 'forward\+backward [0-9]+ tok/s \([0-9.]+ CPU s per step\)' ours-$n.log) (load $(load))"; }
@@ -46,13 +55,17 @@ date -u; lscpu | grep 'Model name'
 echo "== matmul peak"; "$B" peak 2048 2>&1 | tail -2
 echo "== SmolLM2 shape, no checkpointing"
 for r in 1 2 3; do ours s$r nf4 nockpt 30 3 bf16; peer s$r --variant bf16 --adapter-dtype bf16; done
+peerc s --variant bf16 --adapter-dtype bf16; ours s4 nf4 nockpt 30 3 bf16
 echo "== SmolLM2 shape, checkpointing"
 for r in 1 2; do ours c$r nf4 ckpt 30 3 bf16; peer c$r --variant bf16 --adapter-dtype bf16 --grad-ckpt; done
+peerc c --variant bf16 --adapter-dtype bf16 --grad-ckpt; ours c3 nf4 ckpt 30 3 bf16
 train smol bench-models/smollm2-135m rows_smol.jsonl --max-steps 10 --gradient-checkpointing false
 train smolck bench-models/smollm2-135m rows_smol.jsonl --max-steps 10 --gradient-checkpointing true
 echo "== TinyLlama-1.1B shape"
 ours t1 nf4 nockpt 22 2 bf16 tinyllama; peer t1 --variant bf16 --adapter-dtype bf16 --model-dir bench-models/tinyllama-1.1b
+peerc t --variant bf16 --adapter-dtype bf16 --model-dir bench-models/tinyllama-1.1b
 train tiny bench-models/tinyllama-1.1b rows_tiny.jsonl --max-steps 5 --gradient-checkpointing false
 peer tck --variant bf16 --adapter-dtype bf16 --model-dir bench-models/tinyllama-1.1b --grad-ckpt
+peerc tck --variant bf16 --adapter-dtype bf16 --model-dir bench-models/tinyllama-1.1b --grad-ckpt
 train tinyck bench-models/tinyllama-1.1b rows_tiny.jsonl --max-steps 5 --gradient-checkpointing true
 date -u
