@@ -186,10 +186,20 @@ fn merge_known(inv: &mut Inventory, from: &Inventory) {
         .iter()
         .filter_map(|t| t.known.as_ref().map(|k| (t.name.as_str(), k)))
         .collect();
+    // and which tensors the files store in bf16: the trainer keeps a bf16
+    // embedding / lm_head as stored (without this a bf16 folder was planned
+    // with an f32 embedding and the head's f32 copy)
+    let bf16: std::collections::HashSet<&str> = from
+        .tensors
+        .iter()
+        .filter(|t| t.stored_bf16)
+        .map(|t| t.name.as_str())
+        .collect();
     for t in &mut inv.tensors {
         if let Some(k) = known.get(t.name.as_str()) {
             t.known = Some((*k).clone());
         }
+        t.stored_bf16 = bf16.contains(t.name.as_str());
     }
 }
 

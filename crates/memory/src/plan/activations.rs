@@ -26,6 +26,10 @@ pub const HEAD_CHUNK_LOGITS: u64 = 1 << 23;
 /// `ops/cross_entropy.rs`, `HEAD_BF16_COPY_MAX_BYTES`, 4x the logits chunk's bytes).
 pub const HEAD_BF16_COPY_MAX_BYTES: u64 = 4 * 4 * HEAD_CHUNK_LOGITS;
 
+/// The shortest lm_head rows (hidden size) the bf16 path keeps a packed copy
+/// of (`qlora-model` `ops/cross_entropy.rs`, `HEAD_COPY_MIN_HIDDEN`).
+pub const HEAD_COPY_MIN_HIDDEN: u64 = 1025;
+
 /// Vocabulary columns per block of the head's one pass at hidden size `h`
 /// (`qlora-model` `ops/cross_entropy/online.rs`, `vocab_block`).
 pub fn head_vocab_block(h: u64) -> u64 {
@@ -393,7 +397,10 @@ pub fn head_chunk_rows(vocab: u64, tokens: u64) -> u64 {
 /// AMX) or one chunk of f32 logits ([`head_chunk_rows`] × V, turned into their
 /// gradient in place) — never all T × V logits. GPU plans keep the full
 /// logits (no chunking there).
-pub fn logits_and_loss(c: &ModelConfig, p: &PlanInput, one_pass: bool) -> u64 {
+/// `one_pass`: the head takes the one pass over the vocabulary (bf16
+/// compute); `packs_blocks`: with no kept copy of the head, each slice
+/// packing its blocks ([`head_block_packs`]).
+pub fn logits_and_loss(c: &ModelConfig, p: &PlanInput, one_pass: bool, packs_blocks: bool) -> u64 {
     let t = p.batch * p.seq;
     let (h, v) = (c.hidden_size as u64, c.vocab_size as u64);
     let e = act_bytes(p);
@@ -402,6 +409,11 @@ pub fn logits_and_loss(c: &ModelConfig, p: &PlanInput, one_pass: bool) -> u64 {
     }
     let work = if one_pass {
         head_pass_scratch(c, p)
+            + if packs_blocks {
+                head_block_packs(c, p)
+            } else {
+                0
+            }
     } else {
         head_chunk_rows(v, t) * v * 4
     };
@@ -429,6 +441,21 @@ pub fn head_pass_scratch(c: &ModelConfig, p: &PlanInput) -> u64 {
     let live = t.div_ceil(rows).min(threads);
     let vb = head_vocab_block(h);
     16 * t + t * 4 * h + live * rows * (2 * (up(h) + vb) + 4 * vb)
+}
+
+/// The head's one pass without a kept copy of the head (`qlora-model`
+/// `ops/cross_entropy/online.rs`, `HeadWeight::PerBlock`): each slice
+/// running at once packs its vocabulary block in both layouts into a buffer
+/// of its own, [`head_vocab_block`] rows × `h` padded, bf16, twice.
+pub fn head_block_packs(c: &ModelConfig, p: &PlanInput) -> u64 {
+    let t = p.batch * p.seq;
+    let h = c.hidden_size as u64;
+    let up = |x: u64| x.div_ceil(32) * 32;
+    let threads = p.threads.max(1);
+    let rows = up(t.div_ceil(threads)).clamp(32, HEAD_MAX_SLICE_ROWS);
+    let live = t.div_ceil(rows).min(threads);
+    let vb = up(head_vocab_block(h).min(c.vocab_size as u64));
+    live * 2 * 2 * vb * up(h)
 }
 
 /// Depth of the `gemm` crate's packed blocks: `kernel_params` (gemm-common

@@ -438,9 +438,11 @@ pub fn plan(inv: &Inventory, c: &ModelConfig, p: &PlanInput) -> Result<Plan, Mem
         dm.l * saved
     };
     b.layer_workspace = layer_workspace(c, p);
-    // bf16 compute packs the head for AMX and takes the loss in one pass
-    let head_one_pass = weights::cpu_bf16_head_copy(inv, p) > 0;
-    b.logits_and_loss = logits_and_loss(c, p, head_one_pass);
+    // bf16 compute takes the head and the loss in one pass over the
+    // vocabulary, with a kept packed copy of the head or packing its blocks
+    let head_one_pass = !p.gpu && p.compute == DType::BF16 && p.method != Method::Full;
+    let head_copy = weights::cpu_bf16_head_copy(inv, p) > 0;
+    b.logits_and_loss = logits_and_loss(c, p, head_one_pass, head_one_pass && !head_copy);
     if p.checkpointing && !p.gpu {
         // With checkpointing the forward frees each layer's tensors as soon
         // as the next layer's input exists. glibc serves them from its heap

@@ -110,7 +110,7 @@ fn tiny_terms_by_hand() {
     // per-position losses (16 B each) and one chunk of f32 logits: with
     // V = 320 the chunk (2^23 / 320 rows) covers all 2048 positions.
     assert_eq!(
-        logits_and_loss(&c, &p, false),
+        logits_and_loss(&c, &p, false, false),
         3 * 2048 * 64 * 4 + 2048 * 4 + 2048 * 16 + 2048 * 320 * 4
     );
 }
@@ -137,7 +137,7 @@ fn head_chunk_rows_follow_the_trainer() {
     let smol = ModelConfig::from_json(&j, "smollm2").unwrap();
     let t = 4096u64;
     assert_eq!(
-        logits_and_loss(&smol, &input(1, 4096, false), false),
+        logits_and_loss(&smol, &input(1, 4096, false), false, false),
         3 * t * 576 * 4 + t * 4 + t * 16 + 160 * 49_152 * 4
     );
 }
@@ -486,9 +486,10 @@ fn sharded_load_peak_counts_the_tokenizer_build() {
 }
 
 /// `--compute bf16` on the CPU trainer (AMX): storage as in f32 (an f32
-/// checkpoint stays f32), plus the lm_head's bf16 copy kept after the first
-/// step (packed twice: the forward's and the input gradient's layouts),
-/// plus the AMX workspace (the input gradient's bf16 weight chunk, at most
+/// checkpoint stays f32); for an lm_head with rows longer than 1024 its bf16
+/// copy kept after the first step (packed twice: the forward's and the input
+/// gradient's layouts), for a shorter one each slice's packs of a vocabulary
+/// block instead; plus the AMX workspace (the input gradient's bf16 weight chunk, at most
 /// 2^22 elements, as big as the model's linears make it; the forward's
 /// 2^20-element round of panels and the largest bf16 activation pack). Measured on the
 /// SmolLM2 shape without checkpointing: plan 950 MiB, trainer 944 MiB
@@ -509,8 +510,8 @@ fn cpu_bf16_compute_counts_the_head_copy_and_the_amx_workspace() {
         plan(&inv, &c, &f32p).unwrap().per_device,
         plan(&inv, &c, &bf16p).unwrap().per_device,
     );
-    // the untied lm_head, 320 x 64, as bf16, packed for both directions
-    assert_eq!(b.frozen_weights - a.frozen_weights, 2 * 320 * 64 * 2);
+    // the untied lm_head, 320 x 64: rows of 64, no kept copy
+    assert_eq!(b.frozen_weights, a.frozen_weights);
     // the weight chunk (gate/up: all 160 rows of 64; down: 64 rows of 160),
     // bf16 + the forward's round of panels 2^20 bf16 + the widest layer
     // input (128 x 160), bf16: the packed head's one pass packs its own
@@ -522,10 +523,15 @@ fn cpu_bf16_compute_counts_the_head_copy_and_the_amx_workspace() {
     // the head phase: no chunk of 128 x 320 f32 logits, the one pass's
     // scratch instead: 128 counted positions (16 B), 2 slices of 64 rows
     // with their bf16 inputs (64 wide) and probabilities (a block of 256),
-    // f32 logits of a block and the gradient accumulator
+    // f32 logits of a block and the gradient accumulator, and each slice's
+    // block of 256 head rows packed in both layouts (bf16)
     assert_eq!(
         b.logits_and_loss + 128 * 320 * 4,
-        a.logits_and_loss + 128 * 16 + 2 * 64 * 2 * (64 + 256) + 128 * 4 * (256 + 64)
+        a.logits_and_loss
+            + 128 * 16
+            + 2 * 64 * 2 * (64 + 256)
+            + 128 * 4 * (256 + 64)
+            + 2 * 2 * 2 * 256 * 64
     );
     // TinyLlama's shapes fill the chunk: q/o and gate/up 2048 rows of 2048,
     // down 736 rows of 5632; a 4-bit base over 512 positions runs those in
@@ -542,6 +548,18 @@ fn cpu_bf16_compute_counts_the_head_copy_and_the_amx_workspace() {
     assert_eq!(
         activations::amx_chunk_elems(&tl, 512, 16, false),
         2048 * 2048
+    );
+    // its f32 head (rows of 2048) is copied, packed for both directions,
+    // and the one pass packs no blocks
+    let tl_inv = Inventory::from_config(&tl);
+    let (tf, tb) = (
+        plan(&tl_inv, &tl, &f32p).unwrap().per_device,
+        plan(&tl_inv, &tl, &bf16p).unwrap().per_device,
+    );
+    assert_eq!(tb.frozen_weights - tf.frozen_weights, 2 * 2 * 32000 * 2048);
+    assert_eq!(
+        tb.logits_and_loss + 128 * 32000 * 4,
+        tf.logits_and_loss + activations::head_pass_scratch(&tl, &bf16p)
     );
     assert_eq!(activations::amx_chunk_elems(&tl, 512, 16, true), 256 * 2048);
     // over 64 positions dy packed is 64 x 5664 x 2 = 708 KiB for gate/up

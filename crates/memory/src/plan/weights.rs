@@ -168,7 +168,10 @@ pub fn optimizer_bytes(o: Optimizer, n: u64) -> u64 {
 /// lm_head (or tied embedding) the trainer makes on its first step and keeps,
 /// packed for both directions of the AMX products (`qlora-model`
 /// `FrozenLinear::packed_for_amx`: two copies, each padded to multiples of 32
-/// rows and columns; for heads of at most 128 MiB in bf16). 0 otherwise.
+/// rows and columns; for heads of at most 128 MiB in bf16 whose rows are
+/// longer than 1024, `ops/cross_entropy.rs` `HEAD_COPY_MIN_HIDDEN`; shorter
+/// ones are packed a vocabulary block at a time, [`super::activations::head_block_packs`]).
+/// 0 otherwise.
 pub(crate) fn cpu_bf16_head_copy(inv: &Inventory, p: &PlanInput) -> u64 {
     if p.gpu || p.compute != super::DType::BF16 || p.method == Method::Full {
         return 0;
@@ -182,7 +185,11 @@ pub(crate) fn cpu_bf16_head_copy(inv: &Inventory, p: &PlanInput) -> u64 {
         // an f32 head or a GGUF's own blocks (`--quant native`) are copied;
         // a bf16 checkpoint's head is used as it is
         Some(t) if !t.stored_bf16 => {
-            if 2 * t.numel() > super::activations::HEAD_BF16_COPY_MAX_BYTES {
+            if 2 * t.numel() > super::activations::HEAD_BF16_COPY_MAX_BYTES
+                || t.shape
+                    .get(1)
+                    .is_none_or(|&h| h < super::activations::HEAD_COPY_MIN_HIDDEN)
+            {
                 return 0;
             }
             let padded: u64 = t.shape.iter().map(|&d| d.div_ceil(32) * 32).product();

@@ -135,13 +135,47 @@ const HEAD_BF16_COPY_MAX_BYTES: usize = 4 * 4 * HEAD_CHUNK_LOGITS;
 
 /// The head packed for AMX (bf16 compute): the weight rounded to bf16 and
 /// packed for both directions once (kept from step to step: +4 bytes per
-/// weight element) when its bf16 is at most [`HEAD_BF16_COPY_MAX_BYTES`]:
-/// SmolLM2's 49152 x 576 head (2 x 54 MiB), TinyLlama's 32000 x 2048 (2 x 125
-/// MiB), never the 250 MiB to 1 GiB of a 7B-8B model's head.
+/// weight element) when its bf16 is at most [`HEAD_BF16_COPY_MAX_BYTES`]
+/// and its rows are longer than [`HEAD_COPY_MIN_HIDDEN`]: TinyLlama's
+/// 32000 x 2048 (2 x 125 MiB), never the 250 MiB to 1 GiB of a 7B-8B model's
+/// head. Otherwise the one pass packs a vocabulary block at a time
+/// ([`per_block_head`]).
 fn packed_head(head: &FrozenLinear, t: usize) -> Option<std::sync::Arc<super::amx::PackedWeight>> {
-    (head.out_features * head.in_features * 2 <= HEAD_BF16_COPY_MAX_BYTES)
+    (head.out_features * head.in_features * 2 <= HEAD_BF16_COPY_MAX_BYTES
+        && head.in_features >= HEAD_COPY_MIN_HIDDEN)
         .then(|| head.packed_for_amx(t))
         .flatten()
+}
+
+/// The shortest head rows (hidden size) for which the kept copy pays: up to
+/// h = 1024 the one pass's vocabulary blocks are 256 rows and a slice packs
+/// each inside its L2 at no measurable cost (SmolLM2's 49152 x 576 f32 head:
+/// lm_head + cross-entropy 154-160 vs 154-170 ms a step, and 106 MiB less);
+/// above, its 1024-row blocks (8 MiB packed at h 2048) leave L2 and packing
+/// them per slice cost TinyLlama's f32 head 3-5% of its step (2 pairs of
+/// `qlora train` runs). The planner mirrors it (`qlora-memory`).
+const HEAD_COPY_MIN_HIDDEN: usize = 1025;
+
+/// Whether a head without a kept packed copy ([`packed_head`]) takes the one
+/// pass packing a vocabulary block at a time ([`online::HeadWeight::PerBlock`]):
+/// on the bf16 tile path, always (a bf16 checkpoint's head, one too big to
+/// copy, rows of at most 1024). The chunked path it replaces packed every
+/// panel again per chunk of positions and direction and kept a chunk of f32
+/// logits: SmolLM2's bf16 head 183-191 -> 147-149 ms a step, 790 -> 736 MiB;
+/// TinyLlama's 419-422 -> 374-387 ms, 2378 -> 2336 MiB (BENCHMARKS.md).
+fn per_block_head(head: &FrozenLinear, t: usize) -> bool {
+    head.use_amx(t) && head.bias.is_none()
+}
+
+fn head_per_block<'a>(
+    head: &FrozenLinear,
+    w: &'a super::amx::WeightBf16<'a>,
+) -> online::HeadWeight<'a> {
+    online::HeadWeight::PerBlock {
+        w,
+        vocab: head.out_features,
+        h: head.in_features,
+    }
 }
 
 /// The lm_head and the loss without the backward (evaluation): `(sum,
@@ -152,7 +186,14 @@ pub fn head_loss(head: &FrozenLinear, nf: &[f32], labels: &[i64], s: usize) -> (
     let t = labels.len();
     assert_eq!(nf.len(), t * head.in_features, "head: input size");
     if let Some(pw) = packed_head(head, t) {
+        let pw = online::HeadWeight::Kept(&pw);
         return sum_in_order(&online::head_pass(&pw, nf, labels, s, None).per);
+    }
+    if per_block_head(head, t) {
+        return head.with_bf16_source(|w| {
+            let hw = head_per_block(head, w);
+            sum_in_order(&online::head_pass(&hw, nf, labels, s, None).per)
+        });
     }
     let logits = head.forward(nf, t);
     forward(&logits, labels, s, head.out_features)
@@ -176,8 +217,22 @@ pub fn head_forward_backward(
     let t = labels.len();
     assert_eq!(nf.len(), t * h, "head: input size");
     let inv = 1.0 / denominator;
-    if let Some(pw) = packed_head(head, t) {
-        let pass = online::head_pass(&pw, nf, labels, s, Some(inv));
+    let pass = if let Some(pw) = packed_head(head, t) {
+        Some(online::head_pass(
+            &online::HeadWeight::Kept(&pw),
+            nf,
+            labels,
+            s,
+            Some(inv),
+        ))
+    } else if per_block_head(head, t) {
+        Some(head.with_bf16_source(|w| {
+            online::head_pass(&head_per_block(head, w), nf, labels, s, Some(inv))
+        }))
+    } else {
+        None
+    };
+    if let Some(pass) = pass {
         let (sum, count) = sum_in_order(&pass.per);
         return (sum, count, pass.dx.expect("the pass ran its backward"));
     }

@@ -170,6 +170,11 @@ impl FrozenLinear {
         Some(p.clone())
     }
 
+    /// Runs `f` with this weight as the tile products' bf16 source.
+    pub(crate) fn with_bf16_source<R>(&self, f: impl FnOnce(&super::amx::WeightBf16) -> R) -> R {
+        f(&Bf16Source(self))
+    }
+
     fn tile_rows(&self) -> usize {
         (TILE_ELEMS / self.in_features.max(1)).clamp(1, self.out_features.max(1))
     }

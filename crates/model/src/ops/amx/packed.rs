@@ -76,6 +76,49 @@ impl PackedWeight {
         PackedWeight { o, i, fwd, bwd }
     }
 
+    /// An empty weight for [`Self::pack_rows`] to fill, and refill.
+    pub fn empty() -> PackedWeight {
+        PackedWeight {
+            o: 0,
+            i: 0,
+            fwd: TileBuf::new(),
+            bwd: TileBuf::new(),
+        }
+    }
+
+    /// Rows `r0..r0 + o` of a weight with `i` columns (read through `w`,
+    /// whose element offsets are the whole weight's) packed into both
+    /// layouts on the calling thread, into this value's buffers: what
+    /// [`Self::new`] makes of those rows alone. The one-pass head's
+    /// vocabulary block where no packed copy of the whole head is kept.
+    pub fn pack_rows(&mut self, w: &WeightBf16, r0: usize, o: usize, i: usize) {
+        let (kpi, kpo) = (round_up(i, 32), round_up(o, 32));
+        let (ksi, kso) = (kpi / 32, kpo / 32);
+        (self.o, self.i) = (o, i);
+        self.fwd.resize(kpo * kpi);
+        let panel = 2 * ksi * TILE_U16;
+        self.bwd.resize(kpi * kpo);
+        if !(o.is_multiple_of(32) && i.is_multiple_of(32)) {
+            // padding rows and columns must read as zeros; whole tiles are
+            // every element written
+            self.bwd.fill(0);
+        }
+        let (len, dst) = (self.bwd.len(), self.bwd.as_mut_ptr());
+        let fwd = &mut self.fwd;
+        with_scratch(&SCRATCH_B, |sc| {
+            sc.resize(32 * i);
+            for (p, b) in fwd.chunks_mut(panel).enumerate() {
+                let (n0, nn) = (p * 32, 32.min(o - p * 32));
+                w.elems((r0 + n0) * i, &mut sc[..nn * i]);
+                pack_b_forward(&sc[..nn * i], nn, i, ksi, b);
+                // the same 32 rows are k-step p of the input gradient's layout
+                // SAFETY: k-step p of the [i/32][2][o/32][512] buffer of `len`
+                // elements, on this thread only.
+                unsafe { interleave_chunk(&sc[..nn * i], nn, i, p, kso * TILE_U16, dst, len) };
+            }
+        });
+    }
+
     /// Bytes held (both layouts).
     pub fn bytes(&self) -> usize {
         2 * (self.fwd.len() + self.bwd.len())

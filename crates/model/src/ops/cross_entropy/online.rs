@@ -25,7 +25,7 @@
 
 use rayon::prelude::*;
 
-use super::super::amx::{put_a_row, round_up, to_bf16_padded, PackedWeight, TileBuf};
+use super::super::amx::{put_a_row, round_up, to_bf16_padded, PackedWeight, TileBuf, WeightBf16};
 use super::super::fastmath;
 use super::{target, IGNORE_INDEX};
 
@@ -54,6 +54,46 @@ pub(crate) fn vocab_block(h: usize) -> usize {
 /// it does not bind. The planner mirrors it.
 pub(crate) const MAX_SLICE_ROWS: usize = 256;
 
+/// The head's weight as the pass reads it.
+pub(crate) enum HeadWeight<'a> {
+    /// Packed once in both layouts and kept from step to step.
+    Kept(&'a PackedWeight),
+    /// `[vocab, h]` read through its source: each slice packs a vocabulary
+    /// block at a time into a buffer of its own (both layouts, in L2 while
+    /// the block's products use them), so no copy of the whole head exists
+    /// (a bf16 checkpoint's head, a 7B-8B model's): every slice reads the
+    /// head once, as it reads the kept copy. The same products and bits as
+    /// [`HeadWeight::Kept`] of that weight.
+    PerBlock {
+        w: &'a WeightBf16<'a>,
+        vocab: usize,
+        h: usize,
+    },
+}
+
+impl HeadWeight<'_> {
+    fn dims(&self) -> (usize, usize) {
+        match self {
+            HeadWeight::Kept(pw) => pw.dims(),
+            HeadWeight::PerBlock { vocab, h, .. } => (*vocab, *h),
+        }
+    }
+
+    /// Row `n` (its bf16 values, as f32) into `out`.
+    fn row_into(&self, n: usize, out: &mut [f32]) {
+        match self {
+            HeadWeight::Kept(pw) => pw.row_into(n, out),
+            HeadWeight::PerBlock { w, h, .. } => {
+                let mut bits = vec![0u16; *h];
+                w.elems(n * h, &mut bits);
+                for (o, b) in out.iter_mut().zip(&bits) {
+                    *o = f32::from_bits((*b as u32) << 16);
+                }
+            }
+        }
+    }
+}
+
 /// What one pass returns: per flat position its loss (None where ignored)
 /// and, with the backward, `d(sum / denominator)/d x` (`[t, h]`, zero rows
 /// where ignored).
@@ -66,7 +106,7 @@ pub(crate) struct HeadPass {
 /// of `s`; the input gradient of `sum / denominator` (`inv` = 1 /
 /// denominator) when `inv` is given.
 pub(crate) fn head_pass(
-    pw: &PackedWeight,
+    pw: &HeadWeight,
     x: &[f32],
     labels: &[i64],
     s: usize,
@@ -112,7 +152,7 @@ pub(crate) fn head_pass(
 /// One slice of counted positions `(flat position, target)`: their losses
 /// and (with `inv`) their input gradients, `[len, h]`.
 fn slice_pass(
-    pw: &PackedWeight,
+    pw: &HeadWeight,
     x: &[f32],
     slice: &[(usize, usize)],
     inv: Option<f32>,
@@ -144,9 +184,18 @@ fn slice_pass(
     let mut run_max = vec![f32::NEG_INFINITY; m];
     let mut z = vec![0f64; m];
     let mut target_logit = vec![0f32; m];
+    let mut local = PackedWeight::empty();
     for v0 in (0..vocab).step_by(vb) {
         let w = vb.min(vocab - v0);
-        pw.forward_block(&a, mp, m, v0, w, &mut logits, vb);
+        // the block's weight: the kept copy's rows v0.., or this block packed
+        let (blk, c0) = match pw {
+            HeadWeight::Kept(p) => (*p, v0),
+            HeadWeight::PerBlock { w: src, .. } => {
+                local.pack_rows(*src, v0, w, h);
+                (&local, 0)
+            }
+        };
+        blk.forward_block(&a, mp, m, c0, w, &mut logits, vb);
         for (r, &(_, tg)) in slice.iter().enumerate() {
             let row = &mut logits[r * vb..r * vb + w];
             if (v0..v0 + w).contains(&tg) {
@@ -170,7 +219,7 @@ fn slice_pass(
             }
         }
         if inv.is_some() {
-            pw.backward_block(&pa, vb, mp, m, v0, w.div_ceil(32), &mut acc);
+            blk.backward_block(&pa, vb, mp, m, c0, w.div_ceil(32), &mut acc);
         }
     }
     let losses: Vec<f64> = (0..m)
@@ -243,7 +292,8 @@ mod tests {
     /// with padding rows, ignored positions (a whole sequence of them), and
     /// logits spread wide enough that running maxima move late; the same
     /// bits whatever the thread count, and the forward-only pass's losses
-    /// equal to the full pass's.
+    /// equal to the full pass's; the head packed block by block
+    /// ([`HeadWeight::PerBlock`]) gives the kept copy's bits.
     #[test]
     fn one_pass_head_matches_the_f64_reference() {
         if !available() {
@@ -296,7 +346,7 @@ mod tests {
                     .num_threads(threads)
                     .build()
                     .unwrap()
-                    .install(|| head_pass(&pw, &x, &labels, s, inv))
+                    .install(|| head_pass(&HeadWeight::Kept(&pw), &x, &labels, s, inv))
             };
             let got = run(2, Some(inv));
             let (want_per, want_dx) = reference(&wv, (vocab, h), &x, &labels, s, inv as f64);
@@ -344,6 +394,27 @@ mod tests {
             let fwd = run(2, None);
             assert!(fwd.dx.is_none());
             assert_eq!(bits(&fwd).0, bits(&got).0, "{shape}: forward-only losses");
+            // no kept copy: each slice packs its vocabulary blocks itself,
+            // the same products, so the same bits
+            let per_block = HeadWeight::PerBlock { w: &wsrc, vocab, h };
+            for threads in [1, 2, 3] {
+                let pb = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap()
+                    .install(|| head_pass(&per_block, &x, &labels, s, Some(inv)));
+                assert_eq!(
+                    bits(&pb),
+                    bits(&got),
+                    "{shape}, per block, {threads} threads"
+                );
+            }
+            let pb = head_pass(&per_block, &x, &labels, s, None);
+            assert_eq!(
+                bits(&pb).0,
+                bits(&got).0,
+                "{shape}: per block, forward only"
+            );
         }
     }
 }
