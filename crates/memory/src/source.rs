@@ -448,3 +448,48 @@ pub fn from_gguf(path: &Path) -> Result<Loaded, MemoryError> {
         notes,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A model folder's config gives the architecture, its safetensors
+    /// headers what is stored: a bf16 embedding is planned at 2 bytes (the
+    /// trainer keeps it so), an f32 norm at 4.
+    #[test]
+    fn a_folder_plans_its_bf16_stored_tensors_as_bf16() {
+        use safetensors::tensor::{serialize, Dtype, TensorView};
+        let dir = tempfile::tempdir().unwrap();
+        let config = serde_json::json!({
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+            "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
+            "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2,
+            "tie_word_embeddings": true,
+        });
+        std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+        let (emb, norm) = (vec![0u8; 64 * 32 * 2], vec![0u8; 32 * 4]);
+        let tensors = [
+            (
+                "model.embed_tokens.weight",
+                TensorView::new(Dtype::BF16, vec![64, 32], &emb).unwrap(),
+            ),
+            (
+                "model.norm.weight",
+                TensorView::new(Dtype::F32, vec![32], &norm).unwrap(),
+            ),
+        ];
+        let bytes = serialize(tensors, None).unwrap();
+        std::fs::write(dir.path().join("model.safetensors"), bytes).unwrap();
+        let l = resolve(dir.path().to_str().unwrap()).unwrap();
+        let stored = |name: &str| {
+            l.inventory
+                .tensors
+                .iter()
+                .find(|t| t.name == name)
+                .unwrap_or_else(|| panic!("{name} planned"))
+                .stored_bf16
+        };
+        assert!(stored("model.embed_tokens.weight"));
+        assert!(!stored("model.norm.weight"));
+    }
+}
