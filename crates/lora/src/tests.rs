@@ -137,6 +137,11 @@ fn save_reload_is_identical() {
         read_st(&src.join(io::WEIGHTS_FILE)),
         read_st(&out.join(io::WEIGHTS_FILE))
     );
+    // the streamed file is byte for byte what `safetensors::serialize` makes
+    assert_eq!(
+        std::fs::read(out.join(io::WEIGHTS_FILE)).unwrap(),
+        io::adapter_safetensors_bytes(&ad).unwrap()
+    );
     let j: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join(io::CONFIG_FILE)).unwrap()).unwrap();
     assert_eq!(j["peft_version"], "0.21.2");

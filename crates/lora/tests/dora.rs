@@ -90,6 +90,9 @@ fn dora_save_reload_is_bit_identical_to_peft_file() {
         std::fs::read(src.join(WEIGHTS_FILE)).unwrap(),
         std::fs::read(out.join(WEIGHTS_FILE)).unwrap(),
     );
+    // the streamed file (magnitudes included) is byte for byte what
+    // `safetensors::serialize` makes
+    assert_eq!(b, qlora_lora::io::adapter_safetensors_bytes(&ad).unwrap());
     let (sa, sb) = (
         SafeTensors::deserialize(&a).unwrap(),
         SafeTensors::deserialize(&b).unwrap(),

@@ -10,7 +10,6 @@
 //! There is no live RNG to save: shuffling and dropout masks are pure functions
 //! of (seed, epoch) and (seed, step, micro-batch). The base weights are never written.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Context, Result};
@@ -18,7 +17,7 @@ use qlora_data::rows::Row;
 use qlora_formats::write_atomic;
 use qlora_lora::{load_adapter, save_adapter};
 use qlora_model::Model;
-use safetensors::{tensor::TensorView, Dtype, SafeTensors};
+use safetensors::{Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
 
 use crate::config::TrainConfig;
@@ -49,20 +48,29 @@ fn one() -> usize {
     1
 }
 
-fn moments_bytes(t: &Trainer<'_>) -> Result<Vec<u8>> {
-    let mut bufs: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+/// The optimizer's moments as `optimizer.safetensors` at `path`, atomically,
+/// each tensor streamed from the moments (no serialized copy in memory:
+/// twice the trainable parameters' bytes, 320 MiB for an 8B model's
+/// all-linear r 16 adapter). Layout and bytes as `safetensors::serialize`.
+fn write_moments(t: &Trainer<'_>, path: &Path) -> Result<()> {
+    use qlora_formats::{SafetensorsWriter, TensorSpec};
+    let mut tensors: Vec<(String, &[usize], &[f32])> = Vec::new();
     for (p, m) in t.params.iter().zip(&t.moments) {
         for (suffix, v) in [("exp_avg", &m.m), ("exp_avg_sq", &m.v)] {
-            let bytes = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-            bufs.push((format!("{}.{suffix}", p.key()), p.shape.to_vec(), bytes));
+            tensors.push((format!("{}.{suffix}", p.key()), &p.shape[..], &v[..]));
         }
     }
-    let views = bufs
+    let specs: Vec<TensorSpec> = tensors
         .iter()
-        .map(|(k, s, b)| Ok((k.clone(), TensorView::new(Dtype::F32, s.clone(), b)?)))
-        .collect::<Result<Vec<_>>>()?;
-    let meta = HashMap::from([("step".to_string(), t.step.to_string())]);
-    Ok(safetensors::serialize(views, Some(meta))?)
+        .map(|(k, s, _)| TensorSpec::new(k.clone(), Dtype::F32, s.to_vec()))
+        .collect();
+    let meta = std::collections::BTreeMap::from([("step".to_string(), t.step.to_string())]);
+    let mut w = SafetensorsWriter::create_with_metadata(path, &specs, Some(&meta))?;
+    for (k, _, v) in &tensors {
+        w.write_f32(k, v)?;
+    }
+    w.finish()?;
+    Ok(())
 }
 
 impl Trainer<'_> {
@@ -96,7 +104,7 @@ impl Trainer<'_> {
         let res = (|| -> Result<()> {
             std::fs::create_dir_all(&tmp)?;
             save_adapter(tmp.join("adapter"), &self.adapter, &self.peft)?;
-            write_atomic(&tmp.join(OPTIMIZER_FILE), &moments_bytes(self)?)?;
+            write_moments(self, &tmp.join(OPTIMIZER_FILE))?;
             let st = TrainerState {
                 format_version: FORMAT_VERSION,
                 step: self.step,
