@@ -436,9 +436,7 @@ pub fn head_pass_scratch(c: &ModelConfig, p: &PlanInput) -> u64 {
     let t = p.batch * p.seq;
     let h = c.hidden_size as u64;
     let up = |x: u64| x.div_ceil(32) * 32;
-    let threads = p.threads.max(1);
-    let rows = up(t.div_ceil(threads)).clamp(32, HEAD_MAX_SLICE_ROWS);
-    let live = t.div_ceil(rows).min(threads);
+    let (rows, live) = head_slices(p);
     let vb = head_vocab_block(h);
     16 * t + t * 4 * h + live * rows * (2 * (up(h) + vb) + 4 * vb)
 }
@@ -448,14 +446,20 @@ pub fn head_pass_scratch(c: &ModelConfig, p: &PlanInput) -> u64 {
 /// running at once packs its vocabulary block in both layouts into a buffer
 /// of its own, [`head_vocab_block`] rows × `h` padded, bf16, twice.
 pub fn head_block_packs(c: &ModelConfig, p: &PlanInput) -> u64 {
-    let t = p.batch * p.seq;
     let h = c.hidden_size as u64;
     let up = |x: u64| x.div_ceil(32) * 32;
-    let threads = p.threads.max(1);
-    let rows = up(t.div_ceil(threads)).clamp(32, HEAD_MAX_SLICE_ROWS);
-    let live = t.div_ceil(rows).min(threads);
+    let (_, live) = head_slices(p);
     let vb = up(head_vocab_block(h).min(c.vocab_size as u64));
     live * 2 * 2 * vb * up(h)
+}
+
+/// The head's one pass: positions per slice (one per worker thread, whole
+/// 32-row blocks, at most [`HEAD_MAX_SLICE_ROWS`]) and slices running at once.
+fn head_slices(p: &PlanInput) -> (u64, u64) {
+    let t = p.batch * p.seq;
+    let threads = p.threads.max(1);
+    let rows = (t.div_ceil(threads).div_ceil(32) * 32).clamp(32, HEAD_MAX_SLICE_ROWS);
+    (rows, t.div_ceil(rows).min(threads))
 }
 
 /// Depth of the `gemm` crate's packed blocks: `kernel_params` (gemm-common

@@ -139,7 +139,7 @@ const HEAD_BF16_COPY_MAX_BYTES: usize = 4 * 4 * HEAD_CHUNK_LOGITS;
 /// and its rows are longer than [`HEAD_COPY_MIN_HIDDEN`]: TinyLlama's
 /// 32000 x 2048 (2 x 125 MiB), never the 250 MiB to 1 GiB of a 7B-8B model's
 /// head. Otherwise the one pass packs a vocabulary block at a time
-/// ([`per_block_head`]).
+/// ([`one_pass`]).
 fn packed_head(head: &FrozenLinear, t: usize) -> Option<std::sync::Arc<super::amx::PackedWeight>> {
     (head.out_features * head.in_features * 2 <= HEAD_BF16_COPY_MAX_BYTES
         && head.in_features >= HEAD_COPY_MIN_HIDDEN)
@@ -156,26 +156,44 @@ fn packed_head(head: &FrozenLinear, t: usize) -> Option<std::sync::Arc<super::am
 /// `qlora train` runs). The planner mirrors it (`qlora-memory`).
 const HEAD_COPY_MIN_HIDDEN: usize = 1025;
 
-/// Whether a head without a kept packed copy ([`packed_head`]) takes the one
-/// pass packing a vocabulary block at a time ([`online::HeadWeight::PerBlock`]):
-/// on the bf16 tile path, always (a bf16 checkpoint's head, one too big to
-/// copy, rows of at most 1024). The chunked path it replaces packed every
-/// panel again per chunk of positions and direction and kept a chunk of f32
-/// logits: SmolLM2's bf16 head 183-191 -> 147-149 ms a step, 790 -> 736 MiB;
-/// TinyLlama's 419-422 -> 374-387 ms, 2378 -> 2336 MiB (BENCHMARKS.md).
-fn per_block_head(head: &FrozenLinear, t: usize) -> bool {
-    head.use_amx(t) && head.bias.is_none()
-}
-
-fn head_per_block<'a>(
+/// The head's one pass over the vocabulary ([`online::head_pass`], `inv` as
+/// there) on the bf16 tile path: over the kept packed copy where
+/// [`packed_head`] makes one, else packing a vocabulary block at a time
+/// ([`online::HeadWeight::PerBlock`]: a bf16 checkpoint's head, one too big
+/// to copy, rows of at most 1024). `None` off the tile path (or with a
+/// bias): the chunked path then. The per-block pass replaced the chunked
+/// path for heads without a copy, which packed every panel again per chunk
+/// of positions and direction and kept a chunk of f32 logits: SmolLM2's bf16
+/// head 183-191 -> 147-149 ms a step, 790 -> 736 MiB; TinyLlama's 419-422 ->
+/// 374-387 ms, 2378 -> 2336 MiB (BENCHMARKS.md).
+fn one_pass(
     head: &FrozenLinear,
-    w: &'a super::amx::WeightBf16<'a>,
-) -> online::HeadWeight<'a> {
-    online::HeadWeight::PerBlock {
-        w,
-        vocab: head.out_features,
-        h: head.in_features,
+    nf: &[f32],
+    labels: &[i64],
+    s: usize,
+    inv: Option<f32>,
+) -> Option<online::HeadPass> {
+    let t = labels.len();
+    if let Some(pw) = packed_head(head, t) {
+        return Some(online::head_pass(
+            &online::HeadWeight::Kept(&pw),
+            nf,
+            labels,
+            s,
+            inv,
+        ));
     }
+    if !head.use_amx(t) || head.bias.is_some() {
+        return None;
+    }
+    Some(head.with_bf16_source(|w| {
+        let hw = online::HeadWeight::PerBlock {
+            w,
+            vocab: head.out_features,
+            h: head.in_features,
+        };
+        online::head_pass(&hw, nf, labels, s, inv)
+    }))
 }
 
 /// The lm_head and the loss without the backward (evaluation): `(sum,
@@ -185,15 +203,8 @@ fn head_per_block<'a>(
 pub fn head_loss(head: &FrozenLinear, nf: &[f32], labels: &[i64], s: usize) -> (f64, usize) {
     let t = labels.len();
     assert_eq!(nf.len(), t * head.in_features, "head: input size");
-    if let Some(pw) = packed_head(head, t) {
-        let pw = online::HeadWeight::Kept(&pw);
-        return sum_in_order(&online::head_pass(&pw, nf, labels, s, None).per);
-    }
-    if per_block_head(head, t) {
-        return head.with_bf16_source(|w| {
-            let hw = head_per_block(head, w);
-            sum_in_order(&online::head_pass(&hw, nf, labels, s, None).per)
-        });
+    if let Some(pass) = one_pass(head, nf, labels, s, None) {
+        return sum_in_order(&pass.per);
     }
     let logits = head.forward(nf, t);
     forward(&logits, labels, s, head.out_features)
@@ -217,22 +228,7 @@ pub fn head_forward_backward(
     let t = labels.len();
     assert_eq!(nf.len(), t * h, "head: input size");
     let inv = 1.0 / denominator;
-    let pass = if let Some(pw) = packed_head(head, t) {
-        Some(online::head_pass(
-            &online::HeadWeight::Kept(&pw),
-            nf,
-            labels,
-            s,
-            Some(inv),
-        ))
-    } else if per_block_head(head, t) {
-        Some(head.with_bf16_source(|w| {
-            online::head_pass(&head_per_block(head, w), nf, labels, s, Some(inv))
-        }))
-    } else {
-        None
-    };
-    if let Some(pass) = pass {
+    if let Some(pass) = one_pass(head, nf, labels, s, Some(inv)) {
         let (sum, count) = sum_in_order(&pass.per);
         return (sum, count, pass.dx.expect("the pass ran its backward"));
     }

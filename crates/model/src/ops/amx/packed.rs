@@ -43,37 +43,9 @@ impl std::fmt::Debug for PackedWeight {
 impl PackedWeight {
     /// Packs W (`[o, i]`, read through `w`) into both layouts, in parallel.
     pub fn new(o: usize, i: usize, w: &WeightBf16) -> PackedWeight {
-        let (kpi, kpo) = (round_up(i, 32), round_up(o, 32));
-        let (ksi, kso) = (kpi / 32, kpo / 32);
-        let mut fwd = TileBuf::new();
-        fwd.resize(kpo * kpi);
-        let panel = 2 * ksi * TILE_U16;
-        fwd.par_chunks_mut(panel).enumerate().for_each(|(p, b)| {
-            let (n0, nn) = (p * 32, 32.min(o - p * 32));
-            with_scratch(&SCRATCH_B, |sc| {
-                sc.resize(nn * i);
-                w.elems(n0 * i, &mut sc[..nn * i]);
-                pack_b_forward(&sc[..nn * i], nn, i, ksi, b);
-            });
-        });
-        let mut bwd = TileBuf::new();
-        bwd.resize(kpi * kpo);
-        // fresh storage is zero: padding rows and columns stay so
-        bwd.fill(0);
-        let (len, dst) = (bwd.len(), SendPtr(bwd.as_mut_ptr()));
-        (0..kso).into_par_iter().for_each(|ks| {
-            with_scratch(&SCRATCH_B, |sc| {
-                let (r0, nr) = (ks * 32, 32.min(o - ks * 32));
-                sc.resize(nr * i);
-                w.elems(r0 * i, &mut sc[..nr * i]);
-                // SAFETY: k-step ks of the [i/32][2][o/32][512] buffer of
-                // `len` elements; tasks write disjoint k-steps.
-                unsafe {
-                    interleave_chunk(&sc[..nr * i], nr, i, ks, kso * TILE_U16, dst.get(), len)
-                };
-            });
-        });
-        PackedWeight { o, i, fwd, bwd }
+        let mut pw = PackedWeight::empty();
+        pw.pack(w, 0, o, i, true);
+        pw
     }
 
     /// An empty weight for [`Self::pack_rows`] to fill, and refill.
@@ -92,31 +64,46 @@ impl PackedWeight {
     /// [`Self::new`] makes of those rows alone. The one-pass head's
     /// vocabulary block where no packed copy of the whole head is kept.
     pub fn pack_rows(&mut self, w: &WeightBf16, r0: usize, o: usize, i: usize) {
+        self.pack(w, r0, o, i, false);
+    }
+
+    /// Rows `r0..r0 + o` into both layouts, 32 rows at a time (read once:
+    /// they are a forward panel and a k-step of the input gradient's
+    /// layout), on the pool or on this thread.
+    fn pack(&mut self, w: &WeightBf16, r0: usize, o: usize, i: usize, parallel: bool) {
         let (kpi, kpo) = (round_up(i, 32), round_up(o, 32));
         let (ksi, kso) = (kpi / 32, kpo / 32);
         (self.o, self.i) = (o, i);
         self.fwd.resize(kpo * kpi);
-        let panel = 2 * ksi * TILE_U16;
         self.bwd.resize(kpi * kpo);
         if !(o.is_multiple_of(32) && i.is_multiple_of(32)) {
             // padding rows and columns must read as zeros; whole tiles are
             // every element written
             self.bwd.fill(0);
         }
-        let (len, dst) = (self.bwd.len(), self.bwd.as_mut_ptr());
-        let fwd = &mut self.fwd;
-        with_scratch(&SCRATCH_B, |sc| {
-            sc.resize(32 * i);
-            for (p, b) in fwd.chunks_mut(panel).enumerate() {
-                let (n0, nn) = (p * 32, 32.min(o - p * 32));
+        let (len, dst) = (self.bwd.len(), SendPtr(self.bwd.as_mut_ptr()));
+        let panel_of = |(p, b): (usize, &mut [u16])| {
+            let (n0, nn) = (p * 32, 32.min(o - p * 32));
+            with_scratch(&SCRATCH_B, |sc| {
+                sc.resize(nn * i);
                 w.elems((r0 + n0) * i, &mut sc[..nn * i]);
                 pack_b_forward(&sc[..nn * i], nn, i, ksi, b);
-                // the same 32 rows are k-step p of the input gradient's layout
-                // SAFETY: k-step p of the [i/32][2][o/32][512] buffer of `len`
-                // elements, on this thread only.
-                unsafe { interleave_chunk(&sc[..nn * i], nn, i, p, kso * TILE_U16, dst, len) };
-            }
-        });
+                // SAFETY: k-step p of the [i/32][2][o/32][512] buffer of
+                // `len` elements; each panel writes its own k-step.
+                unsafe {
+                    interleave_chunk(&sc[..nn * i], nn, i, p, kso * TILE_U16, dst.get(), len)
+                };
+            });
+        };
+        let panel = 2 * ksi * TILE_U16;
+        if parallel {
+            self.fwd
+                .par_chunks_mut(panel)
+                .enumerate()
+                .for_each(panel_of);
+        } else {
+            self.fwd.chunks_mut(panel).enumerate().for_each(panel_of);
+        }
     }
 
     /// Bytes held (both layouts).
