@@ -267,9 +267,16 @@ impl Model {
         }
     }
 
-    /// A description of the compute device (`cpu (4 threads)`, `cuda:0 (NVIDIA H200, sm_90)`).
+    /// A description of the compute device (`cpu (4 threads), base products
+    /// bf16 on AMX tiles`, `cuda:0 (NVIDIA H200, sm_90)`): on the CPU with
+    /// what its base products run on ([`crate::ops::linear::BaseCompute::describe_on_cpu`]).
     pub fn device_description(&self) -> String {
-        with_net!(self, |net| net.be.describe())
+        let dev = with_net!(self, |net| net.be.describe());
+        match self.exec {
+            Exec::Cpu => format!("{dev}, {}", self.base_compute().describe_on_cpu()),
+            #[cfg(feature = "cuda")]
+            Exec::Cuda(_) => dev,
+        }
     }
 
     /// Compute on `device` from now on: `cuda[:N]` copies the frozen weights to

@@ -116,6 +116,41 @@ impl std::str::FromStr for BaseCompute {
     }
 }
 
+impl BaseCompute {
+    /// What this setting runs on here, for a run's header: the base
+    /// products' arithmetic and instructions on this CPU (in this process:
+    /// `QLORA_NO_AMX` / `QLORA_TILE_ISA` count), and, where f32 was asked
+    /// for on a CPU that has bf16 products, how to get them (on a Zen 4 the
+    /// bf16 products run twice as fast as the f32 ones; on AMX more). The
+    /// CPU backend's products only; a GPU run describes its own device.
+    pub fn describe_on_cpu(self) -> String {
+        let f32_isa = match super::fastmath::Isa::best() {
+            super::fastmath::Isa::V4 => "AVX-512",
+            super::fastmath::Isa::V3 => "AVX2",
+            super::fastmath::Isa::Generic => "baseline SIMD",
+        };
+        let tiles = |t: super::amx::TileIsa| match t {
+            super::amx::TileIsa::Amx => "AMX tiles",
+            super::amx::TileIsa::Avx512Bf16 => "AVX512-BF16",
+            super::amx::TileIsa::Reference => "the plain reference of the bf16 tile products",
+        };
+        match (self, super::amx::isa()) {
+            (BaseCompute::Bf16, Some(t)) => format!("base products bf16 on {}", tiles(t)),
+            (BaseCompute::Bf16, None) => format!(
+                "base products f32 on {f32_isa}: bf16 asked for, but no bf16 products in this \
+                 process (the CPU has neither AMX nor AVX512-BF16, or QLORA_NO_AMX / QLORA_TILE_ISA \
+                 turned them off)"
+            ),
+            (BaseCompute::F32, Some(t)) => format!(
+                "base products f32 on {f32_isa} (--compute-dtype bf16 runs them on {}: faster, \
+                 bf16 operands)",
+                tiles(t)
+            ),
+            (BaseCompute::F32, None) => format!("base products f32 on {f32_isa}"),
+        }
+    }
+}
+
 /// The packed bf16 copy [`FrozenLinear::packed_for_amx`] makes of an f32 or
 /// ggml weight, once, shared by the linear's clones (the weight is frozen).
 #[derive(Debug, Clone, Default)]
@@ -521,6 +556,44 @@ mod tests {
         let w = rand_vec(rows * cols, seed, 1.0);
         let opts = qlora_quant::QuantOptions::default();
         qlora_quant::quantize_4bit(qlora_quant::Input::F32(&w), &[rows, cols], &opts).unwrap()
+    }
+
+    #[test]
+    fn the_run_header_says_which_products_run_and_how_to_get_bf16_ones() {
+        let (f32d, bf16d) = (
+            BaseCompute::F32.describe_on_cpu(),
+            BaseCompute::Bf16.describe_on_cpu(),
+        );
+        let f32_isa = match crate::ops::fastmath::Isa::best() {
+            crate::ops::fastmath::Isa::V4 => "AVX-512",
+            crate::ops::fastmath::Isa::V3 => "AVX2",
+            crate::ops::fastmath::Isa::Generic => "baseline SIMD",
+        };
+        assert!(
+            f32d.starts_with(&format!("base products f32 on {f32_isa}")),
+            "{f32d}"
+        );
+        match super::super::amx::isa() {
+            Some(t) => {
+                let on = match t {
+                    super::super::amx::TileIsa::Amx => "AMX tiles",
+                    super::super::amx::TileIsa::Avx512Bf16 => "AVX512-BF16",
+                    super::super::amx::TileIsa::Reference => "reference",
+                };
+                assert!(bf16d.starts_with("base products bf16 on"), "{bf16d}");
+                assert!(bf16d.contains(on), "{bf16d}");
+                // f32 asked for where bf16 products exist: the header says how
+                assert!(f32d.contains("--compute-dtype bf16 runs them on"), "{f32d}");
+                assert!(f32d.contains(on), "{f32d}");
+            }
+            None => {
+                eprintln!("no bf16 tile products here: the f32 fallback's wording checked");
+                assert!(
+                    bf16d.starts_with(&format!("base products f32 on {f32_isa}: bf16 asked for"))
+                );
+                assert_eq!(f32d, format!("base products f32 on {f32_isa}"));
+            }
+        }
     }
 
     #[test]
