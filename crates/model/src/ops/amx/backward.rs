@@ -4,7 +4,7 @@
 use rayon::prelude::*;
 
 use super::{
-    available, groups, imp, pack_a_hooked, products_by_rows, round_up, row_slices, with_scratch,
+    available, groups, kernel, pack_a_hooked, products_by_rows, round_up, row_slices, with_scratch,
     PanelOut, SendPtr, WeightBf16, CHUNK_ELEMS, SCRATCH_A, SCRATCH_A2, SCRATCH_B, SCRATCH_C,
     TILE_U16,
 };
@@ -721,7 +721,7 @@ unsafe fn backward_packed(
                 // from its k0/32-th tile of each row group (its padding columns
                 // are zero, as are the chunk's padding rows).
                 unsafe {
-                    imp::run_blocks(
+                    kernel::run_blocks(
                         a.as_ptr().add(k0 / 32 * TILE_U16),
                         kp,
                         mp,

@@ -47,7 +47,7 @@ pub(super) struct Block {
     /// wait on memory line by line.
     pub next_c: *const f32,
     /// Lines of the next B panel to bring into L2 meanwhile.
-    pub pf: super::imp::PfLines,
+    pub pf: super::kernel::PfLines,
 }
 
 /// Runs `blk` on the emulating instruction set in use ([`super::isa`]):
@@ -294,7 +294,7 @@ mod tests {
                     acc,
                     // prefetches change no value: a next C inside a vector
                     next_c: c0.as_ptr(),
-                    pf: super::super::imp::PfLines::NONE,
+                    pf: super::super::kernel::PfLines::NONE,
                 };
                 // SAFETY: every pointer above is inside its vector
                 unsafe { f(&blk) }

@@ -22,7 +22,7 @@
 
 use rayon::prelude::*;
 
-use super::{imp, with_scratch, SendPtr, TileBuf, SCRATCH_GROUP, TILE_U16};
+use super::{kernel, with_scratch, SendPtr, TileBuf, SCRATCH_GROUP, TILE_U16};
 
 /// Below this many bytes of packed A (it fits a core's L2 beside a
 /// group's panels) no groups: one task per panel (the planner mirrors it,
@@ -127,7 +127,7 @@ pub(super) unsafe fn run_groups(
             };
             // SAFETY: the tile products are available (the caller's contract); only the
             // blocks below use the tiles while `tiles` lives.
-            let tiles = unsafe { imp::Tiles::configure() };
+            let tiles = unsafe { kernel::Tiles::configure() };
             for mb in 0..mp / 32 {
                 let rows = 32.min(t - mb * 32);
                 for (n, j) in js.clone().enumerate() {
@@ -144,7 +144,7 @@ pub(super) unsafe fn run_groups(
                     // SAFETY: the caller's contract; A's block mb and the
                     // panel's B (all `ksteps`) are inside `a` and `buf`.
                     unsafe {
-                        imp::run_block(
+                        kernel::run_block(
                             &tiles,
                             a.as_ptr().add(mb * 32 * kp + ks0 * TILE_U16),
                             kp,

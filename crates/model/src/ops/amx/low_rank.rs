@@ -348,7 +348,7 @@ unsafe fn parity_kernel(
             ldc: 64,
             acc: false,
             next_c: std::ptr::null(),
-            pf: super::imp::PfLines::NONE,
+            pf: super::kernel::PfLines::NONE,
         })
     }
 }
@@ -364,7 +364,7 @@ unsafe fn parity_kernel_amx(
     c: *mut f32,
 ) {
     use std::arch::asm;
-    let _tiles = super::imp::Tiles::configure();
+    let _tiles = super::kernel::Tiles::configure();
     asm!(
         "tilezero tmm0",
         "tilezero tmm1",

@@ -2,7 +2,7 @@
 //! attention's products): one bounds-checked block product and the B layout
 //! whose K dimension runs along a matrix's rows.
 
-use super::{available, imp, to_bf16_padded, TileBuf, TILE_U16};
+use super::{available, kernel, to_bf16_padded, TileBuf, TILE_U16};
 
 /// `C[0..m, 0..nn] (+)= A · B` for one 32-column block of B, bounds-checked:
 /// A packed by [`pack_a`] (`mp` rows, `kp` columns; read from its `ks0`-th
@@ -46,7 +46,7 @@ pub(crate) fn product(
     // AVX512-BF16); the asserts keep every tile load inside `a` and `b` and
     // every C row segment inside `c`.
     unsafe {
-        imp::run_blocks(
+        kernel::run_blocks(
             a.as_ptr().add(ks0 * TILE_U16),
             kp,
             mp,
