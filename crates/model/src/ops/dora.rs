@@ -22,7 +22,7 @@
 use rayon::prelude::*;
 
 use super::linear::FrozenLinear;
-use super::lora::{dropout_factor, LoraRef};
+use super::lora::LoraRef;
 
 /// `‖W + s·B·A‖₂` per output row of a frozen linear (f32 rows of `W`,
 /// dequantized a tile at a time for a 4-bit base, PEFT's
@@ -170,13 +170,11 @@ impl DoraRef<'_> {
                     .zip(tmp.par_chunks(i))
                     .enumerate()
                     .for_each(|(r, (dr, tr))| {
-                        for (c, (d, v)) in dr.iter_mut().zip(tr).enumerate() {
-                            let k = match l.mask_rows {
-                                None => r * i + c,
-                                Some(m) => m[r] * i + c,
-                            };
-                            *d += v * dropout_factor(l.dropout_key, k, l.dropout);
-                        }
+                        let base = match l.mask_rows {
+                            None => r * i,
+                            Some(m) => m[r] * i,
+                        };
+                        super::fastmath::dropout_mul(l.dropout_key, base, l.dropout, tr, dr, true);
                     });
             }
         }
@@ -189,6 +187,7 @@ mod tests {
     use std::sync::Arc;
 
     use super::super::linear::{BaseCompute, FrozenWeight};
+    use super::super::lora::dropout_factor;
     use super::super::testutil::*;
     use super::*;
 

@@ -5,7 +5,7 @@
 //! a pure function of the seed: the recomputation under gradient checkpointing
 //! and any thread count give the same mask without storing it.
 
-use super::fastmath::Isa;
+use super::fastmath::{self, Isa};
 use super::{matmul, may_parallelize, skinny};
 use rayon::prelude::*;
 
@@ -28,7 +28,7 @@ pub struct LoraRef<'a> {
     pub mask_rows: Option<&'a [usize]>,
 }
 
-#[inline]
+#[inline(always)]
 pub fn splitmix64(mut z: u64) -> u64 {
     z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -36,10 +36,13 @@ pub fn splitmix64(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// The odd constant an element's mask index is multiplied by before the hash.
+pub(crate) const MASK_INDEX_MUL: u64 = 0xD1B5_4A32_D192_ED03;
+
 /// Inverted-dropout multiplier of element `i`: 0 with probability `p`, else `1/(1-p)`.
 #[inline]
 pub fn dropout_factor(key: u64, i: usize, p: f32) -> f32 {
-    let u = (splitmix64(key ^ (i as u64).wrapping_mul(0xD1B5_4A32_D192_ED03)) >> 40) as f32
+    let u = (splitmix64(key ^ (i as u64).wrapping_mul(MASK_INDEX_MUL)) >> 40) as f32
         / (1u64 << 24) as f32;
     if u < p {
         0.0
@@ -61,8 +64,20 @@ impl LoraRef<'_> {
         }
     }
 
-    /// `dropout(x)`, or `None` when dropout is off (use `x` itself).
+    /// `dropout(x)` (`x`: whole rows), or `None` when dropout is off (use
+    /// `x` itself).
     pub fn dropped_input(&self, x: &[f32]) -> Option<Vec<f32>> {
+        if self.dropout <= 0.0 {
+            return None;
+        }
+        let mut out = vec![0f32; x.len()];
+        self.mask_rows_into(0, x, &mut out, false);
+        Some(out)
+    }
+
+    /// [`Self::dropped_input`] element by element through
+    /// [`dropout_factor`]: the definition the references and tests use.
+    pub fn dropped_input_ref(&self, x: &[f32]) -> Option<Vec<f32>> {
         if self.dropout <= 0.0 {
             return None;
         }
@@ -74,6 +89,21 @@ impl LoraRef<'_> {
                 })
                 .collect(),
         )
+    }
+
+    /// Rows `k0..` of the input (`src`, whole rows of `in_features`) times
+    /// their dropout masks into `dst` (`add`: added to it), a row of
+    /// consecutive mask indices at a time on [`fastmath::dropout_mul`]:
+    /// bit for bit `v·dropout_factor(..)` element by element.
+    fn mask_rows_into(&self, k0: usize, src: &[f32], dst: &mut [f32], add: bool) {
+        let i = self.in_features;
+        if i == 0 {
+            return;
+        }
+        for (r, (s, d)) in src.chunks_exact(i).zip(dst.chunks_exact_mut(i)).enumerate() {
+            let base = self.mask_index((k0 + r) * i);
+            fastmath::dropout_mul(self.dropout_key, base, self.dropout, s, d, add);
+        }
     }
 
     /// Adds the LoRA term into `y[t, out]`; returns `xa = dropout(x) Aᵀ` `[t, r]`
@@ -208,9 +238,8 @@ impl LoraRef<'_> {
             return src;
         }
         buf.clear();
-        buf.extend(src.iter().enumerate().map(|(e, v)| {
-            v * dropout_factor(self.dropout_key, self.mask_index(k0 * i + e), self.dropout)
-        }));
+        buf.resize(src.len(), 0.0);
+        self.mask_rows_into(k0, src, buf, false);
         buf
     }
 
@@ -328,22 +357,28 @@ impl LoraRef<'_> {
             // [dA | dBᵀ] of this block: [r, in + out]
             let mut part = vec![0f32; r * (i + o)];
             skinny::tn(isa, r, o, rows, xa, r, dy, o, &mut part[i..], i + o, false);
-            let mut buf = vec![];
-            let xin = self.input_rows(x, k0, rows, &mut buf);
+            let xs = &x[k0 * i..(k0 + rows) * i];
+            // under dropout the block's mask is drawn once, for both `dA`'s
+            // input and the input gradient (`v·f` either way, as drawn apart)
+            let fac = (self.dropout > 0.0).then(|| {
+                let mut f = vec![0f32; rows * i];
+                self.mask_rows_into(k0, &vec![1.0; rows * i], &mut f, false);
+                f
+            });
+            let xd: Option<Vec<f32>> = fac
+                .as_ref()
+                .map(|f| xs.iter().zip(f).map(|(v, f)| v * f).collect());
+            let xin = xd.as_deref().unwrap_or(xs);
             skinny::tn(isa, r, i, rows, dxa, r, xin, i, &mut part, i + o, false);
             if let (Some(dx), Some(ap)) = (dx, &ap) {
-                if self.dropout <= 0.0 {
-                    skinny::nn(isa, rows, i, r, dxa, r, ap, dx, i, true);
-                } else {
-                    let mut tmp = vec![0f32; rows * i];
-                    skinny::nn(isa, rows, i, r, dxa, r, ap, &mut tmp, i, false);
-                    for (e, (d, v)) in dx.iter_mut().zip(&tmp).enumerate() {
-                        let f = dropout_factor(
-                            self.dropout_key,
-                            self.mask_index(k0 * i + e),
-                            self.dropout,
-                        );
-                        *d += v * f;
+                match &fac {
+                    None => skinny::nn(isa, rows, i, r, dxa, r, ap, dx, i, true),
+                    Some(f) => {
+                        let mut tmp = vec![0f32; rows * i];
+                        skinny::nn(isa, rows, i, r, dxa, r, ap, &mut tmp, i, false);
+                        for ((d, v), f) in dx.iter_mut().zip(&tmp).zip(f) {
+                            *d += v * f;
+                        }
                     }
                 }
             }
@@ -383,7 +418,7 @@ impl LoraRef<'_> {
     /// Plain reference of [`Self::forward`] (general `ops::matmul`), for tests.
     pub fn forward_ref(&self, x: &[f32], t: usize, y: &mut [f32]) -> Vec<f32> {
         let (r, i, o) = (self.r, self.in_features, self.out_features);
-        let xd = self.dropped_input(x);
+        let xd = self.dropped_input_ref(x);
         let xin = xd.as_deref().unwrap_or(x);
         let mut xa = vec![0f32; t * r];
         matmul(t, r, i, xin, false, self.a, true, &mut xa, false, 1.0);
@@ -407,7 +442,7 @@ impl LoraRef<'_> {
         matmul(
             t, r, o, dy, false, self.b, false, &mut dxa, false, self.scale,
         );
-        let xd = self.dropped_input(x);
+        let xd = self.dropped_input_ref(x);
         let xin = xd.as_deref().unwrap_or(x);
         let mut da = vec![0f32; r * i];
         matmul(r, i, t, &dxa, true, xin, false, &mut da, false, 1.0);
