@@ -198,9 +198,51 @@ pub fn dropout_mul_isa(
 ) {
     #[cfg(target_arch = "x86_64")]
     {
-        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
+        #[target_feature(enable = "avx512f,avx512dq")]
         unsafe fn v4(key: u64, base: usize, p: f32, src: &[f32], dst: &mut [f32], add: bool) {
-            dropout_mul_body(key, base, p, src, dst, add)
+            use std::arch::x86_64::*;
+            let n = dst.len();
+            let src = &src[..n];
+            let keep = 1.0 / (1.0 - p);
+            let thr = p * 16_777_216.0;
+            let q = |v: u64| _mm512_set1_epi64(v as i64);
+            let (kv, mul) = (q(key), q(super::lora::MASK_INDEX_MUL));
+            let (gold, m1, m2) = (
+                q(0x9E37_79B9_7F4A_7C15),
+                q(0xBF58_476D_1CE4_E5B9),
+                q(0x94D0_49BB_1331_11EB),
+            );
+            let lanes = _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7);
+            let (thr_v, keep_v) = (_mm512_set1_ps(thr), _mm512_set1_ps(keep));
+            // the 24-bit draws of 8 indices, as i32 (splitmix64 lane by lane)
+            let draws = |idx: __m512i| {
+                let mut z = _mm512_xor_si512(kv, _mm512_mullo_epi64(idx, mul));
+                z = _mm512_add_epi64(z, gold);
+                z = _mm512_mullo_epi64(_mm512_xor_si512(z, _mm512_srli_epi64::<30>(z)), m1);
+                z = _mm512_mullo_epi64(_mm512_xor_si512(z, _mm512_srli_epi64::<27>(z)), m2);
+                z = _mm512_xor_si512(z, _mm512_srli_epi64::<31>(z));
+                _mm512_cvtepi64_epi32(_mm512_srli_epi64::<40>(z))
+            };
+            let mut j = 0;
+            // every load and store below is of 16 floats at j..j + 16 <= n,
+            // inside `src` (cut to n) and `dst`
+            while j + 16 <= n {
+                let i0 = _mm512_add_epi64(q((base + j) as u64), lanes);
+                let i1 = _mm512_add_epi64(i0, q(8));
+                let u = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(draws(i0)), draws(i1));
+                // dropped where u < p·2²⁴ (false for a NaN p, as the scalar `<`)
+                let drop = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(_mm512_cvtepi32_ps(u), thr_v);
+                let f = _mm512_mask_blend_ps(drop, keep_v, _mm512_setzero_ps());
+                let v = _mm512_mul_ps(_mm512_loadu_ps(src.as_ptr().add(j)), f);
+                let out = if add {
+                    _mm512_add_ps(_mm512_loadu_ps(dst.as_ptr().add(j)), v)
+                } else {
+                    v
+                };
+                _mm512_storeu_ps(dst.as_mut_ptr().add(j), out);
+                j += 16;
+            }
+            dropout_mul_body(key, base + j, p, &src[j..], &mut dst[j..], add)
         }
         #[target_feature(enable = "avx2,fma")]
         unsafe fn v3(key: u64, base: usize, p: f32, src: &[f32], dst: &mut [f32], add: bool) {
@@ -235,23 +277,27 @@ fn dropout_mul_body(key: u64, base: usize, p: f32, src: &[f32], dst: &mut [f32],
     let src = &src[..n];
     let keep = 1.0 / (1.0 - p);
     let thr = p * 16_777_216.0;
-    let draw = |e: usize| -> f32 {
-        let h = super::lora::splitmix64(
-            key ^ ((base + e) as u64).wrapping_mul(super::lora::MASK_INDEX_MUL),
-        );
+    // One draw: the hash of mask index `idx` against the threshold.
+    #[inline(always)]
+    fn draw(key: u64, idx: u64, thr: f32, keep: f32) -> f32 {
+        let h = super::lora::splitmix64(key ^ idx.wrapping_mul(super::lora::MASK_INDEX_MUL));
         if ((h >> 40) as u32 as f32) < thr {
             0.0
         } else {
             keep
         }
-    };
-    let mut f = [0f32; LANES];
-    let mut j = 0;
-    while j + LANES <= n {
+    }
+    // whole blocks of 16: the draws over a fixed-size array of lane
+    // indices, then contiguous products (indexed loads/stores vectorized
+    // into gathers and scatters: 1.2 ns an element)
+    let mut dc = dst.chunks_exact_mut(LANES);
+    let mut sc = src.chunks_exact(LANES);
+    for (c, (d, s)) in (&mut dc).zip(&mut sc).enumerate() {
+        let b0 = (base + c * LANES) as u64;
+        let mut f = [0f32; LANES];
         for (l, fl) in f.iter_mut().enumerate() {
-            *fl = draw(j + l);
+            *fl = draw(key, b0 + l as u64, thr, keep);
         }
-        let (s, d) = (&src[j..j + LANES], &mut dst[j..j + LANES]);
         if add {
             for ((d, s), f) in d.iter_mut().zip(s).zip(&f) {
                 *d += s * f;
@@ -261,14 +307,19 @@ fn dropout_mul_body(key: u64, base: usize, p: f32, src: &[f32], dst: &mut [f32],
                 *d = s * f;
             }
         }
-        j += LANES;
     }
-    for e in j..n {
-        let v = src[e] * draw(e);
+    let done = n - n % LANES;
+    for (e, (d, s)) in dc
+        .into_remainder()
+        .iter_mut()
+        .zip(sc.remainder())
+        .enumerate()
+    {
+        let v = s * draw(key, (base + done + e) as u64, thr, keep);
         if add {
-            dst[e] += v;
+            *d += v;
         } else {
-            dst[e] = v;
+            *d = v;
         }
     }
 }
