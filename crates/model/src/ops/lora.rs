@@ -91,6 +91,22 @@ impl LoraRef<'_> {
         )
     }
 
+    /// Row `k` of the input (`src`, `in_features` long) times its dropout
+    /// mask into `dst`: the row [`Self::dropped_input`] has there, bit for
+    /// bit (for a caller that masks rows as they come, the AMX forward's
+    /// pack, [`super::amx::LoraTerm::mask`]).
+    pub fn mask_row(&self, k: usize, src: &[f32], dst: &mut [f32]) {
+        let i = self.in_features;
+        fastmath::dropout_mul(
+            self.dropout_key,
+            self.mask_index(k * i),
+            self.dropout,
+            src,
+            dst,
+            false,
+        );
+    }
+
     /// Rows `k0..` of the input (`src`, whole rows of `in_features`) times
     /// their dropout masks into `dst` (`add`: added to it), a row of
     /// consecutive mask indices at a time on [`fastmath::dropout_mul`]:

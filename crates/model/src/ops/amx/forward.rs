@@ -335,8 +335,9 @@ pub fn linear_forward_multi(
 }
 
 /// A LoRA module on one output of [`linear_forward_lora`]: its `x·Aᵀ`
-/// kept from an earlier forward, or else made from `x` with `at` (`Aᵀ`,
-/// `[i, ldat]` as [`super::super::skinny::pack_transposed`] lays it out); and its
+/// kept from an earlier forward, or else made from `x` (through `mask`,
+/// when the module drops its input) with `at` (`Aᵀ`, `[i, ldat]` as
+/// [`super::super::skinny::pack_transposed`] lays it out); and its
 /// up-projection operand `p = s·Bᵀ` (`[r, ldp]`).
 pub struct LoraTerm<'a> {
     pub kept: Option<Vec<f32>>,
@@ -345,6 +346,18 @@ pub struct LoraTerm<'a> {
     pub r: usize,
     pub p: &'a [f32],
     pub ldp: usize,
+    /// The module's input dropout: `mask(k, row, out)` writes row `k` of
+    /// `x` (`row`) times its mask into `out`; the down-projection reads
+    /// that instead of `x` (`None`: `x` itself).
+    pub mask: Option<&'a RowMask<'a>>,
+}
+
+/// Row `k` of an input times its dropout mask: `(k, row, out)`.
+pub type RowMask<'a> = dyn Fn(usize, &[f32], &mut [f32]) + Sync + 'a;
+
+thread_local! {
+    /// The masked rows of a group for a dropout module's down-projection.
+    static MASKED_ROWS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// The products of several weights sharing `x` with their LoRA modules:
@@ -402,18 +415,31 @@ pub fn linear_forward_lora(
             )
         })
         .collect();
-    let downs: Vec<(SendPtr<f32>, &[f32], usize, usize)> = terms
+    type Down<'a> = (
+        SendPtr<f32>,
+        &'a [f32],
+        usize,
+        usize,
+        Option<&'a RowMask<'a>>,
+    );
+    let downs: Vec<Down> = terms
         .iter()
         .zip(&mut xas)
         .filter_map(|(tm, xa)| {
             let (tm, xa) = (tm.as_ref()?, xa.as_mut()?);
-            (xa.is_empty() && tm.r > 0).then_some((SendPtr(xa.as_mut_ptr()), tm.at, tm.ldat, tm.r))
+            (xa.is_empty() && tm.r > 0).then_some((
+                SendPtr(xa.as_mut_ptr()),
+                tm.at,
+                tm.ldat,
+                tm.r,
+                tm.mask,
+            ))
         })
         .collect();
     let isa = super::super::fastmath::Isa::best();
     let hook = |rows: std::ops::Range<usize>| {
-        for (xa, at, ldat, r) in &downs {
-            let (r, xin) = (*r, &x[rows.start * i..rows.end * i]);
+        let xrows = &x[rows.start * i..rows.end * i];
+        let down = |xin: &[f32], xa: SendPtr<f32>, at: &[f32], ldat: usize, r: usize| {
             // SAFETY: rows `rows` of this x·Aᵀ ([t, r], capacity t·r) are
             // this group's alone.
             unsafe {
@@ -425,12 +451,30 @@ pub fn linear_forward_lora(
                     xin,
                     i,
                     at,
-                    *ldat,
+                    ldat,
                     xa.get().add(rows.start * r),
                     r,
                     false,
                 )
             };
+        };
+        for &(xa, at, ldat, r, mask) in &downs {
+            match mask {
+                None => down(xrows, xa, at, ldat, r),
+                // the group's rows masked while they are in cache (the same
+                // rows, so the same bits, as masking the whole input first)
+                Some(mask) => MASKED_ROWS.with_borrow_mut(|buf| {
+                    buf.resize(xrows.len(), 0.0);
+                    for (k, (src, dst)) in xrows
+                        .chunks_exact(i)
+                        .zip(buf.chunks_exact_mut(i))
+                        .enumerate()
+                    {
+                        mask(rows.start + k, src, dst);
+                    }
+                    down(buf, xa, at, ldat, r);
+                }),
+            }
         }
     };
     // The up-projections ride in the products as extra k-steps: each

@@ -428,6 +428,7 @@ pub(crate) use operands::{pack_b_pairs, product};
 mod forward;
 pub use forward::{
     linear_forward, linear_forward_lora, linear_forward_multi, linear_forward_new, LoraTerm,
+    RowMask,
 };
 /// Products split by A's rows among the threads (both directions).
 mod row_split;

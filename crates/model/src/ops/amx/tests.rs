@@ -417,6 +417,7 @@ fn row_interleave_matches_the_plain_loop() {
 /// its module's up-projection `bf16(xa)·bf16(s·Bᵀ)` as extra k-steps: within
 /// f32 summation of the f64 sum over both (several modules sharing the
 /// extra k-steps, ranks above and below 16, rank 0, kept and made `xa`,
+/// inputs masked in the pack's hook (dropout) for some modules,
 /// column and row splits, 1-3 threads, the same bits for every thread
 /// count).
 #[test]
@@ -467,7 +468,24 @@ fn lora_forward_adds_the_up_projection_in_the_products() {
                 skinny::pack_transposed(&rand_vec(o * r, seed + 40 + k as u64, 0.3), o, r, 2.0)
             })
             .collect();
-        // x·Aᵀ by its own pass (or kept)
+        // odd modules drop their input (a mask of their own: every third
+        // element by row and module zeroed, the rest scaled), made in the
+        // pack's hook one row group at a time
+        let masked = |k: usize| k % 2 == 1;
+        let masks: Vec<Box<crate::ops::amx::RowMask>> = (0..mods.len())
+            .map(|k| {
+                Box::new(move |row: usize, src: &[f32], dst: &mut [f32]| {
+                    for (c, (d, v)) in dst.iter_mut().zip(src).enumerate() {
+                        *d = if (row + c + k).is_multiple_of(3) {
+                            0.0
+                        } else {
+                            v * 1.25
+                        };
+                    }
+                }) as Box<crate::ops::amx::RowMask>
+            })
+            .collect();
+        // x·Aᵀ by its own pass over the (masked) input, or kept
         let want_xa: Vec<Vec<f32>> = mods
             .iter()
             .enumerate()
@@ -475,8 +493,14 @@ fn lora_forward_adds_the_up_projection_in_the_products() {
                 if kept {
                     rand_vec(t * r, seed + 60 + k as u64, 1.0)
                 } else {
+                    let mut xin = x.clone();
+                    if masked(k) {
+                        for (row, (s, d)) in x.chunks(i).zip(xin.chunks_mut(i)).enumerate() {
+                            masks[k](row, s, d);
+                        }
+                    }
                     let mut xa = vec![0f32; t * r];
-                    skinny::nn(Isa::best(), t, r, i, &x, i, &ats[k], &mut xa, r, false);
+                    skinny::nn(Isa::best(), t, r, i, &xin, i, &ats[k], &mut xa, r, false);
                     xa
                 }
             })
@@ -522,6 +546,7 @@ fn lora_forward_adds_the_up_projection_in_the_products() {
                         r,
                         p: &ps[k],
                         ldp: skinny::padded(o),
+                        mask: masked(k).then(|| &*masks[k]),
                     })
                 })
                 .collect();
