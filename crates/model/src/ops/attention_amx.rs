@@ -64,10 +64,7 @@ thread_local! {
 /// Runs `f` with this thread's [`Bufs`] (taken out while in use, so a
 /// nested call just starts with empty ones).
 fn with_bufs<R>(f: impl FnOnce(&mut Bufs) -> R) -> R {
-    let mut b = BUFS.with_borrow_mut(std::mem::take);
-    let r = f(&mut b);
-    BUFS.with_borrow_mut(|s| *s = b);
-    r
+    super::with_thread_local(&BUFS, f)
 }
 
 /// Whether [`forward`] / [`backward`] handle `sh` (else the f32 path).

@@ -71,7 +71,7 @@ impl LoraRef<'_> {
             return None;
         }
         let mut out = vec![0f32; x.len()];
-        self.mask_rows_into(0, x, &mut out, false);
+        self.mask_rows_into(0, x, &mut out);
         Some(out)
     }
 
@@ -108,17 +108,17 @@ impl LoraRef<'_> {
     }
 
     /// Rows `k0..` of the input (`src`, whole rows of `in_features`) times
-    /// their dropout masks into `dst` (`add`: added to it), a row of
-    /// consecutive mask indices at a time on [`fastmath::dropout_mul`]:
-    /// bit for bit `v·dropout_factor(..)` element by element.
-    fn mask_rows_into(&self, k0: usize, src: &[f32], dst: &mut [f32], add: bool) {
+    /// their dropout masks into `dst`, a row of consecutive mask indices at
+    /// a time on [`fastmath::dropout_mul`]: bit for bit
+    /// `v·dropout_factor(..)` element by element.
+    fn mask_rows_into(&self, k0: usize, src: &[f32], dst: &mut [f32]) {
         let i = self.in_features;
         if i == 0 {
             return;
         }
         for (r, (s, d)) in src.chunks_exact(i).zip(dst.chunks_exact_mut(i)).enumerate() {
             let base = self.mask_index((k0 + r) * i);
-            fastmath::dropout_mul(self.dropout_key, base, self.dropout, s, d, add);
+            fastmath::dropout_mul(self.dropout_key, base, self.dropout, s, d, false);
         }
     }
 
@@ -255,7 +255,7 @@ impl LoraRef<'_> {
         }
         buf.clear();
         buf.resize(src.len(), 0.0);
-        self.mask_rows_into(k0, src, buf, false);
+        self.mask_rows_into(k0, src, buf);
         buf
     }
 
@@ -385,7 +385,7 @@ impl LoraRef<'_> {
             // input and the input gradient (`v·f` either way, as drawn
             // apart), into per-thread buffers kept from call to call (fresh
             // zeroed ones per block were ~14% of this backward's samples)
-            with_dropout_scratch(|sc| {
+            super::with_thread_local(&DROPOUT_SCRATCH, |sc| {
                 let n = rows * i;
                 for b in [&mut sc.fac, &mut sc.xd, &mut sc.tmp] {
                     if b.len() < n {
@@ -508,16 +508,6 @@ struct DropoutScratch {
 thread_local! {
     static DROPOUT_SCRATCH: std::cell::RefCell<DropoutScratch> =
         std::cell::RefCell::new(DropoutScratch::default());
-}
-
-/// Runs `f` with this thread's [`DropoutScratch`], taken out while in use
-/// (a nested call, from a task stolen inside `f`'s products, starts with
-/// empty ones instead of finding them borrowed).
-fn with_dropout_scratch<R>(f: impl FnOnce(&mut DropoutScratch) -> R) -> R {
-    let mut sc = DROPOUT_SCRATCH.with_borrow_mut(std::mem::take);
-    let r = f(&mut sc);
-    DROPOUT_SCRATCH.with_borrow_mut(|s| *s = sc);
-    r
 }
 
 /// Rows per block of the LoRA products: at most 8 blocks (the backward keeps

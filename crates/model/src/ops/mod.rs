@@ -69,6 +69,20 @@ pub fn may_parallelize() -> bool {
     IN_TASK.get() == 0 && (rayon::current_thread_index().is_none() || DRIVER.get())
 }
 
+/// Runs `f` with this thread's value of `key`, taken out while in use and
+/// put back after: a nested call on the same thread (a task stolen while
+/// `f` waits in a parallel region) starts from a default value instead of
+/// finding it borrowed. For per-thread buffers kept from call to call.
+pub(crate) fn with_thread_local<T: Default, R>(
+    key: &'static std::thread::LocalKey<std::cell::RefCell<T>>,
+    f: impl FnOnce(&mut T) -> R,
+) -> R {
+    let mut v = key.with_borrow_mut(std::mem::take);
+    let r = f(&mut v);
+    key.with_borrow_mut(|s| *s = v);
+    r
+}
+
 /// Runs the body of one parallel task of an op: products called inside it
 /// stay on this thread ([`may_parallelize`] is false).
 pub fn in_task<R>(f: impl FnOnce() -> R) -> R {

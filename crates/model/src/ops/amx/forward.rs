@@ -463,7 +463,7 @@ pub fn linear_forward_lora(
                 None => down(xrows, xa, at, ldat, r),
                 // the group's rows masked while they are in cache (the same
                 // rows, so the same bits, as masking the whole input first)
-                Some(mask) => MASKED_ROWS.with_borrow_mut(|buf| {
+                Some(mask) => super::super::with_thread_local(&MASKED_ROWS, |buf| {
                     buf.resize(xrows.len(), 0.0);
                     for (k, (src, dst)) in xrows
                         .chunks_exact(i)
