@@ -38,7 +38,7 @@ for n in $NS; do
         --data "$WORK/rows.jsonl" --out "$WORK/out" --quant "$quant" --rank 8 --target all-linear \
         --lora-dropout 0 --batch-size "$BATCH" --max-seq-len "$SEQ" --max-steps "$STEPS" \
         --shard "$shard" --gradient-checkpointing false --no-progress --force >/dev/null
-    "$QLORA" plan "$MODEL" --method "$METHOD" "${planq[@]}" --rank 8 --batch "$BATCH" --seq "$SEQ" \
+    "$QLORA" plan "$MODEL" --method "$METHOD" "${planq[@]}" --rank 8 --lora-dropout 0 --batch "$BATCH" --seq "$SEQ" \
         --gradient-checkpointing false --devices "$n" --sharding "$shard" --json >"$WORK/plan.json"
     python3 - "$MODEL" "$METHOD" "$n" "$BATCH" "$SEQ" "$WORK/logs" "$WORK/plan.json" "$shard" <<'PY'
 import glob, json, os, re, sys

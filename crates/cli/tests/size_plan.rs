@@ -210,6 +210,50 @@ fn plan_json_and_budget_answers() {
     assert!(!ok && err.contains("foo"), "{err}");
 }
 
+/// `--lora-dropout` as `qlora train` takes it: 0.05 by default, its buffers in
+/// CPU plans only, a probability in [0, 1) or a clear error.
+#[test]
+fn plan_lora_dropout_flag() {
+    let base = ["plan", "smollm2-135m", "--threads", "2", "--json"];
+    let with = |extra: &[&str]| json(&[&base[..], extra].concat());
+    let (default, off, on) = (
+        with(&[]),
+        with(&["--lora-dropout", "0"]),
+        with(&["--lora-dropout", "0.1"]),
+    );
+    assert_eq!(default["input"]["lora_dropout"].as_f64(), Some(0.05));
+    let buffers = |v: &Value| v["per_device"]["lora_dropout_buffers"].as_u64().unwrap();
+    assert_eq!(buffers(&off), 0);
+    // batch 1 x 1024: 8 row blocks of 128, down_proj's input 1536 wide, 2 threads
+    assert_eq!(buffers(&default), 2 * (3 * 128 * 1536 + 1536) * 4);
+    assert_eq!(buffers(&on), buffers(&default));
+    assert_eq!(
+        default["total_bytes"].as_u64().unwrap() - off["total_bytes"].as_u64().unwrap(),
+        buffers(&default)
+    );
+    let gpu = |d: &str| {
+        json(&[
+            "plan",
+            "smollm2-135m",
+            "--gpu",
+            "--lora-dropout",
+            d,
+            "--json",
+        ])
+    };
+    assert_eq!(gpu("0")["total_bytes"], gpu("0.05")["total_bytes"]);
+    for bad in ["1", "-0.1", "1.5"] {
+        let (ok, _, err) = qlora(
+            &["plan", "smollm2-135m", &format!("--lora-dropout={bad}")],
+            &[],
+        );
+        assert!(
+            !ok && err.contains("--lora-dropout") && err.contains("[0, 1)"),
+            "{bad}: {err}"
+        );
+    }
+}
+
 /// A bare `--gradient-checkpointing` before the model reference does not swallow it
 /// (clap would take the next word as the flag's value); `true`/`false` after the flag,
 /// with or without `=`, stay its value.

@@ -297,6 +297,7 @@ impl crate::plan::Breakdown {
             ("tokenizer", self.tokenizer),
             ("worker-thread arenas", self.worker_arenas),
             ("gemm packing slabs", self.gemm_packing),
+            ("LoRA dropout buffers", self.lora_dropout_buffers),
             ("communication buffers", self.communication),
             ("runtime overhead", self.overhead),
             ("training peak", self.train_peak),

@@ -15,6 +15,8 @@ pub struct PlanRequest {
     /// all-linear or a comma list of short names.
     pub target: String,
     pub dora: bool,
+    /// LoRA dropout probability, in [0, 1).
+    pub lora_dropout: f64,
     /// adamw | adamw8bit | sgd
     pub optimizer: String,
     pub batch: u64,
@@ -77,6 +79,12 @@ impl PlanRequest {
         if method != Method::Full && (targets.is_empty() || self.rank == 0) {
             return bad("LoRA needs --rank ≥ 1 and at least one target".into());
         }
+        if !(0.0..1.0).contains(&self.lora_dropout) {
+            return bad(format!(
+                "--lora-dropout {}: expected a probability in [0, 1)",
+                self.lora_dropout
+            ));
+        }
         if self.grad_accum == 0 {
             return bad("--grad-accum must be at least 1".into());
         }
@@ -95,6 +103,7 @@ impl PlanRequest {
             rank: self.rank,
             targets,
             dora: self.dora,
+            lora_dropout: self.lora_dropout,
             optimizer: self.optimizer.parse()?,
             batch: self.batch,
             seq: self.seq,
@@ -127,6 +136,7 @@ mod tests {
             rank: 16,
             target: "all-linear".into(),
             dora: false,
+            lora_dropout: plan::DEFAULT_LORA_DROPOUT,
             optimizer: "adamw".into(),
             batch: 4,
             seq: 1024,

@@ -44,6 +44,8 @@ fn input_strategy() -> impl Strategy<Value = PlanInput> {
                     .collect(),
                 // DoRA on for every other rank, so the properties cover it too
                 dora: rank % 2 == 0,
+                // LoRA dropout on for two ranks in three
+                lora_dropout: if rank % 3 == 0 { 0.0 } else { 0.05 },
                 optimizer: [Optimizer::AdamW, Optimizer::AdamW8bit, Optimizer::Sgd][o],
                 batch,
                 seq,

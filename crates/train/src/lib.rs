@@ -42,7 +42,7 @@ pub use outdir::prepare_output_dir;
 pub use prepare::{
     adapter_for, default_checkpointing, identity, prepare_data, steps_for_epochs, DataOptions,
     LoraOptions, PreparedData, TrainOptions, DEFAULT_ALPHA, DEFAULT_BATCH_SIZE,
-    DEFAULT_MAX_SEQ_LEN, DEFAULT_RANK, DEFAULT_TARGET,
+    DEFAULT_LORA_DROPOUT, DEFAULT_MAX_SEQ_LEN, DEFAULT_RANK, DEFAULT_TARGET,
 };
 pub use run::{Callbacks, RunOptions, RunReport, Silent};
 pub use schedule::{Schedule, ScheduleKind};

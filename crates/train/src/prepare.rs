@@ -13,6 +13,8 @@ use qlora_lora::{init_adapter, load_adapter, Adapter, InitKind, PeftConfig, Targ
 
 /// `qlora train`'s LoRA rank when none is given (`qlora plan` uses the same).
 pub const DEFAULT_RANK: usize = 16;
+/// LoRA dropout of a new adapter (PEFT's usual value; 0 when continuing one).
+pub const DEFAULT_LORA_DROPOUT: f64 = 0.05;
 /// Rows per micro-batch when none is given.
 pub const DEFAULT_BATCH_SIZE: usize = 4;
 /// Examples are truncated to this many tokens when no limit is given.
@@ -262,9 +264,11 @@ impl TrainOptions {
             max_grad_norm: Some(self.max_grad_norm.unwrap_or(1.0)).filter(|&m| m > 0.0),
             seed: self.seed.unwrap_or(0),
             shuffle: !self.no_shuffle,
-            lora_dropout: self
-                .lora_dropout
-                .unwrap_or(if from_adapter { 0.0 } else { 0.05 }),
+            lora_dropout: self.lora_dropout.unwrap_or(if from_adapter {
+                0.0
+            } else {
+                DEFAULT_LORA_DROPOUT
+            }),
             checkpointing: self
                 .gradient_checkpointing
                 .unwrap_or_else(|| default_checkpointing(model)),

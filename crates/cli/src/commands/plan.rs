@@ -31,6 +31,9 @@ pub struct Args {
     /// feature of every target), their gradients and optimizer states, and DoRA's activations.
     #[arg(long)]
     pub use_dora: bool,
+    /// LoRA dropout (train's default for a new adapter): on CPU its per-thread mask buffers.
+    #[arg(long, default_value_t = qlora_train::DEFAULT_LORA_DROPOUT)]
+    pub lora_dropout: f64,
     /// LoRA targets: all-linear (q,k,v,o,gate,up,down) or a comma list of short names.
     #[arg(long, alias = "targets", default_value = qlora_train::DEFAULT_TARGET)]
     pub target: String,
@@ -108,6 +111,7 @@ fn request(a: &Args) -> Result<PlanRequest> {
         rank: a.rank,
         target: a.target.clone(),
         dora: a.use_dora,
+        lora_dropout: a.lora_dropout,
         optimizer: a.optimizer.clone(),
         batch: a.batch_size,
         seq: a.max_seq_len,
@@ -149,10 +153,11 @@ pub fn run(a: Args) -> Result<()> {
     let b = &result.per_device;
     println!("model:      {} ({})", r.model, r.kind);
     println!(
-        "setup:      {:?}, r={}, targets {}, {:?}, batch {} × seq {}, grad-accum {}, checkpointing {}, compute {:?}, {} device(s), sharding {:?}{}{}",
+        "setup:      {:?}, r={}, targets {}, dropout {}, {:?}, batch {} × seq {}, grad-accum {}, checkpointing {}, compute {:?}, {} device(s), sharding {:?}{}{}",
         p.method,
         p.rank,
         p.targets.join(","),
+        p.lora_dropout,
         p.optimizer,
         p.batch,
         p.seq,

@@ -11,7 +11,7 @@
 
 use serde::Serialize;
 
-use super::{Method, PlanInput};
+use super::{DType, Method, PlanInput};
 use qlora_config::ModelConfig;
 
 /// Queries per attention block (`qlora-model` `ops/attention.rs`, `Q_BLOCK`):
@@ -484,4 +484,43 @@ pub fn gemm_packing(c: &ModelConfig, p: &PlanInput) -> u64 {
     let body = t * h.max(i).max(a * d).min(GEMM_KC);
     let head = head_chunk_rows(v, t) * v.min(GEMM_KC);
     p.threads.max(1) * (4 * body.max(head)).min(p.l2_bytes)
+}
+
+/// Rows per block of the LoRA products (`qlora-model` `ops/lora.rs`,
+/// `chunk_rows`): at most 8 blocks of 128 rows or more.
+pub fn lora_chunk_rows(t: u64) -> u64 {
+    t.div_ceil(t.div_ceil(128).clamp(1, 8)).max(1)
+}
+
+/// Rows of a group the AMX forward's pack hands its hook at once
+/// (`qlora-model` `ops/amx`, `pack_a_hooked`).
+pub const AMX_HOOK_ROWS: u64 = 16;
+
+/// What LoRA dropout keeps resident on CPU (`qlora-model`): the backward's
+/// dropout branch (`ops/lora.rs`, `DropoutScratch`) works in per-thread
+/// buffers kept from call to call, each thread's grown to its largest row
+/// block: the block's mask, its masked input and the unmasked input-gradient
+/// term ([`lora_chunk_rows`] × the widest target input, f32, three times) and
+/// a row of ones; one such set per thread that runs a block (at most one per
+/// block). With bf16 compute the AMX forward masks each row group in a
+/// per-thread buffer too (`ops/amx/forward.rs`, `MASKED_ROWS`:
+/// [`AMX_HOOK_ROWS`] rows). No dropout, full fine-tuning and GPU plans
+/// (hashed masks, nothing kept): 0.
+pub fn lora_dropout_buffers(c: &ModelConfig, p: &PlanInput) -> u64 {
+    if p.gpu || p.method == Method::Full || p.rank == 0 || p.lora_dropout <= 0.0 {
+        return 0;
+    }
+    let Some(widest) = target_shapes(c, p).iter().map(|&(i, _)| i).max() else {
+        return 0;
+    };
+    let t = p.batch * p.seq;
+    let rows = lora_chunk_rows(t);
+    let threads = p.threads.max(1).min(t.div_ceil(rows));
+    let backward = threads * (3 * rows * widest + widest) * 4;
+    let forward = if p.compute == DType::BF16 {
+        p.threads.max(1) * AMX_HOOK_ROWS.min(t) * widest * 4
+    } else {
+        0
+    };
+    backward + forward
 }

@@ -83,6 +83,10 @@ pub struct PlanInput {
     /// feature of every target ([`dora_params`]), and per target the saved
     /// `u` and its backward buffers ([`activations`]).
     pub dora: bool,
+    /// LoRA dropout probability (`qlora train --lora-dropout`, default
+    /// [`DEFAULT_LORA_DROPOUT`]): above 0 the CPU trainer keeps per-thread
+    /// mask buffers ([`activations::lora_dropout_buffers`]).
+    pub lora_dropout: f64,
     pub optimizer: Optimizer,
     /// Micro-batch per device.
     pub batch: u64,
@@ -133,6 +137,7 @@ impl PlanInput {
             rank: 8,
             targets: ALL_TARGETS.iter().map(|s| s.to_string()).collect(),
             dora: false,
+            lora_dropout: DEFAULT_LORA_DROPOUT,
             optimizer: Optimizer::AdamW,
             batch: 1,
             seq: 512,
@@ -153,6 +158,9 @@ impl PlanInput {
         }
     }
 }
+
+/// `qlora train`'s LoRA dropout when it starts a new adapter.
+pub const DEFAULT_LORA_DROPOUT: f64 = 0.05;
 
 /// Every LoRA target (the seven projection linears, `qlora-config`'s list).
 pub const ALL_TARGETS: [&str; 7] = qlora_config::LINEAR_NAMES;
@@ -257,6 +265,9 @@ pub struct Breakdown {
     /// CPU plans: the `gemm` crate's per-thread packing slabs (see
     /// [`activations::gemm_packing`]).
     pub gemm_packing: u64,
+    /// CPU plans with LoRA dropout: the per-thread mask buffers kept from
+    /// call to call (see [`activations::lora_dropout_buffers`]).
+    pub lora_dropout_buffers: u64,
     /// FSDP all-gather / reduce-scatter buffers (GPU plans, >1 device).
     pub communication: u64,
     pub overhead: u64,
@@ -460,6 +471,7 @@ pub fn plan(inv: &Inventory, c: &ModelConfig, p: &PlanInput) -> Result<Plan, Mem
     b.tokenizer = if p.gpu { 0 } else { p.tokenizer_bytes };
     b.worker_arenas = worker_arenas(c, p);
     b.gemm_packing = activations::gemm_packing(c, p);
+    b.lora_dropout_buffers = activations::lora_dropout_buffers(c, p);
     let largest_linear = inv.quantizable().map(|t| t.numel()).max().unwrap_or(0);
     b.dequant_workspace = match p.method {
         // A GPU kernel path (bnb MatMul4Bit) dequantizes the whole weight to
@@ -532,6 +544,7 @@ pub fn plan(inv: &Inventory, c: &ModelConfig, p: &PlanInput) -> Result<Plan, Mem
         + b.tokenizer
         + b.worker_arenas
         + b.gemm_packing
+        + b.lora_dropout_buffers
         + b.overhead;
     if !p.gpu && p.load_file_bytes > 0 {
         // The embedding is decoded straight into its frozen f32 copy; a

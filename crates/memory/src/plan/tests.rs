@@ -238,8 +238,11 @@ fn head_phase_under_checkpointing_counts_heap_retention() {
             + b.dequant_workspace
             + b.worker_arenas
             + b.gemm_packing
+            + b.lora_dropout_buffers
             + b.overhead
     );
+    // LoRA dropout (the default): one block of 128 rows, one thread, down_proj's 160 wide
+    assert_eq!(b.lora_dropout_buffers, (3 * 128 * 160 + 160) * 4);
     // A GPU plan models live bytes only.
     let g = PlanInput {
         gpu: true,
@@ -402,6 +405,87 @@ fn gemm_packing_slabs_by_hand() {
     // GPU plans: none
     let g = PlanInput { gpu: true, ..p };
     assert_eq!(activations::gemm_packing(&c, &g), 0);
+}
+
+/// LoRA dropout's per-thread buffers (`ops/lora.rs` `DropoutScratch`, the
+/// AMX forward's masked row groups), by hand.
+#[test]
+fn lora_dropout_buffers_by_hand() {
+    let c = tiny();
+    let inv = Inventory::from_config(&c);
+    // T = 512: 4 LoRA row blocks of 128; the widest target input is
+    // down_proj's 160; 2 threads each keep a block's mask, masked input and
+    // unmasked term (3 x 128 x 160 f32) and a row of ones
+    let p = input(2, 256, false);
+    assert_eq!(activations::lora_chunk_rows(512), 128);
+    assert_eq!(
+        activations::lora_dropout_buffers(&c, &p),
+        2 * (3 * 128 * 160 + 160) * 4
+    );
+    // bf16 compute adds the AMX forward's masked row group, 16 rows, per thread
+    let bf16 = PlanInput {
+        compute: DType::BF16,
+        ..p.clone()
+    };
+    assert_eq!(
+        activations::lora_dropout_buffers(&c, &bf16),
+        2 * (3 * 128 * 160 + 160) * 4 + 2 * 16 * 160 * 4
+    );
+    // a short batch is one block: one thread runs it (T = 100: 100 rows)
+    let short = input(1, 100, false);
+    assert_eq!(activations::lora_chunk_rows(100), 100);
+    assert_eq!(
+        activations::lora_dropout_buffers(&c, &short),
+        (3 * 100 * 160 + 160) * 4
+    );
+    // T = 4096: 8 blocks of 512 rows
+    assert_eq!(activations::lora_chunk_rows(4096), 512);
+    // targets without down_proj: the widest input is h = 64
+    let attn = PlanInput {
+        targets: vec!["q_proj".into(), "v_proj".into()],
+        ..p.clone()
+    };
+    assert_eq!(
+        activations::lora_dropout_buffers(&c, &attn),
+        2 * (3 * 128 * 64 + 64) * 4
+    );
+    // none without dropout, for full fine-tuning and in GPU plans
+    for q in [
+        PlanInput {
+            lora_dropout: 0.0,
+            ..p.clone()
+        },
+        PlanInput {
+            method: Method::Full,
+            ..p.clone()
+        },
+        PlanInput {
+            gpu: true,
+            ..p.clone()
+        },
+    ] {
+        assert_eq!(activations::lora_dropout_buffers(&c, &q), 0);
+    }
+    // the plan adds them to the training peak and nothing else
+    let (with, without) = (
+        plan(&inv, &c, &p).unwrap().per_device,
+        plan(
+            &inv,
+            &c,
+            &PlanInput {
+                lora_dropout: 0.0,
+                ..p.clone()
+            },
+        )
+        .unwrap()
+        .per_device,
+    );
+    assert_eq!(with.lora_dropout_buffers, 2 * (3 * 128 * 160 + 160) * 4);
+    assert_eq!(without.lora_dropout_buffers, 0);
+    assert_eq!(
+        with.train_peak,
+        without.train_peak + with.lora_dropout_buffers
+    );
 }
 
 /// The CPU trainer's `--shard full` over 2 processes, by hand on the tiny model
