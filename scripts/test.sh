@@ -25,7 +25,9 @@ cargo test --workspace
 # the instruction's plain definition, which runs on any x86_64 CPU: every packing and fusion of
 # the tile path is tested even where the CPU has neither AMX nor AVX512-BF16.
 QLORA_TILE_ISA=avx512bf16 cargo test -p qlora-model --lib ops::
+QLORA_TILE_ISA=avx512bf16 cargo test -p qlora-model --test bf16_compute
 QLORA_TILE_ISA=reference cargo test -p qlora-model --lib ops::
+QLORA_TILE_ISA=reference cargo test -p qlora-model --test bf16_compute
 QLORA_TILE_ISA=reference cargo test -p qlora-train --test trajectory bf16_compute
 
 # The CUDA backend, without a GPU or a CUDA toolkit: clippy with the feature, then NVRTC
