@@ -143,6 +143,14 @@ fn amx_forward_and_backward_match_bf16_reference() {
         return;
     };
     eprintln!("tile products on {}", isa.name());
+    for other in [TileIsa::Amx, TileIsa::Avx512Bf16] {
+        if other != isa && !other.supported() {
+            eprintln!(
+                "NOT RUN here: the {} tile products (not on this CPU)",
+                other.name()
+            );
+        }
+    }
     for &(o, i, t) in &[
         (32, 32, 32),
         (64, 96, 64),
