@@ -5,7 +5,7 @@
 //! kernel has its own randomized test, and this one checks what they compose
 //! to over a class of models: Llama and Qwen3 (q/k norms), GQA and MHA, tied
 //! and untied heads, sizes that are no multiple of 16 or 32, ranks below and
-//! above a tile's 32, LoRA on some targets only, dropout on and off, padded
+//! above a tile's 32, LoRA on some targets only, DoRA, dropout on and off, padded
 //! rows, a 4-bit and an f32 base. bf16 compute must follow f32 compute within
 //! bf16 precision, and checkpointing must give the same bits.
 //!
@@ -41,6 +41,7 @@ struct Case {
     rank: usize,
     targets: &'static [&'static str],
     dropout: f64,
+    dora: bool,
     /// Rows of the batch and their length before padding.
     rows: &'static [usize],
 }
@@ -108,7 +109,9 @@ fn adapter(case: &Case, m: &Model, rng: &mut Rng) -> Adapter {
                 LoraWeights {
                     a: Matrix::new(r, i, rng.vec(r * i, 1.0 / (i as f32).sqrt())).unwrap(),
                     b: Matrix::new(o, r, rng.vec(o * r, 0.2)).unwrap(),
-                    magnitude: None,
+                    magnitude: case
+                        .dora
+                        .then(|| (0..o).map(|_| 1.0 + 0.3 * rng.next()).collect()),
                 },
             );
         }
@@ -120,7 +123,7 @@ fn adapter(case: &Case, m: &Model, rng: &mut Rng) -> Adapter {
             lora_dropout: case.dropout,
             target_modules: case.targets.iter().map(|s| s.to_string()).collect(),
             use_rslora: false,
-            use_dora: false,
+            use_dora: case.dora,
         },
         layers,
     }
@@ -176,9 +179,18 @@ fn rel_err(got: &AdapterGrads, want: &AdapterGrads) -> (f64, f64, String) {
     let mut worst = (0f64, String::new());
     for (k, w) in want {
         let g = &got[k];
-        for (which, gm, wm) in [("A", &g.a, &w.a), ("B", &g.b, &w.b)] {
+        assert_eq!(
+            g.magnitude.is_some(),
+            w.magnitude.is_some(),
+            "{k}: magnitude"
+        );
+        let mut parts = vec![("A", g.a.data(), w.a.data()), ("B", g.b.data(), w.b.data())];
+        if let (Some(gm), Some(wm)) = (&g.magnitude, &w.magnitude) {
+            parts.push(("magnitude", gm, wm));
+        }
+        for (which, gm, wm) in parts {
             let (mut md2, mut mw2) = (0f64, 0f64);
-            for (x, y) in gm.data().iter().zip(wm.data()) {
+            for (x, y) in gm.iter().zip(wm) {
                 md2 += ((x - y) as f64).powi(2);
                 mw2 += (*y as f64).powi(2);
             }
@@ -216,6 +228,7 @@ fn cases() -> Vec<Case> {
             rank: 5,
             targets: ALL,
             dropout: 0.0,
+            dora: false,
             rows: &[80, 61],
         },
         Case {
@@ -228,6 +241,7 @@ fn cases() -> Vec<Case> {
             rank: 5,
             targets: ALL,
             dropout: 0.1,
+            dora: false,
             rows: &[80, 61],
         },
         Case {
@@ -240,6 +254,7 @@ fn cases() -> Vec<Case> {
             rank: 16,
             targets: ALL,
             dropout: 0.05,
+            dora: false,
             rows: &[47, 47, 30],
         },
         Case {
@@ -252,6 +267,7 @@ fn cases() -> Vec<Case> {
             rank: 33,
             targets: ALL,
             dropout: 0.0,
+            dora: false,
             rows: &[33],
         },
         Case {
@@ -264,6 +280,7 @@ fn cases() -> Vec<Case> {
             rank: 8,
             targets: &["q_proj", "v_proj", "up_proj", "down_proj"],
             dropout: 0.0,
+            dora: false,
             rows: &[150, 150],
         },
         Case {
@@ -276,7 +293,34 @@ fn cases() -> Vec<Case> {
             rank: 12,
             targets: &["k_proj", "o_proj", "gate_proj"],
             dropout: 0.2,
+            dora: false,
             rows: &[70, 20],
+        },
+        Case {
+            name: "llama_dora_nf4_dropout",
+            config: json!({"model_type": "llama", "hidden_size": 96, "intermediate_size": 200,
+                "num_hidden_layers": 2, "num_attention_heads": 3, "num_key_value_heads": 1,
+                "head_dim": 32, "vocab_size": 301, "tie_word_embeddings": false,
+                "rms_norm_eps": 1e-5, "rope_theta": 10000.0}),
+            quant: QuantMode::Nf4,
+            rank: 8,
+            targets: ALL,
+            dropout: 0.1,
+            dora: true,
+            rows: &[64, 50],
+        },
+        Case {
+            name: "qwen3_dora_f32_base",
+            config: json!({"model_type": "qwen3", "hidden_size": 64, "intermediate_size": 160,
+                "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                "head_dim": 32, "vocab_size": 256, "tie_word_embeddings": true,
+                "rms_norm_eps": 1e-6, "rope_theta": 1000000.0}),
+            quant: QuantMode::None,
+            rank: 4,
+            targets: &["q_proj", "v_proj", "down_proj"],
+            dropout: 0.0,
+            dora: true,
+            rows: &[40],
         },
     ]
 }
@@ -311,6 +355,10 @@ fn bf16_compute_follows_f32_compute_over_model_shapes() {
         for (k, g) in &g16 {
             assert_eq!(g.a.data(), g_ck[k].a.data(), "{name}: {k} A, checkpointed");
             assert_eq!(g.b.data(), g_ck[k].b.data(), "{name}: {k} B, checkpointed");
+            assert_eq!(
+                g.magnitude, g_ck[k].magnitude,
+                "{name}: {k} m, checkpointed"
+            );
         }
         assert_eq!(g16.len(), g32.len(), "{name}: modules");
         let rl = ((loss16 - loss32) / loss32).abs();
