@@ -6,7 +6,7 @@
 //! to over a class of models: Llama and Qwen3 (q/k norms), GQA and MHA, tied
 //! and untied heads, sizes that are no multiple of 16 or 32, ranks below and
 //! above a tile's 32, LoRA on some targets only, DoRA, dropout on and off, padded
-//! rows, a 4-bit and an f32 base. bf16 compute must follow f32 compute within
+//! rows; NF4, FP4, bf16 and f32 bases. bf16 compute must follow f32 compute within
 //! bf16 precision, and checkpointing must give the same bits.
 //!
 //! On a CPU without bf16 tile products (AMX, AVX512-BF16) bf16 compute runs
@@ -271,12 +271,12 @@ fn cases() -> Vec<Case> {
             rows: &[33],
         },
         Case {
-            name: "llama_some_targets_long_rows",
+            name: "llama_some_targets_long_rows_fp4",
             config: json!({"model_type": "llama", "hidden_size": 64, "intermediate_size": 192,
                 "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2,
                 "head_dim": 16, "vocab_size": 320, "tie_word_embeddings": false,
                 "rms_norm_eps": 1e-5, "rope_theta": 10000.0}),
-            quant: QuantMode::Nf4,
+            quant: QuantMode::Fp4,
             rank: 8,
             targets: &["q_proj", "v_proj", "up_proj", "down_proj"],
             dropout: 0.0,
@@ -284,12 +284,12 @@ fn cases() -> Vec<Case> {
             rows: &[150, 150],
         },
         Case {
-            name: "llama_gate_without_up_dropout",
+            name: "llama_gate_without_up_dropout_bf16_base",
             config: json!({"model_type": "llama", "hidden_size": 64, "intermediate_size": 192,
                 "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4,
                 "head_dim": 16, "vocab_size": 320, "tie_word_embeddings": false,
                 "rms_norm_eps": 1e-5, "rope_theta": 10000.0}),
-            quant: QuantMode::Nf4,
+            quant: QuantMode::Bf16,
             rank: 12,
             targets: &["k_proj", "o_proj", "gate_proj"],
             dropout: 0.2,
