@@ -10,12 +10,14 @@
 # configuration; its first step compiles for minutes): on a Zen 4 it was the peer's best, 1.09-1.19x
 # its eager speed. COMPILED=0 leaves it out.
 #   PY=/path/to/peft-venv/bin/python scripts/bench/amx_side_by_side.sh
+# Ends with the goal's table (scripts/bench/side_by_side_summary.py, which can be rerun on WORK).
 # (build first: cargo build --release -p qlora-cli && cargo build --release -p qlora-model --example bench_compute)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 Q=$(realpath "${QLORA:-target/release/qlora}")
 B=$(realpath "${BENCH:-target/release/examples/bench_compute}")
 PEERC=$(realpath scripts/bench/peft_compiled.py)
+SUMMARY=$(realpath scripts/bench/side_by_side_summary.py)
 PY=${PY:-/work/pyenv/bin/python}
 PEER=$(realpath "${PEER:-../shared/bench/peft_baseline}")
 WORK=${WORK:-/tmp/qlora-amx-side-by-side}
@@ -52,7 +54,7 @@ import json, statistics
 m = [json.loads(l) for l in open('tr-$n/metrics.jsonl')]
 print(round(statistics.median(x['tokens_per_s'] for x in m[2:]), 1), 'tok/s')") peak $(rss tr-$n.log) (load $(load))"; }
 date -u; lscpu | grep 'Model name'
-echo "== matmul peak"; "$B" peak 2048 2>&1 | tail -2
+echo "== matmul peak"; "$B" peak 2048 2>&1 | tail -2 | tee peak.log
 echo "== SmolLM2 shape, no checkpointing"
 for r in 1 2 3; do ours s$r nf4 nockpt 30 3 bf16; peer s$r --variant bf16 --adapter-dtype bf16; done
 peerc s --variant bf16 --adapter-dtype bf16; ours s4 nf4 nockpt 30 3 bf16
@@ -69,3 +71,5 @@ peer tck --variant bf16 --adapter-dtype bf16 --model-dir bench-models/tinyllama-
 peerc tck --variant bf16 --adapter-dtype bf16 --model-dir bench-models/tinyllama-1.1b --grad-ckpt
 train tinyck bench-models/tinyllama-1.1b rows_tiny.jsonl --max-steps 5 --gradient-checkpointing true
 date -u
+echo "== #15's goal: >= 2x the peer's best tok/s at <= 0.5x its peak RSS"
+python3 "$SUMMARY" .

@@ -93,6 +93,32 @@ fn peak(n: usize) {
     }
 }
 
+/// A training step's model FLOPs (multiply-adds x 2; what the step must
+/// compute, not what an implementation recomputes: no checkpointing
+/// recompute, attention's causal half) for LoRA rank `r` on all 7 linears
+/// over `b` rows of `s` tokens: the frozen linears' forward and input
+/// gradient (none for layer 0's q/k/v: the frozen embedding takes no
+/// gradient), LoRA's forward (2 products) and backward (4), the head's
+/// forward and input gradient, attention's `Q·Kᵀ`, `P·V` and their four
+/// gradients over the `s(s+1)/2` visible pairs.
+fn step_model_flops(c: &ModelConfig, r: usize, b: usize, s: usize) -> f64 {
+    let t = (b * s) as f64;
+    let l = c.num_hidden_layers as f64;
+    let (mut base, mut qkv, mut lora) = (0f64, 0f64, 0f64);
+    for (short, [o, i]) in c.linear_shapes() {
+        base += (o * i) as f64;
+        if matches!(short, "q_proj" | "k_proj" | "v_proj") {
+            qkv += (o * i) as f64;
+        }
+        lora += (r * (o + i)) as f64;
+    }
+    let linears = 2.0 * t * base * l * 2.0 - 2.0 * t * qkv + 6.0 * t * lora * l;
+    let head = 2.0 * 2.0 * t * (c.hidden_size * c.vocab_size) as f64;
+    let pairs = b as f64 * (s * (s + 1) / 2) as f64;
+    let attention = 6.0 * 2.0 * pairs * (c.num_attention_heads * c.head_dim) as f64 * l;
+    linears + head + attention
+}
+
 /// The AMX bf16 products at the shapes of a step (t = 512 tokens; the
 /// weight read from a ready bf16 copy, so this is the kernel and its panel
 /// packing, not the dequantization): GFLOP/s per shape, best of 5.
@@ -652,6 +678,12 @@ fn main() -> anyhow::Result<()> {
         eprint!("{}", qlora_model::ops::profile::table(&rows, wall, iters));
     }
     let fb_cpu = (cpu_seconds() - c0) / iters as f64;
+    let flops = step_model_flops(&config, r, b, s);
+    println!(
+        "model FLOPs {:.1} GFLOP a step: {:.0} GFLOP/s",
+        flops / 1e9,
+        flops * iters as f64 / wall / 1e9
+    );
     println!(
         "quant {quant:?} compute {compute:?} (tiles {}) checkpointing {ckpt} layers {layers}: forward {fwd:.0} tok/s, forward+backward {fb:.0} tok/s ({fb_cpu:.2} CPU s per step), \
          peak RSS after forward {rss_fwd:.0} MiB, after training steps {:.0} MiB, threads {}",
