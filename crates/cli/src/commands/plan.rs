@@ -174,11 +174,18 @@ pub fn run(a: Args) -> Result<()> {
     }
     println!("trainable:  {} parameters", group(result.trainable_count));
     println!();
-    println!("{:<28}{:>18}{:>12}", "per device", "bytes", "GiB");
     let rows = b.rows();
+    // the label column as wide as the longest label, so every row lines up
+    let w = rows
+        .iter()
+        .map(|(k, _)| k.chars().count())
+        .max()
+        .unwrap_or(0)
+        .max(28);
+    println!("{:<w$}{:>18}{:>12}", "per device", "bytes", "GiB");
     for (k, v) in rows {
         println!(
-            "{:<28}{:>18}{:>12.3}",
+            "{:<w$}{:>18}{:>12.3}",
             k,
             group(v),
             v as f64 / (1u64 << 30) as f64
@@ -187,7 +194,7 @@ pub fn run(a: Args) -> Result<()> {
     println!("(* the larger of the two transient phases; only it counts in the total)");
     if b.host_offloaded > 0 {
         println!(
-            "{:<28}{:>18}{:>12.3}",
+            "{:<w$}{:>18}{:>12.3}",
             "(host RAM, offloaded)",
             group(b.host_offloaded),
             b.host_offloaded as f64 / (1u64 << 30) as f64
