@@ -12,7 +12,8 @@
 //! t 512), then old and new `LoraRef` on a layer's linears (cold buffers) and the kernels one by one.
 //! `... --example bench_compute -- elementwise`: RMSNorm, SwiGLU, RoPE at the step's shapes.
 //! `... --example bench_compute -- attention [tinyllama]`: causal attention forward and backward at the step's shape
-//! (`BF16=1`: the bf16 compute mode's AMX products; `COLD=1`: 30 layers' inputs in turn, the median).
+//! (`BF16=1`: the bf16 compute mode's AMX products; `COLD=1`: 30 layers' inputs in turn, the median;
+//! `BATCH=`, `SEQ=`: other than 2 x 256).
 //! Prints tokens/s and the process peak RSS (VmHWM), so run one mode per process.
 
 use std::collections::BTreeMap;
@@ -392,16 +393,21 @@ fn elementwise() {
 }
 
 /// Causal attention forward and backward at the step's shape (b 2, s 256,
-/// 9 heads, 3 kv heads, d 64; `tinyllama`: 32 heads, 4 kv heads), best of 20, and the GFLOP/s of its products
-/// (the causal half of the score and value products, 64-query blocks).
+/// 9 heads, 3 kv heads, d 64; `tinyllama`: 32 heads, 4 kv heads; `BATCH=`, `SEQ=` other sizes),
+/// best of 20, and the GFLOP/s of its products (the causal half of the score and value products,
+/// 64-query blocks).
 fn attention_bench(tinyllama: bool) {
     use qlora_model::ops::attention::{self, AttnShape};
     let mut rng = Lcg(11);
-    let (b, s, heads, kvh, d) = if tinyllama {
-        (2, 256, 32, 4, 64)
-    } else {
-        (2, 256, 9, 3, 64)
+    // BATCH=, SEQ=: other than the step's 2 x 256
+    let env = |k: &str, d: usize| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
     };
+    let (b, s) = (env("BATCH", 2), env("SEQ", 256));
+    let (heads, kvh, d) = if tinyllama { (32, 4, 64) } else { (9, 3, 64) };
     let sh = AttnShape {
         b,
         q_len: s,
@@ -443,8 +449,12 @@ fn attention_bench(tinyllama: bool) {
     } else {
         (tf[0], tb[0])
     };
-    // keys seen per 64-query block: (qb + 1)·64 -> 10/16 of s² per product
-    let prod = 2.0 * (b * heads) as f64 * (s * s * d) as f64 * 10.0 / 16.0;
+    // each 64-query block sees keys up to its end: rows · keys per product
+    let pairs: usize = (0..s)
+        .step_by(64)
+        .map(|i0| (s - i0).min(64) * (i0 + 64).min(s))
+        .sum();
+    let prod = 2.0 * (b * heads) as f64 * (pairs * d) as f64;
     println!(
         "attention forward {:.0} us ({:.0} GFLOP/s), backward {:.0} us ({:.0} GFLOP/s); per step (30 layers) {:.0} ms",
         bf * 1e6,

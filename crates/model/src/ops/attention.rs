@@ -234,23 +234,45 @@ pub(crate) unsafe fn write_heads(
     nh: usize,
     d: usize,
 ) {
+    // SAFETY: the caller's contract, for all `len` rows.
+    unsafe { write_head_rows(dst, src, bi, len, 0..len, heads, h0, nh, d) }
+}
+
+/// [`write_heads`] for rows `rows` of the sequences (length `len`) only,
+/// from `src` laid out `[nh][rows.len()][d]` (a part of a group's queries).
+///
+/// # Safety
+/// As [`write_heads`], for those rows.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn write_head_rows(
+    dst: *mut f32,
+    src: &[f32],
+    bi: usize,
+    len: usize,
+    rows: std::ops::Range<usize>,
+    heads: usize,
+    h0: usize,
+    nh: usize,
+    d: usize,
+) {
+    let n = rows.len();
     assert!(
-        src.len() >= nh * len * d && h0 + nh <= heads,
+        src.len() >= nh * n * d && h0 + nh <= heads && rows.end <= len,
         "attention: group outside the heads"
     );
     let pf = super::fastmath::PREFETCH_ROWS;
     for r in 0..nh {
-        for i in 0..len {
-            if i + pf < len {
+        for (i, row) in rows.clone().enumerate() {
+            if i + pf < n {
                 // the rows a stride apart in fresh memory: ask for them early
-                let ahead = ((bi * len + i + pf) * heads + h0 + r) * d;
+                let ahead = ((bi * len + row + pf) * heads + h0 + r) * d;
                 super::fastmath::prefetch_w(dst.wrapping_add(ahead), d);
             }
             // SAFETY: the caller's contract; the source row is inside `src`.
             unsafe {
                 std::ptr::copy_nonoverlapping(
-                    src[(r * len + i) * d..].as_ptr(),
-                    dst.add((bi * len + i) * heads * d + (h0 + r) * d),
+                    src[(r * n + i) * d..].as_ptr(),
+                    dst.add((bi * len + row) * heads * d + (h0 + r) * d),
                     d,
                 )
             };
@@ -284,6 +306,9 @@ pub fn backward(
     } = *sh;
     assert_eq!(out.len(), dout.len());
     assert_eq!(lse.len(), b * heads * q_len);
+    if super::attention_amx::usable(sh) {
+        return super::attention_amx::backward(sh, q, k, v, out, lse, dout, seg);
+    }
     let n_rep = sh.n_rep();
     let scale = sh.scale();
     let hd = heads * d;
@@ -291,11 +316,6 @@ pub fn backward(
     let group = |g: usize| -> (Vec<f32>, Vec<f32>, Vec<f32>) {
         super::in_task(|| {
             let (bi, kvh) = (g / kv_heads, g % kv_heads);
-            if super::attention_amx::usable(sh) {
-                return super::attention_amx::backward_group(
-                    sh, q, k, v, out, lse, dout, seg, bi, kvh,
-                );
-            }
             let mut dq = vec![0f32; n_rep * q_len * d];
             let mut dk = vec![0f32; k_len * d];
             let mut dv = vec![0f32; k_len * d];

@@ -11,6 +11,8 @@
 //! Used for the training shape only (no KV cache offset, no sliding window);
 //! [`usable`] says when.
 
+use std::ops::Range;
+
 use rayon::prelude::*;
 
 use super::amx::{
@@ -228,8 +230,52 @@ fn probabilities(
     l_out
 }
 
-/// Forward of one (batch row, kv head) group: `(o [n_rep][q_len][d],
-/// lse [n_rep][q_len])`.
+/// The query rows of a part of a group's query blocks (`blocks` of
+/// [`Q_BLOCK`], a sequence of `s`): also the keys the part sees, `0..end`.
+fn part_rows(blocks: &Range<usize>, s: usize) -> Range<usize> {
+    (blocks.start * Q_BLOCK).min(s)..(blocks.end * Q_BLOCK).min(s)
+}
+
+/// Causal block pairs a part of a group aims at (query block `j` sees `j + 1`
+/// key blocks): a group of up to 8 blocks (512 queries) stays whole.
+const PART_PAIRS: usize = 40;
+/// Parts of a group at most: each part of the backward keeps its own `dK`,
+/// `dV` over the keys it sees until the group sums them.
+const MAX_PARTS: usize = 4;
+
+/// A group's `nb` query blocks in parts of about equal causal cost, so that
+/// long sequences give the threads more than `b · kv_heads` tasks (with
+/// batch 1 and 3 kv heads, 2 threads were a third idle in the attention; 16
+/// threads have 4-8 kv heads to share). A function of the shape alone:
+/// the backward's sums over parts (below) come out the same on any number
+/// of threads. Each part ends where the running cost comes nearest its
+/// share of the total.
+pub(crate) fn query_parts(nb: usize) -> Vec<Range<usize>> {
+    let total = nb * (nb + 1) / 2;
+    let n = total
+        .div_ceil(PART_PAIRS)
+        .clamp(1, MAX_PARTS.min(nb.max(1)));
+    let mut parts = Vec::with_capacity(n);
+    let (mut start, mut cost) = (0, 0);
+    for j in 0..nb {
+        cost += j + 1;
+        if parts.len() + 1 == n {
+            break;
+        }
+        let target = total * (parts.len() + 1) / n;
+        let next = cost + j + 2;
+        if cost >= target || next.abs_diff(target) > cost.abs_diff(target) {
+            parts.push(start..j + 1);
+            start = j + 1;
+        }
+    }
+    parts.push(start..nb);
+    parts
+}
+
+/// Forward of the query blocks `blocks` of one (batch row, kv head) group:
+/// `(o [n_rep][rows][d], lse [n_rep][rows])` for its [`part_rows`].
+#[allow(clippy::too_many_arguments)]
 fn forward_group(
     sh: &AttnShape,
     q: &[f32],
@@ -238,19 +284,30 @@ fn forward_group(
     seg: Option<&[u32]>,
     bi: usize,
     kvh: usize,
+    blocks: Range<usize>,
 ) -> (Vec<f32>, Vec<f32>) {
     let (d, s, n_rep) = (sh.d, sh.q_len, sh.heads / sh.kv_heads);
     let kvd = sh.kv_heads * d;
     let base = bi * s * kvd;
     let kpd = round_up(d, 32);
-    let mut o = vec![0f32; n_rep * s * d];
-    let mut lse = vec![0f32; n_rep * s];
+    let part = part_rows(&blocks, s);
+    // the part's queries see keys 0..part.end
+    let (np, keys) = (part.len(), part.end);
+    let mut o = vec![0f32; n_rep * np * d];
+    let mut lse = vec![0f32; n_rep * np];
     with_bufs(|b| {
-        pack_rows_forward(&k[base..], s, d, kvd, kvh * d, &mut b.kpan);
+        pack_rows_forward(&k[base..], keys, d, kvd, kvh * d, &mut b.kpan);
         let vpair = &mut b.pairs;
-        let vks = pack_b_pairs(&v[base + kvh * d..], s, d, kvd, round_up(s, 32), vpair);
+        let vks = pack_b_pairs(
+            &v[base + kvh * d..],
+            keys,
+            d,
+            kvd,
+            round_up(keys, 32),
+            vpair,
+        );
         let (kpan, vpair, aq, ap) = (&b.kpan, &b.pairs, &mut b.a1, &mut b.a2);
-        for i0 in (0..s).step_by(Q_BLOCK) {
+        for i0 in part.clone().step_by(Q_BLOCK) {
             let rows = Q_BLOCK.min(s - i0);
             let kl = i0 + rows;
             let mq = n_rep * rows;
@@ -264,9 +321,9 @@ fn forward_group(
             mul(ap, kpk, mq, vpair, kpk / 32, vks, og, d, false);
             for r in 0..n_rep {
                 for ii in 0..rows {
-                    o[(r * s + i0 + ii) * d..][..d]
-                        .copy_from_slice(&og[(r * rows + ii) * d..][..d]);
-                    lse[r * s + i0 + ii] = l[r * rows + ii];
+                    let at = r * np + i0 - part.start + ii;
+                    o[at * d..][..d].copy_from_slice(&og[(r * rows + ii) * d..][..d]);
+                    lse[at] = l[r * rows + ii];
                 }
             }
         }
@@ -288,27 +345,45 @@ pub fn forward(
     assert_eq!(k.len(), b * s * kvh * d);
     assert_eq!(v.len(), k.len());
     let n_rep = heads / kvh;
-    // Each group writes its heads' columns of `out` and rows of `lse` in its
-    // own task (every element once): no zeroed outputs, no serial scatter.
+    let parts = query_parts(s.div_ceil(Q_BLOCK));
+    let np = parts.len();
+    // Each part of a group writes its heads' columns of `out` and rows of
+    // `lse` in its own task (every element once): no zeroed outputs, no
+    // serial scatter. (A part's rows are computed as in the whole group:
+    // the same bits however the queries are split.)
     let mut out = Vec::<f32>::with_capacity(q.len());
     let mut lse = Vec::<f32>::with_capacity(b * heads * s);
     let (po, pl) = (
         amx::SendPtr(out.as_mut_ptr()),
         amx::SendPtr(lse.as_mut_ptr()),
     );
-    (0..b * kvh).into_par_iter().for_each(|g| {
+    (0..b * kvh * np).into_par_iter().for_each(|task| {
+        let (g, p) = (task / np, task % np);
         let (bi, kv) = (g / kvh, g % kvh);
-        let (og, lg) = super::in_task(|| forward_group(sh, q, k, v, seg, bi, kv));
-        // SAFETY: heads kv·n_rep.. of batch row bi are this group's alone,
-        // inside the capacities.
+        let rows = part_rows(&parts[p], s);
+        let (og, lg) = super::in_task(|| forward_group(sh, q, k, v, seg, bi, kv, parts[p].clone()));
+        // SAFETY: rows `rows` of heads kv·n_rep.. of batch row bi are this
+        // task's alone, inside the capacities.
         unsafe {
-            super::attention::write_heads(po.get(), &og, bi, s, heads, kv * n_rep, n_rep, d);
-            // lse is [b][heads][s]: the group's n_rep heads are consecutive
-            std::ptr::copy_nonoverlapping(
-                lg.as_ptr(),
-                pl.get().add((bi * heads + kv * n_rep) * s),
-                n_rep * s,
+            super::attention::write_head_rows(
+                po.get(),
+                &og,
+                bi,
+                s,
+                rows.clone(),
+                heads,
+                kv * n_rep,
+                n_rep,
+                d,
             );
+            // lse is [b][heads][s]
+            for r in 0..n_rep {
+                std::ptr::copy_nonoverlapping(
+                    lg[r * rows.len()..].as_ptr(),
+                    pl.get().add((bi * heads + kv * n_rep + r) * s + rows.start),
+                    rows.len(),
+                );
+            }
         }
     });
     // SAFETY: the b·kvh groups wrote every head of every row, and every lse.
@@ -452,25 +527,29 @@ pub(crate) fn backward_group(
     seg: Option<&[u32]>,
     bi: usize,
     kvh: usize,
+    blocks: Range<usize>,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let (d, s, n_rep) = (sh.d, sh.q_len, sh.heads / sh.kv_heads);
     let kvd = sh.kv_heads * d;
     let scale = sh.scale();
     let base = bi * s * kvd;
     let kpd = round_up(d, 32);
-    let kps = round_up(s, 32);
-    let kt = transpose(&k[base..], s, d, kvd, kvh * d);
-    let mut dq = vec![0f32; n_rep * s * d];
-    let mut dk = vec![0f32; s * d];
-    let mut dv = vec![0f32; s * d];
+    let part = part_rows(&blocks, s);
+    // the part's queries see keys 0..part.end: K, V, Kᵀ and dK, dV that far
+    let keys = part.end;
+    let kps = round_up(keys, 32);
+    let kt = transpose(&k[base..], keys, d, kvd, kvh * d);
+    let mut dq = vec![0f32; n_rep * part.len() * d];
+    let mut dk = vec![0f32; keys * d];
+    let mut dv = vec![0f32; keys * d];
     with_bufs(|b| {
         let (ak, av, akt) = (&mut b.a1, &mut b.a2, &mut b.a3);
-        pack_a(&k[base..], s, d, kvd, kvh * d, kpd, ak);
-        pack_a(&v[base..], s, d, kvd, kvh * d, kpd, av);
-        pack_a(&kt, d, s, s, 0, kps, akt);
+        pack_a(&k[base..], keys, d, kvd, kvh * d, kpd, ak);
+        pack_a(&v[base..], keys, d, kvd, kvh * d, kpd, av);
+        pack_a(&kt, d, keys, keys, 0, kps, akt);
         let (ak, av, akt) = (&*ak, &*av, &*akt);
         let b_rows = &mut b.pairs;
-        for i0 in (0..s).step_by(Q_BLOCK) {
+        for i0 in part.clone().step_by(Q_BLOCK) {
             let rows = Q_BLOCK.min(s - i0);
             let kl = i0 + rows;
             let mq = n_rep * rows;
@@ -528,9 +607,99 @@ pub(crate) fn backward_group(
             let ks = kpk / 32;
             let dqt = grow(&mut b.o, d * mq);
             mul(akt, kps, d, b_ds, ks, ks, dqt, mq, false);
-            write_dq(&mut dq, dqt, s, i0, rows, d, scale);
+            write_dq(&mut dq, dqt, part.len(), i0 - part.start, rows, d, scale);
         }
     });
+    (dq, dk, dv)
+}
+
+/// Backward of the whole attention on the tiles: per (batch row, kv head)
+/// group and part of its query blocks ([`query_parts`]) a task; each part's
+/// `dq` rows are its own, a group's `dK`, `dV` are the sum of its parts'
+/// (the first part's, then each later one added, in part order). Returns
+/// `(dq, dk, dv)` laid out as `q`, `k`, `v`.
+#[allow(clippy::too_many_arguments)]
+pub fn backward(
+    sh: &AttnShape,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    out: &[f32],
+    lse: &[f32],
+    dout: &[f32],
+    seg: Option<&[u32]>,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    assert!(usable(sh), "attention on AMX: shape not supported");
+    let (b, s, heads, kvh, d) = (sh.b, sh.q_len, sh.heads, sh.kv_heads, sh.d);
+    assert_eq!(q.len(), b * s * heads * d);
+    assert_eq!(k.len(), b * s * kvh * d);
+    assert_eq!(v.len(), k.len());
+    assert_eq!(out.len(), dout.len());
+    assert_eq!(lse.len(), b * heads * s);
+    let n_rep = heads / kvh;
+    let parts = query_parts(s.div_ceil(Q_BLOCK));
+    // Every task writes its rows of its heads' columns of dq, every group
+    // its kv head's columns of dk and dv (all of them, each element once):
+    // no zeroed outputs, no serial scatter after the parallel region.
+    let (mut dq, mut dk, mut dv) = (
+        Vec::<f32>::with_capacity(q.len()),
+        Vec::<f32>::with_capacity(k.len()),
+        Vec::<f32>::with_capacity(v.len()),
+    );
+    let (pq, pk, pv) = (
+        amx::SendPtr(dq.as_mut_ptr()),
+        amx::SendPtr(dk.as_mut_ptr()),
+        amx::SendPtr(dv.as_mut_ptr()),
+    );
+    (0..b * kvh).into_par_iter().for_each(|g| {
+        let (bi, kv) = (g / kvh, g % kvh);
+        let part = |p: usize| {
+            let r = super::in_task(|| {
+                backward_group(sh, q, k, v, out, lse, dout, seg, bi, kv, parts[p].clone())
+            });
+            // SAFETY: these rows of heads kv·n_rep.. of batch row bi are
+            // this part's alone, inside the capacity.
+            unsafe {
+                super::attention::write_head_rows(
+                    pq.get(),
+                    &r.0,
+                    bi,
+                    s,
+                    part_rows(&parts[p], s),
+                    heads,
+                    kv * n_rep,
+                    n_rep,
+                    d,
+                )
+            };
+            (r.1, r.2)
+        };
+        let sums: Vec<(Vec<f32>, Vec<f32>)> = if parts.len() == 1 {
+            vec![part(0)]
+        } else {
+            (0..parts.len()).into_par_iter().map(part).collect()
+        };
+        let mut sums = sums.into_iter();
+        let (mut gk, mut gv) = sums.next().expect("a group has a part");
+        gk.resize(s * d, 0.0);
+        gv.resize(s * d, 0.0);
+        for (pk, pv) in sums {
+            fastmath::add_assign(&mut gk[..pk.len()], &pk);
+            fastmath::add_assign(&mut gv[..pv.len()], &pv);
+        }
+        // SAFETY: kv head kv of batch row bi is this group's alone.
+        unsafe {
+            super::attention::write_heads(pk.get(), &gk, bi, s, kvh, kv, 1, d);
+            super::attention::write_heads(pv.get(), &gv, bi, s, kvh, kv, 1, d);
+        }
+    });
+    // SAFETY: the tasks wrote every row of every head of dq, the groups
+    // every kv head of dk and dv.
+    unsafe {
+        dq.set_len(q.len());
+        dk.set_len(k.len());
+        dv.set_len(v.len());
+    }
     (dq, dk, dv)
 }
 
@@ -636,6 +805,9 @@ mod tests {
             (2, 33, 2, 1, 16, true),
             (1, 130, 3, 3, 80, true),
             (1, 5, 1, 1, 8, false),
+            // long enough for several parts per group (query_parts)
+            (1, 600, 3, 3, 32, false),
+            (2, 1030, 2, 1, 16, true),
         ] {
             let sh = AttnShape {
                 b,
@@ -719,7 +891,8 @@ mod tests {
             let (o, l) = forward(&sh, &q, &k, &v, seg);
             for bi in 0..b {
                 for g in 0..kvh {
-                    let got = backward_group(&sh, &q, &k, &v, &o, &l, &dout, seg, bi, g);
+                    let all = 0..s.div_ceil(Q_BLOCK);
+                    let got = backward_group(&sh, &q, &k, &v, &o, &l, &dout, seg, bi, g, all);
                     let want = backward_group_unfused(&sh, &q, &k, &v, &o, &l, &dout, seg, bi, g);
                     let shape = format!(
                         "b {b} s {s} heads {heads}/{kvh} d {d} seg {with_seg}, group {bi}/{g}"
@@ -728,6 +901,113 @@ mod tests {
                     assert_eq!(bits(&got.1), bits(&want.1), "dk {shape}");
                     assert_eq!(bits(&got.2), bits(&want.2), "dv {shape}");
                     assert!(got.0.iter().chain(&got.1).chain(&got.2).any(|x| *x != 0.0));
+                }
+            }
+        }
+    }
+
+    /// A group's query blocks in parts: contiguous, covering every block,
+    /// whole up to 8 blocks, at most [`MAX_PARTS`], of near-equal causal cost.
+    #[test]
+    fn query_parts_cover_the_blocks_in_balanced_parts() {
+        for nb in 0..80usize {
+            let parts = query_parts(nb);
+            assert_eq!(parts.first().unwrap().start, 0, "nb {nb}");
+            assert_eq!(parts.last().unwrap().end, nb, "nb {nb}");
+            for w in parts.windows(2) {
+                assert_eq!(w[0].end, w[1].start, "nb {nb}: {parts:?}");
+                assert!(!w[0].is_empty(), "nb {nb}: {parts:?}");
+            }
+            assert!(parts.len() <= MAX_PARTS);
+            if nb <= 8 {
+                assert_eq!(parts.len(), 1, "nb {nb}");
+            } else {
+                assert!(parts.len() >= 2, "nb {nb}");
+                // each part's cost within one block's worth (its last
+                // block's keys) of an equal share
+                let cost = |r: &Range<usize>| r.clone().map(|j| j + 1).sum::<usize>();
+                let share = nb * (nb + 1) / 2 / parts.len();
+                for r in &parts {
+                    assert!(cost(r).abs_diff(share) <= nb + 1, "nb {nb}: {parts:?}");
+                }
+            }
+        }
+        assert_eq!(query_parts(16), vec![0..8, 8..11, 11..14, 14..16]);
+    }
+
+    /// Splitting a group's queries into parts leaves the forward's bits and
+    /// `dq`'s as they are; `dK`, `dV` become a sum over the parts (another
+    /// order of the same f32 additions): equal within f32 rounding.
+    #[test]
+    fn query_parts_give_the_whole_groups_results() {
+        if amx::skip_without_tiles("the tile attention was") {
+            return;
+        }
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        for &(b, s, heads, kvh, d, with_seg) in &[
+            (1usize, 600usize, 3usize, 3usize, 64usize, false),
+            (2, 1030, 4, 2, 32, true),
+        ] {
+            let sh = AttnShape {
+                b,
+                q_len: s,
+                k_len: s,
+                q_offset: 0,
+                heads,
+                kv_heads: kvh,
+                d,
+                window: None,
+                bf16: true,
+            };
+            let nb = s.div_ceil(Q_BLOCK);
+            assert!(query_parts(nb).len() > 1);
+            let q = rand_vec(b * s * heads * d, 21, 1.5);
+            let k = rand_vec(b * s * kvh * d, 22, 1.5);
+            let v = rand_vec(b * s * kvh * d, 23, 1.0);
+            let dout = rand_vec(b * s * heads * d, 24, 1.0);
+            let seg: Option<Vec<u32>> =
+                with_seg.then(|| (0..b * s).map(|i| ((i % s) / 100) as u32).collect());
+            let seg = seg.as_deref();
+            let (o, l) = forward(&sh, &q, &k, &v, seg);
+            let (dq, dk, dv) = backward(&sh, &q, &k, &v, &o, &l, &dout, seg);
+            let n_rep = heads / kvh;
+            let shape = format!("b {b} s {s} heads {heads}/{kvh} d {d}");
+            for bi in 0..b {
+                for g in 0..kvh {
+                    let (og, lg) = forward_group(&sh, &q, &k, &v, seg, bi, g, 0..nb);
+                    let (gq, gk, gv) =
+                        backward_group(&sh, &q, &k, &v, &o, &l, &dout, seg, bi, g, 0..nb);
+                    // the group's heads out of the whole results
+                    let head = |x: &[f32], nh: usize, h0: usize, n: usize| {
+                        let mut r = vec![];
+                        for h in h0..h0 + n {
+                            for i in 0..s {
+                                r.extend_from_slice(&x[((bi * s + i) * nh + h) * d..][..d]);
+                            }
+                        }
+                        r
+                    };
+                    assert_eq!(
+                        bits(&head(&o, heads, g * n_rep, n_rep)),
+                        bits(&og),
+                        "out {shape}"
+                    );
+                    let lse_g = &l[(bi * heads + g * n_rep) * s..][..n_rep * s];
+                    assert_eq!(bits(lse_g), bits(&lg), "lse {shape}");
+                    assert_eq!(
+                        bits(&head(&dq, heads, g * n_rep, n_rep)),
+                        bits(&gq),
+                        "dq {shape}"
+                    );
+                    for (name, got, want) in [
+                        ("dk", head(&dk, kvh, g, 1), gk),
+                        ("dv", head(&dv, kvh, g, 1), gv),
+                    ] {
+                        let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+                        for (x, y) in got.iter().zip(&want) {
+                            assert!((x - y).abs() <= 1e-5 * scale, "{name} {shape}: {x} vs {y}");
+                        }
+                    }
                 }
             }
         }
