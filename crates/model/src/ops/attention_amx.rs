@@ -43,8 +43,7 @@ struct Bufs {
     s: Vec<f32>,
     t: Vec<f32>,
     o: Vec<f32>,
-    /// K as the forward's B panels, V / dO / Q / dSᵀ as row-pair B operands.
-    kpan: TileBuf,
+    /// dO / Q as row-pair B operands.
     pairs: TileBuf,
     /// The backward's B panels of the stacked queries and output gradients.
     bq: TileBuf,
@@ -52,7 +51,6 @@ struct Bufs {
     /// Packed A operands.
     a1: TileBuf,
     a2: TileBuf,
-    a3: TileBuf,
     a4: TileBuf,
     a5: TileBuf,
     /// dSᵀ as the B operand along keys.
@@ -67,6 +65,62 @@ thread_local! {
 /// nested call just starts with empty ones).
 fn with_bufs<R>(f: impl FnOnce(&mut Bufs) -> R) -> R {
     super::with_thread_local(&BUFS, f)
+}
+
+/// A group's K and V packed once for all its parts ([`query_parts`]), which
+/// read prefixes of them (the keys each part sees): for the forward K as B
+/// panels and V as row pairs, for the backward K, V and Kᵀ as A operands.
+/// Per thread and kept between calls, apart from [`Bufs`] so that parts
+/// running on the packing thread keep their own scratch.
+#[derive(Default)]
+struct GroupPacks {
+    kpan: TileBuf,
+    vpair: TileBuf,
+    /// k-steps of `vpair`.
+    vks: usize,
+    ak: TileBuf,
+    av: TileBuf,
+    akt: TileBuf,
+}
+
+thread_local! {
+    static GROUP_PACKS: std::cell::RefCell<GroupPacks> =
+        std::cell::RefCell::new(GroupPacks::default());
+}
+
+impl GroupPacks {
+    /// The forward's packs of group (`bi`, `kvh`).
+    fn forward(&mut self, sh: &AttnShape, k: &[f32], v: &[f32], bi: usize, kvh: usize) {
+        let (d, s) = (sh.d, sh.q_len);
+        let kvd = sh.kv_heads * d;
+        let base = bi * s * kvd;
+        pack_rows_forward(&k[base..], s, d, kvd, kvh * d, &mut self.kpan);
+        self.vks = pack_b_pairs(
+            &v[base + kvh * d..],
+            s,
+            d,
+            kvd,
+            round_up(s, 32),
+            &mut self.vpair,
+        );
+    }
+
+    /// The backward's packs of group (`bi`, `kvh`).
+    fn backward(&mut self, sh: &AttnShape, k: &[f32], v: &[f32], bi: usize, kvh: usize) {
+        let (d, s) = (sh.d, sh.q_len);
+        let kvd = sh.kv_heads * d;
+        let base = bi * s * kvd;
+        let kpd = round_up(d, 32);
+        let kt = transpose(&k[base..], s, d, kvd, kvh * d);
+        pack_a(&k[base..], s, d, kvd, kvh * d, kpd, &mut self.ak);
+        pack_a(&v[base..], s, d, kvd, kvh * d, kpd, &mut self.av);
+        pack_a(&kt, d, s, s, 0, round_up(s, 32), &mut self.akt);
+    }
+}
+
+/// Runs `f` with this thread's [`GroupPacks`] (taken out while in use).
+fn with_group_packs<R>(f: impl FnOnce(&mut GroupPacks) -> R) -> R {
+    super::with_thread_local(&GROUP_PACKS, f)
 }
 
 /// Whether [`forward`] / [`backward`] handle `sh` (else the f32 path).
@@ -273,8 +327,10 @@ pub(crate) fn query_parts(nb: usize) -> Vec<Range<usize>> {
     parts
 }
 
-/// Forward of the query blocks `blocks` of one (batch row, kv head) group:
-/// `(o [n_rep][rows][d], lse [n_rep][rows])` for its [`part_rows`].
+/// Forward of one whole (batch row, kv head) group, or of its query blocks
+/// `blocks` alone: `(o [n_rep][rows][d], lse [n_rep][rows])` for their
+/// [`part_rows`]. (The reference the parts are tested against.)
+#[cfg(test)]
 #[allow(clippy::too_many_arguments)]
 fn forward_group(
     sh: &AttnShape,
@@ -286,27 +342,31 @@ fn forward_group(
     kvh: usize,
     blocks: Range<usize>,
 ) -> (Vec<f32>, Vec<f32>) {
+    with_group_packs(|gp| {
+        gp.forward(sh, k, v, bi, kvh);
+        forward_part(sh, q, seg, bi, kvh, blocks, gp)
+    })
+}
+
+/// [`forward_group`] of the query blocks `blocks` on the group's packs.
+fn forward_part(
+    sh: &AttnShape,
+    q: &[f32],
+    seg: Option<&[u32]>,
+    bi: usize,
+    kvh: usize,
+    blocks: Range<usize>,
+    gp: &GroupPacks,
+) -> (Vec<f32>, Vec<f32>) {
     let (d, s, n_rep) = (sh.d, sh.q_len, sh.heads / sh.kv_heads);
-    let kvd = sh.kv_heads * d;
-    let base = bi * s * kvd;
     let kpd = round_up(d, 32);
     let part = part_rows(&blocks, s);
-    // the part's queries see keys 0..part.end
-    let (np, keys) = (part.len(), part.end);
+    let np = part.len();
     let mut o = vec![0f32; n_rep * np * d];
     let mut lse = vec![0f32; n_rep * np];
     with_bufs(|b| {
-        pack_rows_forward(&k[base..], keys, d, kvd, kvh * d, &mut b.kpan);
-        let vpair = &mut b.pairs;
-        let vks = pack_b_pairs(
-            &v[base + kvh * d..],
-            keys,
-            d,
-            kvd,
-            round_up(keys, 32),
-            vpair,
-        );
-        let (kpan, vpair, aq, ap) = (&b.kpan, &b.pairs, &mut b.a1, &mut b.a2);
+        let (kpan, vpair, vks) = (&gp.kpan, &gp.vpair, gp.vks);
+        let (aq, ap) = (&mut b.a1, &mut b.a2);
         for i0 in part.clone().step_by(Q_BLOCK) {
             let rows = Q_BLOCK.min(s - i0);
             let kl = i0 + rows;
@@ -357,34 +417,45 @@ pub fn forward(
         amx::SendPtr(out.as_mut_ptr()),
         amx::SendPtr(lse.as_mut_ptr()),
     );
-    (0..b * kvh * np).into_par_iter().for_each(|task| {
-        let (g, p) = (task / np, task % np);
+    (0..b * kvh).into_par_iter().for_each(|g| {
         let (bi, kv) = (g / kvh, g % kvh);
-        let rows = part_rows(&parts[p], s);
-        let (og, lg) = super::in_task(|| forward_group(sh, q, k, v, seg, bi, kv, parts[p].clone()));
-        // SAFETY: rows `rows` of heads kv·n_rep.. of batch row bi are this
-        // task's alone, inside the capacities.
-        unsafe {
-            super::attention::write_head_rows(
-                po.get(),
-                &og,
-                bi,
-                s,
-                rows.clone(),
-                heads,
-                kv * n_rep,
-                n_rep,
-                d,
-            );
-            // lse is [b][heads][s]
-            for r in 0..n_rep {
-                std::ptr::copy_nonoverlapping(
-                    lg[r * rows.len()..].as_ptr(),
-                    pl.get().add((bi * heads + kv * n_rep + r) * s + rows.start),
-                    rows.len(),
-                );
+        with_group_packs(|gp| {
+            gp.forward(sh, k, v, bi, kv);
+            let gp = &*gp;
+            let task = |p: usize| {
+                let rows = part_rows(&parts[p], s);
+                let (og, lg) =
+                    super::in_task(|| forward_part(sh, q, seg, bi, kv, parts[p].clone(), gp));
+                // SAFETY: rows `rows` of heads kv·n_rep.. of batch row bi are
+                // this part's alone, inside the capacities.
+                unsafe {
+                    super::attention::write_head_rows(
+                        po.get(),
+                        &og,
+                        bi,
+                        s,
+                        rows.clone(),
+                        heads,
+                        kv * n_rep,
+                        n_rep,
+                        d,
+                    );
+                    // lse is [b][heads][s]
+                    for r in 0..n_rep {
+                        std::ptr::copy_nonoverlapping(
+                            lg[r * rows.len()..].as_ptr(),
+                            pl.get().add((bi * heads + kv * n_rep + r) * s + rows.start),
+                            rows.len(),
+                        );
+                    }
+                }
+            };
+            if np == 1 {
+                task(0)
+            } else {
+                (0..np).into_par_iter().for_each(task)
             }
-        }
+        })
     });
     // SAFETY: the b·kvh groups wrote every head of every row, and every lse.
     unsafe {
@@ -507,14 +578,16 @@ fn write_dq(dq: &mut [f32], dqt: &[f32], s: usize, i0: usize, rows: usize, d: us
     }
 }
 
-/// Backward of one (batch row, kv head) group: `(dq [n_rep][q_len][d],
-/// dk [k_len][d], dv [k_len][d])`, the layout [`super::attention::backward`]
-/// scatters.
+/// Backward of one (batch row, kv head) group, or of its query blocks
+/// `blocks` alone: `(dq [n_rep][rows][d]` for their [`part_rows`], `dk
+/// [keys][d], dv [keys][d])` for the keys they see (`0..rows.end`).
 ///
 /// Everything is computed key-major (`Sᵀ = K Qᵀ`, `Pᵀ`, `dPᵀ = V dOᵀ`,
 /// `dSᵀ`): then `Pᵀ` and `dSᵀ` are the A operands of `dV = Pᵀ dO` and
 /// `dK = dSᵀ Q` as they are, K and V are A operands packed once per group,
-/// and only `dQᵀ = Kᵀ dSᵀ` needs K transposed (once per group).
+/// and only `dQᵀ = Kᵀ dSᵀ` needs K transposed (once per group). (The
+/// reference the parts are tested against.)
+#[cfg(test)]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn backward_group(
     sh: &AttnShape,
@@ -529,25 +602,38 @@ pub(crate) fn backward_group(
     kvh: usize,
     blocks: Range<usize>,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    with_group_packs(|gp| {
+        gp.backward(sh, k, v, bi, kvh);
+        backward_part(sh, q, out, lse, dout, seg, bi, kvh, blocks, gp)
+    })
+}
+
+/// [`backward_group`] of the query blocks `blocks` on the group's packs.
+#[allow(clippy::too_many_arguments)]
+fn backward_part(
+    sh: &AttnShape,
+    q: &[f32],
+    out: &[f32],
+    lse: &[f32],
+    dout: &[f32],
+    seg: Option<&[u32]>,
+    bi: usize,
+    kvh: usize,
+    blocks: Range<usize>,
+    gp: &GroupPacks,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let (d, s, n_rep) = (sh.d, sh.q_len, sh.heads / sh.kv_heads);
-    let kvd = sh.kv_heads * d;
     let scale = sh.scale();
-    let base = bi * s * kvd;
     let kpd = round_up(d, 32);
+    let kps = round_up(s, 32);
     let part = part_rows(&blocks, s);
-    // the part's queries see keys 0..part.end: K, V, Kᵀ and dK, dV that far
+    // the part's queries see keys 0..part.end
     let keys = part.end;
-    let kps = round_up(keys, 32);
-    let kt = transpose(&k[base..], keys, d, kvd, kvh * d);
     let mut dq = vec![0f32; n_rep * part.len() * d];
     let mut dk = vec![0f32; keys * d];
     let mut dv = vec![0f32; keys * d];
     with_bufs(|b| {
-        let (ak, av, akt) = (&mut b.a1, &mut b.a2, &mut b.a3);
-        pack_a(&k[base..], keys, d, kvd, kvh * d, kpd, ak);
-        pack_a(&v[base..], keys, d, kvd, kvh * d, kpd, av);
-        pack_a(&kt, d, keys, keys, 0, kps, akt);
-        let (ak, av, akt) = (&*ak, &*av, &*akt);
+        let (ak, av, akt) = (&gp.ak, &gp.av, &gp.akt);
         let b_rows = &mut b.pairs;
         for i0 in part.clone().step_by(Q_BLOCK) {
             let rows = Q_BLOCK.min(s - i0);
@@ -653,45 +739,49 @@ pub fn backward(
     );
     (0..b * kvh).into_par_iter().for_each(|g| {
         let (bi, kv) = (g / kvh, g % kvh);
-        let part = |p: usize| {
-            let r = super::in_task(|| {
-                backward_group(sh, q, k, v, out, lse, dout, seg, bi, kv, parts[p].clone())
-            });
-            // SAFETY: these rows of heads kv·n_rep.. of batch row bi are
-            // this part's alone, inside the capacity.
-            unsafe {
-                super::attention::write_head_rows(
-                    pq.get(),
-                    &r.0,
-                    bi,
-                    s,
-                    part_rows(&parts[p], s),
-                    heads,
-                    kv * n_rep,
-                    n_rep,
-                    d,
-                )
+        with_group_packs(|gp| {
+            gp.backward(sh, k, v, bi, kv);
+            let gp = &*gp;
+            let part = |p: usize| {
+                let r = super::in_task(|| {
+                    backward_part(sh, q, out, lse, dout, seg, bi, kv, parts[p].clone(), gp)
+                });
+                // SAFETY: these rows of heads kv·n_rep.. of batch row bi are
+                // this part's alone, inside the capacity.
+                unsafe {
+                    super::attention::write_head_rows(
+                        pq.get(),
+                        &r.0,
+                        bi,
+                        s,
+                        part_rows(&parts[p], s),
+                        heads,
+                        kv * n_rep,
+                        n_rep,
+                        d,
+                    )
+                };
+                (r.1, r.2)
             };
-            (r.1, r.2)
-        };
-        let sums: Vec<(Vec<f32>, Vec<f32>)> = if parts.len() == 1 {
-            vec![part(0)]
-        } else {
-            (0..parts.len()).into_par_iter().map(part).collect()
-        };
-        let mut sums = sums.into_iter();
-        let (mut gk, mut gv) = sums.next().expect("a group has a part");
-        gk.resize(s * d, 0.0);
-        gv.resize(s * d, 0.0);
-        for (pk, pv) in sums {
-            fastmath::add_assign(&mut gk[..pk.len()], &pk);
-            fastmath::add_assign(&mut gv[..pv.len()], &pv);
-        }
-        // SAFETY: kv head kv of batch row bi is this group's alone.
-        unsafe {
-            super::attention::write_heads(pk.get(), &gk, bi, s, kvh, kv, 1, d);
-            super::attention::write_heads(pv.get(), &gv, bi, s, kvh, kv, 1, d);
-        }
+            let sums: Vec<(Vec<f32>, Vec<f32>)> = if parts.len() == 1 {
+                vec![part(0)]
+            } else {
+                (0..parts.len()).into_par_iter().map(part).collect()
+            };
+            let mut sums = sums.into_iter();
+            let (mut gk, mut gv) = sums.next().expect("a group has a part");
+            gk.resize(s * d, 0.0);
+            gv.resize(s * d, 0.0);
+            for (pk, pv) in sums {
+                fastmath::add_assign(&mut gk[..pk.len()], &pk);
+                fastmath::add_assign(&mut gv[..pv.len()], &pv);
+            }
+            // SAFETY: kv head kv of batch row bi is this group's alone.
+            unsafe {
+                super::attention::write_heads(pk.get(), &gk, bi, s, kvh, kv, 1, d);
+                super::attention::write_heads(pv.get(), &gv, bi, s, kvh, kv, 1, d);
+            }
+        })
     });
     // SAFETY: the tasks wrote every row of every head of dq, the groups
     // every kv head of dk and dv.
@@ -731,7 +821,8 @@ fn backward_group_unfused(
     let mut dk = vec![0f32; s * d];
     let mut dv = vec![0f32; s * d];
     with_bufs(|b| {
-        let (ak, av, akt, a_t) = (&mut b.a1, &mut b.a2, &mut b.a3, &mut b.a4);
+        let (mut ak, mut av, mut akt) = (TileBuf::new(), TileBuf::new(), TileBuf::new());
+        let (ak, av, akt, a_t) = (&mut ak, &mut av, &mut akt, &mut b.a4);
         pack_a(&k[base..], s, d, kvd, kvh * d, kpd, ak);
         pack_a(&v[base..], s, d, kvd, kvh * d, kpd, av);
         pack_a(&kt, d, s, s, 0, kps, akt);
