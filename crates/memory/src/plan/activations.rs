@@ -360,16 +360,64 @@ fn attention_scratch(c: &ModelConfig, p: &PlanInput) -> u64 {
 /// both passes, so the larger counts. glibc gives every thread its own arena
 /// and the trainer raises the trim threshold (`ops::keep_freed_memory`), so
 /// these pages stay resident from the first layer on, through every later
-/// phase and step.
+/// phase and step. With bf16 compute a long sequence's groups run in parts
+/// ([`attention_part_ends`]), whose partial `dK`, `dV` come on top
+/// ([`attention_part_sums`]).
 pub fn worker_arenas(c: &ModelConfig, p: &PlanInput) -> u64 {
     if p.gpu {
         return 0;
     }
     let Dims { a, kv, d, .. } = dims(c);
     let t = p.batch * p.seq;
-    let groups = t * (a * d + 2 * kv * d) * 4;
+    let groups = t * (a * d + 2 * kv * d) * 4 + attention_part_sums(c, p);
     let forward_blocks = t * a * (d + 1) * 4;
     groups.max(forward_blocks) + attention_scratch(c, p)
+}
+
+/// Most parts of a group (`qlora-model` `ops/attention_amx.rs`, `MAX_PARTS`).
+pub const ATTN_MAX_PARTS: u64 = 4;
+/// Causal block pairs a part aims at (`PART_PAIRS` there).
+pub const ATTN_PART_PAIRS: u64 = 40;
+
+/// Where the parts of a group's `nb` query blocks end (`qlora-model`
+/// `ops/attention_amx.rs`, `query_parts`: near-equal causal cost, groups of
+/// up to 8 blocks whole, at most [`ATTN_MAX_PARTS`]).
+pub fn attention_part_ends(nb: u64) -> Vec<u64> {
+    let total = nb * (nb + 1) / 2;
+    let n = total
+        .div_ceil(ATTN_PART_PAIRS)
+        .clamp(1, ATTN_MAX_PARTS.min(nb.max(1)));
+    let mut ends = Vec::with_capacity(n as usize);
+    let mut cost = 0;
+    for j in 0..nb {
+        cost += j + 1;
+        if ends.len() as u64 + 1 == n {
+            break;
+        }
+        let target = total * (ends.len() as u64 + 1) / n;
+        let next = cost + j + 2;
+        if cost >= target || next.abs_diff(target) > cost.abs_diff(target) {
+            ends.push(j + 1);
+        }
+    }
+    ends.push(nb);
+    ends
+}
+
+/// The bf16 attention's backward with a group's queries in several parts:
+/// every part but the first keeps its own `dK`, `dV` over the keys it sees
+/// (`ends · 64` of them, f32) until the group adds them to the first's
+/// (`qlora-model` `attention_amx::backward`), in the worker threads' arenas.
+/// CPU plans with bf16 compute only (the f32 attention is not split).
+fn attention_part_sums(c: &ModelConfig, p: &PlanInput) -> u64 {
+    if p.compute != DType::BF16 {
+        return 0;
+    }
+    let Dims { kv, d, .. } = dims(c);
+    let s = p.seq;
+    let ends = attention_part_ends(s.div_ceil(ATTN_Q_BLOCK));
+    let later: u64 = ends.iter().skip(1).map(|e| (e * ATTN_Q_BLOCK).min(s)).sum();
+    p.batch * kv * later * 2 * d * 4
 }
 
 /// Rows of logits the head computes at once (`ops/cross_entropy.rs`,

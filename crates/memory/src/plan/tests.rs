@@ -488,6 +488,43 @@ fn lora_dropout_buffers_by_hand() {
     );
 }
 
+/// The bf16 attention's parts (`qlora-model` `query_parts`, whose test pins
+/// the same ends) and the later parts' `dK`, `dV` in the worker arenas.
+#[test]
+fn attention_parts_follow_the_trainer() {
+    assert_eq!(activations::attention_part_ends(4), vec![4]);
+    assert_eq!(activations::attention_part_ends(8), vec![8]);
+    assert_eq!(activations::attention_part_ends(16), vec![8, 11, 14, 16]);
+    assert_eq!(activations::attention_part_ends(0), vec![0]);
+    for nb in 9..60 {
+        let ends = activations::attention_part_ends(nb);
+        assert!((2..=4).contains(&ends.len()) && *ends.last().unwrap() == nb);
+    }
+    let c = tiny();
+    // 512 positions (8 blocks): one part, nothing more
+    let short = PlanInput {
+        compute: DType::BF16,
+        ..input(2, 512, false)
+    };
+    let long = PlanInput {
+        compute: DType::BF16,
+        ..input(1, 1024, false)
+    };
+    let f32_long = input(1, 1024, false);
+    let base = |p: &PlanInput| {
+        let t = p.batch * p.seq;
+        t * (4 * 16 + 2 * 2 * 16) * 4 + 2 * 2 * 64 * p.seq * 4
+    };
+    assert_eq!(worker_arenas(&c, &short), base(&short));
+    assert_eq!(worker_arenas(&c, &f32_long), base(&f32_long));
+    // 1024 positions: parts ending at blocks 8, 11, 14, 16; the later three
+    // keep dK, dV over 704, 896 and 1024 keys, per kv head (2), d 16
+    assert_eq!(
+        worker_arenas(&c, &long),
+        base(&long) + 2 * (704 + 896 + 1024) * 2 * 16 * 4
+    );
+}
+
 /// The CPU trainer's `--shard full` over 2 processes, by hand on the tiny model
 /// (NF4 + DQ): each of the 14 projections keeps half of its codes and statistics
 /// but its whole 16-entry map, nested map and offset (64 + 1024 + 4 bytes); the
