@@ -7,6 +7,8 @@
 //! outputs as they come, no transposes); queries sit at key positions
 //! `q_offset .. q_offset + q_len` (non-zero when a KV cache holds the past).
 
+use std::ops::Range;
+
 use rayon::prelude::*;
 
 use super::{fastmath, gemm_view, View};
@@ -112,6 +114,49 @@ impl AttnShape {
         };
         (kstart.min(kend), kend)
     }
+}
+
+/// The query rows of a part of a group's query blocks (`blocks` of
+/// [`Q_BLOCK`], a sequence of `s`): also the keys the part sees, `0..end`.
+pub(crate) fn part_rows(blocks: &Range<usize>, s: usize) -> Range<usize> {
+    (blocks.start * Q_BLOCK).min(s)..(blocks.end * Q_BLOCK).min(s)
+}
+
+/// Causal block pairs a part of a group aims at (query block `j` sees `j + 1`
+/// key blocks): a group of up to 8 blocks (512 queries) stays whole.
+pub(crate) const PART_PAIRS: usize = 40;
+/// Parts of a group at most: each part of the backward keeps its own `dK`,
+/// `dV` over the keys it sees until the group sums them.
+pub(crate) const MAX_PARTS: usize = 4;
+
+/// A group's `nb` query blocks in parts of about equal causal cost, so that
+/// long sequences give the threads more than `b · kv_heads` tasks (with
+/// batch 1 and 3 kv heads, 2 threads were a third idle in the attention; 16
+/// threads have 4-8 kv heads to share). A function of the shape alone:
+/// the backward's sums over parts (below) come out the same on any number
+/// of threads. Each part ends where the running cost comes nearest its
+/// share of the total.
+pub(crate) fn query_parts(nb: usize) -> Vec<Range<usize>> {
+    let total = nb * (nb + 1) / 2;
+    let n = total
+        .div_ceil(PART_PAIRS)
+        .clamp(1, MAX_PARTS.min(nb.max(1)));
+    let mut parts = Vec::with_capacity(n);
+    let (mut start, mut cost) = (0, 0);
+    for j in 0..nb {
+        cost += j + 1;
+        if parts.len() + 1 == n {
+            break;
+        }
+        let target = total * (parts.len() + 1) / n;
+        let next = cost + j + 2;
+        if cost >= target || next.abs_diff(target) > cost.abs_diff(target) {
+            parts.push(start..j + 1);
+            start = j + 1;
+        }
+    }
+    parts.push(start..nb);
+    parts
 }
 
 /// Masked softmax of one score row in place (keys `kstart + j`); returns its
@@ -312,18 +357,24 @@ pub fn backward(
     let n_rep = sh.n_rep();
     let scale = sh.scale();
     let hd = heads * d;
-    // Per (batch, kv head) group: dq of its n_rep query heads, dk, dv.
-    let group = |g: usize| -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    // Per (batch, kv head) group and part of its query blocks (as the tile
+    // path splits them, `query_parts`): dq of the part's rows of its n_rep
+    // query heads, and the part's dk, dv (every key row; a group sums its
+    // parts' in part order).
+    let parts = query_parts(q_len.div_ceil(Q_BLOCK));
+    let group = |g: usize, blocks: Range<usize>| -> (Vec<f32>, Vec<f32>, Vec<f32>) {
         super::in_task(|| {
             let (bi, kvh) = (g / kv_heads, g % kv_heads);
-            let mut dq = vec![0f32; n_rep * q_len * d];
+            let part = part_rows(&blocks, q_len);
+            let np = part.len();
+            let mut dq = vec![0f32; n_rep * np * d];
             let mut dk = vec![0f32; k_len * d];
             let mut dv = vec![0f32; k_len * d];
             let mut p: Vec<f32> = Vec::new();
             let mut dp: Vec<f32> = Vec::new();
             for r in 0..n_rep {
                 let hi = kvh * n_rep + r;
-                for i0 in (0..q_len).step_by(Q_BLOCK) {
+                for i0 in part.clone().step_by(Q_BLOCK) {
                     let i1 = (i0 + Q_BLOCK).min(q_len);
                     let rows = i1 - i0;
                     let (ks, ke) = sh.key_range(i0, i1);
@@ -392,7 +443,7 @@ pub fn backward(
                         View::mat(&dp, rows, kl, false),
                         kn,
                         &mut dq,
-                        (r * q_len + i0) * d,
+                        (r * np + i0 - part.start) * d,
                         d,
                         false,
                         scale,
@@ -428,12 +479,40 @@ pub fn backward(
         super::amx::SendPtr(dv.as_mut_ptr()),
     );
     (0..b * kv_heads).into_par_iter().for_each(|g| {
-        let (gq, gk, gv) = group(g);
         let (bi, kvh) = (g / kv_heads, g % kv_heads);
-        // SAFETY: the rows and head columns below are this group's alone and
-        // inside the capacities (q.len(), k.len(), v.len()).
+        let run = |p: usize| {
+            let (gq, gk, gv) = group(g, parts[p].clone());
+            // SAFETY: these rows of heads kvh·n_rep.. of batch row bi are
+            // this part's alone, inside the capacity.
+            unsafe {
+                write_head_rows(
+                    pq.get(),
+                    &gq,
+                    bi,
+                    q_len,
+                    part_rows(&parts[p], q_len),
+                    heads,
+                    kvh * n_rep,
+                    n_rep,
+                    d,
+                )
+            };
+            (gk, gv)
+        };
+        let sums: Vec<(Vec<f32>, Vec<f32>)> = if parts.len() == 1 {
+            vec![run(0)]
+        } else {
+            (0..parts.len()).into_par_iter().map(run).collect()
+        };
+        let mut sums = sums.into_iter();
+        let (mut gk, mut gv) = sums.next().expect("a group has a part");
+        for (part_k, part_v) in sums {
+            fastmath::add_assign(&mut gk, &part_k);
+            fastmath::add_assign(&mut gv, &part_v);
+        }
+        // SAFETY: kv head kvh of batch row bi is this group's alone, inside
+        // the capacities.
         unsafe {
-            write_heads(pq.get(), &gq, bi, q_len, heads, kvh * n_rep, n_rep, d);
             write_heads(pk.get(), &gk, bi, k_len, kv_heads, kvh, 1, d);
             write_heads(pv.get(), &gv, bi, k_len, kv_heads, kvh, 1, d);
         }
@@ -630,6 +709,22 @@ mod tests {
             None,
         );
         check(sh, Some((0..150).map(|i| (i / 40) as u32).collect()));
+        // long enough for several parts of a group's queries (query_parts)
+        let long = AttnShape {
+            q_len: 600,
+            k_len: 600,
+            heads: 3,
+            ..sh
+        };
+        assert!(query_parts(600usize.div_ceil(Q_BLOCK)).len() > 1);
+        check(long, None);
+        check(
+            AttnShape {
+                window: Some(130),
+                ..long
+            },
+            Some((0..600).map(|i| (i / 250) as u32).collect()),
+        );
     }
 
     #[test]

@@ -19,7 +19,7 @@ use super::amx::{
     self, pack_a, pack_b_forward, pack_b_pairs, product, put_a_row, round_up, to_bf16_padded,
     TileBuf, TILE_U16,
 };
-use super::attention::{softmax_row, AttnShape, Q_BLOCK};
+use super::attention::{part_rows, query_parts, softmax_row, AttnShape, Q_BLOCK};
 use super::fastmath;
 
 /// A slice of `n` floats from `v`, grown (zero-filled) only when `v` is too
@@ -282,49 +282,6 @@ fn probabilities(
         put_a_row(ap, r, kpk, &bf);
     }
     l_out
-}
-
-/// The query rows of a part of a group's query blocks (`blocks` of
-/// [`Q_BLOCK`], a sequence of `s`): also the keys the part sees, `0..end`.
-fn part_rows(blocks: &Range<usize>, s: usize) -> Range<usize> {
-    (blocks.start * Q_BLOCK).min(s)..(blocks.end * Q_BLOCK).min(s)
-}
-
-/// Causal block pairs a part of a group aims at (query block `j` sees `j + 1`
-/// key blocks): a group of up to 8 blocks (512 queries) stays whole.
-const PART_PAIRS: usize = 40;
-/// Parts of a group at most: each part of the backward keeps its own `dK`,
-/// `dV` over the keys it sees until the group sums them.
-const MAX_PARTS: usize = 4;
-
-/// A group's `nb` query blocks in parts of about equal causal cost, so that
-/// long sequences give the threads more than `b · kv_heads` tasks (with
-/// batch 1 and 3 kv heads, 2 threads were a third idle in the attention; 16
-/// threads have 4-8 kv heads to share). A function of the shape alone:
-/// the backward's sums over parts (below) come out the same on any number
-/// of threads. Each part ends where the running cost comes nearest its
-/// share of the total.
-pub(crate) fn query_parts(nb: usize) -> Vec<Range<usize>> {
-    let total = nb * (nb + 1) / 2;
-    let n = total
-        .div_ceil(PART_PAIRS)
-        .clamp(1, MAX_PARTS.min(nb.max(1)));
-    let mut parts = Vec::with_capacity(n);
-    let (mut start, mut cost) = (0, 0);
-    for j in 0..nb {
-        cost += j + 1;
-        if parts.len() + 1 == n {
-            break;
-        }
-        let target = total * (parts.len() + 1) / n;
-        let next = cost + j + 2;
-        if cost >= target || next.abs_diff(target) > cost.abs_diff(target) {
-            parts.push(start..j + 1);
-            start = j + 1;
-        }
-    }
-    parts.push(start..nb);
-    parts
 }
 
 /// Forward of one whole (batch row, kv head) group, or of its query blocks
@@ -772,9 +729,9 @@ pub fn backward(
             let (mut gk, mut gv) = sums.next().expect("a group has a part");
             gk.resize(s * d, 0.0);
             gv.resize(s * d, 0.0);
-            for (pk, pv) in sums {
-                fastmath::add_assign(&mut gk[..pk.len()], &pk);
-                fastmath::add_assign(&mut gv[..pv.len()], &pv);
+            for (part_k, part_v) in sums {
+                fastmath::add_assign(&mut gk[..part_k.len()], &part_k);
+                fastmath::add_assign(&mut gv[..part_v.len()], &part_v);
             }
             // SAFETY: kv head kv of batch row bi is this group's alone.
             unsafe {
@@ -1009,7 +966,7 @@ mod tests {
                 assert_eq!(w[0].end, w[1].start, "nb {nb}: {parts:?}");
                 assert!(!w[0].is_empty(), "nb {nb}: {parts:?}");
             }
-            assert!(parts.len() <= MAX_PARTS);
+            assert!(parts.len() <= super::super::attention::MAX_PARTS);
             if nb <= 8 {
                 assert_eq!(parts.len(), 1, "nb {nb}");
             } else {
