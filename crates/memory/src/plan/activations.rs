@@ -404,19 +404,24 @@ pub fn attention_part_ends(nb: u64) -> Vec<u64> {
     ends
 }
 
-/// The bf16 attention's backward with a group's queries in several parts:
-/// every part but the first keeps its own `dK`, `dV` over the keys it sees
-/// (`ends · 64` of them, f32) until the group adds them to the first's
-/// (`qlora-model` `attention_amx::backward`), in the worker threads' arenas.
-/// CPU plans with bf16 compute only (the f32 attention is not split).
+/// The attention's backward with a group's queries in several parts: every
+/// part but the first keeps its own `dK`, `dV` until the group adds them to
+/// the first's, in the worker threads' arenas: with bf16 compute over the
+/// keys the part sees (`ends · 64`, `qlora-model` `attention_amx::backward`),
+/// in f32 over all of them (`attention::backward`, which also serves
+/// sliding windows).
 fn attention_part_sums(c: &ModelConfig, p: &PlanInput) -> u64 {
-    if p.compute != DType::BF16 {
-        return 0;
-    }
     let Dims { kv, d, .. } = dims(c);
     let s = p.seq;
     let ends = attention_part_ends(s.div_ceil(ATTN_Q_BLOCK));
-    let later: u64 = ends.iter().skip(1).map(|e| (e * ATTN_Q_BLOCK).min(s)).sum();
+    let keys = |e: &u64| {
+        if p.compute == DType::BF16 {
+            (e * ATTN_Q_BLOCK).min(s)
+        } else {
+            s
+        }
+    };
+    let later: u64 = ends.iter().skip(1).map(keys).sum();
     p.batch * kv * later * 2 * d * 4
 }
 
