@@ -721,8 +721,15 @@ mod tests {
     #[test]
     fn max_matches_f32_max_with_nans_and_infinities() {
         let mut cases: Vec<Vec<f32>> = vec![vec![], vec![f32::NEG_INFINITY; 40], vec![f32::NAN; 5]];
-        for n in [1usize, 15, 16, 17, 33, 100] {
+        for n in [1usize, 15, 16, 17, 33, 63, 64, 65, 79, 100, 128, 200, 257] {
             let v: Vec<f32> = (0..n).map(|i| ((i * 37) % 23) as f32 - 11.0).collect();
+            // a single largest value in every position class: each of the
+            // four accumulators, the 16-wide tail, the scalar tail
+            for at in [0, n / 3, n / 2, n - 1, n.saturating_sub(17)] {
+                let mut one = vec![-5.0f32; n];
+                one[at] = 3.5;
+                cases.push(one);
+            }
             let mut nan_first = v.clone();
             nan_first[0] = f32::NAN;
             let mut nan_last = v.clone();
