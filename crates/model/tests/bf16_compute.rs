@@ -3,7 +3,8 @@
 //! gradient's packs, the head's one pass, the dropout masks in the pack's
 //! hook) are chosen per call from the shapes, the ranks and dropout; each
 //! kernel has its own randomized test, and this one checks what they compose
-//! to over a class of models: Llama and Qwen3 (q/k norms), GQA and MHA, tied
+//! to over a class of models: Llama, Qwen3 (q/k norms) and Mistral (sliding
+//! windows longer and shorter than the rows), GQA and MHA, tied
 //! and untied heads, sizes that are no multiple of 16 or 32, ranks below and
 //! above a tile's 32, LoRA on some targets only, DoRA, dropout on and off, padded
 //! rows; NF4, FP4, bf16 and f32 bases. bf16 compute must follow f32 compute within
@@ -295,6 +296,32 @@ fn cases() -> Vec<Case> {
             dropout: 0.2,
             dora: false,
             rows: &[70, 20],
+        },
+        Case {
+            name: "mistral_window_longer_than_the_rows",
+            config: json!({"model_type": "mistral", "hidden_size": 64, "intermediate_size": 160,
+                "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                "head_dim": 16, "vocab_size": 256, "tie_word_embeddings": false,
+                "sliding_window": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0}),
+            quant: QuantMode::Nf4,
+            rank: 8,
+            targets: ALL,
+            dropout: 0.05,
+            dora: false,
+            rows: &[90, 64],
+        },
+        Case {
+            name: "mistral_short_window",
+            config: json!({"model_type": "mistral", "hidden_size": 64, "intermediate_size": 160,
+                "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                "head_dim": 16, "vocab_size": 256, "tie_word_embeddings": false,
+                "sliding_window": 24, "rms_norm_eps": 1e-5, "rope_theta": 10000.0}),
+            quant: QuantMode::Nf4,
+            rank: 8,
+            targets: ALL,
+            dropout: 0.0,
+            dora: false,
+            rows: &[90, 64],
         },
         Case {
             name: "llama_dora_nf4_dropout",

@@ -408,14 +408,19 @@ pub fn attention_part_ends(nb: u64) -> Vec<u64> {
 /// part but the first keeps its own `dK`, `dV` until the group adds them to
 /// the first's, in the worker threads' arenas: with bf16 compute over the
 /// keys the part sees (`ends · 64`, `qlora-model` `attention_amx::backward`),
-/// in f32 over all of them (`attention::backward`, which also serves
-/// sliding windows).
+/// in f32 (and under a Mistral window shorter than the sequence) over all of
+/// them (`attention::backward`).
 fn attention_part_sums(c: &ModelConfig, p: &PlanInput) -> u64 {
     let Dims { kv, d, .. } = dims(c);
     let s = p.seq;
     let ends = attention_part_ends(s.div_ceil(ATTN_Q_BLOCK));
+    // the tile path, unless a Mistral window shorter than the sequence
+    // leaves the attention to the f32 one
+    let short_window = c.architecture == qlora_config::Architecture::Mistral
+        && c.sliding_window.is_some_and(|w| (w as u64) < s);
+    let tiles = p.compute == DType::BF16 && !short_window;
     let keys = |e: &u64| {
-        if p.compute == DType::BF16 {
+        if tiles {
             (e * ATTN_Q_BLOCK).min(s)
         } else {
             s

@@ -527,6 +527,27 @@ fn attention_parts_follow_the_trainer() {
         worker_arenas(&c, &long),
         base(&long) + 2 * (704 + 896 + 1024) * 2 * 16 * 4
     );
+    // a Mistral window shorter than the sequence: the f32 attention's parts
+    // even with bf16 compute; one at least as long: the tiles'
+    let mistral = |w: u64| {
+        ModelConfig::from_json(
+            &serde_json::json!({
+                "model_type": "mistral", "vocab_size": 320, "hidden_size": 64,
+                "intermediate_size": 160, "num_hidden_layers": 2, "num_attention_heads": 4,
+                "num_key_value_heads": 2, "head_dim": 16, "sliding_window": w,
+            }),
+            "mistral",
+        )
+        .unwrap()
+    };
+    assert_eq!(
+        worker_arenas(&mistral(256), &long),
+        base(&long) + 2 * 3 * 1024 * 2 * 16 * 4
+    );
+    assert_eq!(
+        worker_arenas(&mistral(4096), &long),
+        worker_arenas(&c, &long)
+    );
 }
 
 /// The CPU trainer's `--shard full` over 2 processes, by hand on the tiny model

@@ -126,7 +126,9 @@ fn with_group_packs<R>(f: impl FnOnce(&mut GroupPacks) -> R) -> R {
 /// Whether [`forward`] / [`backward`] handle `sh` (else the f32 path).
 pub fn usable(sh: &AttnShape) -> bool {
     sh.bf16
-        && sh.window.is_none()
+        // a sliding window no shorter than the keys masks nothing (Mistral
+        // v0.1's 4096 at every length we train), so causal is all there is
+        && sh.window.is_none_or(|w| w >= sh.k_len)
         && sh.q_offset == 0
         && sh.q_len == sh.k_len
         && sh.d > 0
@@ -952,6 +954,53 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A sliding window at least as long as the keys masks nothing: such
+    /// shapes take the tile path and give the window-free bits; a shorter
+    /// window leaves them to the f32 path.
+    #[test]
+    fn a_window_no_shorter_than_the_keys_takes_the_tiles() {
+        if amx::skip_without_tiles("the tile attention was") {
+            return;
+        }
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        let (b, s, heads, kvh, d) = (2usize, 200usize, 4usize, 2usize, 32usize);
+        let none = AttnShape {
+            b,
+            q_len: s,
+            k_len: s,
+            q_offset: 0,
+            heads,
+            kv_heads: kvh,
+            d,
+            window: None,
+            bf16: true,
+        };
+        let q = rand_vec(b * s * heads * d, 31, 1.5);
+        let k = rand_vec(b * s * kvh * d, 32, 1.5);
+        let v = rand_vec(b * s * kvh * d, 33, 1.0);
+        let dout = rand_vec(b * s * heads * d, 34, 1.0);
+        let (o, l) = attention::forward(&none, &q, &k, &v, None);
+        let grads = attention::backward(&none, &q, &k, &v, &o, &l, &dout, None);
+        for w in [s, s + 1, 4096] {
+            let sh = AttnShape {
+                window: Some(w),
+                ..none
+            };
+            assert!(usable(&sh), "window {w}");
+            let (ow, lw) = attention::forward(&sh, &q, &k, &v, None);
+            assert_eq!(bits(&ow), bits(&o), "out, window {w}");
+            assert_eq!(bits(&lw), bits(&l), "lse, window {w}");
+            let gw = attention::backward(&sh, &q, &k, &v, &o, &l, &dout, None);
+            assert_eq!(bits(&gw.0), bits(&grads.0), "dq, window {w}");
+            assert_eq!(bits(&gw.1), bits(&grads.1), "dk, window {w}");
+            assert_eq!(bits(&gw.2), bits(&grads.2), "dv, window {w}");
+        }
+        assert!(!usable(&AttnShape {
+            window: Some(s - 1),
+            ..none
+        }));
     }
 
     /// A group's query blocks in parts: contiguous, covering every block,
