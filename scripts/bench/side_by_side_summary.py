@@ -74,7 +74,8 @@ def main(work):
         peak = (m.group(1), float(m.group(2))) if m else None
     except OSError:
         pass
-    # (label, our bench runs, the shape's bench runs for its FLOPs, train run, peer runs, compiled run)
+    # (label, our bench runs, our train run, the peer's eager runs, its compiled run); a shape's
+    # model FLOPs come from its no-checkpointing bench runs (shape_runs)
     configs = [
         ("SmolLM2, no checkpointing", ["s1", "s2", "s3", "s4"], "smol", ["s1", "s2", "s3"], "s"),
         ("SmolLM2, checkpointing", ["c1", "c2", "c3"], "smolck", ["c1", "c2"], "c"),

@@ -207,8 +207,39 @@ fn rel_err(got: &AdapterGrads, want: &AdapterGrads) -> (f64, f64, String) {
     ((d2 / w2).sqrt(), worst.0, worst.1)
 }
 
+/// A `model_type` config: hidden `h`, MLP `i`, `layers`, `heads` / `kv`
+/// heads of `d`, vocabulary `v` (`[h, i, layers, heads, kv, d, v]`).
+fn config(model_type: &str, dims: [usize; 7], tied: bool) -> serde_json::Value {
+    let [h, i, layers, heads, kv, d, v] = dims;
+    let (eps, theta) = if model_type == "qwen3" {
+        (1e-6, 1e6)
+    } else {
+        (1e-5, 1e4)
+    };
+    serde_json::json!({"model_type": model_type, "hidden_size": h, "intermediate_size": i,
+        "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv,
+        "head_dim": d, "vocab_size": v, "tie_word_embeddings": tied,
+        "rms_norm_eps": eps, "rope_theta": theta})
+}
+
+/// GQA 3/1 heads of 32 on h 96, an MLP of 200 (off the 32-wide tiles).
+fn llama_gqa_odd() -> serde_json::Value {
+    config("llama", [96, 200, 2, 3, 1, 32, 301], false)
+}
+
+/// Qwen3 with heads wider than h / heads, tied.
+fn qwen3_wide_head() -> serde_json::Value {
+    config("qwen3", [64, 160, 2, 4, 2, 32, 256], true)
+}
+
+/// Mistral with a sliding window of `window`.
+fn mistral(window: usize) -> serde_json::Value {
+    let mut c = config("mistral", [64, 160, 2, 4, 2, 16, 256], false);
+    c["sliding_window"] = window.into();
+    c
+}
+
 fn cases() -> Vec<Case> {
-    use serde_json::json;
     const ALL: &[&str] = &[
         "q_proj",
         "k_proj",
@@ -221,10 +252,7 @@ fn cases() -> Vec<Case> {
     vec![
         Case {
             name: "llama_gqa_odd_mlp_nf4",
-            config: json!({"model_type": "llama", "hidden_size": 96, "intermediate_size": 200,
-                "num_hidden_layers": 2, "num_attention_heads": 3, "num_key_value_heads": 1,
-                "head_dim": 32, "vocab_size": 301, "tie_word_embeddings": false,
-                "rms_norm_eps": 1e-5, "rope_theta": 10000.0}),
+            config: llama_gqa_odd(),
             quant: QuantMode::Nf4,
             rank: 5,
             targets: ALL,
@@ -234,10 +262,7 @@ fn cases() -> Vec<Case> {
         },
         Case {
             name: "llama_gqa_odd_mlp_nf4_dropout",
-            config: json!({"model_type": "llama", "hidden_size": 96, "intermediate_size": 200,
-                "num_hidden_layers": 2, "num_attention_heads": 3, "num_key_value_heads": 1,
-                "head_dim": 32, "vocab_size": 301, "tie_word_embeddings": false,
-                "rms_norm_eps": 1e-5, "rope_theta": 10000.0}),
+            config: llama_gqa_odd(),
             quant: QuantMode::Nf4,
             rank: 5,
             targets: ALL,
@@ -247,10 +272,7 @@ fn cases() -> Vec<Case> {
         },
         Case {
             name: "qwen3_wide_head_tied_dropout",
-            config: json!({"model_type": "qwen3", "hidden_size": 64, "intermediate_size": 160,
-                "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-                "head_dim": 32, "vocab_size": 256, "tie_word_embeddings": true,
-                "rms_norm_eps": 1e-6, "rope_theta": 1000000.0}),
+            config: qwen3_wide_head(),
             quant: QuantMode::Nf4,
             rank: 16,
             targets: ALL,
@@ -260,10 +282,7 @@ fn cases() -> Vec<Case> {
         },
         Case {
             name: "llama_mha_sizes_off_the_tiles_rank_33_f32_base",
-            config: json!({"model_type": "llama", "hidden_size": 72, "intermediate_size": 136,
-                "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 2,
-                "head_dim": 36, "vocab_size": 199, "tie_word_embeddings": true,
-                "rms_norm_eps": 1e-5, "rope_theta": 10000.0}),
+            config: config("llama", [72, 136, 2, 2, 2, 36, 199], true),
             quant: QuantMode::None,
             rank: 33,
             targets: ALL,
@@ -273,10 +292,7 @@ fn cases() -> Vec<Case> {
         },
         Case {
             name: "llama_some_targets_long_rows_fp4",
-            config: json!({"model_type": "llama", "hidden_size": 64, "intermediate_size": 192,
-                "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2,
-                "head_dim": 16, "vocab_size": 320, "tie_word_embeddings": false,
-                "rms_norm_eps": 1e-5, "rope_theta": 10000.0}),
+            config: config("llama", [64, 192, 3, 4, 2, 16, 320], false),
             quant: QuantMode::Fp4,
             rank: 8,
             targets: &["q_proj", "v_proj", "up_proj", "down_proj"],
@@ -286,10 +302,7 @@ fn cases() -> Vec<Case> {
         },
         Case {
             name: "llama_gate_without_up_dropout_bf16_base",
-            config: json!({"model_type": "llama", "hidden_size": 64, "intermediate_size": 192,
-                "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4,
-                "head_dim": 16, "vocab_size": 320, "tie_word_embeddings": false,
-                "rms_norm_eps": 1e-5, "rope_theta": 10000.0}),
+            config: config("llama", [64, 192, 2, 4, 4, 16, 320], false),
             quant: QuantMode::Bf16,
             rank: 12,
             targets: &["k_proj", "o_proj", "gate_proj"],
@@ -299,10 +312,7 @@ fn cases() -> Vec<Case> {
         },
         Case {
             name: "mistral_window_longer_than_the_rows",
-            config: json!({"model_type": "mistral", "hidden_size": 64, "intermediate_size": 160,
-                "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-                "head_dim": 16, "vocab_size": 256, "tie_word_embeddings": false,
-                "sliding_window": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0}),
+            config: mistral(4096),
             quant: QuantMode::Nf4,
             rank: 8,
             targets: ALL,
@@ -312,10 +322,7 @@ fn cases() -> Vec<Case> {
         },
         Case {
             name: "mistral_short_window",
-            config: json!({"model_type": "mistral", "hidden_size": 64, "intermediate_size": 160,
-                "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-                "head_dim": 16, "vocab_size": 256, "tie_word_embeddings": false,
-                "sliding_window": 24, "rms_norm_eps": 1e-5, "rope_theta": 10000.0}),
+            config: mistral(24),
             quant: QuantMode::Nf4,
             rank: 8,
             targets: ALL,
@@ -325,10 +332,7 @@ fn cases() -> Vec<Case> {
         },
         Case {
             name: "llama_dora_nf4_dropout",
-            config: json!({"model_type": "llama", "hidden_size": 96, "intermediate_size": 200,
-                "num_hidden_layers": 2, "num_attention_heads": 3, "num_key_value_heads": 1,
-                "head_dim": 32, "vocab_size": 301, "tie_word_embeddings": false,
-                "rms_norm_eps": 1e-5, "rope_theta": 10000.0}),
+            config: llama_gqa_odd(),
             quant: QuantMode::Nf4,
             rank: 8,
             targets: ALL,
@@ -338,10 +342,7 @@ fn cases() -> Vec<Case> {
         },
         Case {
             name: "qwen3_dora_f32_base",
-            config: json!({"model_type": "qwen3", "hidden_size": 64, "intermediate_size": 160,
-                "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-                "head_dim": 32, "vocab_size": 256, "tie_word_embeddings": true,
-                "rms_norm_eps": 1e-6, "rope_theta": 1000000.0}),
+            config: qwen3_wide_head(),
             quant: QuantMode::None,
             rank: 4,
             targets: &["q_proj", "v_proj", "down_proj"],

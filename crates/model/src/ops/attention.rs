@@ -159,6 +159,32 @@ pub(crate) fn query_parts(nb: usize) -> Vec<Range<usize>> {
     parts
 }
 
+/// Runs `run` on each of a group's `n` parts, in parallel when there are
+/// several, and returns their results in part order.
+pub(crate) fn run_parts<T: Send>(n: usize, run: impl Fn(usize) -> T + Sync + Send) -> Vec<T> {
+    if n == 1 {
+        vec![run(0)]
+    } else {
+        (0..n).into_par_iter().map(run).collect()
+    }
+}
+
+/// A group's `dK`, `dV` (`len` values each) from its parts' (each over a
+/// leading run of the keys): the first part's, grown with zeros to `len`,
+/// then every later one added in part order (the same bits on any number
+/// of threads).
+pub(crate) fn sum_parts(parts: Vec<(Vec<f32>, Vec<f32>)>, len: usize) -> (Vec<f32>, Vec<f32>) {
+    let mut parts = parts.into_iter();
+    let (mut gk, mut gv) = parts.next().expect("a group has a part");
+    gk.resize(len, 0.0);
+    gv.resize(len, 0.0);
+    for (part_k, part_v) in parts {
+        fastmath::add_assign(&mut gk[..part_k.len()], &part_k);
+        fastmath::add_assign(&mut gv[..part_v.len()], &part_v);
+    }
+    (gk, gv)
+}
+
 /// Masked softmax of one score row in place (keys `kstart + j`); returns its
 /// log-sum-exp (−∞ for a row that sees nothing; the row is then all zero).
 pub(crate) fn softmax_row(row: &mut [f32]) -> f32 {
@@ -499,17 +525,7 @@ pub fn backward(
             };
             (gk, gv)
         };
-        let sums: Vec<(Vec<f32>, Vec<f32>)> = if parts.len() == 1 {
-            vec![run(0)]
-        } else {
-            (0..parts.len()).into_par_iter().map(run).collect()
-        };
-        let mut sums = sums.into_iter();
-        let (mut gk, mut gv) = sums.next().expect("a group has a part");
-        for (part_k, part_v) in sums {
-            fastmath::add_assign(&mut gk, &part_k);
-            fastmath::add_assign(&mut gv, &part_v);
-        }
+        let (gk, gv) = sum_parts(run_parts(parts.len(), run), k_len * d);
         // SAFETY: kv head kvh of batch row bi is this group's alone, inside
         // the capacities.
         unsafe {

@@ -19,7 +19,9 @@ use super::amx::{
     self, pack_a, pack_b_forward, pack_b_pairs, product, put_a_row, round_up, to_bf16_padded,
     TileBuf, TILE_U16,
 };
-use super::attention::{part_rows, query_parts, softmax_row, AttnShape, Q_BLOCK};
+use super::attention::{
+    part_rows, query_parts, run_parts, softmax_row, sum_parts, AttnShape, Q_BLOCK,
+};
 use super::fastmath;
 
 /// A slice of `n` floats from `v`, grown (zero-filled) only when `v` is too
@@ -409,11 +411,7 @@ pub fn forward(
                     }
                 }
             };
-            if np == 1 {
-                task(0)
-            } else {
-                (0..np).into_par_iter().for_each(task)
-            }
+            run_parts(np, task);
         })
     });
     // SAFETY: the b·kvh groups wrote every head of every row, and every lse.
@@ -722,19 +720,7 @@ pub fn backward(
                 };
                 (r.1, r.2)
             };
-            let sums: Vec<(Vec<f32>, Vec<f32>)> = if parts.len() == 1 {
-                vec![part(0)]
-            } else {
-                (0..parts.len()).into_par_iter().map(part).collect()
-            };
-            let mut sums = sums.into_iter();
-            let (mut gk, mut gv) = sums.next().expect("a group has a part");
-            gk.resize(s * d, 0.0);
-            gv.resize(s * d, 0.0);
-            for (part_k, part_v) in sums {
-                fastmath::add_assign(&mut gk[..part_k.len()], &part_k);
-                fastmath::add_assign(&mut gv[..part_v.len()], &part_v);
-            }
+            let (gk, gv) = sum_parts(run_parts(parts.len(), part), s * d);
             // SAFETY: kv head kv of batch row bi is this group's alone.
             unsafe {
                 super::attention::write_heads(pk.get(), &gk, bi, s, kvh, kv, 1, d);
@@ -840,6 +826,21 @@ mod tests {
     use super::super::testutil::*;
     use super::*;
 
+    /// A causal bf16 training shape (`b` rows of `s`, `heads` / `kvh` heads of `d`).
+    fn causal(b: usize, s: usize, heads: usize, kvh: usize, d: usize) -> AttnShape {
+        AttnShape {
+            b,
+            q_len: s,
+            k_len: s,
+            q_offset: 0,
+            heads,
+            kv_heads: kvh,
+            d,
+            window: None,
+            bf16: true,
+        }
+    }
+
     /// The AMX path against the f32 path: outputs, lse and the three
     /// gradients within bf16 precision of the operands, on GQA / MHA shapes
     /// with partial tiles (lengths and head sizes off the 32 and 64 grids)
@@ -859,17 +860,7 @@ mod tests {
             (1, 600, 3, 3, 32, false),
             (2, 1030, 2, 1, 16, true),
         ] {
-            let sh = AttnShape {
-                b,
-                q_len: s,
-                k_len: s,
-                q_offset: 0,
-                heads,
-                kv_heads: kvh,
-                d,
-                window: None,
-                bf16: true,
-            };
+            let sh = causal(b, s, heads, kvh, d);
             let f32_sh = AttnShape { bf16: false, ..sh };
             let q = rand_vec(b * s * heads * d, 1, 1.5);
             let k = rand_vec(b * s * kvh * d, 2, 1.5);
@@ -920,17 +911,7 @@ mod tests {
             (1, 5, 1, 1, 8, false),
             (1, 97, 8, 1, 64, false),
         ] {
-            let sh = AttnShape {
-                b,
-                q_len: s,
-                k_len: s,
-                q_offset: 0,
-                heads,
-                kv_heads: kvh,
-                d,
-                window: None,
-                bf16: true,
-            };
+            let sh = causal(b, s, heads, kvh, d);
             let q = rand_vec(b * s * heads * d, 11, 1.5);
             let k = rand_vec(b * s * kvh * d, 12, 1.5);
             let v = rand_vec(b * s * kvh * d, 13, 1.0);
@@ -966,17 +947,7 @@ mod tests {
         }
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         let (b, s, heads, kvh, d) = (2usize, 200usize, 4usize, 2usize, 32usize);
-        let none = AttnShape {
-            b,
-            q_len: s,
-            k_len: s,
-            q_offset: 0,
-            heads,
-            kv_heads: kvh,
-            d,
-            window: None,
-            bf16: true,
-        };
+        let none = causal(b, s, heads, kvh, d);
         let q = rand_vec(b * s * heads * d, 31, 1.5);
         let k = rand_vec(b * s * kvh * d, 32, 1.5);
         let v = rand_vec(b * s * kvh * d, 33, 1.0);
@@ -1045,17 +1016,7 @@ mod tests {
             (1usize, 600usize, 3usize, 3usize, 64usize, false),
             (2, 1030, 4, 2, 32, true),
         ] {
-            let sh = AttnShape {
-                b,
-                q_len: s,
-                k_len: s,
-                q_offset: 0,
-                heads,
-                kv_heads: kvh,
-                d,
-                window: None,
-                bf16: true,
-            };
+            let sh = causal(b, s, heads, kvh, d);
             let nb = s.div_ceil(Q_BLOCK);
             assert!(query_parts(nb).len() > 1);
             let q = rand_vec(b * s * heads * d, 21, 1.5);
@@ -1122,17 +1083,7 @@ mod tests {
             (70, 4, 2, 48, 64, 6, true),
             (5, 1, 1, 8, 0, 5, false),
         ] {
-            let sh = AttnShape {
-                b: 1,
-                q_len: s,
-                k_len: s,
-                q_offset: 0,
-                heads,
-                kv_heads: kvh,
-                d,
-                window: None,
-                bf16: true,
-            };
+            let sh = causal(1, s, heads, kvh, d);
             let q = rand_vec(s * heads * d, 21, 1.5);
             let k = rand_vec(s * kvh * d, 22, 1.5);
             let seg: Option<Vec<u32>> = with_seg.then(|| (0..s).map(|i| (i / 10) as u32).collect());
