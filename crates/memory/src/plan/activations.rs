@@ -453,8 +453,10 @@ pub fn head_chunk_rows(vocab: u64, tokens: u64) -> u64 {
 /// per-position losses (`Vec<Option<f64>>`, 16 B each), and either the
 /// one pass's scratch ([`head_pass_scratch`], `one_pass`: a head packed for
 /// AMX) or one chunk of f32 logits ([`head_chunk_rows`] × V, turned into their
-/// gradient in place) — never all T × V logits. GPU plans keep the full
-/// logits (no chunking there).
+/// gradient in place) with the chunk's gathered rows of `nf` (`rows × h`
+/// f32, then their input gradient: the chunks take the counted positions
+/// only) — never all T × V logits. GPU plans keep the full logits (no
+/// chunking there).
 /// `one_pass`: the head takes the one pass over the vocabulary (bf16
 /// compute); `packs_blocks`: with no kept copy of the head, each slice
 /// packing its blocks ([`head_block_packs`]).
@@ -473,7 +475,7 @@ pub fn logits_and_loss(c: &ModelConfig, p: &PlanInput, one_pass: bool, packs_blo
                 0
             }
     } else {
-        head_chunk_rows(v, t) * v * 4
+        head_chunk_rows(v, t) * (v + h) * 4
     };
     3 * t * h * e + t * 4 + t * 16 + work
 }

@@ -107,11 +107,12 @@ fn tiny_terms_by_hand() {
         .iter()
         .any(|s| s.name == "attn_probs" && s.bytes == 4 * 2048 * 2048 * 4));
     // Head phase: x, final norm output, its gradient (3·T·h), 1/rms, the
-    // per-position losses (16 B each) and one chunk of f32 logits: with
-    // V = 320 the chunk (2^23 / 320 rows) covers all 2048 positions.
+    // per-position losses (16 B each) and one chunk of f32 logits with its
+    // gathered rows of nf: with V = 320 the chunk (2^23 / 320 rows) covers
+    // all 2048 positions.
     assert_eq!(
         logits_and_loss(&c, &p, false, false),
-        3 * 2048 * 64 * 4 + 2048 * 4 + 2048 * 16 + 2048 * 320 * 4
+        3 * 2048 * 64 * 4 + 2048 * 4 + 2048 * 16 + 2048 * (320 + 64) * 4
     );
 }
 
@@ -138,7 +139,7 @@ fn head_chunk_rows_follow_the_trainer() {
     let t = 4096u64;
     assert_eq!(
         logits_and_loss(&smol, &input(1, 4096, false), false, false),
-        3 * t * 576 * 4 + t * 4 + t * 16 + 160 * 49_152 * 4
+        3 * t * 576 * 4 + t * 4 + t * 16 + 160 * (49_152 + 576) * 4
     );
 }
 
@@ -666,13 +667,14 @@ fn cpu_bf16_compute_counts_the_head_copy_and_the_amx_workspace() {
         b.dequant_workspace,
         2 * 160 * 64 + 2 * (1 << 20) + 2 * 128 * 160
     );
-    // the head phase: no chunk of 128 x 320 f32 logits, the one pass's
+    // the head phase: no chunk of 128 x 320 f32 logits (and its 128 x 64
+    // gathered rows), the one pass's
     // scratch instead: 128 counted positions (16 B), 2 slices of 64 rows
     // with their bf16 inputs (64 wide) and probabilities (a block of 256),
     // f32 logits of a block and the gradient accumulator, and each slice's
     // block of 256 head rows packed in both layouts (bf16)
     assert_eq!(
-        b.logits_and_loss + 128 * 320 * 4,
+        b.logits_and_loss + 128 * (320 + 64) * 4,
         a.logits_and_loss
             + 128 * 16
             + 2 * 64 * 2 * (64 + 256)
@@ -704,7 +706,7 @@ fn cpu_bf16_compute_counts_the_head_copy_and_the_amx_workspace() {
     );
     assert_eq!(tb.frozen_weights - tf.frozen_weights, 2 * 2 * 32000 * 2048);
     assert_eq!(
-        tb.logits_and_loss + 128 * 32000 * 4,
+        tb.logits_and_loss + 128 * (32000 + 2048) * 4,
         tf.logits_and_loss + activations::head_pass_scratch(&tl, &bf16p)
     );
     assert_eq!(activations::amx_chunk_elems(&tl, 512, 16, true), 256 * 2048);

@@ -197,25 +197,24 @@ fn one_pass(
 }
 
 /// The lm_head and the loss without the backward (evaluation): `(sum,
-/// count)` as [`forward`] of the whole logits gives them, which only the
-/// head's plain path materializes (`[b·s, vocab]` f32); a head packed for
-/// AMX takes the one pass over the vocabulary ([`online`]), no logits kept.
+/// count)` as [`forward`] of the whole logits gives them, without ever
+/// holding them all: the tile path's one pass over the vocabulary
+/// ([`online`]), or the counted positions a chunk at a time ([`chunked`]).
 pub fn head_loss(head: &FrozenLinear, nf: &[f32], labels: &[i64], s: usize) -> (f64, usize) {
     let t = labels.len();
     assert_eq!(nf.len(), t * head.in_features, "head: input size");
     if let Some(pass) = one_pass(head, nf, labels, s, None) {
         return sum_in_order(&pass.per);
     }
-    let logits = head.forward(nf, t);
-    forward(&logits, labels, s, head.out_features)
+    sum_in_order(&chunked(head, nf, labels, s, None).0)
 }
 
 /// The lm_head, the loss and their backward, never all `[b·s, vocab]`
 /// logits at once. `nf [b·s, hidden]` is the final norm's output. Returns
 /// `(sum, count, d(sum / denominator)/d nf)`; the sum is taken in position
 /// order. A head packed for AMX takes one pass over the vocabulary for all
-/// positions ([`online`]); otherwise a chunk of positions at a time (chunks
-/// without a counted target skipped).
+/// positions ([`online`]); otherwise the counted positions a chunk at a
+/// time ([`chunked`]).
 pub fn head_forward_backward(
     head: &FrozenLinear,
     nf: &[f32],
@@ -224,41 +223,182 @@ pub fn head_forward_backward(
     denominator: f32,
 ) -> (f64, usize, Vec<f32>) {
     super::keep_freed_memory();
-    let (vocab, h) = (head.out_features, head.in_features);
     let t = labels.len();
-    assert_eq!(nf.len(), t * h, "head: input size");
+    assert_eq!(nf.len(), t * head.in_features, "head: input size");
     let inv = 1.0 / denominator;
     if let Some(pass) = one_pass(head, nf, labels, s, Some(inv)) {
         let (sum, count) = sum_in_order(&pass.per);
         return (sum, count, pass.dx.expect("the pass ran its backward"));
     }
-    let rows = head_chunk_rows(vocab, t);
-    let mut dnf = vec![0f32; t * h];
-    let mut per: Vec<Option<f64>> = vec![None; t];
-    let mut logits: Vec<f32> = Vec::new();
-    let mut r0 = 0;
-    while r0 < t {
-        let r1 = (r0 + rows).min(t);
-        if (r0..r1).all(|p| target(labels, s, p) == IGNORE_INDEX) {
-            r0 = r1;
-            continue;
-        }
-        logits.resize((r1 - r0) * vocab, 0.0);
-        let (x, dx) = (&nf[r0 * h..r1 * h], &mut dnf[r0 * h..r1 * h]);
-        head.forward_into(x, r1 - r0, &mut logits);
-        let p = rows_forward_backward(&mut logits, labels, s, vocab, r0, inv);
-        per[r0..r1].copy_from_slice(&p);
-        head.backward_input(&logits, r1 - r0, dx);
-        r0 = r1;
-    }
+    let (per, dnf) = chunked(head, nf, labels, s, Some(inv));
     let (sum, count) = sum_in_order(&per);
-    (sum, count, dnf)
+    (sum, count, dnf.expect("the chunks ran their backward"))
+}
+
+/// The head off the one pass: the logits of the counted positions only, a
+/// chunk of them at a time ([`head_chunk_rows`] of the counted count): their
+/// rows of `nf` gathered, their losses, and with `inv` (the backward) their
+/// input gradient `d(loss · inv)/d nf` scattered back into a `[t, h]`
+/// gradient that is zero at the other positions. Returns the per-position
+/// losses and that gradient. Chat data masks its prompts (the demo's
+/// chatterbot rows: ~61 targets of ~214 tokens), and until this path was
+/// counted-only every position of a chunk with one target paid for its
+/// vocabulary-wide logits; an evaluation kept all `[t, vocab]` logits.
+fn chunked(
+    head: &FrozenLinear,
+    nf: &[f32],
+    labels: &[i64],
+    s: usize,
+    inv: Option<f32>,
+) -> (Vec<Option<f64>>, Option<Vec<f32>>) {
+    let counted = (0..labels.len())
+        .filter(|&p| target(labels, s, p) != IGNORE_INDEX)
+        .count();
+    let rows = head_chunk_rows(head.out_features, counted);
+    chunked_by(head, nf, labels, s, inv, rows)
+}
+
+/// [`chunked`] with `rows` counted positions per chunk (the tests' small
+/// chunks).
+fn chunked_by(
+    head: &FrozenLinear,
+    nf: &[f32],
+    labels: &[i64],
+    s: usize,
+    inv: Option<f32>,
+    rows: usize,
+) -> (Vec<Option<f64>>, Option<Vec<f32>>) {
+    let (vocab, h) = (head.out_features, head.in_features);
+    let t = labels.len();
+    let counted: Vec<(usize, usize)> = (0..t)
+        .filter_map(|p| {
+            let tg = target(labels, s, p);
+            (tg != IGNORE_INDEX).then_some((p, tg as usize))
+        })
+        .collect();
+    let mut per: Vec<Option<f64>> = vec![None; t];
+    let mut dnf = inv.map(|_| vec![0f32; t * h]);
+    if counted.is_empty() {
+        return (per, dnf);
+    }
+    let rows = rows.max(1);
+    // a chunk's rows of nf, then (the backward) of its input gradient
+    let mut xg = vec![0f32; rows.min(counted.len()) * h];
+    let mut logits: Vec<f32> = Vec::new();
+    for chunk in counted.chunks(rows) {
+        let n = chunk.len();
+        let xg = &mut xg[..n * h];
+        for (dst, &(p, _)) in xg.chunks_exact_mut(h).zip(chunk) {
+            dst.copy_from_slice(&nf[p * h..(p + 1) * h]);
+        }
+        logits.resize(n * vocab, 0.0);
+        head.forward_into(xg, n, &mut logits);
+        let losses: Vec<f64> = logits
+            .par_chunks_mut(vocab)
+            .zip(chunk)
+            .map(|(row, &(_, tg))| match inv {
+                Some(inv) => row_forward_backward(row, tg, inv),
+                None => lse(row) - row[tg] as f64,
+            })
+            .collect();
+        for (&(p, _), l) in chunk.iter().zip(losses) {
+            per[p] = Some(l);
+        }
+        if let Some(dnf) = dnf.as_mut() {
+            xg.fill(0.0);
+            head.backward_input(&logits, n, xg);
+            for (src, &(p, _)) in xg.chunks_exact(h).zip(chunk) {
+                dnf[p * h..(p + 1) * h].copy_from_slice(src);
+            }
+        }
+    }
+    (per, dnf)
 }
 
 #[cfg(test)]
 mod tests {
     use super::super::testutil::*;
     use super::*;
+
+    /// The chunked head (f32 products), which gathers the counted positions,
+    /// against the whole logits: the same losses and input gradient (zero at
+    /// the other positions), in chunks of any size, over masks from none to
+    /// all.
+    #[test]
+    fn chunked_head_over_the_counted_positions_matches_the_whole_logits() {
+        use super::super::linear::{BaseCompute, FrozenWeight};
+        let (vocab, h, b, s) = (301, 24, 3, 17);
+        let t = b * s;
+        let head = FrozenLinear {
+            out_features: vocab,
+            in_features: h,
+            weight: FrozenWeight::F32(std::sync::Arc::new(rand_vec(vocab * h, 31, 0.5))),
+            bias: None,
+            compute: BaseCompute::F32,
+            bf16_copy: Default::default(),
+        };
+        let nf = rand_vec(t * h, 32, 1.0);
+        let label = |p: usize| ((p * 37 + 5) % vocab) as i64;
+        // (position, sequence length) -> masked
+        type Mask = fn(usize, usize) -> bool;
+        let masks: [(&str, Mask); 6] = [
+            ("none", |_, _| false),
+            ("all", |_, _| true),
+            // a chat row: its prompt masked, the answer counted
+            ("prompts", |p, s| p % s < 11),
+            ("every other", |p, _| p % 2 == 0),
+            ("the middle sequence", |p, s| (s..2 * s).contains(&p)),
+            ("one target", |p, _| p != 40),
+        ];
+        for (name, masked) in &masks {
+            let labels: Vec<i64> = (0..t)
+                .map(|p| if masked(p, s) { IGNORE_INDEX } else { label(p) })
+                .collect();
+            let den = 9.0f32;
+            // the whole logits: loss, gradient, input gradient
+            let mut logits = head.forward(&nf, t);
+            let (want_sum, want_count) = forward(&logits, &labels, s, vocab);
+            forward_backward_inplace(&mut logits, &labels, s, vocab, den);
+            let mut want_dx = vec![0f32; t * h];
+            head.backward_input(&logits, t, &mut want_dx);
+            let close = |a: f64, b: f64| (a - b).abs() <= 1e-5 * (1.0 + b.abs());
+            for rows in [1, 4, 7, 64] {
+                let (per, dx) = chunked_by(&head, &nf, &labels, s, Some(1.0 / den), rows);
+                let (sum, count) = sum_in_order(&per);
+                assert_eq!(count, want_count, "{name}, rows {rows}");
+                assert!(
+                    close(sum, want_sum),
+                    "{name}, rows {rows}: {sum} vs {want_sum}"
+                );
+                let dx = dx.unwrap();
+                for p in 0..t {
+                    let (got, want) = (&dx[p * h..(p + 1) * h], &want_dx[p * h..(p + 1) * h]);
+                    if per[p].is_none() {
+                        assert!(got.iter().all(|&g| g == 0.0), "{name}: position {p}");
+                    }
+                    for (g, w) in got.iter().zip(want) {
+                        assert!(
+                            (g - w).abs() <= 1e-5 * (1.0 + w.abs()),
+                            "{name}, rows {rows}, position {p}: {g} vs {w}"
+                        );
+                    }
+                }
+                let (fwd, none) = chunked_by(&head, &nf, &labels, s, None, rows);
+                assert!(none.is_none());
+                let f = sum_in_order(&fwd);
+                assert_eq!(f.1, want_count);
+                assert!(close(f.0, want_sum), "{name}, rows {rows}, forward only");
+            }
+            // the public entry points take the chunked path here (f32)
+            let (sum, count, dx) = head_forward_backward(&head, &nf, &labels, s, den);
+            assert_eq!(count, want_count);
+            assert!(close(sum, want_sum), "{name}");
+            assert_eq!(dx.len(), t * h);
+            let (lsum, lcount) = head_loss(&head, &nf, &labels, s);
+            assert_eq!(lcount, want_count);
+            assert!(close(lsum, want_sum), "{name}: head_loss");
+        }
+    }
 
     #[test]
     fn loss_sum_is_bit_identical_whatever_the_thread_count() {
