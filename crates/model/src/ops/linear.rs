@@ -17,6 +17,24 @@ use super::{gemm_view, View};
 /// Elements of W expanded per tile (4 MiB of f32).
 const TILE_ELEMS: usize = 1 << 20;
 
+thread_local! {
+    static TILE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` with this thread's f32 tile of at least `n` elements, kept from
+/// call to call: every user overwrites the rows it reads (`rows_f32`), and a
+/// fresh zeroed tile per call (up to [`TILE_ELEMS`], 4 MiB) was a `memset`
+/// of every f32 weight's bytes on every product. The planner counts it as
+/// the dequantization workspace, which is alive at the peak anyway.
+fn with_tile<R>(n: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    super::with_thread_local(&TILE, |tile| {
+        if tile.len() < n {
+            tile.resize(n, 0.0);
+        }
+        f(&mut tile[..n])
+    })
+}
+
 /// How a frozen weight `[rows, cols]` is held.
 #[derive(Debug, Clone)]
 pub enum FrozenWeight {
@@ -318,9 +336,8 @@ impl FrozenLinear {
             FrozenWeight::F32(w) => {
                 gemm_view(t, o, i, xv, View::mat(w, i, o, true), y, 0, o, false, 1.0)
             }
-            w => {
+            w => with_tile(self.tile_rows() * i, |tile| {
                 let tr = self.tile_rows();
-                let mut tile = vec![0f32; tr * i];
                 let mut r0 = 0;
                 while r0 < o {
                     let r1 = (r0 + tr).min(o);
@@ -330,7 +347,7 @@ impl FrozenLinear {
                     gemm_view(t, r1 - r0, i, xv, wv, y, r0, o, false, 1.0);
                     r0 = r1;
                 }
-            }
+            }),
         }
     }
 
@@ -445,9 +462,8 @@ impl FrozenLinear {
                 true,
                 1.0,
             ),
-            w => {
+            w => with_tile(self.tile_rows() * i, |tile| {
                 let tr = self.tile_rows();
-                let mut tile = vec![0f32; tr * i];
                 let mut r0 = 0;
                 while r0 < o {
                     let r1 = (r0 + tr).min(o);
@@ -473,7 +489,7 @@ impl FrozenLinear {
                     );
                     r0 = r1;
                 }
-            }
+            }),
         }
     }
 
