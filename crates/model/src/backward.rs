@@ -27,17 +27,18 @@ pub struct StepOptions {
     pub checkpointing: bool,
     /// Seed of the LoRA dropout masks (vary it per micro-step).
     pub lora_dropout_seed: u64,
-    /// Where this batch's rows sit in a larger batch whose dropout masks they
-    /// must reproduce (a data-parallel rank's share of the global batch);
-    /// `None` = the batch is the whole batch.
+    /// Where this batch's tokens sit in the batch whose dropout masks they
+    /// must reproduce (a data-parallel rank's share of the global batch, or
+    /// rows the trainer placed together); `None` = the batch is that batch.
     pub dropout_rows: Option<DropoutRows>,
 }
 
-/// Row `j` of the batch is row `rows[j]` of a batch of rows `row_len` tokens long.
+/// The mask position of each token of the batch (row-major): `row ·
+/// row_len + position` in the batch whose masks it reproduces, whose rows
+/// are `row_len` tokens long.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DropoutRows {
-    pub rows: Vec<usize>,
-    pub row_len: usize,
+    pub positions: Vec<usize>,
 }
 
 impl Default for StepOptions {
@@ -106,18 +107,13 @@ impl<B: Backend> Net<'_, B> {
         let mut ctx = self.ctx(batch, Some(opts.lora_dropout_seed))?;
         if let Some(dr) = &opts.dropout_rows {
             ensure!(
-                dr.rows.len() == ctx.b && ctx.s <= dr.row_len,
-                "dropout_rows: {} rows of {} for a batch of {} rows of {}",
-                dr.rows.len(),
-                dr.row_len,
+                dr.positions.len() == ctx.t(),
+                "dropout_rows: {} positions for a batch of {} rows of {}",
+                dr.positions.len(),
                 ctx.b,
                 ctx.s
             );
-            let rows: Vec<usize> = dr
-                .rows
-                .iter()
-                .flat_map(|&g| (0..ctx.s).map(move |p| g * dr.row_len + p))
-                .collect();
+            let rows = dr.positions.clone();
             let ids: Vec<u32> = rows
                 .iter()
                 .map(|&r| u32::try_from(r))

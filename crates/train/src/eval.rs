@@ -6,7 +6,7 @@ use qlora_data::rows::Row;
 use qlora_lora::Adapter;
 use qlora_model::Model;
 
-use crate::batch::{batch_targets, collate};
+use crate::batch::{batch_targets, collate_binned, Binning};
 
 /// Token-weighted mean loss of `rows` in batches, and its perplexity.
 pub fn evaluate_rows(
@@ -31,7 +31,8 @@ pub struct EvalStats {
 }
 
 /// [`evaluate_rows`] with the target count; `None` when no row has an unmasked target.
-/// Rows are right-padded (labels [`qlora_data::IGNORE_INDEX`]) to the longest of the batch.
+/// Rows are right-padded (labels [`qlora_data::IGNORE_INDEX`]) to the longest of the batch,
+/// shorter ones placed together ([`collate_binned`]).
 pub fn eval_stats(
     model: &Model,
     adapter: Option<&Adapter>,
@@ -40,9 +41,11 @@ pub fn eval_stats(
     pad_id: u32,
 ) -> Result<Option<EvalStats>> {
     let (mut sum, mut count) = (0f64, 0usize);
+    let longest = rows.iter().map(Row::len).max().unwrap_or(0);
+    let binning = Binning::for_model(&model.config, longest);
     for chunk in rows.chunks(batch_size.max(1)) {
         let refs: Vec<&Row> = chunk.iter().collect();
-        let b = collate(&refs, pad_id);
+        let b = collate_binned(&refs, pad_id, binning).batch;
         if batch_targets(&b) == 0 {
             continue;
         }

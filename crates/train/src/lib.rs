@@ -32,7 +32,7 @@ pub mod schedule;
 pub mod session;
 pub mod trainer;
 
-pub use batch::collate;
+pub use batch::{collate, collate_binned, Binning, Collated};
 pub use checkpoint::{checkpoint_dir, TrainerState};
 pub use config::{check_lora_dropout, RunSettings, TrainConfig};
 pub use eval::{eval_stats, evaluate_rows, EvalStats};

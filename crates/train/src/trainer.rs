@@ -13,7 +13,7 @@ use qlora_model::{Batch, DropoutRows, Model, StepOptions};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::batch::{batch_targets, collate, row_targets};
+use crate::batch::{batch_targets, collate_binned, row_targets, Binning};
 use crate::config::TrainConfig;
 use crate::eval::evaluate_rows;
 use crate::identity::{fnv_u64, rows_hash, Identity};
@@ -82,6 +82,8 @@ pub struct Trainer<'m> {
     pub(crate) comm: &'m dyn Communicator,
     /// Data-parallel ranks of the run this one resumes (its data order depends on it).
     pub(crate) resumed_world: Option<usize>,
+    /// How micro-batches place short rows together ([`collate_binned`]).
+    binning: Binning,
 }
 
 /// One pad token with its label masked: a batch that computes nothing but
@@ -102,8 +104,10 @@ static SINGLE: SingleProcess = SingleProcess;
 struct Micro {
     /// `None` when the global batch is too short to give this rank a row.
     batch: Option<Batch>,
-    /// Where this rank's rows sit in the global batch (for the dropout masks).
-    dropout_rows: DropoutRows,
+    /// Where this rank's tokens sit in the global batch (for the dropout
+    /// masks); `None` where they sit where they are (one process, no rows
+    /// placed together).
+    dropout_rows: Option<DropoutRows>,
     /// Loss targets of the whole global micro-batch.
     global_targets: usize,
     /// Non-pad tokens of the whole global micro-batch.
@@ -132,6 +136,8 @@ impl<'m> Trainer<'m> {
             .map(|p| Moments::zeros(p.data.len()))
             .collect();
         let order = epoch_order(rows.len(), cfg.seed, 0, cfg.shuffle);
+        let longest = rows.iter().chain(&eval_rows).map(Row::len).max();
+        let binning = Binning::for_model(&model.config, longest.unwrap_or(0));
         Ok(Trainer {
             model,
             cfg,
@@ -150,7 +156,15 @@ impl<'m> Trainer<'m> {
             tokens_seen: 0,
             comm: &SINGLE,
             resumed_world: None,
+            binning,
         })
+    }
+
+    /// How micro-batches place short rows together ([`collate_binned`]);
+    /// `Binning::default()` never does (the padded batches as collated).
+    pub fn with_binning(mut self, binning: Binning) -> Self {
+        self.binning = binning;
+        self
     }
 
     /// Train as one rank of a data-parallel group: `cfg.batch_size` is per
@@ -268,12 +282,25 @@ impl<'m> Trainer<'m> {
         self.data.pos = end;
         let local_idx: Vec<usize> = (rank..global.len()).step_by(world).collect();
         let local: Vec<&Row> = local_idx.iter().map(|&j| global[j]).collect();
+        // the masks of the global batch's padded layout, wherever this rank's
+        // tokens run: the same run with one process or several, binned or not
+        let row_len = global.iter().map(|r| r.len()).max().unwrap_or(0);
+        let (batch, dropout_rows) = if local.is_empty() {
+            (None, None)
+        } else {
+            let c = collate_binned(&local, self.cfg.pad_id, self.binning);
+            let positions = (world > 1 || c.binned).then(|| DropoutRows {
+                positions: c
+                    .sources
+                    .iter()
+                    .map(|src| src.map_or(0, |(r, p)| local_idx[r] * row_len + p))
+                    .collect(),
+            });
+            (Some(c.batch), positions)
+        };
         Micro {
-            batch: (!local.is_empty()).then(|| collate(&local, self.cfg.pad_id)),
-            dropout_rows: DropoutRows {
-                rows: local_idx,
-                row_len: global.iter().map(|r| r.len()).max().unwrap_or(0),
-            },
+            batch,
+            dropout_rows,
             global_targets: global.iter().map(|r| row_targets(r)).sum(),
             global_tokens: global.iter().map(|r| r.len()).sum(),
         }
@@ -326,7 +353,7 @@ impl<'m> Trainer<'m> {
                 loss_denominator: total as f32,
                 checkpointing: self.cfg.checkpointing,
                 lora_dropout_seed: seed,
-                dropout_rows: (world > 1).then(|| m.dropout_rows.clone()),
+                dropout_rows: m.dropout_rows.clone(),
             };
             let (s, c, g) = self
                 .model
@@ -543,7 +570,7 @@ impl<'m> Trainer<'m> {
             let b = match chunks.get(k) {
                 Some(chunk) => {
                     let refs: Vec<&Row> = chunk.iter().collect();
-                    collate(&refs, self.cfg.pad_id)
+                    collate_binned(&refs, self.cfg.pad_id, self.binning).batch
                 }
                 None if sharded => idle_batch(self.cfg.pad_id),
                 None => continue,

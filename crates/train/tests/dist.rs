@@ -12,7 +12,7 @@ use common::{
 use qlora_dist::{Communicator, ThreadGroup};
 use qlora_model::{LoadOptions, Model, QuantMode};
 use qlora_testutil::fixtures as fx;
-use qlora_train::{TrainConfig, Trainer};
+use qlora_train::{collate_binned, Binning, TrainConfig, Trainer};
 
 fn load_model(dir: &str, quant: QuantMode) -> Model {
     Model::from_folder(fx().join(dir), &LoadOptions { quant }).unwrap()
@@ -277,5 +277,48 @@ fn ranks_must_agree_on_settings() {
     });
     for e in errs {
         assert!(e.contains("ranks disagree on the training settings"), "{e}");
+    }
+}
+
+/// Padding-free batching (short rows placed together into one row,
+/// `collate_binned`) trains as the padded batches do: the same losses,
+/// gradient norms and adapter within f32 rounding, dropout masks included
+/// (each token keeps its padded place's mask), with and without
+/// checkpointing and accumulation, on f32 and 4-bit bases.
+#[test]
+fn rows_placed_together_train_as_the_padded_batches() {
+    let rows = uneven_rows(BASE.rows);
+    let refs: Vec<&qlora_data::rows::Row> = rows.iter().take(4).collect();
+    let how = Binning {
+        max_len: 512,
+        attention: 1e-3,
+    };
+    assert!(
+        collate_binned(&refs, 0, how).binned,
+        "the test rows must be placed together"
+    );
+    for (dir, quant) in [
+        ("tiny_llama/model", QuantMode::None),
+        ("tiny_llama/model", QuantMode::Nf4),
+    ] {
+        let model = load_model(dir, quant);
+        for (checkpointing, dropout, accum) in [(false, 0.0, 1), (true, 0.2, 2), (false, 0.2, 1)] {
+            let c = Case {
+                world: 1,
+                batch: 4,
+                accum,
+                checkpointing,
+                dropout,
+                ..BASE
+            };
+            let run = |binning: Binning| {
+                let mut t = fixture_trainer(&model, cfg(&c, c.batch), uneven_rows(c.rows), vec![])
+                    .with_binning(binning);
+                run_to_end(&mut t)
+            };
+            let padded = run(Binning::default());
+            let placed = run(how);
+            assert_ranks_reproduce(&(dir, quant, c), &padded, &[placed]);
+        }
     }
 }
