@@ -66,6 +66,25 @@ impl Batch {
                 );
             }
         }
+        // attention takes a segment's keys as one run (it skips the keys
+        // before a query's run): an id may not come back after another one
+        if let Some(rows) = &self.segment_ids {
+            for (i, r) in rows.iter().enumerate() {
+                let mut seen = std::collections::HashSet::new();
+                for (p, w) in r.windows(2).enumerate() {
+                    if w[0] != w[1] {
+                        seen.insert(w[0]);
+                        ensure!(
+                            !seen.contains(&w[1]),
+                            "batch row {i}: segment id {} comes back at position {} after other ids; \
+                             a segment must be one contiguous run of positions",
+                            w[1],
+                            p + 1
+                        );
+                    }
+                }
+            }
+        }
         Ok((b, s))
     }
 
@@ -95,5 +114,20 @@ impl Logits {
     }
     pub fn into_vec(self) -> Vec<f32> {
         self.data
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_segment_must_be_one_contiguous_run() {
+        let mut b = Batch::from_ids(vec![vec![1, 2, 3, 4, 5]]);
+        b.segment_ids = Some(vec![vec![0, 0, 1, 1, 2]]);
+        assert_eq!(b.dims(10).unwrap(), (1, 5));
+        b.segment_ids = Some(vec![vec![0, 1, 0, 0, 2]]);
+        let e = b.dims(10).unwrap_err().to_string();
+        assert!(e.contains("segment id 0 comes back at position 2"), "{e}");
     }
 }

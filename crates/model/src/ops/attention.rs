@@ -71,16 +71,37 @@ impl AttnShape {
 pub(crate) const Q_BLOCK: usize = 64;
 
 impl AttnShape {
-    /// Whether query `qi` (absolute position) sees key `j` of row `bi`.
-    #[inline]
+    /// Whether query `qi` (absolute position) sees key `j` of row `bi`
+    /// (the definition the masks' fills are tested against).
+    #[cfg(test)]
     pub(crate) fn visible(&self, seg: Option<&[u32]>, bi: usize, qi: usize, j: usize) -> bool {
         j <= qi
             && self.window.is_none_or(|w| qi - j < w)
             && seg.is_none_or(|s| s[bi * self.k_len + j] == s[bi * self.k_len + qi])
     }
+    /// The first position of the segment run position `i` of row `bi` is
+    /// in (0 without segment ids). Segment ids come in contiguous runs
+    /// (`Batch::dims` checks it), so a query sees no key before it.
+    pub(crate) fn run_start(&self, seg: Option<&[u32]>, bi: usize, i: usize) -> usize {
+        let Some(seg) = seg else { return 0 };
+        let row = &seg[bi * self.k_len..(bi + 1) * self.k_len];
+        let id = row[i];
+        row[..i].iter().rposition(|&x| x != id).map_or(0, |j| j + 1)
+    }
+    /// One past the last position of the segment run position `i` of row
+    /// `bi` is in (the row's end without segment ids).
+    pub(crate) fn run_end(&self, seg: Option<&[u32]>, bi: usize, i: usize) -> usize {
+        let Some(seg) = seg else { return self.k_len };
+        let row = &seg[bi * self.k_len..(bi + 1) * self.k_len];
+        let id = row[i];
+        row[i..]
+            .iter()
+            .position(|&x| x != id)
+            .map_or(self.k_len, |j| i + j)
+    }
     /// Sets the scores of the keys query `qi` (absolute position) does not
-    /// see to −∞ in `row` (keys `ks ..`): two slice fills for the causal
-    /// and sliding-window masks, element by element only with segment ids.
+    /// see to −∞ in `row` (keys `ks ..`): two slice fills, the causal mask
+    /// with the sliding window's and the segment run's start.
     pub(crate) fn mask_row(
         &self,
         seg: Option<&[u32]>,
@@ -89,29 +110,28 @@ impl AttnShape {
         ks: usize,
         row: &mut [f32],
     ) {
-        if seg.is_some() {
-            for (j, v) in row.iter_mut().enumerate() {
-                if !self.visible(seg, bi, qi, ks + j) {
-                    *v = f32::NEG_INFINITY;
-                }
-            }
-            return;
-        }
-        // Visible: keys lo..=qi, lo = qi + 1 - window (or 0).
-        let lo = self.window.map_or(0, |w| (qi + 1).saturating_sub(w));
+        // Visible: keys lo..=qi, lo = qi + 1 - window (or 0), and not
+        // before the query's segment run.
+        let lo = self
+            .window
+            .map_or(0, |w| (qi + 1).saturating_sub(w))
+            .max(self.run_start(seg, bi, qi));
         let n = row.len();
         let first = lo.saturating_sub(ks).min(n);
         let end = (qi + 1).saturating_sub(ks).clamp(first, n);
         row[..first].fill(f32::NEG_INFINITY);
         row[end..].fill(f32::NEG_INFINITY);
     }
-    /// Keys `kstart..kend` that queries `i0..i1` can see at most.
-    fn key_range(&self, i0: usize, i1: usize) -> (usize, usize) {
+    /// Keys `kstart..kend` that queries `i0..i1` can see at most: none
+    /// before the window of query `i0` or its segment run (the later
+    /// queries' start no earlier).
+    fn key_range(&self, seg: Option<&[u32]>, bi: usize, i0: usize, i1: usize) -> (usize, usize) {
         let kend = (self.q_offset + i1).min(self.k_len);
         let kstart = match self.window {
             Some(w) => (self.q_offset + i0 + 1).saturating_sub(w),
             None => 0,
-        };
+        }
+        .max(self.run_start(seg, bi, self.q_offset + i0));
         (kstart.min(kend), kend)
     }
 }
@@ -239,7 +259,7 @@ pub fn forward(
                 let kvh = hi / sh.n_rep();
                 let (i0, i1) = (qb * Q_BLOCK, ((qb + 1) * Q_BLOCK).min(q_len));
                 let rows = i1 - i0;
-                let (ks, ke) = sh.key_range(i0, i1);
+                let (ks, ke) = sh.key_range(seg, bi, i0, i1);
                 let kl = ke - ks;
                 let mut o = vec![0f32; rows * d];
                 let mut l = vec![f32::NEG_INFINITY; rows];
@@ -403,7 +423,7 @@ pub fn backward(
                 for i0 in part.clone().step_by(Q_BLOCK) {
                     let i1 = (i0 + Q_BLOCK).min(q_len);
                     let rows = i1 - i0;
-                    let (ks, ke) = sh.key_range(i0, i1);
+                    let (ks, ke) = sh.key_range(seg, bi, i0, i1);
                     let kl = ke - ks;
                     if kl == 0 {
                         continue;
@@ -627,7 +647,7 @@ mod tests {
     }
 
     #[test]
-    fn slice_masks_equal_the_element_by_element_rule() {
+    fn slice_masks_equal_the_element_by_element_rule_with_windows_and_segments() {
         for window in [None, Some(1), Some(3), Some(40)] {
             let sh = AttnShape {
                 b: 1,
@@ -640,20 +660,43 @@ mod tests {
                 window,
                 bf16: false,
             };
-            for qi in 0..64 {
-                for ks in [0, 1, 5, 30, 63] {
-                    for n in [0, 1, 7, 64 - ks] {
-                        let mut row = vec![1f32; n];
-                        sh.mask_row(None, 0, qi, ks, &mut row);
-                        for (j, v) in row.iter().enumerate() {
-                            let want = if sh.visible(None, 0, qi, ks + j) {
-                                1.0
-                            } else {
-                                f32::NEG_INFINITY
-                            };
-                            assert_eq!(*v, want, "window {window:?} qi {qi} ks {ks} j {j}");
+            // segment runs: none, one, uneven runs of a packed row
+            let runs: Vec<u32> = [1usize, 12, 3, 20, 28]
+                .iter()
+                .enumerate()
+                .flat_map(|(id, &n)| std::iter::repeat_n(id as u32, n))
+                .collect();
+            let halves: Vec<u32> = (0..64).map(|i| (i / 32) as u32).collect();
+            for seg in [None, Some(&halves[..]), Some(&runs[..])] {
+                for qi in 0..64 {
+                    for ks in [0, 1, 5, 30, 63] {
+                        for n in [0, 1, 7, 64 - ks] {
+                            let mut row = vec![1f32; n];
+                            sh.mask_row(seg, 0, qi, ks, &mut row);
+                            for (j, v) in row.iter().enumerate() {
+                                let want = if sh.visible(seg, 0, qi, ks + j) {
+                                    1.0
+                                } else {
+                                    f32::NEG_INFINITY
+                                };
+                                assert_eq!(
+                                    *v,
+                                    want,
+                                    "window {window:?} seg {} qi {qi} ks {ks} j {j}",
+                                    seg.is_some()
+                                );
+                            }
                         }
                     }
+                }
+                // a run's bounds
+                for i in 0..64 {
+                    let (a, e) = (sh.run_start(seg, 0, i), sh.run_end(seg, 0, i));
+                    assert!(a <= i && i < e, "run of {i}: {a}..{e}");
+                    let id = seg.map(|s| s[i]);
+                    assert!((a..e).all(|j| seg.map(|s| s[j]) == id));
+                    assert!(a == 0 || seg.unwrap()[a - 1] != id.unwrap());
+                    assert!(e == 64 || seg.unwrap()[e] != id.unwrap());
                 }
             }
         }

@@ -230,6 +230,23 @@ fn mul(
     n: usize,
     acc: bool,
 ) {
+    mul_from(a, kp, m, 0, b, ks, bstride, c, n, acc)
+}
+
+/// [`mul`] over A's k-steps `ks0..ks0 + ks`.
+#[allow(clippy::too_many_arguments)]
+fn mul_from(
+    a: &[u16],
+    kp: usize,
+    m: usize,
+    ks0: usize,
+    b: &[u16],
+    ks: usize,
+    bstride: usize,
+    c: &mut [f32],
+    n: usize,
+    acc: bool,
+) {
     let mp = round_up(m, 32);
     for nb in 0..n.div_ceil(32) {
         let nn = 32.min(n - nb * 32);
@@ -238,7 +255,7 @@ fn mul(
             kp,
             mp,
             m,
-            0,
+            ks0,
             &b[nb * 2 * bstride * TILE_U16..],
             ks,
             bstride,
@@ -250,11 +267,12 @@ fn mul(
     }
 }
 
-/// The scores of a group's stacked queries against keys `0..kl` into `s`
-/// (`[m, kl]`, scale folded into `qg`), masked, soft-maxed to
-/// probabilities, which also go into `ap` as bf16 (the A operand of `P V`,
-/// [`pack_a`]'s layout with `round_up(kl, 32)` columns) while each row is in
-/// L1; returns their log-sum-exp per row.
+/// The scores of a group's stacked queries against keys `k0..kl` into `s`
+/// (`[m, kl - k0]`, scale folded into `qg`; `kpan`: the panels from key
+/// `k0`), masked, soft-maxed to probabilities, which also go into `ap` as
+/// bf16 (the A operand of `P V`, [`pack_a`]'s layout with `round_up(kl -
+/// k0, 32)` columns) while each row is in L1; returns their log-sum-exp per
+/// row.
 #[allow(clippy::too_many_arguments)]
 fn probabilities(
     sh: &AttnShape,
@@ -264,19 +282,21 @@ fn probabilities(
     rows: usize,
     aq: &[u16],
     kpan: &[u16],
+    k0: usize,
     kl: usize,
     s: &mut [f32],
     ap: &mut TileBuf,
 ) -> Vec<f32> {
     let mq = (sh.heads / sh.kv_heads) * rows;
-    times_rows(aq, round_up(sh.d, 32), mq, kpan, kl, s);
-    let kpk = round_up(kl, 32);
+    let nk = kl - k0;
+    times_rows(aq, round_up(sh.d, 32), mq, kpan, nk, s);
+    let kpk = round_up(nk, 32);
     ap.resize(round_up(mq, 32) * kpk);
     let mut bf = vec![0u16; kpk];
     let mut l_out = vec![0f32; mq];
-    for (row_i, row) in s.chunks_mut(kl).enumerate() {
+    for (row_i, row) in s.chunks_mut(nk).enumerate() {
         let qi = i0 + row_i % rows;
-        sh.mask_row(seg, bi, qi, 0, row);
+        sh.mask_row(seg, bi, qi, k0, row);
         l_out[row_i] = softmax_row(row);
         to_bf16_padded(row, &mut bf);
         put_a_row(ap, row_i, kpk, &bf);
@@ -328,18 +348,24 @@ fn forward_part(
     with_bufs(|b| {
         let (kpan, vpair, vks) = (&gp.kpan, &gp.vpair, gp.vks);
         let (aq, ap) = (&mut b.a1, &mut b.a2);
+        // a forward-layout panel: 32 keys, two streams of kpd/32 tiles
+        let per = 2 * (kpd / 32) * TILE_U16;
         for i0 in part.clone().step_by(Q_BLOCK) {
             let rows = Q_BLOCK.min(s - i0);
             let kl = i0 + rows;
+            // no key before the block's first segment run (whole panels)
+            let k0 = sh.run_start(seg, bi, i0) / 32 * 32;
             let mq = n_rep * rows;
             let qg = grow(&mut b.q, mq * d);
             gather(sh, q, bi, kvh, i0, rows, sh.scale(), qg);
             pack_a(qg, mq, d, d, 0, kpd, aq);
-            let p = grow(&mut b.s, mq * kl);
-            let l = probabilities(sh, seg, bi, i0, rows, aq, kpan, kl, p, ap);
-            let kpk = round_up(kl, 32);
+            let p = grow(&mut b.s, mq * (kl - k0));
+            let kp = &kpan[k0 / 32 * per..];
+            let l = probabilities(sh, seg, bi, i0, rows, aq, kp, k0, kl, p, ap);
+            let kpk = round_up(kl - k0, 32);
             let og = grow(&mut b.o, mq * d);
-            mul(ap, kpk, mq, vpair, kpk / 32, vks, og, d, false);
+            let vp = &vpair[k0 / 32 * TILE_U16..];
+            mul(ap, kpk, mq, vp, kpk / 32, vks, og, d, false);
             for r in 0..n_rep {
                 for ii in 0..rows {
                     let at = r * np + i0 - part.start + ii;
@@ -481,7 +507,9 @@ fn block_stats(
 }
 
 /// Key `j`'s key-major row of a block's scores (`n_rep` heads × `rows`
-/// queries from `i0`): −∞ where a query does not see the key.
+/// queries from `i0`): −∞ where a query does not see the key. Key `j` is
+/// seen by the queries from `j` to the end of its segment run (and of its
+/// window): two slice fills per head.
 fn mask_key_row(
     sh: &AttnShape,
     seg: Option<&[u32]>,
@@ -491,17 +519,14 @@ fn mask_key_row(
     j: usize,
     row: &mut [f32],
 ) {
+    let end = sh
+        .run_end(seg, bi, j)
+        .min(sh.window.map_or(usize::MAX, |w| j.saturating_add(w)));
+    let lo = j.saturating_sub(i0).min(rows);
+    let hi = end.saturating_sub(i0).clamp(lo, rows);
     for blk in row.chunks_mut(rows) {
-        match seg {
-            None => blk[..j.saturating_sub(i0).min(rows)].fill(f32::NEG_INFINITY),
-            Some(_) => {
-                for (ii, x) in blk.iter_mut().enumerate() {
-                    if !sh.visible(seg, bi, i0 + ii, j) {
-                        *x = f32::NEG_INFINITY;
-                    }
-                }
-            }
-        }
+        blk[..lo].fill(f32::NEG_INFINITY);
+        blk[hi..].fill(f32::NEG_INFINITY);
     }
 }
 
@@ -595,8 +620,12 @@ fn backward_part(
         for i0 in part.clone().step_by(Q_BLOCK) {
             let rows = Q_BLOCK.min(s - i0);
             let kl = i0 + rows;
+            // keys k0..kl: none before the block's first segment run (whole
+            // 32-key steps, so that the group's packs are read from k0)
+            let k0 = sh.run_start(seg, bi, i0) / 32 * 32;
+            let nk = kl - k0;
             let mq = n_rep * rows;
-            let (kpk, kpm) = (round_up(kl, 32), round_up(mq, 32));
+            let (kpk, kpm) = (round_up(nk, 32), round_up(mq, 32));
             let qg = grow(&mut b.q, mq * d);
             gather(sh, q, bi, kvh, i0, rows, scale, qg);
             let dog = grow(&mut b.d, mq * d);
@@ -611,10 +640,11 @@ fn backward_part(
             // operands that use them (Pᵀ and dSᵀ as A, dSᵀ as B along keys)
             // while the rows are in L1, instead of passes over the f32 blocks
             // for the softmax, the gradient and three packs.
-            let pt = grow(&mut b.s, kl * mq);
-            times_rows(ak, kpd, kl, bq, mq, pt);
-            let dst = grow(&mut b.t, kl * mq);
-            times_rows(av, kpd, kl, bdo, mq, dst);
+            // K and V as A operands from row k0 (rows of 16, kpd wide)
+            let pt = grow(&mut b.s, nk * mq);
+            times_rows(&ak[k0 * kpd..], kpd, nk, bq, mq, pt);
+            let dst = grow(&mut b.t, nk * mq);
+            times_rows(&av[k0 * kpd..], kpd, nk, bdo, mq, dst);
             let (a_p, a_ds, b_ds) = (&mut b.a4, &mut b.a5, &mut b.bds);
             a_p.resize(kpk * kpm);
             a_ds.resize(kpk * kpm);
@@ -622,15 +652,16 @@ fn backward_part(
             let mut bf = [vec![0u16; kpm], vec![0u16; kpm], vec![0u16; kpm]];
             for jp in (0..kpk).step_by(2) {
                 for e in 0..2 {
+                    // key k0 + j
                     let j = jp + e;
                     let [p_bf, ds_lo, ds_hi] = &mut bf;
                     let ds_bf = if e == 0 { ds_lo } else { ds_hi };
-                    if j >= kl {
+                    if j >= nk {
                         p_bf.fill(0);
                         ds_bf.fill(0);
                     } else {
                         let row = &mut pt[j * mq..(j + 1) * mq];
-                        mask_key_row(sh, seg, bi, i0, rows, j, row);
+                        mask_key_row(sh, seg, bi, i0, rows, k0 + j, row);
                         let drow = &mut dst[j * mq..(j + 1) * mq];
                         fastmath::exp_sub_grad(row, &shift, drow, &dsum);
                         to_bf16_padded(row, p_bf);
@@ -641,15 +672,35 @@ fn backward_part(
                 }
                 put_b_pair(b_ds, jp, kpk / 32, &bf[1], &bf[2]);
             }
-            // dV[0..kl] += Pᵀ dO ; dK[0..kl] += dSᵀ (scale·Q)
+            // dV[k0..kl] += Pᵀ dO ; dK[k0..kl] += dSᵀ (scale·Q)
             let ks = pack_b_pairs(dog, mq, d, d, kpm, b_rows);
-            mul(a_p, kpm, kl, b_rows, ks, ks, &mut dv[..kl * d], d, true);
+            mul(
+                a_p,
+                kpm,
+                nk,
+                b_rows,
+                ks,
+                ks,
+                &mut dv[k0 * d..kl * d],
+                d,
+                true,
+            );
             let ks = pack_b_pairs(qg, mq, d, d, kpm, b_rows);
-            mul(a_ds, kpm, kl, b_rows, ks, ks, &mut dk[..kl * d], d, true);
-            // dQᵀ = Kᵀ dSᵀ (keys 0..kl of Kᵀ), dq = scale · dQ
+            mul(
+                a_ds,
+                kpm,
+                nk,
+                b_rows,
+                ks,
+                ks,
+                &mut dk[k0 * d..kl * d],
+                d,
+                true,
+            );
+            // dQᵀ = Kᵀ dSᵀ (keys k0..kl of Kᵀ), dq = scale · dQ
             let ks = kpk / 32;
             let dqt = grow(&mut b.o, d * mq);
-            mul(akt, kps, d, b_ds, ks, ks, dqt, mq, false);
+            mul_from(akt, kps, d, k0 / 32, b_ds, ks, ks, dqt, mq, false);
             write_dq(&mut dq, dqt, part.len(), i0 - part.start, rows, d, scale);
         }
     });
@@ -1100,11 +1151,42 @@ mod tests {
             let mut ap = TileBuf::new();
             ap.resize(7);
             ap.fill(9);
-            probabilities(&sh, seg, 0, i0, rows, &aq, &kpan, kl, &mut p, &mut ap);
+            probabilities(&sh, seg, 0, i0, rows, &aq, &kpan, 0, kl, &mut p, &mut ap);
             let mut want = TileBuf::new();
             pack_a(&p, mq, kl, kl, 0, round_up(kl, 32), &mut want);
             assert_eq!(&ap[..], &want[..], "s {s} heads {heads}/{kvh} i0 {i0}");
             assert!(p.iter().any(|x| *x > 0.0));
+        }
+    }
+
+    /// A key's row of a block's scores is masked exactly where the
+    /// element-by-element rule says, segment runs included.
+    #[test]
+    fn key_rows_mask_as_the_element_by_element_rule() {
+        let (s, rows, n_rep) = (150usize, 64usize, 3usize);
+        let sh = causal(1, s, 3, 1, 8);
+        let runs: Vec<u32> = [5usize, 40, 2, 70, 33]
+            .iter()
+            .enumerate()
+            .flat_map(|(id, &n)| std::iter::repeat_n(id as u32, n))
+            .collect();
+        for seg in [None, Some(&runs[..])] {
+            for i0 in [0, 64, 128] {
+                let rows = rows.min(s - i0);
+                for j in 0..(i0 + rows) {
+                    let mut row = vec![1f32; n_rep * rows];
+                    mask_key_row(&sh, seg, 0, i0, rows, j, &mut row);
+                    for (c, v) in row.iter().enumerate() {
+                        let qi = i0 + c % rows;
+                        let want = if sh.visible(seg, 0, qi, j) {
+                            1.0
+                        } else {
+                            f32::NEG_INFINITY
+                        };
+                        assert_eq!(*v, want, "seg {} i0 {i0} key {j} query {qi}", seg.is_some());
+                    }
+                }
+            }
         }
     }
 
