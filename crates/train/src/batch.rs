@@ -53,9 +53,9 @@ pub struct Collated {
 pub const BIN_MIN_LEN: usize = 512;
 
 /// How [`collate_binned`] may place rows together: into rows of at most
-/// `max_len` tokens, where the estimated work `positions · (1 + attention ·
-/// row length)` is lower than the padded batch's. `attention` is a causal
-/// attention's work per position per token of row length relative to a
+/// `max_len` tokens, with no more positions than the padded batch, where
+/// the estimated work ([`Binning::layout_cost`]) is lower. `attention` is a
+/// causal attention's work per position per token of its span relative to a
 /// position's linear work; 0 places nothing together.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Binning {
@@ -85,9 +85,27 @@ impl Binning {
         }
     }
 
-    /// The estimated work of `rows` rows of `len` positions.
-    fn cost(&self, rows: usize, len: usize) -> f64 {
-        (rows * len) as f64 * (1.0 + self.attention * len as f64)
+    /// The estimated work of `bins` (each a row of `rows` placed together)
+    /// as rows of `len` positions, in units of a position's linear work:
+    /// the positions, plus `attention · n · (n + 32)` for each span
+    /// attention runs over: each part of a row with segment ids and its
+    /// padding (attention skips the keys before a part, from a 32-key step),
+    /// a whole row without.
+    fn layout_cost(&self, rows: &[&Row], bins: &[Vec<usize>], len: usize, segmented: bool) -> f64 {
+        let span = |n: usize| self.attention * (n * (n + 32)) as f64;
+        let mut cost = (bins.len() * len) as f64;
+        for bin in bins {
+            if segmented {
+                let parts = bin
+                    .iter()
+                    .flat_map(|&r| rows[r].parts.iter().map(|p| p.len()));
+                let fill: usize = parts.clone().sum();
+                cost += parts.map(span).sum::<f64>() + span(len - fill);
+            } else {
+                cost += span(len);
+            }
+        }
+        cost
     }
 }
 
@@ -131,9 +149,10 @@ pub fn collate_binned(rows: &[&Row], pad_id: u32, how: Binning) -> Collated {
     }
 }
 
-/// The cheapest placement ([`Binning::cost`]) of first-fit decreasing over
-/// the capacities from the longest row to `max_len` (or all the tokens),
-/// the rows one to a row among them; ties keep fewer tokens a row.
+/// The cheapest placement ([`Binning::layout_cost`]) of first-fit
+/// decreasing over the capacities from the longest row to `max_len` (or
+/// all the tokens), with no more positions than the padded batch; the
+/// padded batch (rows one to a row) wins ties.
 fn best_bins(rows: &[&Row], how: Binning) -> Vec<Vec<usize>> {
     let longest = rows.iter().map(|r| r.len()).max().unwrap_or(0);
     let total: usize = rows.iter().map(|r| r.len()).sum();
@@ -141,16 +160,25 @@ fn best_bins(rows: &[&Row], how: Binning) -> Vec<Vec<usize>> {
     if how.attention <= 0.0 || rows.len() < 2 || longest == 0 {
         return one_each;
     }
-    let mut best = (how.cost(rows.len(), longest), one_each);
+    let segmented = rows.iter().any(|r| r.parts.len() > 1);
+    let padded = rows.len() * longest;
+    let mut best = (
+        how.layout_cost(rows, &one_each, longest, segmented),
+        one_each,
+    );
     let top = how.max_len.max(longest).min(total);
     // capacities a few tokens apart: the fills are what count, not the cap
     let step = ((top - longest) / 64).max(1);
     for cap in (longest + step..=top).step_by(step) {
         let bins = first_fit_decreasing(rows, cap);
         let fill = bins.iter().map(|(used, _)| *used).max().unwrap_or(0);
-        let cost = how.cost(bins.len(), fill);
+        if bins.len() * fill > padded {
+            continue;
+        }
+        let bins: Vec<Vec<usize>> = bins.into_iter().map(|(_, b)| b).collect();
+        let cost = how.layout_cost(rows, &bins, fill, true);
         if cost < best.0 {
-            best = (cost, bins.into_iter().map(|(_, b)| b).collect());
+            best = (cost, bins);
         }
     }
     best.1
@@ -257,6 +285,22 @@ mod tests {
         assert_eq!(batch_targets(b), batch_targets(&plain));
     }
 
+    /// The source rows of each placed row, from `sources`.
+    fn bins_of(c: &Collated, n_rows: usize) -> Vec<Vec<usize>> {
+        let s = c.batch.input_ids[0].len();
+        let bins: Vec<Vec<usize>> = c
+            .sources
+            .chunks(s)
+            .map(|row| {
+                let mut b: Vec<usize> = row.iter().flatten().map(|&(r, _)| r).collect();
+                b.dedup();
+                b
+            })
+            .collect();
+        assert_eq!(bins.iter().map(Vec::len).sum::<usize>(), n_rows);
+        bins
+    }
+
     #[test]
     fn short_rows_of_varied_lengths_are_placed_together() {
         // the demo's kind of batch: chat rows of 30-60 tokens, prompts masked
@@ -298,10 +342,18 @@ mod tests {
             let c = collate_binned(&refs, 0, how);
             let (n, s) = (c.batch.input_ids.len(), c.batch.input_ids[0].len());
             let longest = *lens.iter().max().unwrap();
+            let one_each: Vec<Vec<usize>> = (0..lens.len()).map(|r| vec![r]).collect();
+            let placed: Vec<Vec<usize>> = if c.binned {
+                bins_of(&c, lens.len())
+            } else {
+                one_each.clone()
+            };
             assert!(
-                how.cost(n, s) <= how.cost(lens.len(), longest),
+                how.layout_cost(&refs, &placed, s, c.binned)
+                    <= how.layout_cost(&refs, &one_each, longest, false),
                 "{lens:?}: {n} x {s}"
             );
+            assert!(n * s <= lens.len() * longest, "{lens:?}: {n} x {s}");
             assert!(s <= max_len.max(longest), "{lens:?}: rows of {s}");
             assert_eq!(c.binned, n < lens.len(), "{lens:?}");
             check_sources(&refs, &c);
