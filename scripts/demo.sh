@@ -9,7 +9,7 @@
 #      before vs after;
 #   4. answer a question with the trained adapter.
 # Outputs land in runs/demo (metrics.jsonl, loss.svg, samples.md, PEFT adapter). Re-running replaces them.
-# After the release build: 1.5 min on 2 AMD Zen 4 cores (91 s, ~200 training tokens/s, 2026-12-07); 4.5 min
+# After the release build: 80 s on 2 AMD Zen 4 cores (~230 training tokens/s, 2026-12-07); 4.5 min
 # was measured on 2 Zen 3 cores (AVX2 only) before the CPU speed work (BENCHMARKS.md, the demo end to end).
 set -euo pipefail
 cd "$(dirname "$0")/.."
