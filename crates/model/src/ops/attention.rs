@@ -99,23 +99,44 @@ impl AttnShape {
             .position(|&x| x != id)
             .map_or(self.k_len, |j| i + j)
     }
-    /// Sets the scores of the keys query `qi` (absolute position) does not
-    /// see to −∞ in `row` (keys `ks ..`): two slice fills, the causal mask
-    /// with the sliding window's and the segment run's start.
-    pub(crate) fn mask_row(
+    /// [`Self::run_start`] of each position of `rows` (row `bi`): one scan
+    /// back from the first, then a comparison per position, instead of a
+    /// scan per query row of every block.
+    pub(crate) fn run_starts(
         &self,
         seg: Option<&[u32]>,
         bi: usize,
-        qi: usize,
-        ks: usize,
-        row: &mut [f32],
-    ) {
+        rows: Range<usize>,
+    ) -> Vec<usize> {
+        let Some(ids) = seg else {
+            return vec![0; rows.len()];
+        };
+        let row = &ids[bi * self.k_len..(bi + 1) * self.k_len];
+        let mut start = if rows.is_empty() {
+            0
+        } else {
+            self.run_start(seg, bi, rows.start)
+        };
+        rows.clone()
+            .map(|i| {
+                if i > rows.start && row[i] != row[i - 1] {
+                    start = i;
+                }
+                start
+            })
+            .collect()
+    }
+    /// Sets the scores of the keys query `qi` (absolute position) does not
+    /// see to −∞ in `row` (keys `ks ..`): two slice fills, the causal mask
+    /// with the sliding window's and the start of the query's segment run
+    /// (`run_start`, [`Self::run_starts`]; 0 without segment ids).
+    pub(crate) fn mask_row(&self, run_start: usize, qi: usize, ks: usize, row: &mut [f32]) {
         // Visible: keys lo..=qi, lo = qi + 1 - window (or 0), and not
         // before the query's segment run.
         let lo = self
             .window
             .map_or(0, |w| (qi + 1).saturating_sub(w))
-            .max(self.run_start(seg, bi, qi));
+            .max(run_start);
         let n = row.len();
         let first = lo.saturating_sub(ks).min(n);
         let end = (qi + 1).saturating_sub(ks).clamp(first, n);
@@ -272,9 +293,10 @@ pub fn forward(
                 let mut kv = sh.kv_view(k, bi, kvh, true);
                 kv.off += ks * kv.cs;
                 gemm_view(rows, kl, d, qv, kv, &mut p, 0, kl, false, scale);
+                let starts = sh.run_starts(seg, bi, q_offset + i0..q_offset + i1);
                 for (r, row) in p.chunks_mut(kl).enumerate() {
                     let qi = q_offset + i0 + r;
-                    sh.mask_row(seg, bi, qi, ks, row);
+                    sh.mask_row(starts[r], qi, ks, row);
                     l[r] = softmax_row(row);
                 }
                 let mut vv = sh.kv_view(v, bi, kvh, false);
@@ -391,7 +413,6 @@ pub fn backward(
         k_len,
         q_offset,
         heads,
-        kv_heads,
         d,
         ..
     } = *sh;
@@ -408,9 +429,8 @@ pub fn backward(
     // query heads, and the part's dk, dv (every key row; a group sums its
     // parts' in part order).
     let parts = query_parts(q_len.div_ceil(Q_BLOCK));
-    let group = |g: usize, blocks: Range<usize>| -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let part_grads = |bi: usize, kvh: usize, blocks: Range<usize>| -> PartGrads {
         super::in_task(|| {
-            let (bi, kvh) = (g / kv_heads, g % kv_heads);
             let part = part_rows(&blocks, q_len);
             let np = part.len();
             let mut dq = vec![0f32; n_rep * np * d];
@@ -440,6 +460,7 @@ pub fn backward(
                     vt.off += ks * vt.cs;
                     // P = exp(scale · Q Kᵀ − lse) on visible keys.
                     gemm_view(rows, kl, d, qv, kt, &mut p, 0, kl, false, scale);
+                    let starts = sh.run_starts(seg, bi, q_offset + i0..q_offset + i1);
                     for (rr, row) in p.chunks_mut(kl).enumerate() {
                         let qi = q_offset + i0 + rr;
                         let l = lse[(bi * heads + hi) * q_len + i0 + rr];
@@ -447,7 +468,7 @@ pub fn backward(
                             row.fill(0.0);
                             continue;
                         }
-                        sh.mask_row(seg, bi, qi, ks, row);
+                        sh.mask_row(starts[rr], qi, ks, row);
                         fastmath::exp_shift_sum(row, l);
                     }
                     // dP = dO Vᵀ
@@ -511,54 +532,95 @@ pub fn backward(
             (dq, dk, dv)
         })
     };
-    // Every group writes its heads' columns of dq and its kv head's of dk
-    // and dv, inside its own task (all of them, each element once): no
-    // zeroed outputs, no serial scatter after the parallel region.
+    backward_in_parts(sh, &parts, |bi, kvh, run| {
+        run(&|blocks| part_grads(bi, kvh, blocks))
+    })
+}
+
+/// One part's gradients: `dq` of its query rows (`[n_rep][rows][d]`), and
+/// `dK`, `dV` over (at least) the keys it sees.
+pub(crate) type PartGrads = (Vec<f32>, Vec<f32>, Vec<f32>);
+
+/// A part's gradients from its query blocks.
+pub(crate) type PartFn<'a> = dyn Fn(Range<usize>) -> PartGrads + Sync + 'a;
+
+/// The frame of both backwards (this f32 one and the tiles'): per (batch
+/// row, kv head) group in parallel, `group(bi, kvh, run)` prepares what the
+/// group's parts share and calls `run` once with its part function; every
+/// part writes its `dq` rows in its own task, the group its kv head's `dK`,
+/// `dV`, the parts' summed in part order ([`sum_parts`]): no zeroed
+/// outputs, no serial scatter after the parallel region. Returns `(dq, dk,
+/// dv)` laid out as `q`, `k`, `v`.
+pub(crate) fn backward_in_parts(
+    sh: &AttnShape,
+    parts: &[Range<usize>],
+    group: impl Fn(usize, usize, &mut dyn FnMut(&PartFn)) + Sync,
+) -> PartGrads {
+    let AttnShape {
+        b,
+        q_len,
+        k_len,
+        heads,
+        kv_heads,
+        d,
+        ..
+    } = *sh;
+    let n_rep = sh.n_rep();
     let (mut dq, mut dk, mut dv) = (
-        Vec::<f32>::with_capacity(q.len()),
-        Vec::<f32>::with_capacity(k.len()),
-        Vec::<f32>::with_capacity(v.len()),
+        Vec::<f32>::with_capacity(b * q_len * heads * d),
+        Vec::<f32>::with_capacity(b * k_len * kv_heads * d),
+        Vec::<f32>::with_capacity(b * k_len * kv_heads * d),
     );
     let (pq, pk, pv) = (
         super::amx::SendPtr(dq.as_mut_ptr()),
         super::amx::SendPtr(dk.as_mut_ptr()),
         super::amx::SendPtr(dv.as_mut_ptr()),
     );
+    let written = std::sync::atomic::AtomicUsize::new(0);
     (0..b * kv_heads).into_par_iter().for_each(|g| {
         let (bi, kvh) = (g / kv_heads, g % kv_heads);
-        let run = |p: usize| {
-            let (gq, gk, gv) = group(g, parts[p].clone());
-            // SAFETY: these rows of heads kvh·n_rep.. of batch row bi are
-            // this part's alone, inside the capacity.
-            unsafe {
-                write_head_rows(
-                    pq.get(),
-                    &gq,
-                    bi,
-                    q_len,
-                    part_rows(&parts[p], q_len),
-                    heads,
-                    kvh * n_rep,
-                    n_rep,
-                    d,
-                )
+        let mut done = false;
+        group(bi, kvh, &mut |part: &PartFn| {
+            assert!(!done, "backward_in_parts: a group ran its parts twice");
+            let run = |p: usize| {
+                let (gq, gk, gv) = part(parts[p].clone());
+                // SAFETY: these rows of heads kvh·n_rep.. of batch row bi
+                // are this part's alone, inside the capacity.
+                unsafe {
+                    write_head_rows(
+                        pq.get(),
+                        &gq,
+                        bi,
+                        q_len,
+                        part_rows(&parts[p], q_len),
+                        heads,
+                        kvh * n_rep,
+                        n_rep,
+                        d,
+                    )
+                };
+                (gk, gv)
             };
-            (gk, gv)
-        };
-        let (gk, gv) = sum_parts(run_parts(parts.len(), run), k_len * d);
-        // SAFETY: kv head kvh of batch row bi is this group's alone, inside
-        // the capacities.
-        unsafe {
-            write_heads(pk.get(), &gk, bi, k_len, kv_heads, kvh, 1, d);
-            write_heads(pv.get(), &gv, bi, k_len, kv_heads, kvh, 1, d);
-        }
+            let (gk, gv) = sum_parts(run_parts(parts.len(), run), k_len * d);
+            // SAFETY: kv head kvh of batch row bi is this group's alone,
+            // inside the capacities.
+            unsafe {
+                write_heads(pk.get(), &gk, bi, k_len, kv_heads, kvh, 1, d);
+                write_heads(pv.get(), &gv, bi, k_len, kv_heads, kvh, 1, d);
+            }
+            done = true;
+        });
+        assert!(done, "backward_in_parts: a group did not run its parts");
+        written.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     });
-    // SAFETY: the groups wrote every element: b·kv_heads groups, each its
-    // n_rep heads of every query row and its kv head of every key row.
+    assert_eq!(written.into_inner(), b * kv_heads);
+    // SAFETY: every group ran its parts once (asserted): each its n_rep
+    // heads of every query row (the parts cover the rows) and its kv head
+    // of every key row.
     unsafe {
-        dq.set_len(q.len());
-        dk.set_len(k.len());
-        dv.set_len(v.len());
+        dq.set_len(b * q_len * heads * d);
+        dk.set_len(b * k_len * kv_heads * d);
+        dv.set_len(b * k_len * kv_heads * d);
     }
     (dq, dk, dv)
 }
@@ -672,7 +734,7 @@ mod tests {
                     for ks in [0, 1, 5, 30, 63] {
                         for n in [0, 1, 7, 64 - ks] {
                             let mut row = vec![1f32; n];
-                            sh.mask_row(seg, 0, qi, ks, &mut row);
+                            sh.mask_row(sh.run_start(seg, 0, qi), qi, ks, &mut row);
                             for (j, v) in row.iter().enumerate() {
                                 let want = if sh.visible(seg, 0, qi, ks + j) {
                                     1.0
@@ -689,7 +751,13 @@ mod tests {
                         }
                     }
                 }
-                // a run's bounds
+                // a run's bounds, and the starts of a range as one scan
+                for r0 in [0, 1, 13, 40] {
+                    let starts = sh.run_starts(seg, 0, r0..64);
+                    for (i, &a) in (r0..64).zip(&starts) {
+                        assert_eq!(a, sh.run_start(seg, 0, i), "start of {i} from {r0}");
+                    }
+                }
                 for i in 0..64 {
                     let (a, e) = (sh.run_start(seg, 0, i), sh.run_end(seg, 0, i));
                     assert!(a <= i && i < e, "run of {i}: {a}..{e}");

@@ -19,9 +19,7 @@ use super::amx::{
     self, pack_a, pack_b_forward, pack_b_pairs, product, put_a_row, round_up, to_bf16_padded,
     TileBuf, TILE_U16,
 };
-use super::attention::{
-    part_rows, query_parts, run_parts, softmax_row, sum_parts, AttnShape, Q_BLOCK,
-};
+use super::attention::{part_rows, query_parts, run_parts, softmax_row, AttnShape, Q_BLOCK};
 use super::fastmath;
 
 /// A slice of `n` floats from `v`, grown (zero-filled) only when `v` is too
@@ -294,9 +292,10 @@ fn probabilities(
     ap.resize(round_up(mq, 32) * kpk);
     let mut bf = vec![0u16; kpk];
     let mut l_out = vec![0f32; mq];
+    let starts = sh.run_starts(seg, bi, i0..i0 + rows);
     for (row_i, row) in s.chunks_mut(nk).enumerate() {
         let qi = i0 + row_i % rows;
-        sh.mask_row(seg, bi, qi, k0, row);
+        sh.mask_row(starts[row_i % rows], qi, k0, row);
         l_out[row_i] = softmax_row(row);
         to_bf16_padded(row, &mut bf);
         put_a_row(ap, row_i, kpk, &bf);
@@ -508,25 +507,44 @@ fn block_stats(
 
 /// Key `j`'s key-major row of a block's scores (`n_rep` heads × `rows`
 /// queries from `i0`): −∞ where a query does not see the key. Key `j` is
-/// seen by the queries from `j` to the end of its segment run (and of its
-/// window): two slice fills per head.
-fn mask_key_row(
-    sh: &AttnShape,
-    seg: Option<&[u32]>,
-    bi: usize,
-    i0: usize,
-    rows: usize,
-    j: usize,
-    row: &mut [f32],
-) {
-    let end = sh
-        .run_end(seg, bi, j)
-        .min(sh.window.map_or(usize::MAX, |w| j.saturating_add(w)));
+/// seen by the queries from `j` to `run_end`, the end of its segment run
+/// ([`KeyRunEnd`]), and of its window: two slice fills per head.
+fn mask_key_row(sh: &AttnShape, run_end: usize, i0: usize, rows: usize, j: usize, row: &mut [f32]) {
+    let end = run_end.min(sh.window.map_or(usize::MAX, |w| j.saturating_add(w)));
     let lo = j.saturating_sub(i0).min(rows);
     let hi = end.saturating_sub(i0).clamp(lo, rows);
     for blk in row.chunks_mut(rows) {
         blk[..lo].fill(f32::NEG_INFINITY);
         blk[hi..].fill(f32::NEG_INFINITY);
+    }
+}
+
+/// The end of the segment run of keys taken in increasing order: found
+/// once per run (a key before the last one's end is in its run), not by a
+/// scan per key row of every block.
+struct KeyRunEnd<'a> {
+    sh: &'a AttnShape,
+    seg: Option<&'a [u32]>,
+    bi: usize,
+    end: usize,
+}
+
+impl<'a> KeyRunEnd<'a> {
+    fn new(sh: &'a AttnShape, seg: Option<&'a [u32]>, bi: usize) -> Self {
+        KeyRunEnd {
+            sh,
+            seg,
+            bi,
+            end: 0,
+        }
+    }
+
+    /// The run end of key `j` (keys asked in increasing order).
+    fn of(&mut self, j: usize) -> usize {
+        if j >= self.end {
+            self.end = self.sh.run_end(self.seg, self.bi, j);
+        }
+        self.end
     }
 }
 
@@ -650,6 +668,7 @@ fn backward_part(
             a_ds.resize(kpk * kpm);
             b_ds.resize(kpm * kpk);
             let mut bf = [vec![0u16; kpm], vec![0u16; kpm], vec![0u16; kpm]];
+            let mut ends = KeyRunEnd::new(sh, seg, bi);
             for jp in (0..kpk).step_by(2) {
                 for e in 0..2 {
                     // key k0 + j
@@ -661,7 +680,7 @@ fn backward_part(
                         ds_bf.fill(0);
                     } else {
                         let row = &mut pt[j * mq..(j + 1) * mq];
-                        mask_key_row(sh, seg, bi, i0, rows, k0 + j, row);
+                        mask_key_row(sh, ends.of(k0 + j), i0, rows, k0 + j, row);
                         let drow = &mut dst[j * mq..(j + 1) * mq];
                         fastmath::exp_sub_grad(row, &shift, drow, &dsum);
                         to_bf16_padded(row, p_bf);
@@ -730,63 +749,17 @@ pub fn backward(
     assert_eq!(v.len(), k.len());
     assert_eq!(out.len(), dout.len());
     assert_eq!(lse.len(), b * heads * s);
-    let n_rep = heads / kvh;
     let parts = query_parts(s.div_ceil(Q_BLOCK));
-    // Every task writes its rows of its heads' columns of dq, every group
-    // its kv head's columns of dk and dv (all of them, each element once):
-    // no zeroed outputs, no serial scatter after the parallel region.
-    let (mut dq, mut dk, mut dv) = (
-        Vec::<f32>::with_capacity(q.len()),
-        Vec::<f32>::with_capacity(k.len()),
-        Vec::<f32>::with_capacity(v.len()),
-    );
-    let (pq, pk, pv) = (
-        amx::SendPtr(dq.as_mut_ptr()),
-        amx::SendPtr(dk.as_mut_ptr()),
-        amx::SendPtr(dv.as_mut_ptr()),
-    );
-    (0..b * kvh).into_par_iter().for_each(|g| {
-        let (bi, kv) = (g / kvh, g % kvh);
+    // the parts of a group share its K, V, Kᵀ packs
+    super::attention::backward_in_parts(sh, &parts, |bi, kv, run| {
         with_group_packs(|gp| {
             gp.backward(sh, k, v, bi, kv);
             let gp = &*gp;
-            let part = |p: usize| {
-                let r = super::in_task(|| {
-                    backward_part(sh, q, out, lse, dout, seg, bi, kv, parts[p].clone(), gp)
-                });
-                // SAFETY: these rows of heads kv·n_rep.. of batch row bi are
-                // this part's alone, inside the capacity.
-                unsafe {
-                    super::attention::write_head_rows(
-                        pq.get(),
-                        &r.0,
-                        bi,
-                        s,
-                        part_rows(&parts[p], s),
-                        heads,
-                        kv * n_rep,
-                        n_rep,
-                        d,
-                    )
-                };
-                (r.1, r.2)
-            };
-            let (gk, gv) = sum_parts(run_parts(parts.len(), part), s * d);
-            // SAFETY: kv head kv of batch row bi is this group's alone.
-            unsafe {
-                super::attention::write_heads(pk.get(), &gk, bi, s, kvh, kv, 1, d);
-                super::attention::write_heads(pv.get(), &gv, bi, s, kvh, kv, 1, d);
-            }
+            run(&|blocks| {
+                super::in_task(|| backward_part(sh, q, out, lse, dout, seg, bi, kv, blocks, gp))
+            })
         })
-    });
-    // SAFETY: the tasks wrote every row of every head of dq, the groups
-    // every kv head of dk and dv.
-    unsafe {
-        dq.set_len(q.len());
-        dk.set_len(k.len());
-        dv.set_len(v.len());
-    }
-    (dq, dk, dv)
+    })
 }
 
 /// [`backward_group`] as it was before its elementwise passes were fused
@@ -840,9 +813,10 @@ fn backward_group_unfused(
             // Pᵀ = exp(K Qᵀ − lse), zero where the key is not visible.
             let pt = grow(&mut b.s, kl * mq);
             times_rows(ak, kpd, kl, bq, mq, pt);
+            let mut ends = KeyRunEnd::new(sh, seg, bi);
             for (j, row) in pt.chunks_mut(mq).enumerate() {
                 row.iter_mut().zip(&shift).for_each(|(x, l)| *x -= l);
-                mask_key_row(sh, seg, bi, i0, rows, j, row);
+                mask_key_row(sh, ends.of(j), i0, rows, j, row);
                 fastmath::exp_shift_sum(row, 0.0);
             }
             // dSᵀ = Pᵀ ⊙ (V dOᵀ − Σ dO ⊙ O)
@@ -1175,7 +1149,7 @@ mod tests {
                 let rows = rows.min(s - i0);
                 for j in 0..(i0 + rows) {
                     let mut row = vec![1f32; n_rep * rows];
-                    mask_key_row(&sh, seg, 0, i0, rows, j, &mut row);
+                    mask_key_row(&sh, sh.run_end(seg, 0, j), i0, rows, j, &mut row);
                     for (c, v) in row.iter().enumerate() {
                         let qi = i0 + c % rows;
                         let want = if sh.visible(seg, 0, qi, j) {
