@@ -583,3 +583,23 @@ fn plan_counts_native_gguf_weights_at_their_stored_size() {
     let (ok, _, err) = qlora(&["plan", &fx, "--quant", "native"], &[]);
     assert!(!ok && err.contains("not a .gguf file"), "{err}");
 }
+
+#[test]
+fn the_plan_counts_the_f32_tile_the_products_expand() {
+    use qlora_memory::plan::{
+        dequant_tile_rows, DEQUANT_ROW_GROUP, DEQUANT_TILE_ELEMS, DEQUANT_TILE_MIN_ROWS,
+    };
+    use qlora_model::ops::linear;
+    assert_eq!(DEQUANT_TILE_ELEMS as usize, linear::TILE_ELEMS);
+    assert_eq!(DEQUANT_TILE_MIN_ROWS as usize, linear::TILE_MIN_ROWS);
+    assert_eq!(DEQUANT_ROW_GROUP as usize, linear::T_GROUP);
+    for rows in [1, 15, 16, 100, 256, 576, 1536, 5632, 14336, 128256] {
+        for cols in [1, 64, 576, 2048, 5632, 14336, 1 << 20, 3 << 20] {
+            assert_eq!(
+                dequant_tile_rows(rows as u64, cols as u64) as usize,
+                linear::tile_rows(rows, cols),
+                "{rows} x {cols}"
+            );
+        }
+    }
+}

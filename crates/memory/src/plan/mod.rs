@@ -227,8 +227,20 @@ pub fn host_l2_bytes() -> Option<u64> {
 pub const GPU_OVERHEAD: u64 = 512 << 20;
 
 /// Elements of a frozen weight expanded to f32 at once (`qlora-model`
-/// `ops::linear::TILE_ELEMS`, 4 MiB).
+/// `ops::linear::TILE_ELEMS`, 4 MiB), unless [`DEQUANT_TILE_MIN_ROWS`] rows
+/// take more.
 pub const DEQUANT_TILE_ELEMS: u64 = 1 << 20;
+/// `ops::linear::TILE_MIN_ROWS`.
+pub const DEQUANT_TILE_MIN_ROWS: u64 = 256;
+/// `ops::linear::T_GROUP`: rows each thread expands before writing them
+/// into the tile transposed.
+pub const DEQUANT_ROW_GROUP: u64 = 16;
+
+/// Rows of a `[rows, cols]` weight in one f32 tile (`ops::linear::tile_rows`).
+pub fn dequant_tile_rows(rows: u64, cols: u64) -> u64 {
+    let fit = DEQUANT_TILE_ELEMS / cols.max(1) / DEQUANT_ROW_GROUP * DEQUANT_ROW_GROUP;
+    fit.max(DEQUANT_TILE_MIN_ROWS).min(rows).max(1)
+}
 
 /// Per-device memory, by component (bytes).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -494,11 +506,23 @@ pub fn plan(inv: &Inventory, c: &ModelConfig, p: &PlanInput) -> Result<Plan, Mem
             let chunk = activations::amx_chunk_elems(c, t, p.rank, p.method == Method::Qlora);
             2 * (chunk + activations::AMX_ROUND_ELEMS) + 2 * head.max(widest)
         }
+        // CPU, f32 compute: the calling thread's tile of expanded rows, and
+        // each thread's group of rows it writes into the tile transposed.
         Method::Qlora => {
-            4 * largest_linear.min(DEQUANT_TILE_ELEMS.max(
-                // a tile holds at least one whole row
-                inv.quantizable().map(|t| t.shape[1]).max().unwrap_or(0),
-            ))
+            let tile = inv
+                .quantizable()
+                .map(|t| {
+                    let (rows, cols) = (t.shape[0], t.numel() / t.shape[0].max(1));
+                    dequant_tile_rows(rows, cols) * cols
+                })
+                .max()
+                .unwrap_or(0);
+            let widest = inv
+                .quantizable()
+                .map(|t| t.numel() / t.shape[0].max(1))
+                .max()
+                .unwrap_or(0);
+            4 * tile + 4 * p.threads.max(1) * DEQUANT_ROW_GROUP * widest
         }
         _ => 0,
     };
