@@ -1,8 +1,9 @@
 //! The frozen base linear `y = x Wᵀ (+ bias)`.
 //!
 //! `W` stays in its storage format (4-bit blockwise, bf16 or f32) and is
-//! expanded to f32 one tile of rows at a time right before the product, so a
-//! 4-bit model never holds more than one tile of full-precision weights. The
+//! expanded to f32 one tile of rows at a time right before the product (the
+//! forward's tile written transposed), so a 4-bit model never holds more
+//! than one tile of full-precision weights. The
 //! backward returns only the input gradient `dy W`: the base is frozen, so a
 //! weight gradient would be pure waste (candle's stock matmul backward would
 //! compute one).
@@ -137,8 +138,11 @@ impl FrozenWeight {
     /// `out[c * (r1 - r0) + r - r0]`, the `[cols, rows]` layout the forward's
     /// product `x Wᵀ` reads row by row. `gemm` runs 5-45% slower on f32 at
     /// the models' shapes when its right operand is a transposed view
-    /// (Zen 4, `x Wᵀ` at t 512: 576x1536 142 vs 205, 2048x5632 155 vs 191
-    /// GFLOP/s); writing the tile transposed costs a pass over it in cache.
+    /// (Zen 4, t 512, NF4 forward through the row-major tile vs this one:
+    /// 576x1536 140 -> 190, 2048x2048 115-130 -> 175-185, 5632x2048 115-120
+    /// -> 175-190 GFLOP/s); writing the tile transposed costs a pass over
+    /// each group of rows in cache. f32 weights are read in place instead
+    /// (no copy; through a tile they measured mixed).
     pub fn rows_f32_t(&self, r0: usize, r1: usize, cols: usize, out: &mut [f32]) {
         let nr = r1 - r0;
         assert_eq!(out.len(), nr * cols, "rows_f32_t: output length");
