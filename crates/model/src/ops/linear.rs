@@ -41,7 +41,7 @@ thread_local! {
 
 /// Rows expanded per task of [`FrozenWeight::rows_f32_t`]: each column of
 /// the group lands as one 64-byte line of the transposed tile.
-pub const T_GROUP: usize = 16;
+pub const T_GROUP: usize = super::transpose::GROUP_ROWS;
 
 /// Runs `f` with this thread's f32 tile of at least `n` elements, kept from
 /// call to call: every user overwrites the rows it reads (`rows_f32`), and a
@@ -152,17 +152,18 @@ impl FrozenWeight {
             super::with_thread_local(&ROW_GROUP, |buf| {
                 buf.resize((b - a) * cols, 0.0);
                 super::in_task(|| self.rows_f32(a, b, cols, buf));
-                let (buf, base) = (&buf[..], a - r0);
-                for c in 0..cols {
-                    // SAFETY: group g alone writes rows a..b of every
-                    // column: `out[c*nr + base .. c*nr + base + (b - a)]`,
-                    // inside `out` as `base + (b - a) <= nr`, `c < cols`.
-                    let col = unsafe {
-                        std::slice::from_raw_parts_mut(dst.get().add(c * nr + base), b - a)
-                    };
-                    for (j, o) in col.iter_mut().enumerate() {
-                        *o = buf[j * cols + c];
-                    }
+                // SAFETY: group g alone writes rows a..b of every column,
+                // `out[c*nr + (a - r0) ..][..b - a]` for `c < cols`: inside
+                // `out` as `b - r0 <= nr`.
+                unsafe {
+                    super::transpose::write_transposed(
+                        super::fastmath::Isa::best(),
+                        buf,
+                        b - a,
+                        cols,
+                        dst.get().add(a - r0),
+                        nr,
+                    )
                 }
             })
         };

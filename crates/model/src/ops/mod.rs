@@ -21,6 +21,7 @@ pub mod rmsnorm;
 pub mod rope;
 pub mod skinny;
 pub mod swiglu;
+pub mod transpose;
 
 use gemm::Parallelism;
 
