@@ -507,21 +507,20 @@ pub fn plan(inv: &Inventory, c: &ModelConfig, p: &PlanInput) -> Result<Plan, Mem
             2 * (chunk + activations::AMX_ROUND_ELEMS) + 2 * head.max(widest)
         }
         // CPU, f32 compute: the calling thread's tile of expanded rows, and
-        // each thread's group of rows it writes into the tile transposed.
-        Method::Qlora => {
-            let tile = inv
+        // each thread's group of rows it writes into the tile transposed, for
+        // the frozen linears and the head (f32 weights too, unless both the
+        // batch and the rows are short: counted either way).
+        Method::Qlora | Method::Lora if !p.gpu => {
+            let shapes = inv
                 .quantizable()
-                .map(|t| {
-                    let (rows, cols) = (t.shape[0], t.numel() / t.shape[0].max(1));
-                    dequant_tile_rows(rows, cols) * cols
-                })
-                .max()
-                .unwrap_or(0);
-            let widest = inv
-                .quantizable()
-                .map(|t| t.numel() / t.shape[0].max(1))
-                .max()
-                .unwrap_or(0);
+                .map(|t| (t.shape[0], t.numel() / t.shape[0].max(1)))
+                .chain([(c.vocab_size as u64, c.hidden_size as u64)]);
+            let (tile, widest) = shapes.fold((0, 0), |(tile, widest), (rows, cols)| {
+                (
+                    tile.max(dequant_tile_rows(rows, cols) * cols),
+                    widest.max(cols),
+                )
+            });
             4 * tile + 4 * p.threads.max(1) * DEQUANT_ROW_GROUP * widest
         }
         _ => 0,

@@ -26,6 +26,19 @@ pub const TILE_ELEMS: usize = 1 << 20;
 /// at 256).
 pub const TILE_MIN_ROWS: usize = 256;
 
+/// An f32 weight's forward reads it in place, as a transposed view, below
+/// both of these (fewer positions than this, rows shorter than that); else
+/// through a transposed tile like every other storage: copying costs a pass
+/// over the weight, the row-major product saves more where the product is
+/// long or the rows are (Zen 4, f32 `[o, i]` weight, in place vs tile,
+/// GFLOP/s: t 512: 576x576 165-181 vs 199-202, 2048x2048 149-152 vs
+/// 179-189, 5632x2048 160-164 vs 195-196, 2048x5632 171-172 vs 172-174;
+/// the head at t 128: 49152x576 166-167 vs 158-160, 32000x2048 96-97 vs
+/// 151-158).
+pub const F32_IN_PLACE_BELOW_T: usize = 256;
+/// See [`F32_IN_PLACE_BELOW_T`].
+pub const F32_IN_PLACE_BELOW_COLS: usize = 1024;
+
 /// Rows of a `[rows, cols]` weight expanded per tile: [`TILE_ELEMS`]
 /// worth, in whole groups of [`T_GROUP`], at least [`TILE_MIN_ROWS`].
 pub fn tile_rows(rows: usize, cols: usize) -> usize {
@@ -141,8 +154,7 @@ impl FrozenWeight {
     /// (Zen 4, t 512, NF4 forward through the row-major tile vs this one:
     /// 576x1536 140 -> 190, 2048x2048 115-130 -> 175-185, 5632x2048 115-120
     /// -> 175-190 GFLOP/s); writing the tile transposed costs a pass over
-    /// each group of rows in cache. f32 weights are read in place instead
-    /// (no copy; through a tile they measured mixed).
+    /// each group of rows in cache (f32 weights: see [`F32_IN_PLACE_BELOW_T`]).
     pub fn rows_f32_t(&self, r0: usize, r1: usize, cols: usize, out: &mut [f32]) {
         let nr = r1 - r0;
         assert_eq!(out.len(), nr * cols, "rows_f32_t: output length");
@@ -403,7 +415,7 @@ impl FrozenLinear {
     fn forward_f32(&self, xv: View, t: usize, y: &mut [f32]) {
         let (o, i) = (self.out_features, self.in_features);
         match &self.weight {
-            FrozenWeight::F32(w) => {
+            FrozenWeight::F32(w) if t < F32_IN_PLACE_BELOW_T && i < F32_IN_PLACE_BELOW_COLS => {
                 gemm_view(t, o, i, xv, View::mat(w, i, o, true), y, 0, o, false, 1.0)
             }
             w => with_tile(self.tile_rows() * i, |tile| {
@@ -747,6 +759,13 @@ mod tests {
         let mut yr = vec![0f32; t * o];
         matmul_ref(t, o, i, &x, false, &w, true, &mut yr, false, 1.0);
         assert!(max_abs_diff(&q.forward(&x, t), &yr) < 1e-3);
+        // an f32 weight with rows this long goes through the tiles too
+        assert!(i >= F32_IN_PLACE_BELOW_COLS);
+        let d = FrozenLinear {
+            weight: FrozenWeight::F32(Arc::new(w.clone())),
+            ..q.clone()
+        };
+        assert_eq!(d.forward(&x, t), q.forward(&x, t));
         let dy = rand_vec(t * o, 23, 1.0);
         let mut dx = vec![0f32; t * i];
         q.backward_input(&dy, t, &mut dx);
