@@ -90,7 +90,10 @@ for model in "${MODELS[@]}"; do
                         --gradient-checkpointing "$ckpt" --no-progress --force >"$log" 2>&1 \
                         || { echo "validate: train failed:" >&2; cat "$log" >&2; exit 2; }
                     fi
-                    "$QLORA" plan "$model" --method "$method" --rank 8 --lora-dropout 0 --batch-size "$batch" \
+                    # the plan of the base train has: NF4 for qlora (plan's default for a .gguf is
+                    # its own blocks, --quant native)
+                    planq=(); [ "$method" = qlora ] && planq=(--quant nf4)
+                    "$QLORA" plan "$model" --method "$method" "${planq[@]}" --rank 8 --lora-dropout 0 --batch-size "$batch" \
                         --max-seq-len "$seq" --gradient-checkpointing "$ckpt" --json >"$WORK/plan.json"
                     python3 - "$name" "$method" "$batch" "$seq" "$ckpt" "$TOL" "$log" "$WORK/plan.json" "${OUT:-}" <<'EOF' || fail=1
 import json, re, sys

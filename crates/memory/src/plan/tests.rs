@@ -724,3 +724,25 @@ fn cpu_bf16_compute_counts_the_head_copy_and_the_amx_workspace() {
     };
     assert!(plan(&inv, &c, &gpu).unwrap().per_device.frozen_weights < a.frozen_weights);
 }
+
+/// Many layers, long batches: the kept tensors' fragments (a third of
+/// them) outweigh one layer's freed set.
+#[test]
+fn checkpointing_many_layers_retains_a_third_of_the_kept_tensors() {
+    let j = serde_json::json!({
+        "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536,
+        "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
+        "head_dim": 64, "tie_word_embeddings": true,
+    });
+    let c = ModelConfig::from_json(&j, "smollm2-like").unwrap();
+    let inv = Inventory::from_config(&c);
+    let p = input(4, 512, true);
+    let b = plan(&inv, &c, &p).unwrap().per_device;
+    let one_layer: u64 = saved_per_layer(&c, &p).iter().map(|s| s.bytes).sum();
+    assert_eq!(b.activations, 30 * checkpoint_kept_bytes(&c, &p));
+    assert!(b.activations / CKPT_FRAGMENTATION_DIV > one_layer - checkpoint_kept_bytes(&c, &p));
+    assert_eq!(b.heap_retention, b.activations / CKPT_FRAGMENTATION_DIV);
+    // without checkpointing nothing is counted
+    let off = plan(&inv, &c, &input(4, 512, false)).unwrap().per_device;
+    assert_eq!(off.heap_retention, 0);
+}
