@@ -306,12 +306,7 @@ impl FrozenLinear {
     }
 
     fn tile_rows(&self) -> usize {
-        (std::env::var("TE")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(TILE_ELEMS)
-            / self.in_features.max(1))
-        .clamp(1, self.out_features.max(1))
+        tile_rows(self.out_features, self.in_features)
     }
 
     /// `y[t, out] = x[t, in] Wᵀ + bias`.
@@ -738,6 +733,23 @@ mod tests {
         assert_eq!(tile_rows(2048, 5632), TILE_MIN_ROWS); // 186 would fit in 2^20
         assert_eq!(tile_rows(100, 5632), 100);
         assert_eq!(tile_rows(0, 64), 1);
+    }
+
+    #[test]
+    fn the_products_expand_tiles_by_the_rule_the_planner_mirrors() {
+        for (o, i) in [(300, 5632), (70, 64), (2048, 576), (5632, 2048)] {
+            let l = FrozenLinear {
+                out_features: o,
+                in_features: i,
+                weight: FrozenWeight::F32(Arc::new(vec![0.0; o * i])),
+                bias: None,
+                compute: BaseCompute::F32,
+                bf16_copy: Default::default(),
+            };
+            assert_eq!(l.tile_rows(), tile_rows(o, i), "{o} x {i}");
+        }
+        // 2^20 / 5632 = 186 rows would fit; the floor is 256
+        assert_eq!(tile_rows(300, 5632), 256);
     }
 
     #[test]

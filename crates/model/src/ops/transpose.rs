@@ -24,11 +24,7 @@ pub unsafe fn write_transposed_ref(
     ld: usize,
 ) {
     assert!(src.len() >= rows * cols, "transpose: source too short");
-    for c in 0..cols {
-        for j in 0..rows {
-            *dst.add(c * ld + j) = src[j * cols + c];
-        }
-    }
+    tail(src, rows, cols, 0, dst, ld)
 }
 
 /// [`write_transposed_ref`] on `isa`'s registers where a whole group of 16
